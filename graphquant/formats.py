@@ -1,0 +1,497 @@
+"""Number formats: what a format is, as pure, validated, immutable data.
+
+Nothing in this module imports TensorFlow. A format describes a grid of
+representable values; :func:`graphquant.quantize` rounds tensors onto it.
+
+Three families:
+
+* :class:`FixedPoint` -- ``2**bits`` evenly spaced values ``lo + k*step`` with
+  ``step = (hi - lo) / 2**bits``; saturating.
+* :class:`Affine` -- TensorFlow's FakeQuant integer grid (nudged zero point,
+  ``step = (hi - lo) / (2**bits - 1)``, optional narrow range), per tensor or
+  per channel. A range of ``None`` means "to be learned or calibrated".
+* :class:`FloatFormat` -- a reduced-precision binary floating-point format of
+  any exponent/mantissa width (bfloat16, float16, fp8, fp6, fp4, ...).
+
+Every format converts to and from a plain dict (:meth:`to_dict`,
+:func:`format_from_dict`) and a short string (``str(fmt)``,
+:func:`parse_format`), e.g. ``"fixed8[0,1]"``, ``"affine8"``,
+``"affine8[-1,1]:narrow:axis=-1"``, ``"e4m3"``, ``"e3m4:nosub"``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Tuple, Union
+
+__all__ = [
+    "FixedPoint",
+    "Affine",
+    "FloatFormat",
+    "Format",
+    "PRESETS",
+    "parse_format",
+    "format_from_dict",
+    "as_format",
+]
+
+_MAX_FIXED_BITS = 24
+_MAX_AFFINE_BITS = 24
+
+
+def _check_bits(bits: Any, lo: int, hi: int, what: str = "bits") -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        # numpy integers are fine, floats are not
+        if hasattr(bits, "__index__") and not isinstance(bits, bool):
+            bits = int(bits.__index__())
+        else:
+            raise TypeError(f"{what} must be an integer, got {type(bits).__name__} {bits!r}")
+    if not lo <= bits <= hi:
+        raise ValueError(f"{what} must be between {lo} and {hi}, got {bits}")
+    return bits
+
+
+def _check_range(rng: Any, what: str = "range") -> Tuple[float, float]:
+    try:
+        lo, hi = rng
+        lo, hi = float(lo), float(hi)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} must be a pair (lo, hi) of numbers, got {rng!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{what} must be finite, got ({lo}, {hi})")
+    if not lo < hi:
+        raise ValueError(f"{what} must have lo < hi, got ({lo}, {hi})")
+    return (lo, hi)
+
+
+def _num(v: float) -> str:
+    """Shortest text for a float that reads back to the same value."""
+    if float(v).is_integer() and abs(v) < 1e15:
+        return str(int(v))
+    return repr(float(v))
+
+
+@dataclass(frozen=True)
+class FixedPoint:
+    """Fixed point over a range: ``2**bits`` values ``lo + k*step``.
+
+    ``step = (hi - lo) / 2**bits`` and ``k = 0 ... 2**bits - 1``, so ``hi`` itself
+    is not on the grid (the top value is ``hi - step``). Values outside saturate.
+
+    >>> FixedPoint(8, range=(0.0, 1.0)).step
+    0.00390625
+
+    Args:
+        bits: number of bits, 1 to 24.
+        range: ``(lo, hi)`` with ``lo < hi``, both finite.
+    """
+
+    bits: int
+    range: Tuple[float, float]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bits", _check_bits(self.bits, 1, _MAX_FIXED_BITS))
+        object.__setattr__(self, "range", _check_range(self.range))
+
+    @property
+    def step(self) -> float:
+        lo, hi = self.range
+        return (hi - lo) / 2**self.bits
+
+    @property
+    def levels(self) -> int:
+        return 2**self.bits
+
+    @property
+    def min_value(self) -> float:
+        return self.range[0]
+
+    @property
+    def max_value(self) -> float:
+        return self.range[0] + (self.levels - 1) * self.step
+
+    def to_dict(self) -> dict:
+        return {"kind": "fixed", "bits": self.bits, "range": list(self.range)}
+
+    def __str__(self) -> str:
+        lo, hi = self.range
+        return f"fixed{self.bits}[{_num(lo)},{_num(hi)}]"
+
+
+@dataclass(frozen=True)
+class Affine:
+    """TensorFlow-compatible affine integer grid (FakeQuant semantics).
+
+    The range ``(lo, hi)`` is nudged so that zero is exactly representable,
+    ``step = (hi - lo) / (2**bits - 1)`` (``2**bits - 2`` with ``narrow_range``),
+    exactly as ``tf.quantization.fake_quant_with_min_max_vars``. With
+    ``rounding="nearest"`` results equal TensorFlow's kernel bit for bit (its
+    ties round upward on the integer grid).
+
+    Args:
+        bits: 2 to 24 (TensorFlow's own kernel covers 2 to 16).
+        range: ``(lo, hi)``, or ``None`` when the range is learned or
+            calibrated by a model rewriter (then pass ``range=`` to
+            :func:`graphquant.quantize`).
+        narrow_range: drop the lowest integer level (``[1, 2**bits - 1]``).
+        symmetric: ranges are made symmetric around zero, ``(-m, m)`` with
+            ``m = max(|lo|, |hi|)``.
+        axis: channel axis for per-channel ranges, or ``None`` for per tensor.
+    """
+
+    bits: int = 8
+    range: Optional[Tuple[float, float]] = None
+    narrow_range: bool = False
+    symmetric: bool = False
+    axis: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bits", _check_bits(self.bits, 2, _MAX_AFFINE_BITS))
+        if self.range is not None:
+            lo, hi = _check_range(self.range)
+            if self.symmetric:
+                m = max(abs(lo), abs(hi))
+                lo, hi = -m, m
+            object.__setattr__(self, "range", (lo, hi))
+        for name in ("narrow_range", "symmetric"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.axis is not None:
+            if isinstance(self.axis, bool) or not isinstance(self.axis, int):
+                raise ValueError(f"axis must be an integer or None, got {self.axis!r}")
+
+    @property
+    def quant_min(self) -> int:
+        return 1 if self.narrow_range else 0
+
+    @property
+    def quant_max(self) -> int:
+        return 2**self.bits - 1
+
+    @property
+    def per_channel(self) -> bool:
+        return self.axis is not None
+
+    def with_range(self, range: Optional[Tuple[float, float]]) -> "Affine":
+        return Affine(self.bits, range, self.narrow_range, self.symmetric, self.axis)
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": "affine",
+            "bits": self.bits,
+            "range": None if self.range is None else list(self.range),
+            "narrow_range": self.narrow_range,
+            "symmetric": self.symmetric,
+            "axis": self.axis,
+        }
+
+    def __str__(self) -> str:
+        s = f"affine{self.bits}"
+        if self.range is not None:
+            s += f"[{_num(self.range[0])},{_num(self.range[1])}]"
+        if self.narrow_range:
+            s += ":narrow"
+        if self.symmetric:
+            s += ":symmetric"
+        if self.axis is not None:
+            s += f":axis={self.axis}"
+        return s
+
+
+_INF_NAN_MODES = ("ieee", "fn", "finite")
+
+
+@dataclass(frozen=True)
+class FloatFormat:
+    """A binary floating-point format with ``exponent_bits`` and ``mantissa_bits``.
+
+    ``bias = 2**(exponent_bits - 1) - 1`` unless given. ``inf_nan`` says how
+    the top exponent is used:
+
+    * ``"ieee"`` (default): the top exponent is reserved for inf and NaN
+      (float16, bfloat16, e5m2).
+    * ``"fn"``: finite with NaN: only the all-ones pattern is NaN, there is no
+      inf (OCP E4M3FN: max 448).
+    * ``"finite"``: every pattern is a number, no inf, no NaN (OCP MX e3m2,
+      e2m3, e2m1).
+
+    Overflow: with ``saturate=True`` finite values beyond the largest finite
+    value become +-max; with ``saturate=False`` they become inf (``"ieee"``) or
+    NaN (no inf in the format), except that rounding toward zero never
+    overflows (IEEE 754 rule). The default is ``False`` for ``"ieee"``
+    (as IEEE and ``ml_dtypes``) and ``True`` otherwise. NaN inputs always stay
+    NaN; inf inputs stay inf in a format with inf and follow the overflow rule
+    otherwise.
+
+    Args:
+        exponent_bits: 2 to 8 (values must fit in float32).
+        mantissa_bits: 0 to 23 (stored fraction bits, without the implicit one).
+        subnormals: keep subnormal numbers; ``False`` flushes them (the grid
+            below the smallest normal is just 0).
+        inf_nan: ``"ieee"``, ``"fn"`` or ``"finite"``.
+        saturate: overflow behaviour, see above; ``None`` picks the default.
+        bias: exponent bias; default ``2**(exponent_bits-1) - 1``.
+    """
+
+    exponent_bits: int
+    mantissa_bits: int
+    subnormals: bool = True
+    inf_nan: str = "ieee"
+    saturate: Optional[bool] = None
+    bias: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        e = _check_bits(self.exponent_bits, 2, 8, "exponent_bits")
+        m = _check_bits(self.mantissa_bits, 0, 23, "mantissa_bits")
+        object.__setattr__(self, "exponent_bits", e)
+        object.__setattr__(self, "mantissa_bits", m)
+        if self.inf_nan not in _INF_NAN_MODES:
+            raise ValueError(f"inf_nan must be one of {_INF_NAN_MODES}, got {self.inf_nan!r}")
+        if not isinstance(self.subnormals, bool):
+            raise TypeError(f"subnormals must be a bool, got {self.subnormals!r}")
+        if self.inf_nan == "fn" and m == 0:
+            raise ValueError("inf_nan='fn' needs mantissa_bits >= 1 (the all-ones pattern is NaN)")
+        if self.saturate is None:
+            object.__setattr__(self, "saturate", self.inf_nan != "ieee")
+        elif not isinstance(self.saturate, bool):
+            raise TypeError(f"saturate must be a bool or None, got {self.saturate!r}")
+        default_bias = 2 ** (e - 1) - 1
+        if self.bias is None:
+            object.__setattr__(self, "bias", default_bias)
+        else:
+            b = _check_bits(self.bias, -1000, 1000, "bias")
+            object.__setattr__(self, "bias", b)
+        if self.max_exponent > 127 or self.min_exponent < -126:
+            raise ValueError(
+                f"exponent_bits={e} with bias={self.bias} does not fit in float32 "
+                f"(exponents {self.min_exponent}..{self.max_exponent})"
+            )
+
+    # --- derived properties -------------------------------------------------
+    @property
+    def has_inf(self) -> bool:
+        return self.inf_nan == "ieee"
+
+    @property
+    def has_nan(self) -> bool:
+        return self.inf_nan in ("ieee", "fn")
+
+    @property
+    def min_exponent(self) -> int:
+        """Exponent of the smallest normal number."""
+        return 1 - self.bias
+
+    @property
+    def max_exponent(self) -> int:
+        """Exponent of the largest finite number."""
+        top = 2**self.exponent_bits - 1
+        return (top - 1 if self.inf_nan == "ieee" else top) - self.bias
+
+    @property
+    def max_value(self) -> float:
+        m = self.mantissa_bits
+        frac = 2.0 - 2.0 ** (-m)
+        if self.inf_nan == "fn":
+            frac = 2.0 - 2.0 ** (1 - m)
+        return frac * 2.0**self.max_exponent
+
+    @property
+    def min_normal(self) -> float:
+        return 2.0**self.min_exponent
+
+    @property
+    def min_subnormal(self) -> float:
+        return 2.0 ** (self.min_exponent - self.mantissa_bits) if self.subnormals else self.min_normal
+
+    @property
+    def epsilon(self) -> float:
+        return 2.0 ** (-self.mantissa_bits)
+
+    @property
+    def bits(self) -> int:
+        return 1 + self.exponent_bits + self.mantissa_bits
+
+    def to_dict(self) -> dict:
+        return {
+            "kind": "float",
+            "exponent_bits": self.exponent_bits,
+            "mantissa_bits": self.mantissa_bits,
+            "subnormals": self.subnormals,
+            "inf_nan": self.inf_nan,
+            "saturate": self.saturate,
+            "bias": self.bias,
+        }
+
+    def __str__(self) -> str:
+        for name, preset in PRESETS.items():
+            if preset == self:
+                return name
+        s = f"e{self.exponent_bits}m{self.mantissa_bits}"
+        if self.inf_nan != "ieee":
+            s += f":{self.inf_nan}"
+        if not self.subnormals:
+            s += ":nosub"
+        if self.saturate != (self.inf_nan != "ieee"):
+            s += ":sat" if self.saturate else ":nosat"
+        if self.bias != 2 ** (self.exponent_bits - 1) - 1:
+            s += f":bias={self.bias}"
+        return s
+
+
+Format = Union[FixedPoint, Affine, FloatFormat]
+
+#: Named float formats. ``e4m3`` is OCP E4M3FN (max 448, no inf); ``e5m2`` is
+#: IEEE-style; ``e3m2``, ``e2m3``, ``e2m1`` are the OCP MX element types
+#: (no inf, no NaN).
+PRESETS: Mapping[str, FloatFormat] = {
+    "bfloat16": FloatFormat(8, 7),
+    "float16": FloatFormat(5, 10),
+    "e5m2": FloatFormat(5, 2),
+    "e4m3": FloatFormat(4, 3, inf_nan="fn"),
+    "e3m2": FloatFormat(3, 2, inf_nan="finite"),
+    "e2m3": FloatFormat(2, 3, inf_nan="finite"),
+    "e2m1": FloatFormat(2, 1, inf_nan="finite"),
+}
+_ALIASES = {
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+    "fp8": "e4m3",
+    "fp8_e4m3": "e4m3",
+    "fp8_e5m2": "e5m2",
+    "e4m3fn": "e4m3",
+    "fp6": "e3m2",
+    "fp6_e3m2": "e3m2",
+    "fp6_e2m3": "e2m3",
+    "fp4": "e2m1",
+    "fp4_e2m1": "e2m1",
+}
+
+_RANGE_RE = r"(?:\[\s*([^\],]+)\s*,\s*([^\]]+)\s*\])?"
+_FIXED_RE = re.compile(r"^fixed(\d+)" + _RANGE_RE + r"$")
+_AFFINE_RE = re.compile(r"^(?:affine|int|uint)(\d+)" + _RANGE_RE + r"$")
+_FLOAT_RE = re.compile(r"^e(\d+)m(\d+)$")
+
+
+def parse_format(spec: Union[str, Format, Mapping[str, Any]]) -> Format:
+    """Parse a short format string (or pass a format or dict through).
+
+    Grammar: ``fixed<bits>[lo,hi]``; ``affine<bits>[lo,hi]`` (range optional,
+    also spelled ``int8``) followed by optional ``:narrow``, ``:symmetric``,
+    ``:axis=N``; a preset name (``bfloat16``, ``float16``, ``e5m2``, ``e4m3``,
+    ``e3m2``, ``e2m3``, ``e2m1`` and aliases like ``fp8``, ``bf16``); or
+    ``e<E>m<M>`` (IEEE-style) with optional ``:fn``, ``:finite``, ``:nosub``,
+    ``:sat``, ``:nosat``, ``:bias=N``.
+
+    Raises:
+        ValueError: the string is not a known format (the message names it).
+    """
+    if isinstance(spec, (FixedPoint, Affine, FloatFormat)):
+        return spec
+    if isinstance(spec, Mapping):
+        return format_from_dict(spec)
+    if not isinstance(spec, str):
+        raise TypeError(f"format must be a string, a dict or a format object, got {type(spec).__name__}")
+    text = spec.strip().lower().replace(" ", "")
+    head, *opts = text.split(":")
+    head = _ALIASES.get(head, head)
+    try:
+        if head in PRESETS and not opts:
+            return PRESETS[head]
+        m = _FIXED_RE.match(head)
+        if m:
+            if m.group(2) is None:
+                raise ValueError("a fixed-point format needs a range, e.g. fixed8[0,1]")
+            if opts:
+                raise ValueError(f"unknown options {opts}")
+            return FixedPoint(int(m.group(1)), (float(m.group(2)), float(m.group(3))))
+        m = _AFFINE_RE.match(head)
+        if m:
+            kw: dict = {}
+            for o in opts:
+                if o == "narrow":
+                    kw["narrow_range"] = True
+                elif o == "symmetric":
+                    kw["symmetric"] = True
+                elif o.startswith("axis="):
+                    kw["axis"] = int(o[5:])
+                else:
+                    raise ValueError(f"unknown option {o!r}")
+            rng = None if m.group(2) is None else (float(m.group(2)), float(m.group(3)))
+            return Affine(int(m.group(1)), rng, **kw)
+        base = PRESETS.get(head)
+        m = _FLOAT_RE.match(head)
+        if m or base is not None:
+            kw = {}
+            if base is not None:
+                kw = dict(base.to_dict())
+                kw.pop("kind")
+                kw["saturate"] = None if base.saturate == (base.inf_nan != "ieee") else base.saturate
+            else:
+                kw = {"exponent_bits": int(m.group(1)), "mantissa_bits": int(m.group(2))}
+            for o in opts:
+                if o in ("fn", "finite", "ieee"):
+                    kw["inf_nan"] = o
+                elif o == "nosub":
+                    kw["subnormals"] = False
+                elif o == "sat":
+                    kw["saturate"] = True
+                elif o == "nosat":
+                    kw["saturate"] = False
+                elif o.startswith("bias="):
+                    kw["bias"] = int(o[5:])
+                else:
+                    raise ValueError(f"unknown option {o!r}")
+            return FloatFormat(**kw)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"format {spec!r} is not valid: {e}") from None
+    raise ValueError(
+        f"format {spec!r} is not a known format; expected a preset ({', '.join(PRESETS)}), "
+        "e<E>m<M>, fixed<bits>[lo,hi] or affine<bits>"
+    )
+
+
+def format_from_dict(d: Mapping[str, Any]) -> Format:
+    """Inverse of ``fmt.to_dict()``."""
+    if not isinstance(d, Mapping) or "kind" not in d:
+        raise ValueError(f"format dict must have a 'kind' key, got {d!r}")
+    kw = {k: v for k, v in d.items() if k != "kind"}
+    kind = d["kind"]
+    try:
+        if kind == "fixed":
+            return FixedPoint(kw["bits"], tuple(kw["range"]))
+        if kind == "affine":
+            if kw.get("range") is not None:
+                kw["range"] = tuple(kw["range"])
+            return Affine(**kw)
+        if kind == "float":
+            return FloatFormat(**kw)
+    except TypeError as e:
+        raise ValueError(f"format dict {dict(d)!r} is not valid: {e}") from None
+    raise ValueError(f"format dict has unknown kind {kind!r}; expected 'fixed', 'affine' or 'float'")
+
+
+def as_format(
+    format: Union[str, Format, Mapping[str, Any], None] = None,
+    *,
+    bits: Optional[int] = None,
+    range: Optional[Tuple[float, float]] = None,
+) -> Format:
+    """Resolve the user-facing ``format=`` / ``bits=`` / ``range=`` trio.
+
+    * ``format`` given: parsed; ``bits`` must not contradict it.
+    * ``bits`` and ``range``: :class:`FixedPoint` over that range.
+    * ``bits`` alone: :class:`Affine` with a range to be learned/calibrated.
+    """
+    if format is not None:
+        fmt = parse_format(format)
+        if bits is not None and getattr(fmt, "bits", bits) != bits:
+            raise ValueError(f"bits={bits} contradicts format={str(fmt)!r}")
+        return fmt
+    if bits is None:
+        raise ValueError("give a format= or bits=")
+    if range is not None:
+        return FixedPoint(bits, range)
+    return Affine(bits)

@@ -1,0 +1,381 @@
+"""The ``quantize`` op: round a tensor onto a number format's grid.
+
+Everything in graphquant that rounds calls :func:`quantize`. It handles the
+dtype, picks the kernel (TensorFlow's FakeQuant kernel for affine nearest
+rounding, graphquant's XLA-fused kernels otherwise), supplies the
+straight-through gradient and, optionally, rounds the gradient too.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import tensorflow as tf
+
+from . import rounding as _r
+from .formats import Affine, FixedPoint, FloatFormat, Format, as_format, parse_format
+from .rounding import ROUNDING_MODES
+
+__all__ = ["quantize", "ROUNDING_MODES", "set_seed", "representable_range"]
+
+SeedLike = Union[None, int, tf.random.Generator, tf.Tensor, np.ndarray, Sequence[int]]
+
+_lock = threading.Lock()
+_generators: dict = {}
+
+
+def _generator(seed: Optional[int]) -> tf.random.Generator:
+    with _lock:
+        gen = _generators.get(seed)
+        if gen is None:
+            with tf.init_scope():
+                if seed is None:
+                    gen = tf.random.Generator.from_non_deterministic_state()
+                else:
+                    gen = tf.random.Generator.from_seed(seed)
+            _generators[seed] = gen
+        return gen
+
+
+def set_seed(seed: Optional[int]) -> None:
+    """Reset the generator used by ``quantize(..., seed=None)``.
+
+    After ``set_seed(n)`` the sequence of random draws of stochastic rounding
+    with ``seed=None`` is reproducible; ``set_seed(None)`` makes it
+    non-deterministic again. Calls with an explicit ``seed=`` are unaffected.
+    """
+    with _lock:
+        with tf.init_scope():
+            if seed is None:
+                _generators[None] = tf.random.Generator.from_non_deterministic_state()
+            else:
+                _generators[None] = tf.random.Generator.from_seed(int(seed))
+
+
+_STATELESS_SALT = tf.constant([0x2545F491, 0x1B873593], tf.int32)
+
+
+def _key(seed: SeedLike, salt: bool = False) -> tf.Tensor:
+    """A fresh int32 key of shape [2] for the kernels' random bits."""
+    if isinstance(seed, tf.random.Generator):
+        return seed.uniform_full_int([2], dtype=tf.int32)
+    if seed is None or isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
+        return _generator(None if seed is None else int(seed)).uniform_full_int([2], dtype=tf.int32)
+    if isinstance(seed, bool):
+        raise TypeError("seed must be None, an int, a tf.random.Generator or an int tensor of shape [2], got a bool")
+    t = tf.convert_to_tensor(seed)
+    if not t.dtype.is_integer:
+        raise TypeError(f"seed must be an integer tensor of shape [2], got dtype {t.dtype.name}")
+    if t.shape.rank is not None and t.shape.as_list() != [2]:
+        raise ValueError(f"a tensor seed must have shape [2], got {t.shape}")
+    if t.dtype == tf.uint32:
+        t = tf.bitcast(t, tf.int32)
+    elif t.dtype != tf.int32:
+        t = tf.cast(t, tf.int32)
+    if salt:
+        t = tf.bitwise.bitwise_xor(t, _STATELESS_SALT)
+    return t
+
+
+def _zero_key() -> tf.Tensor:
+    return tf.zeros([2], tf.int32)
+
+
+def representable_range(fmt: Format) -> Optional[Tuple[float, float]]:
+    """The closed interval in which the gradient passes straight through.
+
+    ``None`` for an :class:`Affine` format without a range.
+    """
+    if isinstance(fmt, FixedPoint):
+        return (fmt.min_value, fmt.max_value)
+    if isinstance(fmt, FloatFormat):
+        return (-fmt.max_value, fmt.max_value)
+    if fmt.range is None:
+        return None
+    nmin, nmax, _, _ = _r.nudge(tf.constant(fmt.range[0]), tf.constant(fmt.range[1]), fmt.quant_min, fmt.quant_max)
+    return (float(nmin), float(nmax))
+
+
+def _check_rounding(value: Any, what: str) -> str:
+    if not isinstance(value, str) or value not in ROUNDING_MODES:
+        raise ValueError(f"{what} must be one of {ROUNDING_MODES}, got {value!r}")
+    return value
+
+
+def _resolve_format(format, bits, range) -> Tuple[Format, Optional[tuple]]:
+    """Return the format and, for Affine, the range to use (tensors allowed)."""
+    if format is None:
+        if bits is not None and range is not None and not _has_tensor(range):
+            return as_format(bits=bits, range=range), None
+        fmt = as_format(bits=bits)  # raises when neither is given
+        if isinstance(fmt, Affine) and range is not None:
+            return fmt, _as_pair(range)
+        return fmt, None
+    fmt = as_format(format, bits=bits)
+    if range is None:
+        return fmt, None
+    if isinstance(fmt, FloatFormat):
+        raise ValueError(f"range= does not apply to the float format {str(fmt)!r}")
+    if isinstance(fmt, FixedPoint):
+        if _has_tensor(range):
+            raise ValueError("range= for a FixedPoint format must be two Python numbers")
+        return FixedPoint(fmt.bits, range), None
+    return fmt, _as_pair(range)
+
+
+def _has_tensor(range) -> bool:
+    try:
+        return any(isinstance(v, (tf.Tensor, tf.Variable)) or np.ndim(v) > 0 for v in range)
+    except TypeError:
+        return False
+
+
+def _as_pair(range) -> tuple:
+    try:
+        lo, hi = range
+    except (TypeError, ValueError):
+        raise ValueError(f"range must be a pair (lo, hi), got {range!r}") from None
+    return lo, hi
+
+
+def quantize(
+    x: Any,
+    format: Union[str, Format, dict, None] = None,
+    rounding: str = "nearest",
+    *,
+    bits: Optional[int] = None,
+    range: Optional[Tuple[Any, Any]] = None,
+    seed: SeedLike = None,
+    gradient_format: Union[str, Format, dict, None] = None,
+    gradient_rounding: str = "nearest",
+    name: Optional[str] = None,
+) -> tf.Tensor:
+    """Round ``x`` onto the grid of a number format; the result stays a float tensor.
+
+    >>> float(quantize(tf.constant([0.1234]), bits=8, range=(0.0, 1.0))[0])
+    0.125
+
+    Args:
+        x: a float tensor (float16, bfloat16, float32 or float64) or anything
+            ``tf.convert_to_tensor`` turns into one.
+        format: a :class:`~graphquant.FixedPoint`, :class:`~graphquant.Affine`
+            or :class:`~graphquant.FloatFormat`, a preset or format string
+            (``"e4m3"``, ``"bfloat16"``, ``"fixed8[0,1]"``) or a format dict.
+        rounding: ``"nearest"`` (ties to even), ``"nearest_away"``,
+            ``"toward_zero"``, ``"down"``, ``"up"`` or ``"stochastic"``.
+            For :class:`Affine`, ``"nearest"`` is TensorFlow FakeQuant's
+            rounding (ties upward), so results equal TensorFlow's bit for bit.
+        bits: shorthand without ``format``: with ``range``, fixed point over
+            that range; alone, 8-bit affine (then ``range`` is required here).
+        range: ``(lo, hi)``. For fixed point, Python numbers. For affine, the
+            range to use instead of the format's own; may be tensors or
+            variables (scalars, or vectors along ``format.axis``), which then
+            also receive FakeQuant's range gradients.
+        seed: randomness of stochastic rounding. ``None``: a global generator
+            (see :func:`set_seed`); an ``int``: a generator of its own, so the
+            sequence of draws is reproducible; a ``tf.random.Generator``; or an
+            int tensor of shape ``[2]`` (stateless: same seed, same result).
+            Every call with a generator draws fresh randomness.
+        gradient_format: if given, the incoming gradient is rounded onto this
+            format (with ``gradient_rounding``) before the straight-through
+            estimator passes it on.
+        gradient_rounding: rounding mode for ``gradient_format``.
+        name: name scope for the ops.
+
+    Returns:
+        A tensor of the same shape and dtype as ``x``, every finite value on
+        the format's grid. NaN stays NaN. Infinities saturate for fixed point
+        and affine formats and follow the format for floats.
+
+    Gradient: straight through (unchanged) where ``x`` lies inside the
+    representable range, zero outside, as TensorFlow's FakeQuant.
+
+    Raises:
+        TypeError: ``x`` is not a floating-point tensor.
+        ValueError: an argument is invalid (the message names it).
+    """
+    fmt, affine_range = _resolve_format(format, bits, range)
+    rounding = _check_rounding(rounding, "rounding")
+    grad_fmt = None
+    if gradient_format is not None:
+        grad_fmt = parse_format(gradient_format)
+        gradient_rounding = _check_rounding(gradient_rounding, "gradient_rounding")
+        if isinstance(grad_fmt, Affine) and grad_fmt.range is None:
+            raise ValueError("gradient_format must have a fixed range (an Affine format without range cannot round gradients)")
+    if isinstance(fmt, Affine) and affine_range is None:
+        if fmt.range is None:
+            raise ValueError(
+                f"range: the affine format {str(fmt)!r} has no range; pass range=(lo, hi) "
+                "or use a format with a range"
+            )
+        affine_range = fmt.range
+
+    with tf.name_scope(name or "graphquant_quantize"):
+        x = tf.convert_to_tensor(x)
+        if not x.dtype.is_floating:
+            raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype.name}")
+        in_dtype = x.dtype
+        if in_dtype in (tf.float16, tf.bfloat16):
+            x = tf.cast(x, tf.float32)
+        key = _key(seed) if rounding == "stochastic" else _zero_key()
+        if isinstance(fmt, Affine):
+            y = _quantize_affine(x, fmt, affine_range, rounding, key, grad_fmt, gradient_rounding, seed)
+        else:
+            y = _quantize_elementwise(x, fmt, rounding, key, grad_fmt, gradient_rounding, seed)
+        if y.dtype != in_dtype:
+            y = tf.cast(y, in_dtype)
+        return y
+
+
+def _round_gradient(dy: tf.Tensor, grad_fmt, grad_rounding: str, seed: SeedLike) -> tf.Tensor:
+    if grad_fmt is None:
+        return dy
+    return tf.stop_gradient(quantize(dy, grad_fmt, grad_rounding, seed=_gradient_seed(seed, grad_rounding)))
+
+
+def _gradient_seed(seed: SeedLike, grad_rounding: str):
+    if grad_rounding != "stochastic":
+        return None
+    if seed is None or isinstance(seed, (int, np.integer, tf.random.Generator)):
+        return seed
+    return _key(seed, salt=True)
+
+
+def _kernel(fmt, mode):
+    return _r.kernel_for(fmt, mode, _r.xla_enabled())
+
+
+def _quantize_elementwise(x, fmt, rounding, key, grad_fmt, grad_rounding, seed):
+    kernel = _kernel(fmt, rounding)
+    lo, hi = representable_range(fmt)
+
+    @tf.custom_gradient
+    def op(x):
+        y = kernel(x, key)
+
+        def grad(dy):
+            dy = _round_gradient(dy, grad_fmt, grad_rounding, seed)
+            inside = tf.logical_and(x >= tf.constant(lo, x.dtype), x <= tf.constant(hi, x.dtype))
+            return tf.where(inside, dy, tf.zeros_like(dy))
+
+        return y, grad
+
+    return op(x)
+
+
+def _channel_axis(fmt: Affine, rank: Optional[int]) -> Optional[int]:
+    if fmt.axis is None:
+        return None
+    if rank is None:
+        raise ValueError("axis: per-channel quantization needs an input of known rank")
+    axis = fmt.axis
+    if not -rank <= axis < rank:
+        raise ValueError(f"axis={fmt.axis} is out of bounds for an input of rank {rank}")
+    return axis % rank
+
+
+def _quantize_affine(x, fmt: Affine, rng, rounding, key, grad_fmt, grad_rounding, seed):
+    compute_dtype = tf.float32
+    orig_dtype = x.dtype
+    if orig_dtype != compute_dtype and rounding == "nearest" and fmt.bits <= 16:
+        x = tf.cast(x, compute_dtype)
+    lo = tf.cast(tf.convert_to_tensor(rng[0]), tf.float32)
+    hi = tf.cast(tf.convert_to_tensor(rng[1]), tf.float32)
+    if fmt.symmetric:
+        m = tf.maximum(tf.abs(lo), tf.abs(hi))
+        lo, hi = -m, m
+    rank = x.shape.rank
+    axis = _channel_axis(fmt, rank)
+    if axis is not None:
+        channels = x.shape[axis]
+        for t, what in ((lo, "range lo"), (hi, "range hi")):
+            if t.shape.rank not in (0, 1) or (t.shape.rank == 1 and channels is not None
+                                               and t.shape[0] not in (None, channels)):
+                raise ValueError(f"range: {what} must be a scalar or have {channels} entries along axis {fmt.axis}, got shape {t.shape}")
+        if channels is None:
+            channels = tf.shape(x)[axis]
+        lo = tf.broadcast_to(lo, [channels])
+        hi = tf.broadcast_to(hi, [channels])
+    else:
+        for t, what in ((lo, "range lo"), (hi, "range hi")):
+            if t.shape.rank not in (None, 0):
+                raise ValueError(f"range: {what} must be a scalar for a per-tensor format (set axis= for per-channel), got shape {t.shape}")
+
+    use_tf_kernel = rounding == "nearest" and fmt.bits <= 16
+    if use_tf_kernel:
+        y = _fake_quant_tf(x, lo, hi, fmt, axis, grad_fmt, grad_rounding, seed)
+    else:
+        y = _fake_quant_own(x, lo, hi, fmt, axis, rounding, key, grad_fmt, grad_rounding, seed)
+    if y.dtype != orig_dtype:
+        y = tf.cast(y, orig_dtype)
+    return y
+
+
+def _move_last(t: tf.Tensor, axis: int) -> Tuple[tf.Tensor, Optional[list]]:
+    rank = t.shape.rank
+    if axis == rank - 1:
+        return t, None
+    perm = [i for i in range(rank) if i != axis] + [axis]
+    inv = list(np.argsort(perm))
+    return tf.transpose(t, perm), inv
+
+
+def _fake_quant_tf(x, lo, hi, fmt, axis, grad_fmt, grad_rounding, seed):
+    """TensorFlow's own FakeQuant kernels (bit-exact by construction)."""
+    kw = dict(num_bits=fmt.bits, narrow_range=fmt.narrow_range)
+    if axis is None:
+        fwd = lambda t, a, b: tf.quantization.fake_quant_with_min_max_vars(t, a, b, **kw)
+        bwd = lambda g, t, a, b: tf.quantization.fake_quant_with_min_max_vars_gradient(g, t, a, b, **kw)
+    else:
+        fwd = lambda t, a, b: tf.quantization.fake_quant_with_min_max_vars_per_channel(t, a, b, **kw)
+        bwd = lambda g, t, a, b: tf.quantization.fake_quant_with_min_max_vars_per_channel_gradient(g, t, a, b, **kw)
+    xt, inv = (x, None) if axis is None else _move_last(x, axis)
+    if grad_fmt is None:
+        y = fwd(xt, lo, hi)
+    else:
+        @tf.custom_gradient
+        def op(t, a, b):
+            def grad(dy):
+                dy = _round_gradient(dy, grad_fmt, grad_rounding, seed)
+                return bwd(dy, t, a, b)
+            return fwd(t, a, b), grad
+
+        y = op(xt, lo, hi)
+    return y if inv is None else tf.transpose(y, inv)
+
+
+def _fake_quant_own(x, lo, hi, fmt, axis, rounding, key, grad_fmt, grad_rounding, seed):
+    """graphquant's kernel with FakeQuant's nudging, for the other rounding modes."""
+    kernel = _kernel(fmt, rounding)
+    rank = x.shape.rank
+
+    def bcast(t):
+        if axis is None:
+            return t
+        shape = [1] * rank
+        shape[axis] = -1
+        return tf.reshape(t, shape)
+
+    reduce_axes = None if axis is None else [i for i in range(rank) if i != axis]
+
+    @tf.custom_gradient
+    def op(x, lo, hi):
+        nmin, nmax, scale, inv_scale = (bcast(t) for t in _r.nudge(lo, hi, fmt.quant_min, fmt.quant_max))
+        y = kernel(x, key, nmin, nmax, scale, inv_scale)
+
+        def grad(dy):
+            dy = _round_gradient(dy, grad_fmt, grad_rounding, seed)
+            nmin_x, nmax_x = tf.cast(nmin, x.dtype), tf.cast(nmax, x.dtype)
+            below = x < nmin_x
+            above = x > nmax_x
+            zero = tf.zeros_like(dy)
+            dx = tf.where(tf.logical_or(below, above), zero, dy)
+            dlo = tf.cast(tf.reduce_sum(tf.where(below, dy, zero), axis=reduce_axes), lo.dtype)
+            dhi = tf.cast(tf.reduce_sum(tf.where(above, dy, zero), axis=reduce_axes), hi.dtype)
+            return dx, dlo, dhi
+
+        return y, grad
+
+    return op(x, lo, hi)

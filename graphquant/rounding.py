@@ -1,0 +1,322 @@
+"""Rounding kernels: TensorFlow ops that put tensors onto a format's grid.
+
+These are the only places in graphquant that do rounding arithmetic; every
+other module calls :func:`graphquant.quantize`. The kernels have no gradients
+of their own (``ops.quantize`` supplies straight-through gradients).
+
+Each kernel is written once in plain TensorFlow ops and, by default, run as a
+``tf.function(jit_compile=True)`` so XLA fuses the elementwise chain (and the
+random bits of stochastic rounding) into one pass over memory: that is what
+makes it as fast as TensorFlow's own FakeQuant C++ kernel. Set the environment
+variable ``GRAPHQUANT_XLA=0`` or call :func:`set_xla` to run the plain ops
+instead (same results, slower; for runtimes without XLA).
+
+Random bits for stochastic rounding come from a counter-based hash (murmur3's
+32-bit finaliser) of the element index and a per-call 64-bit key, so they cost
+a few integer ops per element, need no state inside the kernel and work the
+same eagerly, in ``tf.function`` and under XLA.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from .formats import Affine, FixedPoint, FloatFormat
+
+__all__ = ["ROUNDING_MODES", "set_xla", "xla_enabled", "random_bits"]
+
+#: Rounding modes understood by every kernel.
+ROUNDING_MODES = ("nearest", "nearest_away", "toward_zero", "down", "up", "stochastic")
+
+_XLA = os.environ.get("GRAPHQUANT_XLA", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def set_xla(enabled: bool) -> None:
+    """Run the rounding kernels through XLA (default) or as plain TF ops."""
+    global _XLA
+    _XLA = bool(enabled)
+
+
+def xla_enabled() -> bool:
+    return _XLA
+
+
+# ----------------------------------------------------------------------------
+# random bits
+# ----------------------------------------------------------------------------
+_U32 = tf.uint32
+
+
+def _u32(v: int) -> tf.Tensor:
+    return tf.constant(v & 0xFFFFFFFF, dtype=_U32)
+
+
+def random_bits(shape_like: tf.Tensor, key: tf.Tensor) -> tf.Tensor:
+    """32 random bits per element of ``shape_like``, a pure function of the
+    element's flat index and ``key`` (int32/uint32 tensor of shape [2])."""
+    n = tf.size(shape_like, out_type=tf.int32)
+    idx = tf.cast(tf.reshape(tf.range(n), tf.shape(shape_like)), _U32)
+    if key.dtype != _U32:
+        key = tf.bitcast(tf.cast(key, tf.int32), _U32)
+    h = idx * _u32(0x9E3779B9) + key[0]
+    h = tf.bitwise.bitwise_xor(h, key[1])
+    h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, _u32(16)))
+    h = h * _u32(0x85EBCA6B)
+    h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, _u32(13)))
+    h = h * _u32(0xC2B2AE35)
+    h = tf.bitwise.bitwise_xor(h, tf.bitwise.right_shift(h, _u32(16)))
+    return h
+
+
+def _uniform(shape_like: tf.Tensor, key: tf.Tensor, dtype) -> tf.Tensor:
+    """Uniform in [0, 1) with 24 random bits (exact in float32)."""
+    h = random_bits(shape_like, key)
+    return tf.cast(tf.bitwise.right_shift(h, _u32(8)), dtype) * tf.constant(2.0**-24, dtype)
+
+
+# ----------------------------------------------------------------------------
+# rounding a real-valued "integer coordinate" k onto the integers
+# ----------------------------------------------------------------------------
+def _round_coord(k: tf.Tensor, mode: str, positive: tf.Tensor, key: Optional[tf.Tensor],
+                 half_up: bool = False) -> tf.Tensor:
+    """Round ``k`` to an integer-valued float according to ``mode``.
+
+    ``positive`` says, per element, whether the *value* being rounded is >= 0
+    (k increases with the value), which decides toward-zero and ties-away.
+    ``half_up`` uses ``floor(k + 0.5)`` for nearest (TensorFlow FakeQuant).
+    """
+    if mode == "nearest":
+        return tf.floor(k + 0.5) if half_up else tf.round(k)
+    if mode == "nearest_away":
+        return tf.where(positive, tf.floor(k + 0.5), tf.math.ceil(k - 0.5))
+    if mode == "down":
+        return tf.floor(k)
+    if mode == "up":
+        return tf.math.ceil(k)
+    if mode == "toward_zero":
+        return tf.where(positive, tf.floor(k), tf.math.ceil(k))
+    if mode == "stochastic":
+        fl = tf.floor(k)
+        u = _uniform(k, key, k.dtype)
+        return fl + tf.cast(u < (k - fl), k.dtype)
+    raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {mode!r}")
+
+
+# ----------------------------------------------------------------------------
+# fixed point
+# ----------------------------------------------------------------------------
+def _is_pow2(v: float) -> bool:
+    m, _ = np.frexp(v)
+    return m == 0.5
+
+
+def _fixed_kernel(fmt: FixedPoint, mode: str) -> Callable:
+    lo, _ = fmt.range
+    step = fmt.step
+    top = float(fmt.levels - 1)
+    pow2 = _is_pow2(step)
+
+    def kernel(x, key):
+        dt = x.dtype
+        lo_t = tf.constant(lo, dt)
+        step_t = tf.constant(step, dt)
+        shifted = x - lo_t
+        k = shifted * tf.constant(1.0 / step, dt) if pow2 else shifted / step_t
+        k = _round_coord(k, mode, x >= 0, key)
+        k = tf.clip_by_value(k, tf.constant(0.0, dt), tf.constant(top, dt))
+        q = lo_t + k * step_t
+        return tf.where(tf.math.is_nan(x), x, q)
+
+    return kernel
+
+
+# ----------------------------------------------------------------------------
+# affine (TensorFlow FakeQuant arithmetic, other rounding modes)
+# ----------------------------------------------------------------------------
+def nudge(lo: tf.Tensor, hi: tf.Tensor, quant_min: int, quant_max: int):
+    """TensorFlow FakeQuant's range nudging, in float32 like its kernel.
+
+    Returns ``(nudged_min, nudged_max, scale, inv_scale)``.
+    """
+    lo = tf.cast(lo, tf.float32)
+    hi = tf.cast(hi, tf.float32)
+    qmin = tf.constant(float(quant_min), tf.float32)
+    qmax = tf.constant(float(quant_max), tf.float32)
+    scale = (hi - lo) / (qmax - qmin)
+    inv_scale = (qmax - qmin) / (hi - lo)
+    zp_from_min = qmin - lo / scale
+    # std::round (half away from zero) on a value that is >= quant_min >= 0 here
+    zp = tf.where(zp_from_min < qmin, qmin, tf.where(zp_from_min > qmax, qmax, tf.floor(zp_from_min + 0.5)))
+    nudged_min = (qmin - zp) * scale
+    nudged_max = (qmax - zp) * scale
+    return nudged_min, nudged_max, scale, inv_scale
+
+
+def _affine_kernel(fmt: Affine, mode: str) -> Callable:
+    qrange = float(fmt.quant_max - fmt.quant_min)
+
+    def kernel(x, key, nmin, nmax, scale, inv_scale):
+        dt = x.dtype
+        nmin, nmax, scale, inv_scale = (tf.cast(t, dt) for t in (nmin, nmax, scale, inv_scale))
+        clamped = tf.maximum(tf.minimum(x, nmax), nmin)
+        k = (clamped - nmin) * inv_scale
+        k = _round_coord(k, mode, x >= 0, key, half_up=True)
+        k = tf.clip_by_value(k, tf.constant(0.0, dt), tf.constant(qrange, dt))
+        q = k * scale + nmin
+        return tf.where(tf.math.is_nan(x), x, q)
+
+    return kernel
+
+
+# ----------------------------------------------------------------------------
+# floating point
+# ----------------------------------------------------------------------------
+_FLOAT_LAYOUT = {
+    # dtype: (int dtype, mantissa width, exponent bias, min exponent)
+    tf.float32: (tf.int32, 23, 127, -126),
+    tf.float64: (tf.int64, 52, 1023, -1022),
+}
+
+
+def _float_bits(v: float, dt) -> int:
+    np_dt = np.float32 if dt == tf.float32 else np.float64
+    int_dt = np.int32 if dt == tf.float32 else np.int64
+    return int(np.array(v, np_dt).view(int_dt))
+
+
+def _pow2(e: int, dt) -> tf.Tensor:
+    return tf.constant(np.ldexp(1.0, e), dt)
+
+
+def _scale_pow2(x: tf.Tensor, e: int) -> tf.Tensor:
+    """x * 2**e, exactly, even when 2**e itself is not representable."""
+    dt = x.dtype
+    lim = 120 if dt == tf.float32 else 1000
+    while e > lim:
+        x = x * _pow2(lim, dt)
+        e -= lim
+    while e < -lim:
+        x = x * _pow2(-lim, dt)
+        e += lim
+    return x * _pow2(e, dt)
+
+
+def _float_kernel(fmt: FloatFormat, mode: str) -> Callable:
+    M = fmt.mantissa_bits
+    emin = fmt.min_exponent
+    sub_exp = emin - M if fmt.subnormals else emin  # exponent of the grid step below 2**emin
+
+    def kernel(x, key):
+        dt = x.dtype
+        int_dt, W, _, dt_emin = _FLOAT_LAYOUT[dt]
+        d = W - M
+        one = tf.constant(1, int_dt)
+        sign_mask = tf.constant(-(2 ** (8 * int_dt.size - 1)), int_dt)  # only the sign bit
+        bits = tf.bitcast(x, int_dt)
+        sign = tf.bitwise.bitwise_and(bits, sign_mask)
+        a = tf.bitwise.bitwise_xor(bits, sign)  # magnitude bits
+        negative = tf.not_equal(sign, 0)
+        positive = tf.logical_not(negative)
+
+        # --- normal range: drop d low bits of the pattern (carry into the exponent is right)
+        if d == 0:
+            rb = a
+        else:
+            step_b = tf.constant(1 << d, int_dt)
+            mask = tf.constant((1 << d) - 1, int_dt)
+            r = tf.bitwise.bitwise_and(a, mask)
+            t = a - r
+            nonzero = tf.cast(r != 0, int_dt) * step_b
+            if mode == "nearest":
+                half = tf.constant(1 << (d - 1), int_dt)
+                lsb = tf.bitwise.bitwise_and(tf.bitwise.right_shift(a, tf.constant(d, int_dt)), one)
+                rb = tf.bitwise.bitwise_and(a + (half - one) + lsb, tf.bitwise.invert(mask))
+            elif mode == "nearest_away":
+                half = tf.constant(1 << (d - 1), int_dt)
+                rb = tf.bitwise.bitwise_and(a + half, tf.bitwise.invert(mask))
+            elif mode == "toward_zero":
+                rb = t
+            elif mode == "up":
+                rb = tf.where(positive, t + nonzero, t)
+            elif mode == "down":
+                rb = tf.where(negative, t + nonzero, t)
+            elif mode == "stochastic":
+                rnd = random_bits(x, key)
+                if int_dt == tf.int64:
+                    # 32 random bits are plenty: compare the top d bits only when d > 32
+                    rnd = tf.cast(rnd, tf.int64)
+                    shift = max(d - 32, 0)
+                    up = tf.bitwise.right_shift(r, tf.constant(shift, int_dt)) > tf.bitwise.bitwise_and(
+                        rnd, tf.constant((1 << min(d, 32)) - 1, int_dt))
+                else:
+                    rnd = tf.bitwise.bitwise_and(tf.bitcast(rnd, tf.int32), mask)
+                    up = rnd < r
+                rb = t + tf.cast(up, int_dt) * step_b
+            else:
+                raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {mode!r}")
+        q = tf.bitcast(tf.bitwise.bitwise_or(rb, sign), dt)
+
+        # --- below the smallest normal: a fixed step 2**sub_exp (exact power-of-two scaling)
+        bit_path_covers_subnormals = fmt.subnormals and emin == dt_emin
+        if not bit_path_covers_subnormals:
+            k = _scale_pow2(x, -sub_exp)
+            k = _round_coord(k, mode, positive, key)
+            qs = _scale_pow2(k, sub_exp)
+            small = a < tf.constant(_float_bits(2.0**emin, dt), int_dt)
+            q = tf.where(small, qs, q)
+            rb = tf.where(small, tf.bitwise.bitwise_xor(tf.bitcast(qs, int_dt), sign), rb)
+
+        # --- overflow and non-finite inputs
+        inf_b = tf.constant(_float_bits(np.inf, dt), int_dt)
+        max_b = tf.constant(_float_bits(fmt.max_value, dt), int_dt)
+        max_q = tf.where(negative, tf.constant(-fmt.max_value, dt), tf.constant(fmt.max_value, dt))
+        inf_q = tf.where(negative, tf.constant(-np.inf, dt), tf.constant(np.inf, dt))
+        nan_q = tf.constant(np.nan, dt)
+        is_inf_in = tf.equal(a, inf_b)
+        over = tf.logical_and(rb > max_b, tf.logical_not(is_inf_in))
+        if mode == "toward_zero":
+            to_max = over
+        elif mode == "down":
+            to_max = tf.logical_and(over, positive)
+        elif mode == "up":
+            to_max = tf.logical_and(over, negative)
+        else:
+            to_max = tf.zeros_like(over)
+        if fmt.saturate:
+            q = tf.where(tf.logical_or(over, tf.logical_and(is_inf_in, not fmt.has_inf)), max_q, q)
+        else:
+            spill = inf_q if fmt.has_inf else nan_q
+            q = tf.where(to_max, max_q, tf.where(over, spill, q))
+            if not fmt.has_inf:
+                q = tf.where(is_inf_in, nan_q, q)
+        return tf.where(tf.math.is_nan(x), x, q)
+
+    return kernel
+
+
+# ----------------------------------------------------------------------------
+# kernel cache: one traced (and XLA-compiled) function per format, mode, path
+# ----------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def kernel_for(fmt, mode: str, xla: bool) -> Callable:
+    """The rounding kernel for ``fmt`` and ``mode``: ``f(x, key, *range_params)``."""
+    if mode not in ROUNDING_MODES:
+        raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {mode!r}")
+    if isinstance(fmt, FixedPoint):
+        fn = _fixed_kernel(fmt, mode)
+    elif isinstance(fmt, Affine):
+        fn = _affine_kernel(fmt, mode)
+    elif isinstance(fmt, FloatFormat):
+        fn = _float_kernel(fmt, mode)
+    else:  # pragma: no cover - guarded by ops.quantize
+        raise TypeError(f"format must be a FixedPoint, Affine or FloatFormat, got {type(fmt).__name__}")
+    name = f"graphquant_round_{type(fmt).__name__.lower()}_{mode}"
+    fn.__name__ = name
+    if xla:
+        return tf.function(fn, jit_compile=True, reduce_retracing=True, autograph=False)
+    return fn
