@@ -177,7 +177,11 @@ def quantize(
             (see :func:`set_seed`); an ``int``: a generator of its own, so the
             sequence of draws is reproducible; a ``tf.random.Generator``; or an
             int tensor of shape ``[2]`` (stateless: same seed, same result).
-            Every call with a generator draws fresh randomness.
+            Every call with a generator draws fresh randomness. A function
+            that will be saved (``tf.saved_model.save``) must use a tracked
+            generator (an attribute of the saved object, or a Keras
+            ``SeedGenerator`` in a layer) or a tensor seed: the global and
+            per-int generators are not tracked by any saved object.
         gradient_format: if given, the incoming gradient is rounded onto this
             format (with ``gradient_rounding``) before the straight-through
             estimator passes it on.
