@@ -1,0 +1,234 @@
+"""The ``graphquant`` command: parse arguments, call the library, print results.
+
+Exit codes: 0 success, 1 failure (bad input, a model failed), 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from ._version import __version__
+
+log = logging.getLogger("graphquant")
+
+ROUNDING = ("nearest", "nearest_away", "toward_zero", "down", "up", "stochastic")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def _quant_args(p: argparse.ArgumentParser, default_bits: Optional[int] = None) -> None:
+    p.add_argument("--bits", type=int, default=default_bits, help="bits (alone: affine, ranges calibrated or dynamic)")
+    p.add_argument("--format", help="number format, e.g. e4m3, bfloat16, fixed8[0,6], affine8")
+    p.add_argument("--rounding", choices=ROUNDING, default="nearest")
+    p.add_argument("--weights", action="store_true", help="round convolution weights too (pre-rounded once)")
+    p.add_argument("--weight-bits", type=int, help="bits of the weight format (per-channel symmetric affine)")
+    p.add_argument("--range", nargs=2, type=float, metavar=("LO", "HI"), help="fixed range: fixed point over [LO, HI]")
+    p.add_argument("--include", action="append", help="only groups whose target matches this regex (repeatable)")
+    p.add_argument("--exclude", action="append", help="skip groups whose target matches this regex (repeatable)")
+    p.add_argument("--seed", type=int, help="seed for stochastic rounding")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="graphquant",
+        description="Simulate reduced numeric precision inside TensorFlow/Keras models.",
+    )
+    parser.add_argument("--version", action="version", version=f"graphquant {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("convert", help="convert a SavedModel (or a .keras/.h5 file)")
+    p.add_argument("src", help="SavedModel folder, or a .keras / .h5 file")
+    p.add_argument("dst", help="output folder (or .keras file for Keras input)")
+    _quant_args(p)
+    p.add_argument("--calibration", metavar="DATA.npz", help="inputs for calibrating affine ranges (.npz or .npy)")
+    p.add_argument("--signature", default="serving_default", help="signature fed with calibration data")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
+    p.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
+
+    p = sub.add_parser("batch", help="convert every SavedModel under a folder")
+    p.add_argument("src", help="source root (searched at any depth)")
+    p.add_argument("dst", help="destination root (same relative layout)")
+    _quant_args(p)
+    p.add_argument("--jobs", type=int, default=1, help="worker processes at once")
+    p.add_argument("--report", metavar="REPORT.json", help="JSON report (default DST/graphquant-batch.json)")
+    p.add_argument("--overwrite", action="store_true", help="redo models already converted")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = sub.add_parser("inspect", help="print the insertion points of a SavedModel; nothing is written")
+    p.add_argument("src", help="SavedModel folder")
+    _quant_args(p)
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    p = sub.add_parser("example", help="build, export and convert a built-in example model")
+    p.add_argument("--out", default="out/example", help="folder for the example's files (default out/example)")
+    p.add_argument("--arch", default="MobileNetV2", choices=("MobileNetV2", "ResNet50"), help="keras.applications architecture")
+    p.add_argument("--size", type=int, default=96, help="input size (pixels)")
+    p.add_argument("--bits", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _config(ns: argparse.Namespace) -> Dict[str, Any]:
+    kw: Dict[str, Any] = {"rounding": ns.rounding}
+    if ns.format:
+        kw["format"] = ns.format
+    if ns.bits is not None:
+        kw["bits"] = ns.bits
+    if ns.range is not None:
+        kw["range"] = tuple(ns.range)
+    if ns.weights or ns.weight_bits is not None:
+        kw["weights"] = True
+    if ns.weight_bits is not None:
+        kw["weight_bits"] = ns.weight_bits
+    if ns.include:
+        kw["include"] = ns.include
+    if ns.exclude:
+        kw["exclude"] = ns.exclude
+    if "bits" not in kw and "format" not in kw:
+        kw["bits"] = 8
+    return kw
+
+
+def _load_calibration(path: str) -> Any:
+    import numpy as np
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"--calibration: {p}: no such file")
+    try:
+        data = np.load(p, allow_pickle=False)
+    except Exception as e:
+        raise ValueError(f"--calibration: {p}: not a readable .npz/.npy file ({e})") from None
+    if isinstance(data, np.ndarray):
+        return data
+    arrays = {k: data[k] for k in data.files}
+    if len(arrays) == 1:
+        return next(iter(arrays.values()))
+    return arrays
+
+
+def _cmd_convert(ns: argparse.Namespace) -> int:
+    kw = _config(ns)
+    if ns.seed is not None:
+        kw["seed"] = ns.seed
+    src = Path(ns.src)
+    if src.suffix in (".keras", ".h5") and not src.is_dir():
+        return _convert_keras(src, Path(ns.dst), kw, ns)
+    from .graph.saved_model import convert_saved_model
+
+    if ns.calibration:
+        kw["calibration_data"] = _load_calibration(ns.calibration)
+        kw["calibration_signature"] = ns.signature
+    report = convert_saved_model(src, ns.dst, overwrite=ns.overwrite, **kw)
+    print(report.plan.table())
+    print(report)
+    for w in report.warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    if ns.json:
+        Path(ns.json).write_text(json.dumps(report.to_dict(), indent=2))
+    return 0
+
+
+def _convert_keras(src: Path, dst: Path, kw: Dict[str, Any], ns: argparse.Namespace) -> int:
+    if not src.is_file():
+        raise ValueError(f"{src}: no such file")
+    if dst.suffix != ".keras":
+        dst = dst.with_suffix(".keras") if dst.suffix else dst / (src.stem + ".keras")
+    if dst.exists() and not ns.overwrite:
+        raise FileExistsError(f"destination {dst} exists (pass --overwrite to replace it)")
+    import keras
+
+    try:
+        from .keras import quantize_model  # provided by the Keras front end
+    except ImportError:
+        raise ValueError("converting .keras/.h5 files needs graphquant.keras.quantize_model, which is not available") from None
+    try:
+        model = keras.models.load_model(src, safe_mode=True, compile=False)
+    except Exception as e:
+        raise ValueError(f"{src}: cannot load the Keras model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    calibration = _load_calibration(ns.calibration) if ns.calibration else None
+    kw.pop("seed", None)
+    q = quantize_model(model, calibration_data=calibration, **kw)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.graphquant-tmp.keras")
+    q.save(tmp)
+    os.replace(tmp, dst)
+    print(f"{src} -> {dst}")
+    return 0
+
+
+def _cmd_inspect(ns: argparse.Namespace) -> int:
+    from .graph.saved_model import inspect_saved_model
+
+    kw = _config(ns)
+    plan = inspect_saved_model(ns.src, **kw)
+    if ns.json:
+        print(plan.to_json(indent=2))
+    else:
+        print(plan.table())
+        if not plan.targets:
+            print(f"warning: {ns.src}: no convolution found", file=sys.stderr)
+    return 0
+
+
+def _cmd_batch(ns: argparse.Namespace) -> int:
+    from .batch import convert_batch
+
+    kw = _config(ns)
+    if ns.seed is not None:
+        kw["seed"] = ns.seed
+    report = convert_batch(
+        ns.src, ns.dst, jobs=ns.jobs, overwrite=ns.overwrite, report=ns.report, progress=not ns.no_progress, **kw
+    )
+    d = report.to_dict()
+    print(f"{d['converted']} converted, {d['skipped']} skipped (already done), {d['failed']} failed in {d['seconds']:.1f} s")
+    for key, rec in report.models.items():
+        if rec["status"] == "failed":
+            print(f"failed: {key}: {rec['error']}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+def _cmd_example(ns: argparse.Namespace) -> int:
+    from .graph.example import run_example
+
+    run_example(out=ns.out, arch=ns.arch, size=ns.size, bits=ns.bits, seed=ns.seed)
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``graphquant`` console script."""
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.command is None:
+        parser.print_help()
+        return 2
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
+    for noisy in ("tensorflow", "absl", "h5py"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    handlers = {"convert": _cmd_convert, "batch": _cmd_batch, "inspect": _cmd_inspect, "example": _cmd_example}
+    try:
+        return handlers[ns.command](ns)
+    except (ValueError, TypeError, OSError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"graphquant {ns.command}: error: {msg}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("graphquant: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

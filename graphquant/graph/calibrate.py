@@ -1,0 +1,138 @@
+"""Calibrate activation ranges of a graph by running it on data.
+
+Observers are ``EagerPyFunc`` nodes spliced in at the plan's activation
+points (the same places the rounding will go); they pass the tensor through
+and record its statistics in this process. The observed graph is only ever run
+here, never saved.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import graph_pb2, node_def_pb2
+
+from ..formats import Affine
+from ..plan import Plan
+from .planning import scope_name
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RangeCollector", "insert_observers", "needs_calibration", "iter_batches"]
+
+
+def needs_calibration(plan: Plan) -> List[str]:
+    """Paths of activation points whose format has no range (affine without range)."""
+    return [p.path for p in plan.activations if isinstance(p.format, Affine) and p.format.range is None]
+
+
+class RangeCollector:
+    """Collects per-point ranges: ``"minmax"`` (running min/max) or ``"percentile"``."""
+
+    def __init__(self, method: str = "minmax", percentile: float = 99.99):
+        if method not in ("minmax", "percentile"):
+            raise ValueError(f"method must be 'minmax' or 'percentile', got {method!r}")
+        self.method = method
+        self.percentile = float(percentile)
+        self._stats: Dict[str, List[float]] = {}
+        self._tokens: List[str] = []
+        self._keep: List[Any] = []  # the py-func registry holds weak references
+
+    def observer(self, path: str):
+        def observe(x):
+            a = x.numpy()
+            if a.size:
+                a = a[np.isfinite(a)]
+            if a.size:
+                if self.method == "percentile":
+                    lo = float(np.percentile(a, 100.0 - self.percentile))
+                    hi = float(np.percentile(a, self.percentile))
+                else:
+                    lo, hi = float(a.min()), float(a.max())
+                cur = self._stats.get(path)
+                self._stats[path] = [lo, hi] if cur is None else [min(cur[0], lo), max(cur[1], hi)]
+            return x
+
+        return observe
+
+    def ranges(self) -> Dict[str, Tuple[float, float]]:
+        """``{path: (lo, hi)}``, widened to include 0 and to a non-empty interval."""
+        out = {}
+        for k, (lo, hi) in self._stats.items():
+            lo, hi = min(lo, 0.0), max(hi, 0.0)
+            if hi - lo < 1e-6:
+                hi = lo + 1e-6
+            out[k] = (lo, hi)
+        return out
+
+    def release(self) -> None:
+        from tensorflow.python.ops import script_ops
+
+        for t in self._tokens:
+            try:
+                script_ops._py_funcs.remove(t)
+            except Exception:  # pragma: no cover - best effort
+                pass
+        self._tokens.clear()
+        self._keep.clear()
+
+
+def insert_observers(graph_def: graph_pb2.GraphDef, plan: Plan, collector: RangeCollector) -> int:
+    """Splice an observer at every activation point needing a range; return how many."""
+    from tensorflow.python.ops import script_ops
+
+    from .rewrite import GraphEditor
+
+    ed = GraphEditor(graph_def)
+    todo = set(needs_calibration(plan))
+    n = 0
+    for p in plan.activations:
+        if p.path not in todo:
+            continue
+        sc = ed.scope(scope_name(p))
+        dtype = sc.out_dtype(p.after)
+        obs = collector.observer(p.path)
+        collector._keep.append(obs)
+        token = script_ops._py_funcs.insert(obs)
+        collector._tokens.append(token)
+        name = sc.unique(f"graphquant/observe{n}")
+        nd = node_def_pb2.NodeDef(name=name, op="EagerPyFunc", input=[sc.ref(sc.by_name[p.after], 0)])
+        nd.attr["token"].s = token.encode()
+        nd.attr["is_async"].b = False
+        nd.attr["Tin"].list.type.append(dtype)
+        nd.attr["Tout"].list.type.append(dtype)
+        new = sc.add(nd)
+        sc.rewire(sc.aliases(p.after), sc.ref(new, 0), skip={name})
+        n += 1
+    return n
+
+
+def iter_batches(data: Any, batch_size: int = 32) -> Iterator[Any]:
+    """Batches from a numpy array, a dict of arrays, a ``tf.data.Dataset`` or an iterable of batches."""
+    if data is None:
+        return
+    if isinstance(data, tf.data.Dataset):
+        for b in data:
+            yield b[0] if isinstance(b, tuple) and len(b) == 2 else b
+        return
+    if isinstance(data, (np.ndarray, tf.Tensor)):
+        for i in range(0, int(data.shape[0]), batch_size):
+            yield data[i : i + batch_size]
+        return
+    if isinstance(data, dict):
+        arrays = {k: np.asarray(v) for k, v in data.items()}
+        n = min(a.shape[0] for a in arrays.values())
+        for i in range(0, n, batch_size):
+            yield {k: a[i : i + batch_size] for k, a in arrays.items()}
+        return
+    try:
+        it = iter(data)
+    except TypeError:
+        raise TypeError(
+            f"calibration_data must be a numpy array, a dict of arrays, a tf.data.Dataset or an iterable of batches; got {type(data).__name__}"
+        ) from None
+    for b in it:
+        yield b

@@ -1,0 +1,188 @@
+"""``quantize_function``: rewrite a ``tf.function`` / ``ConcreteFunction``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Optional, Tuple
+
+import tensorflow as tf
+
+from ..patterns import Registry
+from ..plan import Plan, QuantizeConfig
+from .calibrate import RangeCollector, insert_observers, iter_batches, needs_calibration
+from .planning import apply_plan, plan_graph_def
+
+log = logging.getLogger(__name__)
+
+__all__ = ["quantize_function", "QuantizedFunction", "config_from_kwargs"]
+
+
+def config_from_kwargs(
+    bits: Optional[int] = None,
+    format: Any = None,
+    rounding: str = "nearest",
+    range: Optional[Tuple[float, float]] = None,
+    weights: Optional[bool] = None,
+    **kwargs: Any,
+) -> QuantizeConfig:
+    """A :class:`~graphquant.plan.QuantizeConfig` from the user-facing keywords."""
+    if format is None and bits is None:
+        raise ValueError("give bits= or format= (e.g. bits=8, or format='e4m3')")
+    return QuantizeConfig.create(bits, format=format, range=range, rounding=rounding, weights=weights, **kwargs)
+
+
+def _concrete(fn: Any) -> Any:
+    if isinstance(fn, tf.types.experimental.ConcreteFunction):
+        return fn
+    if isinstance(fn, tf.types.experimental.PolymorphicFunction) or hasattr(fn, "get_concrete_function"):
+        if getattr(fn, "input_signature", None) is None:
+            raise TypeError(
+                "fn: a tf.function without input_signature cannot be rewritten; pass "
+                "tf.function(f, input_signature=[...]) or f.get_concrete_function(spec)"
+            )
+        return fn.get_concrete_function()
+    raise TypeError(f"fn must be a tf.function with an input_signature or a ConcreteFunction, got {type(fn).__name__}")
+
+
+def _import(graph_def, cf) -> Any:
+    """Import an edited copy of ``cf``'s graph as a pruned function with the same captures."""
+    captures = {internal.name: external for external, internal in cf.graph.captures}
+
+    def body():
+        g = tf.compat.v1.get_default_graph()
+        imap = {k: g.capture(e) for k, e in captures.items()}
+        tf.graph_util.import_graph_def(graph_def, input_map=imap, name="")
+
+    wrapped = tf.compat.v1.wrap_function(body, [])
+    n_user = len(cf.inputs) - len(cf.graph.captures)
+    feeds = [wrapped.graph.get_tensor_by_name(t.name) for t in cf.inputs[:n_user]]
+    fetches = [wrapped.graph.get_tensor_by_name(t.name) for t in cf.outputs]
+    return wrapped.prune(feeds, fetches)
+
+
+class QuantizedFunction:
+    """A rewritten function: call it like the original.
+
+    Attributes:
+        plan: the :class:`~graphquant.plan.Plan` that was applied.
+        concrete_function: the pruned function over flat tensors.
+        inserted: names of the inserted ``graphquant`` nodes.
+    """
+
+    def __init__(self, source, pruned, plan: Plan, inserted, ranges, seconds: float):
+        self._source = source
+        self.concrete_function = pruned
+        self.plan = plan
+        self.inserted = list(inserted)
+        self.ranges = dict(ranges)
+        self.seconds = seconds
+        self.structured_input_signature = source.structured_input_signature
+        self.structured_outputs = source.structured_outputs
+        sig = tuple(self.structured_input_signature[0]) if not self.structured_input_signature[1] else None
+        self.function = tf.function(self._call_structured, input_signature=sig, autograph=False)
+
+    def _call_structured(self, *args, **kwargs):
+        flat = tf.nest.flatten((args, kwargs), expand_composites=True)
+        out = self.concrete_function(*flat)
+        return tf.nest.pack_sequence_as(self.structured_outputs, out, expand_composites=True)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        sig_args, sig_kwargs = self.structured_input_signature
+        if len(args) != len(sig_args):
+            raise TypeError(f"expected {len(sig_args)} positional arguments, got {len(args)}")
+        args = tf.nest.map_structure(
+            lambda v, s: tf.convert_to_tensor(v, dtype=s.dtype) if isinstance(s, tf.TensorSpec) else v, tuple(args), tuple(sig_args)
+        )
+        return self.function(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"QuantizedFunction({len(self.inserted)} graphquant nodes)"
+
+
+def _run_flat(fn, cf, batch) -> None:
+    sig_args, sig_kwargs = cf.structured_input_signature
+    if isinstance(batch, dict) and sig_kwargs:
+        flat = tf.nest.flatten(((), batch))
+    elif isinstance(batch, (tuple, list)) and len(sig_args) > 1:
+        flat = tf.nest.flatten((tuple(batch), {}))
+    else:
+        flat = [batch]
+    specs = tf.nest.flatten(cf.structured_input_signature)
+    flat = [tf.convert_to_tensor(v, dtype=s.dtype) for v, s in zip(flat, specs)]
+    fn(*flat)
+
+
+def quantize_function(
+    fn: Any,
+    bits: Optional[int] = None,
+    *,
+    format: Any = None,
+    rounding: str = "nearest",
+    range: Optional[Tuple[float, float]] = None,
+    weights: Optional[bool] = None,
+    calibration_data: Any = None,
+    calibration_method: str = "minmax",
+    registry: Optional[Registry] = None,
+    seed: Optional[int] = None,
+    **config: Any,
+) -> QuantizedFunction:
+    """Rewrite a TensorFlow function so values are rounded after every convolution group.
+
+    >>> qf = quantize_function(my_tf_function, bits=8)
+    >>> y = qf(x)
+
+    Args:
+        fn: a ``tf.function`` with an ``input_signature``, or a ``ConcreteFunction``.
+        bits, format, range, rounding, weights: as in ``quantize_model``:
+            ``bits`` alone is 8-bit affine with ranges from ``calibration_data``
+            (without it, each batch's own min/max: a dynamic range);
+            ``bits`` + ``range`` is fixed point; float formats need no range.
+        calibration_data: batches fed to ``fn`` to set the affine ranges.
+        calibration_method: ``"minmax"`` or ``"percentile"``.
+        registry: the pattern registry (default: the shared default).
+        seed: op-level seed for stochastic rounding.
+        **config: further :class:`~graphquant.plan.QuantizeConfig` keywords
+            (``include``, ``exclude``, ``overrides``, ``weight_bits``, ...).
+
+    Returns:
+        A :class:`QuantizedFunction`, callable with the original input
+        signature and returning the original output structure.
+
+    Limits: the graph is re-imported, so variables the function captures are
+    shared with the original (assignments to them show in both; weights of
+    variables are rounded at every call). Functions taking resource or
+    composite (ragged, sparse) arguments, and outputs fed directly by a
+    rounded group inside control flow (``tf.cond`` / ``tf.while_loop``
+    bodies) are not rewritten. ``rounding="stochastic"`` is applied at every
+    call (there is no ``training`` flag in a plain function).
+
+    Raises:
+        TypeError / ValueError naming the argument.
+    """
+    t0 = time.perf_counter()
+    cfg = config_from_kwargs(bits, format, rounding, range, weights, **config)
+    cf = _concrete(fn)
+    gd = cf.graph.as_graph_def()
+    plan, _ = plan_graph_def(gd, cfg, registry)
+    if not plan.targets:
+        log.warning("quantize_function: no convolution found; the function is returned unchanged")
+    ranges = {}
+    need = needs_calibration(plan)
+    if need and calibration_data is not None:
+        collector = RangeCollector(calibration_method)
+        obs = tf.compat.v1.GraphDef()
+        obs.CopyFrom(gd)
+        insert_observers(obs, plan, collector)
+        runner = _import(obs, cf)
+        try:
+            for batch in iter_batches(calibration_data):
+                _run_flat(runner, cf, batch)
+        finally:
+            collector.release()
+        ranges = collector.ranges()
+    elif need:
+        plan.notes.append("no calibration_data: affine ranges are each batch's own min/max (dynamic)")
+    edits = apply_plan(gd, plan, ranges=ranges, seed=seed)
+    pruned = _import(gd, cf)
+    return QuantizedFunction(cf, pruned, plan, edits["inserted"], ranges, time.perf_counter() - t0)

@@ -1,0 +1,226 @@
+"""Join a GraphDef with the shared registry and planner; turn the plan into edits.
+
+The graph front end reuses :mod:`graphquant.patterns` and
+:mod:`graphquant.plan` unchanged. Graphs need two refinements of the default
+matchers, added here without editing the shared registry:
+
+* a *bias* is also spelled ``Add`` / ``AddV2`` when one operand is a
+  parameter (a constant or a variable read, possibly reshaped);
+* the exporter-folded batch norm ``Mul -> AddV2`` only counts when the
+  multiplier is a parameter (so ``x * gate`` is not a norm).
+
+:func:`graph_registry` applies them to any registry (the user's own too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Dict, List, Optional, Tuple
+
+from tensorflow.core.framework import graph_pb2
+
+from ..patterns import DEFAULT_REGISTRY, GRAPH, Matcher, Node, Pattern, Registry, Step, View
+from ..plan import InsertionPoint, Plan, QuantizeConfig, make_plan
+from .view import GraphView, read_graph_def
+
+__all__ = ["graph_registry", "to_pattern_view", "plan_graph_def", "SKIP_FUNCTIONS"]
+
+#: Library functions that never hold model computation (checkpoint save/restore).
+SKIP_FUNCTIONS = ("__inference__traced_save", "__inference__traced_restore")
+
+_BIAS_OPS = ("BiasAdd", "BiasAddV1", "Add", "AddV2")
+
+
+def _one_data_input(node: Node) -> bool:
+    if node.domain != GRAPH:
+        return True
+    flags = node.attrs.get("parameter_inputs")
+    if not flags:
+        return True
+    if node.kind in ("BiasAdd", "BiasAddV1"):
+        return True
+    return len(flags) == 2 and sum(1 for f in flags if not f) == 1
+
+
+def _norm_ok(node: Node) -> bool:
+    if node.domain != GRAPH or node.kind != "Mul":
+        return True
+    return _one_data_input(node)
+
+
+def _refine(m: Matcher) -> Matcher:
+    if m.name == "bias":
+        ops = tuple(dict.fromkeys(tuple(m.ops) + _BIAS_OPS))
+        return replace(m, ops=ops, predicate=_chain(m.predicate, _one_data_input))
+    if m.name == "norm":
+        return replace(m, predicate=_chain(m.predicate, _norm_ok))
+    return m
+
+
+def _chain(a, b):
+    if a is None:
+        return b
+    return lambda n: a(n) and b(n)
+
+
+def graph_registry(registry: Optional[Registry] = None) -> Registry:
+    """A copy of ``registry`` (default: the shared default) with graph-aware bias/norm matchers."""
+    registry = DEFAULT_REGISTRY if registry is None else registry
+    if not isinstance(registry, Registry):
+        raise TypeError(f"registry must be a graphquant.patterns.Registry, got {type(registry).__name__}")
+    out = Registry()
+    for p in registry:
+        steps = tuple(Step(_refine(s.matcher), s.optional) for s in p.steps)
+        out.register(replace(p, steps=steps))
+    return out
+
+
+def _activation_of_fused(attrs: Dict[str, Any]) -> Optional[str]:
+    fused = attrs.get("fused_ops") or []
+    for op in fused:
+        if op not in ("BiasAdd", "FusedBatchNorm", "Add"):
+            return str(op).lower()
+    return None
+
+
+def to_pattern_view(gv: GraphView) -> View:
+    """The shared neutral view: the top-level graph, one child view per library function."""
+
+    def scope_view(scope: str) -> View:
+        nodes: List[Node] = []
+        prefix = len(scope) + 1 if scope else 0
+        for qn in gv.scopes.get(scope, []):
+            g = gv.nodes[qn]
+            if g.kind == "_Arg":
+                continue
+            attrs = dict(g.attributes)
+            attrs["parameter_inputs"] = [bool(gv.nodes[i].is_parameter) if i in gv.nodes else False for i in g.inputs]
+            if g.kind.startswith("_Fused"):
+                act = _activation_of_fused(attrs)
+                if act:
+                    attrs["activation"] = act
+            nodes.append(
+                Node(
+                    name=g.local,
+                    kind=g.kind,
+                    domain=GRAPH,
+                    inputs=[i[prefix:] if scope else i for i in g.inputs],
+                    consumers=[c[prefix:] if scope else c for c in g.consumers],
+                    attrs=attrs,
+                )
+            )
+        return View(nodes, name=scope or "graph")
+
+    children = {s: scope_view(s) for s in gv.scopes if s}
+    root = scope_view("")
+    root.children.update(children)
+    return root
+
+
+def plan_graph_def(
+    graph_def: graph_pb2.GraphDef,
+    config: QuantizeConfig,
+    registry: Optional[Registry] = None,
+) -> Tuple[Plan, GraphView]:
+    """Read ``graph_def`` and plan it with the (graph-refined) registry."""
+    skip = [f.signature.name for f in graph_def.library.function if f.signature.name.startswith(SKIP_FUNCTIONS)]
+    gv = read_graph_def(graph_def, skip_functions=skip)
+    plan = make_plan(to_pattern_view(gv), config, graph_registry(registry))
+    return plan, gv
+
+
+def scope_name(point: InsertionPoint) -> str:
+    """The GraphDef scope of a point: ``""`` (top level) or the function name."""
+    return point.scope[-1] if point.scope else ""
+
+
+def _weight_source(editor, scope: str, target: str, slot: str) -> Tuple[str, int, str]:
+    """(producer node, input index, producer op) of a target's weight slot, through Identity ops."""
+    from .view import parse_input
+
+    sc = editor.scope(scope)
+    nd = sc.by_name[target]
+    idx = int(slot.split(":", 1)[1])
+    data_inputs = [r for r in nd.input if not r.startswith("^")]
+    src = parse_input(data_inputs[idx], sc.in_function)[0]
+    # look through Identity chains to find a Const (frozen graph)
+    probe = src
+    for _ in range(8):
+        p = sc.by_name.get(probe)
+        if p is None or p.op != "Identity":
+            break
+        probe = parse_input(p.input[0], sc.in_function)[0]
+    p = sc.by_name.get(probe)
+    if p is not None and p.op == "Const":
+        return probe, idx, "Const"
+    return src, idx, (sc.by_name[src].op if src in sc.by_name else "_Arg")
+
+
+def round_weight_array(value, fmt, rounding: str, seed: Optional[int] = None):
+    """Round a weight array once, eagerly (frozen constants, checkpoints)."""
+    import numpy as np
+    import tensorflow as tf
+
+    from ..formats import Affine
+    from ..ops import quantize
+
+    w = tf.convert_to_tensor(value)
+    kw: Dict[str, Any] = {}
+    if rounding == "stochastic":
+        kw["seed"] = 0 if seed is None else int(seed)
+    if isinstance(fmt, Affine) and fmt.range is None:
+        rank = len(w.shape)
+        axis = None if fmt.axis is None else fmt.axis % rank
+        reduce = [i for i in range(rank) if i != axis]
+        lo = tf.minimum(tf.reduce_min(w, axis=reduce), 0.0)
+        hi = tf.maximum(tf.reduce_max(w, axis=reduce), 0.0)
+        hi = tf.maximum(hi, lo + 1e-12)
+        kw["range"] = (lo, hi)
+    return np.asarray(quantize(w, fmt, rounding, **kw))
+
+
+def apply_plan(
+    graph_def: graph_pb2.GraphDef,
+    plan: Plan,
+    *,
+    ranges: Optional[Dict[str, Tuple[float, float]]] = None,
+    seed: Optional[int] = None,
+    variable_weights: str = "runtime",
+) -> Dict[str, Any]:
+    """Edit ``graph_def`` in place so it does what ``plan`` says.
+
+    Args:
+        ranges: calibrated ``(lo, hi)`` per activation point path, for affine
+            formats without a range; missing means a dynamic (per batch) range.
+        variable_weights: ``"runtime"`` inserts weight rounding after variable
+            reads; ``"skip"`` leaves them for the caller (who rounds the
+            checkpoint instead). Constant weights are always pre-rounded once.
+
+    Returns:
+        ``{"inserted": [node names], "prerounded": [const names],
+        "variable_weights": [(scope, read node, point)]}``.
+    """
+    from .rewrite import GraphEditor, Insertion
+
+    ranges = ranges or {}
+    ed = GraphEditor(graph_def, seed=seed)
+    out: Dict[str, Any] = {"inserted": [], "prerounded": [], "variable_weights": []}
+    for p in plan.points:
+        scope = scope_name(p)
+        if p.what == "weights":
+            src, idx, op = _weight_source(ed, scope, p.target, p.slot or "input:1")
+            if op == "Const":
+                ed.replace_const(scope, src, lambda v, p=p: round_weight_array(v, p.format, p.rounding, seed))
+                out["prerounded"].append(src)
+                continue
+            if variable_weights == "skip" and op == "ReadVariableOp":
+                out["variable_weights"].append((scope, src, p))
+                continue
+            ins = Insertion(scope, src, p.format, p.rounding, target="weights", consumer=p.target, input_index=idx,
+                            label=p.target.rsplit("/", 1)[-1])
+            out["inserted"].append(ed.insert(ins))
+        else:
+            rng = ranges.get(p.path)
+            ins = Insertion(scope, p.after, p.format, p.rounding, range=rng, label=p.target.rsplit("/", 1)[-1])
+            out["inserted"].append(ed.insert(ins))
+    return out

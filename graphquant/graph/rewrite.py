@@ -1,0 +1,394 @@
+"""Edit a GraphDef: splice rounding nodes in at the plan's insertion points.
+
+Each insertion rounds one tensor (output 0 of a node, in the top-level graph
+or inside a function-library body) and rewires every consumer of that tensor
+(including the function's return values) to the rounded tensor. The rounding
+itself is :func:`graphquant.quantize`, traced once per distinct
+``(format, rounding, dtype)`` into a library function that the inserted
+``PartitionedCall`` / ``StatefulPartitionedCall`` node calls. Affine nearest
+rounding with a known range (the serving-friendly common case) is spliced as a
+single ``FakeQuantWithMinMaxArgs`` node, which is exactly what ``quantize``
+computes for it. Every inserted node and function carries ``graphquant`` in
+its name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import attr_value_pb2, function_pb2, graph_pb2, node_def_pb2, types_pb2
+
+from ..formats import Affine, FixedPoint, FloatFormat, Format
+from .view import CALL_OPS, output_arg_names, parse_input
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Insertion", "GraphEditor", "FLOAT_DTYPES"]
+
+FLOAT_DTYPES = {"float": tf.float32, "half": tf.float16, "bfloat16": tf.bfloat16, "double": tf.float64}
+
+
+@dataclass
+class Insertion:
+    """One tensor to round.
+
+    Attributes:
+        scope: ``""`` for the top-level graph, else the library function's name.
+        node: local name of the node whose output 0 is rounded.
+        format: the number format.
+        rounding: rounding mode.
+        range: for an :class:`Affine` format without its own range, the
+            calibrated ``(lo, hi)``; ``None`` there means a dynamic range
+            (min/max of each batch).
+        target: ``"activations"`` (every consumer is rewired) or ``"weights"``.
+        consumer: for weights, the local name of the one consumer to rewire
+            and ``input_index`` its input.
+        label: a readable label (the plan's group), used in the node name.
+    """
+
+    scope: str
+    node: str
+    format: Format
+    rounding: str = "nearest"
+    range: Optional[Tuple[float, float]] = None
+    target: str = "activations"
+    consumer: Optional[str] = None
+    input_index: Optional[int] = None
+    label: str = ""
+    inserted: Optional[str] = None
+
+
+def _dtype_name(enum: int) -> str:
+    return types_pb2.DataType.Name(enum).replace("DT_", "").lower()
+
+
+def _safe(text: str) -> str:
+    out = "".join(c if c.isalnum() or c in "_-" else "_" for c in text)
+    return out[:60] or "x"
+
+
+class _Scope:
+    """Uniform editing of the top-level graph or one FunctionDef body."""
+
+    def __init__(self, editor: "GraphEditor", name: str):
+        self.editor = editor
+        self.name = name
+        if name:
+            self.fdef: Optional[function_pb2.FunctionDef] = editor.library[name]
+            self.nodes = self.fdef.node_def
+        else:
+            self.fdef = None
+            self.nodes = editor.graph_def.node
+        self.by_name: Dict[str, node_def_pb2.NodeDef] = {n.name: n for n in self.nodes}
+        self.arg_types: Dict[str, int] = {}
+        if self.fdef is not None:
+            for a in self.fdef.signature.input_arg:
+                self.arg_types[a.name] = a.type
+
+    @property
+    def in_function(self) -> bool:
+        return self.fdef is not None
+
+    def unique(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.by_name or name in self.arg_types:
+            k += 1
+            name = f"{base}_{k}"
+        return name
+
+    def ref(self, node: node_def_pb2.NodeDef, index: int = 0) -> str:
+        if not self.in_function:
+            return node.name if index == 0 else f"{node.name}:{index}"
+        outs = output_arg_names(node.op, self.editor.library)
+        if node.op in CALL_OPS or len(outs) == 1:
+            return f"{node.name}:{outs[0]}:{index}"
+        return f"{node.name}:{outs[index]}:0"
+
+    def aliases(self, node_name: str) -> Tuple[str, ...]:
+        nd = self.by_name.get(node_name)
+        if nd is None:
+            return (node_name,)  # a function argument
+        r = self.ref(nd, 0)
+        if not self.in_function:
+            return (r, f"{node_name}:0")
+        return (r,)
+
+    def out_dtype(self, node_name: str) -> int:
+        if node_name in self.arg_types:
+            return self.arg_types[node_name]
+        nd = self.by_name[node_name]
+        for key in ("T", "dtype", "out_type"):
+            if key in nd.attr and nd.attr[key].WhichOneof("value") == "type":
+                return nd.attr[key].type
+        if "Tout" in nd.attr and nd.attr["Tout"].list.type:
+            return nd.attr["Tout"].list.type[0]
+        if "_output_shapes" in nd.attr:
+            pass
+        raise ValueError(f"cannot tell the dtype of node {node_name!r} ({nd.op})")
+
+    def add(self, nd: node_def_pb2.NodeDef) -> node_def_pb2.NodeDef:
+        new = self.nodes.add()
+        new.CopyFrom(nd)
+        self.by_name[new.name] = new
+        return new
+
+    def rewire(self, old: Sequence[str], new: str, skip: Iterable[str]) -> int:
+        skip = set(skip)
+        old = set(old)
+        n = 0
+        for nd in self.nodes:
+            if nd.name in skip:
+                continue
+            for i, r in enumerate(nd.input):
+                if r in old:
+                    nd.input[i] = new
+                    n += 1
+        if self.fdef is not None:
+            for k, r in list(self.fdef.ret.items()):
+                if r in old:
+                    self.fdef.ret[k] = new
+                    n += 1
+        return n
+
+
+def _const_node(name: str, value: np.ndarray, dtype: int) -> node_def_pb2.NodeDef:
+    nd = node_def_pb2.NodeDef(name=name, op="Const")
+    nd.attr["dtype"].type = dtype
+    nd.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(value, dtype=tf.dtypes.as_dtype(dtype)))
+    return nd
+
+
+class GraphEditor:
+    """Applies insertions to a GraphDef in place (its library included).
+
+    Args:
+        graph_def: edited in place.
+        seed: optional seed for stochastic rounding (op-level seed of the
+            random draw feeding each rounding call).
+    """
+
+    def __init__(self, graph_def: graph_pb2.GraphDef, *, seed: Optional[int] = None):
+        self.graph_def = graph_def
+        self.library: Dict[str, function_pb2.FunctionDef] = {f.signature.name: f for f in graph_def.library.function}
+        self._scopes: Dict[str, _Scope] = {}
+        self._kernels: Dict[Tuple, Tuple[str, bool]] = {}
+        self.seed = seed
+        self.counter = 0
+
+    def scope(self, name: str) -> _Scope:
+        if name not in self._scopes:
+            if name and name not in self.library:
+                raise KeyError(f"no function {name!r} in the graph's library")
+            self._scopes[name] = _Scope(self, name)
+        return self._scopes[name]
+
+    # -- functions ---------------------------------------------------------
+    def add_functions(self, fdefs: Sequence[function_pb2.FunctionDef], main: str) -> str:
+        """Copy traced functions into the library under content-hashed names; return ``main``'s new name."""
+        digest = hashlib.sha1()
+        for f in sorted(fdefs, key=lambda f: f.signature.name):
+            digest.update(f.SerializeToString(deterministic=True))
+        tag = digest.hexdigest()[:10]
+        mapping = {f.signature.name: f"graphquant_{_safe(f.signature.name.replace('__inference_', ''))[:40]}_{tag}" for f in fdefs}
+        for f in fdefs:
+            new = function_pb2.FunctionDef()
+            new.CopyFrom(f)
+            new.signature.name = mapping[f.signature.name]
+            for nd in new.node_def:
+                _rename_functions(nd, mapping)
+                # custom gradients of the traced kernel are training-time only
+                # and not registered in a process that loads the result
+                if "_gradient_op_type" in nd.attr:
+                    del nd.attr["_gradient_op_type"]
+            if new.signature.name in self.library:
+                continue
+            self.graph_def.library.function.add().CopyFrom(new)
+            self.library[new.signature.name] = self.graph_def.library.function[-1]
+        return mapping[main]
+
+    def _trace_kernel(self, key: Tuple, build: Callable, specs: Sequence[tf.TensorSpec]) -> Tuple[str, bool]:
+        if key in self._kernels:
+            return self._kernels[key]
+        fn = tf.function(build, autograph=False)
+        cf = fn.get_concrete_function(*specs)
+        if cf.graph.captures:
+            raise ValueError("internal: the traced rounding kernel captured a variable")
+        lib = list(cf.graph.as_graph_def().library.function)
+        names = {f.signature.name for f in lib}
+        fdefs = [cf.function_def] + [f for f in lib if f.signature.name != cf.function_def.signature.name]
+        del names
+        stateful = _is_stateful(fdefs)
+        fname = self.add_functions(fdefs, cf.function_def.signature.name)
+        self._kernels[key] = (fname, stateful)
+        return self._kernels[key]
+
+    def _kernel_for(self, ins: Insertion, dtype: int, shape=None) -> Tuple[str, bool, List[np.ndarray]]:
+        """The library function rounding one tensor, and the extra constant inputs it takes."""
+        from ..ops import quantize
+
+        fmt, rounding = ins.format, ins.rounding
+        tf_dtype = tf.dtypes.as_dtype(dtype)
+        seed = self.seed
+
+        def seed_for():
+            if rounding != "stochastic":
+                return None
+            return tf.random.uniform([2], minval=0, maxval=2**31 - 1, dtype=tf.int32, seed=seed)
+
+        if ins.target == "weights":
+            axis = fmt.axis if isinstance(fmt, Affine) else None
+            if isinstance(fmt, Affine) and fmt.range is None:
+                def build(w):
+                    reduce = [i for i in range(w.shape.rank) if axis is None or i != axis % w.shape.rank]
+                    lo = tf.reduce_min(w, axis=reduce)
+                    hi = tf.reduce_max(w, axis=reduce)
+                    return quantize(w, fmt, rounding, range=(tf.minimum(lo, 0.0), tf.maximum(hi, 0.0)), seed=seed_for())
+            else:
+                def build(w):
+                    return quantize(w, fmt, rounding, seed=seed_for())
+            key = ("w", str(fmt), rounding, dtype, tuple(shape or ()))
+            name, st = self._trace_kernel(key, build, [tf.TensorSpec(shape, tf_dtype)])
+            return name, st, []
+        if isinstance(fmt, Affine) and fmt.range is None and ins.range is not None:
+            def build(x, lo, hi):
+                return quantize(x, fmt, rounding, range=(lo, hi), seed=seed_for())
+            key = ("a_args", str(fmt), rounding, dtype)
+            name, st = self._trace_kernel(
+                key, build, [tf.TensorSpec(None, tf_dtype), tf.TensorSpec([], tf.float32), tf.TensorSpec([], tf.float32)]
+            )
+            return name, st, [np.float32(ins.range[0]), np.float32(ins.range[1])]
+        if isinstance(fmt, Affine) and fmt.range is None:
+            def build(x):
+                lo = tf.minimum(tf.cast(tf.reduce_min(x), tf.float32), 0.0)
+                hi = tf.maximum(tf.cast(tf.reduce_max(x), tf.float32), 0.0)
+                hi = tf.maximum(hi, lo + 1e-6)
+                return quantize(x, fmt, rounding, range=(lo, hi), seed=seed_for())
+            key = ("a_dyn", str(fmt), rounding, dtype)
+            name, st = self._trace_kernel(key, build, [tf.TensorSpec(None, tf_dtype)])
+            return name, st, []
+
+        def build(x):
+            return quantize(x, fmt, rounding, seed=seed_for())
+        key = ("fixed", str(fmt), rounding, dtype)
+        name, st = self._trace_kernel(key, build, [tf.TensorSpec(None, tf_dtype)])
+        return name, st, []
+
+    # -- insertion ---------------------------------------------------------
+    def insert(self, ins: Insertion) -> str:
+        """Splice one rounding into the graph; return the inserted node's name."""
+        sc = self.scope(ins.scope)
+        dtype = sc.out_dtype(ins.node)
+        dname = _dtype_name(dtype)
+        if dname not in FLOAT_DTYPES:
+            where = f"function {ins.scope!r}" if ins.scope else "the graph"
+            raise ValueError(f"node {ins.node!r} in {where} has dtype {dname}; only float16, bfloat16, float32 and float64 can be rounded")
+        self.counter += 1
+        label = _safe(ins.label or ins.node)
+        base = f"graphquant/{'w' if ins.target == 'weights' else 'q'}{self.counter}_{label}"
+        qname = sc.unique(base)
+        src_nd = sc.by_name.get(ins.node)
+        src_ref = sc.ref(src_nd, 0) if src_nd is not None else ins.node
+        fmt = ins.format
+        fq_range = None
+        if ins.target == "activations" and isinstance(fmt, Affine) and ins.rounding == "nearest" and fmt.axis is None and fmt.bits <= 16 and dtype == types_pb2.DT_FLOAT:
+            fq_range = fmt.range or ins.range
+        if fq_range is not None:
+            lo, hi = float(fq_range[0]), float(fq_range[1])
+            if fmt.symmetric:
+                m = max(abs(lo), abs(hi))
+                lo, hi = -m, m
+            nd = node_def_pb2.NodeDef(name=qname, op="FakeQuantWithMinMaxArgs", input=[src_ref])
+            nd.attr["min"].f = lo
+            nd.attr["max"].f = hi
+            nd.attr["num_bits"].i = fmt.bits
+            nd.attr["narrow_range"].b = fmt.narrow_range
+            new = sc.add(nd)
+        else:
+            shape = None
+            if ins.target == "weights":
+                shape = _static_shape(sc, ins.node)
+                if shape is None:
+                    cons_op = sc.by_name[ins.consumer].op if ins.consumer in sc.by_name else ""
+                    rank = 5 if "3D" in cons_op else 2 if "MatMul" in cons_op else 4
+                    shape = [None] * rank
+            fname, stateful, extras = self._kernel_for(ins, dtype, shape)
+            inputs = [src_ref]
+            tin = [dtype]
+            for k, val in enumerate(extras):
+                cname = sc.unique(f"{qname}/arg{k}")
+                sc.add(_const_node(cname, np.asarray(val), types_pb2.DT_FLOAT))
+                inputs.append(sc.ref(sc.by_name[cname], 0))
+                tin.append(types_pb2.DT_FLOAT)
+            nd = node_def_pb2.NodeDef(name=qname, op="StatefulPartitionedCall" if stateful else "PartitionedCall", input=inputs)
+            nd.attr["Tin"].list.type.extend(tin)
+            nd.attr["Tout"].list.type.append(dtype)
+            nd.attr["f"].func.name = fname
+            nd.attr["config"].s = b""
+            nd.attr["config_proto"].s = b""
+            nd.attr["executor_type"].s = b""
+            new = sc.add(nd)
+        new_ref = sc.ref(new, 0)
+        if ins.target == "weights":
+            cons = sc.by_name[ins.consumer]
+            cons.input[ins.input_index] = new_ref
+        else:
+            sc.rewire(sc.aliases(ins.node), new_ref, skip={qname})
+        ins.inserted = qname
+        return qname
+
+    def replace_const(self, scope: str, node: str, fn: Callable[[np.ndarray], np.ndarray]) -> None:
+        """Replace a ``Const`` node's value by ``fn(value)`` (weights pre-rounding)."""
+        sc = self.scope(scope)
+        nd = sc.by_name[node]
+        val = tf.make_ndarray(nd.attr["value"].tensor)
+        new = np.asarray(fn(val), dtype=val.dtype)
+        nd.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(new, dtype=tf.dtypes.as_dtype(nd.attr["dtype"].type)))
+
+
+def _static_shape(sc: _Scope, node: str):
+    nd = sc.by_name.get(node)
+    if nd is None:
+        return None
+    if nd.op == "Const":
+        return [d.size for d in nd.attr["value"].tensor.tensor_shape.dim]
+    if "_output_shapes" in nd.attr and nd.attr["_output_shapes"].list.shape:
+        s = nd.attr["_output_shapes"].list.shape[0]
+        if not s.unknown_rank:
+            return [d.size if d.size >= 0 else None for d in s.dim]
+    return None
+
+
+def _rename_functions(nd: node_def_pb2.NodeDef, mapping: Dict[str, str]) -> None:
+    if nd.op in mapping:
+        nd.op = mapping[nd.op]
+    for v in nd.attr.values():
+        which = v.WhichOneof("value")
+        if which == "func" and v.func.name in mapping:
+            v.func.name = mapping[v.func.name]
+        elif which == "list":
+            for f in v.list.func:
+                if f.name in mapping:
+                    f.name = mapping[f.name]
+
+
+def _is_stateful(fdefs: Sequence[function_pb2.FunctionDef]) -> bool:
+    from tensorflow.python.framework import op_def_registry
+
+    names = {f.signature.name for f in fdefs}
+    for f in fdefs:
+        if f.signature.is_stateful:
+            return True
+        for nd in f.node_def:
+            if nd.op in names or nd.op in CALL_OPS:
+                if nd.op == "StatefulPartitionedCall":
+                    return True
+                continue
+            od = op_def_registry.get(nd.op)
+            if od is not None and od.is_stateful:
+                return True
+    return False

@@ -1,0 +1,93 @@
+"""The graphquant command, run as a subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import graphquant
+
+
+def run(*args, cwd=None):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, "-m", "graphquant", *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=300)
+
+
+class Tiny(tf.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = tf.Variable(np.random.RandomState(0).normal(size=(3, 3, 1, 2)).astype("float32"))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 6, 6, 1], tf.float32, name="x")])
+    def serve(self, x):
+        return {"y": tf.nn.relu(tf.nn.conv2d(x, self.w, 1, "SAME"))}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli") / "tiny"
+    m = Tiny()
+    tf.saved_model.save(m, str(d), signatures=m.serve)
+    return d
+
+
+def _no_traceback(p):
+    assert "Traceback" not in p.stderr
+    lines = [l for l in p.stderr.splitlines() if l.startswith("graphquant")]
+    assert len(lines) == 1, p.stderr
+    return lines[0]
+
+
+def test_version_and_help():
+    p = run("--version")
+    assert p.returncode == 0 and graphquant.__version__ in p.stdout
+    p = run("--help")
+    assert p.returncode == 0 and all(c in p.stdout for c in ("convert", "batch", "inspect", "example"))
+    p = run("convert", "--bits")
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+
+
+def test_inspect_and_convert(tiny, tmp_path):
+    p = run("inspect", str(tiny), "--bits", "8", "--json")
+    assert p.returncode == 0, p.stderr
+    plan = json.loads(p.stdout)
+    assert len(plan["points"]) == 1 and plan["points"][0]["group"][-1] == "Relu"
+    cal = tmp_path / "cal.npz"
+    np.savez(cal, x=np.random.RandomState(0).normal(size=(4, 6, 6, 1)).astype("float32"))
+    p = run("convert", str(tiny), str(tmp_path / "q"), "--bits", "8", "--weights", "--calibration", str(cal),
+            "--json", str(tmp_path / "r.json"))
+    assert p.returncode == 0, p.stderr
+    assert "1 convolutions, 1 graphquant nodes, 1 weights pre-rounded" in p.stdout
+    assert json.loads((tmp_path / "r.json").read_text())["inserted"] == 1
+    y = tf.saved_model.load(str(tmp_path / "q")).signatures["serving_default"](x=tf.ones([1, 6, 6, 1]))["y"]
+    assert y.shape == (1, 6, 6, 2)
+    # a second run refuses the non-empty destination; --overwrite replaces it
+    p = run("convert", str(tiny), str(tmp_path / "q"), "--format", "e4m3")
+    assert p.returncode == 1 and "not empty" in _no_traceback(p)
+    p = run("convert", str(tiny), str(tmp_path / "q"), "--format", "e4m3", "--overwrite")
+    assert p.returncode == 0, p.stderr
+
+
+def test_bad_input_one_line(tiny, tmp_path):
+    p = run("convert", str(tmp_path / "missing"), str(tmp_path / "o"), "--bits", "8")
+    assert p.returncode == 1 and "missing" in _no_traceback(p)
+    bad = tmp_path / "corrupt"
+    bad.mkdir()
+    (bad / "saved_model.pb").write_bytes(b"not a protobuf at all \xff\xff")
+    p = run("inspect", str(bad))
+    assert p.returncode == 1 and "corrupt" in _no_traceback(p) and "saved_model.pb" in p.stderr
+    p = run("convert", str(tiny), str(tmp_path / "o"), "--format", "e99m1")
+    assert p.returncode == 1 and "e99m1" in _no_traceback(p)
+
+
+def test_example_main_job(tmp_path):
+    p = run("example", "--out", str(tmp_path / "ex"), "--size", "32")
+    assert p.returncode == 0, p.stderr
+    assert "52 groups, 52 activation" in p.stdout
+    assert "outputs moved" in p.stdout and "SQNR" in p.stdout
+    assert (tmp_path / "ex" / "q8" / "saved_model.pb").is_file()

@@ -1,0 +1,207 @@
+"""convert_saved_model / inspect_saved_model on real exported SavedModels."""
+
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.core.protobuf import saved_model_pb2
+
+import graphquant.graph as gg
+from graphquant.graph.view import CONV_OPS
+
+
+class ConvModule(tf.Module):
+    """Hand-written: conv2d > bias > relu, depthwise, transposed conv; two signatures."""
+
+    def __init__(self):
+        super().__init__()
+        rng = np.random.RandomState(0)
+        self.w1 = tf.Variable(rng.normal(size=(3, 3, 3, 8)).astype("float32"), name="w1")
+        self.b1 = tf.Variable(rng.normal(size=(8,)).astype("float32"), name="b1")
+        self.dw = tf.Variable(rng.normal(size=(3, 3, 8, 1)).astype("float32"), name="dw")
+        self.wt = tf.Variable(rng.normal(size=(2, 2, 4, 8)).astype("float32"), name="wt")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float32, name="image")])
+    def serve(self, image):
+        y = tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(image, self.w1, 1, "SAME"), self.b1))
+        d = tf.nn.relu6(tf.nn.depthwise_conv2d(y, self.dw, [1, 1, 1, 1], "SAME"))
+        n = tf.shape(d)[0]
+        t = tf.nn.conv2d_transpose(d, self.wt, [n, 16, 16, 4], 2, "SAME")
+        return {"features": d, "up": t}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float32, name="x")])
+    def first(self, x):
+        return {"out": tf.nn.conv2d(x, self.w1, 1, "SAME")}
+
+
+class NoConv(tf.Module):
+    @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32)])
+    def serve(self, x):
+        return {"y": x * 2.0}
+
+
+X = np.random.RandomState(1).normal(size=(2, 8, 8, 3)).astype("float32")
+
+
+def _tree_hash(path):
+    h = hashlib.sha1()
+    for root, dirs, files in sorted(os.walk(path)):
+        dirs.sort()
+        for f in sorted(files):
+            p = Path(root) / f
+            h.update(str(p.relative_to(path)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def module_sm(tmp_path_factory):
+    d = tmp_path_factory.mktemp("src") / "module"
+    m = ConvModule()
+    tf.saved_model.save(m, str(d), signatures={"serving_default": m.serve, "first": m.first})
+    return d
+
+
+@pytest.fixture(scope="module")
+def keras_sm(tmp_path_factory):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3), alpha=0.35, classes=5,
+                                           classifier_activation=None)
+    d = tmp_path_factory.mktemp("src") / "mnv2"
+    model.export(str(d), verbose=False)
+    n_conv = sum(type(l).__name__ in ("Conv2D", "DepthwiseConv2D") for l in model.layers)
+    return d, n_conv
+
+
+def _graphquant_nodes(path):
+    sm = saved_model_pb2.SavedModel()
+    sm.ParseFromString((Path(path) / "saved_model.pb").read_bytes())
+    gd = sm.meta_graphs[0].graph_def
+    model_fns = [f for f in gd.library.function if not f.signature.name.startswith("graphquant_")]
+    nodes = [n for f in model_fns for n in f.node_def] + list(gd.node)
+    return [n for n in nodes if n.name.startswith("graphquant/")], [n for n in nodes if n.op in CONV_OPS]
+
+
+def test_module_signatures_kept_and_served(module_sm, tmp_path):
+    before = _tree_hash(module_sm)
+    dst = tmp_path / "q"
+    rep = gg.convert_saved_model(module_sm, dst, bits=8, range=(-8.0, 8.0))
+    assert _tree_hash(module_sm) == before  # the source is never modified
+    assert rep.convolutions == 4 and rep.inserted == 4  # conv2d (x2: one per signature), depthwise, transpose
+    assert sorted(rep.signatures) == ["first", "serving_default"]
+    src, q = tf.saved_model.load(str(module_sm)), tf.saved_model.load(str(dst))
+    assert sorted(q.signatures) == sorted(src.signatures)
+    for name in src.signatures:
+        a, b = src.signatures[name], q.signatures[name]
+        assert a.structured_input_signature == b.structured_input_signature
+        assert {k: (v.dtype, v.shape.as_list()) for k, v in a.structured_outputs.items()} == {
+            k: (v.dtype, v.shape.as_list()) for k, v in b.structured_outputs.items()
+        }
+    out = q.signatures["serving_default"](image=tf.constant(X))
+    ref = src.signatures["serving_default"](image=tf.constant(X))
+    step = 16.0 / 256
+    feats = out["features"].numpy()
+    assert np.allclose(feats / step, np.round(feats / step), atol=1e-4)
+    assert np.abs(feats - ref["features"].numpy()).max() > 0  # upstream clipping at 8 propagates
+    # the object API of the module still works too
+    assert q.serve(tf.constant(X))["up"].shape == (2, 16, 16, 4)
+    # inspect agrees with what was written
+    plan = gg.inspect_saved_model(module_sm, bits=8, range=(-8.0, 8.0))
+    inserted, _ = _graphquant_nodes(dst)
+    assert len(plan.activations) == len(inserted) == 4
+    kinds = sorted(p.target_kind for p in plan.activations)
+    assert kinds == ["Conv2D", "Conv2D", "Conv2DBackpropInput", "DepthwiseConv2dNative"]
+    groups = {p.target_kind: p.group for p in plan.activations}
+    assert groups["DepthwiseConv2dNative"][-1].endswith("Relu6")
+
+
+def test_weights_prerounded_in_checkpoint(module_sm, tmp_path):
+    dst = tmp_path / "w"
+    rep = gg.convert_saved_model(module_sm, dst, format="e4m3", weights=True)
+    assert rep.prerounded == 3  # w1, dw, wt: each once, shared by both signatures
+    inserted, _ = _graphquant_nodes(dst)
+    assert len(inserted) == rep.inserted == 4  # no run-time weight rounding nodes
+    q = tf.saved_model.load(str(dst))
+    import ml_dtypes
+
+    for v in (q.w1, q.dw, q.wt):
+        a = v.numpy()
+        assert np.array_equal(a, a.astype(ml_dtypes.float8_e4m3fn).astype(np.float32))
+    src = tf.saved_model.load(str(module_sm))
+    assert not np.array_equal(src.w1.numpy(), q.w1.numpy())
+    np.testing.assert_array_equal(src.b1.numpy(), q.b1.numpy())  # bias stays float
+
+
+def test_keras_export_calibrated(keras_sm, tmp_path):
+    src, n_conv = keras_sm
+    x = np.random.RandomState(2).uniform(-1, 1, (4, 32, 32, 3)).astype("float32")
+    rep = gg.convert_saved_model(src, tmp_path / "q8", bits=8, calibration_data=x, weights=True)
+    assert rep.convolutions == n_conv == 52 and rep.inserted == n_conv
+    assert len(rep.ranges) == n_conv
+    f0 = tf.saved_model.load(str(src)).signatures["serving_default"]
+    f1 = tf.saved_model.load(str(tmp_path / "q8")).signatures["serving_default"]
+    name = next(iter(f0.structured_input_signature[1]))
+    y0 = next(iter(f0(**{name: x}).values())).numpy()
+    y1 = next(iter(f1(**{name: x}).values())).numpy()
+    assert not np.array_equal(y0, y1)
+    assert np.abs(y1 - y0).max() < 0.2 * np.abs(y0).max() + 1e-3
+
+
+def test_destination_rules(module_sm, tmp_path):
+    dst = tmp_path / "out"
+    dst.mkdir()
+    (dst / "keep.txt").write_text("user data")
+    with pytest.raises(FileExistsError, match="not empty"):
+        gg.convert_saved_model(module_sm, dst, bits=8)
+    assert (dst / "keep.txt").read_text() == "user data"
+    gg.convert_saved_model(module_sm, dst, bits=8, overwrite=True)
+    assert (dst / "saved_model.pb").is_file() and not (dst / "keep.txt").exists()
+    assert not [p for p in tmp_path.iterdir() if "graphquant-tmp" in p.name]
+    with pytest.raises(ValueError, match="inside the source"):
+        gg.convert_saved_model(module_sm, module_sm / "sub", bits=8)
+
+
+def test_bad_inputs(module_sm, tmp_path):
+    with pytest.raises(gg.SavedModelError, match="no such"):
+        gg.convert_saved_model(tmp_path / "missing", tmp_path / "o1", bits=8)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(gg.SavedModelError, match="not a SavedModel"):
+        gg.convert_saved_model(tmp_path / "empty", tmp_path / "o2", bits=8)
+    bad = tmp_path / "corrupt"
+    shutil.copytree(module_sm, bad)
+    (bad / "saved_model.pb").write_bytes(b"\x08\x01garbage" * 10)
+    with pytest.raises(gg.SavedModelError, match="corrupt"):
+        gg.convert_saved_model(bad, tmp_path / "o3", bits=8)
+    assert not (tmp_path / "o3").exists()
+    with pytest.raises(ValueError, match="format"):
+        gg.convert_saved_model(module_sm, tmp_path / "o4", format="e9m9")
+
+
+def test_no_convolution_warns_and_copies(tmp_path, caplog):
+    m = NoConv()
+    tf.saved_model.save(m, str(tmp_path / "noconv"), signatures=m.serve)
+    with caplog.at_level("WARNING"):
+        rep = gg.convert_saved_model(tmp_path / "noconv", tmp_path / "o", bits=8)
+    assert rep.convolutions == 0 and rep.inserted == 0 and rep.warnings
+    assert "no convolution" in caplog.text
+    y = tf.saved_model.load(str(tmp_path / "o")).signatures["serving_default"](x=tf.ones([1, 4]))["y"]
+    np.testing.assert_array_equal(y.numpy(), np.full((1, 4), 2.0))
+
+
+def test_unsupported_dtype(tmp_path):
+    class IntConv(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([1, 4, 4, 1], tf.int32)])
+        def serve(self, x):
+            y = tf.raw_ops.Conv2D(input=x, filter=tf.ones([1, 1, 1, 1], tf.int32), strides=[1, 1, 1, 1], padding="SAME")
+            return {"y": y}
+
+    m = IntConv()
+    tf.saved_model.save(m, str(tmp_path / "ic"), signatures=m.serve)
+    with pytest.raises(gg.SavedModelError, match="int32"):
+        gg.convert_saved_model(tmp_path / "ic", tmp_path / "o", bits=8, range=(0.0, 1.0))
