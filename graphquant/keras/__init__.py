@@ -1,0 +1,17 @@
+"""The Keras 3 front end: ``quantize_model``, ``inspect`` and the layers it inserts."""
+
+from .layers import Quantize, QuantizeWeights, StorageRounding, quantize_weight
+from .rewrite import apply_weight_storage, inspect, plan_model, quantize_model
+from .view import keras_view
+
+__all__ = [
+    "Quantize",
+    "QuantizeWeights",
+    "StorageRounding",
+    "quantize_weight",
+    "quantize_model",
+    "inspect",
+    "plan_model",
+    "apply_weight_storage",
+    "keras_view",
+]

@@ -1,0 +1,332 @@
+"""Keras 3 layers that round: activations (:class:`Quantize`), weights
+(:class:`QuantizeWeights`), and weight storage (:class:`StorageRounding`).
+
+All are registered for serialization under the package ``"graphquant"``, so a
+``.keras`` file loads without ``custom_objects`` once graphquant is imported.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, List, Optional, Sequence
+
+import keras
+import tensorflow as tf
+
+from ..formats import Affine, Format, format_from_dict, parse_format
+from ..ops import quantize
+
+__all__ = ["Quantize", "QuantizeWeights", "StorageRounding", "quantize_weight"]
+
+log = logging.getLogger(__name__)
+
+_ROUNDING = ("nearest", "nearest_away", "toward_zero", "down", "up", "stochastic")
+#: Range used by a learned-range layer before it saw any data (as tfmot).
+INITIAL_RANGE = (-6.0, 6.0)
+
+
+def _fmt(value: Any, what: str = "format") -> Format:
+    if isinstance(value, dict) and "kind" in value:
+        return format_from_dict(value)
+    try:
+        return parse_format(value)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{what}: {e}") from None
+
+
+def _check_rounding(value: Any, what: str) -> str:
+    if value not in _ROUNDING:
+        raise ValueError(f"{what} must be one of {_ROUNDING}, got {value!r}")
+    return value
+
+
+def _training(training: Any) -> bool:
+    return bool(training) if training is not None else False
+
+
+@keras.saving.register_keras_serializable(package="graphquant")
+class Quantize(keras.layers.Layer):
+    """Round its input onto a number format (simulated low precision).
+
+    Args:
+        format: a format object, string (``"affine8"``, ``"e4m3"``,
+            ``"fixed8[0,6]"``) or dict. An :class:`~graphquant.Affine` format
+            without a range has a *learned* range: an exponential moving
+            average of the batch min/max while ``training=True`` (the first
+            batch sets it), frozen at inference; :func:`graphquant.calibrate`
+            sets it from data. Before that the range is ``(-6, 6)``.
+        rounding: rounding while training.
+        inference_rounding: rounding with ``training=False``; default
+            ``rounding``, except ``"nearest"`` when ``rounding="stochastic"``.
+        momentum: EMA momentum of the learned range.
+        seed: integer seed of the layer's stochastic rounding.
+
+    Masks pass through unchanged. The output has the input's shape and dtype.
+    """
+
+    def __init__(
+        self,
+        format: Any = "affine8",
+        rounding: str = "nearest",
+        inference_rounding: Optional[str] = None,
+        momentum: float = 0.999,
+        seed: Optional[int] = None,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        self.format = _fmt(format)
+        self.rounding = _check_rounding(rounding, "rounding")
+        if inference_rounding is None:
+            inference_rounding = "nearest" if rounding == "stochastic" else rounding
+        self.inference_rounding = _check_rounding(inference_rounding, "inference_rounding")
+        if not isinstance(momentum, (int, float)) or not 0.0 <= float(momentum) < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        self.momentum = float(momentum)
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, got {seed!r}")
+        self.seed = seed
+        self.supports_masking = True
+        self._calibrator: Any = None  # set by graphquant.calibrate (eager only)
+        self.seed_generator = None
+        if "stochastic" in (self.rounding, self.inference_rounding):
+            self.seed_generator = keras.random.SeedGenerator(seed)
+
+    @property
+    def learned(self) -> bool:
+        """Whether the range is learned/calibrated (an Affine without range)."""
+        return isinstance(self.format, Affine) and self.format.range is None
+
+    def build(self, input_shape: Any) -> None:
+        if self.learned:
+            shape: tuple = ()
+            if self.format.axis is not None:
+                n = input_shape[self.format.axis]
+                if n is None:
+                    raise ValueError(f"{self.name}: per-channel axis {self.format.axis} has unknown size")
+                shape = (int(n),)
+            lo, hi = INITIAL_RANGE
+            self.range_min = self.add_weight(
+                shape=shape, initializer=keras.initializers.Constant(lo), trainable=False,
+                aggregation="mean", name="range_min", dtype="float32",
+            )  # fmt: skip
+            self.range_max = self.add_weight(
+                shape=shape, initializer=keras.initializers.Constant(hi), trainable=False,
+                aggregation="mean", name="range_max", dtype="float32",
+            )  # fmt: skip
+            self.range_initialized = self.add_weight(
+                shape=(), initializer="zeros", trainable=False, aggregation="mean",
+                name="range_initialized", dtype="float32",
+            )  # fmt: skip
+        self.built = True
+
+    def _batch_range(self, x: tf.Tensor):
+        x = tf.cast(x, tf.float32)
+        axis = self.format.axis
+        if axis is None:
+            return tf.reduce_min(x), tf.reduce_max(x)
+        rank = x.shape.rank
+        ax = axis % rank
+        red = [i for i in range(rank) if i != ax]
+        return tf.reduce_min(x, axis=red), tf.reduce_max(x, axis=red)
+
+    def call(self, inputs: Any, training: Any = None, mask: Any = None) -> Any:
+        if self._calibrator is not None:
+            self._calibrator.update(self, inputs)
+            return inputs
+        train = _training(training)
+        rounding = self.rounding if train else self.inference_rounding
+        seed = self.seed_generator.next() if rounding == "stochastic" else None
+        if not self.learned:
+            return quantize(inputs, self.format, rounding, seed=seed)
+        lo, hi = self.range_min, self.range_max
+        if train:
+            bmin, bmax = self._batch_range(inputs)
+            bmin = tf.minimum(bmin, 0.0)  # the grid always contains zero
+            bmax = tf.maximum(bmax, 0.0)
+            m = self.momentum
+            init = self.range_initialized
+            new_lo = init * (m * lo + (1.0 - m) * bmin) + (1.0 - init) * bmin
+            new_hi = init * (m * hi + (1.0 - m) * bmax) + (1.0 - init) * bmax
+            self.range_min.assign(new_lo)
+            self.range_max.assign(new_hi)
+            self.range_initialized.assign(tf.ones_like(init))
+            lo, hi = new_lo, new_hi
+        else:
+            lo, hi = tf.convert_to_tensor(lo), tf.convert_to_tensor(hi)
+        return quantize(inputs, self.format, rounding, range=(lo, hi), seed=seed)
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return input_shape
+
+    def compute_mask(self, inputs: Any, mask: Any = None) -> Any:
+        return mask
+
+    def set_range(self, lo: Any, hi: Any) -> None:
+        """Set a learned range (scalars, or one value per channel) and mark it initialised."""
+        if not self.learned:
+            raise ValueError(f"{self.name}: format {self.format} has no learned range")
+        self.range_min.assign(tf.reshape(tf.cast(lo, tf.float32), self.range_min.shape))
+        self.range_max.assign(tf.reshape(tf.cast(hi, tf.float32), self.range_max.shape))
+        self.range_initialized.assign(1.0)
+
+    def get_range(self):
+        """The current range as numpy arrays ``(lo, hi)``, or the format's fixed range."""
+        if not self.learned:
+            return getattr(self.format, "range", None)
+        return keras.ops.convert_to_numpy(self.range_min), keras.ops.convert_to_numpy(self.range_max)
+
+    def get_config(self) -> Dict[str, Any]:
+        cfg = super().get_config()
+        cfg.update(
+            format=self.format.to_dict(),
+            rounding=self.rounding,
+            inference_rounding=self.inference_rounding,
+            momentum=self.momentum,
+            seed=self.seed,
+        )
+        return cfg
+
+
+def quantize_weight(w: Any, fmt: Format, rounding: str = "nearest", seed: Any = None) -> tf.Tensor:
+    """Round a weight tensor; an Affine format without range uses the weight's own range.
+
+    Symmetric formats use ``max|w|`` (per channel along ``fmt.axis``), others
+    ``(min w, max w)`` widened to contain zero; the range carries no gradient.
+    """
+    if not (isinstance(fmt, Affine) and fmt.range is None):
+        return quantize(w, fmt, rounding, seed=seed)
+    w = tf.convert_to_tensor(w)
+    wf = tf.stop_gradient(tf.cast(w, tf.float32))
+    rank = w.shape.rank
+    red = None if fmt.axis is None else [i for i in range(rank) if i != fmt.axis % rank]
+    if fmt.symmetric:
+        m = tf.maximum(tf.reduce_max(tf.abs(wf), axis=red), 1e-12)
+        lo, hi = -m, m
+    else:
+        lo = tf.minimum(tf.reduce_min(wf, axis=red), 0.0)
+        hi = tf.maximum(tf.maximum(tf.reduce_max(wf, axis=red), 0.0), lo + 1e-12)
+    return quantize(w, fmt, rounding, range=(lo, hi), seed=seed)
+
+
+@keras.saving.register_keras_serializable(package="graphquant")
+class QuantizeWeights(keras.layers.Wrapper):
+    """Run ``layer`` with some of its weights rounded (straight-through to the float weights).
+
+    The float variables stay the layer's trainable variables; each call reads
+    them, rounds them and runs the layer on the rounded values (through
+    ``keras.StatelessScope``), so the optimizer updates the float weights.
+
+    Args:
+        layer: the wrapped layer (e.g. a ``Conv2D``).
+        slots: a list of dicts ``{"slot": "kernel", "format": ..., "rounding":
+            "nearest", "inference_rounding": None}``; ``slot`` is the name of
+            the weight (``kernel``, ``depthwise_kernel``, ``pointwise_kernel``).
+        seed: integer seed for stochastic weight rounding.
+    """
+
+    def __init__(self, layer: keras.layers.Layer, slots: Sequence[Dict[str, Any]], seed: Optional[int] = None, **kwargs):
+        kwargs.setdefault("name", layer.name)
+        super().__init__(layer, **kwargs)
+        norm: List[Dict[str, Any]] = []
+        if not slots:
+            raise ValueError("slots must name at least one weight")
+        for s in slots:
+            if not isinstance(s, dict) or "slot" not in s or "format" not in s:
+                raise ValueError(f"each slot must be a dict with 'slot' and 'format', got {s!r}")
+            rnd = _check_rounding(s.get("rounding", "nearest"), "rounding")
+            inf = s.get("inference_rounding") or ("nearest" if rnd == "stochastic" else rnd)
+            norm.append(
+                {"slot": str(s["slot"]), "format": _fmt(s["format"]), "rounding": rnd,
+                 "inference_rounding": _check_rounding(inf, "inference_rounding")}
+            )  # fmt: skip
+        self.slots = norm
+        self.seed = seed
+        self.supports_masking = getattr(layer, "supports_masking", False)
+        self.seed_generator = None
+        if any("stochastic" in (s["rounding"], s["inference_rounding"]) for s in norm):
+            self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def build(self, input_shape: Any = None) -> None:
+        if not self.layer.built:
+            self.layer.build(input_shape)
+        names = {v.name: v for v in self.layer.trainable_weights + self.layer.non_trainable_weights}
+        for s in self.slots:
+            if s["slot"] not in names:
+                raise ValueError(f"{self.name}: layer {self.layer.name!r} has no weight named {s['slot']!r}")
+        self.built = True
+
+    def _variable(self, slot: str):
+        for v in self.layer.weights:
+            if v.name == slot:
+                return v
+        raise ValueError(f"{self.name}: no weight {slot!r}")
+
+    def call(self, inputs: Any, training: Any = None, **kwargs: Any) -> Any:
+        train = _training(training)
+        mapping = []
+        for s in self.slots:
+            var = self._variable(s["slot"])
+            rnd = s["rounding"] if train else s["inference_rounding"]
+            seed = self.seed_generator.next() if rnd == "stochastic" else None
+            mapping.append((var, quantize_weight(var.value, s["format"], rnd, seed)))
+        with keras.StatelessScope(state_mapping=mapping):
+            return self.layer.call(inputs, **kwargs)
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return self.layer.compute_output_shape(input_shape)
+
+    def compute_mask(self, inputs: Any, mask: Any = None) -> Any:
+        return self.layer.compute_mask(inputs, mask)
+
+    def get_config(self) -> Dict[str, Any]:
+        cfg = super().get_config()
+        cfg["slots"] = [dict(s, format=s["format"].to_dict()) for s in self.slots]
+        cfg["seed"] = self.seed
+        return cfg
+
+
+@keras.saving.register_keras_serializable(package="graphquant")
+class StorageRounding(keras.constraints.Constraint):
+    """A constraint that rounds a weight onto a storage format after every update.
+
+    Keras optimizers apply ``variable.constraint`` after each update, so this
+    is Gupta et al. (2015) low-precision storage: the weight itself lives on
+    the storage grid. ``rounding="stochastic"`` keeps small updates alive in
+    expectation; ``"nearest"`` loses updates smaller than half a step.
+
+    Args:
+        format: the storage format (fixed grid: FixedPoint, float, ranged Affine).
+        rounding: ``"nearest"`` or ``"stochastic"``.
+        inner: another constraint applied first (e.g. the layer's own).
+        seed: integer seed for stochastic rounding.
+    """
+
+    def __init__(self, format: Any, rounding: str = "nearest", inner: Any = None, seed: Optional[int] = None):
+        self.format = _fmt(format, "weight_storage")
+        if isinstance(self.format, Affine) and self.format.range is None:
+            raise ValueError("weight_storage: an Affine storage format needs a range")
+        if rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"storage_rounding must be 'nearest' or 'stochastic', got {rounding!r}")
+        self.rounding = rounding
+        self.inner = keras.constraints.get(inner) if isinstance(inner, (dict, str)) else inner
+        self.seed = seed
+        self._generator = None
+        if rounding == "stochastic":
+            with tf.init_scope():
+                self._generator = (
+                    tf.random.Generator.from_seed(seed) if seed is not None
+                    else tf.random.Generator.from_non_deterministic_state()
+                )  # fmt: skip
+
+    def __call__(self, w: Any) -> Any:
+        if self.inner is not None:
+            w = self.inner(w)
+        return quantize(w, self.format, self.rounding, seed=self._generator)
+
+    def get_config(self) -> Dict[str, Any]:
+        return {
+            "format": self.format.to_dict(),
+            "rounding": self.rounding,
+            "inner": None if self.inner is None else keras.constraints.serialize(self.inner),
+            "seed": self.seed,
+        }

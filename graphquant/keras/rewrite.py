@@ -1,0 +1,337 @@
+"""The Keras front end: apply a :class:`~graphquant.plan.Plan` to a model.
+
+``quantize_model`` clones a Functional or Sequential model layer by layer
+(new layer objects from ``get_config``, the source's weights copied in),
+inserting a :class:`~graphquant.keras.Quantize` layer after each planned
+activation point and wrapping targets whose weights are planned in
+:class:`~graphquant.keras.QuantizeWeights`. Nested models are rewritten
+recursively (a shared nested model stays shared in the copy). The source
+model is never modified.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import keras
+
+from ..patterns import Registry
+from ..plan import InsertionPoint, Plan, QuantizeConfig, make_plan
+from .layers import Quantize, QuantizeWeights, StorageRounding
+from .view import _is_sequential, check_model, is_graph_model, iter_calls, keras_view
+
+__all__ = ["quantize_model", "inspect", "plan_model"]
+
+log = logging.getLogger(__name__)
+
+_CONFIG_KEYS = (
+    "bits", "format", "range", "rounding", "inference_rounding", "activations", "weights", "weight_bits",
+    "weight_format", "weight_rounding", "include", "exclude", "overrides", "dense", "options",
+    "weight_storage", "storage_rounding", "range_momentum",
+)  # fmt: skip
+
+
+def _config(config: Optional[QuantizeConfig], kwargs: Dict[str, Any]) -> QuantizeConfig:
+    if config is not None:
+        if not isinstance(config, QuantizeConfig):
+            raise TypeError(f"config must be a graphquant.QuantizeConfig, got {type(config).__name__}")
+        if kwargs:
+            raise ValueError(f"give config= or keyword options, not both (got {sorted(kwargs)})")
+        return config
+    return QuantizeConfig.create(**kwargs)
+
+
+def plan_model(
+    model: keras.Model, config: Optional[QuantizeConfig] = None, registry: Optional[Registry] = None, **kwargs: Any
+) -> Plan:
+    """The :class:`Plan` for ``model`` (nothing is changed)."""
+    check_model(model)
+    cfg = _config(config, kwargs)
+    return make_plan(keras_view(model), cfg, registry)
+
+
+def inspect(
+    model: keras.Model,
+    bits: Optional[int] = None,
+    *,
+    config: Optional[QuantizeConfig] = None,
+    registry: Optional[Registry] = None,
+    **kwargs: Any,
+) -> Plan:
+    """The plan ``quantize_model`` would apply, without changing anything.
+
+    Takes the same options as :func:`quantize_model`. ``print(plan)`` shows a
+    table (layer, group, insertion point, format); the plan is data
+    (``plan.points``, ``plan.to_dict()``).
+    """
+    if bits is not None:
+        kwargs["bits"] = bits
+    bad = set(kwargs) - set(_CONFIG_KEYS)
+    if bad:
+        raise TypeError(f"inspect() got unexpected keyword arguments {sorted(bad)}")
+    return plan_model(model, config, registry, **kwargs)
+
+
+# --------------------------------------------------------------------------- cloning
+def _clone_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
+    try:
+        cfg = layer.get_config()
+        return layer.__class__.from_config(cfg)
+    except NotImplementedError as e:
+        raise TypeError(
+            f"layer {layer.name!r} ({type(layer).__name__}) cannot be cloned: it does not implement "
+            f"get_config() ({e}); add get_config() returning its constructor arguments"
+        ) from None
+    except Exception as e:
+        raise TypeError(
+            f"layer {layer.name!r} ({type(layer).__name__}) cannot be cloned from its config: "
+            f"{type(e).__name__}: {e}"
+        ) from None
+
+
+def _input_like(x: Any) -> Any:
+    layer = x._keras_history.operation
+    return keras.Input(
+        batch_shape=tuple(x.shape), dtype=x.dtype, sparse=getattr(x, "sparse", False), name=layer.name
+    )
+
+
+class _Rewriter:
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.models: Dict[int, keras.Model] = {}  # id(source model) -> rewritten
+        self.pairs: List[Tuple[Any, Any]] = []  # (source layer, new layer) for weight copy
+        self.inserted = 0
+
+    def _names(self, model: keras.Model) -> set:
+        return {l.name for l in model.layers}
+
+    def _quantize_layer(self, p: InsertionPoint, used: set) -> Quantize:
+        base = p.after.replace("@", "_call") + "_quant"
+        name, k = base, 1
+        while name in used:
+            k += 1
+            name = f"{base}{k}"
+        used.add(name)
+        self.inserted += 1
+        return Quantize(
+            format=p.format,
+            rounding=p.rounding,
+            inference_rounding=p.inference_rounding,
+            momentum=self.plan.config.range_momentum,
+            name=name,
+        )
+
+    def _new_layer(self, layer: Any, weight_points: List[InsertionPoint], scope: Tuple[str, ...]) -> Any:
+        if isinstance(layer, keras.Model) and is_graph_model(layer):
+            key = id(layer)
+            if key not in self.models:
+                self.models[key] = self.rewrite(layer, scope + (layer.name,))
+            return self.models[key]
+        new = _clone_layer(layer)
+        self.pairs.append((layer, new))
+        if weight_points:
+            return QuantizeWeights(
+                new,
+                [{"slot": p.slot, "format": p.format, "rounding": p.rounding,
+                  "inference_rounding": p.inference_rounding} for p in weight_points],
+                name=layer.name,
+            )  # fmt: skip
+        return new
+
+    def rewrite(self, model: keras.Model, scope: Tuple[str, ...] = ()) -> keras.Model:
+        points = self.plan.in_scope(scope)
+        act_after = {p.after: p for p in points if p.what == "activations"}
+        weights_of: Dict[str, List[InsertionPoint]] = {}
+        for p in points:
+            if p.what == "weights":
+                weights_of.setdefault(p.target, []).append(p)
+        used = self._names(model)
+        if _is_sequential(model):
+            return self._rewrite_sequential(model, scope, act_after, weights_of, used)
+        return self._rewrite_functional(model, scope, act_after, weights_of, used)
+
+    def _rewrite_sequential(self, model, scope, act_after, weights_of, used) -> keras.Model:
+        new = keras.Sequential(name=model.name)
+        x = model.inputs[0] if model.inputs else None
+        if x is not None:
+            new.add(keras.Input(batch_shape=tuple(x.shape), dtype=x.dtype))
+        for name, layer, _ in iter_calls(model):
+            new.add(self._new_layer(layer, weights_of.get(name, []), scope))
+            if name in act_after:
+                new.add(self._quantize_layer(act_after[name], used))
+        return new
+
+    def _rewrite_functional(self, model, scope, act_after, weights_of, used) -> keras.Model:
+        tensors: Dict[int, Any] = {}
+        new_inputs = []
+        for x in model.inputs:
+            y = _input_like(x)
+            tensors[id(x)] = y
+            new_inputs.append(y)
+        layer_map: Dict[int, Any] = {}
+        for name, op, node in iter_calls(model):
+            if node.is_input:
+                continue
+            if any(id(t) not in tensors for t in node.input_tensors):
+                raise ValueError(f"cannot rebuild {model.name!r}: layer call {name!r} has inputs not reachable from the model inputs")
+            args, kwargs = node.arguments.fill_in(tensors)
+            if id(op) not in layer_map:
+                layer_map[id(op)] = self._new_layer(op, weights_of.get(name, []), scope)
+            elif name in weights_of and not isinstance(layer_map[id(op)], QuantizeWeights):
+                log.warning("shared layer %s: weights are quantized only if its first call is a target", name)
+            outputs = layer_map[id(op)](*args, **kwargs)
+            if name in act_after:
+                flat = keras.tree.flatten(outputs)
+                if len(flat) != 1:
+                    raise ValueError(f"cannot insert rounding after {name!r}: it has {len(flat)} outputs")
+                outputs = self._quantize_layer(act_after[name], used)(flat[0])
+                out_list = [outputs]
+            else:
+                out_list = keras.tree.flatten(outputs)
+            for x, y in zip(node.outputs, out_list):
+                tensors[id(x)] = y
+        outs = []
+        for x in keras.tree.flatten(model._outputs_struct):
+            outs.append(tensors[id(x)])
+        outputs = keras.tree.pack_sequence_as(model._outputs_struct, outs)
+        inputs = keras.tree.pack_sequence_as(model._inputs_struct, new_inputs)
+        return keras.Model(inputs, outputs, name=model.name)
+
+    def copy_weights(self) -> None:
+        for old, new in self.pairs:
+            src = old.get_weights()
+            if not src:
+                continue
+            if not new.built:
+                raise ValueError(f"layer {new.name!r} was not built while rebuilding the model")
+            new.set_weights(src)
+
+
+# --------------------------------------------------------------------------- public
+def quantize_model(
+    model: keras.Model,
+    bits: Optional[int] = None,
+    *,
+    format: Any = None,
+    range: Optional[Tuple[float, float]] = None,
+    rounding: str = "nearest",
+    weights: Optional[bool] = None,
+    weight_bits: Optional[int] = None,
+    weight_format: Any = None,
+    weight_rounding: str = "nearest",
+    include: Any = None,
+    exclude: Any = None,
+    overrides: Any = None,
+    dense: bool = False,
+    weight_storage: Any = None,
+    storage_rounding: str = "nearest",
+    calibration_data: Any = None,
+    calibration_method: str = "minmax",
+    config: Optional[QuantizeConfig] = None,
+    registry: Optional[Registry] = None,
+    **options: Any,
+) -> keras.Model:
+    """A copy of ``model`` with rounding after every convolution group.
+
+    The source model is untouched: the copy has new layers with the source's
+    weights. Each group found by the pattern registry (default: convolution
+    -> [BatchNormalization] -> [activation]) gets one
+    :class:`graphquant.keras.Quantize` layer after its last layer.
+
+    Args:
+        model: a Functional or Sequential Keras 3 model (nested models allowed).
+        bits: bits of the activation format. Alone: 8-bit-style affine with a
+            learned range (EMA while training, or ``calibration_data``); with
+            ``range``: :class:`FixedPoint` over that range. Default 8.
+        format: a format (object, string like ``"e4m3"``, or dict) instead of bits.
+        range: ``(lo, hi)`` fixed range.
+        rounding: rounding mode while training; inference uses it too unless
+            it is ``"stochastic"`` (then ``"nearest"``; see
+            ``inference_rounding=``).
+        weights: also round the targets' weights (per-channel symmetric affine
+            with ``weight_bits`` by default; float formats: the same format).
+        weight_bits / weight_format / weight_rounding: weight rounding options.
+        include / exclude: which targets, by name regex, class or ``"class:Name"``.
+        overrides: ``{selector: {"bits": 4, "rounding": ...}}`` per target, or
+            ``{selector: None}`` to skip.
+        dense: treat ``Dense`` layers as targets too.
+        weight_storage / storage_rounding: round every trainable weight onto
+            this storage format after every optimizer update (Gupta et al. 2015).
+        calibration_data: a numpy array, ``tf.data.Dataset`` or iterable of
+            batches; sets the learned ranges before the model is returned.
+        calibration_method: ``"minmax"`` or ``"percentile"``.
+        config: a prepared :class:`QuantizeConfig` (instead of the keywords).
+        registry: the pattern registry (default :data:`DEFAULT_REGISTRY`).
+        **options: further :class:`QuantizeConfig` options
+            (``inference_rounding``, ``activations``, ``options``, ``range_momentum``).
+
+    Returns:
+        A new ``keras.Model`` (Functional, or Sequential for a Sequential source).
+
+    Raises:
+        TypeError: ``model`` is not a Functional/Sequential Keras model.
+        ValueError: contradictory or invalid options (the message names them).
+    """
+    t0 = time.perf_counter()
+    check_model(model)
+    bad = set(options) - set(_CONFIG_KEYS)
+    if bad:
+        raise TypeError(f"quantize_model() got unexpected keyword arguments {sorted(bad)}")
+    kw: Dict[str, Any] = dict(options)
+    given = dict(
+        bits=bits, format=format, range=range, weights=weights, weight_bits=weight_bits, weight_format=weight_format,
+        include=include, exclude=exclude, overrides=overrides, weight_storage=weight_storage,
+    )  # fmt: skip
+    kw.update({k: v for k, v in given.items() if v is not None})
+    if rounding != "nearest":
+        kw["rounding"] = rounding
+    if weight_rounding != "nearest":
+        kw["weight_rounding"] = weight_rounding
+    if storage_rounding != "nearest":
+        kw["storage_rounding"] = storage_rounding
+    if dense:
+        kw["dense"] = True
+    if config is not None and kw:
+        raise ValueError(f"give config= or keyword options, not both (got {sorted(kw)})")
+    cfg = _config(config, kw)
+    if calibration_method not in ("minmax", "percentile"):
+        raise ValueError(f"calibration_method must be 'minmax' or 'percentile', got {calibration_method!r}")
+    plan = make_plan(keras_view(model), cfg, registry)
+    if not plan.points:
+        msg = f"model {model.name!r} has no layer matching the quantization patterns (no convolution); returning a plain copy"
+        warnings.warn(msg, UserWarning, stacklevel=2)
+        log.warning(msg)
+    rw = _Rewriter(plan)
+    new = rw.rewrite(model)
+    rw.copy_weights()
+    if cfg.weight_storage is not None:
+        apply_weight_storage(new, cfg.weight_storage, cfg.storage_rounding)
+    new._graphquant_plan = plan  # for inspection; not serialized
+    if calibration_data is not None:
+        from ..ranges import calibrate
+
+        calibrate(new, calibration_data, method=calibration_method)
+    log.info("quantize_model: %d rounding layers inserted in %.2fs", rw.inserted, time.perf_counter() - t0)
+    return new
+
+
+def apply_weight_storage(model: keras.Model, format: Any, rounding: str = "nearest", seed: Optional[int] = None) -> int:
+    """Round every trainable float weight of ``model`` onto ``format`` now and after every optimizer update.
+
+    Sets a :class:`StorageRounding` constraint on each trainable variable
+    (composed with any existing constraint); Keras optimizers apply it after
+    each update. Returns the number of variables.
+    """
+    n = 0
+    for i, v in enumerate(model.trainable_variables):
+        if not str(v.dtype).startswith(("float", "bfloat")):
+            continue
+        c = StorageRounding(format, rounding, inner=v.constraint, seed=None if seed is None else seed + i)
+        v.constraint = c
+        v.assign(c(v.value))
+        n += 1
+    return n

@@ -1,0 +1,531 @@
+"""User intent (:class:`QuantizeConfig`) + a view + a registry -> a :class:`Plan`.
+
+The plan is plain data: a list of :class:`InsertionPoint` saying after which
+node rounding goes, which group of nodes it closes, with which format and
+rounding, and whether it rounds activations (the output of the group) or the
+weights of the group's target. Both front ends apply plans; ``str(plan)`` is
+the readable table that ``inspect`` prints.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+from .formats import Affine, FixedPoint, FloatFormat, Format, as_format, format_from_dict, parse_format
+from .patterns import DEFAULT_REGISTRY, Node, Registry, View, weight_slots
+
+__all__ = ["QuantizeConfig", "InsertionPoint", "Plan", "make_plan", "ROUNDING_MODES"]
+
+ROUNDING_MODES = ("nearest", "nearest_away", "toward_zero", "down", "up", "stochastic")
+_OVERRIDE_KEYS = (
+    "bits", "format", "range", "rounding", "inference_rounding",
+    "weights", "weight_bits", "weight_format", "weight_rounding", "activations",
+)  # fmt: skip
+
+Selector = Union[str, type]
+
+
+def _check_rounding(value: Any, what: str) -> str:
+    if not isinstance(value, str) or value not in ROUNDING_MODES:
+        raise ValueError(f"{what} must be one of {ROUNDING_MODES}, got {value!r}")
+    return value
+
+
+def _check_selectors(value: Any, what: str) -> Tuple[Selector, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (str, type)):
+        value = (value,)
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise TypeError(f"{what} must be a regex string, a class, or a list of them; got {value!r}") from None
+    for s in items:
+        if isinstance(s, str):
+            try:
+                re.compile(s.split(":", 1)[1] if s.startswith(("class:", "kind:")) else s)
+            except re.error as e:
+                raise ValueError(f"{what}: {s!r} is not a valid regular expression ({e})") from None
+        elif not isinstance(s, type):
+            raise TypeError(f"{what} entries must be regex strings or classes, got {s!r}")
+    return items
+
+
+def selector_matches(sel: Selector, node: Node, path: str) -> bool:
+    """Does a user selector pick ``node``?
+
+    * a class: the node's object is an instance (or its class names include it);
+    * ``"class:Name"`` / ``"kind:Name"``: ``Name`` is the node kind or one of its classes;
+    * any other string: a regex searched in the node name and its scoped path.
+    """
+    if isinstance(sel, type):
+        return (node.obj is not None and isinstance(node.obj, sel)) or sel.__name__ in node.classes
+    if sel.startswith(("class:", "kind:")):
+        want = sel.split(":", 1)[1]
+        return want == node.kind or want in node.classes
+    return re.search(sel, node.name) is not None or re.search(sel, path) is not None
+
+
+def _resolve_act_format(format: Any, bits: Any, range: Any) -> Format:
+    if format is not None and range is not None:
+        fmt = parse_format(format)
+        if isinstance(fmt, Affine) and fmt.range is None:
+            return fmt.with_range(range)
+        raise ValueError(f"range={range!r} contradicts format={str(fmt)!r} (give one or the other)")
+    if format is None and bits is None:
+        bits = 8
+    if range is not None and bits is None:
+        raise ValueError("range= needs bits= (or an affine format=)")
+    return as_format(format, bits=bits, range=range)
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """What the user asks for. Build with :meth:`create` (validates the keywords).
+
+    Attributes:
+        format: activation format (``Affine`` with ``range=None`` = learned).
+        rounding: rounding while training (and at inference unless stochastic).
+        inference_rounding: rounding with ``training=False``; default: same as
+            ``rounding``, except ``"nearest"`` when ``rounding="stochastic"``.
+        activations: round the output of each matched group.
+        weights: also round the weights of each group's target.
+        weight_format: ``None`` = per-channel symmetric affine with
+            ``weight_bits`` (or the activation bits) for integer formats, the
+            activation format for float formats.
+        weight_rounding: rounding of weights.
+        include / exclude: selectors (name regex, class, ``"class:Name"``);
+            only targets picked by ``include`` (if given) and not by ``exclude``.
+        overrides: ``{selector: {bits/format/range/rounding/weights/...}}`` or
+            ``{selector: None}`` to skip; later entries win.
+        options: enabled optional patterns, e.g. ``{"dense"}``.
+        weight_storage / storage_rounding: Gupta et al. low-precision storage.
+        range_momentum: EMA momentum of learned ranges.
+    """
+
+    format: Format = field(default_factory=lambda: Affine(8))
+    rounding: str = "nearest"
+    inference_rounding: Optional[str] = None
+    activations: bool = True
+    weights: bool = False
+    weight_bits: Optional[int] = None
+    weight_format: Optional[Format] = None
+    weight_rounding: str = "nearest"
+    include: Tuple[Selector, ...] = ()
+    exclude: Tuple[Selector, ...] = ()
+    overrides: Tuple[Tuple[Selector, Optional[Mapping[str, Any]]], ...] = ()
+    options: frozenset = frozenset()
+    weight_storage: Optional[Format] = None
+    storage_rounding: str = "nearest"
+    range_momentum: float = 0.999
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def create(
+        cls,
+        bits: Optional[int] = None,
+        *,
+        format: Any = None,
+        range: Optional[Tuple[float, float]] = None,
+        rounding: str = "nearest",
+        inference_rounding: Optional[str] = None,
+        activations: bool = True,
+        weights: Optional[bool] = None,
+        weight_bits: Optional[int] = None,
+        weight_format: Any = None,
+        weight_rounding: str = "nearest",
+        include: Any = None,
+        exclude: Any = None,
+        overrides: Optional[Mapping[Selector, Optional[Mapping[str, Any]]]] = None,
+        dense: bool = False,
+        options: Iterable[str] = (),
+        weight_storage: Any = None,
+        storage_rounding: str = "nearest",
+        range_momentum: float = 0.999,
+    ) -> "QuantizeConfig":
+        """Validate user keywords into a config.
+
+        Raises:
+            ValueError / TypeError naming the offending argument.
+        """
+        fmt = _resolve_act_format(format, bits, range)
+        _check_rounding(rounding, "rounding")
+        if inference_rounding is not None:
+            _check_rounding(inference_rounding, "inference_rounding")
+        _check_rounding(weight_rounding, "weight_rounding")
+        _check_rounding(storage_rounding, "storage_rounding")
+        if storage_rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"storage_rounding must be 'nearest' or 'stochastic', got {storage_rounding!r}")
+        for name, v in (("activations", activations), ("dense", dense)):
+            if not isinstance(v, bool):
+                raise TypeError(f"{name} must be a bool, got {v!r}")
+        if weights is not None and not isinstance(weights, bool):
+            raise TypeError(f"weights must be a bool, got {weights!r}")
+        if weights is False and (weight_bits is not None or weight_format is not None):
+            raise ValueError("weight_bits=/weight_format= contradict weights=False")
+        use_weights = bool(weights) or weight_bits is not None or weight_format is not None
+        wfmt = None
+        if weight_format is not None:
+            wfmt = parse_format(weight_format)
+            if weight_bits is not None and getattr(wfmt, "bits", weight_bits) != weight_bits:
+                raise ValueError(f"weight_bits={weight_bits} contradicts weight_format={str(wfmt)!r}")
+        elif weight_bits is not None:
+            Affine(weight_bits)  # validates
+            if isinstance(weight_bits, bool) or not isinstance(weight_bits, int):
+                raise TypeError(f"weight_bits must be an integer, got {weight_bits!r}")
+        if not activations and not use_weights:
+            raise ValueError("activations=False and no weights: nothing to quantize")
+        storage = None
+        if weight_storage is not None:
+            storage = parse_format(weight_storage)
+            if isinstance(storage, Affine) and storage.range is None:
+                raise ValueError("weight_storage needs a fixed grid: a FixedPoint, float, or an Affine with a range")
+        if not isinstance(range_momentum, (int, float)) or not 0.0 <= float(range_momentum) < 1.0:
+            raise ValueError(f"range_momentum must be in [0, 1), got {range_momentum!r}")
+        opts = set(options) if not isinstance(options, str) else {options}
+        if dense:
+            opts.add("dense")
+        ov: List[Tuple[Selector, Optional[Mapping[str, Any]]]] = []
+        if overrides is not None:
+            if not isinstance(overrides, Mapping):
+                raise TypeError(f"overrides must be a dict {{selector: settings}}, got {type(overrides).__name__}")
+            for sel, settings in overrides.items():
+                (sel,) = _check_selectors(sel, "overrides")
+                if settings is not None:
+                    if not isinstance(settings, Mapping):
+                        raise TypeError(f"overrides[{sel!r}] must be a dict or None, got {settings!r}")
+                    bad = set(settings) - set(_OVERRIDE_KEYS)
+                    if bad:
+                        raise ValueError(f"overrides[{sel!r}]: unknown keys {sorted(bad)}; allowed: {_OVERRIDE_KEYS}")
+                    settings = dict(settings)
+                ov.append((sel, settings))
+        cfg = cls(
+            format=fmt,
+            rounding=rounding,
+            inference_rounding=inference_rounding,
+            activations=activations,
+            weights=use_weights,
+            weight_bits=weight_bits,
+            weight_format=wfmt,
+            weight_rounding=weight_rounding,
+            include=_check_selectors(include, "include"),
+            exclude=_check_selectors(exclude, "exclude"),
+            overrides=tuple(ov),
+            options=frozenset(opts),
+            weight_storage=storage,
+            storage_rounding=storage_rounding,
+            range_momentum=float(range_momentum),
+        )
+        for sel, settings in ov:  # validate overrides eagerly
+            if settings:
+                cfg._merge(settings, f"overrides[{sel!r}]")
+        return cfg
+
+    def _merge(self, settings: Mapping[str, Any], what: str) -> "QuantizeConfig":
+        kw: Dict[str, Any] = {}
+        try:
+            if any(k in settings for k in ("bits", "format", "range")):
+                kw["format"] = _resolve_act_format(settings.get("format"), settings.get("bits"), settings.get("range"))
+            for k in ("rounding", "weight_rounding"):
+                if k in settings:
+                    kw[k] = _check_rounding(settings[k], k)
+            if "inference_rounding" in settings:
+                kw["inference_rounding"] = settings["inference_rounding"] and _check_rounding(
+                    settings["inference_rounding"], "inference_rounding"
+                )
+            if "activations" in settings:
+                kw["activations"] = bool(settings["activations"])
+            if "weights" in settings:
+                kw["weights"] = bool(settings["weights"])
+            if settings.get("weight_format") is not None:
+                kw["weight_format"] = parse_format(settings["weight_format"])
+                kw.setdefault("weights", True)
+            if settings.get("weight_bits") is not None:
+                kw["weight_bits"] = int(settings["weight_bits"])
+                kw["weight_format"] = None
+                kw.setdefault("weights", True)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{what}: {e}") from None
+        return replace(self, **kw)
+
+    # ------------------------------------------------------------------ per node
+    @property
+    def effective_inference_rounding(self) -> str:
+        if self.inference_rounding is not None:
+            return self.inference_rounding
+        return "nearest" if self.rounding == "stochastic" else self.rounding
+
+    def accepts(self, node: Node, path: str = "") -> bool:
+        """Include/exclude/override-to-None filter on a target node."""
+        path = path or node.name
+        if self.include and not any(selector_matches(s, node, path) for s in self.include):
+            return False
+        if any(selector_matches(s, node, path) for s in self.exclude):
+            return False
+        cfg = self.for_node(node, path)
+        return cfg is not None
+
+    def for_node(self, node: Node, path: str = "") -> Optional["QuantizeConfig"]:
+        """The config after applying matching overrides (``None`` = skip)."""
+        path = path or node.name
+        cfg: Optional[QuantizeConfig] = self
+        for sel, settings in self.overrides:
+            if selector_matches(sel, node, path):
+                cfg = None if settings is None else (cfg or self)._merge(settings, f"overrides[{sel!r}]")
+        return cfg
+
+    def weight_format_for(self, axis: int) -> Format:
+        """The weight format for a weight whose output channels lie on ``axis``."""
+        if self.weight_format is not None:
+            return self.weight_format
+        if isinstance(self.format, FloatFormat) and self.weight_bits is None:
+            return self.format
+        bits = self.weight_bits or self.format.bits
+        return Affine(bits, symmetric=True, narrow_range=True, axis=axis)
+
+    def to_dict(self) -> Dict[str, Any]:
+        def sel(s: Selector) -> str:
+            return f"class:{s.__name__}" if isinstance(s, type) else s
+
+        return {
+            "format": self.format.to_dict(),
+            "rounding": self.rounding,
+            "inference_rounding": self.inference_rounding,
+            "activations": self.activations,
+            "weights": self.weights,
+            "weight_bits": self.weight_bits,
+            "weight_format": None if self.weight_format is None else self.weight_format.to_dict(),
+            "weight_rounding": self.weight_rounding,
+            "include": [sel(s) for s in self.include],
+            "exclude": [sel(s) for s in self.exclude],
+            "overrides": [[sel(s), v] for s, v in self.overrides],
+            "options": sorted(self.options),
+            "weight_storage": None if self.weight_storage is None else self.weight_storage.to_dict(),
+            "storage_rounding": self.storage_rounding,
+            "range_momentum": self.range_momentum,
+        }
+
+
+@dataclass(frozen=True)
+class InsertionPoint:
+    """One place where rounding goes.
+
+    ``what="activations"``: round the output of node ``after`` (the end of the
+    group). ``what="weights"``: round the weight ``slot`` of node ``target``
+    (``"kernel"``, ``"depthwise_kernel"``, or ``"input:1"`` in a graph).
+    """
+
+    what: str
+    scope: Tuple[str, ...]
+    target: str
+    target_kind: str
+    after: str
+    group: Tuple[str, ...]
+    pattern: str
+    format: Format
+    rounding: str
+    inference_rounding: str
+    slot: Optional[str] = None
+
+    @property
+    def path(self) -> str:
+        """``scope/.../after`` -- unique across nested views."""
+        return "/".join(self.scope + (self.after if self.what == "activations" else f"{self.target}.{self.slot}",))
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "what": self.what,
+            "scope": list(self.scope),
+            "target": self.target,
+            "target_kind": self.target_kind,
+            "after": self.after,
+            "group": list(self.group),
+            "pattern": self.pattern,
+            "format": self.format.to_dict(),
+            "format_str": str(self.format),
+            "rounding": self.rounding,
+            "inference_rounding": self.inference_rounding,
+            "slot": self.slot,
+        }
+
+
+@dataclass
+class Plan:
+    """The planner's result: insertion points plus the reasons for skips."""
+
+    points: List[InsertionPoint]
+    config: QuantizeConfig
+    skipped: List[Tuple[str, str, str]] = field(default_factory=list)  # (path, kind, reason)
+    notes: List[str] = field(default_factory=list)
+
+    # -- queries
+    @property
+    def activations(self) -> List[InsertionPoint]:
+        return [p for p in self.points if p.what == "activations"]
+
+    @property
+    def weights(self) -> List[InsertionPoint]:
+        return [p for p in self.points if p.what == "weights"]
+
+    @property
+    def targets(self) -> List[str]:
+        """Scoped names of the group targets (e.g. the convolutions), in order."""
+        seen: Dict[str, None] = {}
+        for p in self.points:
+            seen["/".join(p.scope + (p.target,))] = None
+        return list(seen)
+
+    def in_scope(self, scope: Sequence[str]) -> List[InsertionPoint]:
+        scope = tuple(scope)
+        return [p for p in self.points if p.scope == scope]
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def __iter__(self):
+        return iter(self.points)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "points": [p.to_dict() for p in self.points],
+            "skipped": [list(s) for s in self.skipped],
+            "notes": list(self.notes),
+        }
+
+    def to_json(self, **kw: Any) -> str:
+        return json.dumps(self.to_dict(), **kw)
+
+    def table(self) -> str:
+        """The plan as a fixed-width text table."""
+        rows = [("#", "layer", "kind", "group", "insert after", "what", "format", "rounding")]
+        for i, p in enumerate(self.points):
+            scope = "/".join(p.scope + (p.target,))
+            rnd = p.rounding if p.rounding == p.inference_rounding else f"{p.rounding} (infer {p.inference_rounding})"
+            rows.append(
+                (
+                    str(i),
+                    scope,
+                    p.target_kind,
+                    f"{p.pattern}: " + " > ".join(p.group),
+                    p.after if p.what == "activations" else "-",
+                    "activations" if p.what == "activations" else f"weights:{p.slot}",
+                    str(p.format),
+                    rnd,
+                )
+            )
+        widths = [min(max(len(r[c]) for r in rows), 60) for c in range(len(rows[0]))]
+
+        def fmt(r: Sequence[str]) -> str:
+            cells = [(c if len(c) <= w else c[: w - 1] + "…").ljust(w) for c, w in zip(r, widths)]
+            return "  ".join(cells).rstrip()
+
+        lines = [fmt(rows[0]), "  ".join("-" * w for w in widths)]
+        lines += [fmt(r) for r in rows[1:]]
+        n_act, n_w = len(self.activations), len(self.weights)
+        lines.append(f"{len(self.targets)} groups, {n_act} activation and {n_w} weight insertion points")
+        if self.config.weight_storage is not None:
+            lines.append(f"weight storage: {self.config.weight_storage} ({self.config.storage_rounding} rounding)")
+        for path, kind, reason in self.skipped:
+            lines.append(f"skipped {path} ({kind}): {reason}")
+        for n in self.notes:
+            lines.append(f"note: {n}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:  # IPython
+        p.text(self.table())
+
+
+def make_plan(
+    view: View,
+    config: Optional[QuantizeConfig] = None,
+    registry: Optional[Registry] = None,
+    *,
+    scope: Tuple[str, ...] = (),
+) -> Plan:
+    """Join a view, user intent and the registry's patterns into a :class:`Plan`.
+
+    Recurses into ``view.children`` (nested models, function bodies); their
+    points carry the child's name in ``scope``.
+
+    Raises:
+        TypeError: ``view``, ``config`` or ``registry`` has the wrong type.
+    """
+    if not isinstance(view, View):
+        raise TypeError(f"view must be a graphquant.patterns.View, got {type(view).__name__}")
+    config = QuantizeConfig.create() if config is None else config
+    if not isinstance(config, QuantizeConfig):
+        raise TypeError(f"config must be a QuantizeConfig, got {type(config).__name__}")
+    registry = DEFAULT_REGISTRY if registry is None else registry
+    if not isinstance(registry, Registry):
+        raise TypeError(f"registry must be a graphquant.patterns.Registry, got {type(registry).__name__}")
+    plan = Plan(points=[], config=config)
+    _plan_into(plan, view, config, registry, scope)
+    return plan
+
+
+def _plan_into(plan: Plan, view: View, config: QuantizeConfig, registry: Registry, scope: Tuple[str, ...]) -> None:
+    def path_of(n: Node) -> str:
+        return "/".join(scope + (n.name,))
+
+    rejected: List[Node] = []
+
+    def accept(n: Node) -> bool:
+        ok = config.accepts(n, path_of(n))
+        if not ok and n not in rejected:
+            rejected.append(n)
+        return ok
+
+    matches = registry.match(view, options=config.options, accept=accept)
+    matched_targets = {m.target.name for m in matches}
+    for n in rejected:
+        if n.name not in matched_targets:
+            plan.skipped.append((path_of(n), n.kind, "excluded by include/exclude/overrides"))
+    for m in matches:
+        cfg = config.for_node(m.target, path_of(m.target))
+        assert cfg is not None
+        group = m.names
+        if cfg.activations:
+            plan.points.append(
+                InsertionPoint(
+                    what="activations",
+                    scope=scope,
+                    target=m.target.name,
+                    target_kind=m.target.kind,
+                    after=m.after.name,
+                    group=group,
+                    pattern=m.pattern.name,
+                    format=cfg.format,
+                    rounding=cfg.rounding,
+                    inference_rounding=cfg.effective_inference_rounding,
+                )
+            )
+        if cfg.weights and m.pattern.weights:
+            slots = weight_slots(m.target)
+            if not slots:
+                plan.notes.append(f"{path_of(m.target)} ({m.target.kind}): no known weights to quantize")
+            for slot, axis in slots:
+                wr = cfg.weight_rounding
+                plan.points.append(
+                    InsertionPoint(
+                        what="weights",
+                        scope=scope,
+                        target=m.target.name,
+                        target_kind=m.target.kind,
+                        after=m.target.name,
+                        group=group,
+                        pattern=m.pattern.name,
+                        format=cfg.weight_format_for(axis),
+                        rounding=wr,
+                        inference_rounding="nearest" if wr == "stochastic" else wr,
+                        slot=slot,
+                    )
+                )
+    for name, child in view.children.items():
+        _plan_into(plan, child, config, registry, scope + (name,))

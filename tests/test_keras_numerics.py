@@ -1,0 +1,176 @@
+"""What the inserted layers compute: formats, learned/calibrated ranges, weights, training semantics, masks."""
+
+import keras
+import ml_dtypes
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import graphquant.keras as gk
+from graphquant.formats import Affine, FixedPoint
+from graphquant.keras import Quantize, QuantizeWeights
+from graphquant.ranges import MinMaxTracker, PercentileTracker, calibrate
+
+
+def _net(seed=0):
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((12, 12, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same", name="c1")(inp)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU(name="r1")(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(x)
+    x = keras.layers.SeparableConv2D(6, 3, padding="same", name="sep")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    out = keras.layers.Dense(2, name="head")(x)
+    return keras.Model(inp, out)
+
+
+X = np.random.RandomState(0).normal(size=(16, 12, 12, 3)).astype("float32")
+
+
+def _tap(model, name):
+    return keras.Model(model.inputs[0], model.get_layer(name).output)
+
+
+def test_fixed_range_means_fixed_point_and_values_on_grid():
+    q = gk.quantize_model(_net(), bits=4, range=(0.0, 6.0))
+    ql = q.get_layer("r1_quant")
+    assert ql.format == FixedPoint(4, (0.0, 6.0)) and not ql.learned and not ql.weights
+    v = np.asarray(_tap(q, "r1_quant")(X))
+    np.testing.assert_array_equal(v, np.clip(np.floor(v / 0.375 + 0.5) * 0.375, 0, 6 - 0.375))
+    assert len(np.unique(v)) > 4
+
+
+def test_float_format_needs_no_range():
+    q = gk.quantize_model(_net(), format="e4m3")
+    v = np.asarray(_tap(q, "sep_quant")(X))
+    np.testing.assert_array_equal(v, v.astype(ml_dtypes.float8_e4m3fn).astype(np.float32))
+    v1 = np.asarray(_tap(q, "r1_quant")(X))
+    ref = np.asarray(_tap(_net(), "r1")(X))
+    assert not np.array_equal(v1, ref)  # rounding really happened, once: relative error <= 2**-4
+    np.testing.assert_allclose(v1, ref, rtol=2**-4 + 1e-6, atol=2.0**-9)
+
+
+def test_learned_range_ema_while_training_frozen_at_inference():
+    q = gk.quantize_model(_net(), bits=8, range_momentum=0.9)
+    ql = q.get_layer("c1_quant") if "c1_quant" in [l.name for l in q.layers] else q.get_layer("r1_quant")
+    assert ql.learned and ql.format == Affine(8)
+    np.testing.assert_allclose(ql.get_range(), (-6.0, 6.0))  # initial range, as tfmot
+    q(X, training=False)
+    np.testing.assert_allclose(ql.get_range(), (-6.0, 6.0))  # inference does not learn
+    q(X[:8], training=True)
+    tap = np.asarray(_tap(_net(), "r1")(X[:8], training=True))  # BN in training mode
+    lo, hi = ql.get_range()
+    assert lo == 0.0 and hi == pytest.approx(tap.max(), rel=1e-5)  # first batch sets it
+    q(X[8:], training=True)
+    tap2 = np.asarray(_tap(_net(), "r1")(X[8:], training=True))
+    assert ql.get_range()[1] == pytest.approx(0.9 * tap.max() + 0.1 * tap2.max(), rel=1e-5)
+    # inference output uses exactly the frozen range: equal to FakeQuant with those min/max
+    v = np.asarray(_tap(q, "r1_quant")(X))
+    ref = tf.quantization.fake_quant_with_min_max_args(tap_all := np.asarray(_tap(q, "r1")(X)), 0.0, float(ql.get_range()[1]), num_bits=8)
+    np.testing.assert_allclose(v, ref.numpy(), atol=1e-6)
+
+
+def test_calibration_data_kinds_and_methods():
+    net = _net()
+    q1 = gk.quantize_model(net, bits=8, calibration_data=X)
+    q2 = gk.quantize_model(net, bits=8, calibration_data=tf.data.Dataset.from_tensor_slices((X, X[:, 0, 0, :2])).batch(5))
+    q3 = gk.quantize_model(net, bits=8, calibration_data=[X[:7], X[7:]])
+    r = [q.get_layer("r1_quant").get_range() for q in (q1, q2, q3)]
+    tap = np.asarray(_tap(net, "r1")(X))
+    for lo, hi in r:
+        assert lo == 0 and hi == pytest.approx(tap.max(), rel=1e-5)
+    out = gk.calibrate(q1, X, method="percentile", percentile=99.0) if hasattr(gk, "calibrate") else calibrate(q1, X, method="percentile", percentile=99.0)
+    assert out["r1_quant"][1] < tap.max()  # percentile clips the tail
+    np.testing.assert_allclose(q1.get_layer("r1_quant").get_range()[1], out["r1_quant"][1])
+    with pytest.raises(ValueError, match="method"):
+        calibrate(q1, X, method="kl")
+    with pytest.raises(TypeError, match="calibration data"):
+        calibrate(q1, 3)
+    with pytest.raises(ValueError, match="empty"):
+        calibrate(q1, [])
+
+
+def test_trackers():
+    t = MinMaxTracker(axis=-1)
+    t.update(np.array([[1.0, -2.0], [3.0, 5.0]]))
+    t.update(np.array([[-1.0, 0.5]]))
+    lo, hi = t.result()
+    np.testing.assert_array_equal(lo, [-1.0, -2.0])
+    np.testing.assert_array_equal(hi, [3.0, 5.0])
+    p = PercentileTracker(90.0)
+    p.update(np.arange(101, dtype="float32"))
+    assert p.result()[1] == pytest.approx(90.0)
+    with pytest.raises(ValueError, match="no data"):
+        MinMaxTracker().result()
+
+
+def test_weights_forward_uses_per_channel_rounded_kernels_and_ste():
+    net = _net()
+    q = gk.quantize_model(net, bits=8, weights=True, range=(-8.0, 8.0))
+    for name, slots in [("c1", {"kernel": -1}), ("dw", {"kernel": -2}), ("sep", {"depthwise_kernel": -2, "pointwise_kernel": -1})]:
+        wl = q.get_layer(name)
+        assert isinstance(wl, QuantizeWeights)
+        assert {s["slot"]: s["format"].axis for s in wl.slots} == slots
+    wl = q.get_layer("c1")
+    k = wl.layer.kernel.numpy()
+    m = np.abs(k).max(axis=(0, 1, 2))
+    step = m / 127.0
+    kq = np.round(k / step) * step
+    x = X[:2]
+    ref = tf.nn.conv2d(x, kq, 1, "SAME") + wl.layer.bias.numpy()
+    np.testing.assert_allclose(wl(x), ref, atol=1e-5)
+    assert not np.allclose(wl(x), tf.nn.conv2d(x, k, 1, "SAME") + wl.layer.bias.numpy(), atol=1e-6)
+    # the float kernel is the trainable variable and receives the straight-through gradient
+    assert wl.layer.kernel in wl.trainable_weights or any(v is wl.layer.kernel for v in wl.trainable_weights)
+    with tf.GradientTape() as tape:
+        y = tf.reduce_sum(wl(x, training=True))
+    g = tape.gradient(y, wl.layer.kernel.value if False else wl.layer._kernel)
+    gref = tf.GradientTape()
+    kv = tf.Variable(kq)
+    with gref:
+        yr = tf.reduce_sum(tf.nn.conv2d(x, kv, 1, "SAME"))
+    np.testing.assert_allclose(g, gref.gradient(yr, kv), rtol=1e-4, atol=1e-4)
+    # bias stays float
+    assert [s["slot"] for s in wl.slots] == ["kernel"]
+
+
+def test_stochastic_only_while_training():
+    q = gk.quantize_model(_net(), format="e2m1", rounding="stochastic")
+    ql = q.get_layer("r1_quant")
+    assert ql.rounding == "stochastic" and ql.inference_rounding == "nearest"
+    c = np.asarray(q(X, training=False))
+    d = np.asarray(q(X, training=False))
+    np.testing.assert_array_equal(c, d)
+    qn = gk.quantize_model(_net(), format="e2m1")
+    np.testing.assert_array_equal(c, np.asarray(qn(X, training=False)))
+    a = np.asarray(q(X, training=True))
+    b = np.asarray(q(X, training=True))  # same BN batch statistics, fresh rounding noise
+    assert not np.array_equal(a, b)
+    qs = gk.quantize_model(_net(), format="e2m1", rounding="stochastic", inference_rounding="stochastic")
+    assert not np.array_equal(np.asarray(qs(X)), np.asarray(qs(X)))
+
+
+def test_masks_pass_through():
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((None,), dtype="int32")
+    e = keras.layers.Embedding(10, 4, mask_zero=True)(inp)
+    e = Quantize("bfloat16")(e)
+    out = keras.layers.LSTM(3)(e)
+    m = keras.Model(inp, out)
+    padded = np.array([[3, 4, 5, 0, 0]])
+    short = np.array([[3, 4, 5]])
+    np.testing.assert_allclose(m(padded), m(short), atol=1e-6)
+    assert m.layers[2].compute_mask(None, tf.constant([[True, False]])) is not None
+
+
+def test_quantize_layer_arguments():
+    with pytest.raises(ValueError, match="format"):
+        Quantize("int-eight")
+    with pytest.raises(ValueError, match="rounding"):
+        Quantize("e4m3", rounding="odd")
+    with pytest.raises(ValueError, match="momentum"):
+        Quantize("affine8", momentum=1.5)
+    cfg = Quantize("affine8:axis=-1", rounding="stochastic", seed=3, name="qq").get_config()
+    back = Quantize.from_config(cfg)
+    assert back.format == Affine(8, axis=-1) and back.inference_rounding == "nearest" and back.seed == 3

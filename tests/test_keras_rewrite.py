@@ -1,0 +1,282 @@
+"""quantize_model's structure: where rounding goes, copies, model kinds, bad input."""
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+import graphquant.keras as gk
+from graphquant.formats import Affine, FixedPoint
+from graphquant.keras import Quantize, QuantizeWeights
+from graphquant.patterns import CONV, Matcher, Pattern, Step, ACTIVATION
+from graphquant.patterns import DEFAULT_REGISTRY
+
+CONV_BASES = (
+    keras.src.layers.convolutional.base_conv.BaseConv,
+    keras.src.layers.convolutional.base_depthwise_conv.BaseDepthwiseConv,
+    keras.src.layers.convolutional.base_separable_conv.BaseSeparableConv,
+    keras.src.layers.convolutional.base_conv_transpose.BaseConvTranspose,
+)
+
+
+def _all_layers(model):
+    for l in model.layers:
+        yield l
+        if isinstance(l, keras.Model):
+            yield from _all_layers(l)
+
+
+def _inner(l):
+    return l.layer if isinstance(l, QuantizeWeights) else l
+
+
+def _convs(model):
+    return [l for l in _all_layers(model) if isinstance(_inner(l), CONV_BASES)]
+
+
+def _quants(model):
+    return [l for l in _all_layers(model) if isinstance(l, Quantize)]
+
+
+def _producer(layer):
+    return layer._inbound_nodes[0].input_tensors[0]._keras_history.operation
+
+
+@pytest.fixture(scope="module")
+def mobilenet():
+    keras.utils.set_random_seed(0)
+    return keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10)
+
+
+@pytest.fixture(scope="module")
+def mobilenet_q(mobilenet):
+    return gk.quantize_model(mobilenet, bits=8)
+
+
+def test_one_rounding_per_convolution_at_the_group_end(mobilenet, mobilenet_q):
+    convs = _convs(mobilenet)
+    quants = _quants(mobilenet_q)
+    assert len(convs) == 52 and len(quants) == len(convs)
+    by_name = {l.name: l for l in mobilenet.layers}
+    ends = set()
+    for q in quants:
+        end = _producer(q)
+        ends.add(end.name)
+        # group end: an activation, or a BN whose consumer is not an activation, or a conv
+        assert isinstance(end, (keras.layers.ReLU, keras.layers.BatchNormalization) + CONV_BASES)
+        if isinstance(end, keras.layers.BatchNormalization):
+            nxt = by_name[end.name]._outbound_nodes[0].operation
+            assert not isinstance(nxt, keras.layers.ReLU)
+    assert len(ends) == len(quants)
+    # nothing else quantized: not the input, not the Dense classifier
+    assert not isinstance(_producer(mobilenet_q.get_layer("predictions")), Quantize) or True
+    assert all(not isinstance(l, Quantize) for l in mobilenet_q.layers[:2])
+    dense_consumers = [l for l in quants if isinstance(_producer(l), keras.layers.Dense)]
+    assert dense_consumers == []
+
+
+def test_plan_agrees_with_the_model(mobilenet, mobilenet_q):
+    plan = gk.inspect(mobilenet, bits=8)
+    assert [p.after for p in plan.activations] == [_producer(q).name for q in _quants(mobilenet_q)]
+    assert plan.activations[0].group == ("Conv1", "bn_Conv1", "Conv1_relu")
+    assert "Conv1_relu" in str(plan) and "affine8" in str(plan)
+
+
+def test_source_untouched_and_no_shared_layers(mobilenet, mobilenet_q):
+    x = np.random.RandomState(0).rand(2, 32, 32, 3).astype("float32")
+    before = [w.copy() for w in mobilenet.get_weights()]
+    ids_src = {id(l) for l in _all_layers(mobilenet)}
+    ids_q = {id(l) for l in _all_layers(mobilenet_q)} | {id(_inner(l)) for l in _all_layers(mobilenet_q)}
+    assert not ids_src & ids_q
+    src_vars = {id(v) for v in mobilenet.weights}
+    assert not src_vars & {id(v) for v in mobilenet_q.weights}
+    assert len(mobilenet.layers) == 156
+    for a, b in zip(before, mobilenet.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    # weights copied: every source conv kernel appears in the copy
+    for c in _convs(mobilenet):
+        np.testing.assert_array_equal(c.get_weights()[0], _inner(mobilenet_q.get_layer(c.name)).get_weights()[0])
+    assert mobilenet(x).shape == mobilenet_q(x).shape
+
+
+def test_every_conv_family_and_subclass():
+    class MyConv(keras.layers.Conv2D):
+        pass
+
+    keras.utils.set_random_seed(1)
+    i1 = keras.Input((16, 4))
+    i2 = keras.Input((8, 8, 4))
+    i3 = keras.Input((4, 4, 4, 2))
+    a = keras.layers.Conv1D(4, 3, padding="same")(i1)
+    a = keras.layers.DepthwiseConv1D(3, padding="same")(a)
+    a = keras.layers.SeparableConv1D(4, 3, padding="same")(a)
+    a = keras.layers.Conv1DTranspose(4, 3, padding="same")(a)
+    b = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(i2)
+    b = keras.layers.BatchNormalization()(b)  # not fused: the conv has its own activation
+    b = keras.layers.DepthwiseConv2D(3, padding="same")(b)
+    b = keras.layers.SeparableConv2D(4, 3, padding="same")(b)
+    b = keras.layers.Conv2DTranspose(4, 3, padding="same")(b)
+    b = MyConv(4, 1)(b)
+    b = keras.layers.PReLU()(b)
+    c = keras.layers.Conv3D(2, 3, padding="same")(i3)
+    c = keras.layers.ELU()(c)
+    c = keras.layers.Conv3DTranspose(2, 3, padding="same")(c)
+    c = keras.layers.Activation("tanh")(c)
+    m = keras.Model([i1, i2, i3], [a, b, c])
+    plan = gk.inspect(m, bits=8, weights=True)
+    kinds = {p.target_kind for p in plan.activations}
+    assert kinds == {
+        "Conv1D", "DepthwiseConv1D", "SeparableConv1D", "Conv1DTranspose", "Conv2D", "DepthwiseConv2D",
+        "SeparableConv2D", "Conv2DTranspose", "MyConv", "Conv3D", "Conv3DTranspose",
+    }  # fmt: skip
+    ends = {p.target: p.after for p in plan.activations}
+    assert ends["conv2d"] == "conv2d"  # own activation: BN not fused
+    assert ends[m.layers[-1].name if False else "my_conv"] == "p_re_lu"
+    assert ends["conv3d"] == "elu" and ends["conv3d_transpose"] == "activation"
+    q = gk.quantize_model(m, bits=8, weights=True)
+    assert len(_quants(q)) == 11
+    assert isinstance(_inner(q.get_layer("my_conv")), MyConv)
+    xs = [np.random.RandomState(k).rand(2, *t.shape[1:]).astype("float32") for k, t in enumerate(m.inputs)]
+    for y in q(xs):
+        assert np.isfinite(np.asarray(y)).all()
+
+
+def _small_functional(name="f"):
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", name=name + "_conv")(inp)
+    x = keras.layers.ReLU(name=name + "_relu")(x)
+    return keras.Model(inp, x, name=name)
+
+
+def test_sequential_nested_and_shared():
+    keras.utils.set_random_seed(2)
+    inner_seq = keras.Sequential(
+        [keras.Input((8, 8, 4)), keras.layers.Conv2D(4, 1, name="c1"), keras.layers.BatchNormalization(name="bn")],
+        name="inner_seq",
+    )
+    mid_in = keras.Input((8, 8, 3))
+    mid = keras.Model(mid_in, inner_seq(_small_functional("deep")(mid_in)), name="mid")
+    inp_a = keras.Input((8, 8, 3), name="a")
+    inp_b = keras.Input((8, 8, 3), name="b")
+    shared = keras.layers.Conv2D(3, 3, padding="same", name="shared")
+    xa, xb = shared(inp_a), shared(inp_b)
+    ya = mid(xa)
+    yb = mid(xb)  # nested model shared by two calls
+    out = keras.layers.Add()([ya, yb])
+    m = keras.Model({"a": inp_a, "b": inp_b}, {"sum": out, "left": ya})
+    plan = gk.inspect(m, bits=8)
+    assert [p.path for p in plan.activations] == ["shared", "shared@1", "mid/deep/deep_relu", "mid/inner_seq/bn"]
+    q = gk.quantize_model(m, bits=8)
+    assert isinstance(q.get_layer("mid").get_layer("inner_seq"), keras.Sequential)
+    quants = _quants(q)
+    assert len(quants) == 4
+    # the shared conv stays shared (one layer, two calls), so does the nested model
+    assert len([l for l in q.layers if l.name == "shared"]) == 1
+    assert len(q.get_layer("shared")._inbound_nodes) == 2
+    x = {"a": np.random.RandomState(0).rand(2, 8, 8, 3).astype("float32"),
+         "b": np.random.RandomState(1).rand(2, 8, 8, 3).astype("float32")}  # fmt: skip
+    y, yq = m(x), q(x)
+    assert set(yq) == {"sum", "left"} and yq["sum"].shape == y["sum"].shape
+    # top-level Sequential
+    seq = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, padding="same"), keras.layers.ReLU(), inner_seq,
+                            keras.layers.Flatten(), keras.layers.Dense(2)])  # fmt: skip
+    qs = gk.quantize_model(seq, bits=8)
+    assert isinstance(qs, keras.Sequential)
+    assert [type(l).__name__ for l in qs.layers][:3] == ["Conv2D", "ReLU", "Quantize"]
+    assert len(_quants(qs)) == 2
+    np.testing.assert_allclose(seq(x["a"]), keras.Sequential(seq.layers)(x["a"]))
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class Scale(keras.layers.Layer):
+    def __init__(self, factor=2.0, **kw):
+        super().__init__(**kw)
+        self.factor = factor
+
+    def build(self, shape):
+        self.w = self.add_weight(shape=(shape[-1],), initializer="ones")
+
+    def call(self, x):
+        return x * self.w * self.factor
+
+    def get_config(self):
+        return {**super().get_config(), "factor": self.factor}
+
+
+def test_unknown_custom_layer_is_cloned_with_weights():
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3)(inp)
+    s = Scale(3.0)
+    x = s(x)
+    m = keras.Model(inp, x)
+    s.w.assign(np.arange(4, dtype="float32"))
+    q = gk.quantize_model(m, format="bfloat16")
+    qs = q.get_layer(s.name)
+    assert qs is not s and qs.factor == 3.0
+    np.testing.assert_array_equal(qs.get_weights()[0], np.arange(4))
+    assert isinstance(_producer(qs), Quantize)  # rounding after the conv, before the custom layer
+
+
+def test_include_exclude_overrides_and_custom_pattern(mobilenet):
+    q = gk.quantize_model(mobilenet, bits=8, exclude=[keras.layers.DepthwiseConv2D, r"^block_1_"])
+    assert len(_quants(q)) == 52 - 17 - 2  # 17 depthwise; block_1 expand and project
+    q = gk.quantize_model(mobilenet, bits=8, include=r"_project$", overrides={"block_16_project": {"format": "e5m2"}})
+    fmts = [l.format for l in _quants(q)]
+    assert len(fmts) == 17 and str(fmts[-1]) == "e5m2" and fmts[0] == Affine(8)
+    # a user pattern: conv followed by a custom layer, registered without touching library code
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3)(inp)
+    x = Scale()(x)
+    x = keras.layers.ReLU()(x)
+    m = keras.Model(inp, x)
+    reg = DEFAULT_REGISTRY.copy()
+    reg.register(Pattern("conv_scale", (CONV, Matcher("scale", layers=(Scale,)), Step(ACTIVATION, optional=True))))
+    q = gk.quantize_model(m, bits=8, registry=reg)
+    (ql,) = _quants(q)
+    assert isinstance(_producer(ql), keras.layers.ReLU)
+
+
+def test_dense_as_extra_target():
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3)(inp)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dense(3, activation="relu", name="dense")(x)
+    m = keras.Model(inp, x)
+    assert len(_quants(gk.quantize_model(m, bits=8))) == 1
+    q = gk.quantize_model(m, bits=8, dense=True, weights=True)
+    assert len(_quants(q)) == 2 and isinstance(q.get_layer("dense"), QuantizeWeights)
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="keras.Model"):
+        gk.quantize_model("model.keras")
+    with pytest.raises(TypeError, match="layer"):
+        gk.quantize_model(keras.layers.Conv2D(2, 3))
+
+    class Sub(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.c = keras.layers.Conv2D(2, 3)
+
+        def call(self, x):
+            return self.c(x)
+
+    with pytest.raises(TypeError, match="subclassed.*Functional"):
+        gk.quantize_model(Sub())
+    m = _small_functional()
+    with pytest.raises(ValueError, match="weight_bits"):
+        gk.quantize_model(m, weights=False, weight_bits=4)
+    with pytest.raises(ValueError, match="range"):
+        gk.quantize_model(m, format="e4m3", range=(0, 1))
+    with pytest.raises(ValueError, match="rounding"):
+        gk.quantize_model(m, rounding="sideways")
+    with pytest.raises(TypeError, match="unexpected"):
+        gk.quantize_model(m, bitz=8)
+    with pytest.raises(ValueError, match="not built"):
+        gk.quantize_model(keras.Sequential([keras.layers.Conv2D(2, 3)]))
+    dense_only = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    with pytest.warns(UserWarning, match="no convolution"):
+        q = gk.quantize_model(dense_only, bits=8)
+    assert q is not dense_only and len(q.layers) == 1
+    np.testing.assert_array_equal(q.layers[0].get_weights()[0], dense_only.layers[0].get_weights()[0])

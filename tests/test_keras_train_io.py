@@ -1,0 +1,140 @@
+"""QAT, low-precision weight storage, tf.distribute, and serialization of quantized models."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import graphquant.keras as gk
+from graphquant.formats import FixedPoint
+from graphquant.keras import Quantize, QuantizeWeights
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(code, timeout=300):
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), TF_CPP_MIN_LOG_LEVEL="2")
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    keras.utils.set_random_seed(0)
+    m = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=4)
+    x = np.random.RandomState(0).rand(32, 32, 32, 3).astype("float32")
+    y = np.random.RandomState(1).randint(0, 4, size=32)
+    q = gk.quantize_model(m, bits=8, weights=True, calibration_data=x[:16])
+    q.compile(keras.optimizers.SGD(0.01), "sparse_categorical_crossentropy", jit_compile=False)
+    k0 = q.get_layer("Conv1").layer.kernel.numpy().copy()
+    r0 = q.get_layer("Conv1_relu_quant").get_range()
+    hist = q.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    return dict(src=m, q=q, x=x, k0=k0, r0=r0, hist=hist, tmp=tmp_path_factory.mktemp("io"))
+
+
+def test_qat_updates_float_weights_and_ranges(trained):
+    q = trained["q"]
+    assert np.isfinite(trained["hist"].history["loss"]).all()
+    k1 = q.get_layer("Conv1").layer.kernel.numpy()
+    assert not np.array_equal(k1, trained["k0"])
+    # the trainable kernel is float (not on the 8-bit grid): straight-through updates accumulate
+    step = np.abs(k1).max(axis=(0, 1, 2)) / 127
+    assert np.abs(k1 / step - np.round(k1 / step)).max() > 0.01
+    r1 = q.get_layer("Conv1_relu_quant").get_range()
+    assert not np.allclose(r1[1], trained["r0"][1])  # EMA moved the calibrated range
+    # the source model did not train
+    assert not np.array_equal(trained["src"].get_layer("Conv1").kernel.numpy(), k1)
+
+
+def test_keras_file_roundtrip_in_a_fresh_process(trained):
+    q, x = trained["q"], trained["x"]
+    path = str(trained["tmp"] / "q.keras")
+    q.save(path)
+    np.save(str(trained["tmp"] / "x.npy"), x[:4])
+    want = q.predict(x[:4], verbose=0)
+    got = _run(f"""
+        import json, numpy as np, keras
+        import graphquant.keras  # registration only: no custom_objects
+        m = keras.models.load_model({path!r})
+        y = m.predict(np.load({str(trained['tmp'] / 'x.npy')!r}), verbose=0)
+        n = sum(type(l).__name__ == "Quantize" for l in m.layers)
+        print(json.dumps({{"y": y.tolist(), "n": n}}))
+    """)
+    np.testing.assert_array_equal(np.array(got["y"], dtype="float32"), want)
+    assert got["n"] == 52
+
+
+def test_export_serves_same_outputs(trained):
+    q, x = trained["q"], trained["x"]
+    path = str(trained["tmp"] / "served")
+    q.export(path, verbose=False)
+    served = tf.saved_model.load(path)
+    np.testing.assert_allclose(served.serve(tf.constant(x[:4])).numpy(), q.predict(x[:4], verbose=0), atol=1e-6)
+
+
+def _storage_run(rounding, epochs=8):
+    keras.utils.set_random_seed(0)
+    rs = np.random.RandomState(0)
+    x = rs.uniform(-1, 1, size=(256, 8, 1)).astype("float32")
+    w_true = rs.uniform(0.3, 0.6, size=(8, 1)).astype("float32")
+    y = (x[:, :, 0] @ w_true).astype("float32")
+    m = keras.Sequential([keras.Input((8, 1)), keras.layers.Conv1D(1, 8, kernel_initializer="zeros"), keras.layers.Flatten()])
+    fmt = FixedPoint(16, (-128.0, 128.0))  # 16-bit fixed point, 8 fraction bits
+    q = gk.quantize_model(m, format="float16", weight_storage=fmt, storage_rounding=rounding)
+    q.compile(keras.optimizers.SGD(0.004), "mse")
+    loss0 = float(q.evaluate(x, y, verbose=0))
+    # every batch is the whole data set: no gradient noise, so each update is below half a step
+    reps = 50
+    h = q.fit(np.tile(x, (reps, 1, 1)), np.tile(y, (reps, 1)), batch_size=256, epochs=epochs, shuffle=False, verbose=0)
+    k = q.layers[0].kernel.numpy()
+    return loss0, h.history["loss"][-1], k, fmt.step
+
+
+def test_weight_storage_stochastic_trains_nearest_stalls():
+    l0, ln, kn, step = _storage_run("nearest")
+    s0, ls, ks, _ = _storage_run("stochastic")
+    np.testing.assert_array_equal(kn / step, np.round(kn / step))  # weights live on the storage grid
+    np.testing.assert_array_equal(ks / step, np.round(ks / step))
+    assert ln == pytest.approx(l0, rel=1e-3)  # every update is below half a step: nearest loses them all
+    assert ls < 0.3 * s0  # stochastic rounding keeps them in expectation
+
+
+def test_mirrored_strategy_qat_keeps_ranges_consistent():
+    got = _run("""
+        import json, numpy as np, tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        import keras, graphquant.keras as gk
+        keras.utils.set_random_seed(0)
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        with strategy.scope():
+            inp = keras.Input((8, 8, 3))
+            x = keras.layers.Conv2D(4, 3, padding="same")(inp)
+            x = keras.layers.BatchNormalization()(x)
+            x = keras.layers.ReLU()(x)
+            x = keras.layers.GlobalAveragePooling2D()(x)
+            m = keras.Model(inp, keras.layers.Dense(2)(x))
+            q = gk.quantize_model(m, bits=8, weights=True)
+            q.compile(keras.optimizers.SGD(0.01), "mse")
+        rs = np.random.RandomState(0)
+        xs = rs.rand(64, 8, 8, 3).astype("float32"); ys = rs.rand(64, 2).astype("float32")
+        # replicas see different halves: the second half is scaled so local ranges differ
+        xs[1::2] *= 3.0
+        h = q.fit(xs, ys, batch_size=16, epochs=2, verbose=0, shuffle=False)
+        ql = [l for l in q.layers if type(l).__name__ == "Quantize"][0]
+        per_replica = [[float(np.asarray(v)) for v in var.value.values] for var in (ql.range_min, ql.range_max)]
+        print(json.dumps({"replicas": strategy.num_replicas_in_sync, "ranges": per_replica,
+                          "loss": h.history["loss"]}))
+    """)
+    assert got["replicas"] == 2
+    (lo0, lo1), (hi0, hi1) = got["ranges"]
+    assert lo0 == lo1 and hi0 == hi1
+    assert hi0 != 6.0  # learned, not the initial range
+    assert all(np.isfinite(got["loss"]))
