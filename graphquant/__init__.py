@@ -1,11 +1,50 @@
-"""graphquant: simulate reduced numeric precision inside TensorFlow/Keras models."""
+"""graphquant: simulate reduced numeric precision inside TensorFlow/Keras models.
+
+The public API, re-exported (see the README for a tour):
+
+* numerics: :func:`quantize`, the formats :class:`FixedPoint`, :class:`Affine`,
+  :class:`FloatFormat`, :data:`PRESETS`, :func:`parse_format`;
+* Keras models: :func:`quantize_model`, :func:`inspect`, :func:`calibrate`,
+  the inserted layer ``graphquant.keras.Quantize``;
+* graphs: :func:`quantize_function`, :func:`convert_saved_model`,
+  :func:`inspect_saved_model`, :func:`convert_batch`;
+* the pattern registry: :class:`Registry`, :class:`Pattern`, :class:`Step`,
+  :class:`Matcher`, :data:`DEFAULT_REGISTRY`, :class:`QuantizeConfig`, :class:`Plan`.
+
+Importing graphquant registers its Keras layers for serialization, so a
+quantized ``.keras`` file loads without ``custom_objects``.
+"""
 
 from ._version import __version__
 from .formats import PRESETS, Affine, FixedPoint, FloatFormat, Format, as_format, format_from_dict, parse_format
 from .ops import ROUNDING_MODES, quantize, representable_range, set_seed
+from .patterns import (
+    ACTIVATION,
+    BIAS,
+    CONV,
+    DEFAULT_REGISTRY,
+    DENSE,
+    NORM,
+    Match,
+    Matcher,
+    Node,
+    Pattern,
+    Registry,
+    Step,
+    View,
+    default_registry,
+    weight_slots,
+)
+from .plan import InsertionPoint, Plan, QuantizeConfig, make_plan
+from .ranges import calibrate
+from . import keras  # noqa: F401  (registers the Keras layers for deserialization)
+from .keras import Quantize, QuantizeWeights, StorageRounding, apply_weight_storage, inspect, quantize_model
+from .graph import ConversionReport, SavedModelError, convert_saved_model, inspect_saved_model, quantize_function
+from .batch import convert_batch
 
 __all__ = [
     "__version__",
+    # numerics
     "Affine",
     "FixedPoint",
     "FloatFormat",
@@ -18,4 +57,39 @@ __all__ = [
     "quantize",
     "representable_range",
     "set_seed",
+    # patterns and plans
+    "ACTIVATION",
+    "BIAS",
+    "CONV",
+    "DEFAULT_REGISTRY",
+    "DENSE",
+    "NORM",
+    "InsertionPoint",
+    "Match",
+    "Matcher",
+    "Node",
+    "Pattern",
+    "Plan",
+    "QuantizeConfig",
+    "Registry",
+    "Step",
+    "View",
+    "default_registry",
+    "make_plan",
+    "weight_slots",
+    # Keras
+    "Quantize",
+    "QuantizeWeights",
+    "StorageRounding",
+    "apply_weight_storage",
+    "calibrate",
+    "inspect",
+    "quantize_model",
+    # graphs
+    "ConversionReport",
+    "SavedModelError",
+    "convert_batch",
+    "convert_saved_model",
+    "inspect_saved_model",
+    "quantize_function",
 ]
