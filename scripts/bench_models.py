@@ -12,7 +12,7 @@ and the same figures for tensorflow-model-optimization's ``quantize_model``,
 measured in a subprocess with tf-keras on the same architecture (tfmot needs
 legacy Keras; importing it switches ``tf.keras`` to tf-keras, so it never runs
 in this process). Install it with ``pip install tf-keras tensorflow-model-optimization``.
-Timings are medians; ratios are what to compare across machines.
+Timings are medians of repetitions interleaved float / quantized; ratios are what to compare across machines.
 """
 
 from __future__ import annotations
@@ -49,6 +49,14 @@ def median_time(fn, repeat):
         t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
 
+def interleaved(fns, repeat):
+    """Median time of each fn, repetitions interleaved (a, b, a, b, ...): machine load hits both alike."""
+    ts = {k: [] for k in fns}
+    for _ in range(repeat):
+        for k, fn in fns.items():
+            t0 = time.perf_counter(); fn(); ts[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in ts.items()}
+
 def step_fns(keras, tf, model, x, y):
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss="sparse_categorical_crossentropy")
     infer = tf.function(lambda t: model(t, training=False))
@@ -74,9 +82,8 @@ t_quant = median_time(lambda: gk.quantize_model(model, bits=8, weights=True), 3)
 q = gk.quantize_model(model, bits=8, weights=True, calibration_data=x)
 fi, ft = step_fns(keras, tf, model, x, y)
 qi, qt = step_fns(keras, tf, q, x, y)
-res = {}
-for name, fn in (("infer_float", fi), ("infer_q", qi), ("train_float", ft), ("train_q", qt)):
-    res[name] = median_time(fn, repeat)
+res = interleaved({"infer_float": fi, "infer_q": qi}, repeat)
+res.update(interleaved({"train_float": ft, "train_q": qt}, repeat))
 res["quantize"] = t_quant
 print(json.dumps(res))
 '''
@@ -100,9 +107,8 @@ q = tfmot.quantization.keras.quantize_model(model)
 t_quant = time.perf_counter() - t0
 fi, ft = step_fns(keras, tf, model, x, y)
 qi, qt = step_fns(keras, tf, q, x, y)
-res = {}
-for name, fn in (("infer_float", fi), ("infer_q", qi), ("train_float", ft), ("train_q", qt)):
-    res[name] = median_time(fn, repeat)
+res = interleaved({"infer_float": fi, "infer_q": qi}, repeat)
+res.update(interleaved({"train_float": ft, "train_q": qt}, repeat))
 res["quantize"] = t_quant
 print(json.dumps(res))
 '''

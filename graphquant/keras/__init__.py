@@ -1,6 +1,6 @@
 """The Keras 3 front end: ``quantize_model``, ``inspect`` and the layers it inserts."""
 
-from .layers import Quantize, QuantizeWeights, StorageRounding, quantize_weight
+from .layers import FoldingBatchNormalization, Quantize, QuantizeWeights, StorageRounding, quantize_weight
 from .rewrite import apply_weight_storage, inspect, plan_model, quantize_model
 from .view import keras_view
 
@@ -8,6 +8,7 @@ __all__ = [
     "Quantize",
     "QuantizeWeights",
     "StorageRounding",
+    "FoldingBatchNormalization",
     "quantize_weight",
     "quantize_model",
     "inspect",

@@ -16,7 +16,7 @@ import tensorflow as tf
 from ..formats import Affine, Format, format_from_dict, parse_format
 from ..ops import quantize
 
-__all__ = ["Quantize", "QuantizeWeights", "StorageRounding", "quantize_weight"]
+__all__ = ["Quantize", "QuantizeWeights", "StorageRounding", "FoldingBatchNormalization", "quantize_weight"]
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +199,8 @@ def quantize_weight(w: Any, fmt: Format, rounding: str = "nearest", seed: Any = 
     wf = tf.stop_gradient(tf.cast(w, tf.float32))
     rank = w.shape.rank
     red = None if fmt.axis is None else [i for i in range(rank) if i != fmt.axis % rank]
+    if fmt.symmetric and rounding == "nearest" and fmt.bits <= 16 and w.dtype == tf.float32:
+        return _symmetric_fake_quant(w, wf, fmt, rank, red)
     if fmt.symmetric:
         m = tf.maximum(tf.reduce_max(tf.abs(wf), axis=red), 1e-12)
         lo, hi = -m, m
@@ -206,6 +208,107 @@ def quantize_weight(w: Any, fmt: Format, rounding: str = "nearest", seed: Any = 
         lo = tf.minimum(tf.reduce_min(wf, axis=red), 0.0)
         hi = tf.maximum(tf.maximum(tf.reduce_max(wf, axis=red), 0.0), lo + 1e-12)
     return quantize(w, fmt, rounding, range=(lo, hi), seed=seed)
+
+
+def _symmetric_fake_quant(w: tf.Tensor, wf: tf.Tensor, fmt: Affine, rank: int, red: Any) -> tf.Tensor:
+    """The fast path of :func:`quantize_weight`: TF's FakeQuant on ``(-max|w|, max|w|)``, with no extra ops.
+
+    Bit-identical to ``quantize(w, fmt, "nearest", range=(-m, m))`` (the same
+    kernel on the same range; the range carries no gradient). A per-channel
+    axis followed only by size-1 dimensions (depthwise kernels) is moved last
+    by a reshape instead of two transposes.
+    """
+    kw = dict(num_bits=fmt.bits, narrow_range=fmt.narrow_range)
+    m = tf.maximum(tf.reduce_max(tf.abs(wf), axis=red), 1e-12)
+    if red is None:
+        return tf.quantization.fake_quant_with_min_max_vars(w, -m, m, **kw)
+    axis = fmt.axis % rank
+    shape = w.shape
+    if axis == rank - 1:
+        return tf.quantization.fake_quant_with_min_max_vars_per_channel(w, -m, m, **kw)
+    if shape.is_fully_defined() and all(d == 1 for d in shape[axis + 1 :]):
+        flat = tf.reshape(w, shape[: axis + 1])
+        y = tf.quantization.fake_quant_with_min_max_vars_per_channel(flat, -m, m, **kw)
+        return tf.reshape(y, shape)
+    return quantize(w, fmt, "nearest", range=(-m, m))
+
+
+# ----------------------------------------------------------------------------- BN folding
+# Exact classes only: a subclass may override call() with something that is not
+# linear in the kernel. Transposed convolutions are not folded.
+_FOLD_OUTPUT_SLOT = {
+    keras.layers.Conv1D: "kernel",
+    keras.layers.Conv2D: "kernel",
+    keras.layers.Conv3D: "kernel",
+    keras.layers.DepthwiseConv1D: "kernel",
+    keras.layers.DepthwiseConv2D: "kernel",
+    keras.layers.SeparableConv1D: "pointwise_kernel",
+    keras.layers.SeparableConv2D: "pointwise_kernel",
+}
+
+
+def _foldable_conv(layer: keras.layers.Layer) -> Optional[str]:
+    """The weight that carries the output channels if ``layer`` can absorb a following BN, else None."""
+    slot = _FOLD_OUTPUT_SLOT.get(type(layer))
+    if slot is None:
+        return None
+    if getattr(layer, "data_format", "channels_last") != "channels_last":
+        return None
+    if getattr(layer, "activation", None) not in (None, keras.activations.linear):
+        return None
+    if layer.compute_dtype != "float32" or layer.variable_dtype != "float32":
+        return None
+    return slot
+
+
+@keras.saving.register_keras_serializable(package="graphquant")
+class FoldingBatchNormalization(keras.layers.BatchNormalization):
+    """``BatchNormalization`` that, at inference inside a traced function, folds into the preceding convolution.
+
+    ``quantize_model`` uses it for every ``BatchNormalization`` it copies. It
+    computes exactly what ``BatchNormalization`` computes, except in one case:
+    at inference (``training`` false), in graph mode (``tf.function``,
+    ``predict``, ``export``), when its input is the output of a
+    :class:`QuantizeWeights` convolution (float32, channels-last, no own
+    activation) that offered itself for folding. Then it returns
+    ``conv(x, Q(W) * s) + (b * s + t)`` with ``s = gamma / sqrt(var + eps)``,
+    ``t = beta - mean * s``: the same values as ``BN(conv(x, Q(W)) + b)`` up
+    to float reassociation, with the weight rounding point unchanged, and the
+    unfused convolution is pruned from the graph. In eager mode, while
+    training, or with ``fold=False`` it is a plain ``BatchNormalization``.
+    """
+
+    def __init__(self, *args: Any, fold: bool = True, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.fold = bool(fold)
+
+    def _fold_params(self, inputs: Any):
+        if self.renorm or inputs.dtype != tf.float32 or self.compute_dtype != "float32":
+            return None
+        rank = inputs.shape.rank
+        if rank is None or self.axis % rank != rank - 1:
+            return None
+        inv = tf.math.rsqrt(tf.convert_to_tensor(self.moving_variance) + self.epsilon)
+        if self.scale:
+            inv = inv * tf.convert_to_tensor(self.gamma)
+        shift = -tf.convert_to_tensor(self.moving_mean) * inv
+        if self.center:
+            shift = tf.convert_to_tensor(self.beta) + shift
+        return inv, shift
+
+    def call(self, inputs: Any, training: Any = None, mask: Any = None) -> Any:
+        if self.fold and not (training and self.trainable):
+            folder = getattr(inputs, "_graphquant_fold", None)
+            if folder is not None:
+                params = self._fold_params(inputs)
+                if params is not None:
+                    return folder(*params)
+        return super().call(inputs, training=training, mask=mask)
+
+    def get_config(self) -> Dict[str, Any]:
+        cfg = super().get_config()
+        cfg["fold"] = self.fold
+        return cfg
 
 
 @keras.saving.register_keras_serializable(package="graphquant")
@@ -270,7 +373,41 @@ class QuantizeWeights(keras.layers.Wrapper):
             seed = self.seed_generator.next() if rnd == "stochastic" else None
             mapping.append((var, quantize_weight(var.value, s["format"], rnd, seed)))
         with keras.StatelessScope(state_mapping=mapping):
-            return self.layer.call(inputs, **kwargs)
+            y = self.layer.call(inputs, **kwargs)
+        if not train and not kwargs and not tf.executing_eagerly():
+            slot = _foldable_conv(self.layer)
+            if slot is not None:
+                # Offer a following FoldingBatchNormalization the folded convolution. If it takes
+                # it, ``y`` has no consumer left and TF prunes it from the function graph.
+                try:
+                    y._graphquant_fold = lambda inv, shift: self._folded(inputs, mapping, slot, inv, shift)
+                except AttributeError:  # pragma: no cover - a tensor type without attributes
+                    pass
+        return y
+
+    def _folded(self, inputs: Any, mapping: List[Any], slot: str, inv: tf.Tensor, shift: tf.Tensor) -> tf.Tensor:
+        """``layer(inputs)`` with BN (per-output-channel ``* inv + shift``) folded into kernel and bias."""
+        layer = self.layer
+        values = {id(v): t for v, t in mapping}
+        kvar = self._variable(slot)
+        k = values.get(id(kvar), kvar.value)
+        if isinstance(layer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)):
+            scale = tf.reshape(inv, k.shape[-2:])  # output channel = in * multiplier + m
+        else:
+            scale = inv
+        new = dict(values)
+        new[id(kvar)] = k * scale
+        fmap = [(v, new[id(v)]) for v, _ in mapping]
+        if id(kvar) not in values:
+            fmap.append((kvar, new[id(kvar)]))
+        if layer.use_bias:
+            bias = layer.bias
+            fmap.append((bias, bias.value * inv + shift))
+        with keras.StatelessScope(state_mapping=fmap):
+            y = layer.call(inputs)
+        if not layer.use_bias:
+            y = tf.nn.bias_add(y, shift)
+        return y
 
     def compute_output_shape(self, input_shape: Any) -> Any:
         return self.layer.compute_output_shape(input_shape)

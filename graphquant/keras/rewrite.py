@@ -20,7 +20,7 @@ import keras
 
 from ..patterns import Registry
 from ..plan import InsertionPoint, Plan, QuantizeConfig, make_plan
-from .layers import Quantize, QuantizeWeights, StorageRounding
+from .layers import FoldingBatchNormalization, Quantize, QuantizeWeights, StorageRounding
 from .view import _is_sequential, check_model, is_graph_model, iter_calls, keras_view
 
 __all__ = ["quantize_model", "inspect", "plan_model"]
@@ -100,8 +100,9 @@ def _input_like(x: Any) -> Any:
 
 
 class _Rewriter:
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, fold_batchnorm: bool = True):
         self.plan = plan
+        self.fold_batchnorm = fold_batchnorm
         self.models: Dict[int, keras.Model] = {}  # id(source model) -> rewritten
         self.pairs: List[Tuple[Any, Any]] = []  # (source layer, new layer) for weight copy
         self.inserted = 0
@@ -131,7 +132,12 @@ class _Rewriter:
             if key not in self.models:
                 self.models[key] = self.rewrite(layer, scope + (layer.name,))
             return self.models[key]
-        new = _clone_layer(layer)
+        if self.fold_batchnorm and type(layer) is keras.layers.BatchNormalization:
+            # same computation; at inference in a tf.function it folds into a preceding
+            # weight-quantized convolution (see FoldingBatchNormalization)
+            new = FoldingBatchNormalization.from_config(layer.get_config())
+        else:
+            new = _clone_layer(layer)
         self.pairs.append((layer, new))
         if weight_points:
             return QuantizeWeights(
@@ -233,6 +239,7 @@ def quantize_model(
     calibration_method: str = "minmax",
     config: Optional[QuantizeConfig] = None,
     registry: Optional[Registry] = None,
+    fold_batchnorm: bool = True,
     **options: Any,
 ) -> keras.Model:
     """A copy of ``model`` with rounding after every convolution group.
@@ -266,6 +273,11 @@ def quantize_model(
         calibration_method: ``"minmax"`` or ``"percentile"``.
         config: a prepared :class:`QuantizeConfig` (instead of the keywords).
         registry: the pattern registry (default :data:`DEFAULT_REGISTRY`).
+        fold_batchnorm: copy ``BatchNormalization`` layers as
+            :class:`~graphquant.keras.FoldingBatchNormalization`, which at
+            inference in a ``tf.function`` (``predict``, ``export``) folds into
+            a preceding weight-quantized convolution: same values up to float
+            reassociation, same rounding points, one memory pass less.
         **options: further :class:`QuantizeConfig` options
             (``inference_rounding``, ``activations``, ``options``, ``range_momentum``).
 
@@ -305,7 +317,7 @@ def quantize_model(
         msg = f"model {model.name!r} has no layer matching the quantization patterns (no convolution); returning a plain copy"
         warnings.warn(msg, UserWarning, stacklevel=2)
         log.warning(msg)
-    rw = _Rewriter(plan)
+    rw = _Rewriter(plan, fold_batchnorm=bool(fold_batchnorm))
     new = rw.rewrite(model)
     rw.copy_weights()
     if cfg.weight_storage is not None:
