@@ -6,6 +6,7 @@ The public API, re-exported (see the README for a tour):
   :class:`FloatFormat`, :data:`PRESETS`, :func:`parse_format`;
 * Keras models: :func:`quantize_model`, :func:`inspect`, :func:`calibrate`,
   the inserted layer ``graphquant.keras.Quantize``;
+* evidence: :func:`compare` (per-layer error report);
 * graphs: :func:`quantize_function`, :func:`convert_saved_model`,
   :func:`inspect_saved_model`, :func:`convert_batch`;
 * the pattern registry: :class:`Registry`, :class:`Pattern`, :class:`Step`,
@@ -41,6 +42,7 @@ from . import keras  # noqa: F401  (registers the Keras layers for deserializati
 from .keras import Quantize, QuantizeWeights, StorageRounding, apply_weight_storage, inspect, quantize_model
 from .graph import ConversionReport, SavedModelError, convert_saved_model, inspect_saved_model, quantize_function
 from .batch import convert_batch
+from .compare import CompareReport, compare
 
 __all__ = [
     "__version__",
@@ -85,6 +87,9 @@ __all__ = [
     "calibrate",
     "inspect",
     "quantize_model",
+    # evidence
+    "CompareReport",
+    "compare",
     # graphs
     "ConversionReport",
     "SavedModelError",

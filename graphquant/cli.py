@@ -71,6 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
     _quant_args(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
+    p = sub.add_parser("compare", help="per-layer error of a quantized model against its float source")
+    p.add_argument("src", help="the float model: SavedModel folder or .keras file")
+    p.add_argument("quantized", help="the quantized model: SavedModel folder or .keras file")
+    p.add_argument("--data", required=True, metavar="INPUTS.npz", help="inputs (.npz or .npy; several arrays = named inputs)")
+    p.add_argument("--plot", metavar="REPORT.png", help="draw SQNR per layer (needs matplotlib)")
+    p.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
+    p.add_argument("--signature", default="serving_default", help="SavedModel signature to run")
+    p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+
     p = sub.add_parser("example", help="build, export and convert a built-in example model")
     p.add_argument("--out", default="out/example", help="folder for the example's files (default out/example)")
     p.add_argument("--arch", default="MobileNetV2", choices=("MobileNetV2", "ResNet50"), help="keras.applications architecture")
@@ -101,16 +110,16 @@ def _config(ns: argparse.Namespace) -> Dict[str, Any]:
     return kw
 
 
-def _load_calibration(path: str) -> Any:
+def _load_calibration(path: str, option: str = "--calibration") -> Any:
     import numpy as np
 
     p = Path(path)
     if not p.is_file():
-        raise ValueError(f"--calibration: {p}: no such file")
+        raise ValueError(f"{option}: {p}: no such file")
     try:
         data = np.load(p, allow_pickle=False)
     except Exception as e:
-        raise ValueError(f"--calibration: {p}: not a readable .npz/.npy file ({e})") from None
+        raise ValueError(f"{option}: {p}: not a readable .npz/.npy file ({e})") from None
     if isinstance(data, np.ndarray):
         return data
     arrays = {k: data[k] for k in data.files}
@@ -200,6 +209,26 @@ def _cmd_batch(ns: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_compare(ns: argparse.Namespace) -> int:
+    from .compare import compare
+
+    if ns.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {ns.batch_size}")
+    data = _load_calibration(ns.data, "--data")
+    if ns.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
+    report = compare(ns.src, ns.quantized, data, batch_size=ns.batch_size, signature=ns.signature)
+    print(report.table())
+    if ns.json:
+        Path(ns.json).write_text(report.to_json(indent=2))
+    if ns.plot:
+        report.plot(ns.plot)
+    return 0
+
+
 def _cmd_example(ns: argparse.Namespace) -> int:
     from .graph.example import run_example
 
@@ -218,7 +247,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     for noisy in ("tensorflow", "absl", "h5py"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
-    handlers = {"convert": _cmd_convert, "batch": _cmd_batch, "inspect": _cmd_inspect, "example": _cmd_example}
+    handlers = {
+        "convert": _cmd_convert, "batch": _cmd_batch, "inspect": _cmd_inspect, "compare": _cmd_compare,
+        "example": _cmd_example,
+    }  # fmt: skip
     try:
         return handlers[ns.command](ns)
     except (ValueError, TypeError, OSError) as e:

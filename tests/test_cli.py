@@ -90,4 +90,8 @@ def test_example_main_job(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "52 groups, 52 activation" in p.stdout
     assert "outputs moved" in p.stdout and "SQNR" in p.stdout
+    # ends with the per-layer error table (graphquant.compare): one row per inserted node
+    table = p.stdout.split("per-layer error on 8 samples", 1)[1]
+    assert "affine8[" in table and "lowest SQNR:" in p.stdout
+    assert sum(1 for line in table.splitlines() if "affine8[" in line) == 52
     assert (tmp_path / "ex" / "q8" / "saved_model.pb").is_file()

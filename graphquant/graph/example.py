@@ -36,7 +36,8 @@ def run_example(out: str = "out/example", arch: str = "MobileNetV2", size: int =
     """Build ``keras.applications.<arch>`` with random weights, export, convert, compare.
 
     Writes ``<out>/float`` (the exported SavedModel) and ``<out>/q<bits>``
-    (the converted one); prints the insertion table and the output error.
+    (the converted one); prints the insertion table, the output error and the
+    per-layer error table of :func:`graphquant.compare.compare`.
     """
     import keras
     import tensorflow as tf
@@ -89,4 +90,12 @@ def run_example(out: str = "out/example", arch: str = "MobileNetV2", size: int =
         f"outputs moved: max |diff| {err['max_abs']:.4g}, mean |diff| {err['mean_abs']:.4g}, "
         f"SQNR {err['sqnr_db']:.1f} dB, top-1 agreement {agree:.0%} on {len(test)} random images"
     )
-    return {"report": report, "error": err, "top1_agreement": agree, "float": str(float_dir), "quantized": str(q_dir)}
+    from ..compare import compare
+
+    per_layer = compare(float_dir, q_dir, test)
+    echo(per_layer.table())
+    worst = per_layer.worst(1)
+    if worst:
+        echo(f"lowest SQNR: {worst[0].layer} ({worst[0].sqnr_db:.1f} dB)")
+    return {"report": report, "error": err, "top1_agreement": agree, "float": str(float_dir), "quantized": str(q_dir),
+            "compare": per_layer}

@@ -1,0 +1,860 @@
+"""Per-layer error report: where in the network does the quantization error come from?
+
+:func:`compare` runs a float model and its quantized copy on the same batches
+and measures, at every insertion point (every :class:`graphquant.keras.Quantize`
+layer of a Keras model, every ``graphquant/q...`` node of a converted
+SavedModel):
+
+* ``sqnr_db``: signal-to-quantization-noise ratio of the rounded tensor
+  against the float model's tensor at the same place, in dB
+  (``10·log10(Σ ref² / Σ (q − ref)²)``); this is the error accumulated up
+  to that point;
+* ``local_sqnr_db``: the same for this rounding alone (its output against
+  its own input), i.e. the noise this point adds;
+* ``mean_abs`` / ``max_abs``: absolute error against the float tensor;
+* ``clipped``: the fraction of the rounding's inputs outside the format's
+  representable range, ``[smallest, largest]`` grid value, where rounding
+  saturates and the straight-through gradient is zero (``None`` where the
+  graph does not tell the range);
+
+plus the error of every final output (and top-1 agreement for classifier-like
+outputs). The report prints as a table, converts to a dict / JSON, and
+``report.plot(path)`` draws SQNR per layer as a bar chart (matplotlib).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+__all__ = ["compare", "CompareReport", "PointError", "OutputError"]
+
+
+# --------------------------------------------------------------------------- statistics
+class _Stats:
+    """Streaming error statistics of ``out`` against ``ref`` (plus the rounding's own input)."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.sig = 0.0  # Σ ref²
+        self.err = 0.0  # Σ (out − ref)²
+        self.abs = 0.0  # Σ |out − ref|
+        self.max = 0.0
+        self.local_sig = 0.0  # Σ inp²
+        self.local_err = 0.0  # Σ (out − inp)²
+        self.clipped = 0
+        self.clip_known = True
+        self.agree = 0
+        self.rows = 0
+
+    def update(self, ref: np.ndarray, out: np.ndarray, inp: Optional[np.ndarray] = None, rng: Any = None,
+               axis: Optional[int] = None) -> None:
+        ref = np.asarray(ref, np.float64)
+        out = np.asarray(out, np.float64)
+        if ref.shape != out.shape:
+            raise ValueError(f"shape mismatch between the float and the quantized tensor: {ref.shape} vs {out.shape}")
+        d = out - ref
+        fin = np.isfinite(d)
+        self.n += ref.size
+        self.sig += float(np.sum(np.square(ref[np.isfinite(ref)])))
+        self.err += float(np.sum(np.square(np.where(fin, d, 0.0)))) + (math.inf if not fin.all() else 0.0)
+        ad = np.abs(d)
+        self.abs += float(np.sum(ad))
+        if ad.size:
+            self.max = max(self.max, float(np.max(ad)))
+        if inp is not None:
+            inp = np.asarray(inp, np.float64)
+            self.local_sig += float(np.sum(np.square(inp[np.isfinite(inp)])))
+            dl = out - inp
+            self.local_err += float(np.sum(np.square(np.where(np.isfinite(dl), dl, 0.0))))
+            if not np.isfinite(dl).all():
+                self.local_err = math.inf
+            if rng is None:
+                self.clip_known = False
+            else:
+                lo, hi = (np.asarray(r, np.float64) for r in rng)
+                if axis is not None and lo.ndim == 1 and lo.size > 1:
+                    shape = [1] * inp.ndim
+                    shape[axis % inp.ndim] = lo.size
+                    lo, hi = lo.reshape(shape), hi.reshape(shape)
+                self.clipped += int(np.sum((inp < lo) | (inp > hi)))
+        if ref.ndim == 2 and ref.shape[-1] > 1:
+            self.agree += int(np.sum(np.argmax(ref, -1) == np.argmax(out, -1)))
+            self.rows += ref.shape[0]
+
+    @staticmethod
+    def _db(sig: float, err: float) -> float:
+        if err == 0.0:
+            return math.inf
+        if not math.isfinite(err):
+            return -math.inf
+        return 10.0 * math.log10(max(sig, 1e-300) / err)
+
+    @property
+    def sqnr_db(self) -> float:
+        return self._db(self.sig, self.err)
+
+    @property
+    def local_sqnr_db(self) -> float:
+        return self._db(self.local_sig, self.local_err)
+
+
+# --------------------------------------------------------------------------- report
+@dataclass
+class PointError:
+    """The error at one insertion point.
+
+    Attributes:
+        layer: where the rounding sits (the Keras layer it follows, with the
+            nested model path; or the graph node it rounds).
+        node: the inserted layer / graph node.
+        format: the number format (``"?"`` when the graph does not say).
+        sqnr_db: SQNR of the rounded tensor against the float model's tensor (dB).
+        local_sqnr_db: SQNR of the rounding alone (its output against its input).
+        mean_abs, max_abs: absolute error against the float model's tensor.
+        clipped: fraction of the rounding's inputs outside the format's range
+            (``None`` when unknown).
+        size: number of values compared.
+    """
+
+    layer: str
+    node: str
+    format: str
+    sqnr_db: float
+    local_sqnr_db: float
+    mean_abs: float
+    max_abs: float
+    clipped: Optional[float]
+    size: int
+
+
+@dataclass
+class OutputError:
+    """The error of one final output (``top1_agreement`` for ``[batch, classes]`` outputs)."""
+
+    name: str
+    sqnr_db: float
+    mean_abs: float
+    max_abs: float
+    top1_agreement: Optional[float]
+    size: int
+
+
+def _num(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return "inf" if v > 0 else ("-inf" if v < 0 else "nan")
+    return v
+
+
+@dataclass
+class CompareReport:
+    """Result of :func:`compare`: one :class:`PointError` per insertion point, one
+    :class:`OutputError` per model output.
+
+    ``str(report)`` is a table; :meth:`to_dict` / :meth:`to_json` give the data;
+    :meth:`plot` draws SQNR per layer; :meth:`worst` lists the lowest-SQNR points.
+    """
+
+    points: List[PointError]
+    outputs: List[OutputError]
+    samples: int
+    batches: int
+    seconds: float
+    kind: str = "keras"
+    float_model: str = ""
+    quantized_model: str = ""
+    notes: List[str] = field(default_factory=list)
+
+    def worst(self, n: int = 3) -> List[PointError]:
+        """The ``n`` points with the lowest SQNR against the float model."""
+        return sorted(self.points, key=lambda p: p.sqnr_db)[:n]
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Plain data (infinite SQNR as the string ``"inf"``, so it is valid JSON)."""
+        return {
+            "kind": self.kind,
+            "float_model": self.float_model,
+            "quantized_model": self.quantized_model,
+            "samples": self.samples,
+            "batches": self.batches,
+            "seconds": round(self.seconds, 4),
+            "points": [{k: _num(v) for k, v in asdict(p).items()} for p in self.points],
+            "outputs": [{k: _num(v) for k, v in asdict(o).items()} for o in self.outputs],
+            "notes": list(self.notes),
+        }
+
+    def to_json(self, **kw: Any) -> str:
+        """:meth:`to_dict` as a JSON string (``kw`` goes to ``json.dumps``)."""
+        return json.dumps(self.to_dict(), **kw)
+
+    def table(self) -> str:
+        """The report as a text table."""
+
+        def db(v: float) -> str:
+            return "inf" if v == math.inf else ("-inf" if v == -math.inf else f"{v:.1f}")
+
+        def clip(v: Optional[float]) -> str:
+            return "-" if v is None else f"{100.0 * v:.2f}%"
+
+        head = ("#", "layer", "format", "SQNR dB", "own dB", "mean |err|", "max |err|", "clipped")
+        rows = [
+            (str(i), p.layer, p.format, db(p.sqnr_db), db(p.local_sqnr_db), f"{p.mean_abs:.3g}", f"{p.max_abs:.3g}",
+             clip(p.clipped))
+            for i, p in enumerate(self.points, 1)
+        ]  # fmt: skip
+        out_head = ("output", "SQNR dB", "mean |err|", "max |err|", "top-1 agreement")
+        out_rows = [
+            (o.name, db(o.sqnr_db), f"{o.mean_abs:.3g}", f"{o.max_abs:.3g}",
+             "-" if o.top1_agreement is None else f"{100.0 * o.top1_agreement:.1f}%")
+            for o in self.outputs
+        ]  # fmt: skip
+
+        def render(header: Sequence[str], body: List[Sequence[str]], right_from: int) -> List[str]:
+            widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+
+            def line(r: Sequence[str]) -> str:
+                cells = [c.rjust(w) if i >= right_from or i == 0 and header[0] == "#" else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(r, widths))]  # fmt: skip
+                return "  ".join(cells).rstrip()
+
+            return [line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in body]
+
+        lines = [f"per-layer error on {self.samples} samples ({self.kind}; SQNR against the float model, "
+                 f"'own' = this rounding alone)"]  # fmt: skip
+        lines += render(head, rows, 3) if rows else ["(no insertion points)"]
+        lines.append("")
+        lines += render(out_head, out_rows, 1)
+        for n in self.notes:
+            lines.append(f"note: {n}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def _repr_pretty_(self, p: Any, cycle: bool) -> None:  # IPython
+        p.text(self.table())
+
+    def plot(self, path: Union[str, "os.PathLike[str]"], *, title: Optional[str] = None) -> Path:
+        """Draw SQNR per insertion point as a bar chart and save it to ``path`` (PNG, SVG, PDF...).
+
+        Bars are the SQNR against the float model (the lowest ones, where the
+        error is largest, in a darker colour); dots mark each rounding's own
+        SQNR. Needs matplotlib (``pip install matplotlib``); uses the Agg backend.
+        """
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            raise ImportError(
+                "CompareReport.plot needs matplotlib: pip install matplotlib (the 'examples' extra includes it)"
+            ) from None
+        if not self.points:
+            raise ValueError("the report has no insertion points to plot")
+        path = Path(path)
+        labels = [p.layer if len(p.layer) <= 40 else "…" + p.layer[-39:] for p in self.points]
+        finite = [p.sqnr_db for p in self.points if math.isfinite(p.sqnr_db)]
+        cap = (max(finite) + 10.0) if finite else 100.0
+        vals = [min(p.sqnr_db, cap) if p.sqnr_db != -math.inf else 0.0 for p in self.points]
+        own = [min(p.local_sqnr_db, cap) if math.isfinite(p.local_sqnr_db) else (cap if p.local_sqnr_db > 0 else 0.0)
+               for p in self.points]  # fmt: skip
+        worst = {id(p) for p in self.worst(max(1, len(self.points) // 10))}
+        colors = ["#c0392b" if id(p) in worst else "#2e86c1" for p in self.points]
+        n = len(self.points)
+        fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * n + 2.0), 4.5))
+        xs = np.arange(n)
+        ax.bar(xs, vals, color=colors, label="SQNR vs float model")
+        ax.plot(xs, own, "k.", label="this rounding alone")
+        ax.set_xticks(xs)
+        ax.set_xticklabels(labels, rotation=90, fontsize=7 if n > 20 else 8)
+        ax.set_ylabel("SQNR (dB)")
+        ax.set_title(title or f"per-layer SQNR ({self.samples} samples)")
+        ax.legend(loc="best", fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+
+# --------------------------------------------------------------------------- Keras
+def _graph_of(model: Any) -> Any:
+    """The Functional graph behind a model (a built Sequential keeps one in ``_functional``)."""
+    import keras
+
+    if isinstance(model, keras.Sequential):
+        fn = getattr(model, "_functional", None)
+        if fn is None:
+            raise ValueError(f"Sequential model {model.name!r} is not built; call it on data or give it an Input")
+        return fn
+    return model
+
+
+def _calls(model: Any) -> Dict[Tuple[str, int], Any]:
+    """``{(layer name, call index): keras Node}`` for the calls inside ``model``'s own graph."""
+    g = _graph_of(model)
+    out: Dict[Tuple[str, int], Any] = {}
+    counts: Dict[int, int] = {}
+    for depth in sorted(g._nodes_by_depth, reverse=True):
+        for node in g._nodes_by_depth[depth]:
+            op = node.operation
+            if op is None or node.is_input:
+                continue
+            k = counts.get(id(op), 0)
+            counts[id(op)] = k + 1
+            out[(op.name, k)] = node
+    return out
+
+
+def _is_graph_model(m: Any) -> bool:
+    import keras
+
+    return isinstance(m, keras.Model) and (isinstance(m, keras.Sequential) or hasattr(m, "_nodes_by_depth"))
+
+
+Site = Tuple[Tuple[Tuple[str, int], ...], str, int, str, int]  # (scope, layer, call, "input"/"output", tensor index)
+
+
+def _quantize_sites(model: Any, scope: Tuple[Tuple[str, int], ...] = ()) -> List[Tuple[Any, Site, Site]]:
+    """``(Quantize layer, its input site, its producer's output site)`` for every Quantize call (recursive)."""
+    from .keras.layers import Quantize
+
+    calls = _calls(model)
+    key_of = {id(node): key for key, node in calls.items()}
+    out: List[Tuple[Any, Site, Site]] = []
+    for (name, k), node in calls.items():
+        op = node.operation
+        if isinstance(op, Quantize):
+            hist = node.input_tensors[0]._keras_history
+            src_node = hist.operation._inbound_nodes[hist.node_index]
+            src_key = key_of.get(id(src_node))
+            if src_key is None:  # fed directly by a model input
+                src_site = None
+            else:
+                src_site = (scope, src_key[0], src_key[1], "output", hist.tensor_index)
+            out.append((op, (scope, name, k, "io", 0), src_site))
+        elif _is_graph_model(op):
+            out.extend(_quantize_sites(op, scope + ((name, k),)))
+    return out
+
+
+def _tensors_at(model: Any, sites: Sequence[Site]) -> List[Any]:
+    """The symbolic tensors at ``sites``, expressed in ``model``'s own graph (nested models probed)."""
+    import keras
+
+    calls = _calls(model)
+    result: List[Any] = [None] * len(sites)
+    nested: Dict[Tuple[str, int], List[Tuple[int, Site]]] = {}
+    for i, (scope, name, k, io, idx) in enumerate(sites):
+        if scope:
+            nested.setdefault(scope[0], []).append((i, (scope[1:], name, k, io, idx)))
+            continue
+        node = calls.get((name, k))
+        if node is None:
+            raise ValueError(f"model {model.name!r} has no call {k} of a layer named {name!r}")
+        result[i] = (node.input_tensors if io == "input" else node.output_tensors)[idx]
+    for (cname, ck), items in nested.items():
+        node = calls.get((cname, ck))
+        if node is None or not _is_graph_model(node.operation):
+            raise ValueError(f"model {model.name!r} has no nested model {cname!r} (call {ck})")
+        child = node.operation
+        inner = _tensors_at(child, [s for _, s in items])
+        g = _graph_of(child)
+        probe = keras.Model(g.input, inner)
+        args = list(node.input_tensors)
+        outs = probe(args[0] if len(args) == 1 else args)
+        if not isinstance(outs, (list, tuple)):
+            outs = [outs]
+        for (i, _), t in zip(items, outs):
+            result[i] = t
+    return result
+
+
+def _scope_label(scope: Tuple[Tuple[str, int], ...], name: str, k: int) -> str:
+    parts = [n if c == 0 else f"{n}@{c}" for n, c in scope] + [name if k == 0 else f"{name}@{k}"]
+    return "/".join(parts)
+
+
+def _layer_range(layer: Any) -> Tuple[Any, Optional[int]]:
+    """The clipping range ``(lo, hi)`` of a Quantize layer (``None`` if unknown) and its channel axis."""
+    from .formats import Affine
+    from .ops import representable_range
+
+    fmt = layer.format
+    if isinstance(fmt, Affine) and fmt.range is None:
+        lo, hi = layer.get_range()
+        return (np.asarray(lo), np.asarray(hi)), fmt.axis
+    return representable_range(fmt), None
+
+
+def _compare_keras(model: Any, quantized: Any, data: Any, batch_size: int, steps: Optional[int]) -> CompareReport:
+    import keras
+
+    from .ranges import iter_batches
+
+    for what, m in (("model", model), ("quantized", quantized)):
+        if not _is_graph_model(m):
+            raise TypeError(f"{what} must be a Functional or Sequential keras.Model, got {type(m).__name__}")
+    t0 = time.perf_counter()
+    sites = _quantize_sites(quantized)
+    notes: List[str] = []
+    if not sites:
+        notes.append("the quantized model has no graphquant.keras.Quantize layer")
+    q_sites: List[Site] = []
+    f_sites: List[Site] = []
+    kept = []
+    for layer, qsite, fsite in sites:
+        scope, name, k, _, _ = qsite
+        q_sites += [(scope, name, k, "input", 0), (scope, name, k, "output", 0)]
+        if fsite is None:
+            notes.append(f"{layer.name}: rounds a model input; compared against that input")
+        kept.append((layer, qsite, fsite))
+    qg, fg = _graph_of(quantized), _graph_of(model)
+    q_tensors = _tensors_at(quantized, q_sites)
+    f_tensors: List[Any] = []
+    f_index: List[Optional[int]] = []
+    for layer, qsite, fsite in kept:
+        if fsite is None:
+            f_index.append(None)
+            continue
+        f_index.append(len(f_sites))
+        f_sites.append(fsite)
+    try:
+        f_tensors = _tensors_at(model, f_sites)
+    except ValueError as e:
+        raise ValueError(f"model does not match quantized (is quantized a quantize_model copy of model?): {e}") from None
+    q_outs = list(keras.tree.flatten(qg.outputs))
+    f_outs = list(keras.tree.flatten(fg.outputs))
+    if len(q_outs) != len(f_outs):
+        raise ValueError(f"model has {len(f_outs)} outputs, quantized has {len(q_outs)}")
+    q_probe = keras.Model(qg.input, q_tensors + q_outs)
+    f_probe = keras.Model(fg.input, f_tensors + f_outs)
+    stats = [_Stats() for _ in kept]
+    ostats = [_Stats() for _ in q_outs]
+    ranges = [_layer_range(layer) for layer, _, _ in kept]
+    n_in = len(qg.inputs)
+    samples = batches = 0
+    for batch in iter_batches(data, n_in, batch_size, steps):
+        qv = [np.asarray(v) for v in _as_list(q_probe(batch, training=False))]
+        fv = [np.asarray(v) for v in _as_list(f_probe(batch, training=False))]
+        first = keras.tree.flatten(batch)[0]
+        samples += int(np.shape(first)[0])
+        batches += 1
+        for j, (layer, qsite, fsite) in enumerate(kept):
+            q_in, q_out = qv[2 * j], qv[2 * j + 1]
+            ref = q_in if f_index[j] is None else fv[f_index[j]]
+            rng, axis = ranges[j]
+            stats[j].update(ref, q_out, inp=q_in, rng=rng, axis=axis)
+        nf = len(f_tensors)
+        for j in range(len(q_outs)):
+            ostats[j].update(fv[nf + j], qv[len(q_tensors) + j])
+    if batches == 0:
+        raise ValueError("data is empty: no batch to compare on")
+    points = [
+        _point(_scope_label(fsite[0], fsite[1], fsite[2]) if fsite else layer.name, layer.name, str(layer.format), s)
+        for (layer, _, fsite), s in zip(kept, stats)
+    ]  # fmt: skip
+    out_names = [_output_name(t, i) for i, t in enumerate(f_outs)]
+    outputs = [_output(n, s) for n, s in zip(out_names, ostats)]
+    return CompareReport(points, outputs, samples, batches, time.perf_counter() - t0, "keras", model.name,
+                         quantized.name, notes)  # fmt: skip
+
+
+def _output_name(t: Any, i: int) -> str:
+    hist = getattr(t, "_keras_history", None)
+    return hist.operation.name if hist is not None else f"output_{i}"
+
+
+def _as_list(v: Any) -> List[Any]:
+    import keras
+
+    return list(keras.tree.flatten(v))
+
+
+def _point(layer: str, node: str, fmt: str, s: _Stats) -> PointError:
+    return PointError(
+        layer=layer, node=node, format=fmt, sqnr_db=s.sqnr_db, local_sqnr_db=s.local_sqnr_db,
+        mean_abs=s.abs / max(s.n, 1), max_abs=s.max, clipped=(s.clipped / max(s.n, 1)) if s.clip_known else None,
+        size=s.n,
+    )  # fmt: skip
+
+
+def _output(name: str, s: _Stats) -> OutputError:
+    return OutputError(name, s.sqnr_db, s.abs / max(s.n, 1), s.max, (s.agree / s.rows) if s.rows else None, s.n)
+
+
+# --------------------------------------------------------------------------- SavedModel
+_Q_PREFIX = "graphquant/q"
+
+
+class _Recorder:
+    """Keeps the tensors seen by ``EagerPyFunc`` observers, per key, in call order."""
+
+    def __init__(self) -> None:
+        self.seen: Dict[str, List[np.ndarray]] = {}
+        self._tokens: List[str] = []
+        self._keep: List[Any] = []
+
+    def observer(self, key: str):
+        def observe(x):
+            self.seen.setdefault(key, []).append(x.numpy())
+            return x
+
+        return observe
+
+    def token(self, key: str) -> str:
+        from tensorflow.python.ops import script_ops
+
+        fn = self.observer(key)
+        self._keep.append(fn)
+        tok = script_ops._py_funcs.insert(fn)
+        self._tokens.append(tok)
+        return tok
+
+    def take(self) -> Dict[str, List[np.ndarray]]:
+        out, self.seen = self.seen, {}
+        return out
+
+    def release(self) -> None:
+        from tensorflow.python.ops import script_ops
+
+        for t in self._tokens:
+            try:
+                script_ops._py_funcs.remove(t)
+            except Exception:  # pragma: no cover - best effort
+                pass
+        self._tokens.clear()
+        self._keep.clear()
+
+
+@dataclass
+class _GraphPoint:
+    key: str  # "<scope>|<q node>"
+    scope: str
+    qnode: str
+    src: str  # the node whose output the rounding takes
+    src_ref: str  # the exact input reference
+    format: str
+    range: Optional[Tuple[float, float]]
+
+
+def _q_nodes(sm: Any) -> List[_GraphPoint]:
+    """Every ``graphquant/q...`` activation node of a converted SavedModel."""
+    from .graph.view import parse_input
+
+    points: List[_GraphPoint] = []
+    for mg in sm.meta_graphs:
+        scopes: List[Tuple[str, Any, bool]] = [("", mg.graph_def.node, False)]
+        consts: Dict[str, Dict[str, Any]] = {}
+        for f in mg.graph_def.library.function:
+            scopes.append((f.signature.name, f.node_def, True))
+        for scope, nodes, in_fn in scopes:
+            by_name = {n.name: n for n in nodes}
+            for nd in nodes:
+                if not nd.name.startswith(_Q_PREFIX) or "/arg" in nd.name[len(_Q_PREFIX):]:
+                    continue
+                data = [r for r in nd.input if not r.startswith("^")]
+                if not data:
+                    continue
+                src = parse_input(data[0], in_fn)[0]
+                fmt, rng = _graph_format(nd, data, by_name, in_fn)
+                points.append(_GraphPoint(f"{scope}|{nd.name}", scope, nd.name, src, data[0], fmt, rng))
+    return points
+
+
+def _graph_format(nd: Any, data: List[str], by_name: Dict[str, Any], in_fn: bool) -> Tuple[str, Optional[Tuple[float, float]]]:
+    """The format and clipping range of an inserted node, as far as the graph tells."""
+    import tensorflow as tf
+
+    from .formats import parse_format
+    from .graph.view import parse_input
+    from .ops import representable_range
+
+    if "_graphquant_format" in nd.attr:  # written by converters that record the format
+        text = nd.attr["_graphquant_format"].s.decode()
+        try:
+            fmt = parse_format(text)
+            rng = representable_range(fmt)
+            return text, (None if rng is None else (float(rng[0]), float(rng[1])))
+        except (TypeError, ValueError):
+            return text, None
+    if nd.op == "FakeQuantWithMinMaxArgs":
+        from .formats import Affine
+
+        lo, hi = float(nd.attr["min"].f), float(nd.attr["max"].f)
+        bits, narrow = int(nd.attr["num_bits"].i), bool(nd.attr["narrow_range"].b)
+        fmt = Affine(bits, range=(lo, hi), narrow_range=narrow)
+        rng = representable_range(fmt)
+        label = f"affine{bits}[{lo:.4g},{hi:.4g}]" + (":narrow" if narrow else "")
+        return label, (float(rng[0]), float(rng[1]))
+    if len(data) == 3:  # kernel with a calibrated (lo, hi) passed as constants
+        vals = []
+        for ref in data[1:]:
+            c = by_name.get(parse_input(ref, in_fn)[0])
+            if c is None or c.op != "Const":
+                break
+            vals.append(float(tf.make_ndarray(c.attr["value"].tensor)))
+        if len(vals) == 2:
+            return "affine (calibrated)", (vals[0], vals[1])
+    return "?", None
+
+
+def _splice_observer(sc: Any, ref: str, dtype: int, token: str, name: str) -> Any:
+    from tensorflow.core.framework import node_def_pb2
+
+    nd = node_def_pb2.NodeDef(name=sc.unique(name), op="EagerPyFunc", input=[ref])
+    nd.attr["token"].s = token.encode()
+    nd.attr["is_async"].b = False
+    nd.attr["Tin"].list.type.append(dtype)
+    nd.attr["Tout"].list.type.append(dtype)
+    return sc.add(nd)
+
+
+def _observed_copy(sm: Any, points: List[_GraphPoint], rec: _Recorder, quantized: bool) -> Tuple[Any, List[str]]:
+    """A copy of ``sm`` with observers: in the quantized model before and after every
+    point's rounding, in the float model after every point's source node."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    from .graph.rewrite import GraphEditor
+
+    obs = saved_model_pb2.SavedModel()
+    obs.CopyFrom(sm)
+    missing: List[str] = []
+    for mg in obs.meta_graphs:
+        ed = GraphEditor(mg.graph_def)
+        for i, p in enumerate(points):
+            try:
+                sc = ed.scope(p.scope)
+            except KeyError:
+                missing.append(p.key)
+                continue
+            if quantized:
+                q = sc.by_name[p.qnode]
+                dtype = sc.out_dtype(p.src) if p.src in sc.by_name or p.src in sc.arg_types else q.attr["T"].type
+                pre = _splice_observer(sc, p.src_ref, dtype, rec.token(p.key + "|in"), f"graphquant/observe_in{i}")
+                q.input[0] = sc.ref(pre, 0)
+                post = _splice_observer(sc, sc.ref(q, 0), dtype, rec.token(p.key + "|out"), f"graphquant/observe_out{i}")
+                sc.rewire(sc.aliases(p.qnode), sc.ref(post, 0), skip={post.name})
+            else:
+                if p.src not in sc.by_name and p.src not in sc.arg_types:
+                    missing.append(p.key)
+                    continue
+                dtype = sc.out_dtype(p.src)
+                post = _splice_observer(sc, p.src_ref, dtype, rec.token(p.key + "|ref"), f"graphquant/observe_ref{i}")
+                sc.rewire(sc.aliases(p.src) if p.src in sc.by_name else (p.src_ref,), sc.ref(post, 0), skip={post.name})
+    return obs, missing
+
+
+def _load_observed(obs: Any, src: Path, tmp: Path, name: str) -> Any:
+    import tensorflow as tf
+
+    d = tmp / name
+    d.mkdir()
+    (d / "saved_model.pb").write_bytes(obs.SerializeToString())
+    for sub in ("variables", "assets"):
+        if (src / sub).exists():
+            os.symlink((src / sub).resolve(), d / sub)
+    return tf.saved_model.load(str(d))
+
+
+def _feeds(data: Any, specs: Dict[str, Any], batch_size: int, steps: Optional[int]) -> Iterator[Dict[str, Any]]:
+    import tensorflow as tf
+
+    from .graph.calibrate import iter_batches
+
+    n = 0
+    for batch in iter_batches(data, batch_size):
+        if steps is not None and n >= steps:
+            return
+        n += 1
+        if isinstance(batch, dict):
+            extra = set(batch) - set(specs)
+            if set(specs) - set(batch):
+                raise ValueError(f"data: the signature takes inputs {sorted(specs)}, got {sorted(batch)}")
+            if extra:
+                log.info("compare: ignoring inputs %s not in the signature", sorted(extra))
+            feed = {k: batch[k] for k in specs}
+        else:
+            if len(specs) != 1:
+                raise ValueError(f"data: the signature takes several inputs {sorted(specs)}; pass a dict of arrays")
+            feed = {next(iter(specs)): batch}
+        yield {k: tf.convert_to_tensor(v, dtype=specs[k].dtype) for k, v in feed.items()}
+
+
+def _compare_saved_models(src: Path, dst: Path, data: Any, signature: str, batch_size: int,
+                          steps: Optional[int]) -> CompareReport:  # fmt: skip
+    from .graph.saved_model import read_saved_model
+
+    t0 = time.perf_counter()
+    sm_f, sm_q = read_saved_model(src), read_saved_model(dst)
+    points = _q_nodes(sm_q)
+    notes: List[str] = []
+    if not points:
+        notes.append(f"{dst} has no graphquant activation node (graphquant/q...)")
+    rec = _Recorder()
+    tmp = Path(tempfile.mkdtemp(prefix=".graphquant-compare-"))
+    try:
+        obs_q, _ = _observed_copy(sm_q, points, rec, quantized=True)
+        obs_f, missing = _observed_copy(sm_f, points, rec, quantized=False)
+        if missing:
+            notes.append(f"{len(missing)} point(s) have no counterpart in {src}; compared against the rounding's input")
+        f_loaded = _load_observed(obs_f, src, tmp, "float")
+        q_loaded = _load_observed(obs_q, dst, tmp, "quantized")
+        for what, loaded, path in (("model", f_loaded, src), ("quantized", q_loaded, dst)):
+            if signature not in loaded.signatures:
+                raise ValueError(f"signature: {path} has no signature {signature!r} (has {sorted(loaded.signatures)})")
+        f_fn, q_fn = f_loaded.signatures[signature], q_loaded.signatures[signature]
+        specs = f_fn.structured_input_signature[1]
+        stats = {p.key: _Stats() for p in points}
+        ostats: Dict[str, _Stats] = {}
+        samples = batches = 0
+        for feed in _feeds(data, specs, batch_size, steps):
+            rec.take()
+            f_out = {k: v.numpy() for k, v in f_fn(**feed).items()}
+            f_seen = rec.take()
+            q_out = {k: v.numpy() for k, v in q_fn(**feed).items()}
+            q_seen = rec.take()
+            samples += int(next(iter(feed.values())).shape[0])
+            batches += 1
+            for p in points:
+                ins, outs = q_seen.get(p.key + "|in", []), q_seen.get(p.key + "|out", [])
+                refs = f_seen.get(p.key + "|ref", ins)
+                if not outs:
+                    continue
+                if len(refs) != len(outs) or len(ins) != len(outs):
+                    notes.append(f"{p.qnode}: ran a different number of times in the two models; skipped")
+                    stats.pop(p.key, None)
+                    continue
+                if p.key in stats:
+                    for r, i, o in zip(refs, ins, outs):
+                        stats[p.key].update(r, o, inp=i, rng=p.range)
+            for k in f_out:
+                if k in q_out:
+                    ostats.setdefault(k, _Stats()).update(f_out[k], q_out[k])
+        if batches == 0:
+            raise ValueError("data is empty: no batch to compare on")
+        del f_loaded, q_loaded, f_fn, q_fn
+    finally:
+        rec.release()
+        shutil.rmtree(tmp, ignore_errors=True)
+    ran = [p for p in points if p.key in stats and stats[p.key].n > 0]
+    if len(ran) < len(points):
+        log.info("compare: %d of %d graphquant nodes did not run under signature %r", len(points) - len(ran),
+                 len(points), signature)  # fmt: skip
+    if any(p.format == "?" for p in ran):
+        notes.append("'?': the graph does not record this node's format (only FakeQuant nodes and calibrated ranges say)")
+    labels = [p.src for p in ran]
+    dup = {l for l in labels if labels.count(l) > 1}
+    report_points = [
+        _point(f"{_short_scope(p.scope)}/{p.src}" if p.src in dup and p.scope else p.src, p.qnode, p.format,
+               stats[p.key])
+        for p in ran
+    ]  # fmt: skip
+    outputs = [_output(k, s) for k, s in ostats.items()]
+    return CompareReport(report_points, outputs, samples, batches, time.perf_counter() - t0, "saved_model",
+                         str(src), str(dst), list(dict.fromkeys(notes)))  # fmt: skip
+
+
+def _short_scope(scope: str) -> str:
+    s = scope
+    if s.startswith("__inference_"):
+        s = s[len("__inference_"):]
+    head, _, tail = s.rpartition("_")
+    return head if tail.isdigit() and head else s
+
+
+# --------------------------------------------------------------------------- public
+def _load_keras(path: Path, what: str) -> Any:
+    import keras
+
+    from . import keras as _gqk  # noqa: F401  (registers the graphquant layers)
+
+    try:
+        return keras.models.load_model(path, safe_mode=True, compile=False)
+    except Exception as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ValueError(f"{what}: {path}: cannot load the Keras model ({msg})") from None
+
+
+def compare(
+    model: Any,
+    quantized: Any,
+    data: Any,
+    *,
+    batch_size: int = 32,
+    steps: Optional[int] = None,
+    signature: str = "serving_default",
+) -> CompareReport:
+    """Run a float model and its quantized copy on the same batches; report the error per insertion point.
+
+    Args:
+        model: the float model: a Functional/Sequential ``keras.Model``, a
+            ``.keras`` file, or a SavedModel folder.
+        quantized: its quantized copy: from :func:`graphquant.quantize_model`
+            (a model or a ``.keras`` file) or from
+            :func:`graphquant.graph.convert_saved_model` (a SavedModel folder).
+        data: model inputs: a numpy array (batched by ``batch_size``), a dict
+            of arrays keyed by input name, a ``tf.data.Dataset`` or an iterable
+            of batches (``(x, y)`` pairs use ``x``).
+        batch_size: batch size for array data.
+        steps: at most this many batches.
+        signature: the SavedModel signature to run.
+
+    Returns:
+        A :class:`CompareReport`; ``print(report)`` shows the table and
+        ``report.plot("sqnr.png")`` the chart.
+
+    Raises:
+        TypeError: a model of the wrong kind, or both kinds mixed.
+        ValueError: bad paths or data, models that do not match, no data.
+    """
+    import keras
+
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
+        raise ValueError(f"steps must be a positive int or None, got {steps!r}")
+    if data is None:
+        raise ValueError("data: give the inputs to compare on (an array, a dict of arrays, a dataset or batches)")
+
+    def resolve(m: Any, what: str) -> Any:
+        if isinstance(m, keras.Model):
+            return m
+        if isinstance(m, (str, os.PathLike)):
+            p = Path(m)
+            if not p.exists():
+                raise ValueError(f"{what}: {p}: no such file or directory")
+            if p.is_dir():
+                from .graph.saved_model import is_saved_model
+
+                if not is_saved_model(p):
+                    raise ValueError(f"{what}: {p}: not a SavedModel (no saved_model.pb)")
+                return p
+            if p.suffix in (".keras", ".h5"):
+                return _load_keras(p, what)
+            raise ValueError(f"{what}: {p}: expected a SavedModel folder or a .keras/.h5 file")
+        raise TypeError(f"{what} must be a keras.Model, a .keras file or a SavedModel folder, got {type(m).__name__}")
+
+    f, q = resolve(model, "model"), resolve(quantized, "quantized")
+    if isinstance(f, Path) != isinstance(q, Path):
+        raise TypeError("model and quantized must both be Keras models or both be SavedModels")
+    if isinstance(f, Path):
+        report = _compare_saved_models(f, q, data, signature, batch_size, steps)
+    else:
+        report = _compare_keras(f, q, data, batch_size, steps)
+    log.info("compare: %d points, %d samples in %.2fs", len(report.points), report.samples, report.seconds)
+    return report

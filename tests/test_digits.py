@@ -1,0 +1,62 @@
+"""scripts/digits.py --quick: QAT on real data and the Gupta et al. 2015 effect, reduced for CI."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    spec = importlib.util.spec_from_file_location("digits_script", ROOT / "scripts" / "digits.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def results(digits):
+    lines = []
+    qat = digits.run_qat(quick=True, echo=lines.append)
+    gupta = digits.run_gupta(quick=True, echo=lines.append)
+    return qat, gupta, lines
+
+
+def test_qat_quick(results):
+    qat, _, _ = results
+    rows = {(r["config"], r["rounding"]): r["accuracy"] for r in qat["rows"]}
+    f = qat["float"]
+    assert f > 0.95  # ten classes: chance is 0.10
+    assert rows[("affine 8-bit", "nearest")] >= f - 0.02
+    assert rows[("affine 4-bit", "nearest")] >= f - 0.04
+
+
+def test_gupta_quick(results):
+    _, gupta, _ = results
+    (row,) = gupta["rows"]
+    assert row["fraction_bits"] == 8
+    flt = gupta["float"]["accuracy"]
+    near, sto = row["nearest"], row["stochastic"]
+    assert flt > 0.6
+    # the median update is far below half a storage step: nearest rounding discards it ...
+    assert row["half_step"] > 10 * gupta["update"]
+    assert near["accuracy"] < 0.3 and near["moved"] < 0.2
+    # ... stochastic rounding keeps it in expectation and tracks float
+    assert sto["accuracy"] > flt - 0.05
+    assert sto["moved"] > 0.5
+
+
+def test_quick_writes_results(digits, results, tmp_path):
+    qat, gupta, lines = results
+    digits.write_results(tmp_path, qat, gupta, "(compare table)", True, 1.0)
+    text = (tmp_path / "results.md").read_text()
+    assert "| affine 8-bit | nearest |" in text and "16-bit fixed, 8 fraction bits" in text
+    assert (tmp_path / "gupta.png").read_bytes()[:4] == b"\x89PNG"
+    assert any("float CNN" in line for line in lines)
