@@ -174,3 +174,25 @@ def test_quantize_layer_arguments():
     cfg = Quantize("affine8:axis=-1", rounding="stochastic", seed=3, name="qq").get_config()
     back = Quantize.from_config(cfg)
     assert back.format == Affine(8, axis=-1) and back.inference_rounding == "nearest" and back.seed == 3
+
+
+def test_seed_makes_stochastic_training_and_storage_repeatable():
+    """quantize_model(seed=...) seeds every stochastic rounding: two runs give identical weights."""
+
+    def run(seed):
+        keras.utils.set_random_seed(0)
+        inp = keras.Input((8, 8, 1))
+        x = keras.layers.Conv2D(4, 3)(inp)
+        x = keras.layers.Flatten()(x)
+        m = keras.Model(inp, keras.layers.Dense(3)(x))
+        q = gk.quantize_model(m, bits=8, weights=True, rounding="stochastic",
+                              weight_storage="fixed16[-128,128]", storage_rounding="stochastic", seed=seed)
+        q.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
+        xs = np.random.RandomState(0).rand(32, 8, 8, 1).astype("float32")
+        ys = np.random.RandomState(1).rand(32, 3).astype("float32")
+        q.fit(xs, ys, epochs=2, verbose=0)
+        return q.get_weights()
+
+    a, b, c = run(5), run(5), run(6)
+    assert all(np.array_equal(u, v) for u, v in zip(a, b))
+    assert not all(np.array_equal(u, v) for u, v in zip(a, c))

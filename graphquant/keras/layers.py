@@ -8,6 +8,7 @@ All are registered for serialization under the package ``"graphquant"``, so a
 from __future__ import annotations
 
 import logging
+import random
 from typing import Any, Dict, List, Optional, Sequence
 
 import keras
@@ -449,11 +450,11 @@ class StorageRounding(keras.constraints.Constraint):
         self.seed = seed
         self._generator = None
         if rounding == "stochastic":
+            # seed None: draw one from Python's generator, which
+            # keras.utils.set_random_seed seeds, so seeded programs repeat
+            gen_seed = seed if seed is not None else random.randrange(2**31)
             with tf.init_scope():
-                self._generator = (
-                    tf.random.Generator.from_seed(seed) if seed is not None
-                    else tf.random.Generator.from_non_deterministic_state()
-                )  # fmt: skip
+                self._generator = tf.random.Generator.from_seed(gen_seed)
 
     def __call__(self, w: Any) -> Any:
         if self.inner is not None:

@@ -100,9 +100,17 @@ def _input_like(x: Any) -> Any:
 
 
 class _Rewriter:
-    def __init__(self, plan: Plan, fold_batchnorm: bool = True):
+    def _next_seed(self) -> Optional[int]:
+        if self.seed is None:
+            return None
+        self._seed_count += 1
+        return self.seed + self._seed_count
+
+    def __init__(self, plan: Plan, fold_batchnorm: bool = True, seed: Optional[int] = None):
         self.plan = plan
         self.fold_batchnorm = fold_batchnorm
+        self.seed = seed
+        self._seed_count = 0
         self.models: Dict[int, keras.Model] = {}  # id(source model) -> rewritten
         self.pairs: List[Tuple[Any, Any]] = []  # (source layer, new layer) for weight copy
         self.inserted = 0
@@ -123,6 +131,7 @@ class _Rewriter:
             rounding=p.rounding,
             inference_rounding=p.inference_rounding,
             momentum=self.plan.config.range_momentum,
+            seed=self._next_seed(),
             name=name,
         )
 
@@ -144,6 +153,7 @@ class _Rewriter:
                 new,
                 [{"slot": p.slot, "format": p.format, "rounding": p.rounding,
                   "inference_rounding": p.inference_rounding} for p in weight_points],
+                seed=self._next_seed(),
                 name=layer.name,
             )  # fmt: skip
         return new
@@ -240,6 +250,7 @@ def quantize_model(
     config: Optional[QuantizeConfig] = None,
     registry: Optional[Registry] = None,
     fold_batchnorm: bool = True,
+    seed: Optional[int] = None,
     **options: Any,
 ) -> keras.Model:
     """A copy of ``model`` with rounding after every convolution group.
@@ -278,6 +289,10 @@ def quantize_model(
             inference in a ``tf.function`` (``predict``, ``export``) folds into
             a preceding weight-quantized convolution: same values up to float
             reassociation, same rounding points, one memory pass less.
+        seed: integer seed for every stochastic rounding the copy does
+            (activation and weight layers, weight storage), so runs repeat;
+            ``None`` draws from Keras' global seed
+            (``keras.utils.set_random_seed``).
         **options: further :class:`QuantizeConfig` options
             (``inference_rounding``, ``activations``, ``options``, ``range_momentum``).
 
@@ -317,11 +332,13 @@ def quantize_model(
         msg = f"model {model.name!r} has no layer matching the quantization patterns (no convolution); returning a plain copy"
         warnings.warn(msg, UserWarning, stacklevel=2)
         log.warning(msg)
-    rw = _Rewriter(plan, fold_batchnorm=bool(fold_batchnorm))
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
+    rw = _Rewriter(plan, fold_batchnorm=bool(fold_batchnorm), seed=seed)
     new = rw.rewrite(model)
     rw.copy_weights()
     if cfg.weight_storage is not None:
-        apply_weight_storage(new, cfg.weight_storage, cfg.storage_rounding)
+        apply_weight_storage(new, cfg.weight_storage, cfg.storage_rounding, seed=rw._next_seed())
     new._graphquant_plan = plan  # for inspection; not serialized
     if calibration_data is not None:
         from ..ranges import calibrate
