@@ -329,7 +329,10 @@ class FloatFormat:
             if preset == self:
                 return name
         s = f"e{self.exponent_bits}m{self.mantissa_bits}"
-        if self.inf_nan != "ieee":
+        # "e4m3", "e3m2", ... name presets that are not IEEE-style: parse_format
+        # starts from the preset, so spell inf_nan whenever it differs from it.
+        base = PRESETS.get(s)
+        if self.inf_nan != (base.inf_nan if base is not None else "ieee"):
             s += f":{self.inf_nan}"
         if not self.subnormals:
             s += ":nosub"
@@ -468,6 +471,8 @@ def format_from_dict(d: Mapping[str, Any]) -> Format:
             return Affine(**kw)
         if kind == "float":
             return FloatFormat(**kw)
+    except KeyError as e:  # a required key is missing: name it in a ValueError
+        raise ValueError(f"format dict {dict(d)!r} is not valid: missing key {e}") from None
     except TypeError as e:
         raise ValueError(f"format dict {dict(d)!r} is not valid: {e}") from None
     raise ValueError(f"format dict has unknown kind {kind!r}; expected 'fixed', 'affine' or 'float'")

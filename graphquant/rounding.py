@@ -79,6 +79,14 @@ def _uniform(shape_like: tf.Tensor, key: tf.Tensor, dtype) -> tf.Tensor:
     return tf.cast(tf.bitwise.right_shift(h, _u32(8)), dtype) * tf.constant(2.0**-24, dtype)
 
 
+def _no_contract(p: tf.Tensor) -> tf.Tensor:
+    """Identity that stops XLA from fusing the product ``p`` into a following add
+    (FMA contraction): the fixed-point grid ``lo + k*step`` rounds twice, as plain
+    TF ops do, so XLA and non-XLA results are identical and on the same grid.
+    (A bitcast round trip is folded away by XLA; nextafter(p, p) is not.)"""
+    return tf.math.nextafter(p, p)
+
+
 # ----------------------------------------------------------------------------
 # rounding a real-valued "integer coordinate" k onto the integers
 # ----------------------------------------------------------------------------
@@ -93,7 +101,16 @@ def _round_coord(k: tf.Tensor, mode: str, positive: tf.Tensor, key: Optional[tf.
     if mode == "nearest":
         return tf.floor(k + 0.5) if half_up else tf.round(k)
     if mode == "nearest_away":
-        return tf.where(positive, tf.floor(k + 0.5), tf.math.ceil(k - 0.5))
+        # not floor(k + 0.5): k + 0.5 rounds up to an integer for k = 0.5 - ulp/2.
+        # Work on |k| so that |k| - floor(|k|) is exact; ties go away from zero in value
+        # (larger k when the value is positive).
+        ak = tf.abs(k)
+        fa = tf.floor(ak)
+        frac = ak - fa
+        half = tf.constant(0.5, k.dtype)
+        tie_up = tf.equal(positive, k >= 0)  # a tie moves |k| up
+        r = tf.where(tf.logical_or(frac > half, tf.logical_and(tf.equal(frac, half), tie_up)), fa + 1, fa)
+        return tf.where(k < 0, -r, tf.where(tf.equal(k, 0), k, r))  # keeps -0.0
     if mode == "down":
         return tf.floor(k)
     if mode == "up":
@@ -103,7 +120,7 @@ def _round_coord(k: tf.Tensor, mode: str, positive: tf.Tensor, key: Optional[tf.
     if mode == "stochastic":
         fl = tf.floor(k)
         u = _uniform(k, key, k.dtype)
-        return fl + tf.cast(u < (k - fl), k.dtype)
+        return tf.where(u < (k - fl), tf.math.ceil(k), fl)  # ceil, not fl + 1: keeps -0.0
     raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {mode!r}")
 
 
@@ -127,9 +144,24 @@ def _fixed_kernel(fmt: FixedPoint, mode: str) -> Callable:
         step_t = tf.constant(step, dt)
         shifted = x - lo_t
         k = shifted * tf.constant(1.0 / step, dt) if pow2 else shifted / step_t
-        k = _round_coord(k, mode, x >= 0, key)
-        k = tf.clip_by_value(k, tf.constant(0.0, dt), tf.constant(top, dt))
-        q = lo_t + k * step_t
+        k = _round_coord(_no_contract(k), mode, x >= 0, key)
+        # abs: no -0.0 for k (XLA folds lo + k*step to k*step when lo == 0)
+        k = tf.abs(tf.clip_by_value(k, tf.constant(0.0, dt), tf.constant(top, dt)))
+        q = lo_t + _no_contract(k * step_t)
+        if mode in ("down", "up", "toward_zero"):
+            # (x - lo) / step is rounded, so k can be one step off: move it back to
+            # the right side of x on the grid as computed (q <= x for down, ...)
+            # (and to the nearest such grid value).
+            one = tf.constant(1.0, dt)
+            q_next = lo_t + _no_contract((k + one) * step_t)
+            q_prev = lo_t + _no_contract((k - one) * step_t)
+            fix_down = tf.where(q > x, -one, tf.where(q_next <= x, one, tf.zeros_like(k)))
+            fix_up = tf.where(q < x, one, tf.where(q_prev >= x, -one, tf.zeros_like(k)))
+            fix = {"down": fix_down, "up": fix_up}.get(mode)
+            if fix is None:
+                fix = tf.where(x >= 0, fix_down, fix_up)
+            k = tf.abs(tf.clip_by_value(k + fix, tf.constant(0.0, dt), tf.constant(top, dt)))
+            q = lo_t + _no_contract(k * step_t)
         return tf.where(tf.math.is_nan(x), x, q)
 
     return kernel
@@ -167,6 +199,10 @@ def _affine_kernel(fmt: Affine, mode: str) -> Callable:
         k = (clamped - nmin) * inv_scale
         k = _round_coord(k, mode, x >= 0, key, half_up=True)
         k = tf.clip_by_value(k, tf.constant(0.0, dt), tf.constant(qrange, dt))
+        # No _no_contract here: TensorFlow's own FakeQuant CPU kernel computes
+        # k*scale + nmin with a fused multiply-add (1.0039216 for the top of
+        # (-1, 1) at 8 bits, where two roundings give 1.0039215), and XLA
+        # contracts it the same way. Plain TF ops (set_xla(False)) round twice.
         q = k * scale + nmin
         return tf.where(tf.math.is_nan(x), x, q)
 
@@ -265,6 +301,15 @@ def _float_kernel(fmt: FloatFormat, mode: str) -> Callable:
         bit_path_covers_subnormals = fmt.subnormals and emin == dt_emin
         if not bit_path_covers_subnormals:
             k = _scale_pow2(x, -sub_exp)
+            # TF and XLA on CPU run with denormals-are-zero, so arithmetic on an
+            # input below dt's smallest normal sees 0 (wrong for "up"/"down"/...).
+            # Rebuild k from the bits: such an x is a * 2**(dt_emin - W) exactly.
+            # If that scale is below dt's normals, |k| < 2**-103 and any value of
+            # that sign in (0, 2**-103) rounds the same in every mode.
+            den_exp = max(dt_emin - W - sub_exp, dt_emin)
+            k_den = tf.cast(a, dt) * _pow2(den_exp, dt)
+            k_den = tf.where(negative, -k_den, k_den)
+            k = tf.where(a < tf.constant(1 << W, int_dt), k_den, k)
             k = _round_coord(k, mode, positive, key)
             qs = _scale_pow2(k, sub_exp)
             small = a < tf.constant(_float_bits(2.0**emin, dt), int_dt)
