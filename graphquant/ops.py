@@ -251,8 +251,22 @@ def _kernel(fmt, mode):
     return _r.kernel_for(fmt, mode, _r.xla_enabled())
 
 
+def _may_record() -> bool:
+    """False only when executing eagerly with no gradient tape watching."""
+    if not tf.executing_eagerly():
+        return True  # a traced function may be differentiated later
+    try:
+        from tensorflow.python.eager import record  # internal; absent -> assume recording
+
+        return bool(record.could_possibly_record())
+    except Exception:  # pragma: no cover - depends on the TF version
+        return True
+
+
 def _quantize_elementwise(x, fmt, rounding, key, grad_fmt, grad_rounding, seed):
     kernel = _kernel(fmt, rounding)
+    if not _may_record():
+        return kernel(x, key)  # no tape: the straight-through gradient is never asked for
     lo, hi = representable_range(fmt)
 
     @tf.custom_gradient
@@ -326,8 +340,8 @@ def _move_last(t: tf.Tensor, axis: int) -> Tuple[tf.Tensor, Optional[list]]:
     return tf.transpose(t, perm), inv
 
 
-def _fake_quant_tf(x, lo, hi, fmt, axis, grad_fmt, grad_rounding, seed):
-    """TensorFlow's own FakeQuant kernels (bit-exact by construction)."""
+def _tf_fake_quant_fns(fmt: Affine, axis: Optional[int]):
+    """TensorFlow's FakeQuant forward and gradient ops for ``fmt``, channels last."""
     kw = dict(num_bits=fmt.bits, narrow_range=fmt.narrow_range)
     if axis is None:
         fwd = lambda t, a, b: tf.quantization.fake_quant_with_min_max_vars(t, a, b, **kw)
@@ -335,6 +349,12 @@ def _fake_quant_tf(x, lo, hi, fmt, axis, grad_fmt, grad_rounding, seed):
     else:
         fwd = lambda t, a, b: tf.quantization.fake_quant_with_min_max_vars_per_channel(t, a, b, **kw)
         bwd = lambda g, t, a, b: tf.quantization.fake_quant_with_min_max_vars_per_channel_gradient(g, t, a, b, **kw)
+    return fwd, bwd
+
+
+def _fake_quant_tf(x, lo, hi, fmt, axis, grad_fmt, grad_rounding, seed):
+    """TensorFlow's own FakeQuant kernels (bit-exact by construction)."""
+    fwd, bwd = _tf_fake_quant_fns(fmt, axis)
     xt, inv = (x, None) if axis is None else _move_last(x, axis)
     if grad_fmt is None:
         y = fwd(xt, lo, hi)
@@ -351,9 +371,20 @@ def _fake_quant_tf(x, lo, hi, fmt, axis, grad_fmt, grad_rounding, seed):
 
 
 def _fake_quant_own(x, lo, hi, fmt, axis, rounding, key, grad_fmt, grad_rounding, seed):
-    """graphquant's kernel with FakeQuant's nudging, for the other rounding modes."""
+    """Other rounding modes on FakeQuant's nudged grid.
+
+    graphquant's kernel picks the integer level (in float64, so the rounding
+    mode decides, not float32 error); TensorFlow's FakeQuant kernel then turns
+    the level into its value (a point within a hair of level k rounds to k),
+    so every result is exactly a value TensorFlow's own kernel produces.
+    Directed modes are checked against the value produced and moved by one
+    level where float32 representation put it on the wrong side of ``x``.
+    Above 16 bits, where TensorFlow has no kernel, values are
+    ``k * scale + nudged_min`` rounded twice in float32.
+    """
     kernel = _kernel(fmt, rounding)
     rank = x.shape.rank
+    tf_values = fmt.bits <= 16
 
     def bcast(t):
         if axis is None:
@@ -366,8 +397,32 @@ def _fake_quant_own(x, lo, hi, fmt, axis, rounding, key, grad_fmt, grad_rounding
 
     @tf.custom_gradient
     def op(x, lo, hi):
-        nmin, nmax, scale, inv_scale = (bcast(t) for t in _r.nudge(lo, hi, fmt.quant_min, fmt.quant_max))
-        y = kernel(x, key, nmin, nmax, scale, inv_scale)
+        nmin, nmax, scale, _ = (bcast(t) for t in _r.nudge(lo, hi, fmt.quant_min, fmt.quant_max))
+        k = tf.cast(kernel(x, key, nmin, nmax, scale), tf.float32)
+        xf = tf.cast(x, tf.float32)
+        top = float(fmt.quant_max - fmt.quant_min)
+
+        if tf_values:
+            fwd, _ = _tf_fake_quant_fns(fmt, axis)
+
+            def values(levels):
+                approx = nmin + levels * scale
+                t, inv = (approx, None) if axis is None else _move_last(approx, axis)
+                v = fwd(t, lo, hi)
+                return v if inv is None else tf.transpose(v, inv)
+        else:
+            def values(levels):
+                return nmin + _r._no_contract(levels * scale)
+
+        y = values(k)
+        if rounding in ("down", "up", "toward_zero"):
+            want_le = (rounding == "down") | ((rounding == "toward_zero") & (xf >= 0))
+            want_ge = (rounding == "up") | ((rounding == "toward_zero") & (xf < 0))
+            fix = tf.where(want_le & (y > xf), -1.0, tf.where(want_ge & (y < xf), 1.0, 0.0))
+            k2 = tf.clip_by_value(k + fix, 0.0, top)
+            y = tf.where(tf.not_equal(k2, k), values(k2), y)
+        y = tf.where(tf.math.is_nan(xf), xf, y)
+        y = tf.cast(y, x.dtype)
 
         def grad(dy):
             dy = _round_gradient(dy, grad_fmt, grad_rounding, seed)

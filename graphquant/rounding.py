@@ -144,25 +144,30 @@ def _fixed_kernel(fmt: FixedPoint, mode: str) -> Callable:
         step_t = tf.constant(step, dt)
         shifted = x - lo_t
         k = shifted * tf.constant(1.0 / step, dt) if pow2 else shifted / step_t
-        k = _round_coord(_no_contract(k), mode, x >= 0, key)
+        # With a power-of-two step every product k*step is exact, so a fused
+        # multiply-add gives the same result and no barrier is needed (it costs ~10%).
+        barrier = (lambda t: t) if pow2 else _no_contract
+        k = _round_coord(barrier(k), mode, x >= 0, key)
         # abs: no -0.0 for k (XLA folds lo + k*step to k*step when lo == 0)
         k = tf.abs(tf.clip_by_value(k, tf.constant(0.0, dt), tf.constant(top, dt)))
-        q = lo_t + _no_contract(k * step_t)
+        q = lo_t + barrier(k * step_t)
         if mode in ("down", "up", "toward_zero"):
             # (x - lo) / step is rounded, so k can be one step off: move it back to
             # the right side of x on the grid as computed (q <= x for down, ...)
             # (and to the nearest such grid value).
             one = tf.constant(1.0, dt)
-            q_next = lo_t + _no_contract((k + one) * step_t)
-            q_prev = lo_t + _no_contract((k - one) * step_t)
+            q_next = lo_t + barrier((k + one) * step_t)
+            q_prev = lo_t + barrier((k - one) * step_t)
             fix_down = tf.where(q > x, -one, tf.where(q_next <= x, one, tf.zeros_like(k)))
             fix_up = tf.where(q < x, one, tf.where(q_prev >= x, -one, tf.zeros_like(k)))
             fix = {"down": fix_down, "up": fix_up}.get(mode)
             if fix is None:
                 fix = tf.where(x >= 0, fix_down, fix_up)
             k = tf.abs(tf.clip_by_value(k + fix, tf.constant(0.0, dt), tf.constant(top, dt)))
-            q = lo_t + _no_contract(k * step_t)
-        return tf.where(tf.math.is_nan(x), x, q)
+            q = lo_t + barrier(k * step_t)
+        # NaN needs no select: min/max propagate NaN (TF's kernels and XLA alike),
+        # so a NaN input gives a NaN k and a NaN q (tested)
+        return q
 
     return kernel
 
@@ -190,21 +195,31 @@ def nudge(lo: tf.Tensor, hi: tf.Tensor, quant_min: int, quant_max: int):
 
 
 def _affine_kernel(fmt: Affine, mode: str) -> Callable:
+    """Integer levels ``k`` (as floats, NaN where x is NaN) of x on FakeQuant's nudged grid.
+
+    Computed in float64, where ``(x - nudged_min) / scale`` is accurate to far
+    below a level, so the rounding mode decides, not float32 error. The caller
+    turns levels into values (:func:`graphquant.ops` lets TensorFlow's own
+    FakeQuant kernel do it, so the values are exactly TensorFlow's grid).
+    """
     qrange = float(fmt.quant_max - fmt.quant_min)
 
-    def kernel(x, key, nmin, nmax, scale, inv_scale):
-        dt = x.dtype
-        nmin, nmax, scale, inv_scale = (tf.cast(t, dt) for t in (nmin, nmax, scale, inv_scale))
-        clamped = tf.maximum(tf.minimum(x, nmax), nmin)
-        k = (clamped - nmin) * inv_scale
-        k = _round_coord(k, mode, x >= 0, key, half_up=True)
+    def kernel(x, key, nmin, nmax, scale):
+        dt = tf.float64
+        x64 = tf.cast(x, dt)
+        nmin, nmax, scale = (tf.cast(t, dt) for t in (nmin, nmax, scale))
+        clamped = tf.maximum(tf.minimum(x64, nmax), nmin)
+        k = (clamped - nmin) / scale
+        if mode in ("down", "up", "toward_zero"):
+            # Grid values are float32 roundings of nmin + k*scale, up to 2**-8 of a
+            # level away from exact: treat x that close to a level as on it. The
+            # caller then moves the result by one level if TensorFlow's float32
+            # value of it lies on the wrong side of x.
+            kr = tf.round(k)
+            k = tf.where(tf.abs(k - kr) < 2.0**-6, kr, k)
+        k = _round_coord(k, mode, x64 >= 0, key, half_up=True)
         k = tf.clip_by_value(k, tf.constant(0.0, dt), tf.constant(qrange, dt))
-        # No _no_contract here: TensorFlow's own FakeQuant CPU kernel computes
-        # k*scale + nmin with a fused multiply-add (1.0039216 for the top of
-        # (-1, 1) at 8 bits, where two roundings give 1.0039215), and XLA
-        # contracts it the same way. Plain TF ops (set_xla(False)) round twice.
-        q = k * scale + nmin
-        return tf.where(tf.math.is_nan(x), x, q)
+        return tf.where(tf.math.is_nan(x64), x64, k)
 
     return kernel
 

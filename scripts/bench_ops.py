@@ -2,7 +2,7 @@
 
 Runs every candidate side by side in one process on the same tensor
 (16M float32 elements by default), interleaving the measurements round by
-round so machine noise hits all of them alike, and prints each one's median
+round in a shuffled order so machine noise hits all of them alike, and prints each one's median
 time and its ratio to ``tf.quantization.fake_quant_with_min_max_vars``.
 
     python scripts/bench_ops.py [--elements N] [--rounds R] [--json out.json]
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -58,8 +59,11 @@ def main(argv=None) -> int:
     for f in candidates.values():  # warm up: trace and XLA-compile
         f().numpy()
         f().numpy()
+    order = list(candidates.items())
+    shuffle = random.Random(0).shuffle
     for _ in range(args.rounds):
-        for name, f in candidates.items():
+        shuffle(order)  # no candidate always runs right after another one
+        for name, f in order:
             t0 = time.perf_counter()
             f().numpy()
             times[name].append(time.perf_counter() - t0)

@@ -559,18 +559,6 @@ def test_affine_per_channel_equals_fake_quant(axis, bits, narrow):
     assert_bits_equal(got, want, x, f"{fmt}")
 
 
-AFFINE_GRID_BUG = (
-    "KNOWN BUG: Affine with rounding other than 'nearest' (graphquant's own kernel) does not "
-    "always land on TensorFlow FakeQuant's grid, nor on the right neighbour: e.g. "
-    "quantize(np.float32(5.0), Affine(8, (-1, 1)), 'up') -> 1.0039215 while FakeQuant's top level "
-    "is 1.0039216 (TF's CPU kernel computes k*scale + nmin with an FMA; plain TF ops round twice), "
-    "and k = (x - nmin) * inv_scale is rounded so 'down'/'up' can be one level off "
-    "(range (-3, -0.5), 'down': x=-0.6502099 gives -0.8333334, expected -0.6451613). "
-    "FixedPoint has the fix (two-sided correction of k, no FMA); Affine needs the same but "
-    "must pick FMA or not consistently with TF's kernel on every CPU.")
-
-
-@pytest.mark.xfail(strict=True, reason=AFFINE_GRID_BUG)
 def test_affine_per_channel_other_modes_on_tf_grid():
     bad = []
     for axis in (0, 1, -1):
@@ -609,7 +597,6 @@ def _tf_grid(lo, hi, bits, narrow):
     return g
 
 
-@pytest.mark.xfail(strict=True, reason=AFFINE_GRID_BUG)
 def test_affine_other_modes_on_tf_grid():
     bad = []
     for mode in [m for m in MODES if m != "nearest"]:
@@ -934,13 +921,10 @@ def test_bad_arguments(call, word):
 
 
 AFFINE_XLA_BUG = (
-    "KNOWN BUG: Affine results depend on the execution path by an ulp. Inside "
-    "tf.function(jit_compile=True), 'nearest' lowers tf.quantization.fake_quant_with_min_max_vars "
-    "through XLA, which differs from TF's CPU kernel used eagerly (Affine(6, (-1, 0.5)): 47 of 64 "
-    "values differ); and the own kernel (other modes, bits > 16) with set_xla(False) rounds "
-    "k*scale + nmin twice where XLA fuses it (Affine(8, (-1.3, 0.8)), 'nearest_away', x=1.3476874: "
-    "XLA 0.7988236, plain TF 0.79882354; Affine(20, (-1, 1)), 'nearest', x=-0.7185259: "
-    "XLA -0.71852565, plain TF -0.7185256).")
+    "TensorFlow limitation: inside tf.function(jit_compile=True), 'nearest' runs XLA's lowering of "
+    "tf.quantization.fake_quant_with_min_max_vars, which differs from TF's CPU kernel used eagerly "
+    "by an ulp (Affine(6, (-1, 0.5)): 47 of 64 values differ). graphquant calls TF's op, so it "
+    "inherits this; the other modes snap levels to values with the same op.")
 
 
 @pytest.mark.parametrize("fmt", ["e4m3", FixedPoint(5, (-0.1, 0.7)),
@@ -963,8 +947,7 @@ XLA_FORMATS = ["bfloat16", "float16", "e4m3", "e2m1", "e3m4:nosub", FixedPoint(5
                    "KNOWN BUG: FixedPoint with a non-power-of-two step: XLA turns (x - lo) / step into "
                    "a multiply by 1/step, plain TF divides, so 'nearest' can pick the other neighbour: "
                    "FixedPoint(24, (-3, 7)), x=0.039204713: XLA 0.039204597, set_xla(False) 0.039205074."))),
-               pytest.param(Affine(8, (-1.3, 0.8)), marks=pytest.mark.xfail(strict=True, reason=AFFINE_XLA_BUG)),
-               pytest.param(Affine(20, (-1.0, 1.0)), marks=pytest.mark.xfail(strict=True, reason=AFFINE_XLA_BUG))]
+               Affine(8, (-1.3, 0.8)), Affine(20, (-1.0, 1.0))]
 
 
 @pytest.mark.parametrize("fmt", XLA_FORMATS, ids=str)
