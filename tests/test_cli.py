@@ -95,3 +95,36 @@ def test_example_main_job(tmp_path):
     assert "affine8[" in table and "lowest SQNR:" in p.stdout
     assert sum(1 for line in table.splitlines() if "affine8[" in line) == 52
     assert (tmp_path / "ex" / "q8" / "saved_model.pb").is_file()
+
+
+def test_convert_keras_file(tmp_path):
+    """convert takes a .keras file: loaded safely, quantized by quantize_model, saved as .keras."""
+    import keras
+
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inp)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.ReLU()(x)
+    out = keras.layers.Dense(2)(keras.layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inp, out)
+    src = tmp_path / "model.keras"
+    model.save(src)
+    images = np.random.RandomState(0).rand(16, 8, 8, 3).astype("float32")
+    np.savez(tmp_path / "calib.npz", x=images)
+    dst = tmp_path / "out" / "model-q8.keras"
+    p = run("convert", str(src), str(dst), "--bits", "8", "--weights", "--calibration", str(tmp_path / "calib.npz"))
+    assert p.returncode == 0, p.stderr
+    assert dst.is_file() and not list(dst.parent.glob(".*graphquant-tmp*"))
+    q = keras.models.load_model(dst)  # no custom_objects: importing graphquant registered the layers
+    quants = [l for l in q.layers if isinstance(l, graphquant.keras.Quantize)]
+    assert len(quants) == 1
+    lo, hi = quants[0].get_range()
+    assert float(lo) < float(hi) and float(hi) > 0  # calibrated, not the initial (-6, 6)
+    assert (float(lo), float(hi)) != (-6.0, 6.0)
+    y = q.predict(images, verbose=0)
+    assert y.shape == (16, 2) and np.isfinite(y).all()
+    # the destination exists now: a second convert refuses, the file is untouched
+    before = dst.read_bytes()
+    p = run("convert", str(src), str(dst), "--bits", "8")
+    assert p.returncode != 0 and "exists" in _no_traceback(p)
+    assert dst.read_bytes() == before
