@@ -37,6 +37,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .graph.calibrate import PyFuncObservers
+
 log = logging.getLogger(__name__)
 
 __all__ = ["compare", "CompareReport", "PointError", "OutputError"]
@@ -501,13 +503,12 @@ def _output(name: str, s: _Stats) -> OutputError:
 _Q_PREFIX = "graphquant/q"
 
 
-class _Recorder:
+class _Recorder(PyFuncObservers):
     """Keeps the tensors seen by ``EagerPyFunc`` observers, per key, in call order."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.seen: Dict[str, List[np.ndarray]] = {}
-        self._tokens: List[str] = []
-        self._keep: List[Any] = []
 
     def observer(self, key: str):
         def observe(x):
@@ -516,29 +517,9 @@ class _Recorder:
 
         return observe
 
-    def token(self, key: str) -> str:
-        from tensorflow.python.ops import script_ops
-
-        fn = self.observer(key)
-        self._keep.append(fn)
-        tok = script_ops._py_funcs.insert(fn)
-        self._tokens.append(tok)
-        return tok
-
     def take(self) -> Dict[str, List[np.ndarray]]:
         out, self.seen = self.seen, {}
         return out
-
-    def release(self) -> None:
-        from tensorflow.python.ops import script_ops
-
-        for t in self._tokens:
-            try:
-                script_ops._py_funcs.remove(t)
-            except Exception:  # pragma: no cover - best effort
-                pass
-        self._tokens.clear()
-        self._keep.clear()
 
 
 @dataclass

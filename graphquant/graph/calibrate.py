@@ -29,17 +29,52 @@ def needs_calibration(plan: Plan) -> List[str]:
     return [p.path for p in plan.activations if isinstance(p.format, Affine) and p.format.range is None]
 
 
-class RangeCollector:
+class PyFuncObservers:
+    """Python callbacks that ``EagerPyFunc`` nodes spliced into a graph call.
+
+    Subclasses define ``observer(key) -> f(x) -> x``; :meth:`token` registers
+    one and returns the token the node's ``token`` attribute names;
+    :meth:`release` unregisters them all.
+    """
+
+    def __init__(self) -> None:
+        self._tokens: List[str] = []
+        self._keep: List[Any] = []  # the py-func registry holds weak references
+
+    def observer(self, key: str):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def token(self, key: str) -> str:
+        from tensorflow.python.ops import script_ops
+
+        fn = self.observer(key)
+        self._keep.append(fn)
+        tok = script_ops._py_funcs.insert(fn)
+        self._tokens.append(tok)
+        return tok
+
+    def release(self) -> None:
+        from tensorflow.python.ops import script_ops
+
+        for t in self._tokens:
+            try:
+                script_ops._py_funcs.remove(t)
+            except Exception:  # pragma: no cover - best effort
+                pass
+        self._tokens.clear()
+        self._keep.clear()
+
+
+class RangeCollector(PyFuncObservers):
     """Collects per-point ranges: ``"minmax"`` (running min/max) or ``"percentile"``."""
 
     def __init__(self, method: str = "minmax", percentile: float = 99.99):
+        super().__init__()
         if method not in ("minmax", "percentile"):
             raise ValueError(f"method must be 'minmax' or 'percentile', got {method!r}")
         self.method = method
         self.percentile = float(percentile)
         self._stats: Dict[str, List[float]] = {}
-        self._tokens: List[str] = []
-        self._keep: List[Any] = []  # the py-func registry holds weak references
 
     def observer(self, path: str):
         def observe(x):
@@ -68,22 +103,9 @@ class RangeCollector:
             out[k] = (lo, hi)
         return out
 
-    def release(self) -> None:
-        from tensorflow.python.ops import script_ops
-
-        for t in self._tokens:
-            try:
-                script_ops._py_funcs.remove(t)
-            except Exception:  # pragma: no cover - best effort
-                pass
-        self._tokens.clear()
-        self._keep.clear()
-
 
 def insert_observers(graph_def: graph_pb2.GraphDef, plan: Plan, collector: RangeCollector) -> int:
     """Splice an observer at every activation point needing a range; return how many."""
-    from tensorflow.python.ops import script_ops
-
     from .rewrite import GraphEditor
 
     ed = GraphEditor(graph_def)
@@ -94,10 +116,7 @@ def insert_observers(graph_def: graph_pb2.GraphDef, plan: Plan, collector: Range
             continue
         sc = ed.scope(scope_name(p))
         dtype = sc.out_dtype(p.after)
-        obs = collector.observer(p.path)
-        collector._keep.append(obs)
-        token = script_ops._py_funcs.insert(obs)
-        collector._tokens.append(token)
+        token = collector.token(p.path)
         name = sc.unique(f"graphquant/observe{n}")
         nd = node_def_pb2.NodeDef(name=name, op="EagerPyFunc", input=[sc.ref(sc.by_name[p.after], 0)])
         nd.attr["token"].s = token.encode()
