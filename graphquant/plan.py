@@ -228,7 +228,15 @@ class QuantizeConfig:
         kw: Dict[str, Any] = {}
         try:
             if any(k in settings for k in ("bits", "format", "range")):
-                kw["format"] = _resolve_act_format(settings.get("format"), settings.get("bits"), settings.get("range"))
+                fmt, bits, rng = settings.get("format"), settings.get("bits"), settings.get("range")
+                if fmt is None and isinstance(self.format, (FixedPoint, Affine)):
+                    # what the override leaves out comes from the config it refines:
+                    # {"range": r} keeps the bits, {"bits": b} keeps a fixed range
+                    if bits is None and rng is not None:
+                        bits = self.format.bits
+                    if rng is None and bits is not None and isinstance(self.format, FixedPoint):
+                        rng = self.format.range
+                kw["format"] = _resolve_act_format(fmt, bits, rng)
             for k in ("rounding", "weight_rounding"):
                 if k in settings:
                     kw[k] = _check_rounding(settings[k], k)

@@ -231,3 +231,16 @@ def test_config_defaults():
     assert c.weights and c.weight_format_for(-1) == Affine(4, narrow_range=True, symmetric=True, axis=-1)
     c = QuantizeConfig.create(format="bfloat16", weights=True)
     assert c.weight_format_for(-1) == FloatFormat(8, 7)
+
+
+def test_override_keeps_what_it_leaves_out():
+    """An override refines the config: {"range": r} keeps the bits, {"bits": b} keeps a fixed range."""
+    node = Node("conv1", kind="Conv2D", domain="graph")
+    base = QuantizeConfig.create(bits=4, range=(0.0, 8.0), overrides={"conv1": {"range": (0.0, 4.0)}})
+    assert base.for_node(node).format == FixedPoint(4, (0.0, 4.0))
+    base = QuantizeConfig.create(bits=4, range=(0.0, 8.0), overrides={"conv1": {"bits": 6}})
+    assert base.for_node(node).format == FixedPoint(6, (0.0, 8.0))
+    base = QuantizeConfig.create(bits=4, overrides={"conv1": {"range": (0.0, 4.0)}})
+    assert base.for_node(node).format == FixedPoint(4, (0.0, 4.0))
+    base = QuantizeConfig.create(format="e4m3", overrides={"conv1": {"bits": 6}})
+    assert base.for_node(node).format == Affine(6)
