@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import pathlib
 
+import numpy as np
 import pytest
 
 pytest.importorskip("sklearn")
@@ -36,6 +37,21 @@ def test_qat_quick(results):
     assert f > 0.95  # ten classes: chance is 0.10
     assert rows[("affine 8-bit", "nearest")] >= f - 0.02
     assert rows[("affine 4-bit", "nearest")] >= f - 0.04
+    # 4-bit fixed point trained with stochastic rounding (activations and weights): once lost 5.6 points
+    # when its ranges were the powers of two covering the largest activation / weight
+    assert rows[("fixed point 4-bit", "stochastic")] >= f - 0.04
+
+
+def test_pow2_range(digits):
+    rng = np.random.RandomState(0)
+    v = np.abs(rng.normal(0.0, 0.5, 10_000))
+    v[0] = 7.8  # one outlier: covering it needs [0, 8]
+    assert digits.pow2_range(v, 16, signed=False) == 8.0  # at 16 bits covering everything is best
+    assert digits.pow2_range(v, 4, signed=False) <= 2.0  # at 4 bits saturating the outlier is better
+    w = rng.normal(0.0, 0.1, 1000)
+    h = digits.pow2_range(w, 4, signed=True)
+    assert h in (0.25, 0.5)
+    assert np.all(np.abs(digits.fixed_point_round(w, 4, -h, h) - np.clip(w, -h, h - h / 8)) <= h / 16 + 1e-12)
 
 
 def test_gupta_quick(results):
