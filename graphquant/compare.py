@@ -123,6 +123,7 @@ class PointError:
             nested model path; or the graph node it rounds).
         node: the inserted layer / graph node.
         format: the number format (``"?"`` when the graph does not say).
+        rounding: the rounding mode when the graph records it (``None`` otherwise).
         sqnr_db: SQNR of the rounded tensor against the float model's tensor (dB).
         local_sqnr_db: SQNR of the rounding alone (its output against its input).
         mean_abs, max_abs: absolute error against the float model's tensor.
@@ -140,6 +141,7 @@ class PointError:
     max_abs: float
     clipped: Optional[float]
     size: int
+    rounding: Optional[str] = None
 
 
 @dataclass
@@ -212,7 +214,7 @@ class CompareReport:
 
         head = ("#", "layer", "format", "SQNR dB", "own dB", "mean |err|", "max |err|", "clipped")
         rows = [
-            (str(i), p.layer, p.format, db(p.sqnr_db), db(p.local_sqnr_db), f"{p.mean_abs:.3g}", f"{p.max_abs:.3g}",
+            (str(i), p.layer, p.format + (f" ({p.rounding})" if p.rounding not in (None, "nearest") else ""), db(p.sqnr_db), db(p.local_sqnr_db), f"{p.mean_abs:.3g}", f"{p.max_abs:.3g}",
              clip(p.clipped))
             for i, p in enumerate(self.points, 1)
         ]  # fmt: skip
@@ -487,11 +489,11 @@ def _as_list(v: Any) -> List[Any]:
     return list(keras.tree.flatten(v))
 
 
-def _point(layer: str, node: str, fmt: str, s: _Stats) -> PointError:
+def _point(layer: str, node: str, fmt: str, s: _Stats, rounding: Optional[str] = None) -> PointError:
     return PointError(
         layer=layer, node=node, format=fmt, sqnr_db=s.sqnr_db, local_sqnr_db=s.local_sqnr_db,
         mean_abs=s.abs / max(s.n, 1), max_abs=s.max, clipped=(s.clipped / max(s.n, 1)) if s.clip_known else None,
-        size=s.n,
+        size=s.n, rounding=rounding,
     )  # fmt: skip
 
 
@@ -531,10 +533,12 @@ class _GraphPoint:
     src_ref: str  # the exact input reference
     format: str
     range: Optional[Tuple[float, float]]
+    rounding: Optional[str] = None
 
 
 def _q_nodes(sm: Any) -> List[_GraphPoint]:
     """Every ``graphquant/q...`` activation node of a converted SavedModel."""
+    from .graph.rewrite import ROUNDING_ATTR
     from .graph.view import parse_input
 
     points: List[_GraphPoint] = []
@@ -553,7 +557,8 @@ def _q_nodes(sm: Any) -> List[_GraphPoint]:
                     continue
                 src = parse_input(data[0], in_fn)[0]
                 fmt, rng = _graph_format(nd, data, by_name, in_fn)
-                points.append(_GraphPoint(f"{scope}|{nd.name}", scope, nd.name, src, data[0], fmt, rng))
+                rounding = nd.attr[ROUNDING_ATTR].s.decode() if ROUNDING_ATTR in nd.attr else None
+                points.append(_GraphPoint(f"{scope}|{nd.name}", scope, nd.name, src, data[0], fmt, rng, rounding))
     return points
 
 
@@ -561,18 +566,22 @@ def _graph_format(nd: Any, data: List[str], by_name: Dict[str, Any], in_fn: bool
     """The format and clipping range of an inserted node, as far as the graph tells."""
     import tensorflow as tf
 
-    from .formats import parse_format
+    from .formats import Affine, parse_format
+    from .graph.rewrite import FORMAT_ATTR
     from .graph.view import parse_input
     from .ops import representable_range
 
-    if "_graphquant_format" in nd.attr:  # written by converters that record the format
-        text = nd.attr["_graphquant_format"].s.decode()
+    if FORMAT_ATTR in nd.attr:  # every node inserted by graphquant >= this version records it
+        text = nd.attr[FORMAT_ATTR].s.decode()
         try:
             fmt = parse_format(text)
             rng = representable_range(fmt)
-            return text, (None if rng is None else (float(rng[0]), float(rng[1])))
         except (TypeError, ValueError):
             return text, None
+        if isinstance(fmt, Affine) and fmt.range is not None:  # calibrated: 4 digits are enough to read
+            lo, hi = fmt.range
+            text = f"affine{fmt.bits}[{lo:.4g},{hi:.4g}]" + str(fmt).split("]", 1)[1]
+        return text, (None if rng is None else (float(rng[0]), float(rng[1])))
     if nd.op == "FakeQuantWithMinMaxArgs":
         from .formats import Affine
 
@@ -737,12 +746,13 @@ def _compare_saved_models(src: Path, dst: Path, data: Any, signature: str, batch
         log.info("compare: %d of %d graphquant nodes did not run under signature %r", len(points) - len(ran),
                  len(points), signature)  # fmt: skip
     if any(p.format == "?" for p in ran):
-        notes.append("'?': the graph does not record this node's format (only FakeQuant nodes and calibrated ranges say)")
+        notes.append("'?': the graph does not record this node's format (converted by an older graphquant; "
+                     "only FakeQuant nodes and calibrated ranges say)")
     labels = [p.src for p in ran]
     dup = {l for l in labels if labels.count(l) > 1}
     report_points = [
         _point(f"{_short_scope(p.scope)}/{p.src}" if p.src in dup and p.scope else p.src, p.qnode, p.format,
-               stats[p.key])
+               stats[p.key], p.rounding)
         for p in ran
     ]  # fmt: skip
     outputs = [_output(k, s) for k, s in ostats.items()]

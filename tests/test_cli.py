@@ -57,6 +57,14 @@ def test_inspect_and_convert(tiny, tmp_path):
     assert p.returncode == 0, p.stderr
     plan = json.loads(p.stdout)
     assert len(plan["points"]) == 1 and plan["points"][0]["group"][-1] == "Relu"
+    fname = plan["points"][0]["scope"][0]
+    assert fname.startswith("__inference_serve_")  # the JSON names the real function
+    # the table names the function by its base name, and says once which function that is
+    p = run("inspect", str(tiny), "--bits", "8")
+    assert p.returncode == 0, p.stderr
+    row = p.stdout.splitlines()[2].split()
+    assert row[:3] == ["0", "serve/Conv2D", "Conv2D"]
+    assert f"scopes: serve = {fname}" in p.stdout and p.stdout.count("__inference_") == 1
     cal = tmp_path / "cal.npz"
     np.savez(cal, x=np.random.RandomState(0).normal(size=(4, 6, 6, 1)).astype("float32"))
     p = run("convert", str(tiny), str(tmp_path / "q"), "--bits", "8", "--weights", "--calibration", str(cal),
@@ -128,3 +136,41 @@ def test_convert_keras_file(tmp_path):
     p = run("convert", str(src), str(dst), "--bits", "8")
     assert p.returncode != 0 and "exists" in _no_traceback(p)
     assert dst.read_bytes() == before
+
+
+def test_convert_h5_file(tmp_path):
+    """convert takes a legacy .h5 file; the output is a .keras file beside the given name that loads as is."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, padding="same"), keras.layers.BatchNormalization(),
+         keras.layers.ReLU(), keras.layers.DepthwiseConv2D(3, padding="same", activation="relu6"),
+         keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(2)]
+    )  # fmt: skip
+    images = np.random.RandomState(0).rand(16, 8, 8, 3).astype("float32")
+    model.compile("adam", "mse")  # a compiled model stores its optimizer in the .h5 too
+    model.fit(images, np.random.RandomState(1).rand(16, 2).astype("float32"), epochs=1, verbose=0)
+    src = tmp_path / "m.h5"
+    model.save(src)
+    ref = keras.models.load_model(src, compile=False).predict(images, verbose=0)
+    p = run("convert", str(src), str(tmp_path / "out" / "m-e4m3.h5"), "--format", "e4m3", "--weights")
+    assert p.returncode == 0, p.stderr
+    dst = tmp_path / "out" / "m-e4m3.keras"
+    assert str(dst) in p.stdout and sorted(f.name for f in dst.parent.iterdir()) == ["m-e4m3.keras"]
+    q = keras.models.load_model(dst)  # no custom_objects: importing graphquant registered the layers
+    quants = [l for l in q.layers if isinstance(l, graphquant.keras.Quantize)]
+    assert len(quants) == 2 and all(str(l.format) == "e4m3" for l in quants)
+    y = q.predict(images, verbose=0)
+    assert y.shape == ref.shape == (16, 2)
+    err = np.abs(y - ref).max()
+    assert 0 < err < 0.25 * np.abs(ref).max()  # rounded, but close to the float model
+    # a folder as destination: <folder>/<stem>.keras
+    p = run("convert", str(src), str(tmp_path / "dir"), "--bits", "8")
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "dir" / "m.keras").is_file()
+    # an .h5 that is not a Keras model: one line, no traceback
+    (tmp_path / "bad.h5").write_bytes(b"not hdf5")
+    p = run("convert", str(tmp_path / "bad.h5"), str(tmp_path / "bad.keras"), "--bits", "8")
+    assert p.returncode == 1 and "bad.h5" in _no_traceback(p)
+    assert not (tmp_path / "bad.keras").exists()

@@ -241,6 +241,27 @@ def test_saved_model_float_format(saved):
         compare(small_cnn(nested=False), root / "e4m3", DATA)
 
 
+def test_saved_model_recorded_format_and_rounding(saved, tmp_path):
+    """Every inserted node records its format and rounding; compare shows them (no '?', ranges known)."""
+    root, _, _ = saved
+    convert_saved_model(root / "float", tmp_path / "fx4", bits=4, range=(0.0, 6.0), rounding="stochastic", seed=0)
+    fixed = compare(root / "float", tmp_path / "fx4", DATA[:16])
+    e4m3 = compare(root / "float", root / "e4m3", DATA[:16])
+    assert [p.format for p in fixed.points] == ["fixed4[0,6]"] * 2
+    assert [p.rounding for p in fixed.points] == ["stochastic"] * 2
+    assert [p.format for p in e4m3.points] == ["e4m3"] * 2 and [p.rounding for p in e4m3.points] == ["nearest"] * 2
+    for rep in (fixed, e4m3):
+        assert all(p.clipped is not None for p in rep.points)  # the format's range is known
+        assert not any("'?'" in n for n in rep.notes)
+    # relu outputs in [0, 6): nothing clipped by the fixed range on these inputs; 4 bits cost far more than e4m3
+    assert all(p.clipped == 0.0 for p in fixed.points)
+    assert all(f.local_sqnr_db < e.local_sqnr_db for f, e in zip(fixed.points, e4m3.points))
+    table = fixed.table()
+    assert table.count("fixed4[0,6] (stochastic)") == 2 and "?" not in table
+    assert e4m3.table().count("e4m3") == 2 and "(nearest)" not in e4m3.table()
+    assert json.loads(fixed.to_json())["points"][0]["rounding"] == "stochastic"
+
+
 def test_cli_compare_subprocess(saved, tmp_path):
     root, _, _ = saved
     np.savez(tmp_path / "inputs.npz", x=DATA[:16])

@@ -205,3 +205,100 @@ def test_unsupported_dtype(tmp_path):
     tf.saved_model.save(m, str(tmp_path / "ic"), signatures=m.serve)
     with pytest.raises(gg.SavedModelError, match="int32"):
         gg.convert_saved_model(tmp_path / "ic", tmp_path / "o", bits=8, range=(0.0, 1.0))
+
+
+def _inserted_with_attrs(path):
+    """(node, recorded format, recorded rounding) of every inserted rounding node in a written SavedModel."""
+    inserted, _ = _graphquant_nodes(path)
+    rows = []
+    for n in inserted:
+        if n.op == "Const":  # the constant (lo, hi) arguments of a calibrated kernel
+            continue
+        rows.append((n, n.attr["_graphquant_format"].s.decode(), n.attr["_graphquant_rounding"].s.decode()))
+    return rows
+
+
+def _call_every_signature(loaded):
+    outs = {}
+    for name, fn in loaded.signatures.items():
+        feed = {k: tf.constant(X if spec.shape[1:] == X.shape[1:] else np.zeros([2] + spec.shape.as_list()[1:], "float32"))
+                for k, spec in fn.structured_input_signature[1].items()}  # fmt: skip
+        outs[name] = {k: v.numpy() for k, v in fn(**feed).items()}
+    return outs
+
+
+@pytest.mark.parametrize(
+    "kw, fmt, rounding, ops",
+    [
+        ({"format": "e4m3"}, "e4m3", "nearest", {"PartitionedCall"}),
+        ({"bits": 4, "range": (0.0, 6.0), "rounding": "stochastic", "seed": 0}, "fixed4[0,6]", "stochastic",
+         {"StatefulPartitionedCall"}),
+        # calibrated through serving_default; the "first" signature's conv keeps a dynamic range (a kernel call)
+        ({"bits": 8, "calibration_data": X}, "affine8", "nearest", {"FakeQuantWithMinMaxArgs", "PartitionedCall"}),
+    ],
+)
+def test_inserted_nodes_record_format_and_rounding(module_sm, tmp_path, kw, fmt, rounding, ops):
+    from graphquant.formats import parse_format
+
+    dst = tmp_path / "q"
+    rep = gg.convert_saved_model(module_sm, dst, **kw)
+    rows = _inserted_with_attrs(dst)
+    assert len(rows) == rep.inserted == 4
+    assert {n.op for n, _, _ in rows} == ops
+    for n, f, r in rows:
+        assert f.startswith(fmt) and r == rounding, (n.name, f, r)
+        parse_format(f)  # the recorded text reads back as a format
+    if fmt == "affine8":  # a calibrated FakeQuant records the range it applies; the dynamic kernel none
+        assert sum(n.op == "FakeQuantWithMinMaxArgs" for n, _, _ in rows) == 3
+        for n, f, _ in rows:
+            if n.op == "FakeQuantWithMinMaxArgs":
+                lo, hi = parse_format(f).range
+                assert (lo, hi) == pytest.approx((n.attr["min"].f, n.attr["max"].f))
+            else:
+                assert f == "affine8"
+    # TensorFlow accepts the extra attributes: load, serve every signature, inspect the result
+    q = tf.saved_model.load(str(dst))
+    outs = _call_every_signature(q)
+    assert sorted(outs) == ["first", "serving_default"]
+    assert gg.inspect_saved_model(dst, **{k: v for k, v in kw.items() if k in ("bits", "format", "range")}).targets
+    feats = outs["serving_default"]["features"]
+    if fmt == "fixed4[0,6]":
+        step = 6.0 / 16
+        assert np.allclose(feats / step, np.round(feats / step), atol=1e-4)
+        assert feats.min() >= 0.0 and feats.max() <= 6.0 - step + 1e-6
+        again = q.signatures["serving_default"](image=tf.constant(X))["features"].numpy()
+        assert not np.array_equal(feats, again)  # stochastic: each call draws again
+    elif fmt == "e4m3":
+        import ml_dtypes
+
+        assert np.array_equal(feats, feats.astype(ml_dtypes.float8_e4m3fn).astype(np.float32))
+
+
+def test_short_scope_names_unique():
+    names = ["__inference___call___5210", "__inference_serve_12", "__inference_block_3", "__inference_block_7",
+             "block_3", "plain"]
+    short = gg.planning.short_scope_names(names + ["", names[0]])
+    assert short["__inference___call___5210"] == "__call__" and short["__inference_serve_12"] == "serve"
+    assert short["plain"] == "plain"
+    assert len(set(short.values())) == len(short) == len(names)  # distinct functions never share a name
+    assert short["__inference_block_3"] != short["block_3"]
+
+
+def test_inspect_table_short_scopes(keras_sm):
+    src, n_conv = keras_sm
+    plan = gg.inspect_saved_model(src, bits=8, weights=True)
+    full = {s for p in plan.points for s in p.scope}
+    assert len(full) == 1 and next(iter(full)).startswith("__inference_")  # the data keeps the real name
+    short = plan.scope_names()[next(iter(full))]
+    assert short == "__call__"
+    table = str(plan)
+    lines = table.splitlines()
+    rows = lines[2 : 2 + len(plan.points)]
+    assert len(rows) == len(plan.points) == 2 * n_conv
+    for p, row in zip(plan.points, rows):
+        cells = row.split()
+        assert cells[1] == f"{short}/{p.target}"  # whole, not cut with an ellipsis
+    assert sum("__inference_" in l for l in lines) == 1  # only the line naming the scope
+    assert f"scopes: {short} = {next(iter(full))}" in lines
+    assert lines[1].split("  ")[1] == "-" * max(len(f"{short}/{p.target}") for p in plan.points)
+    assert plan.to_dict()["points"][0]["scope"] == sorted(full)

@@ -14,8 +14,8 @@ matchers, added here without editing the shared registry:
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Any, Dict, List, Optional, Tuple
+from dataclasses import fields, replace
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from tensorflow.core.framework import graph_pb2
 
@@ -23,7 +23,7 @@ from ..patterns import DEFAULT_REGISTRY, GRAPH, Matcher, Node, Pattern, Registry
 from ..plan import InsertionPoint, Plan, QuantizeConfig, make_plan
 from .view import GraphView, read_graph_def
 
-__all__ = ["graph_registry", "to_pattern_view", "plan_graph_def", "SKIP_FUNCTIONS"]
+__all__ = ["graph_registry", "to_pattern_view", "plan_graph_def", "GraphPlan", "short_scope_names", "SKIP_FUNCTIONS"]
 
 #: Library functions that never hold model computation (checkpoint save/restore).
 SKIP_FUNCTIONS = ("__inference__traced_save", "__inference__traced_restore")
@@ -117,6 +117,82 @@ def to_pattern_view(gv: GraphView) -> View:
     return root
 
 
+def _base_name(fname: str) -> str:
+    """``__inference___call___5210`` -> ``__call__``; ``__inference_serve_12`` -> ``serve``."""
+    s = fname[len("__inference_"):] if fname.startswith("__inference_") and len(fname) > len("__inference_") else fname
+    head, _, tail = s.rpartition("_")
+    return head if tail.isdigit() and head else s
+
+
+def short_scope_names(names: Iterable[str]) -> Dict[str, str]:
+    """Readable, still unique names for function-library scopes.
+
+    Each name becomes its function's base name (``__inference_`` prefix and
+    the trace counter dropped); names whose base name is shared by another
+    function keep the counter (``__call___5210``), and the full name is the
+    last resort, so distinct functions never share a short name.
+    """
+    names = list(dict.fromkeys(n for n in names if n))
+    bases = {n: _base_name(n) for n in names}
+    out: Dict[str, str] = {}
+    for n in names:
+        short = bases[n]
+        if sum(1 for b in bases.values() if b == short) > 1:
+            short = n[len("__inference_"):] if n.startswith("__inference_") else n
+        out[n] = short
+    used = list(out.values())
+    for n, short in out.items():  # a stripped name equal to another function's short name
+        if used.count(short) > 1:
+            out[n] = n
+    return out
+
+
+class GraphPlan(Plan):
+    """A :class:`~graphquant.plan.Plan` of a graph: the same data, and a table
+    that names function-library scopes by their short base name
+    (``__call__/conv/Conv2D`` instead of ``__inference___call___5210/conv/Conv2D``),
+    followed by a line mapping each short name to its full function name.
+    ``to_dict`` / ``points`` keep the full names, as written in the graph."""
+
+    @classmethod
+    def from_plan(cls, plan: Plan) -> "GraphPlan":
+        return cls(**{f.name: getattr(plan, f.name) for f in fields(Plan)})
+
+    def scope_names(self) -> Dict[str, str]:
+        """Full function name -> the short name used in :meth:`table`."""
+        return short_scope_names(s for p in self.points for s in p.scope)
+
+    def table(self) -> str:
+        short = self.scope_names()
+
+        def rename(path: str) -> str:
+            head, sep, tail = path.partition("/")
+            return short[head] + sep + tail if head in short else path
+
+        view = Plan(
+            points=[replace(p, scope=tuple(short.get(s, s) for s in p.scope)) for p in self.points],
+            config=self.config,
+            skipped=[(rename(path), kind, why) for path, kind, why in self.skipped],
+            notes=list(self.notes),
+        )
+        lines = view.table().split("\n")
+        n = len(self.points)
+        if n:
+            # the layer column names the point: never cut it (the base table caps every column at 60)
+            head = [lines[0]] + lines[2 : 2 + n]
+            layers = ["layer"] + ["/".join(p.scope + (p.target,)) for p in view.points]
+            old_w = len(lines[1].split("  ")[1])
+            new_w = max(len(x) for x in layers)
+            start = lines[1].index("  ") + 2
+            head = [h[:start] + layer.ljust(new_w) + h[start + old_w :] for h, layer in zip(head, layers)]
+            rule = lines[1][:start] + "-" * new_w + lines[1][start + old_w :]
+            lines = [head[0].rstrip(), rule] + [h.rstrip() for h in head[1:]] + lines[2 + n :]
+        renamed = [f"{v} = {k}" for k, v in short.items() if k != v]
+        if renamed:
+            lines.insert(2 + n + 1, "scopes: " + ", ".join(renamed))  # after the rows and the summary line
+        return "\n".join(lines)
+
+
 def plan_graph_def(
     graph_def: graph_pb2.GraphDef,
     config: QuantizeConfig,
@@ -125,7 +201,7 @@ def plan_graph_def(
     """Read ``graph_def`` and plan it with the (graph-refined) registry."""
     skip = [f.signature.name for f in graph_def.library.function if f.signature.name.startswith(SKIP_FUNCTIONS)]
     gv = read_graph_def(graph_def, skip_functions=skip)
-    plan = make_plan(to_pattern_view(gv), config, graph_registry(registry))
+    plan = GraphPlan.from_plan(make_plan(to_pattern_view(gv), config, graph_registry(registry)))
     return plan, gv
 
 

@@ -9,7 +9,9 @@ itself is :func:`graphquant.quantize`, traced once per distinct
 rounding with a known range (the serving-friendly common case) is spliced as a
 single ``FakeQuantWithMinMaxArgs`` node, which is exactly what ``quantize``
 computes for it. Every inserted node and function carries ``graphquant`` in
-its name.
+its name, and every inserted node records what it does in two string
+attributes, ``_graphquant_format`` (``str(format)``, with the range actually
+used for affine formats) and ``_graphquant_rounding``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from .view import CALL_OPS, output_arg_names, parse_input
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Insertion", "GraphEditor", "FLOAT_DTYPES"]
+__all__ = ["Insertion", "GraphEditor", "FLOAT_DTYPES", "FORMAT_ATTR", "ROUNDING_ATTR"]
 
 FLOAT_DTYPES = {"float": tf.float32, "half": tf.float16, "bfloat16": tf.bfloat16, "double": tf.float64}
 
@@ -332,6 +334,7 @@ class GraphEditor:
             nd.attr["config_proto"].s = b""
             nd.attr["executor_type"].s = b""
             new = sc.add(nd)
+        _record(new, ins, fq_range)
         new_ref = sc.ref(new, 0)
         if ins.target == "weights":
             cons = sc.by_name[ins.consumer]
@@ -348,6 +351,28 @@ class GraphEditor:
         val = tf.make_ndarray(nd.attr["value"].tensor)
         new = np.asarray(fn(val), dtype=val.dtype)
         nd.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(new, dtype=tf.dtypes.as_dtype(nd.attr["dtype"].type)))
+
+
+#: Attributes every inserted rounding node carries (strings; the leading
+#: underscore makes TensorFlow accept them on any op when loading and serving).
+FORMAT_ATTR = "_graphquant_format"
+ROUNDING_ATTR = "_graphquant_rounding"
+
+
+def recorded_format(ins: Insertion, fq_range: Optional[Tuple[float, float]] = None) -> Format:
+    """The format an inserted node actually applies: an :class:`Affine` without
+    its own range gets the fixed (FakeQuant) or calibrated range it was given."""
+    fmt = ins.format
+    rng = fq_range if fq_range is not None else (ins.range if ins.target == "activations" else None)
+    if isinstance(fmt, Affine) and fmt.range is None and rng is not None:
+        return fmt.with_range((float(rng[0]), float(rng[1])))
+    return fmt
+
+
+def _record(nd: node_def_pb2.NodeDef, ins: Insertion, fq_range: Optional[Tuple[float, float]]) -> None:
+    """Write the format (``str(fmt)``, readable by ``parse_format``) and rounding on an inserted node."""
+    nd.attr[FORMAT_ATTR].s = str(recorded_format(ins, fq_range)).encode()
+    nd.attr[ROUNDING_ATTR].s = str(ins.rounding).encode()
 
 
 def _static_shape(sc: _Scope, node: str):
