@@ -123,7 +123,8 @@ class PointError:
             nested model path; or the graph node it rounds).
         node: the inserted layer / graph node.
         format: the number format (``"?"`` when the graph does not say).
-        rounding: the rounding mode when the graph records it (``None`` otherwise).
+        rounding: the rounding mode applied (a Keras layer's inference rounding; for
+            graphs, what the node records, ``None`` for older conversions).
         sqnr_db: SQNR of the rounded tensor against the float model's tensor (dB).
         local_sqnr_db: SQNR of the rounding alone (its output against its input).
         mean_abs, max_abs: absolute error against the float model's tensor.
@@ -469,7 +470,8 @@ def _compare_keras(model: Any, quantized: Any, data: Any, batch_size: int, steps
     if batches == 0:
         raise ValueError("data is empty: no batch to compare on")
     points = [
-        _point(_scope_label(fsite[0], fsite[1], fsite[2]) if fsite else layer.name, layer.name, str(layer.format), s)
+        _point(_scope_label(fsite[0], fsite[1], fsite[2]) if fsite else layer.name, layer.name, str(layer.format), s,
+               rounding=layer.inference_rounding)  # compare runs inference
         for (layer, _, fsite), s in zip(kept, stats)
     ]  # fmt: skip
     out_names = [_output_name(t, i) for i, t in enumerate(f_outs)]

@@ -108,6 +108,10 @@ def test_keras_float_format_and_report_outputs(cnn, tmp_path):
     rep = compare(cnn, q, DATA, steps=1, batch_size=16)
     assert rep.samples == 16
     assert [p.format for p in rep.points] == ["e4m3"] * 3
+    assert [p.rounding for p in rep.points] == ["nearest"] * 3
+    rep_sr = compare(cnn, quantize_model(cnn, format="e4m3", rounding="stochastic", inference_rounding="up"),
+                     DATA, steps=1, batch_size=16)
+    assert [p.rounding for p in rep_sr.points] == ["up"] * 3  # inference rounding is what compare runs
     # e4m3 has 3 mantissa bits: relative rounding error <= 2**-4, so SQNR of one rounding is > 24 dB
     for p in rep.points:
         assert 24.0 < p.local_sqnr_db < 45.0
