@@ -174,3 +174,17 @@ def test_convert_h5_file(tmp_path):
     p = run("convert", str(tmp_path / "bad.h5"), str(tmp_path / "bad.keras"), "--bits", "8")
     assert p.returncode == 1 and "bad.h5" in _no_traceback(p)
     assert not (tmp_path / "bad.keras").exists()
+
+
+def test_console_script_error_is_one_line_on_stderr(tmp_path):
+    """The installed `graphquant` command holds back TensorFlow's start-up messages."""
+    import shutil
+
+    exe = shutil.which("graphquant", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    assert exe, "the graphquant console script is not installed"
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    p = subprocess.run([exe, "convert", str(tmp_path / "missing"), str(tmp_path / "out"), "--bits", "8"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 1
+    assert p.stderr.strip().splitlines() == [f"graphquant convert: error: {tmp_path / 'missing'}: no such file or directory"]
+    assert not (tmp_path / "out").exists()
