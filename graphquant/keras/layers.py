@@ -12,6 +12,7 @@ import random
 from typing import Any, Dict, List, Optional, Sequence
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from ..formats import Affine, Format, format_from_dict, parse_format
@@ -43,6 +44,16 @@ def _check_rounding(value: Any, what: str) -> str:
 
 def _training(training: Any) -> bool:
     return bool(training) if training is not None else False
+
+
+class _Full:
+    """Initializer: a constant, as a numpy array (one op to create the variable, not three)."""
+
+    def __init__(self, value: float):
+        self.value = float(value)
+
+    def __call__(self, shape: Any, dtype: Any = None) -> Any:
+        return np.full(tuple(shape), self.value, dtype=keras.backend.standardize_dtype(dtype or "float32"))
 
 
 @keras.saving.register_keras_serializable(package="graphquant")
@@ -107,15 +118,15 @@ class Quantize(keras.layers.Layer):
                 shape = (int(n),)
             lo, hi = INITIAL_RANGE
             self.range_min = self.add_weight(
-                shape=shape, initializer=keras.initializers.Constant(lo), trainable=False,
+                shape=shape, initializer=_Full(lo), trainable=False,
                 aggregation="mean", name="range_min", dtype="float32",
             )  # fmt: skip
             self.range_max = self.add_weight(
-                shape=shape, initializer=keras.initializers.Constant(hi), trainable=False,
+                shape=shape, initializer=_Full(hi), trainable=False,
                 aggregation="mean", name="range_max", dtype="float32",
             )  # fmt: skip
             self.range_initialized = self.add_weight(
-                shape=(), initializer="zeros", trainable=False, aggregation="mean",
+                shape=(), initializer=_Full(0.0), trainable=False, aggregation="mean",
                 name="range_initialized", dtype="float32",
             )  # fmt: skip
         self.built = True

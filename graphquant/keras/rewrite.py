@@ -17,6 +17,7 @@ import warnings
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import keras
+import tensorflow as tf
 
 from ..patterns import Registry
 from ..plan import InsertionPoint, Plan, QuantizeConfig, make_plan
@@ -114,6 +115,51 @@ class _Rewriter:
         self.models: Dict[int, keras.Model] = {}  # id(source model) -> rewritten
         self.pairs: List[Tuple[Any, Any]] = []  # (source layer, new layer) for weight copy
         self.inserted = 0
+        self._seeded: Dict[int, Dict[int, Any]] = {}  # id(new layer) -> {id(new var): source var}
+
+    def _seed_from_source(self, old: Any, new: Any) -> None:
+        """Create ``new``'s own weights directly with ``old``'s values instead of random ones.
+
+        Saves the initializers' work and the later ``set_weights`` copy. Each
+        ``add_weight`` call of ``new`` whose name, shape and dtype match one of
+        ``old``'s own variables starts from that variable's value; anything else
+        is created as usual. :meth:`copy_weights` keeps the result only if every
+        weight of ``new`` was seeded from the weight ``set_weights`` would have
+        copied into it, and otherwise falls back to ``set_weights``.
+        """
+        if type(new).add_weight is not keras.layers.Layer.add_weight or "add_weight" in vars(new):
+            return
+        by_name: Dict[str, Any] = {}
+        for v in list(old.trainable_weights) + list(old.non_trainable_weights):
+            if v.name in by_name:
+                return  # ambiguous names: keep the plain path
+            by_name[v.name] = v
+        if not by_name:
+            return
+        seeded = self._seeded.setdefault(id(new), {})
+        base = keras.layers.Layer.add_weight
+
+        def add_weight(*args: Any, **kwargs: Any) -> Any:
+            src = by_name.get(kwargs.get("name")) if len(args) <= 1 else None
+            if src is not None:
+                shape = args[0] if args else kwargs.get("shape")
+                dtype = kwargs.get("dtype")
+                want = new.variable_dtype if dtype is None else keras.backend.standardize_dtype(dtype)
+                if shape is None or tuple(shape) != tuple(src.shape) or want != src.dtype:
+                    src = None
+            if src is None:
+                return base(new, *args, **kwargs)
+            value = src.value
+
+            def initializer(shape: Any, dtype: Any = None) -> Any:
+                return tf.identity(value)
+
+            kwargs["initializer"] = initializer
+            var = base(new, *args, **kwargs)
+            seeded[id(var)] = src
+            return var
+
+        object.__setattr__(new, "add_weight", add_weight)
 
     def _names(self, model: keras.Model) -> set:
         return {l.name for l in model.layers}
@@ -148,6 +194,7 @@ class _Rewriter:
         else:
             new = _clone_layer(layer)
         self.pairs.append((layer, new))
+        self._seed_from_source(layer, new)
         if weight_points:
             return QuantizeWeights(
                 new,
@@ -217,14 +264,26 @@ class _Rewriter:
         inputs = keras.tree.pack_sequence_as(model._inputs_struct, new_inputs)
         return keras.Model(inputs, outputs, name=model.name)
 
+    def _unhook(self) -> None:
+        for _, new in self.pairs:
+            if "add_weight" in vars(new):
+                object.__delattr__(new, "add_weight")
+
     def copy_weights(self) -> None:
+        self._unhook()
         for old, new in self.pairs:
-            src = old.get_weights()
-            if not src:
+            src_vars = old.weights
+            if not src_vars:
                 continue
             if not new.built:
                 raise ValueError(f"layer {new.name!r} was not built while rebuilding the model")
-            new.set_weights(src)
+            seeded = self._seeded.get(id(new), {})
+            new_vars = new.weights
+            if len(new_vars) == len(src_vars) and all(
+                seeded.get(id(n)) is o for n, o in zip(new_vars, src_vars)
+            ):
+                continue  # every weight already holds the value set_weights would copy
+            new.set_weights(old.get_weights())
 
 
 # --------------------------------------------------------------------------- public
@@ -335,7 +394,10 @@ def quantize_model(
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {seed!r}")
     rw = _Rewriter(plan, fold_batchnorm=bool(fold_batchnorm), seed=seed)
-    new = rw.rewrite(model)
+    try:
+        new = rw.rewrite(model)
+    finally:
+        rw._unhook()
     rw.copy_weights()
     if cfg.weight_storage is not None:
         apply_weight_storage(new, cfg.weight_storage, cfg.storage_rounding, seed=rw._next_seed())
