@@ -35,7 +35,20 @@ __all__ = [
     "parse_format",
     "format_from_dict",
     "as_format",
+    "ROUNDING_MODES",
+    "check_rounding",
 ]
+
+#: Rounding modes understood by every kernel (see the README's table).
+ROUNDING_MODES = ("nearest", "nearest_away", "toward_zero", "down", "up", "stochastic")
+
+
+def check_rounding(value: Any, what: str = "rounding") -> str:
+    """Return ``value`` if it names a rounding mode; ``ValueError`` naming ``what`` otherwise."""
+    if not isinstance(value, str) or value not in ROUNDING_MODES:
+        raise ValueError(f"{what} must be one of {ROUNDING_MODES}, got {value!r}")
+    return value
+
 
 _MAX_FIXED_BITS = 24
 _MAX_AFFINE_BITS = 24

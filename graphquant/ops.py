@@ -15,8 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import rounding as _r
-from .formats import Affine, FixedPoint, FloatFormat, Format, as_format, parse_format
-from .rounding import ROUNDING_MODES
+from .formats import ROUNDING_MODES, Affine, FixedPoint, FloatFormat, Format, as_format, check_rounding, parse_format
 
 __all__ = ["quantize", "ROUNDING_MODES", "set_seed", "representable_range"]
 
@@ -96,12 +95,6 @@ def representable_range(fmt: Format) -> Optional[Tuple[float, float]]:
         return None
     nmin, nmax, _, _ = _r.nudge(tf.constant(fmt.range[0]), tf.constant(fmt.range[1]), fmt.quant_min, fmt.quant_max)
     return (float(nmin), float(nmax))
-
-
-def _check_rounding(value: Any, what: str) -> str:
-    if not isinstance(value, str) or value not in ROUNDING_MODES:
-        raise ValueError(f"{what} must be one of {ROUNDING_MODES}, got {value!r}")
-    return value
 
 
 def _resolve_format(format, bits, range) -> Tuple[Format, Optional[tuple]]:
@@ -201,11 +194,11 @@ def quantize(
         ValueError: an argument is invalid (the message names it).
     """
     fmt, affine_range = _resolve_format(format, bits, range)
-    rounding = _check_rounding(rounding, "rounding")
+    rounding = check_rounding(rounding, "rounding")
     grad_fmt = None
     if gradient_format is not None:
         grad_fmt = parse_format(gradient_format)
-        gradient_rounding = _check_rounding(gradient_rounding, "gradient_rounding")
+        gradient_rounding = check_rounding(gradient_rounding, "gradient_rounding")
         if isinstance(grad_fmt, Affine) and grad_fmt.range is None:
             raise ValueError("gradient_format must have a fixed range (an Affine format without range cannot round gradients)")
     if isinstance(fmt, Affine) and affine_range is None:

@@ -14,24 +14,26 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
-from .formats import Affine, FixedPoint, FloatFormat, Format, as_format, format_from_dict, parse_format
+from .formats import (
+    ROUNDING_MODES,
+    Affine,
+    FixedPoint,
+    FloatFormat,
+    Format,
+    as_format,
+    check_rounding,
+    parse_format,
+)
 from .patterns import DEFAULT_REGISTRY, Node, Registry, View, weight_slots
 
 __all__ = ["QuantizeConfig", "InsertionPoint", "Plan", "make_plan", "ROUNDING_MODES"]
 
-ROUNDING_MODES = ("nearest", "nearest_away", "toward_zero", "down", "up", "stochastic")
 _OVERRIDE_KEYS = (
     "bits", "format", "range", "rounding", "inference_rounding",
     "weights", "weight_bits", "weight_format", "weight_rounding", "activations",
 )  # fmt: skip
 
 Selector = Union[str, type]
-
-
-def _check_rounding(value: Any, what: str) -> str:
-    if not isinstance(value, str) or value not in ROUNDING_MODES:
-        raise ValueError(f"{what} must be one of {ROUNDING_MODES}, got {value!r}")
-    return value
 
 
 def _check_selectors(value: Any, what: str) -> Tuple[Selector, ...]:
@@ -152,11 +154,11 @@ class QuantizeConfig:
             ValueError / TypeError naming the offending argument.
         """
         fmt = _resolve_act_format(format, bits, range)
-        _check_rounding(rounding, "rounding")
+        check_rounding(rounding, "rounding")
         if inference_rounding is not None:
-            _check_rounding(inference_rounding, "inference_rounding")
-        _check_rounding(weight_rounding, "weight_rounding")
-        _check_rounding(storage_rounding, "storage_rounding")
+            check_rounding(inference_rounding, "inference_rounding")
+        check_rounding(weight_rounding, "weight_rounding")
+        check_rounding(storage_rounding, "storage_rounding")
         if storage_rounding not in ("nearest", "stochastic"):
             raise ValueError(f"storage_rounding must be 'nearest' or 'stochastic', got {storage_rounding!r}")
         for name, v in (("activations", activations), ("dense", dense)):
@@ -239,9 +241,9 @@ class QuantizeConfig:
                 kw["format"] = _resolve_act_format(fmt, bits, rng)
             for k in ("rounding", "weight_rounding"):
                 if k in settings:
-                    kw[k] = _check_rounding(settings[k], k)
+                    kw[k] = check_rounding(settings[k], k)
             if "inference_rounding" in settings:
-                kw["inference_rounding"] = settings["inference_rounding"] and _check_rounding(
+                kw["inference_rounding"] = settings["inference_rounding"] and check_rounding(
                     settings["inference_rounding"], "inference_rounding"
                 )
             if "activations" in settings:

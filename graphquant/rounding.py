@@ -26,12 +26,9 @@ from typing import Callable, Optional
 import numpy as np
 import tensorflow as tf
 
-from .formats import Affine, FixedPoint, FloatFormat
+from .formats import ROUNDING_MODES, Affine, FixedPoint, FloatFormat, check_rounding
 
 __all__ = ["ROUNDING_MODES", "set_xla", "xla_enabled", "random_bits"]
-
-#: Rounding modes understood by every kernel.
-ROUNDING_MODES = ("nearest", "nearest_away", "toward_zero", "down", "up", "stochastic")
 
 _XLA = os.environ.get("GRAPHQUANT_XLA", "1").strip().lower() not in ("0", "false", "no", "off")
 
@@ -121,7 +118,8 @@ def _round_coord(k: tf.Tensor, mode: str, positive: tf.Tensor, key: Optional[tf.
         fl = tf.floor(k)
         u = _uniform(k, key, k.dtype)
         return tf.where(u < (k - fl), tf.math.ceil(k), fl)  # ceil, not fl + 1: keeps -0.0
-    raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {mode!r}")
+    check_rounding(mode)
+    raise AssertionError(f"rounding mode {mode!r} has no coordinate rounding")  # pragma: no cover
 
 
 # ----------------------------------------------------------------------------
@@ -309,7 +307,8 @@ def _float_kernel(fmt: FloatFormat, mode: str) -> Callable:
                     up = rnd < r
                 rb = t + tf.cast(up, int_dt) * step_b
             else:
-                raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {mode!r}")
+                check_rounding(mode)
+                raise AssertionError(f"rounding mode {mode!r} has no bit rounding")  # pragma: no cover
         q = tf.bitcast(tf.bitwise.bitwise_or(rb, sign), dt)
 
         # --- below the smallest normal: a fixed step 2**sub_exp (exact power-of-two scaling)
@@ -365,8 +364,7 @@ def _float_kernel(fmt: FloatFormat, mode: str) -> Callable:
 @functools.lru_cache(maxsize=None)
 def kernel_for(fmt, mode: str, xla: bool) -> Callable:
     """The rounding kernel for ``fmt`` and ``mode``: ``f(x, key, *range_params)``."""
-    if mode not in ROUNDING_MODES:
-        raise ValueError(f"rounding must be one of {ROUNDING_MODES}, got {mode!r}")
+    check_rounding(mode)
     if isinstance(fmt, FixedPoint):
         fn = _fixed_kernel(fmt, mode)
     elif isinstance(fmt, Affine):

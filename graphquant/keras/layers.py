@@ -15,14 +15,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ..formats import Affine, Format, format_from_dict, parse_format
+from ..formats import Affine, Format, check_rounding, format_from_dict, parse_format
 from ..ops import quantize
 
 __all__ = ["Quantize", "QuantizeWeights", "StorageRounding", "FoldingBatchNormalization", "quantize_weight"]
 
 log = logging.getLogger(__name__)
 
-_ROUNDING = ("nearest", "nearest_away", "toward_zero", "down", "up", "stochastic")
 #: Range used by a learned-range layer before it saw any data (as tfmot).
 INITIAL_RANGE = (-6.0, 6.0)
 
@@ -34,12 +33,6 @@ def _fmt(value: Any, what: str = "format") -> Format:
         return parse_format(value)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{what}: {e}") from None
-
-
-def _check_rounding(value: Any, what: str) -> str:
-    if value not in _ROUNDING:
-        raise ValueError(f"{what} must be one of {_ROUNDING}, got {value!r}")
-    return value
 
 
 def _training(training: Any) -> bool:
@@ -87,10 +80,10 @@ class Quantize(keras.layers.Layer):
     ):
         super().__init__(**kwargs)
         self.format = _fmt(format)
-        self.rounding = _check_rounding(rounding, "rounding")
+        self.rounding = check_rounding(rounding, "rounding")
         if inference_rounding is None:
             inference_rounding = "nearest" if rounding == "stochastic" else rounding
-        self.inference_rounding = _check_rounding(inference_rounding, "inference_rounding")
+        self.inference_rounding = check_rounding(inference_rounding, "inference_rounding")
         if not isinstance(momentum, (int, float)) or not 0.0 <= float(momentum) < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         self.momentum = float(momentum)
@@ -348,11 +341,11 @@ class QuantizeWeights(keras.layers.Wrapper):
         for s in slots:
             if not isinstance(s, dict) or "slot" not in s or "format" not in s:
                 raise ValueError(f"each slot must be a dict with 'slot' and 'format', got {s!r}")
-            rnd = _check_rounding(s.get("rounding", "nearest"), "rounding")
+            rnd = check_rounding(s.get("rounding", "nearest"), "rounding")
             inf = s.get("inference_rounding") or ("nearest" if rnd == "stochastic" else rnd)
             norm.append(
                 {"slot": str(s["slot"]), "format": _fmt(s["format"]), "rounding": rnd,
-                 "inference_rounding": _check_rounding(inf, "inference_rounding")}
+                 "inference_rounding": check_rounding(inf, "inference_rounding")}
             )  # fmt: skip
         self.slots = norm
         self.seed = seed
