@@ -453,7 +453,7 @@ def _compare_keras(model: Any, quantized: Any, data: Any, batch_size: int, steps
     ranges = [_layer_range(layer) for layer, _, _ in kept]
     n_in = len(qg.inputs)
     samples = batches = 0
-    for batch in iter_batches(data, n_in, batch_size, steps):
+    for batch in iter_batches(data, n_in, batch_size, steps, what="data"):
         qv = [np.asarray(v) for v in _as_list(q_probe(batch, training=False))]
         fv = [np.asarray(v) for v in _as_list(f_probe(batch, training=False))]
         first = keras.tree.flatten(batch)[0]
@@ -546,7 +546,6 @@ def _q_nodes(sm: Any) -> List[_GraphPoint]:
     points: List[_GraphPoint] = []
     for mg in sm.meta_graphs:
         scopes: List[Tuple[str, Any, bool]] = [("", mg.graph_def.node, False)]
-        consts: Dict[str, Dict[str, Any]] = {}
         for f in mg.graph_def.library.function:
             scopes.append((f.signature.name, f.node_def, True))
         for scope, nodes, in_fn in scopes:
@@ -666,13 +665,9 @@ def _load_observed(obs: Any, src: Path, tmp: Path, name: str) -> Any:
 def _feeds(data: Any, specs: Dict[str, Any], batch_size: int, steps: Optional[int]) -> Iterator[Dict[str, Any]]:
     import tensorflow as tf
 
-    from .graph.calibrate import iter_batches
+    from .ranges import iter_batches
 
-    n = 0
-    for batch in iter_batches(data, batch_size):
-        if steps is not None and n >= steps:
-            return
-        n += 1
+    for batch in iter_batches(data, 1, batch_size, steps, what="data"):
         if isinstance(batch, dict):
             extra = set(batch) - set(specs)
             if set(specs) - set(batch):

@@ -131,9 +131,15 @@ def make_tracker(method: str, axis: Optional[int] = None, percentile: float = 99
     raise ValueError(f"method must be 'minmax', 'percentile' or 'ema', got {method!r}")
 
 
-def iter_batches(data: Any, n_inputs: int = 1, batch_size: int = 32, steps: Optional[int] = None) -> Iterator[Any]:
+def iter_batches(
+    data: Any, n_inputs: int = 1, batch_size: int = 32, steps: Optional[int] = None, what: str = "calibration data"
+) -> Iterator[Any]:
     """Model inputs from a numpy array / tensor / dict of arrays (batched),
-    a ``tf.data.Dataset`` or any iterable of batches (``(x, y)`` pairs keep ``x``)."""
+    a ``tf.data.Dataset`` or any iterable of batches (``(x, y)`` pairs keep ``x``).
+
+    Used by every front end (Keras calibration, graph calibration, compare),
+    so data means the same everywhere; ``what`` names the argument in errors.
+    """
     import tensorflow as tf
 
     def x_of(el: Any) -> Any:
@@ -142,12 +148,16 @@ def iter_batches(data: Any, n_inputs: int = 1, batch_size: int = 32, steps: Opti
                 return el[0]
         return el
 
+    expected = f"{what} must be an array, a dict of arrays, a tf.data.Dataset or an iterable of batches"
     if isinstance(data, (str, bytes)) or data is None:
-        raise TypeError(f"calibration data must be an array, a tf.data.Dataset or an iterable of batches, got {type(data).__name__}")
+        raise TypeError(f"{expected}, got {type(data).__name__}")
     count = 0
-    if isinstance(data, (np.ndarray, tf.Tensor)) or (isinstance(data, dict) and all(hasattr(v, "shape") for v in data.values())):
+    if isinstance(data, (np.ndarray, tf.Tensor, dict)):
         if isinstance(data, dict):
-            n = len(next(iter(data.values())))
+            if not data:
+                raise ValueError(f"{what} is an empty dict")
+            data = {k: v if hasattr(v, "shape") else np.asarray(v) for k, v in data.items()}
+            n = min(int(v.shape[0]) for v in data.values())
             chunks = ({k: v[i : i + batch_size] for k, v in data.items()} for i in range(0, n, batch_size))
         else:
             n = int(data.shape[0])
@@ -161,7 +171,7 @@ def iter_batches(data: Any, n_inputs: int = 1, batch_size: int = 32, steps: Opti
     try:
         it = iter(data)
     except TypeError:
-        raise TypeError(f"calibration data must be an array, a tf.data.Dataset or an iterable of batches, got {type(data).__name__}") from None
+        raise TypeError(f"{expected}, got {type(data).__name__}") from None
     for el in it:
         if steps is not None and count >= steps:
             return

@@ -9,10 +9,9 @@ here, never saved.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import numpy as np
-import tensorflow as tf
 from tensorflow.core.framework import graph_pb2, node_def_pb2
 
 from ..formats import Affine
@@ -21,7 +20,7 @@ from .planning import scope_name
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RangeCollector", "insert_observers", "needs_calibration", "iter_batches"]
+__all__ = ["PyFuncObservers", "RangeCollector", "insert_observers", "needs_calibration"]
 
 
 def needs_calibration(plan: Plan) -> List[str]:
@@ -127,31 +126,3 @@ def insert_observers(graph_def: graph_pb2.GraphDef, plan: Plan, collector: Range
         sc.rewire(sc.aliases(p.after), sc.ref(new, 0), skip={name})
         n += 1
     return n
-
-
-def iter_batches(data: Any, batch_size: int = 32) -> Iterator[Any]:
-    """Batches from a numpy array, a dict of arrays, a ``tf.data.Dataset`` or an iterable of batches."""
-    if data is None:
-        return
-    if isinstance(data, tf.data.Dataset):
-        for b in data:
-            yield b[0] if isinstance(b, tuple) and len(b) == 2 else b
-        return
-    if isinstance(data, (np.ndarray, tf.Tensor)):
-        for i in range(0, int(data.shape[0]), batch_size):
-            yield data[i : i + batch_size]
-        return
-    if isinstance(data, dict):
-        arrays = {k: np.asarray(v) for k, v in data.items()}
-        n = min(a.shape[0] for a in arrays.values())
-        for i in range(0, n, batch_size):
-            yield {k: a[i : i + batch_size] for k, a in arrays.items()}
-        return
-    try:
-        it = iter(data)
-    except TypeError:
-        raise TypeError(
-            f"calibration_data must be a numpy array, a dict of arrays, a tf.data.Dataset or an iterable of batches; got {type(data).__name__}"
-        ) from None
-    for b in it:
-        yield b

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import tensorflow as tf
 
 from ..patterns import Registry
 from ..plan import Plan, QuantizeConfig
-from .calibrate import RangeCollector, insert_observers, iter_batches, needs_calibration
+from ..ranges import iter_batches
+from .calibrate import RangeCollector, insert_observers, needs_calibration
 from .planning import apply_plan, plan_graph_def
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,8 @@ from google.protobuf.message import DecodeError
 
 from ..patterns import Registry
 from ..plan import Plan, QuantizeConfig
-from .calibrate import RangeCollector, insert_observers, iter_batches, needs_calibration
+from ..ranges import iter_batches
+from .calibrate import RangeCollector, insert_observers, needs_calibration
 from .function import config_from_kwargs
 from .planning import apply_plan, plan_graph_def, round_weight_array
 
