@@ -10,9 +10,8 @@ import json
 import logging
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from ._version import __version__
 

@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from tensorflow.core.framework import graph_pb2
 
-from ..patterns import DEFAULT_REGISTRY, GRAPH, Matcher, Node, Pattern, Registry, Step, View
+from ..patterns import DEFAULT_REGISTRY, GRAPH, Matcher, Node, Registry, Step, View
 from ..plan import InsertionPoint, Plan, QuantizeConfig, make_plan
 from .view import GraphView, read_graph_def
 

@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.framework import attr_value_pb2, function_pb2, graph_pb2, node_def_pb2, types_pb2
+from tensorflow.core.framework import function_pb2, graph_pb2, node_def_pb2, types_pb2
 
-from ..formats import Affine, FixedPoint, FloatFormat, Format
-from .view import CALL_OPS, output_arg_names, parse_input
+from ..formats import Affine, Format
+from .view import CALL_OPS, output_arg_names
 
 log = logging.getLogger(__name__)
 

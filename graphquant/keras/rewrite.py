@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import keras
 import tensorflow as tf
