@@ -17,7 +17,7 @@ import tensorflow as tf
 from . import rounding as _r
 from .formats import ROUNDING_MODES, Affine, FixedPoint, FloatFormat, Format, as_format, check_rounding, parse_format
 
-__all__ = ["quantize", "ROUNDING_MODES", "set_seed", "representable_range"]
+__all__ = ["quantize", "ROUNDING_MODES", "set_seed", "representable_range", "fake_quant", "symmetric_fake_quant"]
 
 SeedLike = Union[None, int, tf.random.Generator, tf.Tensor, np.ndarray, Sequence[int]]
 
@@ -431,3 +431,96 @@ def _fake_quant_own(x, lo, hi, fmt, axis, rounding, key, grad_fmt, grad_rounding
         return y, grad
 
     return op(x, lo, hi)
+
+
+# ----------------------------------------------------------------------------
+# FakeQuant with a range that carries no gradient (the Keras layers' fast paths)
+# ----------------------------------------------------------------------------
+def _quant_bounds(fmt: Affine) -> tf.Tensor:
+    # a tensor, not Python constants: see rounding._nudge
+    return tf.constant([float(fmt.quant_min), float(fmt.quant_max)], tf.float32)
+
+
+def _check_fast_affine(x: tf.Tensor, fmt: Affine) -> int:
+    if not isinstance(fmt, Affine) or fmt.bits > 16:
+        raise ValueError(f"format must be an Affine format of at most 16 bits, got {fmt}")
+    if x.dtype != tf.float32:
+        raise TypeError(f"x must be float32, got {x.dtype.name}")
+    if x.shape.rank is None:
+        raise ValueError("x must have a known rank")
+    return x.shape.rank
+
+
+def _straight_through(x: tf.Tensor, y_fn, mask_grad) -> tf.Tensor:
+    if not _may_record():
+        return y_fn(x)
+
+    @tf.custom_gradient
+    def op(x):
+        def grad(dy):
+            return mask_grad(dy, x)
+
+        return y_fn(x), grad
+
+    return op(x)
+
+
+def fake_quant(x: Any, fmt: Affine, lo: Any, hi: Any) -> tf.Tensor:
+    """``quantize(x, fmt, "nearest", range=(lo, hi))`` for float32 ``x`` with a range that
+    receives no gradient.
+
+    The values are TensorFlow's FakeQuant's bit for bit (per tensor, or per
+    channel along ``fmt.axis`` with ``lo``/``hi`` vectors). With XLA on, it runs
+    graphquant's XLA-fused replica of TensorFlow's kernel, and the gradient is the
+    straight-through mask alone (TensorFlow's gradient op also reduces over the
+    whole tensor for the range gradients); with XLA off, TensorFlow's own ops.
+    """
+    x = tf.convert_to_tensor(x)
+    rank = _check_fast_affine(x, fmt)
+    axis = _channel_axis(fmt, rank)
+    lo = tf.stop_gradient(tf.cast(lo, tf.float32))
+    hi = tf.stop_gradient(tf.cast(hi, tf.float32))
+    if fmt.symmetric:
+        m = tf.maximum(tf.abs(lo), tf.abs(hi))
+        lo, hi = -m, m
+    if not _r.xla_enabled():
+        return _fake_quant_tf(x, lo, hi, fmt, axis, None, "nearest", None)
+    fwd, grad = _r.fake_quant_fns(axis, rank, True)
+    q = _quant_bounds(fmt)
+    return _straight_through(x, lambda t: fwd(t, lo, hi, q), lambda dy, t: grad(dy, t, lo, hi, q))
+
+
+def symmetric_fake_quant(w: Any, fmt: Affine) -> tf.Tensor:
+    """Round a weight onto a symmetric Affine grid on its own range ``(-m, m)``,
+    ``m = max|w|`` (per channel along ``fmt.axis``, floored at 1e-12).
+
+    Bit for bit ``quantize(w, fmt, "nearest", range=(-m, m))``; the range carries
+    no gradient (straight-through to ``w``). With XLA on, the reduction and the
+    rounding are one fused function, several times faster than TensorFlow's
+    per-channel FakeQuant kernel on large kernels.
+    """
+    w = tf.convert_to_tensor(w)
+    rank = _check_fast_affine(w, fmt)
+    if not fmt.symmetric:
+        raise ValueError(f"format must be symmetric, got {fmt}")
+    axis = _channel_axis(fmt, rank)
+    if not _r.xla_enabled():
+        red = None if axis is None else [i for i in range(rank) if i != axis]
+        m = tf.maximum(tf.reduce_max(tf.abs(tf.stop_gradient(w)), axis=red), 1e-12)
+        return _fake_quant_tf(w, -m, m, fmt, axis, None, "nearest", None)
+    fn = _r.symmetric_fake_quant_fn(axis, rank, True)
+    _, grad = _r.fake_quant_fns(axis, rank, True)
+    q = _quant_bounds(fmt)
+    if not _may_record():
+        return fn(w, q)[0]
+
+    @tf.custom_gradient
+    def op(w):
+        y, m = fn(w, q)
+
+        def g(dy):
+            return grad(dy, w, -m, m, q)
+
+        return y, g
+
+    return op(w)

@@ -182,11 +182,30 @@ def nudge(lo: tf.Tensor, hi: tf.Tensor, quant_min: int, quant_max: int):
     hi = tf.cast(hi, tf.float32)
     qmin = tf.constant(float(quant_min), tf.float32)
     qmax = tf.constant(float(quant_max), tf.float32)
-    scale = (hi - lo) / (qmax - qmin)
-    inv_scale = (qmax - qmin) / (hi - lo)
-    zp_from_min = qmin - lo / scale
-    # std::round (half away from zero) on a value that is >= quant_min >= 0 here
-    zp = tf.where(zp_from_min < qmin, qmin, tf.where(zp_from_min > qmax, qmax, tf.floor(zp_from_min + 0.5)))
+    return _nudge(lo, hi, qmin, qmax)
+
+
+def _std_round(z: tf.Tensor) -> tf.Tensor:
+    """C++ ``std::round`` (half away from zero) for ``z >= 0``; not ``floor(z + 0.5)``,
+    which rounds 0.5 - 2**-25 up because ``z + 0.5`` rounds to 1."""
+    r = tf.floor(z)
+    return r + tf.where(z - r >= 0.5, tf.ones_like(r), tf.zeros_like(r))
+
+
+def _nudge(lo, hi, qmin, qmax):
+    """TF's ``Nudge`` in float32 (``fake_quant_ops_functor.h``).
+
+    Pass ``qmin``/``qmax`` as runtime tensors where bit-exactness matters:
+    TensorFlow's graph optimizer rewrites a division by a constant into a
+    multiplication by its reciprocal, which moves ``scale`` by an ulp.
+    """
+    # nextafter(t, t) is an identity XLA cannot see through: without it XLA's
+    # simplifier rewrites lo / ((hi - lo) / n) as lo * n / (hi - lo), which
+    # moves a zero point sitting on .5 to the other integer
+    scale = _no_contract((hi - lo) / (qmax - qmin))
+    inv_scale = _no_contract((qmax - qmin) / (hi - lo))
+    zp_from_min = _no_contract(qmin - lo / scale)
+    zp = tf.where(zp_from_min < qmin, qmin, tf.where(zp_from_min > qmax, qmax, _std_round(zp_from_min)))
     nudged_min = (qmin - zp) * scale
     nudged_max = (qmax - zp) * scale
     return nudged_min, nudged_max, scale, inv_scale
@@ -356,6 +375,103 @@ def _float_kernel(fmt: FloatFormat, mode: str) -> Callable:
         return tf.where(tf.math.is_nan(x), x, q)
 
     return kernel
+
+
+# ----------------------------------------------------------------------------
+# TensorFlow's FakeQuant, bit for bit, as XLA-fusable ops (the fast paths of
+# the Keras layers: weight rounding and learned-range activation rounding)
+# ----------------------------------------------------------------------------
+def _fake_quant_values(x, lo, hi, qmin, qmax, per_channel: bool):
+    """FakeQuantWithMinMaxVars[PerChannel]'s output, the same float32 operations in
+    the same order as TensorFlow's CPU kernel (which is built without FMA): the
+    per-tensor kernel divides by the scale, the per-channel one multiplies by the
+    inverse scale. ``lo``/``hi`` broadcast against ``x``."""
+    nmin, nmax, scale, inv = _nudge(lo, hi, qmin, qmax)
+    quant_zero = tf.floor(_no_contract(-nmin * inv) + 0.5)
+    shifted = tf.maximum(tf.minimum(x, nmax), nmin) - nmin
+    level = _no_contract(shifted * inv) if per_channel else shifted / scale
+    y = tf.floor(level - quant_zero + 0.5) * scale
+    both_zero = tf.logical_and(tf.equal(lo, 0.0), tf.equal(hi, 0.0))
+    return tf.where(both_zero, tf.zeros_like(y), y)  # TF's kernel: min == max == 0 gives zeros
+
+
+def _fake_quant_mask(x, lo, hi, qmin, qmax):
+    """1.0 where FakeQuant passes the gradient (inside the nudged range, or min == max == 0)."""
+    nmin, nmax, _, _ = _nudge(lo, hi, qmin, qmax)
+    inside = tf.logical_and(x >= nmin, x <= nmax)
+    both_zero = tf.logical_and(tf.equal(lo, 0.0), tf.equal(hi, 0.0))
+    return tf.cast(tf.logical_or(inside, both_zero), x.dtype)
+
+
+def _bcast_shape(rank: int, axis: Optional[int]):
+    if axis is None:
+        return None
+    shape = [1] * rank
+    shape[axis] = -1
+    return shape
+
+
+@functools.lru_cache(maxsize=None)
+def fake_quant_fns(axis: Optional[int], rank: int, xla: bool):
+    """``(forward(x, lo, hi, q), mask(x, lo, hi, q))`` with ``q = [quant_min, quant_max]``
+    as a float32 tensor; ``lo``/``hi`` are scalars or vectors along ``axis``."""
+    shape = _bcast_shape(rank, axis)
+
+    def prep(lo, hi, q):
+        if shape is not None:
+            lo, hi = tf.reshape(lo, shape), tf.reshape(hi, shape)
+        return lo, hi, q[0], q[1]
+
+    def forward(x, lo, hi, q):
+        lo, hi, qmin, qmax = prep(lo, hi, q)
+        return _fake_quant_values(x, lo, hi, qmin, qmax, axis is not None)
+
+    def mask(x, lo, hi, q):
+        lo, hi, qmin, qmax = prep(lo, hi, q)
+        return _fake_quant_mask(x, lo, hi, qmin, qmax)
+
+    def grad(dy, x, lo, hi, q):
+        return dy * mask(x, lo, hi, q)
+
+    forward.__name__ = "graphquant_fake_quant"
+    grad.__name__ = "graphquant_fake_quant_grad"
+    if xla:
+        wrap = functools.partial(tf.function, jit_compile=True, reduce_retracing=True, autograph=False)
+        return wrap(forward), wrap(grad)
+    return forward, grad
+
+
+@functools.lru_cache(maxsize=None)
+def symmetric_fake_quant_fn(axis: Optional[int], rank: int, xla: bool):
+    """``f(w, q) -> (values, m)``: FakeQuant of ``w`` on ``(-m, m)`` with
+    ``m = max(max|w|, 1e-12)`` per channel along ``axis`` (or over the whole
+    tensor), in one function (one XLA cluster: two passes over ``w``)."""
+    shape = _bcast_shape(rank, axis)
+    red = None if axis is None else [i for i in range(rank) if i != axis]
+
+    def fn(w, q):
+        m = tf.maximum(tf.reduce_max(tf.abs(w), axis=red), 1e-12)
+        mb = m if shape is None else tf.reshape(m, shape)
+        return _fake_quant_values(w, -mb, mb, q[0], q[1], axis is not None), m
+
+    fn.__name__ = "graphquant_symmetric_fake_quant"
+    if xla:
+        return tf.function(fn, jit_compile=True, reduce_retracing=True, autograph=False)
+    return fn
+
+
+@functools.lru_cache(maxsize=None)
+def min_max_fn(axis: Optional[int], rank: int, xla: bool):
+    """``f(x) -> (min, max)`` over everything but ``axis`` (one pass under XLA)."""
+    red = None if axis is None else [i for i in range(rank) if i != axis]
+
+    def fn(x):
+        return tf.reduce_min(x, axis=red), tf.reduce_max(x, axis=red)
+
+    fn.__name__ = "graphquant_min_max"
+    if xla:
+        return tf.function(fn, jit_compile=True, reduce_retracing=True, autograph=False)
+    return fn
 
 
 # ----------------------------------------------------------------------------

@@ -196,3 +196,35 @@ def test_seed_makes_stochastic_training_and_storage_repeatable():
     a, b, c = run(5), run(5), run(6)
     assert all(np.array_equal(u, v) for u, v in zip(a, b))
     assert not all(np.array_equal(u, v) for u, v in zip(a, c))
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "tf.function"])
+def test_xla_fast_paths_equal_tensorflow_kernels(traced):
+    """The fused XLA weight and activation rounding (default) against TensorFlow's
+    FakeQuant kernels (GRAPHQUANT_XLA=0): same outputs, gradients and learned ranges."""
+    from graphquant import rounding
+
+    before = rounding.xla_enabled()
+
+    def run(xla):
+        rounding.set_xla(xla)
+        try:
+            q = gk.quantize_model(_net(), bits=8, weights=True)
+            call = tf.function(lambda t, tr: q(t, training=tr), autograph=False) if traced else (lambda t, tr: q(t, training=tr))
+            with tf.GradientTape() as tape:
+                y_train = call(X, True)
+                loss = tf.reduce_sum(y_train * np.linspace(-1, 1, y_train.shape[-1]).astype("float32"))
+            grads = tape.gradient(loss, q.trainable_variables)
+            ranges = [l.get_range() for l in q.layers if isinstance(l, Quantize)]
+            return y_train.numpy(), [g.numpy() for g in grads], ranges, np.asarray(call(X, False))
+        finally:
+            rounding.set_xla(before)
+
+    a, b = run(True), run(False)
+    np.testing.assert_array_equal(a[0], b[0])
+    for ga, gb in zip(a[1], b[1]):
+        np.testing.assert_array_equal(ga, gb)
+    for ra, rb in zip(a[2], b[2]):
+        np.testing.assert_array_equal(ra, rb)
+    np.testing.assert_array_equal(a[3], b[3])
+    assert len(a[2]) == 3 and not np.array_equal(a[2][0], (-6.0, 6.0))  # the ranges were learned

@@ -16,7 +16,8 @@ import numpy as np
 import tensorflow as tf
 
 from ..formats import Affine, Format, check_rounding, format_from_dict, parse_format
-from ..ops import quantize
+from ..ops import fake_quant, quantize, symmetric_fake_quant
+from ..rounding import min_max_fn, xla_enabled
 
 __all__ = ["Quantize", "QuantizeWeights", "StorageRounding", "FoldingBatchNormalization", "quantize_weight"]
 
@@ -33,6 +34,11 @@ def _fmt(value: Any, what: str = "format") -> Format:
         return parse_format(value)
     except (TypeError, ValueError) as e:
         raise type(e)(f"{what}: {e}") from None
+
+
+def _fast_affine(fmt: Format, x: Any) -> bool:
+    """Whether :func:`graphquant.ops.fake_quant` applies (TensorFlow's FakeQuant grid)."""
+    return isinstance(fmt, Affine) and fmt.bits <= 16 and x.dtype == tf.float32 and x.shape.rank is not None
 
 
 def _training(training: Any) -> bool:
@@ -126,13 +132,9 @@ class Quantize(keras.layers.Layer):
 
     def _batch_range(self, x: tf.Tensor):
         x = tf.cast(x, tf.float32)
-        axis = self.format.axis
-        if axis is None:
-            return tf.reduce_min(x), tf.reduce_max(x)
         rank = x.shape.rank
-        ax = axis % rank
-        red = [i for i in range(rank) if i != ax]
-        return tf.reduce_min(x, axis=red), tf.reduce_max(x, axis=red)
+        axis = None if self.format.axis is None else self.format.axis % rank
+        return min_max_fn(axis, rank, xla_enabled())(x)
 
     def call(self, inputs: Any, training: Any = None, mask: Any = None) -> Any:
         if self._calibrator is not None:
@@ -146,6 +148,9 @@ class Quantize(keras.layers.Layer):
         lo, hi = self.range_min, self.range_max
         if train:
             bmin, bmax = self._batch_range(inputs)
+            # the range is a moving average, not a function of this batch for the
+            # gradient (as tfmot): no gradient flows through min/max
+            bmin, bmax = tf.stop_gradient(bmin), tf.stop_gradient(bmax)
             bmin = tf.minimum(bmin, 0.0)  # the grid always contains zero
             bmax = tf.maximum(bmax, 0.0)
             m = self.momentum
@@ -155,6 +160,8 @@ class Quantize(keras.layers.Layer):
             self.range_min.assign(new_lo)
             self.range_max.assign(new_hi)
             self.range_initialized.assign(tf.ones_like(init))
+            if rounding == "nearest" and _fast_affine(self.format, inputs):
+                return fake_quant(inputs, self.format, new_lo, new_hi)
             lo, hi = new_lo, new_hi
         else:
             lo, hi = tf.convert_to_tensor(lo), tf.convert_to_tensor(hi)
@@ -204,7 +211,9 @@ def quantize_weight(w: Any, fmt: Format, rounding: str = "nearest", seed: Any = 
     wf = tf.stop_gradient(tf.cast(w, tf.float32))
     rank = w.shape.rank
     red = None if fmt.axis is None else [i for i in range(rank) if i != fmt.axis % rank]
-    if fmt.symmetric and rounding == "nearest" and fmt.bits <= 16 and w.dtype == tf.float32:
+    if fmt.symmetric and rounding == "nearest" and _fast_affine(fmt, w):
+        if xla_enabled():
+            return symmetric_fake_quant(w, fmt)
         return _symmetric_fake_quant(w, wf, fmt, rank, red)
     if fmt.symmetric:
         m = tf.maximum(tf.reduce_max(tf.abs(wf), axis=red), 1e-12)
