@@ -19,6 +19,7 @@ quantized ``.keras`` file loads without ``custom_objects``.
 from ._version import __version__
 from .formats import PRESETS, Affine, FixedPoint, FloatFormat, Format, as_format, format_from_dict, parse_format
 from .ops import ROUNDING_MODES, quantize, representable_range, set_seed
+from .rounding import use_xla
 from .patterns import (
     ACTIVATION,
     BIAS,
@@ -59,6 +60,7 @@ __all__ = [
     "quantize",
     "representable_range",
     "set_seed",
+    "use_xla",
     # patterns and plans
     "ACTIVATION",
     "BIAS",

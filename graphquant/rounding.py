@@ -19,16 +19,17 @@ same eagerly, in ``tf.function`` and under XLA.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 import tensorflow as tf
 
 from .formats import ROUNDING_MODES, Affine, FixedPoint, FloatFormat, check_rounding
 
-__all__ = ["ROUNDING_MODES", "set_xla", "xla_enabled", "random_bits"]
+__all__ = ["ROUNDING_MODES", "set_xla", "use_xla", "xla_enabled", "random_bits"]
 
 _XLA = os.environ.get("GRAPHQUANT_XLA", "1").strip().lower() not in ("0", "false", "no", "off")
 
@@ -40,7 +41,27 @@ def set_xla(enabled: bool) -> None:
 
 
 def xla_enabled() -> bool:
+    """Whether kernels traced from now on run through XLA."""
     return _XLA
+
+
+@contextlib.contextmanager
+def use_xla(enabled: bool) -> Iterator[None]:
+    """Within the block, trace rounding with (``True``) or without XLA.
+
+    The choice is made when a function is traced, so wrap the tracing: for
+    example ``with graphquant.use_xla(False): model.export("served")`` writes a
+    SavedModel of plain TensorFlow ops (TensorFlow's FakeQuant for affine
+    formats), for runtimes without the XLA JIT such as TensorFlow Serving's
+    default build. Results are the same; XLA is faster.
+    """
+    global _XLA
+    before = _XLA
+    _XLA = bool(enabled)
+    try:
+        yield
+    finally:
+        _XLA = before
 
 
 # ----------------------------------------------------------------------------

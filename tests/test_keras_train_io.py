@@ -79,6 +79,41 @@ def test_export_serves_same_outputs(trained):
     np.testing.assert_allclose(served.serve(tf.constant(x[:4])).numpy(), q.predict(x[:4], verbose=0), atol=1e-6)
 
 
+def _xla_functions(saved_model_dir):
+    """Names of functions in a SavedModel that must be compiled by XLA."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    sm = saved_model_pb2.SavedModel()
+    with open(os.path.join(saved_model_dir, "saved_model.pb"), "rb") as f:
+        sm.ParseFromString(f.read())
+    names = []
+    for mg in sm.meta_graphs:
+        for fn in mg.graph_def.library.function:
+            attr = fn.attr.get("_XlaMustCompile")
+            if attr is not None and attr.b:
+                names.append(fn.signature.name)
+    return names
+
+
+def test_export_without_xla_is_plain_tensorflow(trained):
+    """use_xla(False) while exporting: no XLA-compiled functions (TF Serving's default
+    build has no XLA JIT), TensorFlow's FakeQuant ops, the same outputs."""
+    import graphquant as gq
+
+    q, x = trained["q"], trained["x"]
+    with_xla, without = str(trained["tmp"] / "served_xla"), str(trained["tmp"] / "served_plain")
+    q.export(with_xla, verbose=False)
+    with gq.use_xla(False):
+        q.export(without, verbose=False)
+    assert gq.rounding.xla_enabled()  # restored after the block
+    assert _xla_functions(with_xla)  # the default rounds weights with fused XLA kernels
+    assert _xla_functions(without) == []
+    graph = open(os.path.join(without, "saved_model.pb"), "rb").read()
+    assert b"FakeQuantWithMinMaxVarsPerChannel" in graph and b"FakeQuantWithMinMaxVars" in graph
+    la, lb = tf.saved_model.load(with_xla), tf.saved_model.load(without)  # keep them: they own the variables
+    np.testing.assert_array_equal(la.serve(tf.constant(x[:4])).numpy(), lb.serve(tf.constant(x[:4])).numpy())
+
+
 def _storage_run(rounding, epochs=8):
     keras.utils.set_random_seed(0)
     rs = np.random.RandomState(0)
