@@ -4,7 +4,8 @@
 
 For each architecture (``keras.applications``, random weights) it prints:
 
-* the time of ``quantize_model(model, bits=8, weights=True)``;
+* the time of ``quantize_model(model, bits=8, weights=True)`` (median of 3
+  after a warm-up call, for both tools);
 * inference time of the 8-bit model (weights and activations) / float model;
 * one training step of the QAT model / one float training step;
 
@@ -102,9 +103,8 @@ tf.keras.utils.set_random_seed(0)
 model = getattr(keras.applications, arch)(input_shape=(size, size, 3), weights=None)
 x = np.random.RandomState(0).rand(batch, size, size, 3).astype("float32")
 y = np.random.RandomState(1).randint(0, 1000, size=batch)
-t0 = time.perf_counter()
-q = tfmot.quantization.keras.quantize_model(model)
-t_quant = time.perf_counter() - t0
+q = tfmot.quantization.keras.quantize_model(model)  # warm-up, as for graphquant
+t_quant = median_time(lambda: tfmot.quantization.keras.quantize_model(model), 3)
 fi, ft = step_fns(keras, tf, model, x, y)
 qi, qt = step_fns(keras, tf, q, x, y)
 res = interleaved({"infer_float": fi, "infer_q": qi}, repeat)

@@ -152,7 +152,7 @@ class _Rewriter:
             value = src.value
 
             def initializer(shape: Any, dtype: Any = None) -> Any:
-                return tf.identity(value)
+                return value  # tf.Variable(initial_value=<variable>) copies its current value
 
             kwargs["initializer"] = initializer
             var = base(new, *args, **kwargs)
