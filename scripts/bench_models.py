@@ -4,8 +4,9 @@
 
 For each architecture (``keras.applications``, random weights) it prints:
 
-* the time of ``quantize_model(model, bits=8, weights=True)`` (median of 3
-  after a warm-up call, for both tools);
+* the time of ``quantize_model(model, bits=8, weights=True)``: after a
+  warm-up call, the median of ``--quantize-repeat`` calls alternating with
+  tfmot's (the two worker processes take turns, so machine load hits both);
 * inference time of the 8-bit model (weights and activations) / float model;
 * one training step of the QAT model / one float training step;
 
@@ -13,7 +14,7 @@ and the same figures for tensorflow-model-optimization's ``quantize_model``,
 measured in a subprocess with tf-keras on the same architecture (tfmot needs
 legacy Keras; importing it switches ``tf.keras`` to tf-keras, so it never runs
 in this process). Install it with ``pip install tf-keras tensorflow-model-optimization``.
-Timings are medians of repetitions interleaved float / quantized; ratios are what to compare across machines.
+Step timings are medians of repetitions interleaved float / quantized; ratios are what to compare across machines.
 """
 
 from __future__ import annotations
@@ -21,34 +22,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import statistics
 import subprocess
 import sys
-import textwrap
-import time
+import tempfile
+from typing import Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
 
-def _median_time(fn, repeat: int) -> float:
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
-
-
 _COMMON = r'''
 import json, statistics, sys, time
 import numpy as np
-
-def median_time(fn, repeat):
-    ts = []
-    for _ in range(repeat):
-        t0 = time.perf_counter(); fn(); ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 def interleaved(fns, repeat):
     """Median time of each fn, repetitions interleaved (a, b, a, b, ...): machine load hits both alike."""
@@ -57,6 +44,21 @@ def interleaved(fns, repeat):
         for k, fn in fns.items():
             t0 = time.perf_counter(); fn(); ts[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in ts.items()}
+
+def serve(quantize, measure_steps):
+    """Lock-step worker: the parent sends "quantize" (time one call, reply the
+    seconds) or "steps" (reply the step timings as JSON), one command at a time,
+    so two workers never run at once and alternate under the same machine load."""
+    quantize()  # warm-up: imports and first-call costs
+    print("ready", flush=True)
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "quantize":
+            t0 = time.perf_counter(); quantize(); print(time.perf_counter() - t0, flush=True)
+        elif cmd == "steps":
+            print(json.dumps(measure_steps()), flush=True)
+        else:
+            break
 
 def step_fns(keras, tf, model, x, y):
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss="sparse_categorical_crossentropy")
@@ -78,15 +80,14 @@ keras.utils.set_random_seed(0)
 model = getattr(keras.applications, arch)(input_shape=(size, size, 3), weights=None)
 x = np.random.RandomState(0).rand(batch, size, size, 3).astype("float32")
 y = np.random.RandomState(1).randint(0, 1000, size=batch)
-gk.quantize_model(model, bits=8, weights=True)  # warm-up (imports, first-call costs)
-t_quant = median_time(lambda: gk.quantize_model(model, bits=8, weights=True), 3)
-q = gk.quantize_model(model, bits=8, weights=True, calibration_data=x)
-fi, ft = step_fns(keras, tf, model, x, y)
-qi, qt = step_fns(keras, tf, q, x, y)
-res = interleaved({"infer_float": fi, "infer_q": qi}, repeat)
-res.update(interleaved({"train_float": ft, "train_q": qt}, repeat))
-res["quantize"] = t_quant
-print(json.dumps(res))
+def steps():
+    q = gk.quantize_model(model, bits=8, weights=True, calibration_data=x)
+    fi, ft = step_fns(keras, tf, model, x, y)
+    qi, qt = step_fns(keras, tf, q, x, y)
+    res = interleaved({"infer_float": fi, "infer_q": qi}, repeat)
+    res.update(interleaved({"train_float": ft, "train_q": qt}, repeat))
+    return res
+serve(lambda: gk.quantize_model(model, bits=8, weights=True), steps)
 '''
 
 _TFMOT = _COMMON + r'''
@@ -97,33 +98,103 @@ try:
     import tf_keras as keras
     import tensorflow_model_optimization as tfmot
 except Exception as e:  # not installed
-    print(json.dumps({"error": f"{type(e).__name__}: {e}"})); sys.exit(0)
+    print("error", f"{type(e).__name__}: {e}", flush=True); sys.exit(0)
 arch, size, batch, repeat = ARGS
 tf.keras.utils.set_random_seed(0)
 model = getattr(keras.applications, arch)(input_shape=(size, size, 3), weights=None)
 x = np.random.RandomState(0).rand(batch, size, size, 3).astype("float32")
 y = np.random.RandomState(1).randint(0, 1000, size=batch)
-q = tfmot.quantization.keras.quantize_model(model)  # warm-up, as for graphquant
-t_quant = median_time(lambda: tfmot.quantization.keras.quantize_model(model), 3)
-fi, ft = step_fns(keras, tf, model, x, y)
-qi, qt = step_fns(keras, tf, q, x, y)
-res = interleaved({"infer_float": fi, "infer_q": qi}, repeat)
-res.update(interleaved({"train_float": ft, "train_q": qt}, repeat))
-res["quantize"] = t_quant
-print(json.dumps(res))
+def steps():
+    q = tfmot.quantization.keras.quantize_model(model)
+    fi, ft = step_fns(keras, tf, model, x, y)
+    qi, qt = step_fns(keras, tf, q, x, y)
+    res = interleaved({"infer_float": fi, "infer_q": qi}, repeat)
+    res.update(interleaved({"train_float": ft, "train_q": qt}, repeat))
+    return res
+serve(lambda: tfmot.quantization.keras.quantize_model(model), steps)
 '''
 
 
-def _run(template: str, args: tuple, timeout: float) -> dict:
-    code = template.replace("REPO", repr(REPO)).replace("ARGS", repr(args))
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+class _Worker:
+    """A benchmark subprocess driven line by line (see ``serve`` in the templates)."""
+
+    def __init__(self, template: str, args: tuple, timeout: float):
+        code = template.replace("REPO", repr(REPO)).replace("ARGS", repr(args))
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+        self.timeout = timeout
+        self.error: Optional[str] = None
+        self.stderr = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty worker never blocks
+        self.proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.stderr, text=True, env=env)
+        line = self._line()
+        if line is not None and line != "ready":
+            self.error = line[len("error "):] if line.startswith("error ") else line
+
+    def _line(self) -> Optional[str]:
+        while True:
+            ready, _, _ = select.select([self.proc.stdout], [], [], self.timeout)
+            if not ready:
+                self.error = f"timed out after {self.timeout:.0f}s"
+                self.proc.kill()
+                return None
+            line = self.proc.stdout.readline()
+            if not line:  # the process died: its last stderr line says why
+                self.stderr.seek(0)
+                err = self.stderr.read().strip().splitlines()
+                self.error = err[-1] if err else f"exit {self.proc.wait()}"
+                return None
+            line = line.strip()
+            if line == "ready" or line.startswith(("error ", "{")) or _is_float(line):
+                return line
+
+    def ask(self, cmd: str) -> Optional[str]:
+        if self.error:
+            return None
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self._line()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write("exit\n")
+                self.proc.stdin.close()
+                self.proc.wait(timeout=60)
+            except Exception:
+                self.proc.kill()
+
+
+def _is_float(s: str) -> bool:
     try:
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f}s"}
-    if r.returncode != 0:
-        return {"error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit {r.returncode}"}
-    return json.loads(r.stdout.strip().splitlines()[-1])
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _measure(arch: str, a: argparse.Namespace) -> Tuple[dict, dict]:
+    """graphquant and tfmot side by side: quantize_model timed alternately, then the steps."""
+    args = (arch, a.size, a.batch, a.repeat)
+    workers = {"gq": _Worker(_GQ, args, a.timeout)}
+    if not a.no_tfmot:
+        workers["tm"] = _Worker(_TFMOT, args, a.timeout)
+    times: Dict[str, List[float]] = {k: [] for k in workers}
+    for _ in range(a.quantize_repeat):
+        for k, w in workers.items():  # gq, tfmot, gq, tfmot, ...: one runs while the other waits
+            r = w.ask("quantize")
+            if r is not None:
+                times[k].append(float(r))
+    results = {}
+    for k, w in workers.items():
+        r = w.ask("steps")
+        res = json.loads(r) if r else {}
+        if w.error or not times[k]:
+            res = {"error": w.error or "no result"}
+        else:
+            res["quantize"] = statistics.median(times[k])
+        w.close()
+        results[k] = res
+    return results["gq"], results.get("tm", {"error": "skipped"})
 
 
 def main(argv=None) -> int:
@@ -132,14 +203,13 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeat", type=int, default=7)
+    p.add_argument("--quantize-repeat", type=int, default=5, help="alternating quantize_model calls per tool")
     p.add_argument("--no-tfmot", action="store_true", help="skip the tfmot subprocess")
     p.add_argument("--timeout", type=float, default=1800)
     a = p.parse_args(argv)
     rows = []
     for arch in a.archs:
-        args = (arch, a.size, a.batch, a.repeat)
-        gq = _run(_GQ, args, a.timeout)  # each side in its own process: no shared state, same conditions
-        tm = {"error": "skipped"} if a.no_tfmot else _run(_TFMOT, args, a.timeout)
+        gq, tm = _measure(arch, a)
         rows.append((arch, gq, tm))
 
     def fig(r: dict, key: str) -> str:
@@ -150,7 +220,8 @@ def main(argv=None) -> int:
         num, den = r[f"{key}_q"], r[f"{key}_float"]
         return f"{num / den:.2f}x ({num * 1e3:.0f} / {den * 1e3:.0f} ms)"
 
-    print(f"\ninput {a.size}x{a.size}, batch {a.batch}, median of {a.repeat}; ratios = quantized / float\n")
+    print(f"\ninput {a.size}x{a.size}, batch {a.batch}, steps: median of {a.repeat}; quantize_model: median of "
+          f"{a.quantize_repeat}, alternating with tfmot's; ratios = quantized / float\n")
     hdr = f"{'model':<12} {'':<10} {'quantize_model':>16} {'inference':>28} {'train step':>28}"
     print(hdr)
     print("-" * len(hdr))
