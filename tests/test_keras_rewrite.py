@@ -281,3 +281,23 @@ def test_bad_input():
         q = gk.quantize_model(dense_only, bits=8)
     assert q is not dense_only and len(q.layers) == 1
     np.testing.assert_array_equal(q.layers[0].get_weights()[0], dense_only.layers[0].get_weights()[0])
+
+
+def test_signature_cache_is_scoped_and_exact():
+    """quantize_model reuses Keras' per-layer signature computations only while it runs."""
+    import inspect
+    import sys as _sys
+
+    from graphquant.keras import rewrite as rw
+
+    conv = keras.layers.Conv2D(4, 3)
+    with rw._cached_signatures():
+        for name in rw._KERAS_INSPECTING_MODULES:
+            assert _sys.modules[name].inspect is rw._SIGNATURE_CACHE
+        cache = rw._SIGNATURE_CACHE
+        for fn in (keras.layers.Conv2D.__init__, conv.call, keras.layers.Dense.__init__, conv.call):
+            assert cache.signature(fn) == inspect.signature(fn)
+        assert cache.getfullargspec(keras.layers.Conv2D.__init__) == inspect.getfullargspec(keras.layers.Conv2D.__init__)
+        assert cache.Parameter is inspect.Parameter  # everything else is the real module
+    for name in rw._KERAS_INSPECTING_MODULES:
+        assert _sys.modules[name].inspect is inspect

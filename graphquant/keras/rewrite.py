@@ -11,13 +11,18 @@ model is never modified.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import inspect as _inspect
 import logging
+import sys
+import threading
 import time
+import types
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import keras
-import tensorflow as tf
 
 from ..patterns import Registry
 from ..plan import InsertionPoint, Plan, QuantizeConfig, make_plan
@@ -77,6 +82,88 @@ def inspect(
 
 
 # --------------------------------------------------------------------------- cloning
+class _SignatureCache(types.ModuleType):
+    """Stands in for the ``inspect`` module inside Keras' layer construction.
+
+    Keras computes ``inspect.signature(cls.__init__)`` and
+    ``inspect.getfullargspec(cls.__init__)`` for every layer it constructs and
+    ``inspect.signature(layer.call)`` for every layer: a tenth of the time of
+    copying a model. Signatures of the same function are the same, so they are
+    computed once per function (for bound methods, once per underlying function).
+    Everything else is the real ``inspect``.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("inspect")
+        self._signatures: Dict[Any, Any] = {}
+        self._argspecs: Dict[Any, Any] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(_inspect, name)
+
+    def signature(self, obj: Any, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs:
+            return _inspect.signature(obj, *args, **kwargs)
+        # a bound method's signature is its function's without the first parameter
+        key = (obj.__func__, True) if _inspect.ismethod(obj) else (obj, False)
+        try:
+            return self._signatures[key]
+        except (KeyError, TypeError):
+            sig = _inspect.signature(obj)
+        try:
+            self._signatures[key] = sig
+        except TypeError:  # unhashable callable
+            pass
+        return sig
+
+    def getfullargspec(self, func: Any) -> Any:
+        try:
+            return self._argspecs[func]
+        except (KeyError, TypeError):
+            spec = _inspect.getfullargspec(func)
+        try:
+            self._argspecs[func] = spec
+        except TypeError:
+            pass
+        return spec
+
+
+_SIGNATURE_CACHE = _SignatureCache()
+_KERAS_INSPECTING_MODULES = ("keras.src.ops.operation", "keras.src.layers.layer")
+_signature_lock = threading.Lock()
+_signature_users = 0
+
+
+@contextlib.contextmanager
+def _cached_signatures() -> Iterator[None]:
+    """Within the block, Keras' layer construction reuses signatures (see :class:`_SignatureCache`).
+
+    A pure speed-up: the cached values equal what ``inspect`` returns. Modules
+    that do not exist or do not use ``inspect`` (other Keras versions) are left alone.
+    """
+    global _signature_users
+    with _signature_lock:
+        if _signature_users == 0:
+            for name in _KERAS_INSPECTING_MODULES:
+                try:
+                    mod = importlib.import_module(name)
+                except ImportError:
+                    continue
+                if getattr(mod, "inspect", None) is _inspect:
+                    mod.inspect = _SIGNATURE_CACHE
+        _signature_users += 1
+    try:
+        yield
+    finally:
+        with _signature_lock:
+            _signature_users -= 1
+            if _signature_users == 0:
+                for name in _KERAS_INSPECTING_MODULES:
+                    mod = sys.modules.get(name)
+                    if mod is not None and getattr(mod, "inspect", None) is _SIGNATURE_CACHE:
+                        mod.inspect = _inspect
+
+
 def _clone_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
     try:
         cfg = layer.get_config()
@@ -395,7 +482,8 @@ def quantize_model(
         raise TypeError(f"seed must be an int or None, got {seed!r}")
     rw = _Rewriter(plan, fold_batchnorm=bool(fold_batchnorm), seed=seed)
     try:
-        new = rw.rewrite(model)
+        with _cached_signatures():
+            new = rw.rewrite(model)
     finally:
         rw._unhook()
     rw.copy_weights()
