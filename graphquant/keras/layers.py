@@ -65,7 +65,12 @@ class Quantize(keras.layers.Layer):
             without a range has a *learned* range: an exponential moving
             average of the batch min/max while ``training=True`` (the first
             batch sets it), frozen at inference; :func:`graphquant.calibrate`
-            sets it from data. Before that the range is ``(-6, 6)``.
+            sets it from data. Before that the range is ``(-6, 6)``. The range
+            takes no gradient (as tfmot); the input gets FakeQuant's
+            straight-through gradient. While training, affine nearest rounding
+            runs as an XLA replica of TensorFlow's FakeQuant kernel (same
+            values bit for bit; :func:`graphquant.use_xla` turns it off); at
+            inference it is TensorFlow's FakeQuant op.
         rounding: rounding while training.
         inference_rounding: rounding with ``training=False``; default
             ``rounding``, except ``"nearest"`` when ``rounding="stochastic"``.
