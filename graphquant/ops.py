@@ -505,9 +505,7 @@ def symmetric_fake_quant(w: Any, fmt: Affine) -> tf.Tensor:
         raise ValueError(f"format must be symmetric, got {fmt}")
     axis = _channel_axis(fmt, rank)
     if not _r.xla_enabled():
-        red = None if axis is None else [i for i in range(rank) if i != axis]
-        m = tf.maximum(tf.reduce_max(tf.abs(tf.stop_gradient(w)), axis=red), 1e-12)
-        return _fake_quant_tf(w, -m, m, fmt, axis, None, "nearest", None)
+        return _symmetric_fake_quant_tf(w, fmt, axis, rank)
     fn = _r.symmetric_fake_quant_fn(axis, rank, True)
     _, grad = _r.fake_quant_fns(axis, rank, True)
     q = _quant_bounds(fmt)
@@ -524,3 +522,16 @@ def symmetric_fake_quant(w: Any, fmt: Affine) -> tf.Tensor:
         return y, g
 
     return op(w)
+
+
+def _symmetric_fake_quant_tf(w: tf.Tensor, fmt: Affine, axis: Optional[int], rank: int) -> tf.Tensor:
+    """:func:`symmetric_fake_quant` with TensorFlow's FakeQuant ops (XLA off). A
+    per-channel axis followed only by size-1 dimensions (depthwise kernels) is
+    moved last by a reshape instead of two transposes."""
+    red = None if axis is None else [i for i in range(rank) if i != axis]
+    m = tf.maximum(tf.reduce_max(tf.abs(tf.stop_gradient(w)), axis=red), 1e-12)
+    shape = w.shape
+    if axis is not None and axis != rank - 1 and shape.is_fully_defined() and all(d == 1 for d in shape[axis + 1 :]):
+        fwd, _ = _tf_fake_quant_fns(fmt, axis)
+        return tf.reshape(fwd(tf.reshape(w, shape[: axis + 1]), -m, m), shape)
+    return _fake_quant_tf(w, -m, m, fmt, axis, None, "nearest", None)

@@ -434,8 +434,9 @@ def _bcast_shape(rank: int, axis: Optional[int]):
 
 @functools.lru_cache(maxsize=None)
 def fake_quant_fns(axis: Optional[int], rank: int, xla: bool):
-    """``(forward(x, lo, hi, q), mask(x, lo, hi, q))`` with ``q = [quant_min, quant_max]``
-    as a float32 tensor; ``lo``/``hi`` are scalars or vectors along ``axis``."""
+    """``(forward(x, lo, hi, q), grad(dy, x, lo, hi, q))``: FakeQuant's values and its
+    straight-through gradient for ``x``, with ``q = [quant_min, quant_max]`` as a
+    float32 tensor; ``lo``/``hi`` are scalars or vectors along ``axis``."""
     shape = _bcast_shape(rank, axis)
 
     def prep(lo, hi, q):

@@ -217,9 +217,7 @@ def quantize_weight(w: Any, fmt: Format, rounding: str = "nearest", seed: Any = 
     rank = w.shape.rank
     red = None if fmt.axis is None else [i for i in range(rank) if i != fmt.axis % rank]
     if fmt.symmetric and rounding == "nearest" and _fast_affine(fmt, w):
-        if xla_enabled():
-            return symmetric_fake_quant(w, fmt)
-        return _symmetric_fake_quant(w, wf, fmt, rank, red)
+        return symmetric_fake_quant(w, fmt)
     if fmt.symmetric:
         m = tf.maximum(tf.reduce_max(tf.abs(wf), axis=red), 1e-12)
         lo, hi = -m, m
@@ -227,29 +225,6 @@ def quantize_weight(w: Any, fmt: Format, rounding: str = "nearest", seed: Any = 
         lo = tf.minimum(tf.reduce_min(wf, axis=red), 0.0)
         hi = tf.maximum(tf.maximum(tf.reduce_max(wf, axis=red), 0.0), lo + 1e-12)
     return quantize(w, fmt, rounding, range=(lo, hi), seed=seed)
-
-
-def _symmetric_fake_quant(w: tf.Tensor, wf: tf.Tensor, fmt: Affine, rank: int, red: Any) -> tf.Tensor:
-    """The fast path of :func:`quantize_weight`: TF's FakeQuant on ``(-max|w|, max|w|)``, with no extra ops.
-
-    Bit-identical to ``quantize(w, fmt, "nearest", range=(-m, m))`` (the same
-    kernel on the same range; the range carries no gradient). A per-channel
-    axis followed only by size-1 dimensions (depthwise kernels) is moved last
-    by a reshape instead of two transposes.
-    """
-    kw = dict(num_bits=fmt.bits, narrow_range=fmt.narrow_range)
-    m = tf.maximum(tf.reduce_max(tf.abs(wf), axis=red), 1e-12)
-    if red is None:
-        return tf.quantization.fake_quant_with_min_max_vars(w, -m, m, **kw)
-    axis = fmt.axis % rank
-    shape = w.shape
-    if axis == rank - 1:
-        return tf.quantization.fake_quant_with_min_max_vars_per_channel(w, -m, m, **kw)
-    if shape.is_fully_defined() and all(d == 1 for d in shape[axis + 1 :]):
-        flat = tf.reshape(w, shape[: axis + 1])
-        y = tf.quantization.fake_quant_with_min_max_vars_per_channel(flat, -m, m, **kw)
-        return tf.reshape(y, shape)
-    return quantize(w, fmt, "nearest", range=(-m, m))
 
 
 # ----------------------------------------------------------------------------- BN folding
