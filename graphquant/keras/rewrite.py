@@ -106,26 +106,22 @@ class _SignatureCache(types.ModuleType):
             return _inspect.signature(obj, *args, **kwargs)
         # a bound method's signature is its function's without the first parameter
         key = (obj.__func__, True) if _inspect.ismethod(obj) else (obj, False)
-        try:
-            return self._signatures[key]
-        except (KeyError, TypeError):
-            sig = _inspect.signature(obj)
-        try:
-            self._signatures[key] = sig
-        except TypeError:  # unhashable callable
-            pass
-        return sig
+        return self._memo(self._signatures, key, lambda: _inspect.signature(obj))
 
     def getfullargspec(self, func: Any) -> Any:
+        return self._memo(self._argspecs, func, lambda: _inspect.getfullargspec(func))
+
+    @staticmethod
+    def _memo(table: Dict[Any, Any], key: Any, compute: Any) -> Any:
         try:
-            return self._argspecs[func]
-        except (KeyError, TypeError):
-            spec = _inspect.getfullargspec(func)
+            return table[key]
+        except (KeyError, TypeError):  # TypeError: an unhashable callable
+            value = compute()
         try:
-            self._argspecs[func] = spec
+            table[key] = value
         except TypeError:
             pass
-        return spec
+        return value
 
 
 _SIGNATURE_CACHE = _SignatureCache()
