@@ -37,6 +37,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ._table import render_table
 from .graph.calibrate import PyFuncObservers
 
 log = logging.getLogger(__name__)
@@ -227,14 +228,8 @@ class CompareReport:
         ]  # fmt: skip
 
         def render(header: Sequence[str], body: List[Sequence[str]], right_from: int) -> List[str]:
-            widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
-
-            def line(r: Sequence[str]) -> str:
-                cells = [c.rjust(w) if i >= right_from or i == 0 and header[0] == "#" else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(r, widths))]  # fmt: skip
-                return "  ".join(cells).rstrip()
-
-            return [line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in body]
+            right = {i for i in range(len(header)) if i >= right_from or i == 0 and header[0] == "#"}
+            return render_table(header, body, right=right)
 
         lines = [f"per-layer error on {self.samples} samples ({self.kind}; SQNR against the float model, "
                  f"'own' = this rounding alone)"]  # fmt: skip

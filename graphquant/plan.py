@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+from ._table import render_table
 from .formats import (
     ROUNDING_MODES,
     Affine,
@@ -427,14 +428,7 @@ class Plan:
                     rnd,
                 )
             )
-        widths = [min(max(len(r[c]) for r in rows), 60) for c in range(len(rows[0]))]
-
-        def fmt(r: Sequence[str]) -> str:
-            cells = [(c if len(c) <= w else c[: w - 1] + "…").ljust(w) for c, w in zip(r, widths)]
-            return "  ".join(cells).rstrip()
-
-        lines = [fmt(rows[0]), "  ".join("-" * w for w in widths)]
-        lines += [fmt(r) for r in rows[1:]]
+        lines = render_table(rows[0], rows[1:], max_width=60)
         n_act, n_w = len(self.activations), len(self.weights)
         lines.append(f"{len(self.targets)} groups, {n_act} activation and {n_w} weight insertion points")
         if self.config.weight_storage is not None:
