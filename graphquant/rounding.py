@@ -416,12 +416,17 @@ def _fake_quant_values(x, lo, hi, qmin, qmax, per_channel: bool):
     return tf.where(both_zero, tf.zeros_like(y), y)  # TF's kernel: min == max == 0 gives zeros
 
 
-def _fake_quant_mask(x, lo, hi, qmin, qmax):
-    """1.0 where FakeQuant passes the gradient (inside the nudged range, or min == max == 0)."""
+def _fake_quant_inside(x, lo, hi, qmin, qmax):
+    """Where FakeQuant passes the gradient: inside the nudged range, or min == max == 0."""
     nmin, nmax, _, _ = _nudge(lo, hi, qmin, qmax)
     inside = tf.logical_and(x >= nmin, x <= nmax)
     both_zero = tf.logical_and(tf.equal(lo, 0.0), tf.equal(hi, 0.0))
-    return tf.cast(tf.logical_or(inside, both_zero), x.dtype)
+    return tf.logical_or(inside, both_zero)
+
+
+def _fake_quant_mask(x, lo, hi, qmin, qmax):
+    """:func:`_fake_quant_inside` as 1.0 / 0.0."""
+    return tf.cast(_fake_quant_inside(x, lo, hi, qmin, qmax), x.dtype)
 
 
 def _bcast_shape(rank: int, axis: Optional[int]):
@@ -432,12 +437,29 @@ def _bcast_shape(rank: int, axis: Optional[int]):
     return shape
 
 
+#: Activations :func:`fake_quant_fns` can apply before rounding: ``name -> (f(x),
+#: the set where TensorFlow's gradient of f passes)``; the same ops and gradient
+#: masks as ``tf.nn.relu`` (ReluGrad: ``x > 0``) and ``tf.nn.relu6`` (Relu6Grad:
+#: ``0 < x < 6``), which Keras' ``ReLU()``, ``ReLU(6.0)``, ``Activation("relu")``
+#: and ``Activation("relu6")`` run.
+FUSED_ACTIVATIONS = {
+    "relu": (tf.nn.relu, lambda x: x > 0.0),
+    "relu6": (tf.nn.relu6, lambda x: tf.logical_and(x > 0.0, x < 6.0)),
+}
+
+
 @functools.lru_cache(maxsize=None)
-def fake_quant_fns(axis: Optional[int], rank: int, xla: bool):
+def fake_quant_fns(axis: Optional[int], rank: int, xla: bool, activation: Optional[str] = None):
     """``(forward(x, lo, hi, q), grad(dy, x, lo, hi, q))``: FakeQuant's values and its
     straight-through gradient for ``x``, with ``q = [quant_min, quant_max]`` as a
-    float32 tensor; ``lo``/``hi`` are scalars or vectors along ``axis``."""
+    float32 tensor; ``lo``/``hi`` are scalars or vectors along ``axis``.
+
+    With ``activation`` (a key of :data:`FUSED_ACTIVATIONS`), ``forward`` rounds
+    ``activation(x)`` and ``grad`` is the activation's gradient times FakeQuant's
+    mask: one pass over memory each way instead of two.
+    """
     shape = _bcast_shape(rank, axis)
+    act, act_passes = FUSED_ACTIVATIONS[activation] if activation is not None else (None, None)
 
     def prep(lo, hi, q):
         if shape is not None:
@@ -446,17 +468,19 @@ def fake_quant_fns(axis: Optional[int], rank: int, xla: bool):
 
     def forward(x, lo, hi, q):
         lo, hi, qmin, qmax = prep(lo, hi, q)
+        if act is not None:
+            x = act(x)
         return _fake_quant_values(x, lo, hi, qmin, qmax, axis is not None)
 
-    def mask(x, lo, hi, q):
-        lo, hi, qmin, qmax = prep(lo, hi, q)
-        return _fake_quant_mask(x, lo, hi, qmin, qmax)
-
     def grad(dy, x, lo, hi, q):
-        return dy * mask(x, lo, hi, q)
+        lo, hi, qmin, qmax = prep(lo, hi, q)
+        if act is None:
+            return dy * _fake_quant_mask(x, lo, hi, qmin, qmax)
+        # as TensorFlow's two gradient ops in a row (signed zeros included)
+        return tf.where(act_passes(x), dy * _fake_quant_mask(act(x), lo, hi, qmin, qmax), tf.zeros_like(dy))
 
-    forward.__name__ = "graphquant_fake_quant"
-    grad.__name__ = "graphquant_fake_quant_grad"
+    forward.__name__ = "graphquant_fake_quant" + ("_" + activation if activation else "")
+    grad.__name__ = forward.__name__ + "_grad"
     if xla:
         wrap = functools.partial(tf.function, jit_compile=True, reduce_retracing=True, autograph=False)
         return wrap(forward), wrap(grad)

@@ -109,6 +109,45 @@ def test_symmetric_fake_quant_equals_tensorflow(bits, narrow, xla):
         assert bits_equal(traced(xt).numpy(), want_y), (shape, axis)
 
 
+@pytest.mark.parametrize("activation", ["relu", "relu6"])
+def test_fused_activation_equals_tensorflow_ops_in_a_row(activation, xla):
+    """fake_quant(x, activation=...) against tf.nn.relu/relu6 then TF's FakeQuant, with
+    TensorFlow's gradients of both (ReluGrad/Relu6Grad, FakeQuant's gradient),
+    including inputs exactly on 0, on 6 and on the range's ends."""
+    act = {"relu": tf.nn.relu, "relu6": tf.nn.relu6}[activation]
+    rng = np.random.default_rng(7 if activation == "relu" else 8)
+    for shape, axis in [((6, 6, 6, 8), None), ((6, 6, 6, 8), 3), ((6, 8, 5), 1)]:
+        ax = None if axis is None else axis % len(shape)
+        fmt = Affine(8, axis=axis)
+        x = (rng.standard_normal(shape) * 4.0).astype(np.float32)
+        n = 1 if ax is None else shape[ax]
+        lo = np.zeros(n, np.float32)  # post-ReLU ranges contain zero
+        hi = np.linspace(6.5, 2.0, n).astype(np.float32)  # 6 inside the range or not
+        bshape = [1] * len(shape)
+        if ax is not None:
+            bshape[ax] = n
+        # whole slabs on the edges: 0, -0, 6, just above 6, each channel's own hi
+        for i, v in enumerate([0.0, -0.0, 6.0, np.nextafter(np.float32(6.0), np.float32(7.0))]):
+            x[i] = v
+        x[4] = np.broadcast_to(hi.reshape(bshape), shape)[4]
+        if ax is None:
+            lo, hi = lo[0], hi[0]
+        xt = tf.constant(x)
+        dy = tf.constant(rng.standard_normal(shape).astype(np.float32))
+        want_y, want_g = value_and_grad(lambda t: tf_fake_quant(act(t), lo, hi, fmt, ax), xt, dy)
+        got_y, got_g = value_and_grad(lambda t: gq_ops.fake_quant(t, fmt, lo, hi, activation=activation), xt, dy)
+        assert bits_equal(got_y, want_y), (shape, axis)
+        assert np.array_equal(got_g, want_g), (shape, axis)
+        assert (got_g == 0).any() and (got_g != 0).any()
+        with tf.GradientTape() as tape:
+            tape.watch(xt)
+            ty = tf.function(lambda t: gq_ops.fake_quant(t, fmt, lo, hi, activation=activation))(xt)
+        assert bits_equal(ty.numpy(), want_y)
+        assert np.array_equal(tape.gradient(ty, xt, output_gradients=dy).numpy(), want_g)
+    with pytest.raises(ValueError, match="activation"):
+        gq_ops.fake_quant(tf.constant([1.0]), Affine(8), 0.0, 1.0, activation="gelu")
+
+
 def test_zero_point_on_a_half_and_just_below(xla):
     """Ranges whose zero point lands on k + 0.5 (std::round goes away from zero) or
     just below 0.5 (floor(z + 0.5) would round up): XLA's simplifier and a naive

@@ -228,3 +228,78 @@ def test_xla_fast_paths_equal_tensorflow_kernels(traced):
         np.testing.assert_array_equal(ra, rb)
     np.testing.assert_array_equal(a[3], b[3])
     assert len(a[2]) == 3 and not np.array_equal(a[2][0], (-6.0, 6.0))  # the ranges were learned
+
+
+def _relu_net(seed=0):
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((10, 10, 3))
+    a = keras.layers.Conv2D(6, 3, padding="same", name="ca")(inp)
+    a = keras.layers.BatchNormalization(name="bna")(a)
+    a = keras.layers.ReLU(6.0, name="r6")(a)  # MobileNet's ReLU6
+    b = keras.layers.Conv2D(6, 3, padding="same", name="cb")(inp)
+    b = keras.layers.Activation("relu", name="arelu")(b)  # ResNet's
+    c = keras.layers.Conv2D(6, 3, padding="same", name="cc")(inp)
+    c = keras.layers.ReLU(name="r0")(c)
+    d = keras.layers.Conv2D(6, 3, padding="same", name="cd")(inp)
+    d = keras.layers.Activation("relu6", name="arelu6")(d)
+    e = keras.layers.Conv2D(6, 3, padding="same", name="ce")(inp)
+    e = keras.layers.ReLU(negative_slope=0.1, name="leaky")(e)  # not a plain relu
+    f = keras.layers.Conv2D(6, 3, padding="same", name="cf")(inp)
+    f = keras.layers.ReLU(max_value=4.0, name="r4")(f)  # clip at 4: a different op
+    g = keras.layers.Conv2D(6, 3, padding="same", activation="relu", name="cg")(inp)  # inside the conv
+    x = keras.layers.Concatenate()([a, b, c, d, e, f, g])
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, keras.layers.Dense(3, name="head")(x))
+
+
+def test_groups_ending_in_relu_fuse_it_while_training(tmp_path):
+    """Quantize(fused_activation=...) after ReLU/ReLU6 layers: same values, gradients and
+    learned ranges as rounding the activation's output, the activation layers stay in
+    the model, and the .keras file keeps the wiring."""
+    x = np.random.RandomState(1).normal(size=(8, 10, 10, 3)).astype("float32") * 3.0
+    fused = gk.quantize_model(_relu_net(), bits=8, weights=True)
+    want = {"r6_quant": "relu6", "arelu_quant": "relu", "r0_quant": "relu", "arelu6_quant": "relu6",
+            "leaky_quant": None, "r4_quant": None, "cg_quant": None}
+    got = {l.name: l.fused_activation for l in fused.layers if isinstance(l, Quantize)}
+    assert got == want
+    for name in ("r6", "arelu", "r0", "arelu6"):
+        assert isinstance(fused.get_layer(name), (keras.layers.ReLU, keras.layers.Activation))
+    plain = gk.quantize_model(_relu_net(), bits=8, weights=True)
+    for l in plain.layers:
+        if isinstance(l, Quantize):
+            l.fused_activation = None  # the unfused path: round the activation's output
+
+    def train_step(model):
+        with tf.GradientTape() as tape:
+            y = model(x, training=True)
+            loss = tf.reduce_sum(y * np.array([1.0, -2.0, 0.5], "float32"))
+        return y, tape.gradient(loss, model.trainable_variables)
+
+    for run in (lambda m: train_step(m), tf.function(train_step, reduce_retracing=True)):
+        (ya, ga), (yb, gb) = run(fused), run(plain)
+        np.testing.assert_array_equal(ya, yb)
+        assert len(ga) == len(gb) > 0
+        for u, v in zip(ga, gb):
+            np.testing.assert_array_equal(u, v)
+        for la, lb in zip(fused.layers, plain.layers):
+            if isinstance(la, Quantize):
+                np.testing.assert_array_equal(la.get_range(), lb.get_range())
+    assert not np.array_equal(fused.get_layer("r6_quant").get_range(), (-6.0, 6.0))
+    np.testing.assert_array_equal(fused.predict(x, verbose=0), plain.predict(x, verbose=0))
+    path = str(tmp_path / "fused.keras")
+    fused.save(path)
+    back = keras.models.load_model(path)
+    assert back.get_layer("r6_quant").fused_activation == "relu6"
+    np.testing.assert_array_equal(back.predict(x, verbose=0), fused.predict(x, verbose=0))
+    np.testing.assert_array_equal(train_step(back)[0], train_step(fused)[0])
+
+
+def test_fused_activation_argument_and_sequential_models():
+    with pytest.raises(ValueError, match="fused_activation"):
+        Quantize("affine8", fused_activation="gelu")
+    seq = keras.Sequential([keras.Input((8, 8, 2)), keras.layers.Conv2D(3, 3), keras.layers.ReLU(name="r")])
+    q = gk.quantize_model(seq, bits=8)
+    assert isinstance(q, keras.Sequential)  # no second input in a Sequential: rounds the ReLU's output
+    assert q.get_layer("r_quant").fused_activation is None
+    y = np.asarray(q(np.ones((1, 8, 8, 2), "float32"), training=True))
+    assert (y >= 0).all()

@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from ..formats import Affine, Format, check_rounding, format_from_dict, parse_format
 from ..ops import fake_quant, quantize, symmetric_fake_quant
-from ..rounding import min_max_fn, xla_enabled
+from ..rounding import FUSED_ACTIVATIONS, min_max_fn, xla_enabled
 
 __all__ = ["Quantize", "QuantizeWeights", "StorageRounding", "FoldingBatchNormalization", "quantize_weight"]
 
@@ -76,6 +76,19 @@ class Quantize(keras.layers.Layer):
             ``rounding``, except ``"nearest"`` when ``rounding="stochastic"``.
         momentum: EMA momentum of the learned range.
         seed: integer seed of the layer's stochastic rounding.
+        fused_activation: ``"relu"`` or ``"relu6"``: the layer may be called
+            as ``Quantize(...)(y, pre_activation=x)`` where ``y`` is that
+            activation of ``x`` (``tf.nn.relu`` / ``tf.nn.relu6``, what
+            ``keras.layers.ReLU()`` / ``ReLU(6.0)`` /
+            ``Activation("relu" | "relu6")`` compute). While training on the
+            XLA path of a learned affine range, the layer then rounds
+            ``activation(x)`` from ``x`` in one pass, with the activation's
+            gradient folded into the straight-through mask: the same values
+            and gradients as rounding ``y``, and the activation's own
+            forward and backward passes drop out of a traced training step
+            (its output is not used). At inference, and on every other path,
+            it rounds ``y`` as usual. ``quantize_model`` sets this up for
+            groups that end in such an activation.
 
     Masks pass through unchanged. The output has the input's shape and dtype.
     """
@@ -87,9 +100,15 @@ class Quantize(keras.layers.Layer):
         inference_rounding: Optional[str] = None,
         momentum: float = 0.999,
         seed: Optional[int] = None,
+        fused_activation: Optional[str] = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
+        if fused_activation is not None and fused_activation not in FUSED_ACTIVATIONS:
+            raise ValueError(
+                f"fused_activation must be one of {sorted(FUSED_ACTIVATIONS)} or None, got {fused_activation!r}"
+            )
+        self.fused_activation = fused_activation
         self.format = _fmt(format)
         self.rounding = check_rounding(rounding, "rounding")
         if inference_rounding is None:
@@ -135,13 +154,17 @@ class Quantize(keras.layers.Layer):
             )  # fmt: skip
         self.built = True
 
-    def _batch_range(self, x: tf.Tensor):
+    def _batch_range(self, x: tf.Tensor, activation: Optional[str] = None):
         x = tf.cast(x, tf.float32)
         rank = x.shape.rank
         axis = None if self.format.axis is None else self.format.axis % rank
-        return min_max_fn(axis, rank, xla_enabled())(x)
+        lo, hi = min_max_fn(axis, rank, xla_enabled())(x)
+        if activation is not None:  # monotone: min/max of f(x) = f(min/max of x)
+            f = FUSED_ACTIVATIONS[activation][0]
+            lo, hi = f(lo), f(hi)
+        return lo, hi
 
-    def call(self, inputs: Any, training: Any = None, mask: Any = None) -> Any:
+    def call(self, inputs: Any, training: Any = None, mask: Any = None, pre_activation: Any = None) -> Any:
         if self._calibrator is not None:
             self._calibrator.update(self, inputs)
             return inputs
@@ -152,7 +175,14 @@ class Quantize(keras.layers.Layer):
             return quantize(inputs, self.format, rounding, seed=seed)
         lo, hi = self.range_min, self.range_max
         if train:
-            bmin, bmax = self._batch_range(inputs)
+            fuse = (
+                pre_activation is not None and self.fused_activation is not None and rounding == "nearest"
+                and xla_enabled() and _fast_affine(self.format, inputs) and pre_activation.dtype == inputs.dtype
+            )  # fmt: skip
+            if fuse:
+                bmin, bmax = self._batch_range(pre_activation, self.fused_activation)
+            else:
+                bmin, bmax = self._batch_range(inputs)
             # the range is a moving average, not a function of this batch for the
             # gradient (as tfmot): no gradient flows through min/max
             bmin, bmax = tf.stop_gradient(bmin), tf.stop_gradient(bmax)
@@ -165,6 +195,8 @@ class Quantize(keras.layers.Layer):
             self.range_min.assign(new_lo)
             self.range_max.assign(new_hi)
             self.range_initialized.assign(tf.ones_like(init))
+            if fuse:
+                return fake_quant(pre_activation, self.format, new_lo, new_hi, self.fused_activation)
             if rounding == "nearest" and _fast_affine(self.format, inputs):
                 return fake_quant(inputs, self.format, new_lo, new_hi)
             lo, hi = new_lo, new_hi
@@ -201,6 +233,8 @@ class Quantize(keras.layers.Layer):
             momentum=self.momentum,
             seed=self.seed,
         )
+        if self.fused_activation is not None:
+            cfg["fused_activation"] = self.fused_activation
         return cfg
 
 

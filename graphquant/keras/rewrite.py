@@ -183,6 +183,32 @@ def _input_like(x: Any) -> Any:
     )
 
 
+def _fusable_activation(layer: Any, node: Any) -> Optional[str]:
+    """``"relu"``/``"relu6"`` if the call ``node`` of ``layer`` computes exactly
+    ``tf.nn.relu``/``tf.nn.relu6`` of its one input (which a following
+    :class:`Quantize` can then fuse while training), else ``None``.
+
+    Exact classes only (a subclass may override ``call``); ``ReLU`` with a
+    slope, a threshold or a cap other than 6 computes something else.
+    """
+    args, kwargs = node.arguments.args, node.arguments.kwargs
+    if len(args) != 1 or kwargs or len(node.outputs) != 1:
+        return None
+    if type(layer) is keras.layers.ReLU:
+        if float(layer.negative_slope) != 0.0 or float(layer.threshold) != 0.0:
+            return None
+        if layer.max_value is None:
+            return "relu"
+        return "relu6" if float(layer.max_value) == 6.0 else None
+    if type(layer) is keras.layers.Activation:
+        fn = layer.activation
+        if fn is keras.activations.relu:
+            return "relu"
+        if fn is keras.activations.relu6:
+            return "relu6"
+    return None
+
+
 class _Rewriter:
     def _next_seed(self) -> Optional[int]:
         if self.seed is None:
@@ -247,7 +273,7 @@ class _Rewriter:
     def _names(self, model: keras.Model) -> set:
         return {l.name for l in model.layers}
 
-    def _quantize_layer(self, p: InsertionPoint, used: set) -> Quantize:
+    def _quantize_layer(self, p: InsertionPoint, used: set, fused_activation: Optional[str] = None) -> Quantize:
         base = p.after.replace("@", "_call") + "_quant"
         name, k = base, 1
         while name in used:
@@ -261,6 +287,7 @@ class _Rewriter:
             inference_rounding=p.inference_rounding,
             momentum=self.plan.config.range_momentum,
             seed=self._next_seed(),
+            fused_activation=fused_activation,
             name=name,
         )
 
@@ -334,7 +361,12 @@ class _Rewriter:
                 flat = keras.tree.flatten(outputs)
                 if len(flat) != 1:
                     raise ValueError(f"cannot insert rounding after {name!r}: it has {len(flat)} outputs")
-                outputs = self._quantize_layer(act_after[name], used)(flat[0])
+                fused = _fusable_activation(op, node)
+                if fused is not None:  # see Quantize(fused_activation=...)
+                    q = self._quantize_layer(act_after[name], used, fused)
+                    outputs = q(flat[0], pre_activation=args[0])
+                else:
+                    outputs = self._quantize_layer(act_after[name], used)(flat[0])
                 out_list = [outputs]
             else:
                 out_list = keras.tree.flatten(outputs)
