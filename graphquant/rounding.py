@@ -507,14 +507,15 @@ def symmetric_fake_quant_fn(axis: Optional[int], rank: int, xla: bool):
 
 
 @functools.lru_cache(maxsize=None)
-def min_max_fn(axis: Optional[int], rank: int, xla: bool):
-    """``f(x) -> (min, max)`` over everything but ``axis`` (one pass under XLA)."""
+def min_max_fn(axis: Optional[int], rank: int, xla: bool, need_min: bool = True):
+    """``f(x) -> (min, max)`` over everything but ``axis`` (one pass under XLA);
+    with ``need_min=False``, ``(None, max)`` (a max alone is about half the work)."""
     red = None if axis is None else [i for i in range(rank) if i != axis]
 
     def fn(x):
-        return tf.reduce_min(x, axis=red), tf.reduce_max(x, axis=red)
+        return (tf.reduce_min(x, axis=red) if need_min else None), tf.reduce_max(x, axis=red)
 
-    fn.__name__ = "graphquant_min_max"
+    fn.__name__ = "graphquant_min_max" if need_min else "graphquant_max"
     if xla:
         return tf.function(fn, jit_compile=True, reduce_retracing=True, autograph=False)
     return fn

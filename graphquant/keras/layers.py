@@ -158,11 +158,13 @@ class Quantize(keras.layers.Layer):
         x = tf.cast(x, tf.float32)
         rank = x.shape.rank
         axis = None if self.format.axis is None else self.format.axis % rank
-        lo, hi = min_max_fn(axis, rank, xla_enabled())(x)
-        if activation is not None:  # monotone: min/max of f(x) = f(min/max of x)
-            f = FUSED_ACTIVATIONS[activation][0]
-            lo, hi = f(lo), f(hi)
-        return lo, hi
+        if activation is None:
+            return min_max_fn(axis, rank, xla_enabled())(x)
+        # f is relu or relu6: monotone, so max f(x) = f(max x); f(x) >= 0, and the
+        # range's lower end is min(batch min, 0) = 0 (a max alone is half the work)
+        _, hi = min_max_fn(axis, rank, xla_enabled(), need_min=False)(x)
+        hi = FUSED_ACTIVATIONS[activation][0](hi)
+        return tf.zeros_like(hi), hi
 
     def call(self, inputs: Any, training: Any = None, mask: Any = None, pre_activation: Any = None) -> Any:
         if self._calibrator is not None:
