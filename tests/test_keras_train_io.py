@@ -164,12 +164,12 @@ def test_mirrored_strategy_qat_keeps_ranges_consistent():
         xs[1::2] *= 3.0
         h = q.fit(xs, ys, batch_size=16, epochs=2, verbose=0, shuffle=False)
         ql = [l for l in q.layers if type(l).__name__ == "Quantize"][0]
-        per_replica = [[float(np.asarray(v)) for v in var.value.values] for var in (ql.range_min, ql.range_max)]
+        per_replica = [np.asarray(v).tolist() for v in ql.range.value.values]  # [min, max, initialised] each
         print(json.dumps({"replicas": strategy.num_replicas_in_sync, "ranges": per_replica,
                           "loss": h.history["loss"]}))
     """)
     assert got["replicas"] == 2
-    (lo0, lo1), (hi0, hi1) = got["ranges"]
-    assert lo0 == lo1 and hi0 == hi1
+    (lo0, hi0, init0), (lo1, hi1, init1) = got["ranges"]
+    assert lo0 == lo1 and hi0 == hi1 and init0 == init1 == 1.0
     assert hi0 != 6.0  # learned, not the initial range
     assert all(np.isfinite(got["loss"]))

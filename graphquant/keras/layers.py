@@ -45,14 +45,14 @@ def _training(training: Any) -> bool:
     return bool(training) if training is not None else False
 
 
-class _Full:
-    """Initializer: a constant, as a numpy array (one op to create the variable, not three)."""
-
-    def __init__(self, value: float):
-        self.value = float(value)
+class _InitialRange:
+    """Initializer of :attr:`Quantize.range`: rows ``INITIAL_RANGE[0]``, ``INITIAL_RANGE[1]``
+    and 0 (not initialised), as a numpy array (one op to create the variable)."""
 
     def __call__(self, shape: Any, dtype: Any = None) -> Any:
-        return np.full(tuple(shape), self.value, dtype=keras.backend.standardize_dtype(dtype or "float32"))
+        value = np.empty(tuple(shape), dtype=keras.backend.standardize_dtype(dtype or "float32"))
+        value[0], value[1], value[2] = INITIAL_RANGE[0], INITIAL_RANGE[1], 0.0
+        return value
 
 
 @keras.saving.register_keras_serializable(package="graphquant")
@@ -139,18 +139,11 @@ class Quantize(keras.layers.Layer):
                 if n is None:
                     raise ValueError(f"{self.name}: per-channel axis {self.format.axis} has unknown size")
                 shape = (int(n),)
-            lo, hi = INITIAL_RANGE
-            self.range_min = self.add_weight(
-                shape=shape, initializer=_Full(lo), trainable=False,
-                aggregation="mean", name="range_min", dtype="float32",
-            )  # fmt: skip
-            self.range_max = self.add_weight(
-                shape=shape, initializer=_Full(hi), trainable=False,
-                aggregation="mean", name="range_max", dtype="float32",
-            )  # fmt: skip
-            self.range_initialized = self.add_weight(
-                shape=(), initializer=_Full(0.0), trainable=False, aggregation="mean",
-                name="range_initialized", dtype="float32",
+            # one variable (creating variables is most of the cost of quantize_model):
+            # rows min, max, and 1.0 once initialised (repeated per channel)
+            self.range = self.add_weight(
+                shape=(3,) + shape, initializer=_InitialRange(), trainable=False,
+                aggregation="mean", name="range", dtype="float32",
             )  # fmt: skip
         self.built = True
 
@@ -175,7 +168,8 @@ class Quantize(keras.layers.Layer):
         seed = self.seed_generator.next() if rounding == "stochastic" else None
         if not self.learned:
             return quantize(inputs, self.format, rounding, seed=seed)
-        lo, hi = self.range_min, self.range_max
+        state = self.range.value
+        lo, hi, init = state[0], state[1], state[2]
         if train:
             fuse = (
                 pre_activation is not None and self.fused_activation is not None and rounding == "nearest"
@@ -191,12 +185,9 @@ class Quantize(keras.layers.Layer):
             bmin = tf.minimum(bmin, 0.0)  # the grid always contains zero
             bmax = tf.maximum(bmax, 0.0)
             m = self.momentum
-            init = self.range_initialized
             new_lo = init * (m * lo + (1.0 - m) * bmin) + (1.0 - init) * bmin
             new_hi = init * (m * hi + (1.0 - m) * bmax) + (1.0 - init) * bmax
-            self.range_min.assign(new_lo)
-            self.range_max.assign(new_hi)
-            self.range_initialized.assign(tf.ones_like(init))
+            self.range.assign(tf.stack([new_lo, new_hi, tf.ones_like(init)]))
             if fuse:
                 return fake_quant(pre_activation, self.format, new_lo, new_hi, self.fused_activation)
             if rounding == "nearest" and _fast_affine(self.format, inputs):
@@ -216,15 +207,17 @@ class Quantize(keras.layers.Layer):
         """Set a learned range (scalars, or one value per channel) and mark it initialised."""
         if not self.learned:
             raise ValueError(f"{self.name}: format {self.format} has no learned range")
-        self.range_min.assign(tf.reshape(tf.cast(lo, tf.float32), self.range_min.shape))
-        self.range_max.assign(tf.reshape(tf.cast(hi, tf.float32), self.range_max.shape))
-        self.range_initialized.assign(1.0)
+        shape = self.range.shape[1:]
+        lo = tf.reshape(tf.cast(lo, tf.float32), shape)
+        hi = tf.reshape(tf.cast(hi, tf.float32), shape)
+        self.range.assign(tf.stack([lo, hi, tf.ones_like(lo)]))
 
     def get_range(self):
         """The current range as numpy arrays ``(lo, hi)``, or the format's fixed range."""
         if not self.learned:
             return getattr(self.format, "range", None)
-        return keras.ops.convert_to_numpy(self.range_min), keras.ops.convert_to_numpy(self.range_max)
+        value = keras.ops.convert_to_numpy(self.range)
+        return value[0], value[1]
 
     def get_config(self) -> Dict[str, Any]:
         cfg = super().get_config()
