@@ -301,3 +301,39 @@ def test_signature_cache_is_scoped_and_exact():
         assert cache.Parameter is inspect.Parameter  # everything else is the real module
     for name in rw._KERAS_INSPECTING_MODULES:
         assert _sys.modules[name].inspect is inspect
+
+
+def test_garbage_collector_paused_only_while_copying():
+    """quantize_model turns Python's cyclic GC off while it copies, and restores the
+    previous state (enabled or not), nested or not."""
+    import gc
+
+    from graphquant.keras import rewrite as rw
+
+    assert gc.isenabled()
+    seen = []
+    real = rw._Rewriter.rewrite
+
+    def spy(self, *a, **k):
+        seen.append(gc.isenabled())
+        return real(self, *a, **k)
+
+    rw._Rewriter.rewrite = spy
+    try:
+        gk.quantize_model(_small_functional(), bits=8)
+        with rw._gc_paused():
+            with rw._gc_paused():
+                assert not gc.isenabled()
+            assert not gc.isenabled()
+        assert gc.isenabled()
+        gc.disable()
+        try:
+            with rw._gc_paused():
+                pass
+            assert not gc.isenabled()  # was off before: stays off
+        finally:
+            gc.enable()
+    finally:
+        rw._Rewriter.rewrite = real
+    assert seen == [False]
+    assert gc.isenabled()

@@ -12,6 +12,7 @@ model is never modified.
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib
 import inspect as _inspect
 import logging
@@ -158,6 +159,36 @@ def _cached_signatures() -> Iterator[None]:
                     mod = sys.modules.get(name)
                     if mod is not None and getattr(mod, "inspect", None) is _SIGNATURE_CACHE:
                         mod.inspect = _inspect
+
+
+_gc_lock = threading.Lock()
+_gc_users = 0
+_gc_was_enabled = False
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector off within the block (back to its previous state after).
+
+    Copying a model allocates tens of thousands of objects that all survive
+    (they are the copy), and every few thousand allocations the collector
+    walks them again, at times together with the whole TensorFlow/Keras heap
+    (a full collection: a tenth of a second or more, at random calls). Nothing
+    is lost: cycles that become garbage meanwhile are collected later.
+    """
+    global _gc_users, _gc_was_enabled
+    with _gc_lock:
+        if _gc_users == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_users += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_users -= 1
+            if _gc_users == 0 and _gc_was_enabled:
+                gc.enable()
 
 
 def _clone_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
@@ -509,12 +540,13 @@ def quantize_model(
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {seed!r}")
     rw = _Rewriter(plan, fold_batchnorm=bool(fold_batchnorm), seed=seed)
-    try:
-        with _cached_signatures():
-            new = rw.rewrite(model)
-    finally:
-        rw._unhook()
-    rw.copy_weights()
+    with _gc_paused():
+        try:
+            with _cached_signatures():
+                new = rw.rewrite(model)
+        finally:
+            rw._unhook()
+        rw.copy_weights()
     if cfg.weight_storage is not None:
         apply_weight_storage(new, cfg.weight_storage, cfg.storage_rounding, seed=rw._next_seed())
     new._graphquant_plan = plan  # for inspection; not serialized
