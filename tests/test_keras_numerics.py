@@ -67,7 +67,7 @@ def test_learned_range_ema_while_training_frozen_at_inference():
     assert ql.get_range()[1] == pytest.approx(0.9 * tap.max() + 0.1 * tap2.max(), rel=1e-5)
     # inference output uses exactly the frozen range: equal to FakeQuant with those min/max
     v = np.asarray(_tap(q, "r1_quant")(X))
-    ref = tf.quantization.fake_quant_with_min_max_args(tap_all := np.asarray(_tap(q, "r1")(X)), 0.0, float(ql.get_range()[1]), num_bits=8)
+    ref = tf.quantization.fake_quant_with_min_max_args(np.asarray(_tap(q, "r1")(X)), 0.0, float(ql.get_range()[1]), num_bits=8)
     np.testing.assert_allclose(v, ref.numpy(), atol=1e-6)
 
 

@@ -1,13 +1,11 @@
 """quantize_model's structure: where rounding goes, copies, model kinds, bad input."""
 
-import warnings
-
 import keras
 import numpy as np
 import pytest
 
 import graphquant.keras as gk
-from graphquant.formats import Affine, FixedPoint
+from graphquant.formats import Affine
 from graphquant.keras import Quantize, QuantizeWeights
 from graphquant.patterns import CONV, Matcher, Pattern, Step, ACTIVATION
 from graphquant.patterns import DEFAULT_REGISTRY

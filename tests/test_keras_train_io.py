@@ -13,7 +13,6 @@ import tensorflow as tf
 
 import graphquant.keras as gk
 from graphquant.formats import FixedPoint
-from graphquant.keras import Quantize, QuantizeWeights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
