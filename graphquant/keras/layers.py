@@ -65,8 +65,11 @@ class Quantize(keras.layers.Layer):
             without a range has a *learned* range: an exponential moving
             average of the batch min/max while ``training=True`` (the first
             batch sets it), frozen at inference; :func:`graphquant.calibrate`
-            sets it from data. Before that the range is ``(-6, 6)``. The range
-            takes no gradient (as tfmot); the input gets FakeQuant's
+            sets it from data. Before that the range is ``(-6, 6)``. It lives in
+            one non-trainable variable ``range`` (rows: min, max, and 1.0 once
+            initialised; one column per channel if per-channel); use
+            :meth:`get_range` / :meth:`set_range`. The range takes no
+            gradient (as tfmot); the input gets FakeQuant's
             straight-through gradient. While training, affine nearest rounding
             runs as an XLA replica of TensorFlow's FakeQuant kernel (same
             values bit for bit; :func:`graphquant.use_xla` turns it off); at
