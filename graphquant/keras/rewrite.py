@@ -125,70 +125,77 @@ class _SignatureCache(types.ModuleType):
         return value
 
 
+class _SharedScope:
+    """A process-wide change that nested or concurrent blocks share: ``enter()`` runs
+    when the first block starts, ``leave()`` when the last one ends (under a lock)."""
+
+    def __init__(self, enter: Any, leave: Any) -> None:
+        self._enter, self._leave = enter, leave
+        self._lock = threading.Lock()
+        self._users = 0
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with self._lock:
+            if self._users == 0:
+                self._enter()
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    self._leave()
+
+
 _SIGNATURE_CACHE = _SignatureCache()
 _KERAS_INSPECTING_MODULES = ("keras.src.ops.operation", "keras.src.layers.layer")
-_signature_lock = threading.Lock()
-_signature_users = 0
 
 
-@contextlib.contextmanager
-def _cached_signatures() -> Iterator[None]:
-    """Within the block, Keras' layer construction reuses signatures (see :class:`_SignatureCache`).
-
-    A pure speed-up: the cached values equal what ``inspect`` returns. Modules
-    that do not exist or do not use ``inspect`` (other Keras versions) are left alone.
-    """
-    global _signature_users
-    with _signature_lock:
-        if _signature_users == 0:
-            for name in _KERAS_INSPECTING_MODULES:
-                try:
-                    mod = importlib.import_module(name)
-                except ImportError:
-                    continue
-                if getattr(mod, "inspect", None) is _inspect:
-                    mod.inspect = _SIGNATURE_CACHE
-        _signature_users += 1
-    try:
-        yield
-    finally:
-        with _signature_lock:
-            _signature_users -= 1
-            if _signature_users == 0:
-                for name in _KERAS_INSPECTING_MODULES:
-                    mod = sys.modules.get(name)
-                    if mod is not None and getattr(mod, "inspect", None) is _SIGNATURE_CACHE:
-                        mod.inspect = _inspect
+def _install_signature_cache() -> None:
+    for name in _KERAS_INSPECTING_MODULES:
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        if getattr(mod, "inspect", None) is _inspect:
+            mod.inspect = _SIGNATURE_CACHE
 
 
-_gc_lock = threading.Lock()
-_gc_users = 0
-_gc_was_enabled = False
+def _remove_signature_cache() -> None:
+    for name in _KERAS_INSPECTING_MODULES:
+        mod = sys.modules.get(name)
+        if mod is not None and getattr(mod, "inspect", None) is _SIGNATURE_CACHE:
+            mod.inspect = _inspect
 
 
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off within the block (back to its previous state after).
+#: Within the block, Keras' layer construction reuses signatures (see
+#: :class:`_SignatureCache`). A pure speed-up: the cached values equal what
+#: ``inspect`` returns. Modules that do not exist or do not use ``inspect``
+#: (other Keras versions) are left alone.
+_cached_signatures = _SharedScope(_install_signature_cache, _remove_signature_cache)
 
-    Copying a model allocates tens of thousands of objects that all survive
-    (they are the copy), and every few thousand allocations the collector
-    walks them again, at times together with the whole TensorFlow/Keras heap
-    (a full collection: a tenth of a second or more, at random calls). Nothing
-    is lost: cycles that become garbage meanwhile are collected later.
-    """
-    global _gc_users, _gc_was_enabled
-    with _gc_lock:
-        if _gc_users == 0:
-            _gc_was_enabled = gc.isenabled()
-            gc.disable()
-        _gc_users += 1
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _gc_users -= 1
-            if _gc_users == 0 and _gc_was_enabled:
-                gc.enable()
+_gc_was_enabled = [False]
+
+
+def _pause_gc() -> None:
+    _gc_was_enabled[0] = gc.isenabled()
+    gc.disable()
+
+
+def _resume_gc() -> None:
+    if _gc_was_enabled[0]:
+        gc.enable()
+
+
+#: Python's cyclic garbage collector off within the block (back to its previous
+#: state after). Copying a model allocates tens of thousands of objects that all
+#: survive (they are the copy), and every few thousand allocations the collector
+#: walks them again, at times together with the whole TensorFlow/Keras heap (a
+#: full collection: a tenth of a second or more, at random calls). Nothing is
+#: lost: cycles that become garbage meanwhile are collected later.
+_gc_paused = _SharedScope(_pause_gc, _resume_gc)
 
 
 def _clone_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
