@@ -6,36 +6,67 @@ file descriptor 2 before its logging is configured, whatever
 screenful of them. This launcher lives outside the ``graphquant`` package
 (importing anything inside the package imports TensorFlow first): it holds
 back what is written to fd 2 while graphquant imports, and shows it only with
-``-v``/``--verbose`` or when the import fails.
+``-v``/``--verbose`` or when the import fails. :func:`batch_worker` does the
+same for each worker process of ``graphquant batch`` (one process per model,
+so otherwise a batch of hundreds of models prints their start-up lines
+hundreds of times).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
+from typing import Any, Dict, Iterator
+
+
+@contextlib.contextmanager
+def _held_stderr(show: bool = False) -> Iterator[None]:
+    """Hold back what is written to file descriptor 2 inside the block; write
+    it out afterwards only if ``show`` or the block raised."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no fd 2 to redirect (a detached process): nothing to hold
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        sys.stderr.flush()
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            show = True
+            raise
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            if show:
+                held.seek(0)
+                sys.stderr.buffer.write(held.read())
+                sys.stderr.flush()
 
 
 def main() -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     verbose = any(a in ("-v", "--verbose") for a in sys.argv[1:])
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            from graphquant.cli import main as cli_main
-        except BaseException:
-            verbose = True
-            raise
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            if verbose:
-                held.seek(0)
-                sys.stderr.flush()
-                sys.stderr.buffer.write(held.read())
-                sys.stderr.flush()
+    with _held_stderr(show=verbose):
+        from graphquant.cli import main as cli_main
     return cli_main()
+
+
+def batch_worker(src: str, dst: str, options: Dict[str, Any], conn: Any) -> None:
+    """Body of one ``convert_batch`` worker process: TensorFlow starts up quietly
+    (its devices included), then the model is converted as usual; what the
+    conversion itself writes to stderr still shows."""
+    with _held_stderr():
+        import tensorflow as tf
+
+        from graphquant.batch import _worker
+
+        tf.config.list_physical_devices()  # device probing logs too (e.g. no CUDA driver)
+    _worker(src, dst, options, conn)
 
 
 if __name__ == "__main__":

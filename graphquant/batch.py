@@ -174,6 +174,10 @@ def convert_batch(
         bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=False)
         bar.start()
         task = bar.add_task("converting", total=len(todo))
+    try:  # the launcher module next to the package: quiet TensorFlow start-up in each worker
+        from graphquant_cli import batch_worker as target
+    except ImportError:  # pragma: no cover - the package without its launcher
+        target = _worker
     ctx = mp.get_context("spawn")
     running: Dict[str, Any] = {}
     pending = list(todo)
@@ -182,7 +186,7 @@ def convert_batch(
             while pending and len(running) < jobs:
                 key, src, dst = pending.pop(0)
                 recv, send = ctx.Pipe(duplex=False)
-                p = ctx.Process(target=_worker, args=(src, dst, opts, send), daemon=True)
+                p = ctx.Process(target=target, args=(src, dst, opts, send), daemon=True)
                 p.start()
                 send.close()
                 running[key] = (p, recv, time.perf_counter())

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="source root (searched at any depth)")
     p.add_argument("dst", help="destination root (same relative layout)")
     _quant_args(p)
-    p.add_argument("--jobs", type=int, default=1, help="worker processes at once")
+    p.add_argument("-j", "--jobs", type=int, default=1, help="worker processes at once")
     p.add_argument("--report", metavar="REPORT.json", help="JSON report (default DST/graphquant-batch.json)")
     p.add_argument("--overwrite", action="store_true", help="redo models already converted")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

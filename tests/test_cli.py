@@ -188,3 +188,21 @@ def test_console_script_error_is_one_line_on_stderr(tmp_path):
     assert p.returncode == 1
     assert p.stderr.strip().splitlines() == [f"graphquant convert: error: {tmp_path / 'missing'}: no such file or directory"]
     assert not (tmp_path / "out").exists()
+
+
+def test_console_script_batch_workers_start_quietly(tiny, tmp_path):
+    """Each batch worker is a fresh process: its TensorFlow start-up lines are held back too,
+    so a batch's stderr is not a wall of them (one set per model otherwise)."""
+    import shutil
+
+    exe = shutil.which("graphquant", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    assert exe, "the graphquant console script is not installed"
+    for name in ("a", "b"):
+        shutil.copytree(tiny, tmp_path / "src" / name)
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    p = subprocess.run([exe, "batch", str(tmp_path / "src"), str(tmp_path / "out"), "--bits", "8", "-j", "2",
+                        "--no-progress"], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().splitlines()[-1].startswith("2 converted, 0 skipped (already done), 0 failed")
+    assert p.stderr == ""
+    assert (tmp_path / "out" / "a" / "saved_model.pb").is_file() and (tmp_path / "out" / "b" / "saved_model.pb").is_file()

@@ -559,14 +559,21 @@ def test_affine_per_channel_equals_fake_quant(axis, bits, narrow):
     assert_bits_equal(got, want, x, f"{fmt}")
 
 
-def test_affine_per_channel_other_modes_on_tf_grid():
+def _failures(check, cases):
+    """Run ``check(*case)`` for every case and collect the failing ones (case, first 80 characters of the message):
+    one test reports every failing combination at once instead of stopping at the first."""
     bad = []
-    for axis in (0, 1, -1):
-        for bits, narrow in ((4, False), (8, True)):
-            try:
-                _affine_per_channel_other_modes(axis, bits, narrow)
-            except AssertionError as e:
-                bad.append((axis, bits, narrow, str(e)[:80]))
+    for case in cases:
+        try:
+            check(*case)
+        except AssertionError as e:
+            bad.append((*case, str(e)[:80]))
+    return bad
+
+
+def test_affine_per_channel_other_modes_on_tf_grid():
+    cases = [(axis, bits, narrow) for axis in (0, 1, -1) for bits, narrow in ((4, False), (8, True))]
+    bad = _failures(_affine_per_channel_other_modes, cases)
     assert not bad, bad
 
 
@@ -598,14 +605,8 @@ def _tf_grid(lo, hi, bits, narrow):
 
 
 def test_affine_other_modes_on_tf_grid():
-    bad = []
-    for mode in [m for m in MODES if m != "nearest"]:
-        for bits in (2, 5, 8):
-            for narrow in (False, True):
-                try:
-                    _affine_other_modes(bits, narrow, mode)
-                except AssertionError as e:
-                    bad.append((mode, bits, narrow, str(e)[:80]))
+    cases = [(bits, narrow, mode) for mode in MODES if mode != "nearest" for bits in (2, 5, 8) for narrow in (False, True)]
+    bad = _failures(_affine_other_modes, cases)
     assert not bad, bad
 
 
