@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import graphquant.keras as gk
-from graphquant.formats import Affine
+from graphquant.formats import Affine, FloatFormat
 from graphquant.keras import Quantize, QuantizeWeights
 from graphquant.patterns import CONV, Matcher, Pattern, Step, ACTIVATION
 from graphquant.patterns import DEFAULT_REGISTRY
@@ -184,7 +184,11 @@ def test_sequential_nested_and_shared():
     assert isinstance(qs, keras.Sequential)
     assert [type(l).__name__ for l in qs.layers][:3] == ["Conv2D", "ReLU", "Quantize"]
     assert len(_quants(qs)) == 2
-    np.testing.assert_allclose(seq(x["a"]), keras.Sequential(seq.layers)(x["a"]))
+    # a format that does not round (float32 itself): the copy computes exactly what the source does,
+    # so every layer is there, in order, with the source's weights
+    exact = gk.quantize_model(seq, format=FloatFormat(8, 23))
+    np.testing.assert_array_equal(exact(x["a"]), seq(x["a"]))
+    assert not np.array_equal(qs(x["a"]), seq(x["a"]))  # while 8 bits do round
 
 
 @keras.saving.register_keras_serializable(package="tests")
@@ -335,3 +339,41 @@ def test_garbage_collector_paused_only_while_copying():
         rw._Rewriter.rewrite = real
     assert seen == [False]
     assert gc.isenabled()
+
+
+def _op_nodes(model):
+    """(class name, number of calls) of every plain keras.ops operation in a Functional graph."""
+    return [(type(n.operation).__name__, len(n.operation._inbound_nodes)) for d in model._nodes_by_depth.values()
+            for n in d if n.operation is not None and not isinstance(n.operation, keras.layers.Layer)]
+
+
+def test_plain_keras_ops_in_the_graph_mobilenetv3():
+    """MobileNetV3 builds hard-swish from raw ops (``x + 3``, ``* (1/6)``): the copy gets its own copies of them."""
+    keras.utils.set_random_seed(3)
+    m = keras.applications.MobileNetV3Small(input_shape=(64, 64, 3), weights=None)
+    ops_before = _op_nodes(m)
+    assert ops_before and {k for _, k in ops_before} == {1}  # the architecture really has plain operations
+    q = gk.quantize_model(m, bits=8, weights=True)
+    assert len(_quants(q)) == len(_convs(m)) == len(_convs(q))
+    assert _op_nodes(m) == ops_before  # the source's operations gained no call
+    assert sorted(_op_nodes(q)) == sorted(ops_before)
+    src_ops = {id(n.operation) for d in m._nodes_by_depth.values() for n in d}
+    assert not src_ops & {id(n.operation) for d in q._nodes_by_depth.values() for n in d}
+    x = np.random.RandomState(0).rand(2, 64, 64, 3).astype("float32")
+    exact = gk.quantize_model(m, format=FloatFormat(8, 23))  # no rounding: the copy is the same function
+    np.testing.assert_array_equal(exact(x, training=False), m(x, training=False))
+
+
+def test_mask_through_quantize_model():
+    """A mask made by a plain ``not_equal`` operation flows through the inserted rounding to the LSTM."""
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((None,), dtype="int32")
+    e = keras.layers.Embedding(10, 4, mask_zero=True)(inp)
+    c = keras.layers.Dense(4, activation="relu", name="proj")(e)
+    m = keras.Model(inp, keras.layers.LSTM(3)(c))
+    q = gk.quantize_model(m, bits=8, dense=True)
+    assert [l.name for l in _quants(q)] == ["proj_quant"]
+    padded, short = np.array([[3, 4, 5, 0, 0]]), np.array([[3, 4, 5]])
+    np.testing.assert_allclose(q(padded), q(short), atol=1e-6)  # padding is masked out
+    unmasked = keras.Model(inp, keras.layers.LSTM(3)(keras.layers.Dense(4)(keras.layers.Embedding(10, 4)(inp))))
+    assert not np.allclose(unmasked(padded), unmasked(short), atol=1e-6)  # ...which it would not be otherwise

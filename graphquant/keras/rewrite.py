@@ -198,7 +198,8 @@ def _resume_gc() -> None:
 _gc_paused = _SharedScope(_pause_gc, _resume_gc)
 
 
-def _clone_layer(layer: keras.layers.Layer) -> keras.layers.Layer:
+def _clone_layer(layer: Any) -> Any:
+    """A new layer (or plain ``keras.ops`` operation) from ``layer``'s config."""
     try:
         cfg = layer.get_config()
         return layer.__class__.from_config(cfg)
@@ -335,6 +336,10 @@ class _Rewriter:
             if key not in self.models:
                 self.models[key] = self.rewrite(layer, scope + (layer.name,))
             return self.models[key]
+        if not isinstance(layer, keras.layers.Layer):
+            # a plain operation in a Functional graph (``x + 3``, ``keras.ops.relu(x)``, the
+            # ``not_equal`` of a mask): stateless; a fresh copy, so the source's op gains no node
+            return _clone_layer(layer)
         if self.fold_batchnorm and type(layer) is keras.layers.BatchNormalization:
             # same computation; at inference in a tf.function it folds into a preceding
             # weight-quantized convolution (see FoldingBatchNormalization)
