@@ -181,6 +181,16 @@ class QuantizeConfig:
                 raise TypeError(f"weight_bits must be an integer, got {weight_bits!r}")
         if not activations and not use_weights:
             raise ValueError("activations=False and no weights: nothing to quantize")
+        if storage_rounding != "nearest" and weight_storage is None:
+            raise ValueError(f"storage_rounding={storage_rounding!r} needs weight_storage= (the format weights are stored in)")
+        override_weights = isinstance(overrides, Mapping) and any(
+            isinstance(v, Mapping) and any(k.startswith("weight") for k in v) for v in overrides.values()
+        )
+        if weight_rounding != "nearest" and not use_weights and not override_weights:
+            raise ValueError(
+                f"weight_rounding={weight_rounding!r} has no weights to round: add weights=True "
+                "(or weight_bits= / weight_format=)"
+            )
         storage = None
         if weight_storage is not None:
             storage = parse_format(weight_storage)
@@ -376,6 +386,28 @@ class Plan:
     @property
     def activations(self) -> List[InsertionPoint]:
         return [p for p in self.points if p.what == "activations"]
+
+    @property
+    def learned(self) -> List[InsertionPoint]:
+        """Activation points whose format has no range yet (affine without ``range``): what calibration sets."""
+        return [p for p in self.activations if isinstance(p.format, Affine) and p.format.range is None]
+
+    def check_calibration(self, calibration_data: Any, calibration_method: str) -> None:
+        """Raise ``ValueError`` when the calibration keywords contradict each other or this plan."""
+        if calibration_method not in ("minmax", "percentile"):
+            raise ValueError(f"calibration_method must be 'minmax' or 'percentile', got {calibration_method!r}")
+        if calibration_data is None:
+            if calibration_method != "minmax":
+                raise ValueError(f"calibration_method={calibration_method!r} needs calibration_data= to calibrate from")
+            return
+        if self.activations and not self.learned:
+            raise ValueError(
+                "calibration_data= has nothing to calibrate: every activation rounding of this plan has a fixed "
+                f"range or needs none (e.g. {self.activations[0].format}); calibration sets learned affine ranges "
+                "(bits= without range=)"
+            )
+        if not self.activations and self.points:
+            raise ValueError("calibration_data= has nothing to calibrate: activations are not rounded (activations=False)")
 
     @property
     def weights(self) -> List[InsertionPoint]:

@@ -77,3 +77,7 @@ def test_bad_inputs():
     f, _ = _make()
     with pytest.raises(ValueError, match="rounding"):
         gg.quantize_function(f, bits=8, rounding="sideways")
+    with pytest.raises(ValueError, match="calibration_data= has nothing to calibrate"):
+        gg.quantize_function(f, bits=8, range=(0.0, 6.0), calibration_data=[X])
+    with pytest.raises(ValueError, match="calibration_method='percentile' needs calibration_data"):
+        gg.quantize_function(f, bits=8, calibration_method="percentile")

@@ -278,6 +278,22 @@ def test_bad_input():
         gk.quantize_model(m, bitz=8)
     with pytest.raises(ValueError, match="not built"):
         gk.quantize_model(keras.Sequential([keras.layers.Conv2D(2, 3)]))
+    # options that would silently do nothing
+    x = np.zeros((2, 8, 8, 3), "float32")
+    for kw in (dict(bits=4, range=(0.0, 6.0)), dict(format="e4m3"), dict(activations=False, weights=True)):
+        with pytest.raises(ValueError, match="calibration_data= has nothing to calibrate"):
+            gk.quantize_model(m, calibration_data=x, **kw)
+    with pytest.raises(ValueError, match="calibration_method='percentile' needs calibration_data"):
+        gk.quantize_model(m, bits=8, calibration_method="percentile")
+    with pytest.raises(ValueError, match="calibration_method"):
+        gk.quantize_model(m, bits=8, calibration_data=x, calibration_method="mean")
+    with pytest.raises(ValueError, match="storage_rounding='stochastic' needs weight_storage"):
+        gk.quantize_model(m, storage_rounding="stochastic")
+    with pytest.raises(ValueError, match="weight_rounding='stochastic' has no weights"):
+        gk.quantize_model(m, weight_rounding="stochastic")
+    # ...while a learned range anywhere is something to calibrate
+    q = gk.quantize_model(m, format="e4m3", overrides={"conv": {"bits": 8}}, calibration_data=x)
+    assert [l.learned for l in _quants(q)] == [True]
     dense_only = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     with pytest.warns(UserWarning, match="no convolution"):
         q = gk.quantize_model(dense_only, bits=8)

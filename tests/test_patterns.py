@@ -215,11 +215,20 @@ def test_nested_views_carry_scope():
         (dict(storage_rounding="up", weight_storage="fixed16[-128,128]"), ValueError, "storage_rounding"),
         (dict(weight_storage="affine8"), ValueError, "weight_storage"),
         (dict(activations=False), ValueError, "nothing to quantize"),
+        (dict(storage_rounding="stochastic"), ValueError, "storage_rounding.*weight_storage"),
+        (dict(weight_rounding="stochastic"), ValueError, "weight_rounding.*weights=True"),
+        (dict(weight_rounding="stochastic", weights=False), ValueError, "weight_rounding"),
     ],
 )
 def test_config_errors_name_the_argument(kwargs, exc, word):
     with pytest.raises(exc, match=word):
         QuantizeConfig.create(**kwargs)
+
+
+def test_weight_rounding_with_weights_only_in_overrides_is_not_a_contradiction():
+    c = QuantizeConfig.create(weight_rounding="stochastic", overrides={"conv1": {"weight_bits": 4}})
+    w = c.for_node(Node("conv1", kind="Conv2D", domain="graph"))
+    assert w.weights and w.weight_rounding == "stochastic"
 
 
 def test_config_defaults():

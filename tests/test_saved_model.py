@@ -181,6 +181,9 @@ def test_bad_inputs(module_sm, tmp_path):
     assert not (tmp_path / "o3").exists()
     with pytest.raises(ValueError, match="format"):
         gg.convert_saved_model(module_sm, tmp_path / "o4", format="e9m9")
+    with pytest.raises(ValueError, match="calibration_data= has nothing to calibrate"):
+        gg.convert_saved_model(module_sm, tmp_path / "o5", format="e4m3", calibration_data=np.zeros((1, 8, 8, 3), "float32"))
+    assert not (tmp_path / "o5").exists()
 
 
 def test_no_convolution_warns_and_copies(tmp_path, caplog):

@@ -14,7 +14,6 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 from tensorflow.core.framework import graph_pb2, node_def_pb2
 
-from ..formats import Affine
 from ..plan import Plan
 from .planning import scope_name
 
@@ -25,7 +24,7 @@ __all__ = ["PyFuncObservers", "RangeCollector", "insert_observers", "needs_calib
 
 def needs_calibration(plan: Plan) -> List[str]:
     """Paths of activation points whose format has no range (affine without range)."""
-    return [p.path for p in plan.activations if isinstance(p.format, Affine) and p.format.range is None]
+    return [p.path for p in plan.learned]
 
 
 class PyFuncObservers:

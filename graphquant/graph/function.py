@@ -166,6 +166,7 @@ def quantize_function(
     cf = _concrete(fn)
     gd = cf.graph.as_graph_def()
     plan, _ = plan_graph_def(gd, cfg, registry)
+    plan.check_calibration(calibration_data, calibration_method)
     if not plan.targets:
         log.warning("quantize_function: no convolution found; the function is returned unchanged")
     ranges = {}

@@ -405,6 +405,7 @@ def convert_saved_model(
         raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
     _check_destination(src_p, dst_p, overwrite)
     plan = _plan_saved_model(sm, cfg, registry, src_p)
+    plan.check_calibration(calibration_data, calibration_method)
     warnings: List[str] = []
     if not plan.targets:
         msg = f"{src_p}: no convolution found; the model is copied unchanged"

@@ -542,9 +542,8 @@ def quantize_model(
     if config is not None and kw:
         raise ValueError(f"give config= or keyword options, not both (got {sorted(kw)})")
     cfg = _config(config, kw)
-    if calibration_method not in ("minmax", "percentile"):
-        raise ValueError(f"calibration_method must be 'minmax' or 'percentile', got {calibration_method!r}")
     plan = make_plan(keras_view(model), cfg, registry)
+    plan.check_calibration(calibration_data, calibration_method)
     if not plan.points:
         msg = f"model {model.name!r} has no layer matching the quantization patterns (no convolution); returning a plain copy"
         warnings.warn(msg, UserWarning, stacklevel=2)
