@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import graphquant as gq
 import graphquant.keras as gk
 from graphquant.formats import Affine, FixedPoint
 from graphquant.keras import Quantize, QuantizeWeights
@@ -80,9 +81,11 @@ def test_calibration_data_kinds_and_methods():
     tap = np.asarray(_tap(net, "r1")(X))
     for lo, hi in r:
         assert lo == 0 and hi == pytest.approx(tap.max(), rel=1e-5)
-    out = gk.calibrate(q1, X, method="percentile", percentile=99.0) if hasattr(gk, "calibrate") else calibrate(q1, X, method="percentile", percentile=99.0)
+    out = gq.calibrate(q1, X, method="percentile", percentile=99.0)  # later, on the returned model
     assert out["r1_quant"][1] < tap.max()  # percentile clips the tail
     np.testing.assert_allclose(q1.get_layer("r1_quant").get_range()[1], out["r1_quant"][1])
+    out = gq.calibrate(q1, (b for b in (X[:7], X[7:])), method="minmax")  # and back, from a generator of batches
+    assert out["r1_quant"][0] == 0 and out["r1_quant"][1] == pytest.approx(tap.max(), rel=1e-5)
     with pytest.raises(ValueError, match="method"):
         calibrate(q1, X, method="kl")
     with pytest.raises(TypeError, match="calibration data"):
@@ -133,6 +136,63 @@ def test_weights_forward_uses_per_channel_rounded_kernels_and_ste():
     np.testing.assert_allclose(g, gref.gradient(yr, kv), rtol=1e-4, atol=1e-4)
     # bias stays float
     assert [s["slot"] for s in wl.slots] == ["kernel"]
+
+
+def _per_channel_rounded(k, axis, bits=8):
+    """Symmetric narrow-range rounding with one scale per slice along ``axis`` (numpy oracle)."""
+    red = tuple(i for i in range(k.ndim) if i != axis % k.ndim)
+    step = np.abs(k).max(axis=red, keepdims=True) / (2 ** (bits - 1) - 1)
+    return (np.round(k / step) * step).astype("float32")
+
+
+def test_depthwise_separable_and_dense_weights_round_per_output_channel():
+    """The kernels the forward pass uses, checked by value against a numpy oracle on the right axes;
+    biases are used as they are (float)."""
+    keras.utils.set_random_seed(5)
+    net = _net()
+    for layer in net.layers:  # biases off the 8-bit grid, so rounding them would show
+        if getattr(layer, "use_bias", False):
+            layer.bias.assign(np.random.RandomState(1).normal(size=layer.bias.shape).astype("float32") * 0.37)
+    q = gk.quantize_model(net, bits=8, weights=True, dense=True, range=(-8.0, 8.0))
+    x = np.random.RandomState(2).normal(size=(2, 12, 12, 8)).astype("float32")
+    dw = q.get_layer("dw").layer
+    k = _per_channel_rounded(dw.kernel.numpy(), -2)  # (3, 3, in, 1): one scale per channel
+    ref = tf.nn.depthwise_conv2d(x, k, [1, 1, 1, 1], "SAME") + dw.bias.numpy()
+    np.testing.assert_allclose(q.get_layer("dw")(x), ref, atol=1e-5)
+    sep = q.get_layer("sep").layer
+    kd = _per_channel_rounded(sep.depthwise_kernel.numpy(), -2)
+    kp = _per_channel_rounded(sep.pointwise_kernel.numpy(), -1)
+    ref = tf.nn.separable_conv2d(x, kd, kp, [1, 1, 1, 1], "SAME") + sep.bias.numpy()
+    np.testing.assert_allclose(q.get_layer("sep")(x), ref, atol=1e-5)
+    head = q.get_layer("head").layer
+    v = np.random.RandomState(3).normal(size=(4, 6)).astype("float32")
+    ref = v @ _per_channel_rounded(head.kernel.numpy(), -1) + head.bias.numpy()
+    np.testing.assert_allclose(q.get_layer("head")(v), ref, atol=1e-5)
+    assert not np.allclose(q.get_layer("head")(v), v @ head.kernel.numpy() + head.bias.numpy(), atol=1e-6)
+
+
+def test_stochastic_weight_rounding_only_while_training():
+    net = _net()
+    q = gk.quantize_model(net, bits=4, weights=True, weight_rounding="stochastic", seed=3, activations=False)
+    wl = q.get_layer("c1")
+    x = X[:2]
+    a, b = np.asarray(wl(x, training=False)), np.asarray(wl(x, training=False))
+    np.testing.assert_array_equal(a, b)
+    qn = gk.quantize_model(net, bits=4, weights=True, activations=False)
+    np.testing.assert_array_equal(a, np.asarray(qn.get_layer("c1")(x, training=False)))  # nearest at inference
+    t1, t2 = np.asarray(wl(x, training=True)), np.asarray(wl(x, training=True))
+    assert not np.array_equal(t1, t2) and not np.array_equal(t1, a)
+
+
+def test_overrides_by_class():
+    q = gk.quantize_model(_net(), bits=8, weights=True,
+                          overrides={keras.layers.DepthwiseConv2D: {"bits": 4, "weight_bits": 2, "rounding": "up"},
+                                     "class:SeparableConv2D": {"format": "e4m3"}})  # fmt: skip
+    by_layer = {l.name: l for l in q.layers}
+    assert by_layer["r1_quant"].format == Affine(8) and by_layer["r1_quant"].rounding == "nearest"
+    assert by_layer["dw_quant"].format == Affine(4) and by_layer["dw_quant"].rounding == "up"
+    assert by_layer["dw"].slots[0]["format"].bits == 2 and by_layer["c1"].slots[0]["format"].bits == 8
+    assert str(by_layer["sep_quant"].format) == "e4m3"
 
 
 def test_stochastic_only_while_training():

@@ -74,6 +74,31 @@ def test_one_rounding_per_convolution_at_the_group_end(mobilenet, mobilenet_q):
     assert dense_consumers == []
 
 
+def test_resnet50_groups_and_exact_copy():
+    """ResNet50: conv -> BN -> relu groups end at the activation; a block's last conv and its shortcut conv end
+    at their BN (an Add follows); with weights, every conv is weight-rounded; with a format that does not round
+    the copy computes exactly what the source does."""
+    keras.utils.set_random_seed(1)
+    m = keras.applications.ResNet50(input_shape=(32, 32, 3), weights=None, classes=10)
+    q = gk.quantize_model(m, bits=8, weights=True)
+    quants, convs = _quants(q), _convs(m)
+    assert len(convs) == 53 and len(quants) == 53
+    assert sum(isinstance(l, QuantizeWeights) for l in q.layers) == 53
+    ends = [_producer(l) for l in quants]
+    after_bn = [e for e in ends if isinstance(e, keras.layers.BatchNormalization)]
+    assert len(after_bn) == 16 + 4  # 16 blocks' last convs + 4 shortcut convs
+    for l in quants:
+        end = _producer(l)
+        if isinstance(end, keras.layers.BatchNormalization):
+            assert isinstance(l._outbound_nodes[0].operation, keras.layers.Add)
+        else:
+            assert isinstance(end, keras.layers.Activation) and end.activation is keras.activations.relu
+    x = np.random.RandomState(0).rand(2, 32, 32, 3).astype("float32")
+    exact = gk.quantize_model(m, format=FloatFormat(8, 23), weights=True)
+    np.testing.assert_array_equal(exact(x, training=False), m(x, training=False))
+    assert not np.array_equal(q(x, training=False), m(x, training=False))
+
+
 def test_plan_agrees_with_the_model(mobilenet, mobilenet_q):
     plan = gk.inspect(mobilenet, bits=8)
     assert [p.after for p in plan.activations] == [_producer(q).name for q in _quants(mobilenet_q)]

@@ -159,8 +159,9 @@ def test_mirrored_strategy_qat_keeps_ranges_consistent():
             q.compile(keras.optimizers.SGD(0.01), "mse")
         rs = np.random.RandomState(0)
         xs = rs.rand(64, 8, 8, 3).astype("float32"); ys = rs.rand(64, 2).astype("float32")
-        # replicas see different halves: the second half is scaled so local ranges differ
-        xs[1::2] *= 3.0
+        # each global batch of 16 is split in two contiguous halves, one per replica: scaling the
+        # second half of every batch gives the two replicas different local ranges
+        xs.reshape(4, 16, 8, 8, 3)[:, 8:] *= 3.0
         h = q.fit(xs, ys, batch_size=16, epochs=2, verbose=0, shuffle=False)
         ql = [l for l in q.layers if type(l).__name__ == "Quantize"][0]
         per_replica = [np.asarray(v).tolist() for v in ql.range.value.values]  # [min, max, initialised] each
