@@ -543,3 +543,30 @@ def _symmetric_fake_quant_tf(w: tf.Tensor, fmt: Affine, axis: Optional[int], ran
         fwd, _ = _tf_fake_quant_fns(fmt, axis)
         return tf.reshape(fwd(tf.reshape(w, shape[: axis + 1]), -m, m), shape)
     return _fake_quant_tf(w, -m, m, fmt, axis, None, "nearest", None)
+
+
+def per_output_channel(w: Any, fmt: Format, round_fn: Any, depthwise: bool) -> Any:
+    """``round_fn(w)``, with a depthwise kernel's output channels made one axis first.
+
+    A depthwise kernel ``(..., in_channels, multiplier)`` has ``in_channels *
+    multiplier`` output channels (output ``c * multiplier + m`` comes from
+    ``kernel[..., c, m]``). A per-channel format on its channel axis (-2) would
+    give the ``multiplier`` outputs of one input channel a single scale; this
+    rounds the kernel seen as ``(..., in_channels * multiplier, 1)`` instead,
+    one scale per output channel, and returns the original shape. With a
+    multiplier of 1, a format that is not per-channel on axis -2, or
+    ``depthwise=False``, it is just ``round_fn(w)``.
+    """
+    shape = getattr(w, "shape", None)
+    rank = None if shape is None else shape.rank if isinstance(shape, tf.TensorShape) else len(shape)
+    if (
+        not depthwise or rank is None or rank < 3 or shape[-1] == 1
+        or not (isinstance(fmt, Affine) and fmt.axis is not None and fmt.axis % rank == rank - 2)
+    ):  # fmt: skip
+        return round_fn(w)
+    if tf.TensorShape(shape[-2:]).is_fully_defined():
+        merged = tf.reshape(w, list(shape[:-2]) + [int(shape[-2]) * int(shape[-1]), 1])
+        return tf.reshape(round_fn(merged), list(shape))
+    dyn = tf.shape(w)  # a filter read in a traced graph may have no static shape: same, at run time
+    merged = tf.reshape(w, tf.concat([dyn[:-2], [-1, 1]], 0))
+    return tf.reshape(round_fn(merged), dyn)

@@ -81,3 +81,56 @@ def test_bad_inputs():
         gg.quantize_function(f, bits=8, range=(0.0, 6.0), calibration_data=[X])
     with pytest.raises(ValueError, match="calibration_method='percentile' needs calibration_data"):
         gg.quantize_function(f, bits=8, calibration_method="percentile")
+
+
+def _per_output_channel_rounded(k, bits=8):
+    """Oracle for a depthwise filter (kh, kw, in, multiplier): symmetric narrow-range rounding with one scale
+    per output channel (in, multiplier)."""
+    step = np.abs(k).max(axis=(0, 1), keepdims=True) / (2 ** (bits - 1) - 1)
+    return (np.round(k / step) * step).astype("float32")
+
+
+def test_depthwise_multiplier_rounds_per_output_channel():
+    """DepthwiseConv2dNative with channel multiplier 2: a variable filter (rounded at run time) and a constant
+    one (pre-rounded once) both get one weight scale per output channel."""
+    rng = np.random.RandomState(7)
+    kv = rng.normal(size=(3, 3, 2, 2)).astype("float32")
+    kv[..., 1] *= 0.01  # multiplier 1 is 100x smaller: with a scale shared per input channel it would round to ~0
+    kc = rng.normal(size=(3, 3, 4, 2)).astype("float32")
+    kc[..., 0] *= 0.01
+    wv = tf.Variable(kv)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 2], tf.float32)])
+    def f(x):
+        y = tf.nn.depthwise_conv2d(x, wv, [1, 1, 1, 1], "SAME")
+        return {"z": tf.nn.depthwise_conv2d(y, tf.constant(kc), [1, 1, 1, 1], "SAME")}
+
+    qf = gg.quantize_function(f, bits=8, weights=True, activations=False)
+    assert len(qf.plan.weights) == 2
+    y = tf.nn.depthwise_conv2d(X, _per_output_channel_rounded(kv), [1, 1, 1, 1], "SAME")
+    want = tf.nn.depthwise_conv2d(y, _per_output_channel_rounded(kc), [1, 1, 1, 1], "SAME").numpy()
+    np.testing.assert_allclose(qf(X)["z"].numpy(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_depthwise_multiplier_in_a_saved_model_checkpoint(tmp_path):
+    """convert_saved_model rounds variable filters in the checkpoint: per output channel there too."""
+    rng = np.random.RandomState(8)
+    k = rng.normal(size=(3, 3, 2, 2)).astype("float32")
+    k[..., 0] *= 0.01
+
+    class M(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = tf.Variable(k)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 2], tf.float32, name="x")])
+        def serve(self, x):
+            return {"z": tf.nn.depthwise_conv2d(x, self.w, [1, 1, 1, 1], "SAME")}
+
+    m = M()
+    tf.saved_model.save(m, str(tmp_path / "src"), signatures=m.serve)
+    rep = gg.convert_saved_model(tmp_path / "src", tmp_path / "dst", bits=8, weights=True, activations=False)
+    assert rep.prerounded == 1
+    got = tf.saved_model.load(str(tmp_path / "dst")).signatures["serving_default"](x=tf.constant(X))["z"].numpy()
+    want = tf.nn.depthwise_conv2d(X, _per_output_channel_rounded(k), [1, 1, 1, 1], "SAME").numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -171,6 +171,31 @@ def test_depthwise_separable_and_dense_weights_round_per_output_channel():
     assert not np.allclose(q.get_layer("head")(v), v @ head.kernel.numpy() + head.bias.numpy(), atol=1e-6)
 
 
+def test_depthwise_multiplier_rounds_per_output_channel():
+    """depth_multiplier=2: output channel c*2+m comes from kernel[..., c, m] and gets its own weight scale."""
+    keras.utils.set_random_seed(6)
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same", use_bias=False, name="dw")(inp)
+    x = keras.layers.SeparableConv2D(4, 3, depth_multiplier=2, padding="same", use_bias=False, name="sep")(x)
+    m = keras.Model(inp, x)
+    dw, sep = m.get_layer("dw"), m.get_layer("sep")
+    for var in (dw.kernel, sep.depthwise_kernel):  # multiplier 1 is 100x smaller than multiplier 0
+        k = var.numpy()
+        k[..., 1] *= 0.01
+        var.assign(k)
+    q = gk.quantize_model(m, bits=8, weights=True, activations=False)
+
+    def rounded(k):  # per output channel = per (input channel, multiplier)
+        return _per_channel_rounded(k.reshape(k.shape[:-2] + (-1, 1)), -2).reshape(k.shape)
+
+    xs = np.random.RandomState(2).normal(size=(2, 8, 8, 3)).astype("float32")
+    y = tf.nn.depthwise_conv2d(xs, rounded(dw.kernel.numpy()), [1, 1, 1, 1], "SAME")
+    want = tf.nn.separable_conv2d(y, rounded(sep.depthwise_kernel.numpy()),
+                                  _per_channel_rounded(sep.pointwise_kernel.numpy(), -1), [1, 1, 1, 1], "SAME")  # fmt: skip
+    np.testing.assert_allclose(q(xs, training=False), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(q.predict(xs, verbose=0), want, rtol=1e-5, atol=1e-5)  # traced
+
+
 def test_stochastic_weight_rounding_only_while_training():
     net = _net()
     q = gk.quantize_model(net, bits=4, weights=True, weight_rounding="stochastic", seed=3, activations=False)

@@ -140,6 +140,35 @@ def test_weight_storage_stochastic_trains_nearest_stalls():
     assert ls < 0.3 * s0  # stochastic rounding keeps them in expectation
 
 
+def test_weight_storage_survives_a_keras_file(tmp_path):
+    """The storage rounding is each layer's constraint argument too, so a reloaded model keeps rounding its
+    weights onto the storage grid after every update."""
+    keras.utils.set_random_seed(9)
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same")(inp)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", activation="relu")(x)
+    x = keras.layers.SeparableConv2D(4, 3, padding="same")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    m = keras.Model(inp, keras.layers.Dense(2)(x))
+    fmt = FixedPoint(16, (-128.0, 128.0))
+    q = gk.quantize_model(m, bits=8, weights=True, weight_storage=fmt, storage_rounding="stochastic", seed=1)
+    q.save(tmp_path / "s.keras")
+    r = keras.models.load_model(tmp_path / "s.keras")
+    assert len(r.trainable_variables) == len(q.trainable_variables) == 11  # conv 2, BN 2, depthwise 2, separable 3, dense 2
+    assert all(type(v.constraint).__name__ == "StorageRounding" for v in r.trainable_variables)
+    assert {v.constraint.rounding for v in r.trainable_variables} == {"stochastic"}
+    xs = np.random.RandomState(0).rand(8, 8, 8, 3).astype("float32")
+    np.testing.assert_array_equal(r.predict(xs, verbose=0), q.predict(xs, verbose=0))
+    r.compile(keras.optimizers.SGD(0.1), "mse")
+    before = [v.numpy().copy() for v in r.trainable_variables]
+    r.fit(xs, np.ones((8, 2), "float32"), epochs=2, verbose=0)
+    for v, b in zip(r.trainable_variables, before):
+        w = v.numpy()
+        np.testing.assert_array_equal(w / fmt.step, np.round(w / fmt.step))  # still on the storage grid
+    assert any(not np.array_equal(v.numpy(), b) for v, b in zip(r.trainable_variables, before))  # and trained
+
+
 def test_mirrored_strategy_qat_keeps_ranges_consistent():
     got = _run("""
         import json, numpy as np, tensorflow as tf

@@ -232,27 +232,43 @@ def _weight_source(editor, scope: str, target: str, slot: str) -> Tuple[str, int
     return src, idx, (sc.by_name[src].op if src in sc.by_name else "_Arg")
 
 
-def round_weight_array(value, fmt, rounding: str, seed: Optional[int] = None):
-    """Round a weight array once, eagerly (frozen constants, checkpoints)."""
-    import numpy as np
+#: graph ops whose filter is a depthwise kernel (..., in_channels, multiplier)
+DEPTHWISE_OPS = frozenset({"DepthwiseConv2dNative", "_FusedDepthwiseConv2dNative"})
+
+
+def round_weight(w, fmt, rounding: str, seed: Any = None, depthwise: bool = False):
+    """Round a weight tensor on its own range: the one rule for constants, checkpoints and runtime reads.
+
+    An :class:`Affine` format without a range takes each channel's (or the
+    tensor's) min/max widened to contain 0; ``depthwise`` kernels get one
+    scale per output channel (:func:`graphquant.ops.per_output_channel`).
+    """
     import tensorflow as tf
 
     from ..formats import Affine
-    from ..ops import quantize
+    from ..ops import per_output_channel, quantize
 
-    w = tf.convert_to_tensor(value)
-    kw: Dict[str, Any] = {}
-    if rounding == "stochastic":
-        kw["seed"] = 0 if seed is None else int(seed)
-    if isinstance(fmt, Affine) and fmt.range is None:
-        rank = len(w.shape)
-        axis = None if fmt.axis is None else fmt.axis % rank
-        reduce = [i for i in range(rank) if i != axis]
-        lo = tf.minimum(tf.reduce_min(w, axis=reduce), 0.0)
-        hi = tf.maximum(tf.reduce_max(w, axis=reduce), 0.0)
-        hi = tf.maximum(hi, lo + 1e-12)
-        kw["range"] = (lo, hi)
-    return np.asarray(quantize(w, fmt, rounding, **kw))
+    def one(t):
+        kw: Dict[str, Any] = {}
+        if isinstance(fmt, Affine) and fmt.range is None:
+            rank = len(t.shape)
+            axis = None if fmt.axis is None else fmt.axis % rank
+            reduce = [i for i in range(rank) if i != axis]
+            lo = tf.minimum(tf.reduce_min(t, axis=reduce), 0.0)
+            hi = tf.maximum(tf.reduce_max(t, axis=reduce), 0.0)
+            kw["range"] = (lo, tf.maximum(hi, lo + 1e-12))
+        return quantize(t, fmt, rounding, seed=seed, **kw)
+
+    return per_output_channel(w, fmt, one, depthwise)
+
+
+def round_weight_array(value, fmt, rounding: str, seed: Optional[int] = None, depthwise: bool = False):
+    """:func:`round_weight` once, eagerly, on an array (frozen constants, checkpoints)."""
+    import numpy as np
+    import tensorflow as tf
+
+    op_seed = (0 if seed is None else int(seed)) if rounding == "stochastic" else None
+    return np.asarray(round_weight(tf.convert_to_tensor(value), fmt, rounding, op_seed, depthwise))
 
 
 def apply_plan(
@@ -286,14 +302,15 @@ def apply_plan(
         if p.what == "weights":
             src, idx, op = _weight_source(ed, scope, p.target, p.slot or "input:1")
             if op == "Const":
-                ed.replace_const(scope, src, lambda v, p=p: round_weight_array(v, p.format, p.rounding, seed))
+                ed.replace_const(scope, src, lambda v, p=p: round_weight_array(
+                    v, p.format, p.rounding, seed, depthwise=p.target_kind in DEPTHWISE_OPS))
                 out["prerounded"].append(src)
                 continue
             if variable_weights == "skip" and op == "ReadVariableOp":
                 out["variable_weights"].append((scope, src, p))
                 continue
             ins = Insertion(scope, src, p.format, p.rounding, target="weights", consumer=p.target, input_index=idx,
-                            label=p.target.rsplit("/", 1)[-1])
+                            label=p.target.rsplit("/", 1)[-1], depthwise=p.target_kind in DEPTHWISE_OPS)
             out["inserted"].append(ed.insert(ins))
         else:
             rng = ranges.get(p.path)

@@ -26,6 +26,7 @@ import tensorflow as tf
 from tensorflow.core.framework import function_pb2, graph_pb2, node_def_pb2, types_pb2
 
 from ..formats import Affine, Format
+from .planning import round_weight
 from .view import CALL_OPS, output_arg_names
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class Insertion:
         consumer: for weights, the local name of the one consumer to rewire
             and ``input_index`` its input.
         label: a readable label (the plan's group), used in the node name.
+        depthwise: for weights, the tensor is a depthwise filter (one scale per
+            output channel = input channel x multiplier).
     """
 
     scope: str
@@ -63,6 +66,7 @@ class Insertion:
     input_index: Optional[int] = None
     label: str = ""
     inserted: Optional[str] = None
+    depthwise: bool = False
 
 
 def _dtype_name(enum: int) -> str:
@@ -243,17 +247,10 @@ class GraphEditor:
             return tf.random.uniform([2], minval=0, maxval=2**31 - 1, dtype=tf.int32, seed=seed)
 
         if ins.target == "weights":
-            axis = fmt.axis if isinstance(fmt, Affine) else None
-            if isinstance(fmt, Affine) and fmt.range is None:
-                def build(w):
-                    reduce = [i for i in range(w.shape.rank) if axis is None or i != axis % w.shape.rank]
-                    lo = tf.reduce_min(w, axis=reduce)
-                    hi = tf.reduce_max(w, axis=reduce)
-                    return quantize(w, fmt, rounding, range=(tf.minimum(lo, 0.0), tf.maximum(hi, 0.0)), seed=seed_for())
-            else:
-                def build(w):
-                    return quantize(w, fmt, rounding, seed=seed_for())
-            key = ("w", str(fmt), rounding, dtype, tuple(shape or ()))
+            def build(w):
+                return round_weight(w, fmt, rounding, seed_for(), depthwise=ins.depthwise)
+
+            key = ("w", str(fmt), rounding, dtype, tuple(shape or ()), ins.depthwise)
             name, st = self._trace_kernel(key, build, [tf.TensorSpec(shape, tf_dtype)])
             return name, st, []
         if isinstance(fmt, Affine) and fmt.range is None and ins.range is not None:

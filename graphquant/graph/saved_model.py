@@ -25,7 +25,7 @@ from ..plan import Plan, QuantizeConfig
 from ..ranges import iter_batches
 from .calibrate import RangeCollector, insert_observers, needs_calibration
 from .function import config_from_kwargs
-from .planning import apply_plan, plan_graph_def, round_weight_array
+from .planning import DEPTHWISE_OPS, apply_plan, plan_graph_def, round_weight_array
 
 log = logging.getLogger(__name__)
 
@@ -328,7 +328,8 @@ def _round_checkpoint(src: Path, work: Path, todo: Dict[str, Any], seed: Optiona
         val = reader.get_tensor(key)
         if key in todo:
             point = todo[key]
-            val = round_weight_array(val, point.format, point.rounding, seed).astype(val.dtype)
+            val = round_weight_array(val, point.format, point.rounding, seed,
+                                     depthwise=point.target_kind in DEPTHWISE_OPS).astype(val.dtype)
             done += 1
         names.append(key)
         tensors.append(tf.constant(val, dtype=dtypes[key]) if not isinstance(val, (bytes, str)) else tf.constant(val))

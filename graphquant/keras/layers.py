@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..formats import Affine, Format, check_rounding, format_from_dict, parse_format
-from ..ops import fake_quant, quantize, symmetric_fake_quant
+from ..ops import fake_quant, per_output_channel, quantize, symmetric_fake_quant
 from ..rounding import FUSED_ACTIVATIONS, min_max_fn, xla_enabled
 
 __all__ = ["Quantize", "QuantizeWeights", "StorageRounding", "FoldingBatchNormalization", "quantize_weight"]
@@ -384,6 +384,12 @@ class QuantizeWeights(keras.layers.Wrapper):
                 raise ValueError(f"{self.name}: layer {self.layer.name!r} has no weight named {s['slot']!r}")
         self.built = True
 
+    def _is_depthwise(self, slot: str) -> bool:
+        """Whether ``slot`` is a depthwise kernel (output channels = input channel x multiplier)."""
+        if slot == "depthwise_kernel":
+            return isinstance(self.layer, (keras.layers.SeparableConv1D, keras.layers.SeparableConv2D))
+        return slot == "kernel" and isinstance(self.layer, (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D))
+
     def _variable(self, slot: str):
         for v in self.layer.weights:
             if v.name == slot:
@@ -397,7 +403,10 @@ class QuantizeWeights(keras.layers.Wrapper):
             var = self._variable(s["slot"])
             rnd = s["rounding"] if train else s["inference_rounding"]
             seed = self.seed_generator.next() if rnd == "stochastic" else None
-            mapping.append((var, quantize_weight(var.value, s["format"], rnd, seed)))
+            fmt = s["format"]
+            q = per_output_channel(var.value, fmt, lambda w, f=fmt, r=rnd, sd=seed: quantize_weight(w, f, r, sd),
+                                   depthwise=self._is_depthwise(s["slot"]))  # fmt: skip
+            mapping.append((var, q))
         with keras.StatelessScope(state_mapping=mapping):
             y = self.layer.call(inputs, **kwargs)
         if not train and not kwargs and not tf.executing_eagerly():

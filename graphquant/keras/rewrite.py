@@ -576,12 +576,36 @@ def apply_weight_storage(model: keras.Model, format: Any, rounding: str = "neare
     (composed with any existing constraint); Keras optimizers apply it after
     each update. Returns the number of variables.
     """
+    owners = _constraint_owners(model)
     n = 0
     for i, v in enumerate(model.trainable_variables):
         if not str(v.dtype).startswith(("float", "bfloat")):
             continue
         c = StorageRounding(format, rounding, inner=v.constraint, seed=None if seed is None else seed + i)
         v.constraint = c
+        owner = owners.get(id(v))
+        if owner is not None:  # the layer's constraint argument too, so get_config (and .keras files) keep it
+            setattr(owner[0], owner[1], c)
         v.assign(c(v.value))
         n += 1
     return n
+
+
+def _constraint_owners(model: keras.Model) -> Dict[int, Tuple[Any, str]]:
+    """``id(variable) -> (layer, attribute)`` for weights whose layer takes their constraint as an argument
+    (``kernel_constraint``, ``depthwise_constraint``, ``bias_constraint``, ``gamma_constraint``, ...): the
+    attribute that holds, right now, the very constraint object the variable has."""
+    out: Dict[int, Tuple[Any, str]] = {}
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        for name in ("kernel", "bias", "depthwise_kernel", "pointwise_kernel", "gamma", "beta", "embeddings"):
+            try:
+                v = getattr(layer, name, None)
+            except Exception:  # a property that needs something the layer does not have
+                continue
+            if not isinstance(v, keras.Variable) or id(v) in out:
+                continue
+            for attr in (f"{name}_constraint", f"{name.replace('_kernel', '')}_constraint", "depthwise_constraint"):
+                if attr in vars(layer) and getattr(layer, attr) is v.constraint:
+                    out[id(v)] = (layer, attr)
+                    break
+    return out
