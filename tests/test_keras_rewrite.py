@@ -326,6 +326,33 @@ def test_bad_input():
     np.testing.assert_array_equal(q.layers[0].get_weights()[0], dense_only.layers[0].get_weights()[0])
 
 
+@keras.saving.register_keras_serializable(package="tests")
+class SubclassedBlock(keras.Model):
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.c = keras.layers.Conv2D(2, 3, padding="same")
+
+    def call(self, x):
+        return self.c(x)
+
+
+def test_subclassed_model_inside_a_functional_one_is_named_not_silently_skipped(caplog):
+    keras.utils.set_random_seed(5)
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(3, 3, padding="same", name="outer")(inp)
+    m = keras.Model(inp, SubclassedBlock(name="sub")(x))
+    plan = gk.inspect(m, bits=8)
+    assert [p.target for p in plan.activations] == ["outer"]
+    assert any(n.startswith("sub is a subclassed model (SubclassedBlock)") for n in plan.notes)
+    with caplog.at_level("WARNING", logger="graphquant"):
+        q = gk.quantize_model(m, bits=8)
+    assert "nothing inside it is quantized" in caplog.text
+    assert [type(l).__name__ for l in q.layers] == ["InputLayer", "Conv2D", "Quantize", "SubclassedBlock"]
+    sub = q.layers[-1]  # a copy (its name is whatever its own get_config gives back), with the weights
+    assert sub is not m.get_layer("sub")
+    np.testing.assert_array_equal(sub.c.kernel.numpy(), m.get_layer("sub").c.kernel.numpy())
+
+
 def test_signature_cache_is_scoped_and_exact():
     """quantize_model reuses Keras' per-layer signature computations only while it runs."""
     import inspect

@@ -56,8 +56,33 @@ def plan_model(
 ) -> Plan:
     """The :class:`Plan` for ``model`` (nothing is changed)."""
     check_model(model)
-    cfg = _config(config, kwargs)
-    return make_plan(keras_view(model), cfg, registry)
+    return _make_keras_plan(model, _config(config, kwargs), registry)
+
+
+def _make_keras_plan(model: keras.Model, cfg: QuantizeConfig, registry: Optional[Registry]) -> Plan:
+    plan = make_plan(keras_view(model), cfg, registry)
+    for path, sub in _subclassed_inside(model):
+        msg = (f"{path} is a subclassed model ({type(sub).__name__}): it is copied as it is and nothing inside "
+               "it is quantized (build it as a Functional model to have it rewritten)")
+        plan.notes.append(msg)
+        log.warning(msg)
+    return plan
+
+
+def _subclassed_inside(model: keras.Model, prefix: str = "") -> List[Tuple[str, keras.Model]]:
+    """``(path, model)`` of every subclassed model called inside a Functional/Sequential ``model``, any depth."""
+    out: List[Tuple[str, keras.Model]] = []
+    seen: set = set()
+    for _, layer, _ in iter_calls(model):
+        if not isinstance(layer, keras.Model) or id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        path = prefix + layer.name
+        if is_graph_model(layer):
+            out += _subclassed_inside(layer, path + "/")
+        else:
+            out.append((path, layer))
+    return out
 
 
 def inspect(
@@ -542,7 +567,7 @@ def quantize_model(
     if config is not None and kw:
         raise ValueError(f"give config= or keyword options, not both (got {sorted(kw)})")
     cfg = _config(config, kw)
-    plan = make_plan(keras_view(model), cfg, registry)
+    plan = _make_keras_plan(model, cfg, registry)
     plan.check_calibration(calibration_data, calibration_method)
     if not plan.points:
         msg = f"model {model.name!r} has no layer matching the quantization patterns (no convolution); returning a plain copy"
