@@ -187,7 +187,7 @@ def _formats(q) -> Tuple[str, str]:
 def run_qat(quick: bool, echo=print) -> Dict[str, Any]:
     import keras
 
-    from graphquant.keras import quantize_model
+    from graphquant.keras import inspect, quantize_model
 
     x_tr, x_te, y_tr, y_te = load_data()
     epochs = 12 if quick else 30
@@ -208,7 +208,8 @@ def run_qat(quick: bool, echo=print) -> Dict[str, Any]:
         t = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            q = quantize_model(model, weights=True, calibration_data=x_cal, seed=SEED, **kw)
+            learned = inspect(model, weights=True, **kw).learned  # fixed-point rows have nothing to calibrate
+            q = quantize_model(model, weights=True, calibration_data=x_cal if learned else None, seed=SEED, **kw)
         before = accuracy(q, x_te, y_te)
         # the same schedule for every row: Adam, learning rate decayed from FT_LR to 0 (cosine)
         _compile(q, keras.optimizers.Adam(keras.optimizers.schedules.CosineDecay(FT_LR, ft_steps)))
@@ -380,8 +381,8 @@ times are only comparable within one run). Fixed split (stratified 75/25,
 
 Float CNN: three conv -> BN -> ReLU blocks (16, 32, 32 channels, max-pool after
 the second), global average pooling, dense logits; Adam, {qat['epochs']} epochs.
-Each quantized copy is `quantize_model(float_model, weights=True,
-calibration_data=<256 training images>, seed={SEED}, ...)` (activations rounded
+Each quantized copy is `quantize_model(float_model, weights=True, seed={SEED},
+...)`, with `calibration_data=<256 training images>` where ranges are learned (activations rounded
 after each block, convolution weights rounded in the forward pass), then
 fine-tuned for {qat['ft_epochs']} epochs with Adam, learning rate {FT_LR:g} cosine-decayed to 0
 (the same schedule for every row). Affine: ranges calibrated (min/max),
