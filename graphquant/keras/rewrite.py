@@ -622,15 +622,28 @@ def _constraint_owners(model: keras.Model) -> Dict[int, Tuple[Any, str]]:
     attribute that holds, right now, the very constraint object the variable has."""
     out: Dict[int, Tuple[Any, str]] = {}
     for layer in model._flatten_layers(include_self=False, recursive=True):
-        for name in ("kernel", "bias", "depthwise_kernel", "pointwise_kernel", "gamma", "beta", "embeddings"):
+        for name, attrs in _CONSTRAINT_ARGS.items():
             try:
                 v = getattr(layer, name, None)
             except Exception:  # a property that needs something the layer does not have
                 continue
             if not isinstance(v, keras.Variable) or id(v) in out:
                 continue
-            for attr in (f"{name}_constraint", f"{name.replace('_kernel', '')}_constraint", "depthwise_constraint"):
+            for attr in attrs:
                 if attr in vars(layer) and getattr(layer, attr) is v.constraint:
                     out[id(v)] = (layer, attr)
                     break
     return out
+
+
+#: weight attribute -> the constructor arguments of Keras' layers that hold its constraint
+#: (DepthwiseConv*D keeps its kernel's in ``depthwise_constraint``)
+_CONSTRAINT_ARGS = {
+    "kernel": ("kernel_constraint", "depthwise_constraint"),
+    "depthwise_kernel": ("depthwise_constraint",),
+    "pointwise_kernel": ("pointwise_constraint",),
+    "bias": ("bias_constraint",),
+    "gamma": ("gamma_constraint",),
+    "beta": ("beta_constraint",),
+    "embeddings": ("embeddings_constraint",),
+}
