@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import keras
 
-from ..patterns import Registry
+from ..patterns import Registry, View
 from ..plan import InsertionPoint, Plan, QuantizeConfig, make_plan
 from .layers import FoldingBatchNormalization, Quantize, QuantizeWeights, StorageRounding
 from .view import _is_sequential, check_model, is_graph_model, iter_calls, keras_view
@@ -60,8 +60,9 @@ def plan_model(
 
 
 def _make_keras_plan(model: keras.Model, cfg: QuantizeConfig, registry: Optional[Registry]) -> Plan:
-    plan = make_plan(keras_view(model), cfg, registry)
-    for path, sub in _subclassed_inside(model):
+    view = keras_view(model)
+    plan = make_plan(view, cfg, registry)
+    for path, sub in _subclassed_inside(view):
         msg = (f"{path} is a subclassed model ({type(sub).__name__}): it is copied as it is and nothing inside "
                "it is quantized (build it as a Functional model to have it rewritten)")
         plan.notes.append(msg)
@@ -69,19 +70,17 @@ def _make_keras_plan(model: keras.Model, cfg: QuantizeConfig, registry: Optional
     return plan
 
 
-def _subclassed_inside(model: keras.Model, prefix: str = "") -> List[Tuple[str, keras.Model]]:
-    """``(path, model)`` of every subclassed model called inside a Functional/Sequential ``model``, any depth."""
+def _subclassed_inside(view: View, prefix: str = "") -> List[Tuple[str, keras.Model]]:
+    """``(path, model)`` of every subclassed model called in a model's view (nested views included)."""
     out: List[Tuple[str, keras.Model]] = []
     seen: set = set()
-    for _, layer, _ in iter_calls(model):
-        if not isinstance(layer, keras.Model) or id(layer) in seen:
-            continue
-        seen.add(id(layer))
-        path = prefix + layer.name
-        if is_graph_model(layer):
-            out += _subclassed_inside(layer, path + "/")
-        else:
-            out.append((path, layer))
+    for node in view.nodes.values():
+        obj = node.obj
+        if isinstance(obj, keras.Model) and not is_graph_model(obj) and id(obj) not in seen:
+            seen.add(id(obj))
+            out.append((prefix + obj.name, obj))
+    for name, child in view.children.items():
+        out += _subclassed_inside(child, f"{prefix}{name}/")
     return out
 
 
