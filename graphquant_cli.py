@@ -18,7 +18,7 @@ import contextlib
 import os
 import sys
 import tempfile
-from typing import Any, Dict, Iterator
+from typing import Any, Dict, Iterator, Optional
 
 
 @contextlib.contextmanager
@@ -56,7 +56,7 @@ def main() -> int:
     return cli_main()
 
 
-def batch_worker(src: str, dst: str, options: Dict[str, Any], conn: Any) -> None:
+def batch_worker(src: str, dst: str, options: Dict[str, Any], conn: Any, parent: Optional[int] = None) -> None:
     """Body of one ``convert_batch`` worker process: TensorFlow starts up quietly
     (its devices included), then the model is converted as usual; what the
     conversion itself writes to stderr still shows."""
@@ -66,7 +66,7 @@ def batch_worker(src: str, dst: str, options: Dict[str, Any], conn: Any) -> None
         from graphquant.batch import _worker
 
         tf.config.list_physical_devices()  # device probing logs too (e.g. no CUDA driver)
-    _worker(src, dst, options, conn)
+    _worker(src, dst, options, conn, parent)
 
 
 if __name__ == "__main__":

@@ -13,15 +13,18 @@ cluster engine can map it over models instead (see the README: Dask, Ray).
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import multiprocessing as mp
 import os
-import tempfile
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+
+from . import outputs
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +66,59 @@ def convert_one(src: str, dst: str, options: Dict[str, Any]) -> Dict[str, Any]:
         return {"status": "failed", "error": f"{type(e).__name__}: {msg}", "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def _worker(src: str, dst: str, options: Dict[str, Any], conn) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Make this worker end when the batch process that started it ends (even by kill -9)."""
+    try:  # Linux: the kernel sends SIGKILL when the parent dies
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # pragma: no cover - elsewhere the watchdog below does it
+        pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent:
+                os._exit(1)
+            time.sleep(0.2)
+
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="graphquant-parent-watch").start()
+
+
+def _worker(src: str, dst: str, options: Dict[str, Any], conn, parent: Optional[int] = None) -> None:
+    if parent is not None:
+        _die_with_parent(parent)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.ERROR)
-    conn.send(convert_one(src, dst, options))
-    conn.close()
+    record = convert_one(src, dst, options)
+    try:
+        conn.send(record)
+        conn.close()
+    except (BrokenPipeError, EOFError, OSError):  # the batch is gone: nobody to tell
+        os._exit(1)
+
+
+class Terminated(KeyboardInterrupt):
+    """The batch process received SIGTERM: handled like Ctrl-C (report written), exit code 143."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` (main thread only; restored after)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
@@ -98,13 +149,57 @@ class BatchReport:
         }
 
     def write(self, path: PathLike) -> None:
-        """Write the JSON report atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-        os.replace(tmp, path)
+        """Write the JSON report atomically (nothing is left behind if that fails)."""
+        outputs.write_json_atomic(path, self.to_dict())
+
+
+def _plan_outputs(
+    pairs: List[Tuple[str, Path, Path]], record: Dict[str, Any], overwrite: bool, result: "BatchReport"
+) -> List[Tuple[str, str, str, str]]:
+    """Decide, before any work, what each (key, source, output) needs; return (key, src, dst, reason) to convert.
+
+    Finished outputs whose manifest matches this run (options, source
+    fingerprint, files) are recorded as skipped with their counts. Raises
+    ``FileExistsError`` naming the outputs that may not be replaced (not
+    written by graphquant, files added, or made with other options and no
+    ``overwrite``), so nothing starts when one would be refused.
+    """
+    todo: List[Tuple[str, str, str, str]] = []
+    refused: List[str] = []
+    other_options: List[str] = []
+    for key, src, out in pairs:
+        try:
+            manifest = outputs.check_replaceable(out, overwrite=True)
+        except FileExistsError as e:
+            refused.append(str(e))
+            continue
+        if manifest is None:
+            todo.append((key, str(src), str(out), "new"))
+        elif overwrite:
+            todo.append((key, str(src), str(out), "overwrite"))
+        elif manifest.get("options") != record:
+            other_options.append(key)
+        elif manifest.get("source_fingerprint") != outputs.fingerprint_tree(src):
+            todo.append((key, str(src), str(out), "source changed"))
+        elif not outputs.output_intact(out, manifest):
+            todo.append((key, str(src), str(out), "output incomplete"))
+        else:
+            rec = {"status": "skipped", "error": None, "seconds": 0.0}
+            rec.update({k: v for k, v in (manifest.get("result") or {}).items() if k in _COUNTS})
+            result.models[key] = rec
+    if refused:
+        more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+        raise FileExistsError(refused[0] + more)
+    if other_options:
+        names = ", ".join(other_options[:5]) + (f" and {len(other_options) - 5} more" if len(other_options) > 5 else "")
+        raise FileExistsError(
+            f"{len(other_options)} output(s) were made with other options ({names}); "
+            "pass --overwrite / overwrite=True to reconvert them, or choose another destination"
+        )
+    return todo
+
+
+_COUNTS = ("convolutions", "inserted", "prerounded")
 
 
 def convert_batch(
@@ -119,12 +214,36 @@ def convert_batch(
 ) -> BatchReport:
     """Convert every SavedModel under ``src_root`` into the same layout under ``dst_root``.
 
+    Safety rules (checked before any model is converted):
+
+    * the source tree is never written; nothing is written outside
+      ``dst_root`` (and the report path);
+    * an existing output is replaced only if graphquant wrote it (its
+      manifest lists every file in it); a folder with anything else is
+      refused with a message naming what is there;
+    * a rerun skips an output only when its manifest says it was made from
+      the same source files with the same options; an output of a changed
+      source (or with missing files) is reconverted; one made with other
+      options is reconverted with ``overwrite=True`` and refused without;
+    * one batch at a time per destination: a lock file
+      ``dst_root/.graphquant-batch.lock`` (a stale lock of a dead process is
+      taken over); temporaries of killed runs are removed;
+    * each worker dies with the batch process; SIGTERM is handled like
+      Ctrl-C: running workers stop, the report is written, and
+      :class:`Terminated` (a ``KeyboardInterrupt``) is raised.
+
+    When ``src_root`` is itself a SavedModel its output is ``dst_root/NAME``
+    (``NAME`` the source folder's name), never ``dst_root`` itself.
+
     Args:
         src_root: folder searched at any depth (never modified).
         dst_root: output root; nothing is written outside it.
         jobs: worker processes running at once (each model gets a fresh one).
-        overwrite: redo models whose output already exists (otherwise skipped).
-        report: path of the JSON report (default ``dst_root/graphquant-batch.json``).
+        overwrite: reconvert models whose output already exists (outputs
+            graphquant wrote only).
+        report: path of the JSON report (default ``dst_root/graphquant-batch.json``);
+            refused inside the source tree or a model folder, or onto an
+            existing file that is not a graphquant report.
         progress: show a ``rich`` progress bar.
         **options: keywords for :func:`graphquant.convert_saved_model`
             (``bits``, ``format``, ``rounding``, ``range``, ``weights``, ...).
@@ -133,7 +252,9 @@ def convert_batch(
         A :class:`BatchReport`; ``report.ok`` is False when a model failed.
 
     Raises:
-        ValueError / TypeError for bad arguments (missing source root, ``jobs < 1``).
+        ValueError / TypeError for bad arguments (missing source root, ``jobs < 1``,
+        a bad report path); FileExistsError for outputs that may not be
+        replaced and for a destination another batch is writing.
     """
     t0 = time.perf_counter()
     src_root, dst_root = Path(src_root), Path(dst_root)
@@ -141,32 +262,42 @@ def convert_batch(
         raise ValueError(f"src_root: {src_root} is not a folder")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
     s, d = src_root.resolve(), dst_root.resolve()
     if d == s or s in d.parents:
         raise ValueError(f"dst_root {dst_root} is inside the source {src_root}; the source is never modified")
     if d in s.parents:
         raise ValueError(f"dst_root {dst_root} contains the source {src_root}")
+    if dst_root.exists() and not dst_root.is_dir():
+        raise ValueError(f"dst_root: {dst_root} exists and is not a folder")
     # validate options once, here, so a typo fails fast instead of once per model
-    from .graph.function import config_from_kwargs
+    from .graph.saved_model import options_record
 
-    cfg_keys = {k: v for k, v in options.items() if k not in ("calibration_data", "calibration_signature", "calibration_method", "seed", "registry")}
-    config_from_kwargs(**cfg_keys)
-    report_path = Path(report) if report is not None else dst_root / "graphquant-batch.json"
-    models = find_saved_models(src_root)
+    record = options_record(**options)
+    # a root that is itself a SavedModel has its output at dst_root/NAME, never dst_root itself
+    pairs = []
+    for rel in find_saved_models(src_root):
+        key = src_root.resolve().name if rel == Path(".") else rel.as_posix()
+        pairs.append((key, src_root / rel, dst_root / key))
+    report_path = outputs.check_report_path(
+        report if report is not None else dst_root / "graphquant-batch.json", "report",
+        sources=[src_root], models=[out for _, _, out in pairs],
+    )
     result = BatchReport(str(src_root), str(dst_root))
-    if not models:
+    if not pairs:
         log.warning("no SavedModel found under %s", src_root)
     dst_root.mkdir(parents=True, exist_ok=True)
-    todo = []
-    for rel in models:
-        out = dst_root / rel
-        key = rel.as_posix()
-        if not overwrite and (out / "saved_model.pb").is_file():
-            result.models[key] = {"status": "skipped", "error": None, "seconds": 0.0}
-            continue
-        todo.append((key, str(src_root / rel), str(out)))
-    opts = dict(options, overwrite=overwrite)
+    with outputs.DestinationLock(dst_root), _sigterm_as_interrupt():
+        outputs.remove_stale_tmp(report_path.parent)
+        todo = _plan_outputs(pairs, record, overwrite, result)
+        _run(todo, dict(options, overwrite=True), jobs, progress, result, report_path, t0)
+    return result
 
+
+def _run(todo: List[Tuple[str, str, str, str]], opts: Dict[str, Any], jobs: int, progress: bool,
+         result: "BatchReport", report_path: Path, t0: float) -> None:
+    """Convert ``todo`` in worker processes, ``jobs`` at a time; the report is rewritten after each model."""
     bar = None
     if progress and todo:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -181,44 +312,34 @@ def convert_batch(
     ctx = mp.get_context("spawn")
     running: Dict[str, Any] = {}
     pending = list(todo)
+    reasons = {key: reason for key, _, _, reason in todo}
     try:
         while pending or running:
             while pending and len(running) < jobs:
-                key, src, dst = pending.pop(0)
+                key, src, dst, _ = pending.pop(0)
                 recv, send = ctx.Pipe(duplex=False)
-                p = ctx.Process(target=target, args=(src, dst, opts, send), daemon=True)
+                p = ctx.Process(target=target, args=(src, dst, opts, send, os.getpid()), daemon=True)
                 p.start()
                 send.close()
                 running[key] = (p, recv, time.perf_counter())
             for key in list(running):
                 p, recv, started = running[key]
+                if not recv.poll() and p.is_alive():
+                    continue
                 rec = None
                 if recv.poll():
                     try:
                         rec = recv.recv()
-                    except EOFError:
+                    except (EOFError, OSError):
                         rec = None
-                    p.join()
-                elif not p.is_alive():
-                    p.join()
-                    if recv.poll():
-                        try:
-                            rec = recv.recv()
-                        except EOFError:
-                            rec = None
-                    if rec is None:
-                        rec = {
-                            "status": "failed",
-                            "error": f"worker process crashed (exit code {p.exitcode})",
-                            "seconds": round(time.perf_counter() - started, 3),
-                        }
-                else:
-                    continue
+                p.join()
                 if rec is None:
                     rec = {"status": "failed", "error": f"worker process crashed (exit code {p.exitcode})",
                            "seconds": round(time.perf_counter() - started, 3)}
                 recv.close()
                 del running[key]
+                if rec["status"] == "converted":
+                    rec["reason"] = reasons[key]
                 result.models[key] = rec
                 if rec["status"] == "failed":
                     log.warning("%s: %s", key, rec["error"])
@@ -228,13 +349,14 @@ def convert_batch(
                 result.write(report_path)  # progress survives an interrupted batch
             time.sleep(0.05)
     finally:
-        for key, (p, recv, _) in running.items():
-            p.terminate()
-            p.join()
-            result.models[key] = {"status": "failed", "error": "interrupted", "seconds": 0.0}
-        if bar is not None:
-            bar.stop()
-        result.models = dict(sorted(result.models.items()))
-        result.seconds = time.perf_counter() - t0
-        result.write(report_path)
-    return result
+        try:
+            for key, (p, recv, _) in running.items():
+                p.terminate()
+                p.join()
+                result.models[key] = {"status": "failed", "error": "interrupted", "seconds": 0.0}
+        finally:
+            if bar is not None:
+                bar.stop()
+            result.models = dict(sorted(result.models.items()))
+            result.seconds = time.perf_counter() - t0
+            result.write(report_path)

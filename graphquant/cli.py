@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
@@ -18,6 +19,16 @@ from ._version import __version__
 log = logging.getLogger("graphquant")
 
 ROUNDING = ("nearest", "nearest_away", "toward_zero", "down", "up", "stochastic")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,20 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
     _quant_args(p)
     p.add_argument("--calibration", metavar="DATA.npz", help="inputs for calibrating affine ranges (.npz or .npy)")
     p.add_argument("--signature", default="serving_default", help="signature fed with calibration data")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty destination")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier graphquant output (never anything else)")
     p.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
 
     p = sub.add_parser("batch", help="convert every SavedModel under a folder")
     p.add_argument("src", help="source root (searched at any depth)")
     p.add_argument("dst", help="destination root (same relative layout)")
     _quant_args(p)
-    p.add_argument("-j", "--jobs", type=int, default=1, help="worker processes at once")
+    p.add_argument("-j", "--jobs", type=_positive_int, default=1, help="worker processes at once")
     p.add_argument("--report", metavar="REPORT.json", help="JSON report (default DST/graphquant-batch.json)")
-    p.add_argument("--overwrite", action="store_true", help="redo models already converted")
+    p.add_argument("--overwrite", action="store_true", help="reconvert models already converted (graphquant outputs only)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    p = sub.add_parser("inspect", help="print the insertion points of a SavedModel; nothing is written")
-    p.add_argument("src", help="SavedModel folder")
+    p = sub.add_parser("inspect", help="print the insertion points of a model; nothing is written")
+    p.add_argument("src", help="SavedModel folder, or a .keras / .h5 file")
     _quant_args(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
@@ -127,15 +138,28 @@ def _load_calibration(path: str, option: str = "--calibration") -> Any:
     return arrays
 
 
+def _is_keras_file(src: Path) -> bool:
+    return src.suffix in (".keras", ".h5") and not src.is_dir()
+
+
+def _write_report(path: Optional[Path], data: Dict[str, Any]) -> None:
+    if path is not None:
+        from .outputs import write_json_atomic
+
+        write_json_atomic(path, data)
+
+
 def _cmd_convert(ns: argparse.Namespace) -> int:
     kw = _config(ns)
     if ns.seed is not None:
         kw["seed"] = ns.seed
     src = Path(ns.src)
-    if src.suffix in (".keras", ".h5") and not src.is_dir():
+    if _is_keras_file(src):
         return _convert_keras(src, Path(ns.dst), kw, ns)
     from .graph.saved_model import convert_saved_model
+    from .outputs import check_report_path
 
+    json_path = check_report_path(ns.json, "--json", sources=[src], models=[ns.dst]) if ns.json else None
     if ns.calibration:
         kw["calibration_data"] = _load_calibration(ns.calibration)
         kw["calibration_signature"] = ns.signature
@@ -144,44 +168,72 @@ def _cmd_convert(ns: argparse.Namespace) -> int:
     print(report)
     for w in report.warnings:
         print(f"warning: {w}", file=sys.stderr)
-    if ns.json:
-        Path(ns.json).write_text(json.dumps(report.to_dict(), indent=2))
+    _write_report(json_path, report.to_dict())
     return 0
 
 
+def _load_keras(src: Path) -> Any:
+    if not src.is_file():
+        raise ValueError(f"{src}: no such file")
+    import keras
+
+    import graphquant  # noqa: F401  (registers graphquant's layers for loading quantized files)
+
+    try:
+        return keras.models.load_model(src, safe_mode=True, compile=False)
+    except Exception as e:
+        raise ValueError(f"{src}: cannot load the Keras model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
 def _convert_keras(src: Path, dst: Path, kw: Dict[str, Any], ns: argparse.Namespace) -> int:
+    from . import outputs
+    from .keras import inspect, quantize_model
+
     if not src.is_file():
         raise ValueError(f"{src}: no such file")
     if dst.suffix != ".keras":
         dst = dst.with_suffix(".keras") if dst.suffix else dst / (src.stem + ".keras")
-    if dst.exists() and not ns.overwrite:
-        raise FileExistsError(f"destination {dst} exists (pass --overwrite to replace it)")
-    import keras
-
-    try:
-        from .keras import quantize_model  # provided by the Keras front end
-    except ImportError:
-        raise ValueError("converting .keras/.h5 files needs graphquant.keras.quantize_model, which is not available") from None
-    try:
-        model = keras.models.load_model(src, safe_mode=True, compile=False)
-    except Exception as e:
-        raise ValueError(f"{src}: cannot load the Keras model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    outputs.check_keras_destination(src, dst, ns.overwrite)
+    json_path = outputs.check_report_path(ns.json, "--json", sources=[src], models=[dst]) if ns.json else None
+    t0 = time.perf_counter()
+    model = _load_keras(src)
     calibration = _load_calibration(ns.calibration) if ns.calibration else None
-    kw.pop("seed", None)
+    plan = inspect(model, **{k: v for k, v in kw.items() if k != "seed"})
     q = quantize_model(model, calibration_data=calibration, **kw)
+    record = dict(kw, calibration_data=outputs.fingerprint_data(calibration))
+    result = {"convolutions": len(plan.targets), "inserted": len(plan.points)}
+    manifest = outputs.make_manifest("keras", src, outputs.fingerprint_tree(src), record, result)
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.graphquant-tmp.keras")
-    q.save(tmp)
-    os.replace(tmp, dst)
-    print(f"{src} -> {dst}")
+    outputs.remove_stale_tmp(dst.parent)
+    tmp = dst.with_name(f".{dst.name}{outputs.TMP_MARK}{os.getpid()}.keras")
+    try:
+        q.save(tmp)
+        outputs.add_keras_manifest(tmp, manifest)
+        _load_keras(tmp)  # only an output that loads back is reported converted
+        os.replace(tmp, dst)
+    except BaseException:
+        if tmp.exists():
+            tmp.unlink()
+        raise
+    seconds = time.perf_counter() - t0
+    print(plan.table())
+    print(f"{src} -> {dst}: {result['convolutions']} convolutions, {result['inserted']} graphquant layers, {seconds:.2f} s")
+    _write_report(json_path, {"source": str(src), "destination": str(dst), **result, "seconds": round(seconds, 4),
+                              "warnings": [], "plan": plan.to_dict()})
     return 0
 
 
 def _cmd_inspect(ns: argparse.Namespace) -> int:
-    from .graph.saved_model import inspect_saved_model
-
     kw = _config(ns)
-    plan = inspect_saved_model(ns.src, **kw)
+    src = Path(ns.src)
+    if _is_keras_file(src):
+        from .keras import inspect
+
+        plan = inspect(_load_keras(src), **kw)
+    else:
+        from .graph.saved_model import inspect_saved_model
+
+        plan = inspect_saved_model(ns.src, **kw)
     if ns.json:
         print(plan.to_json(indent=2))
     else:
@@ -210,9 +262,11 @@ def _cmd_batch(ns: argparse.Namespace) -> int:
 
 def _cmd_compare(ns: argparse.Namespace) -> int:
     from .compare import compare
+    from .outputs import check_report_path
 
     if ns.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {ns.batch_size}")
+    json_path = check_report_path(ns.json, "--json", sources=[ns.src, ns.quantized]) if ns.json else None
     data = _load_calibration(ns.data, "--data")
     if ns.plot:
         try:
@@ -221,8 +275,7 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
             raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
     report = compare(ns.src, ns.quantized, data, batch_size=ns.batch_size, signature=ns.signature)
     print(report.table())
-    if ns.json:
-        Path(ns.json).write_text(report.to_json(indent=2))
+    _write_report(json_path, json.loads(report.to_json()))
     if ns.plot:
         report.plot(ns.plot)
     return 0
@@ -256,9 +309,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"graphquant {ns.command}: error: {msg}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("graphquant: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        from .batch import Terminated
+
+        print("graphquant: terminated" if isinstance(e, Terminated) else "graphquant: interrupted", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -157,11 +157,16 @@ def test_destination_rules(module_sm, tmp_path):
     dst = tmp_path / "out"
     dst.mkdir()
     (dst / "keep.txt").write_text("user data")
+    for overwrite in (False, True):  # what graphquant did not write is never replaced (issue 11)
+        with pytest.raises(FileExistsError, match="did not write \\(keep.txt\\)"):
+            gg.convert_saved_model(module_sm, dst, bits=8, overwrite=overwrite)
+    assert (dst / "keep.txt").read_text() == "user data"
+    (dst / "keep.txt").unlink()
+    gg.convert_saved_model(module_sm, dst, bits=8)  # an empty folder is fine
     with pytest.raises(FileExistsError, match="not empty"):
         gg.convert_saved_model(module_sm, dst, bits=8)
-    assert (dst / "keep.txt").read_text() == "user data"
-    gg.convert_saved_model(module_sm, dst, bits=8, overwrite=True)
-    assert (dst / "saved_model.pb").is_file() and not (dst / "keep.txt").exists()
+    gg.convert_saved_model(module_sm, dst, bits=4, overwrite=True)  # our own output may be replaced
+    assert (dst / "saved_model.pb").is_file() and (dst / "graphquant.json").is_file()
     assert not [p for p in tmp_path.iterdir() if "graphquant-tmp" in p.name]
     with pytest.raises(ValueError, match="inside the source"):
         gg.convert_saved_model(module_sm, module_sm / "sub", bits=8)

@@ -9,10 +9,10 @@ conversion close to the cost of copying the files.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 from google.protobuf.message import DecodeError
 
+from .. import outputs
 from ..patterns import Registry
 from ..plan import Plan, QuantizeConfig
 from ..ranges import iter_batches
@@ -39,7 +40,6 @@ __all__ = [
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
-_TMP_MARK = ".graphquant-tmp-"
 
 
 class SavedModelError(ValueError):
@@ -193,11 +193,28 @@ def _check_destination(src: Path, dst: Path, overwrite: bool) -> None:
         raise ValueError(f"destination {dst} is inside the source {src}; the source is never modified")
     if d in s.parents:
         raise ValueError(f"destination {dst} contains the source {src}; choose another destination")
-    if dst.exists():
-        if not dst.is_dir():
-            raise FileExistsError(f"destination {dst} exists and is not a folder")
-        if any(dst.iterdir()) and not overwrite:
-            raise FileExistsError(f"destination {dst} is not empty (pass overwrite=True / --overwrite to replace it)")
+    outputs.check_replaceable(dst, overwrite)
+
+
+def _check_source(src: Path) -> None:
+    """Refuse, before any work, a source with links out of its folder or an unreadable checkpoint."""
+    import tensorflow as tf
+
+    try:
+        outputs.check_links(src)
+    except ValueError as e:
+        raise SavedModelError(str(e)) from None
+    index = src / "variables" / "variables.index"
+    if index.is_file():
+        try:
+            tf.train.load_checkpoint(str(src / "variables" / "variables"))
+        except Exception as e:  # noqa: BLE001 - any reader error means the variables do not load
+            raise SavedModelError(f"{src / 'variables'}: the variables do not load ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 def _publish(work: Path, dst: Path, tmp_root: Path) -> None:
@@ -208,6 +225,65 @@ def _publish(work: Path, dst: Path, tmp_root: Path) -> None:
         else:
             os.rename(dst, tmp_root / "previous")
     os.rename(work, dst)
+
+
+def _verify_output(work: Path, src: Path, signatures: List[str]) -> None:
+    """Load the written SavedModel back: signatures resolve, variables restore; else raise.
+
+    A failure names the source when the source itself does not load.
+    """
+    import tensorflow as tf
+
+    try:
+        loaded = tf.saved_model.load(str(work))
+        missing = [s for s in signatures if s not in loaded.signatures]
+        if missing:
+            raise ValueError(f"signatures {missing} missing from the output")
+        del loaded
+    except Exception as e:  # noqa: BLE001 - first find out whose fault it is
+        try:
+            tf.saved_model.load(str(src))
+        except Exception as e_src:  # noqa: BLE001
+            raise SavedModelError(f"{src}: the SavedModel does not load ({_first_line(e_src)})") from None
+        raise SavedModelError(f"{src}: the converted model does not load back ({_first_line(e)}); nothing written") from None
+
+
+def options_record(
+    bits: Optional[int] = None,
+    *,
+    format: Any = None,
+    rounding: str = "nearest",
+    range: Optional[Tuple[float, float]] = None,
+    weights: Optional[bool] = None,
+    calibration_data: Any = None,
+    calibration_signature: str = "serving_default",
+    calibration_method: str = "minmax",
+    registry: Optional[Registry] = None,
+    seed: Optional[int] = None,
+    allow_requantize: bool = False,
+    **config: Any,
+) -> Dict[str, Any]:
+    """What a conversion with these keywords records in its manifest (and a rerun compares)."""
+    cfg = config_from_kwargs(bits, format, rounding, range, weights, **config)
+    return outputs.canonical_options({
+        "config": cfg.to_dict(),
+        "seed": seed,
+        "calibration_data": outputs.fingerprint_data(calibration_data),
+        "calibration_signature": calibration_signature if calibration_data is not None else None,
+        "calibration_method": calibration_method if calibration_data is not None else None,
+        "registry": None if registry is None else repr(registry),
+    })
+
+
+def _write_failed(e: BaseException, dst: Path) -> BaseException:
+    """A one-line error for a write that failed for want of space (or another OS reason)."""
+    import tensorflow as tf
+
+    if isinstance(e, tf.errors.ResourceExhaustedError) or getattr(e, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return OSError(errno.ENOSPC, f"writing {dst}: no space left on the device ({_first_line(e)}); nothing written")
+    if isinstance(e, tf.errors.OpError):
+        return OSError(f"writing {dst} failed ({_first_line(e)}); nothing written")
+    return e
 
 
 # --------------------------------------------------------------------------- calibration
@@ -371,8 +447,13 @@ def convert_saved_model(
     Args:
         src: the SavedModel folder (never modified).
         dst: the output folder; written atomically (a temporary folder beside
-            it, renamed when complete). Must not exist or be empty unless
-            ``overwrite=True``.
+            it, renamed when complete, after the output was loaded back and
+            its signatures resolved). It must not exist or be empty; with
+            ``overwrite=True`` it may also be an earlier graphquant output
+            (recognised by its manifest, ``graphquant.json``, which lists
+            every file it wrote). Nothing else is ever replaced. The output
+            gets its own manifest: graphquant's version, the source and a
+            fingerprint of its files, the options and the counts.
         bits, format, range, rounding, weights: as in ``quantize_model``.
             ``bits`` alone means affine ranges from ``calibration_data`` (or,
             without data, each batch's own min/max at run time). A SavedModel
@@ -394,7 +475,10 @@ def convert_saved_model(
     Raises:
         SavedModelError (a ``ValueError``): ``src`` is missing, not a
             SavedModel, or corrupt.
-        FileExistsError: ``dst`` is not empty and ``overwrite`` is False.
+        FileExistsError: ``dst`` holds something graphquant did not write, or
+            an earlier output and ``overwrite`` is False.
+        OSError: the output could not be written (e.g. no space left);
+            nothing is left behind.
         ValueError / TypeError: an invalid option (the message names it), or
             an unsupported dtype at a convolution.
     """
@@ -405,6 +489,11 @@ def convert_saved_model(
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
     _check_destination(src_p, dst_p, overwrite)
+    _check_source(src_p)
+    record = options_record(bits, format=format, rounding=rounding, range=range, weights=weights,
+                            calibration_data=calibration_data, calibration_signature=calibration_signature,
+                            calibration_method=calibration_method, registry=registry, seed=seed, **config)
+    fingerprint = outputs.fingerprint_tree(src_p)
     plan = _plan_saved_model(sm, cfg, registry, src_p)
     plan.check_calibration(calibration_data, calibration_method)
     warnings: List[str] = []
@@ -414,7 +503,8 @@ def convert_saved_model(
         warnings.append(msg)
 
     dst_p.parent.mkdir(parents=True, exist_ok=True)
-    tmp_root = Path(tempfile.mkdtemp(prefix=f".{dst_p.name}{_TMP_MARK}", dir=dst_p.parent))
+    outputs.remove_stale_tmp(dst_p.parent)  # left by a conversion that was killed
+    tmp_root = outputs.make_tmp_dir(dst_p)
     try:
         ranges: Dict[str, Tuple[float, float]] = {}
         need = needs_calibration(plan)
@@ -444,12 +534,19 @@ def convert_saved_model(
                     for k in keys:
                         ckpt_todo[k] = point
         work = tmp_root / "out"
-        _copy_tree_except(src_p, work, skip=("saved_model.pb", "saved_model.pbtxt", "fingerprint.pb", "variables"))
-        if ckpt_todo:
-            prerounded += _round_checkpoint(src_p, work, ckpt_todo, seed)
-        elif (src_p / "variables").exists():
-            shutil.copytree(src_p / "variables", work / "variables")
-        (work / "saved_model.pb").write_bytes(sm.SerializeToString())
+        try:
+            _copy_tree_except(src_p, work, skip=("saved_model.pb", "saved_model.pbtxt", "fingerprint.pb", "variables",
+                                                 outputs.MANIFEST))
+            if ckpt_todo:
+                prerounded += _round_checkpoint(src_p, work, ckpt_todo, seed)
+            elif (src_p / "variables").exists():
+                shutil.copytree(src_p / "variables", work / "variables")
+            (work / "saved_model.pb").write_bytes(sm.SerializeToString())
+            result = {"convolutions": len(plan.targets), "inserted": inserted, "prerounded": prerounded}
+            outputs.write_manifest(work, outputs.make_manifest("saved_model", src_p, fingerprint, record, result))
+        except Exception as e:  # noqa: BLE001 - a full disk is one line, not a traceback
+            raise _write_failed(e, dst_p) from None
+        _verify_output(work, src_p, _signature_names(sm))
         _publish(work, dst_p, tmp_root)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
