@@ -8,6 +8,8 @@ straight-through gradient and, optionally, rounds the gradient too.
 
 from __future__ import annotations
 
+import math
+import numbers
 import threading
 from typing import Any, Optional, Sequence, Tuple, Union
 
@@ -104,7 +106,7 @@ def _resolve_format(format, bits, range) -> Tuple[Format, Optional[tuple]]:
             return as_format(bits=bits, range=range), None
         fmt = as_format(bits=bits)  # raises when neither is given
         if isinstance(fmt, Affine) and range is not None:
-            return fmt, _as_pair(range)
+            return fmt, _affine_pair(fmt, range)
         return fmt, None
     fmt = as_format(format, bits=bits)
     if range is None:
@@ -115,7 +117,7 @@ def _resolve_format(format, bits, range) -> Tuple[Format, Optional[tuple]]:
         if _has_tensor(range):
             raise ValueError("range= for a FixedPoint format must be two Python numbers")
         return FixedPoint(fmt.bits, range), None
-    return fmt, _as_pair(range)
+    return fmt, _affine_pair(fmt, range)
 
 
 def _has_tensor(range) -> bool:
@@ -123,6 +125,15 @@ def _has_tensor(range) -> bool:
         return any(isinstance(v, (tf.Tensor, tf.Variable)) or np.ndim(v) > 0 for v in range)
     except TypeError:
         return False
+
+
+def _affine_pair(fmt: Affine, range) -> tuple:
+    """An Affine ``range=``: tensors pass as they are; Python numbers are checked by the
+    format's own rule (``Affine.with_range``: finite, ``lo < hi``, a grid float32 holds)."""
+    pair = _as_pair(range)
+    if not all(isinstance(v, numbers.Real) for v in pair):  # tensors, variables: checked by nothing
+        return pair
+    return fmt.with_range(pair).range
 
 
 def _as_pair(range) -> tuple:
@@ -165,7 +176,10 @@ def quantize(
         range: ``(lo, hi)``. For fixed point, Python numbers. For affine, the
             range to use instead of the format's own; may be tensors or
             variables (scalars, or vectors along ``format.axis``), which then
-            also receive FakeQuant's range gradients.
+            also receive FakeQuant's range gradients. Python numbers must make
+            a range the format itself accepts (finite, ``lo < hi``, a grid
+            float32 holds: see :class:`~graphquant.FixedPoint`); tensor values
+            are not checked.
         seed: randomness of stochastic rounding. ``None``: a global generator
             (see :func:`set_seed`); an ``int``: a generator of its own, so the
             sequence of draws is reproducible; a ``tf.random.Generator``; or an
