@@ -198,7 +198,11 @@ def quantize(
     Returns:
         A tensor of the same shape and dtype as ``x``, every finite value on
         the format's grid. NaN stays NaN. Infinities saturate for fixed point
-        and affine formats and follow the format for floats.
+        and affine formats and follow the format for floats. For a float16 or
+        bfloat16 ``x`` and a float format whose largest finite value that
+        dtype cannot hold (float16's 65504 in bfloat16), a result beyond it
+        is the largest value of both (65280) instead of what a cast to the
+        dtype makes of it (65536).
 
     Gradient: straight through (unchanged) where ``x`` lies inside the
     representable range, zero outside, as TensorFlow's FakeQuant.
@@ -236,8 +240,56 @@ def quantize(
         else:
             y = _quantize_elementwise(x, fmt, rounding, key, grad_fmt, gradient_rounding, seed)
         if y.dtype != in_dtype:
-            y = tf.cast(y, in_dtype)
+            y = _to_input_dtype(y, in_dtype, fmt)
         return y
+
+
+#: 16-bit input dtypes: (stored mantissa bits, smallest normal, largest finite value)
+_HALF_DTYPES = {
+    tf.float16: (10, 2.0**-14, 65504.0),
+    tf.bfloat16: (7, 2.0**-126, float(tf.bfloat16.max)),
+}
+
+
+def _largest_common(fmt: FloatFormat, dtype) -> Optional[float]:
+    """The largest finite value both on ``fmt``'s grid and representable in ``dtype``
+    (a 16-bit float dtype); ``None`` if that is ``fmt.max_value`` itself or there is
+    no such normal number."""
+    m_dt, min_normal, max_dt = _HALF_DTYPES[dtype]
+    v = min(fmt.max_value, max_dt)
+    if v < min_normal:
+        return None
+    e = math.frexp(v)[1] - 1  # v = 1.f * 2**e
+    ulp = 2.0 ** (e - min(fmt.mantissa_bits, m_dt))
+    common = math.floor(v / ulp) * ulp
+    return None if common == fmt.max_value else common
+
+
+def _to_input_dtype(y: tf.Tensor, dtype, fmt: Format) -> tf.Tensor:
+    """Cast the float32 result ``y`` back to the 16-bit input ``dtype``.
+
+    The cast rounds to nearest, which can carry a float format's largest finite
+    value out of the format: float16's 65504 is not a bfloat16 and becomes 65536.
+    A finite result beyond ``fmt.max_value`` (or an infinity, in a format without
+    infinities) becomes the largest value of both grids with its sign instead
+    (float16 into bfloat16: 65280), so the result is always a value of the format.
+    An infinity in a format with infinities stays as the cast makes it.
+    """
+    out = tf.cast(y, dtype)
+    common = _largest_common(fmt, dtype) if isinstance(fmt, FloatFormat) else None
+    if common is None:
+        return out
+
+    @tf.custom_gradient
+    def fix(out):  # the gradient passes unchanged (it is the straight-through one already)
+        out32 = tf.cast(out, tf.float32)
+        beyond = tf.abs(out32) > tf.constant(fmt.max_value, tf.float32)  # NaN: False
+        if fmt.has_inf:
+            beyond = tf.logical_and(beyond, tf.math.is_finite(out32))
+        top = tf.cast(tf.where(out32 < 0, tf.constant(-common, tf.float32), tf.constant(common, tf.float32)), dtype)
+        return tf.where(beyond, top, out), lambda dy: dy
+
+    return fix(out)
 
 
 def _round_gradient(dy: tf.Tensor, grad_fmt, grad_rounding: str, seed: SeedLike) -> tf.Tensor:
