@@ -489,7 +489,8 @@ def _fake_quant_own(x, lo, hi, fmt, axis, rounding, key, grad_fmt, grad_rounding
             below = x < nmin_x
             above = x > nmax_x
             zero = tf.zeros_like(dy)
-            dx = tf.where(tf.logical_or(below, above), zero, dy)
+            # inside, not "not outside": a NaN x gets 0, as TensorFlow's FakeQuant gradient
+            dx = tf.where(tf.logical_and(x >= nmin_x, x <= nmax_x), dy, zero)
             dlo = tf.cast(tf.reduce_sum(tf.where(below, dy, zero), axis=reduce_axes), lo.dtype)
             dhi = tf.cast(tf.reduce_sum(tf.where(above, dy, zero), axis=reduce_axes), hi.dtype)
             return dx, dlo, dhi
