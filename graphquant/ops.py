@@ -276,7 +276,9 @@ def _to_input_dtype(y: tf.Tensor, dtype, fmt: Format) -> tf.Tensor:
     An infinity in a format with infinities stays as the cast makes it.
     """
     out = tf.cast(y, dtype)
-    common = _largest_common(fmt, dtype) if isinstance(fmt, FloatFormat) else None
+    if not isinstance(fmt, FloatFormat) or (fmt.has_inf and _HALF_DTYPES[dtype][2] <= fmt.max_value):
+        return out  # (the dtype's finite values are all within the format's range)
+    common = _largest_common(fmt, dtype)
     if common is None:
         return out
 
