@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import re
+import struct
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Tuple, Union
 
@@ -66,7 +67,39 @@ def _check_bits(bits: Any, lo: int, hi: int, what: str = "bits") -> int:
     return bits
 
 
-def _check_range(rng: Any, what: str = "range") -> Tuple[float, float]:
+#: Largest magnitude allowed for a range endpoint and for its width ``hi - lo``: 2**127,
+#: half of float32's largest finite value (about 3.4e38), so that every value the
+#: kernels compute in float32 (the grid, one step beyond either end, FakeQuant's
+#: nudged range) stays finite.
+RANGE_MAX = 2.0**127
+#: Smallest grid step allowed: float32's smallest normal number. TensorFlow and
+#: XLA on CPU flush subnormal numbers to zero, so a smaller step divides by zero
+#: (NaN) or rounds differently with XLA on and off.
+RANGE_MIN_STEP = 2.0**-126
+
+
+def _f32(v: float) -> float:
+    """``v`` rounded to float32 (to nearest), as a Python float; ``|v| <= RANGE_MAX``."""
+    return struct.unpack("f", struct.pack("f", v))[0]
+
+
+def _check_range(rng: Any, steps: int, what: str = "range", symmetric: bool = False) -> Tuple[float, float]:
+    """Validate a ``(lo, hi)`` range for a grid of ``steps`` equal steps; return it as floats.
+
+    The one rule for every range of a :class:`FixedPoint` or :class:`Affine` format
+    (and so for ``quantize(..., range=...)`` with Python numbers). The kernels compute
+    in float32, so the range must be one float32 can hold:
+
+    * ``lo`` and ``hi`` are finite numbers with ``lo < hi``;
+    * ``|lo|``, ``|hi|`` and ``hi - lo`` are at most :data:`RANGE_MAX` (``2**127``,
+      about 1.7e38);
+    * the grid step ``(hi - lo) / steps``, with ``lo`` and ``hi`` rounded to float32
+      first, is at least :data:`RANGE_MIN_STEP` (``2**-126``, float32's smallest
+      normal number; this also rejects ranges whose ends round to the same float32).
+
+    ``symmetric=True`` checks (and returns) ``(-m, m)``, ``m = max(|lo|, |hi|)``.
+    Raises ``ValueError`` naming ``what`` and the bound broken.
+    """
     try:
         lo, hi = rng
         lo, hi = float(lo), float(hi)
@@ -76,6 +109,23 @@ def _check_range(rng: Any, what: str = "range") -> Tuple[float, float]:
         raise ValueError(f"{what} must be finite, got ({lo}, {hi})")
     if not lo < hi:
         raise ValueError(f"{what} must have lo < hi, got ({lo}, {hi})")
+    sym = ""
+    if symmetric:
+        sym = f" (made symmetric from ({lo:g}, {hi:g}))"
+        m = max(abs(lo), abs(hi))
+        lo, hi = -m, m
+    if max(abs(lo), abs(hi), hi - lo) > RANGE_MAX:
+        raise ValueError(
+            f"{what} ({lo:g}, {hi:g}){sym} is too wide for float32: |lo|, |hi| and hi - lo must be at "
+            f"most 2**127 ({RANGE_MAX:.4g}) so that the grid stays finite"
+        )
+    step = (_f32(hi) - _f32(lo)) / steps
+    if step < RANGE_MIN_STEP:
+        raise ValueError(
+            f"{what} ({lo:g}, {hi:g}){sym} is too narrow for float32: its grid step "
+            f"({step:g} = (hi - lo) / {steps}, with lo and hi rounded to float32) must be at least "
+            f"2**-126 ({RANGE_MIN_STEP:.4g}, the smallest normal float32; TensorFlow flushes smaller numbers to zero)"
+        )
     return (lo, hi)
 
 
@@ -98,7 +148,10 @@ class FixedPoint:
 
     Args:
         bits: number of bits, 1 to 24.
-        range: ``(lo, hi)`` with ``lo < hi``, both finite.
+        range: ``(lo, hi)`` with ``lo < hi``, both finite, that float32 can hold:
+            ``|lo|``, ``|hi|`` and ``hi - lo`` at most ``2**127`` and a step of at
+            least ``2**-126`` (float32's smallest normal number); see
+            :data:`RANGE_MAX` and :data:`RANGE_MIN_STEP`. ``ValueError`` otherwise.
     """
 
     bits: int
@@ -106,7 +159,7 @@ class FixedPoint:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits", _check_bits(self.bits, 1, _MAX_FIXED_BITS))
-        object.__setattr__(self, "range", _check_range(self.range))
+        object.__setattr__(self, "range", _check_range(self.range, 2**self.bits))
 
     @property
     def step(self) -> float:
@@ -147,7 +200,10 @@ class Affine:
         bits: 2 to 24 (TensorFlow's own kernel covers 2 to 16).
         range: ``(lo, hi)``, or ``None`` when the range is learned or
             calibrated by a model rewriter (then pass ``range=`` to
-            :func:`graphquant.quantize`).
+            :func:`graphquant.quantize`). As for :class:`FixedPoint`, ``lo < hi``,
+            ``|lo|``, ``|hi|`` and ``hi - lo`` at most ``2**127``, and a step
+            ``(hi - lo) / (quant_max - quant_min)`` of at least ``2**-126``
+            (checked after ``symmetric`` widens the range).
         narrow_range: drop the lowest integer level (``[1, 2**bits - 1]``).
         symmetric: ranges are made symmetric around zero, ``(-m, m)`` with
             ``m = max(|lo|, |hi|)``.
@@ -162,15 +218,12 @@ class Affine:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bits", _check_bits(self.bits, 2, _MAX_AFFINE_BITS))
-        if self.range is not None:
-            lo, hi = _check_range(self.range)
-            if self.symmetric:
-                m = max(abs(lo), abs(hi))
-                lo, hi = -m, m
-            object.__setattr__(self, "range", (lo, hi))
         for name in ("narrow_range", "symmetric"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.range is not None:
+            rng = _check_range(self.range, self.quant_max - self.quant_min, symmetric=self.symmetric)
+            object.__setattr__(self, "range", rng)
         if self.axis is not None:
             if isinstance(self.axis, bool) or not isinstance(self.axis, int):
                 raise ValueError(f"axis must be an integer or None, got {self.axis!r}")

@@ -8,6 +8,8 @@ straight-through gradient and, optionally, rounds the gradient too.
 
 from __future__ import annotations
 
+import math
+import numbers
 import threading
 from typing import Any, Optional, Sequence, Tuple, Union
 
@@ -104,7 +106,7 @@ def _resolve_format(format, bits, range) -> Tuple[Format, Optional[tuple]]:
             return as_format(bits=bits, range=range), None
         fmt = as_format(bits=bits)  # raises when neither is given
         if isinstance(fmt, Affine) and range is not None:
-            return fmt, _as_pair(range)
+            return fmt, _affine_pair(fmt, range)
         return fmt, None
     fmt = as_format(format, bits=bits)
     if range is None:
@@ -115,7 +117,7 @@ def _resolve_format(format, bits, range) -> Tuple[Format, Optional[tuple]]:
         if _has_tensor(range):
             raise ValueError("range= for a FixedPoint format must be two Python numbers")
         return FixedPoint(fmt.bits, range), None
-    return fmt, _as_pair(range)
+    return fmt, _affine_pair(fmt, range)
 
 
 def _has_tensor(range) -> bool:
@@ -123,6 +125,15 @@ def _has_tensor(range) -> bool:
         return any(isinstance(v, (tf.Tensor, tf.Variable)) or np.ndim(v) > 0 for v in range)
     except TypeError:
         return False
+
+
+def _affine_pair(fmt: Affine, range) -> tuple:
+    """An Affine ``range=``: tensors pass as they are; Python numbers are checked by the
+    format's own rule (``Affine.with_range``: finite, ``lo < hi``, a grid float32 holds)."""
+    pair = _as_pair(range)
+    if not all(isinstance(v, numbers.Real) for v in pair):  # tensors, variables: checked by nothing
+        return pair
+    return fmt.with_range(pair).range
 
 
 def _as_pair(range) -> tuple:
@@ -165,7 +176,10 @@ def quantize(
         range: ``(lo, hi)``. For fixed point, Python numbers. For affine, the
             range to use instead of the format's own; may be tensors or
             variables (scalars, or vectors along ``format.axis``), which then
-            also receive FakeQuant's range gradients.
+            also receive FakeQuant's range gradients. Python numbers must make
+            a range the format itself accepts (finite, ``lo < hi``, a grid
+            float32 holds: see :class:`~graphquant.FixedPoint`); tensor values
+            are not checked.
         seed: randomness of stochastic rounding. ``None``: a global generator
             (see :func:`set_seed`); an ``int``: a generator of its own, so the
             sequence of draws is reproducible; a ``tf.random.Generator``; or an
@@ -184,7 +198,11 @@ def quantize(
     Returns:
         A tensor of the same shape and dtype as ``x``, every finite value on
         the format's grid. NaN stays NaN. Infinities saturate for fixed point
-        and affine formats and follow the format for floats.
+        and affine formats and follow the format for floats. For a float16 or
+        bfloat16 ``x`` and a float format whose largest finite value that
+        dtype cannot hold (float16's 65504 in bfloat16), a result beyond it
+        is the largest value of both (65280) instead of what a cast to the
+        dtype makes of it (65536).
 
     Gradient: straight through (unchanged) where ``x`` lies inside the
     representable range, zero outside, as TensorFlow's FakeQuant.
@@ -222,8 +240,58 @@ def quantize(
         else:
             y = _quantize_elementwise(x, fmt, rounding, key, grad_fmt, gradient_rounding, seed)
         if y.dtype != in_dtype:
-            y = tf.cast(y, in_dtype)
+            y = _to_input_dtype(y, in_dtype, fmt)
         return y
+
+
+#: 16-bit input dtypes: (stored mantissa bits, smallest normal, largest finite value)
+_HALF_DTYPES = {
+    tf.float16: (10, 2.0**-14, 65504.0),
+    tf.bfloat16: (7, 2.0**-126, float(tf.bfloat16.max)),
+}
+
+
+def _largest_common(fmt: FloatFormat, dtype) -> Optional[float]:
+    """The largest finite value both on ``fmt``'s grid and representable in ``dtype``
+    (a 16-bit float dtype); ``None`` if that is ``fmt.max_value`` itself or there is
+    no such normal number."""
+    m_dt, min_normal, max_dt = _HALF_DTYPES[dtype]
+    v = min(fmt.max_value, max_dt)
+    if v < min_normal:
+        return None
+    e = math.frexp(v)[1] - 1  # v = 1.f * 2**e
+    ulp = 2.0 ** (e - min(fmt.mantissa_bits, m_dt))
+    common = math.floor(v / ulp) * ulp
+    return None if common == fmt.max_value else common
+
+
+def _to_input_dtype(y: tf.Tensor, dtype, fmt: Format) -> tf.Tensor:
+    """Cast the float32 result ``y`` back to the 16-bit input ``dtype``.
+
+    The cast rounds to nearest, which can carry a float format's largest finite
+    value out of the format: float16's 65504 is not a bfloat16 and becomes 65536.
+    A finite result beyond ``fmt.max_value`` (or an infinity, in a format without
+    infinities) becomes the largest value of both grids with its sign instead
+    (float16 into bfloat16: 65280), so the result is always a value of the format.
+    An infinity in a format with infinities stays as the cast makes it.
+    """
+    out = tf.cast(y, dtype)
+    if not isinstance(fmt, FloatFormat) or (fmt.has_inf and _HALF_DTYPES[dtype][2] <= fmt.max_value):
+        return out  # (the dtype's finite values are all within the format's range)
+    common = _largest_common(fmt, dtype)
+    if common is None:
+        return out
+
+    @tf.custom_gradient
+    def fix(out):  # the gradient passes unchanged (it is the straight-through one already)
+        out32 = tf.cast(out, tf.float32)
+        beyond = tf.abs(out32) > tf.constant(fmt.max_value, tf.float32)  # NaN: False
+        if fmt.has_inf:
+            beyond = tf.logical_and(beyond, tf.math.is_finite(out32))
+        top = tf.cast(tf.where(out32 < 0, tf.constant(-common, tf.float32), tf.constant(common, tf.float32)), dtype)
+        return tf.where(beyond, top, out), lambda dy: dy
+
+    return fix(out)
 
 
 def _round_gradient(dy: tf.Tensor, grad_fmt, grad_rounding: str, seed: SeedLike) -> tf.Tensor:
@@ -423,7 +491,8 @@ def _fake_quant_own(x, lo, hi, fmt, axis, rounding, key, grad_fmt, grad_rounding
             below = x < nmin_x
             above = x > nmax_x
             zero = tf.zeros_like(dy)
-            dx = tf.where(tf.logical_or(below, above), zero, dy)
+            # inside, not "not outside": a NaN x gets 0, as TensorFlow's FakeQuant gradient
+            dx = tf.where(tf.logical_and(x >= nmin_x, x <= nmax_x), dy, zero)
             dlo = tf.cast(tf.reduce_sum(tf.where(below, dy, zero), axis=reduce_axes), lo.dtype)
             dhi = tf.cast(tf.reduce_sum(tf.where(above, dy, zero), axis=reduce_axes), hi.dtype)
             return dx, dlo, dhi
