@@ -411,6 +411,19 @@ def _variable_checkpoint_keys(mg, scope: str, arg_name: str, keys_by_node: Dict[
     return results
 
 
+def _tf1_variable_keys(src: Path, mg, read_node: str) -> List[str]:
+    """Checkpoint key of the top-level resource variable a TF1 ``ReadVariableOp`` reads (its name)."""
+    import tensorflow as tf
+
+    nodes = {n.name: n for n in mg.graph_def.node}
+    handle = nodes.get(tensor_node(nodes[read_node].input[0]))
+    if handle is None or handle.op != "VarHandleOp":
+        return []
+    key = handle.attr["shared_name"].s.decode() or handle.name
+    saved = tf.train.load_checkpoint(str(src / "variables" / "variables")).get_variable_to_dtype_map()
+    return [key] if key in saved else []
+
+
 def _load_object_keys(src: Path) -> Dict[int, str]:
     import tensorflow as tf
     from tensorflow.core.protobuf import trackable_object_graph_pb2
@@ -565,12 +578,15 @@ def convert_saved_model(
             inserted += len(edits["inserted"])
             prerounded += len(edits["prerounded"])
             if edits["variable_weights"]:
-                keys_by_node = _load_object_keys(src_p)
+                keys_by_node = _load_object_keys(src_p) if mg.object_graph_def.nodes else {}
                 for scope, read_node, point in edits["variable_weights"]:
-                    fdef = next(f for f in mg.graph_def.library.function if f.signature.name == scope)
-                    rd = next(n for n in fdef.node_def if n.name == read_node)
-                    arg = rd.input[0].split(":", 1)[0]
-                    keys = _variable_checkpoint_keys(mg, scope, arg, keys_by_node)
+                    if not scope:  # TF1: a top-level variable, saved under its own name
+                        keys = _tf1_variable_keys(src_p, mg, read_node)
+                    else:
+                        fdef = next(f for f in mg.graph_def.library.function if f.signature.name == scope)
+                        rd = next(n for n in fdef.node_def if n.name == read_node)
+                        arg = rd.input[0].split(":", 1)[0]
+                        keys = _variable_checkpoint_keys(mg, scope, arg, keys_by_node)
                     if not keys:
                         raise SavedModelError(f"{src_p}: cannot find the variable behind {point.target} in the checkpoint")
                     for k in keys:
