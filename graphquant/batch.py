@@ -149,7 +149,8 @@ def convert_batch(
     # validate options once, here, so a typo fails fast instead of once per model
     from .graph.function import config_from_kwargs
 
-    cfg_keys = {k: v for k, v in options.items() if k not in ("calibration_data", "calibration_signature", "calibration_method", "seed", "registry")}
+    cfg_keys = {k: v for k, v in options.items() if k not in ("calibration_data", "calibration_signature", "calibration_method", "seed", "registry",
+                                                               "allow_requantize")}
     config_from_kwargs(**cfg_keys)
     report_path = Path(report) if report is not None else dst_root / "graphquant-batch.json"
     models = find_saved_models(src_root)
