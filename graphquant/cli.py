@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration", metavar="DATA.npz", help="inputs for calibrating affine ranges (.npz or .npy)")
     p.add_argument("--signature", default="serving_default", help="signature fed with calibration data")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier graphquant output (never anything else)")
+    p.add_argument("--force", action="store_true", help="convert an already quantized model (stacks a second rounding)")
     p.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
 
     p = sub.add_parser("batch", help="convert every SavedModel under a folder")
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-j", "--jobs", type=_positive_int, default=1, help="worker processes at once")
     p.add_argument("--report", metavar="REPORT.json", help="JSON report (default DST/graphquant-batch.json)")
     p.add_argument("--overwrite", action="store_true", help="reconvert models already converted (graphquant outputs only)")
+    p.add_argument("--force", action="store_true", help="convert already quantized models too (stacks a second rounding)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     p = sub.add_parser("inspect", help="print the insertion points of a model; nothing is written")
@@ -153,6 +155,7 @@ def _cmd_convert(ns: argparse.Namespace) -> int:
     kw = _config(ns)
     if ns.seed is not None:
         kw["seed"] = ns.seed
+    kw["allow_requantize"] = ns.force
     src = Path(ns.src)
     if _is_keras_file(src):
         return _convert_keras(src, Path(ns.dst), kw, ns)
@@ -198,7 +201,7 @@ def _convert_keras(src: Path, dst: Path, kw: Dict[str, Any], ns: argparse.Namesp
     t0 = time.perf_counter()
     model = _load_keras(src)
     calibration = _load_calibration(ns.calibration) if ns.calibration else None
-    plan = inspect(model, **{k: v for k, v in kw.items() if k != "seed"})
+    plan = inspect(model, **{k: v for k, v in kw.items() if k not in ("seed", "allow_requantize")})
     q = quantize_model(model, calibration_data=calibration, **kw)
     record = dict(kw, calibration_data=outputs.fingerprint_data(calibration))
     result = {"convolutions": len(plan.targets), "inserted": len(plan.points)}
@@ -250,7 +253,8 @@ def _cmd_batch(ns: argparse.Namespace) -> int:
     if ns.seed is not None:
         kw["seed"] = ns.seed
     report = convert_batch(
-        ns.src, ns.dst, jobs=ns.jobs, overwrite=ns.overwrite, report=ns.report, progress=not ns.no_progress, **kw
+        ns.src, ns.dst, jobs=ns.jobs, overwrite=ns.overwrite, report=ns.report, progress=not ns.no_progress,
+        allow_requantize=ns.force, **kw
     )
     d = report.to_dict()
     print(f"{d['converted']} converted, {d['skipped']} skipped (already done), {d['failed']} failed in {d['seconds']:.1f} s")

@@ -9,7 +9,7 @@ here, never saved.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from tensorflow.core.framework import graph_pb2, node_def_pb2
@@ -102,8 +102,13 @@ class RangeCollector(PyFuncObservers):
         return out
 
 
-def insert_observers(graph_def: graph_pb2.GraphDef, plan: Plan, collector: RangeCollector) -> int:
-    """Splice an observer at every activation point needing a range; return how many."""
+def insert_observers(graph_def: graph_pb2.GraphDef, plan: Plan, collector: RangeCollector,
+                     redirects: Optional[Dict[str, str]] = None) -> int:
+    """Splice an observer at every activation point needing a range; return how many.
+
+    ``redirects``, when given, is updated with the top-level tensors now read
+    through an observer (see :meth:`GraphEditor.redirect`).
+    """
     from .rewrite import GraphEditor
 
     ed = GraphEditor(graph_def)
@@ -124,4 +129,6 @@ def insert_observers(graph_def: graph_pb2.GraphDef, plan: Plan, collector: Range
         new = sc.add(nd)
         sc.rewire(sc.aliases(p.after), sc.ref(new, 0), skip={name})
         n += 1
+    if redirects is not None:
+        redirects.update(ed.redirects)
     return n

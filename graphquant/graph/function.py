@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import tensorflow as tf
 
@@ -12,7 +12,9 @@ from ..patterns import Registry
 from ..plan import Plan, QuantizeConfig
 from ..ranges import iter_batches
 from .calibrate import RangeCollector, insert_observers, needs_calibration
+from .liveness import check_live
 from .planning import apply_plan, plan_graph_def
+from .rewrite import follow_redirects, rounding_nodes
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,12 @@ def _concrete(fn: Any) -> Any:
     raise TypeError(f"fn must be a tf.function with an input_signature or a ConcreteFunction, got {type(fn).__name__}")
 
 
-def _import(graph_def, cf) -> Any:
-    """Import an edited copy of ``cf``'s graph as a pruned function with the same captures."""
+def _import(graph_def, cf, redirects: Optional[Dict[str, str]] = None) -> Any:
+    """Import an edited copy of ``cf``'s graph as a pruned function with the same captures.
+
+    ``redirects`` maps output tensors that were rounded in place of themselves
+    (an output that is the end of a group) to the rounded tensor.
+    """
     captures = {internal.name: external for external, internal in cf.graph.captures}
 
     def body():
@@ -58,8 +64,38 @@ def _import(graph_def, cf) -> Any:
     wrapped = tf.compat.v1.wrap_function(body, [])
     n_user = len(cf.inputs) - len(cf.graph.captures)
     feeds = [wrapped.graph.get_tensor_by_name(t.name) for t in cf.inputs[:n_user]]
-    fetches = [wrapped.graph.get_tensor_by_name(t.name) for t in cf.outputs]
+    fetches = [wrapped.graph.get_tensor_by_name(follow_redirects(redirects or {}, t.name)) for t in cf.outputs]
     return wrapped.prune(feeds, fetches)
+
+
+def _rename_edited(graph_def, names) -> None:
+    """Give edited library functions new names (and update every reference to them).
+
+    The process may already hold a function of the same name with the
+    unedited body (e.g. rewriting a function that was itself rewritten), and
+    TensorFlow refuses two definitions under one name.
+    """
+    import hashlib
+
+    from .rewrite import _rename_functions
+
+    lib = {f.signature.name: f for f in graph_def.library.function}
+    mapping = {}
+    for name in names:
+        digest = hashlib.sha1(lib[name].SerializeToString(deterministic=True)).hexdigest()[:10]
+        mapping[name] = f"{name}_graphquant_{digest}"
+    if not mapping:
+        return
+    for nd in graph_def.node:
+        _rename_functions(nd, mapping)
+    for f in graph_def.library.function:
+        if f.signature.name in mapping:
+            f.signature.name = mapping[f.signature.name]
+        for nd in f.node_def:
+            _rename_functions(nd, mapping)
+    for g in graph_def.library.gradient:
+        if g.function_name in mapping:
+            g.function_name = mapping[g.function_name]
 
 
 class QuantizedFunction:
@@ -126,6 +162,7 @@ def quantize_function(
     calibration_method: str = "minmax",
     registry: Optional[Registry] = None,
     seed: Optional[int] = None,
+    allow_requantize: bool = False,
     **config: Any,
 ) -> QuantizedFunction:
     """Rewrite a TensorFlow function so values are rounded after every convolution group.
@@ -143,6 +180,10 @@ def quantize_function(
         calibration_method: ``"minmax"`` or ``"percentile"``.
         registry: the pattern registry (default: the shared default).
         seed: op-level seed for stochastic rounding.
+        allow_requantize: rewrite a function that already holds graphquant
+            rounding nodes (e.g. a :class:`QuantizedFunction`'s), stacking a
+            second rounding; logged, and noted in the plan. Without it such a
+            function is a ``ValueError``.
         **config: further :class:`~graphquant.plan.QuantizeConfig` keywords
             (``include``, ``exclude``, ``overrides``, ``weight_bits``, ...).
 
@@ -159,13 +200,26 @@ def quantize_function(
     call (there is no ``training`` flag in a plain function).
 
     Raises:
-        TypeError / ValueError naming the argument.
+        TypeError / ValueError naming the argument; ValueError when ``fn`` is
+        already quantized (see ``allow_requantize``) or when an inserted
+        rounding would reach no output of the function.
     """
     t0 = time.perf_counter()
     cfg = config_from_kwargs(bits, format, rounding, range, weights, **config)
     cf = _concrete(fn)
     gd = cf.graph.as_graph_def()
+    if not isinstance(allow_requantize, bool):
+        raise TypeError(f"allow_requantize must be a bool, got {allow_requantize!r}")
+    existing = len(rounding_nodes(gd))
+    fname = cf.name.decode() if isinstance(cf.name, bytes) else str(cf.name)
+    what = f"quantize_function: {fname} is already quantized ({existing} graphquant rounding nodes)"
+    if existing and not allow_requantize:
+        raise ValueError(f"{what}; pass allow_requantize=True to stack a second rounding")
+    if existing:
+        log.warning("%s: stacking a second rounding (allow_requantize=True)", what)
     plan, _ = plan_graph_def(gd, cfg, registry)
+    if existing:
+        plan.notes.append(f"requantized: the function already had {existing} graphquant rounding nodes; a second rounding is stacked")
     plan.check_calibration(calibration_data, calibration_method)
     if not plan.targets:
         log.warning("quantize_function: no convolution found; the function is returned unchanged")
@@ -175,8 +229,9 @@ def quantize_function(
         collector = RangeCollector(calibration_method)
         obs = tf.compat.v1.GraphDef()
         obs.CopyFrom(gd)
-        insert_observers(obs, plan, collector)
-        runner = _import(obs, cf)
+        obs_redirects: Dict[str, str] = {}
+        insert_observers(obs, plan, collector, obs_redirects)
+        runner = _import(obs, cf, obs_redirects)
         try:
             for batch in iter_batches(calibration_data):
                 _run_flat(runner, cf, batch)
@@ -186,5 +241,10 @@ def quantize_function(
     elif need:
         plan.notes.append("no calibration_data: affine ranges are each batch's own min/max (dynamic)")
     edits = apply_plan(gd, plan, ranges=ranges, seed=seed)
-    pruned = _import(gd, cf)
+    redirects = edits["editor"].redirects
+    check_live(gd, edits["inserted_at"], model=f"quantize_function({fname})",
+               outputs=[follow_redirects(redirects, t.name) for t in cf.outputs],
+               control_outputs=[op.name for op in cf.graph.control_outputs])
+    _rename_edited(gd, [name for name in edits["editor"]._scopes if name])
+    pruned = _import(gd, cf, redirects)
     return QuantizedFunction(cf, pruned, plan, edits["inserted"], ranges, time.perf_counter() - t0)

@@ -289,14 +289,17 @@ def apply_plan(
             checkpoint instead). Constant weights are always pre-rounded once.
 
     Returns:
-        ``{"inserted": [node names], "prerounded": [const names],
-        "variable_weights": [(scope, read node, point)]}``.
+        ``{"inserted": [node names], "inserted_at": [(scope, node name)],
+        "prerounded": [const names], "variable_weights": [(scope, read node, point)],
+        "editor": the GraphEditor}``. Top-level tensors named from outside the
+        graph (signature outputs, fetches) must be mapped with
+        ``out["editor"].redirect(name)``: rewiring only reaches consumers inside it.
     """
     from .rewrite import GraphEditor, Insertion
 
     ranges = ranges or {}
     ed = GraphEditor(graph_def, seed=seed)
-    out: Dict[str, Any] = {"inserted": [], "prerounded": [], "variable_weights": []}
+    out: Dict[str, Any] = {"inserted": [], "inserted_at": [], "prerounded": [], "variable_weights": [], "editor": ed}
     for p in plan.points:
         scope = scope_name(p)
         if p.what == "weights":
@@ -312,8 +315,10 @@ def apply_plan(
             ins = Insertion(scope, src, p.format, p.rounding, target="weights", consumer=p.target, input_index=idx,
                             label=p.target.rsplit("/", 1)[-1], depthwise=p.target_kind in DEPTHWISE_OPS)
             out["inserted"].append(ed.insert(ins))
+            out["inserted_at"].append((scope, ins.inserted))
         else:
             rng = ranges.get(p.path)
             ins = Insertion(scope, p.after, p.format, p.rounding, range=rng, label=p.target.rsplit("/", 1)[-1])
             out["inserted"].append(ed.insert(ins))
+            out["inserted_at"].append((scope, ins.inserted))
     return out

@@ -31,7 +31,7 @@ from .view import CALL_OPS, output_arg_names
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Insertion", "GraphEditor", "FLOAT_DTYPES", "FORMAT_ATTR", "ROUNDING_ATTR"]
+__all__ = ["Insertion", "GraphEditor", "FLOAT_DTYPES", "FORMAT_ATTR", "ROUNDING_ATTR", "rounding_nodes", "follow_redirects"]
 
 FLOAT_DTYPES = {"float": tf.float32, "half": tf.float16, "bfloat16": tf.bfloat16, "double": tf.float64}
 
@@ -159,7 +159,35 @@ class _Scope:
                 if r in old:
                     self.fdef.ret[k] = new
                     n += 1
+        else:  # outputs named outside the graph (signatures, fetches) follow through redirect()
+            new_t = _tensor_name(new)
+            for r in old:
+                self.editor.redirects[_tensor_name(r)] = new_t
         return n
+
+
+def _tensor_name(ref: str) -> str:
+    """``"relu"`` -> ``"relu:0"``; ``"relu:1"`` unchanged (top-level spelling)."""
+    head, _, port = ref.rpartition(":")
+    return ref if head and port.isdigit() else f"{ref}:0"
+
+
+def follow_redirects(redirects: Dict[str, str], tensor: str) -> str:
+    """``tensor`` mapped through ``redirects`` (chains followed), or unchanged."""
+    t = _tensor_name(tensor)
+    seen = set()
+    while t in redirects and t not in seen:
+        seen.add(t)
+        t = redirects[t]
+    return t if t != _tensor_name(tensor) else tensor
+
+
+def rounding_nodes(graph_def: graph_pb2.GraphDef) -> List[Tuple[str, str]]:
+    """``(scope, node)`` of every node a graphquant rewrite inserted (it carries :data:`FORMAT_ATTR`)."""
+    out = [("", n.name) for n in graph_def.node if FORMAT_ATTR in n.attr]
+    for f in graph_def.library.function:
+        out.extend((f.signature.name, n.name) for n in f.node_def if FORMAT_ATTR in n.attr)
+    return out
 
 
 def _const_node(name: str, value: np.ndarray, dtype: int) -> node_def_pb2.NodeDef:
@@ -185,6 +213,16 @@ class GraphEditor:
         self._kernels: Dict[Tuple, Tuple[str, bool]] = {}
         self.seed = seed
         self.counter = 0
+        #: top-level tensor name -> the tensor now holding its rounded value
+        self.redirects: Dict[str, str] = {}
+
+    def redirect(self, tensor: str) -> str:
+        """The top-level tensor that now carries ``tensor``'s (rounded) value.
+
+        Rewiring reaches every consumer inside the graph; names read from
+        outside it (TF1 signature outputs, fetches) must be mapped with this.
+        """
+        return follow_redirects(self.redirects, tensor)
 
     def scope(self, name: str) -> _Scope:
         if name not in self._scopes:

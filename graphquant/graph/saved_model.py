@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -26,7 +26,9 @@ from ..plan import Plan, QuantizeConfig
 from ..ranges import iter_batches
 from .calibrate import RangeCollector, insert_observers, needs_calibration
 from .function import config_from_kwargs
+from .liveness import check_live, tensor_node
 from .planning import DEPTHWISE_OPS, apply_plan, plan_graph_def, round_weight_array
+from .rewrite import follow_redirects, rounding_nodes
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,13 @@ class ConversionReport:
         plan: the applied :class:`~graphquant.plan.Plan`.
         ranges: calibrated activation ranges per insertion point.
         warnings: human-readable warnings (e.g. no convolution found).
+        meta_graphs: one entry per meta graph (TF1 SavedModels may hold
+            several, e.g. tags ``serve`` and ``train``): its ``tags``, the
+            ``convolutions`` found and the nodes ``inserted`` in it. Each meta
+            graph is its own graph, rounded once; ``convolutions`` and
+            ``inserted`` above are the sums.
+        requantized: graphquant rounding nodes the source already had
+            (non-zero only with ``allow_requantize=True``).
     """
 
     source: str
@@ -72,6 +81,8 @@ class ConversionReport:
     plan: Plan
     ranges: Dict[str, Tuple[float, float]] = field(default_factory=dict)
     warnings: List[str] = field(default_factory=list)
+    meta_graphs: List[Dict[str, Any]] = field(default_factory=list)
+    requantized: int = 0
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -83,13 +94,22 @@ class ConversionReport:
             "seconds": round(self.seconds, 4),
             "signatures": list(self.signatures),
             "warnings": list(self.warnings),
+            "meta_graphs": [dict(m) for m in self.meta_graphs],
+            "requantized": self.requantized,
             "plan": self.plan.to_dict(),
         }
 
     def __str__(self) -> str:
+        where = ""
+        if len(self.meta_graphs) > 1:
+            where = f" in {len(self.meta_graphs)} meta graphs (" + "; ".join(
+                f"{','.join(m['tags']) or '#' + str(i)}: {m['convolutions']} convolutions, {m['inserted']} nodes"
+                for i, m in enumerate(self.meta_graphs)
+            ) + ")"
+        again = f", on top of {self.requantized} existing rounding nodes (requantized)" if self.requantized else ""
         return (
             f"{self.source} -> {self.destination}: {self.convolutions} convolutions, "
-            f"{self.inserted} graphquant nodes, {self.prerounded} weights pre-rounded, {self.seconds:.2f} s"
+            f"{self.inserted} graphquant nodes{where}{again}, {self.prerounded} weights pre-rounded, {self.seconds:.2f} s"
         )
 
 
@@ -138,18 +158,96 @@ def _signature_names(sm) -> List[str]:
     return names
 
 
-def _plan_saved_model(sm, cfg: QuantizeConfig, registry: Optional[Registry], source: Path) -> Plan:
+def _tags(mg, i: int) -> str:
+    return ",".join(mg.meta_info_def.tags) or f"#{i}"
+
+
+def _signature_outputs(mg) -> List[str]:
+    """Top-level tensor names of every signature output of a meta graph."""
+    out: List[str] = []
+    for sig in mg.signature_def.values():
+        for info in sig.outputs.values():
+            enc = info.WhichOneof("encoding")
+            if enc == "name":
+                out.append(info.name)
+            elif enc == "coo_sparse":
+                c = info.coo_sparse
+                out.extend([c.values_tensor_name, c.indices_tensor_name, c.dense_shape_tensor_name])
+            elif enc == "composite_tensor":
+                out.extend(t.name for t in info.composite_tensor.components if t.WhichOneof("encoding") == "name")
+    return out
+
+
+def _redirect_signatures(mg, redirects: Dict[str, str]) -> int:
+    """Point signature outputs at the tensors now carrying their rounded value; return how many moved.
+
+    In a TF1 SavedModel a signature names a top-level tensor (``"relu:0"``);
+    when a rounding is spliced after that very tensor, rewiring its consumers
+    leaves the signature on the unrounded value. Keys and dtypes are unchanged.
+    """
+    n = 0
+    for sig in mg.signature_def.values():
+        for info in sig.outputs.values():
+            if info.WhichOneof("encoding") == "name":
+                new = follow_redirects(redirects, info.name)
+                if new != info.name:
+                    info.name = new
+                    n += 1
+    return n
+
+
+def _sinks(graph_def) -> List[str]:
+    """Top-level nodes nothing in the graph reads (data or control): what a session fetches by name."""
+    used = set()
+    for nd in graph_def.node:
+        for ref in nd.input:
+            used.add(tensor_node(ref.lstrip("^")))
+    return [nd.name for nd in graph_def.node if nd.name not in used]
+
+
+def _plan_meta_graphs(sm, cfg: QuantizeConfig, registry: Optional[Registry], source: Path) -> List[Plan]:
+    """One plan per meta graph (each is its own graph and is rounded on its own)."""
     plans = []
-    for mg in sm.meta_graphs:
+    for i, mg in enumerate(sm.meta_graphs):
         try:
             plan, _ = plan_graph_def(mg.graph_def, cfg, registry)
         except ValueError as e:
             raise SavedModelError(f"{source}: {e}") from None
+        # a top-level group ending at a tensor nothing reads and no signature names: a rounding
+        # there could only be fetched under a new name, so it is skipped (and said so)
+        outputs = {tensor_node(t) for t in _signature_outputs(mg)}
+        sinks = set(_sinks(mg.graph_def)) - outputs
+        keep = []
+        for p in plan.points:
+            if p.what == "activations" and not p.scope and p.after in sinks:
+                plan.skipped.append((p.path, p.target_kind, f"meta graph {_tags(mg, i)}: {p.after} is an output no signature "
+                                     "names (fetched by name only), so a rounding after it would never be read"))
+            else:
+                keep.append(p)
+        plan.points[:] = keep
         plans.append(plan)
-    plan = plans[0]
-    for extra in plans[1:]:  # TF2 SavedModels have one meta graph; TF1 may have several
-        plan.points.extend(extra.points)
-    return plan
+    return plans
+
+
+def _combine(plans: List[Plan], sm) -> Plan:
+    """The plans of several meta graphs as one (for the table and the report), each point once per graph."""
+    if len(plans) == 1:
+        return plans[0]
+    notes, start = [], 0
+    for i, (mg, p) in enumerate(zip(sm.meta_graphs, plans)):
+        rows = f"points {start}-{start + len(p.points) - 1}" if p.points else "no points"
+        notes.append(f"meta graph {_tags(mg, i)}: {rows} ({len(p.targets)} convolutions)")
+        start += len(p.points)
+    return replace(
+        plans[0],
+        points=[pt for p in plans for pt in p.points],
+        skipped=[s for p in plans for s in p.skipped],
+        notes=list(dict.fromkeys(n for p in plans for n in p.notes)) + notes,
+    )
+
+
+def _plan_saved_model(sm, cfg: QuantizeConfig, registry: Optional[Registry], source: Path) -> Plan:
+    return _combine(_plan_meta_graphs(sm, cfg, registry, source), sm)
 
 
 def inspect_saved_model(
@@ -173,6 +271,17 @@ def inspect_saved_model(
     cfg = config_from_kwargs(bits, format, rounding, range, weights, **config)
     sm = read_saved_model(path)
     return _plan_saved_model(sm, cfg, registry, Path(path))
+
+
+def _requantize_check(what: str, allow: bool, warnings: List[str]) -> None:
+    """Refuse an already quantized source unless ``allow``; else warn (log + ``warnings``)."""
+    if not isinstance(allow, bool):
+        raise TypeError(f"allow_requantize must be a bool, got {allow!r}")
+    if not allow:
+        raise ValueError(f"{what}; pass allow_requantize=True (CLI: --force) to stack a second rounding")
+    msg = f"{what}: stacking a second rounding (allow_requantize=True)"
+    log.warning(msg)
+    warnings.append(msg)
 
 
 # --------------------------------------------------------------------------- writing
@@ -227,22 +336,28 @@ def _publish(work: Path, dst: Path, tmp_root: Path) -> None:
     os.rename(work, dst)
 
 
-def _verify_output(work: Path, src: Path, signatures: List[str]) -> None:
-    """Load the written SavedModel back: signatures resolve, variables restore; else raise.
+def _verify_output(work: Path, src: Path, sm) -> None:
+    """Load the written SavedModel back (each meta graph by its tags): signatures resolve, variables restore.
 
-    A failure names the source when the source itself does not load.
+    Raises :class:`SavedModelError`; it names the source when the source itself does not load.
     """
     import tensorflow as tf
 
+    def load_all(path: Path) -> None:
+        several = len(sm.meta_graphs) > 1
+        for mg in sm.meta_graphs:
+            tags = list(mg.meta_info_def.tags) if several else None
+            loaded = tf.saved_model.load(str(path), tags=tags)
+            missing = [k for k in mg.signature_def if not k.startswith("__") and k not in loaded.signatures]
+            if missing:
+                raise ValueError(f"signatures {missing} do not resolve")
+            del loaded
+
     try:
-        loaded = tf.saved_model.load(str(work))
-        missing = [s for s in signatures if s not in loaded.signatures]
-        if missing:
-            raise ValueError(f"signatures {missing} missing from the output")
-        del loaded
+        load_all(work)
     except Exception as e:  # noqa: BLE001 - first find out whose fault it is
         try:
-            tf.saved_model.load(str(src))
+            load_all(src)
         except Exception as e_src:  # noqa: BLE001
             raise SavedModelError(f"{src}: the SavedModel does not load ({_first_line(e_src)})") from None
         raise SavedModelError(f"{src}: the converted model does not load back ({_first_line(e)}); nothing written") from None
@@ -287,15 +402,17 @@ def _write_failed(e: BaseException, dst: Path) -> BaseException:
 
 
 # --------------------------------------------------------------------------- calibration
-def _calibrate(sm, src: Path, plan: Plan, data: Any, signature: str, method: str, tmp_root: Path) -> Dict[str, Tuple[float, float]]:
+def _calibrate(sm, src: Path, plans: List[Plan], data: Any, signature: str, method: str, tmp_root: Path) -> Dict[str, Tuple[float, float]]:
     import tensorflow as tf
     from tensorflow.core.protobuf import saved_model_pb2
 
     collector = RangeCollector(method)
     obs = saved_model_pb2.SavedModel()
     obs.CopyFrom(sm)
-    for mg in obs.meta_graphs:
-        insert_observers(mg.graph_def, plan, collector)
+    for mg, plan in zip(obs.meta_graphs, plans):
+        redirects: Dict[str, str] = {}
+        insert_observers(mg.graph_def, plan, collector, redirects)
+        _redirect_signatures(mg, redirects)
     cal = tmp_root / "calibration"
     cal.mkdir()
     (cal / "saved_model.pb").write_bytes(obs.SerializeToString())
@@ -376,6 +493,19 @@ def _variable_checkpoint_keys(mg, scope: str, arg_name: str, keys_by_node: Dict[
     return results
 
 
+def _tf1_variable_keys(src: Path, mg, read_node: str) -> List[str]:
+    """Checkpoint key of the top-level resource variable a TF1 ``ReadVariableOp`` reads (its name)."""
+    import tensorflow as tf
+
+    nodes = {n.name: n for n in mg.graph_def.node}
+    handle = nodes.get(tensor_node(nodes[read_node].input[0]))
+    if handle is None or handle.op != "VarHandleOp":
+        return []
+    key = handle.attr["shared_name"].s.decode() or handle.name
+    saved = tf.train.load_checkpoint(str(src / "variables" / "variables")).get_variable_to_dtype_map()
+    return [key] if key in saved else []
+
+
 def _load_object_keys(src: Path) -> Dict[int, str]:
     import tensorflow as tf
     from tensorflow.core.protobuf import trackable_object_graph_pb2
@@ -437,6 +567,7 @@ def convert_saved_model(
     overwrite: bool = False,
     registry: Optional[Registry] = None,
     seed: Optional[int] = None,
+    allow_requantize: bool = False,
     **config: Any,
 ) -> ConversionReport:
     """Convert a SavedModel: rounding after every convolution group, written to ``dst``.
@@ -467,6 +598,11 @@ def convert_saved_model(
             frozen graph are rounded in place.
         registry: the pattern registry (default: the shared default).
         seed: seed for stochastic rounding.
+        allow_requantize: convert a SavedModel that already holds graphquant
+            rounding nodes (its output was converted before), stacking a
+            second rounding on the first; logged, and noted in the report's
+            ``warnings``, ``requantized`` and plan notes. Without it such a
+            source is an error (CLI: ``--force``).
         **config: further :class:`~graphquant.plan.QuantizeConfig` keywords.
 
     Returns:
@@ -474,7 +610,9 @@ def convert_saved_model(
 
     Raises:
         SavedModelError (a ``ValueError``): ``src`` is missing, not a
-            SavedModel, or corrupt.
+            SavedModel, or corrupt; or an inserted rounding would reach no
+            signature output (a dead insertion is never reported as success).
+        ValueError: ``src`` is already quantized and ``allow_requantize`` is False.
         FileExistsError: ``dst`` holds something graphquant did not write, or
             an earlier output and ``overwrite`` is False.
         OSError: the output could not be written (e.g. no space left);
@@ -494,9 +632,15 @@ def convert_saved_model(
                             calibration_data=calibration_data, calibration_signature=calibration_signature,
                             calibration_method=calibration_method, registry=registry, seed=seed, **config)
     fingerprint = outputs.fingerprint_tree(src_p)
-    plan = _plan_saved_model(sm, cfg, registry, src_p)
-    plan.check_calibration(calibration_data, calibration_method)
     warnings: List[str] = []
+    existing = sum(len(rounding_nodes(mg.graph_def)) for mg in sm.meta_graphs)
+    if existing:
+        _requantize_check(f"{src_p}: already quantized ({existing} graphquant rounding nodes)", allow_requantize, warnings)
+    plans = _plan_meta_graphs(sm, cfg, registry, src_p)
+    plan = _combine(plans, sm)
+    if existing:
+        plan.notes.append(f"requantized: the source already had {existing} graphquant rounding nodes; a second rounding is stacked")
+    plan.check_calibration(calibration_data, calibration_method)
     if not plan.targets:
         msg = f"{src_p}: no convolution found; the model is copied unchanged"
         log.warning(msg)
@@ -509,26 +653,36 @@ def convert_saved_model(
         ranges: Dict[str, Tuple[float, float]] = {}
         need = needs_calibration(plan)
         if need and calibration_data is not None:
-            ranges = _calibrate(sm, src_p, plan, calibration_data, calibration_signature, calibration_method, tmp_root)
+            ranges = _calibrate(sm, src_p, plans, calibration_data, calibration_signature, calibration_method, tmp_root)
         elif need:
             plan.notes.append("no calibration data: affine ranges are each batch's own min/max (dynamic)")
         has_ckpt = (src_p / "variables" / "variables.index").is_file()
         inserted, prerounded = 0, 0
         ckpt_todo: Dict[str, Any] = {}
-        for mg in sm.meta_graphs:
+        meta_graphs: List[Dict[str, Any]] = []
+        for i, (mg, mplan) in enumerate(zip(sm.meta_graphs, plans)):  # each meta graph with its own plan, once
+            sinks = _sinks(mg.graph_def)
             try:
-                edits = apply_plan(mg.graph_def, plan, ranges=ranges, seed=seed, variable_weights="skip" if has_ckpt else "runtime")
+                edits = apply_plan(mg.graph_def, mplan, ranges=ranges, seed=seed, variable_weights="skip" if has_ckpt else "runtime")
+                _redirect_signatures(mg, edits["editor"].redirects)
+                check_live(mg.graph_def, edits["inserted_at"], model=f"meta graph {_tags(mg, i)}",
+                           outputs=_signature_outputs(mg) + sinks, functions=list(mg.object_graph_def.concrete_functions))
             except ValueError as e:
                 raise SavedModelError(f"{src_p}: {e}") from None
+            meta_graphs.append({"tags": list(mg.meta_info_def.tags), "convolutions": len(mplan.targets),
+                                "inserted": len(edits["inserted"])})
             inserted += len(edits["inserted"])
             prerounded += len(edits["prerounded"])
             if edits["variable_weights"]:
-                keys_by_node = _load_object_keys(src_p)
+                keys_by_node = _load_object_keys(src_p) if mg.object_graph_def.nodes else {}
                 for scope, read_node, point in edits["variable_weights"]:
-                    fdef = next(f for f in mg.graph_def.library.function if f.signature.name == scope)
-                    rd = next(n for n in fdef.node_def if n.name == read_node)
-                    arg = rd.input[0].split(":", 1)[0]
-                    keys = _variable_checkpoint_keys(mg, scope, arg, keys_by_node)
+                    if not scope:  # TF1: a top-level variable, saved under its own name
+                        keys = _tf1_variable_keys(src_p, mg, read_node)
+                    else:
+                        fdef = next(f for f in mg.graph_def.library.function if f.signature.name == scope)
+                        rd = next(n for n in fdef.node_def if n.name == read_node)
+                        arg = rd.input[0].split(":", 1)[0]
+                        keys = _variable_checkpoint_keys(mg, scope, arg, keys_by_node)
                     if not keys:
                         raise SavedModelError(f"{src_p}: cannot find the variable behind {point.target} in the checkpoint")
                     for k in keys:
@@ -542,18 +696,19 @@ def convert_saved_model(
             elif (src_p / "variables").exists():
                 shutil.copytree(src_p / "variables", work / "variables")
             (work / "saved_model.pb").write_bytes(sm.SerializeToString())
-            result = {"convolutions": len(plan.targets), "inserted": inserted, "prerounded": prerounded}
+            result = {"convolutions": sum(m["convolutions"] for m in meta_graphs), "inserted": inserted,
+                      "prerounded": prerounded}
             outputs.write_manifest(work, outputs.make_manifest("saved_model", src_p, fingerprint, record, result))
         except Exception as e:  # noqa: BLE001 - a full disk is one line, not a traceback
             raise _write_failed(e, dst_p) from None
-        _verify_output(work, src_p, _signature_names(sm))
+        _verify_output(work, src_p, sm)
         _publish(work, dst_p, tmp_root)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
     report = ConversionReport(
         source=str(src_p),
         destination=str(dst_p),
-        convolutions=len(plan.targets),
+        convolutions=sum(m["convolutions"] for m in meta_graphs),
         inserted=inserted,
         prerounded=prerounded,
         seconds=time.perf_counter() - t0,
@@ -561,6 +716,8 @@ def convert_saved_model(
         plan=plan,
         ranges=ranges,
         warnings=warnings,
+        meta_graphs=meta_graphs,
+        requantized=existing,
     )
     log.info("%s", report)
     return report

@@ -492,6 +492,7 @@ def quantize_model(
     registry: Optional[Registry] = None,
     fold_batchnorm: bool = True,
     seed: Optional[int] = None,
+    allow_requantize: bool = False,
     **options: Any,
 ) -> keras.Model:
     """A copy of ``model`` with rounding after every convolution group.
@@ -534,6 +535,11 @@ def quantize_model(
             (activation and weight layers, weight storage), so runs repeat;
             ``None`` draws from Keras' global seed
             (``keras.utils.set_random_seed``).
+        allow_requantize: quantize a model that already contains graphquant
+            rounding layers (:class:`Quantize` / :class:`QuantizeWeights`),
+            stacking a second rounding on the first; warned about (a
+            ``UserWarning`` and the log) and noted in the plan. Without it
+            such a model is a ``ValueError``.
         **options: further :class:`QuantizeConfig` options
             (``inference_rounding``, ``activations``, ``options``, ``range_momentum``).
 
@@ -542,10 +548,18 @@ def quantize_model(
 
     Raises:
         TypeError: ``model`` is not a Functional/Sequential Keras model.
-        ValueError: contradictory or invalid options (the message names them).
+        ValueError: contradictory or invalid options (the message names them),
+            or ``model`` is already quantized and ``allow_requantize`` is False.
     """
     t0 = time.perf_counter()
     check_model(model)
+    if not isinstance(allow_requantize, bool):
+        raise TypeError(f"allow_requantize must be a bool, got {allow_requantize!r}")
+    existing = sum(1 for l in model._flatten_layers(include_self=False, recursive=True)
+                   if isinstance(l, (Quantize, QuantizeWeights)))
+    requant_msg = f"model {model.name!r} is already quantized ({existing} graphquant rounding layers)"
+    if existing and not allow_requantize:
+        raise ValueError(f"{requant_msg}; pass allow_requantize=True (CLI: --force) to stack a second rounding")
     bad = set(options) - set(_CONFIG_KEYS)
     if bad:
         raise TypeError(f"quantize_model() got unexpected keyword arguments {sorted(bad)}")
@@ -568,6 +582,15 @@ def quantize_model(
     cfg = _config(config, kw)
     plan = _make_keras_plan(model, cfg, registry)
     plan.check_calibration(calibration_data, calibration_method)
+    if existing:
+        if plan.points:
+            what = f"stacking a second rounding at {len(plan.targets)} groups (allow_requantize=True)"
+        else:  # a convolution wrapped in QuantizeWeights is not matched again
+            what = "allow_requantize=True, but no group is found outside the existing rounding layers; nothing is stacked"
+        msg = f"{requant_msg}: {what}"
+        warnings.warn(msg, UserWarning, stacklevel=2)
+        log.warning(msg)
+        plan.notes.append(f"requantized: the model already had {existing} graphquant rounding layers; {what}")
     if not plan.points:
         msg = f"model {model.name!r} has no layer matching the quantization patterns (no convolution); returning a plain copy"
         warnings.warn(msg, UserWarning, stacklevel=2)
