@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError
 
 from ..patterns import Registry
 from ..plan import Plan, QuantizeConfig
-from ..ranges import iter_batches
+from ..ranges import calibration_batches, check_inputs
 from .calibrate import RangeCollector, insert_observers, needs_calibration
 from .function import config_from_kwargs
 from .planning import DEPTHWISE_OPS, apply_plan, plan_graph_def, round_weight_array
@@ -234,17 +234,19 @@ def _calibrate(sm, src: Path, plan: Plan, data: Any, signature: str, method: str
             )
         fn = loaded.signatures[signature]
         _, kw_specs = fn.structured_input_signature
-        for batch in iter_batches(data):
+        specs = {k: (None if v.shape.rank is None else tuple(v.shape.as_list()), v.dtype) for k, v in kw_specs.items()}
+
+        def feed_of(batch: Any) -> Dict[str, Any]:
             if isinstance(batch, dict):
-                feed = batch
-            else:
-                if len(kw_specs) != 1:
-                    raise ValueError(
-                        f"calibration_data: signature {signature!r} takes {sorted(kw_specs)}; pass a dict of arrays"
-                    )
-                feed = {next(iter(kw_specs)): batch}
-            feed = {k: tf.convert_to_tensor(v, dtype=kw_specs[k].dtype) for k, v in feed.items() if k in kw_specs}
-            fn(**feed)
+                return batch
+            if len(kw_specs) != 1:
+                raise ValueError(
+                    f"calibration_data: signature {signature!r} takes {sorted(kw_specs)}; pass a dict of arrays"
+                )
+            return {next(iter(kw_specs)): batch}
+
+        for batch in calibration_batches(data, check=lambda b: check_inputs(feed_of(b), specs)):
+            fn(**{k: tf.convert_to_tensor(v, dtype=kw_specs[k].dtype) for k, v in feed_of(batch).items()})
         del loaded, fn
     finally:
         collector.release()

@@ -586,9 +586,9 @@ def quantize_model(
         apply_weight_storage(new, cfg.weight_storage, cfg.storage_rounding, seed=rw._next_seed())
     new._graphquant_plan = plan  # for inspection; not serialized
     if calibration_data is not None:
-        from ..ranges import calibrate
+        from ..ranges import _calibrate_keras
 
-        calibrate(new, calibration_data, method=calibration_method)
+        _calibrate_keras(new, calibration_data, calibration_method, what="calibration_data")
     log.info("quantize_model: %d rounding layers inserted in %.2fs", rw.inserted, time.perf_counter() - t0)
     return new
 
