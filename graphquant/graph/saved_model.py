@@ -154,7 +154,7 @@ def _plan_saved_model(sm, cfg: QuantizeConfig, registry: Optional[Registry], sou
 
 def inspect_saved_model(
     path: PathLike,
-    bits: Optional[int] = 8,
+    bits: Optional[int] = None,
     *,
     format: Any = None,
     rounding: str = "nearest",
@@ -166,10 +166,10 @@ def inspect_saved_model(
     """The insertion plan for a SavedModel, without writing anything.
 
     ``print(plan)`` shows the table; ``plan.to_dict()`` the data. Arguments as
-    in :func:`convert_saved_model`.
+    in :func:`convert_saved_model` (neither ``bits`` nor ``format``: ``bits=8``).
     """
-    if format is not None:
-        bits = None
+    if format is None and bits is None:
+        bits = 8
     cfg = config_from_kwargs(bits, format, rounding, range, weights, **config)
     sm = read_saved_model(path)
     return _plan_saved_model(sm, cfg, registry, Path(path))

@@ -561,8 +561,8 @@ def quantize_model(
         kw["weight_rounding"] = weight_rounding
     if storage_rounding != "nearest":
         kw["storage_rounding"] = storage_rounding
-    if dense:
-        kw["dense"] = True
+    if dense is not False:
+        kw["dense"] = dense  # QuantizeConfig.create checks it is a bool
     if config is not None and kw:
         raise ValueError(f"give config= or keyword options, not both (got {sorted(kw)})")
     cfg = _config(config, kw)
@@ -574,7 +574,9 @@ def quantize_model(
         log.warning(msg)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {seed!r}")
-    rw = _Rewriter(plan, fold_batchnorm=bool(fold_batchnorm), seed=seed)
+    if not isinstance(fold_batchnorm, bool):
+        raise TypeError(f"fold_batchnorm must be a bool, got {fold_batchnorm!r}")
+    rw = _Rewriter(plan, fold_batchnorm=fold_batchnorm, seed=seed)
     with _gc_paused():
         try:
             with _cached_signatures():
