@@ -178,7 +178,9 @@ class EMATracker(_Tracker):
         return self.lo, self.hi
 
 
-def ranges_from_trackers(trackers: Mapping[str, _Tracker], what: str = "calibration_data") -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+def ranges_from_trackers(
+    trackers: Mapping[str, _Tracker], what: str = "calibration_data"
+) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
     """``{point: (lo, hi)}`` from the trackers of one calibration (every front end goes through here).
 
     Logs the non-finite values ignored at each point (once), warns about points
@@ -307,7 +309,9 @@ def _castable(given: Any, expected: Any) -> bool:
 
 
 def check_inputs(
-    given: Mapping[str, Any], expected: Mapping[str, Tuple[Optional[Tuple[Optional[int], ...]], Any]], what: str = "calibration_data"
+    given: Mapping[str, Any],
+    expected: Mapping[str, Tuple[Optional[Tuple[Optional[int], ...]], Any]],
+    what: str = "calibration_data",
 ) -> None:
     """Check one batch against the inputs a model expects, before it is run.
 
