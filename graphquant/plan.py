@@ -9,6 +9,7 @@ the readable table that ``inspect`` prints.
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 from dataclasses import dataclass, field, replace
@@ -73,6 +74,8 @@ def selector_matches(sel: Selector, node: Node, path: str) -> bool:
 
 
 def _resolve_act_format(format: Any, bits: Any, range: Any) -> Format:
+    if format is not None and bits is not None:
+        raise ValueError(f"bits={bits!r} contradicts format={str(parse_format(format))!r} (give one or the other)")
     if format is not None and range is not None:
         fmt = parse_format(format)
         if isinstance(fmt, Affine) and fmt.range is None:
@@ -501,9 +504,44 @@ def make_plan(
     registry = DEFAULT_REGISTRY if registry is None else registry
     if not isinstance(registry, Registry):
         raise TypeError(f"registry must be a graphquant.patterns.Registry, got {type(registry).__name__}")
+    _check_overrides(view, config)
     plan = Plan(points=[], config=config)
     _plan_into(plan, view, config, registry, scope)
     return plan
+
+
+def _check_overrides(view: View, config: QuantizeConfig) -> None:
+    """Every string key of ``overrides`` must pick some node of the view (nested views included).
+
+    Class objects are not checked (a config may name classes a model does not use).
+
+    Raises:
+        ValueError: naming the key that matches nothing and the closest node names.
+    """
+    keys = [sel for sel, _ in config.overrides if isinstance(sel, str)]
+    if not keys:
+        return
+    nodes: List[Tuple[Node, str]] = []
+
+    def walk(v: View, scope: Tuple[str, ...]) -> None:
+        for n in v.nodes.values():
+            nodes.append((n, "/".join(scope + (n.name,))))
+        for name, child in v.children.items():
+            walk(child, scope + (name,))
+
+    walk(view, ())
+    for sel in keys:
+        if any(selector_matches(sel, n, path) for n, path in nodes):
+            continue
+        if sel.startswith(("class:", "kind:")):
+            word = sel.split(":", 1)[1]
+            names = {n.kind for n, _ in nodes} | {c for n, _ in nodes for c in n.classes}
+        else:
+            word = sel
+            names = {n.name for n, _ in nodes} | {path for _, path in nodes}
+        close = difflib.get_close_matches(word, sorted(names), n=3, cutoff=0.5)
+        hint = f"; closest: {', '.join(repr(c) for c in close)}" if close else ""
+        raise ValueError(f"overrides: {sel!r} matches no layer or node of the model{hint}")
 
 
 def _plan_into(plan: Plan, view: View, config: QuantizeConfig, registry: Registry, scope: Tuple[str, ...]) -> None:

@@ -18,13 +18,22 @@ in the range (the affine grid represents zero exactly).
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
+import warnings
+from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple
 
 import numpy as np
 
-__all__ = ["MinMaxTracker", "PercentileTracker", "EMATracker", "make_tracker", "calibrate", "iter_batches"]
+__all__ = [
+    "MinMaxTracker", "PercentileTracker", "EMATracker", "make_tracker", "calibrate", "iter_batches",
+    "calibration_batches", "check_inputs", "ranges_from_trackers", "MIN_RANGE_WIDTH",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
+
+
+#: the narrowest calibrated range: a narrower one (e.g. all-zero data) is widened to this width,
+#: on every path (Keras layers, graphs, in-graph dynamic ranges use the same 1e-6)
+MIN_RANGE_WIDTH = 1e-6
 
 
 def _reduce_axes(x: np.ndarray, axis: Optional[int]) -> Tuple[np.ndarray, Optional[int]]:
@@ -35,18 +44,67 @@ def _reduce_axes(x: np.ndarray, axis: Optional[int]) -> Tuple[np.ndarray, Option
 
 
 class _Tracker:
+    """Common part: non-finite values (NaN, +-inf) are ignored and counted.
+
+    Attributes:
+        count: batches that had at least one finite value.
+        seen: values seen (finite or not).
+        nonfinite: NaN / inf values ignored.
+    """
+
     def __init__(self, axis: Optional[int] = None):
         self.axis = axis
         self.count = 0
+        self.seen = 0
+        self.nonfinite = 0
 
-    def result(self) -> Tuple[np.ndarray, np.ndarray]:
-        if self.count == 0:
-            raise ValueError("no data seen: the tracker was never updated")
-        lo, hi = self._result()
-        lo = np.minimum(lo, 0.0).astype(np.float32)
-        hi = np.maximum(hi, 0.0).astype(np.float32)
-        hi = np.where(hi - lo < 1e-8, lo + 1e-8, hi).astype(np.float32)
-        return lo, hi
+    def update(self, x: Any) -> None:
+        """Track one batch (non-finite values are ignored and counted in :attr:`nonfinite`)."""
+        flat, red = _reduce_axes(np.asarray(x, dtype=np.float32), self.axis)
+        if flat.size == 0:
+            return
+        finite = np.isfinite(flat)
+        self.seen += flat.size
+        self.nonfinite += int(flat.size - np.count_nonzero(finite))
+        has = finite.any(axis=red)  # per channel (or one bool): a finite value in this batch
+        if not np.any(has):
+            return
+        self._update(flat, red, finite, has)
+        self.count += 1
+
+    def _update(self, flat: np.ndarray, red: Optional[int], finite: np.ndarray, has: Any) -> None:  # pragma: no cover
+        raise NotImplementedError
+
+    def _result(self) -> Tuple[Any, Any]:  # pragma: no cover
+        raise NotImplementedError
+
+    def result(self, point: str = "the tracker") -> Tuple[np.ndarray, np.ndarray]:
+        """``(lo, hi)``: widened to include 0 and to at least :data:`MIN_RANGE_WIDTH`.
+
+        Raises:
+            ValueError: naming ``point``, when it saw no finite value (in some channel).
+        """
+        if self.seen == 0:
+            raise ValueError(f"{point}: no data seen (the tracker was never updated)")
+        if self.count:
+            lo, hi = (np.asarray(v, dtype=np.float64) for v in self._result())
+        else:
+            lo = hi = np.asarray(np.nan)
+        missing = ~(np.isfinite(lo) & np.isfinite(hi))
+        if np.any(missing):
+            where = "" if missing.ndim == 0 else f" in channel(s) {np.flatnonzero(missing).tolist()[:8]}"
+            raise ValueError(
+                f"{point}: no finite value{where} ({self.nonfinite} of {self.seen} values were NaN or inf)"
+            )
+        lo = np.minimum(lo, 0.0)
+        hi = np.maximum(hi, 0.0)
+        hi = np.where(hi - lo < MIN_RANGE_WIDTH, lo + MIN_RANGE_WIDTH, hi)
+        return lo.astype(np.float32), hi.astype(np.float32)
+
+
+def _finite_min_max(flat: np.ndarray, red: Optional[int], finite: np.ndarray) -> Tuple[Any, Any]:
+    """Min and max over the finite values (``inf`` / ``-inf`` where a channel has none)."""
+    return np.where(finite, flat, np.inf).min(axis=red), np.where(finite, flat, -np.inf).max(axis=red)
 
 
 class MinMaxTracker(_Tracker):
@@ -57,22 +115,17 @@ class MinMaxTracker(_Tracker):
         self.lo: Any = None
         self.hi: Any = None
 
-    def update(self, x: Any) -> None:
-        flat, red = _reduce_axes(np.asarray(x, dtype=np.float32), self.axis)
-        flat = flat[np.isfinite(flat).all(axis=-1)] if red is not None else flat[np.isfinite(flat)]
-        if flat.size == 0:
-            return
-        lo, hi = flat.min(axis=red), flat.max(axis=red)
+    def _update(self, flat, red, finite, has) -> None:
+        lo, hi = _finite_min_max(flat, red, finite)
         self.lo = lo if self.lo is None else np.minimum(self.lo, lo)
         self.hi = hi if self.hi is None else np.maximum(self.hi, hi)
-        self.count += 1
 
     def _result(self):
         return self.lo, self.hi
 
 
 class PercentileTracker(_Tracker):
-    """Mean over batches of the batch percentiles ``100 - p`` and ``p``."""
+    """Mean over batches of the batch percentiles ``100 - p`` and ``p`` (of the finite values)."""
 
     def __init__(self, percentile: float = 99.99, axis: Optional[int] = None):
         if not isinstance(percentile, (int, float)) or not 50.0 < float(percentile) <= 100.0:
@@ -81,18 +134,23 @@ class PercentileTracker(_Tracker):
         self.percentile = float(percentile)
         self.lo_sum: Any = 0.0
         self.hi_sum: Any = 0.0
+        self.batches: Any = 0  # per channel: batches with a finite value
 
-    def update(self, x: Any) -> None:
-        flat, red = _reduce_axes(np.asarray(x, dtype=np.float32), self.axis)
-        if flat.size == 0:
-            return
-        lo, hi = np.nanpercentile(flat, [100.0 - self.percentile, self.percentile], axis=red)
-        self.lo_sum = self.lo_sum + lo
-        self.hi_sum = self.hi_sum + hi
-        self.count += 1
+    def _update(self, flat, red, finite, has) -> None:
+        q = [100.0 - self.percentile, self.percentile]
+        if red is None:
+            lo, hi = np.percentile(flat[finite], q)
+        else:
+            with warnings.catch_warnings():  # channels without a finite value give NaN, dropped below
+                warnings.simplefilter("ignore", RuntimeWarning)
+                lo, hi = np.nanpercentile(np.where(finite, flat, np.nan), q, axis=red)
+        self.lo_sum = self.lo_sum + np.where(has, lo, 0.0)
+        self.hi_sum = self.hi_sum + np.where(has, hi, 0.0)
+        self.batches = self.batches + has
 
     def _result(self):
-        return self.lo_sum / self.count, self.hi_sum / self.count
+        with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 = NaN: a channel without data
+            return self.lo_sum / self.batches, self.hi_sum / self.batches
 
 
 class EMATracker(_Tracker):
@@ -106,18 +164,40 @@ class EMATracker(_Tracker):
         self.lo: Any = None
         self.hi: Any = None
 
-    def update(self, x: Any) -> None:
-        flat, red = _reduce_axes(np.asarray(x, dtype=np.float32), self.axis)
-        if flat.size == 0:
+    def _update(self, flat, red, finite, has) -> None:
+        lo, hi = _finite_min_max(flat, red, finite)
+        if self.lo is None:
+            self.lo, self.hi = np.where(has, lo, np.nan), np.where(has, hi, np.nan)
             return
-        lo, hi = flat.min(axis=red), flat.max(axis=red)
         m = self.momentum
-        self.lo = lo if self.lo is None else m * self.lo + (1 - m) * lo
-        self.hi = hi if self.hi is None else m * self.hi + (1 - m) * hi
-        self.count += 1
+        first = np.isnan(self.lo)
+        self.lo = np.where(has, np.where(first, lo, m * self.lo + (1 - m) * lo), self.lo)
+        self.hi = np.where(has, np.where(first, hi, m * self.hi + (1 - m) * hi), self.hi)
 
     def _result(self):
         return self.lo, self.hi
+
+
+def ranges_from_trackers(
+    trackers: Mapping[str, _Tracker], what: str = "calibration_data"
+) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """``{point: (lo, hi)}`` from the trackers of one calibration (every front end goes through here).
+
+    Logs the non-finite values ignored at each point (once), warns about points
+    the data never reached (left out of the result).
+
+    Raises:
+        ValueError: naming ``what`` and the point, when a point saw data but no finite value.
+    """
+    out: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
+    for point, t in trackers.items():
+        if t.seen == 0:
+            log.warning("calibration: no data reached %r; its range is not calibrated", point)
+            continue
+        out[point] = t.result(f"{what}: {point!r}")
+        if t.nonfinite:
+            log.warning("calibration: %d non-finite values ignored at %r", t.nonfinite, point)
+    return out
 
 
 def make_tracker(method: str, axis: Optional[int] = None, percentile: float = 99.99) -> _Tracker:
@@ -179,17 +259,133 @@ def iter_batches(
         yield x_of(el)
 
 
-class _Calibrator:
-    def __init__(self, method: str, percentile: float):
-        self.method = method
-        self.percentile = percentile
-        self.trackers: Dict[int, Any] = {}
+def _is_empty(batch: Any) -> bool:
+    import tensorflow as tf
 
-    def update(self, layer: Any, x: Any) -> None:
-        t = self.trackers.get(id(layer))
-        if t is None:
-            t = self.trackers[id(layer)] = (layer, make_tracker(self.method, layer.format.axis, self.percentile))
-        t[1].update(np.asarray(x))
+    leaves = tf.nest.flatten(batch)
+    return not leaves or any(int(np.prod(getattr(v, "shape", np.shape(v)))) == 0 for v in leaves)
+
+
+def calibration_batches(
+    data: Any,
+    n_inputs: int = 1,
+    batch_size: int = 32,
+    steps: Optional[int] = None,
+    what: str = "calibration_data",
+    check: Optional[Callable[[Any], None]] = None,
+) -> Iterator[Any]:
+    """:func:`iter_batches` for calibration (every front end): zero-size batches
+    are skipped, ``check(batch)`` (e.g. :func:`check_inputs`) runs before each
+    batch is fed, and data without a non-empty batch is an error.
+
+    Raises:
+        ValueError: ``"<what> is empty"`` (after the last batch).
+    """
+    n = 0
+    for batch in iter_batches(data, n_inputs, batch_size, steps, what=what):
+        if _is_empty(batch):
+            continue
+        if check is not None:
+            check(batch)
+        n += 1
+        yield batch
+    if n == 0:
+        raise ValueError(f"{what} is empty (no batch with data)")
+
+
+def _shape_str(shape: Any) -> str:
+    return "(" + ", ".join("None" if d is None else str(int(d)) for d in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _castable(given: Any, expected: Any) -> bool:
+    g, e = np.dtype(given), np.dtype(expected)
+    if e.kind in "OSU":
+        return g.kind in "OSU"
+    if g.kind in "OSU":
+        return False
+    if "V" in (g.kind, e.kind):  # bfloat16 / float8 (ml_dtypes): numpy knows no cast rules
+        return True
+    return bool(np.can_cast(g, e, casting="same_kind"))
+
+
+def check_inputs(
+    given: Mapping[str, Any],
+    expected: Mapping[str, Tuple[Optional[Tuple[Optional[int], ...]], Any]],
+    what: str = "calibration_data",
+) -> None:
+    """Check one batch against the inputs a model expects, before it is run.
+
+    Args:
+        given: ``{input name: value}`` of the batch.
+        expected: ``{input name: (shape or None if unknown, numpy/TensorFlow dtype)}``;
+            ``None`` dimensions match any size.
+
+    Raises:
+        ValueError: one line, e.g. ``calibration_data: input 'x' expects shape
+            (None, 6, 6, 1), got (4, 5, 5, 1)``; also for missing or unknown inputs
+            and dtypes that cannot be cast (e.g. strings to float32).
+    """
+    import tensorflow as tf
+
+    missing = [k for k in expected if k not in given]
+    if missing:
+        raise ValueError(f"{what}: input {missing[0]!r} is missing (the model takes {list(expected)}, got {list(given)})")
+    unknown = [k for k in given if k not in expected]
+    if unknown:
+        raise ValueError(f"{what}: unknown input {unknown[0]!r} (the model takes {list(expected)})")
+    for name, (shape, dtype) in expected.items():
+        v = given[name]
+        if not hasattr(v, "shape") or not hasattr(v, "dtype"):
+            v = np.asarray(v)
+        got = tuple(None if d is None else int(d) for d in v.shape)
+        if shape is not None:
+            shape = tuple(None if d is None else int(d) for d in shape)
+            if len(got) != len(shape) or any(e is not None and e != g for e, g in zip(shape, got)):
+                raise ValueError(f"{what}: input {name!r} expects shape {_shape_str(shape)}, got {_shape_str(got)}")
+        try:
+            gdt, edt = tf.as_dtype(v.dtype), tf.as_dtype(dtype)
+        except TypeError:
+            continue  # a dtype TensorFlow does not know: let the model say
+        if not _castable(gdt.as_numpy_dtype, edt.as_numpy_dtype):
+            raise ValueError(f"{what}: input {name!r} expects dtype {edt.name}, got {gdt.name}")
+
+
+def _keras_inputs(model: Any) -> Tuple[Any, Dict[str, Tuple[Any, Any]]]:
+    """``(structure, {name: (shape, dtype)})`` of a Keras model's inputs; structure is
+    ``"dict"``, ``"list"`` or ``"single"``."""
+    inputs = list(getattr(model, "inputs", None) or [])
+    struct = getattr(model, "_inputs_struct", None)
+    if isinstance(struct, Mapping):
+        return "dict", {k: (tuple(t.shape), t.dtype) for k, t in struct.items()}
+    specs: Dict[str, Tuple[Any, Any]] = {}
+    for i, t in enumerate(inputs):
+        hist = getattr(t, "_keras_history", None)
+        name = getattr(getattr(hist, "operation", None), "name", None) or getattr(t, "name", None) or f"input{i}"
+        specs[name] = (tuple(t.shape), t.dtype)
+    return ("list" if len(specs) > 1 else "single"), specs
+
+
+def _keras_check(model: Any, what: str) -> Optional[Callable[[Any], None]]:
+    kind, specs = _keras_inputs(model)
+    if not specs:
+        return None
+    names = list(specs)
+
+    def check(batch: Any) -> None:
+        if kind == "dict" or isinstance(batch, Mapping):
+            if not isinstance(batch, Mapping):
+                raise ValueError(f"{what}: the model takes a dict of inputs {names}, got {type(batch).__name__}")
+            given = dict(batch)
+        elif kind == "list":
+            if not isinstance(batch, (tuple, list)) or len(batch) != len(names):
+                got = f"{len(batch)} arrays" if isinstance(batch, (tuple, list)) else type(batch).__name__
+                raise ValueError(f"{what}: the model takes {len(names)} inputs {names}, got {got}")
+            given = dict(zip(names, batch))
+        else:
+            given = {names[0]: batch}
+        check_inputs(given, specs, what)
+
+    return check
 
 
 def calibrate(
@@ -205,7 +401,8 @@ def calibrate(
 
     The model runs eagerly in inference mode with rounding switched off (so
     every layer sees float activations); each learned-range layer tracks its
-    input, then its range is set and frozen.
+    input, then its range is set and frozen. NaN and inf values are ignored
+    (their number is logged per layer).
 
     Args:
         model: a model returned by :func:`graphquant.quantize_model`.
@@ -220,8 +417,27 @@ def calibrate(
 
     Raises:
         TypeError: ``model`` is not a Keras model or ``data`` is not usable.
-        ValueError: bad ``method``/``percentile``, or no data.
+        ValueError: bad ``method``/``percentile``; ``data`` is empty, does not
+            fit the model's inputs (shape or dtype), or has no finite value at a
+            layer (the message names it).
     """
+    return _calibrate_keras(model, data, method, percentile=percentile, batch_size=batch_size, steps=steps, what="data")
+
+
+class _Feed:
+    """What a :class:`~graphquant.keras.Quantize` layer calls while calibrating (``update(layer, x)``)."""
+
+    def __init__(self, tracker: _Tracker):
+        self.tracker = tracker
+
+    def update(self, layer: Any, x: Any) -> None:
+        self.tracker.update(np.asarray(x))
+
+
+def _calibrate_keras(
+    model: Any, data: Any, method: str, *, percentile: float = 99.99, batch_size: int = 32,
+    steps: Optional[int] = None, what: str = "calibration_data",
+) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:  # fmt: skip
     import keras
 
     from .keras.layers import Quantize
@@ -233,28 +449,22 @@ def calibrate(
     if not layers:
         log.warning("calibrate: model %r has no Quantize layer with a learned range", model.name)
         return {}
-    cal = _Calibrator(method, percentile)
+    trackers = {l.name: make_tracker(method, l.format.axis, percentile) for l in layers}
     for l in layers:
-        l._calibrator = cal
+        l._calibrator = _Feed(trackers[l.name])
     n = 0
     try:
-        for batch in iter_batches(data, len(model.inputs or [None]), batch_size, steps):
+        batches = calibration_batches(data, len(model.inputs or [None]), batch_size, steps, what, _keras_check(model, what))
+        for batch in batches:
             model(batch, training=False)
             n += 1
     finally:
         for l in layers:
             l._calibrator = None
-    if n == 0:
-        raise ValueError("calibration data is empty")
-    out: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
+    out = ranges_from_trackers(trackers, what)
     for l in layers:
-        entry = cal.trackers.get(id(l))
-        if entry is None:
-            log.warning("calibrate: layer %s saw no data", l.name)
-            continue
-        lo, hi = entry[1].result()
-        l.set_range(lo, hi)
-        out[l.name] = (lo, hi)
+        if l.name in out:
+            l.set_range(*out[l.name])
     log.info("calibrate: %d ranges set from %d batches (%s)", len(out), n, method)
     return out
 

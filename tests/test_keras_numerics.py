@@ -88,7 +88,7 @@ def test_calibration_data_kinds_and_methods():
     assert out["r1_quant"][0] == 0 and out["r1_quant"][1] == pytest.approx(tap.max(), rel=1e-5)
     with pytest.raises(ValueError, match="method"):
         calibrate(q1, X, method="kl")
-    with pytest.raises(TypeError, match="calibration data"):
+    with pytest.raises(TypeError, match="data must be an array"):  # names calibrate's argument
         calibrate(q1, 3)
     with pytest.raises(ValueError, match="empty"):
         calibrate(q1, [])

@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 from tensorflow.core.framework import graph_pb2, node_def_pb2
 
 from ..plan import Plan
+from ..ranges import make_tracker, ranges_from_trackers
 from .planning import scope_name
 
 log = logging.getLogger(__name__)
@@ -64,42 +64,35 @@ class PyFuncObservers:
 
 
 class RangeCollector(PyFuncObservers):
-    """Collects per-point ranges: ``"minmax"`` (running min/max) or ``"percentile"``."""
+    """Collects per-point ranges with the same trackers as Keras calibration
+    (:func:`graphquant.ranges.make_tracker`): ``"minmax"`` or ``"percentile"``;
+    NaN and inf values are ignored and counted."""
 
     def __init__(self, method: str = "minmax", percentile: float = 99.99):
         super().__init__()
         if method not in ("minmax", "percentile"):
             raise ValueError(f"method must be 'minmax' or 'percentile', got {method!r}")
+        make_tracker(method, None, percentile)  # validates percentile
         self.method = method
         self.percentile = float(percentile)
-        self._stats: Dict[str, List[float]] = {}
+        self.trackers: Dict[str, Any] = {}
 
     def observer(self, path: str):
+        tracker = self.trackers[path] = make_tracker(self.method, None, self.percentile)
+
         def observe(x):
-            a = x.numpy()
-            if a.size:
-                a = a[np.isfinite(a)]
-            if a.size:
-                if self.method == "percentile":
-                    lo = float(np.percentile(a, 100.0 - self.percentile))
-                    hi = float(np.percentile(a, self.percentile))
-                else:
-                    lo, hi = float(a.min()), float(a.max())
-                cur = self._stats.get(path)
-                self._stats[path] = [lo, hi] if cur is None else [min(cur[0], lo), max(cur[1], hi)]
+            tracker.update(x.numpy())
             return x
 
         return observe
 
-    def ranges(self) -> Dict[str, Tuple[float, float]]:
-        """``{path: (lo, hi)}``, widened to include 0 and to a non-empty interval."""
-        out = {}
-        for k, (lo, hi) in self._stats.items():
-            lo, hi = min(lo, 0.0), max(hi, 0.0)
-            if hi - lo < 1e-6:
-                hi = lo + 1e-6
-            out[k] = (lo, hi)
-        return out
+    def ranges(self, what: str = "calibration_data") -> Dict[str, Tuple[float, float]]:
+        """``{path: (lo, hi)}``, widened to include 0 and to at least ``MIN_RANGE_WIDTH``.
+
+        Raises:
+            ValueError: naming ``what`` and the path of a point that saw no finite value.
+        """
+        return {k: (float(lo), float(hi)) for k, (lo, hi) in ranges_from_trackers(self.trackers, what).items()}
 
 
 def insert_observers(graph_def: graph_pb2.GraphDef, plan: Plan, collector: RangeCollector,

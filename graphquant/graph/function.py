@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from ..patterns import Registry
 from ..plan import Plan, QuantizeConfig
-from ..ranges import iter_batches
+from ..ranges import calibration_batches, check_inputs
 from .calibrate import RangeCollector, insert_observers, needs_calibration
 from .liveness import check_live
 from .planning import apply_plan, plan_graph_def
@@ -137,7 +137,8 @@ class QuantizedFunction:
         return f"QuantizedFunction({len(self.inserted)} graphquant nodes)"
 
 
-def _run_flat(fn, cf, batch) -> None:
+def _flat_inputs(cf, batch) -> Tuple[list, list]:
+    """The batch as the flat argument list of ``cf``, and the names of those arguments."""
     sig_args, sig_kwargs = cf.structured_input_signature
     if isinstance(batch, dict) and sig_kwargs:
         flat = tf.nest.flatten(((), batch))
@@ -145,6 +146,27 @@ def _run_flat(fn, cf, batch) -> None:
         flat = tf.nest.flatten((tuple(batch), {}))
     else:
         flat = [batch]
+    n_user = len(cf.inputs) - len(cf.graph.captures)
+    names = [t.name.split(":", 1)[0] for t in cf.inputs[:n_user]]
+    return flat, names
+
+
+def _check_flat(cf, batch) -> None:
+    """Check a calibration batch against ``cf``'s input signature (shapes, dtypes) before it runs."""
+    flat, names = _flat_inputs(cf, batch)
+    specs = tf.nest.flatten(cf.structured_input_signature)
+    if not all(isinstance(s, tf.TensorSpec) for s in specs):
+        return  # composite or Python arguments: left to the function
+    if len(flat) != len(specs):
+        raise ValueError(f"calibration_data: the function takes {len(specs)} inputs {names}, got {len(flat)}")
+    expected = {
+        n: (None if s.shape.rank is None else tuple(s.shape.as_list()), s.dtype) for n, s in zip(names, specs)
+    }
+    check_inputs(dict(zip(names, flat)), expected)
+
+
+def _run_flat(fn, cf, batch) -> None:
+    flat, _ = _flat_inputs(cf, batch)
     specs = tf.nest.flatten(cf.structured_input_signature)
     flat = [tf.convert_to_tensor(v, dtype=s.dtype) for v, s in zip(flat, specs)]
     fn(*flat)
@@ -233,7 +255,7 @@ def quantize_function(
         insert_observers(obs, plan, collector, obs_redirects)
         runner = _import(obs, cf, obs_redirects)
         try:
-            for batch in iter_batches(calibration_data):
+            for batch in calibration_batches(calibration_data, check=lambda b: _check_flat(cf, b)):
                 _run_flat(runner, cf, batch)
         finally:
             collector.release()

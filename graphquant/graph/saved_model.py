@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError
 from .. import outputs
 from ..patterns import Registry
 from ..plan import Plan, QuantizeConfig
-from ..ranges import iter_batches
+from ..ranges import calibration_batches, check_inputs
 from .calibrate import RangeCollector, insert_observers, needs_calibration
 from .function import config_from_kwargs
 from .liveness import check_live, tensor_node
@@ -252,7 +252,7 @@ def _plan_saved_model(sm, cfg: QuantizeConfig, registry: Optional[Registry], sou
 
 def inspect_saved_model(
     path: PathLike,
-    bits: Optional[int] = 8,
+    bits: Optional[int] = None,
     *,
     format: Any = None,
     rounding: str = "nearest",
@@ -264,10 +264,10 @@ def inspect_saved_model(
     """The insertion plan for a SavedModel, without writing anything.
 
     ``print(plan)`` shows the table; ``plan.to_dict()`` the data. Arguments as
-    in :func:`convert_saved_model`.
+    in :func:`convert_saved_model` (neither ``bits`` nor ``format``: ``bits=8``).
     """
-    if format is not None:
-        bits = None
+    if format is None and bits is None:
+        bits = 8
     cfg = config_from_kwargs(bits, format, rounding, range, weights, **config)
     sm = read_saved_model(path)
     return _plan_saved_model(sm, cfg, registry, Path(path))
@@ -427,17 +427,19 @@ def _calibrate(sm, src: Path, plans: List[Plan], data: Any, signature: str, meth
             )
         fn = loaded.signatures[signature]
         _, kw_specs = fn.structured_input_signature
-        for batch in iter_batches(data):
+        specs = {k: (None if v.shape.rank is None else tuple(v.shape.as_list()), v.dtype) for k, v in kw_specs.items()}
+
+        def feed_of(batch: Any) -> Dict[str, Any]:
             if isinstance(batch, dict):
-                feed = batch
-            else:
-                if len(kw_specs) != 1:
-                    raise ValueError(
-                        f"calibration_data: signature {signature!r} takes {sorted(kw_specs)}; pass a dict of arrays"
-                    )
-                feed = {next(iter(kw_specs)): batch}
-            feed = {k: tf.convert_to_tensor(v, dtype=kw_specs[k].dtype) for k, v in feed.items() if k in kw_specs}
-            fn(**feed)
+                return batch
+            if len(kw_specs) != 1:
+                raise ValueError(
+                    f"calibration_data: signature {signature!r} takes {sorted(kw_specs)}; pass a dict of arrays"
+                )
+            return {next(iter(kw_specs)): batch}
+
+        for batch in calibration_batches(data, check=lambda b: check_inputs(feed_of(b), specs)):
+            fn(**{k: tf.convert_to_tensor(v, dtype=kw_specs[k].dtype) for k, v in feed_of(batch).items()})
         del loaded, fn
     finally:
         collector.release()

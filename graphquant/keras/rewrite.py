@@ -575,8 +575,8 @@ def quantize_model(
         kw["weight_rounding"] = weight_rounding
     if storage_rounding != "nearest":
         kw["storage_rounding"] = storage_rounding
-    if dense:
-        kw["dense"] = True
+    if dense is not False:
+        kw["dense"] = dense  # QuantizeConfig.create checks it is a bool
     if config is not None and kw:
         raise ValueError(f"give config= or keyword options, not both (got {sorted(kw)})")
     cfg = _config(config, kw)
@@ -597,7 +597,9 @@ def quantize_model(
         log.warning(msg)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {seed!r}")
-    rw = _Rewriter(plan, fold_batchnorm=bool(fold_batchnorm), seed=seed)
+    if not isinstance(fold_batchnorm, bool):
+        raise TypeError(f"fold_batchnorm must be a bool, got {fold_batchnorm!r}")
+    rw = _Rewriter(plan, fold_batchnorm=fold_batchnorm, seed=seed)
     with _gc_paused():
         try:
             with _cached_signatures():
@@ -609,9 +611,9 @@ def quantize_model(
         apply_weight_storage(new, cfg.weight_storage, cfg.storage_rounding, seed=rw._next_seed())
     new._graphquant_plan = plan  # for inspection; not serialized
     if calibration_data is not None:
-        from ..ranges import calibrate
+        from ..ranges import _calibrate_keras
 
-        calibrate(new, calibration_data, method=calibration_method)
+        _calibrate_keras(new, calibration_data, calibration_method, what="calibration_data")
     log.info("quantize_model: %d rounding layers inserted in %.2fs", rw.inserted, time.perf_counter() - t0)
     return new
 
