@@ -289,7 +289,8 @@ def convert_batch(
         log.warning("no SavedModel found under %s", src_root)
     dst_root.mkdir(parents=True, exist_ok=True)
     with outputs.DestinationLock(dst_root), _sigterm_as_interrupt():
-        outputs.remove_stale_tmp(report_path.parent)
+        for parent in {report_path.parent, *(out.parent for _, _, out in pairs)}:  # left by killed runs
+            outputs.remove_stale_tmp(parent)
         todo = _plan_outputs(pairs, record, overwrite, result)
         _run(todo, dict(options, overwrite=True), jobs, progress, result, report_path, t0)
     return result

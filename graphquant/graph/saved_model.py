@@ -315,8 +315,10 @@ def _check_source(src: Path) -> None:
         raise SavedModelError(str(e)) from None
     index = src / "variables" / "variables.index"
     if index.is_file():
-        try:
-            tf.train.load_checkpoint(str(src / "variables" / "variables"))
+        try:  # every tensor is read once: a truncated data file fails here, naming the folder
+            reader = tf.train.load_checkpoint(str(src / "variables" / "variables"))
+            for key in reader.get_variable_to_dtype_map():
+                reader.get_tensor(key)
         except Exception as e:  # noqa: BLE001 - any reader error means the variables do not load
             raise SavedModelError(f"{src / 'variables'}: the variables do not load ({_first_line(e)})") from None
 
