@@ -222,6 +222,31 @@ def _resume_gc() -> None:
 _gc_paused = _SharedScope(_pause_gc, _resume_gc)
 
 
+@contextlib.contextmanager
+def _recursion_room(frames: int) -> Iterator[None]:
+    """Python's recursion limit raised by ``frames`` within the block, restored after.
+
+    Keras builds a Functional model (``Functional.__init__`` -> ``map_graph``
+    -> ``_build_map_helper``) with one recursive call per layer on the longest
+    path, so a copy with a rounding layer after each convolution group can pass
+    Python's default limit where the source did not (EfficientNetV2L: 1,030
+    layers plus 339 inserted). Python 3.11 keeps Python-to-Python calls off
+    the C stack, so a higher limit costs nothing but the frames used.
+    """
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(before, before + frames))
+    try:
+        yield
+    finally:
+        if sys.getrecursionlimit() == max(before, before + frames):  # not changed meanwhile by someone else
+            sys.setrecursionlimit(before)
+
+
+def _count_layers(model: Any) -> int:
+    """Layers of ``model``, nested models' layers included."""
+    return sum(1 + (_count_layers(layer) if hasattr(layer, "layers") else 0) for layer in getattr(model, "layers", ()))
+
+
 def _clone_layer(layer: Any) -> Any:
     """A new layer (or plain ``keras.ops`` operation) from ``layer``'s config."""
     try:
@@ -600,7 +625,7 @@ def quantize_model(
     if not isinstance(fold_batchnorm, bool):
         raise TypeError(f"fold_batchnorm must be a bool, got {fold_batchnorm!r}")
     rw = _Rewriter(plan, fold_batchnorm=fold_batchnorm, seed=seed)
-    with _gc_paused():
+    with _gc_paused(), _recursion_room(4 * (len(plan.points) + _count_layers(model))):
         try:
             with _cached_signatures():
                 new = rw.rewrite(model)
