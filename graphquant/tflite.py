@@ -532,29 +532,15 @@ class TFLiteReport:
 
 
 def _simulate(model: Any, inputs: Sequence[np.ndarray], batch: int = 64) -> List[np.ndarray]:
-    import tensorflow as tf
-
-    fn = getattr(model, "_graphquant_sim_fn", None)
-    if fn is None:
-        fn = tf.function(lambda *xs: model(xs[0] if len(xs) == 1 else list(xs), training=False))
-        model._graphquant_sim_fn = fn
-    outs: List[List[np.ndarray]] = []
-    for start in range(0, inputs[0].shape[0], batch):
-        y = fn(*[tf.constant(x[start:start + batch], tf.float32) for x in inputs])
-        flat = [np.asarray(t) for t in tf.nest.flatten(y)]
-        if not outs:
-            outs = [[] for _ in flat]
-        for k, t in enumerate(flat):
-            outs[k].append(t)
-    return [np.concatenate(o) for o in outs]
+    return (model if isinstance(model, _Source) else _Source(model)).simulate(inputs, batch)
 
 
 def agreement(model: Any, tflite: Union[PathLike, bytes], data: Any, kernels: Sequence[str] = KERNELS
               ) -> List[OutputAgreement]:
     """Per output and kernel set: the interpreter's dequantized output against the simulation's."""
-    n_in = len(model.inputs)
-    xs = _as_inputs(data, n_in)
-    sim = _simulate(model, xs)
+    src = model if isinstance(model, _Source) else _Source(model)
+    xs = _as_inputs(data, src.n_inputs)
+    sim = src.simulate(xs)
     rows = []
     for k in kernels:
         interp = load_interpreter(tflite, k)
@@ -574,6 +560,69 @@ def agreement(model: Any, tflite: Union[PathLike, bytes], data: Any, kernels: Se
                 equal_pct=float(np.mean(lsb < 0.5) * 100), top1_pct=top1, n=int(y.shape[0]),
             ))  # fmt: skip
     return rows
+
+
+class _Source:
+    """A model to export: its frozen inference function and a way to run the simulation."""
+
+    def __init__(self, model: Any, signature: str = "serving_default"):
+        import keras
+        import tensorflow as tf
+        from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+        from .rounding import use_xla
+
+        self.keras_model = None
+        if isinstance(model, (str, os.PathLike)):
+            p = Path(model)
+            if p.is_file() and p.suffix in (".keras", ".h5"):
+                from .compare import _load_keras
+
+                model = _load_keras(p, "model")
+            elif p.is_dir():
+                try:
+                    with use_xla(False):
+                        loaded = tf.saved_model.load(os.fspath(p))
+                except Exception as e:
+                    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                    raise ValueError(f"model: {p}: cannot load the SavedModel ({msg})") from None
+                if signature not in loaded.signatures:
+                    raise ValueError(f"model: {p} has no signature {signature!r} (has {sorted(loaded.signatures)})")
+                sig = loaded.signatures[signature]
+                self._loaded = loaded
+                self.name = p.name
+                self.input_names = sorted(sig.structured_input_signature[1])
+                self.n_inputs = len(self.input_names)
+                self.concrete = convert_variables_to_constants_v2(sig)
+                self.weight_bits = None
+
+                def run(*xs):
+                    out = sig(**{k: tf.constant(x, tf.float32) for k, x in zip(self.input_names, xs)})
+                    return [out[k] for k in sorted(out)]
+
+                self._run = run
+                return
+            else:
+                raise ValueError(f"model: {p}: expected a .keras file or a SavedModel folder")
+        if not isinstance(model, keras.Model):
+            raise TypeError(f"model must be a Keras model, a .keras file or a SavedModel folder, got {type(model).__name__}")
+        self.keras_model = model
+        self.name = model.name
+        self.n_inputs = len(model.inputs)
+        self.concrete = _frozen_function(model)
+        self.weight_bits = _weight_bits(model)
+        fn = tf.function(lambda *xs: model(xs[0] if len(xs) == 1 else list(xs), training=False))
+        self._run = lambda *xs: tf.nest.flatten(fn(*[tf.constant(x, tf.float32) for x in xs]))
+
+    def simulate(self, inputs: Sequence[np.ndarray], batch: int = 64) -> List[np.ndarray]:
+        outs: List[List[np.ndarray]] = []
+        for start in range(0, inputs[0].shape[0], batch):
+            flat = [np.asarray(t) for t in self._run(*[x[start:start + batch] for x in inputs])]
+            if not outs:
+                outs = [[] for _ in flat]
+            for k, t in enumerate(flat):
+                outs[k].append(t)
+        return [np.concatenate(o) for o in outs]
 
 
 def export_tflite(
@@ -597,7 +646,9 @@ def export_tflite(
     ``overwrite=True`` and only if graphquant wrote it.
 
     Args:
-        model: a Keras model made by :func:`graphquant.quantize_model`.
+        model: a Keras model made by :func:`graphquant.quantize_model`, a
+            ``.keras`` file of one, or a SavedModel folder graphquant
+            converted (its ``serving_default`` signature).
         path: the ``.tflite`` file to write.
         check_data: inputs (an array, or a list of arrays for several model
             inputs); the interpreter's outputs (reference and default
@@ -612,26 +663,24 @@ def export_tflite(
     Returns:
         A :class:`TFLiteReport` (``print(report)``, ``report.to_dict()``).
     """
-    import keras
     import tensorflow as tf
 
     _litert()
-    if not isinstance(model, keras.Model):
-        raise TypeError(f"model must be a Keras model, got {type(model).__name__}")
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
     in_t = _tf_dtype(inference_input_type, "inference_input_type")
     out_t = _tf_dtype(inference_output_type, "inference_output_type")
     path = Path(path)
     _check_destination(path, overwrite)
-    n_in = len(model.inputs)
+    src = _Source(model)
+    n_in = src.n_inputs
     check = None if check_data is None else _as_inputs(check_data, n_in)
     rep = check if representative_data is None else _as_inputs(representative_data, n_in)
 
-    concrete = _frozen_function(model)
+    concrete = src.concrete
     n_fq = _fake_quant_count(concrete)
     if n_fq == 0:
-        raise ValueError(f"model {model.name!r} has no graphquant activation rounding (no FakeQuant op after "
+        raise ValueError(f"model {src.name!r} has no graphquant activation rounding (no FakeQuant op after "
                          "tracing); quantize it with graphquant.quantize_model first")
     converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete])
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -652,7 +701,7 @@ def export_tflite(
                 "check_data= or representative_data=, or quantize with target='tflite_int8'"
             ) from None
         raise ValueError(f"the TFLite converter failed: {msg}") from None
-    _write_atomic(path, content, {"source_model": model.name, "inference_input_type": in_t.name,
+    _write_atomic(path, content, {"source_model": src.name, "inference_input_type": in_t.name,
                                   "inference_output_type": out_t.name})  # fmt: skip
     interp = load_interpreter(content)
     counts, float_ops = _op_summary(interp)
@@ -665,14 +714,14 @@ def export_tflite(
         report.notes.append("ops computing in float: " + ", ".join(float_ops))
     scales = tflite_scales(content)
     wl = max((o.weight_levels for o in scales.ops), default=0)
-    bits = _weight_bits(model)
+    bits = src.weight_bits
     if bits is not None and bits < 8:
         report.notes.append(
             f"weights were rounded to {bits} bits: stored as int8, at most {wl} distinct values per output "
             f"channel (a {bits}-bit grid has {2 ** bits - 1})"
         )
     if check is not None:
-        report.agreement = agreement(model, content, check)
+        report.agreement = agreement(src, content, check)
     return report
 
 
@@ -744,6 +793,14 @@ def compare_tflite(model: Any, tflite: Union[PathLike, bytes], data: Any, kernel
 
     from .keras.layers import Quantize
 
+    if isinstance(model, (str, os.PathLike)):
+        p = Path(model)
+        if not (p.is_file() and p.suffix in (".keras", ".h5")):
+            raise ValueError(f"model: {p}: compare_tflite needs the quantized model as a .keras file")
+        from .compare import _load_keras
+
+        model = _load_keras(p, "model")
+    _litert()
     xs = [x[:max_examples] for x in _as_inputs(data, len(model.inputs))]
     qlayers = [l for l in model.layers if isinstance(l, Quantize)]
     probe = keras.Model(model.inputs, [l.output for l in qlayers]) if qlayers else None
