@@ -370,8 +370,14 @@ def _frozen_function(model: Any):
         y = model(xs[0] if single else list(xs), training=False)
         return y
 
-    with use_xla(False):  # plain TensorFlow FakeQuant ops, which the converter reads
-        concrete = tf.function(fn).get_concrete_function(*specs)
+    from .keras import layers as _layers
+
+    _layers._EXPORT_INT8_WEIGHTS[0] = True
+    try:
+        with use_xla(False):  # plain TensorFlow FakeQuant ops, which the converter reads
+            concrete = tf.function(fn).get_concrete_function(*specs)
+    finally:
+        _layers._EXPORT_INT8_WEIGHTS[0] = False
     return convert_variables_to_constants_v2(concrete)
 
 
@@ -489,7 +495,7 @@ class TFLiteReport:
     fully_integer: bool
     float_ops: List[str]
     ops: Dict[str, int]
-    graphquant_ranges: int  # FakeQuant ops carrying graphquant's ranges into the converter
+    graphquant_ranges: int  # FakeQuant ops (activations and weights) carrying graphquant's ranges
     calibrated_by_converter: bool
     agreement: List[OutputAgreement] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
