@@ -44,6 +44,7 @@ from .keras import Quantize, QuantizeWeights, StorageRounding, apply_weight_stor
 from .graph import ConversionReport, SavedModelError, convert_saved_model, inspect_saved_model, quantize_function
 from .batch import convert_batch
 from .compare import CompareReport, compare
+from .tflite import TFLiteReport, TFLiteScales, compare_tflite, export_tflite, tflite_scales
 
 __all__ = [
     "__version__",
@@ -92,6 +93,12 @@ __all__ = [
     # evidence
     "CompareReport",
     "compare",
+    # deployment
+    "TFLiteReport",
+    "TFLiteScales",
+    "compare_tflite",
+    "export_tflite",
+    "tflite_scales",
     # graphs
     "ConversionReport",
     "SavedModelError",

@@ -92,6 +92,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--signature", default="serving_default", help="SavedModel signature to run")
     p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
 
+    p = sub.add_parser("export-tflite", help="write a fully integer .tflite file from a graphquant-quantized model")
+    p.add_argument("src", help="the quantized model: .keras file or a SavedModel folder graphquant converted")
+    p.add_argument("dst", help="the .tflite file to write")
+    p.add_argument("--check-data", metavar="INPUTS.npz", help="inputs: run the interpreter and report agreement")
+    p.add_argument("--representative-data", metavar="INPUTS.npz", help="data for tensors graphquant does not round")
+    p.add_argument("--input-type", default="int8", choices=("int8", "uint8", "float32"))
+    p.add_argument("--output-type", default="int8", choices=("int8", "uint8", "float32"))
+    p.add_argument("--overwrite", action="store_true", help="replace a .tflite file graphquant wrote")
+    p.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
+
+    p = sub.add_parser("compare-tflite", help="per-layer: the interpreter's int8 tensors vs the simulation's")
+    p.add_argument("quantized", help="the quantized model (.keras file)")
+    p.add_argument("tflite", help="the .tflite file")
+    p.add_argument("--data", required=True, metavar="INPUTS.npz", help="inputs (.npz or .npy)")
+    p.add_argument("--kernels", default="reference", choices=("reference", "default"))
+    p.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
+
     p = sub.add_parser("example", help="build, export and convert a built-in example model")
     p.add_argument("--out", default="out/example", help="folder for the example's files (default out/example)")
     p.add_argument("--arch", default="MobileNetV2", choices=("MobileNetV2", "ResNet50"), help="keras.applications architecture")
@@ -285,6 +302,44 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_tflite(ns: argparse.Namespace) -> int:
+    from .outputs import check_report_path
+
+    try:
+        from .tflite import export_tflite
+    except ImportError as e:  # pragma: no cover - tensorflow itself missing
+        raise ValueError(str(e)) from None
+    json_path = check_report_path(ns.json, "--json", sources=[ns.src]) if ns.json else None
+    check = _load_calibration(ns.check_data, "--check-data") if ns.check_data else None
+    rep = _load_calibration(ns.representative_data, "--representative-data") if ns.representative_data else None
+    try:
+        report = export_tflite(ns.src, ns.dst, check, inference_input_type=ns.input_type,
+                               inference_output_type=ns.output_type, representative_data=rep,
+                               overwrite=ns.overwrite)  # fmt: skip
+    except ImportError as e:
+        raise ValueError(str(e)) from None
+    print(report.table())
+    _write_report(json_path, report.to_dict())
+    return 0
+
+
+def _cmd_compare_tflite(ns: argparse.Namespace) -> int:
+    from .outputs import check_report_path
+    from .tflite import compare_tflite
+
+    json_path = check_report_path(ns.json, "--json", sources=[ns.quantized]) if ns.json else None
+    if not Path(ns.tflite).is_file():
+        raise ValueError(f"{ns.tflite}: no such file")
+    data = _load_calibration(ns.data, "--data")
+    try:
+        report = compare_tflite(ns.quantized, ns.tflite, data, kernels=ns.kernels)
+    except ImportError as e:
+        raise ValueError(str(e)) from None
+    print(report.table())
+    _write_report(json_path, report.to_dict())
+    return 0
+
+
 def _cmd_example(ns: argparse.Namespace) -> int:
     from .graph.example import run_example
 
@@ -305,7 +360,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         logging.getLogger(noisy).setLevel(logging.ERROR)
     handlers = {
         "convert": _cmd_convert, "batch": _cmd_batch, "inspect": _cmd_inspect, "compare": _cmd_compare,
-        "example": _cmd_example,
+        "example": _cmd_example, "export-tflite": _cmd_export_tflite, "compare-tflite": _cmd_compare_tflite,
     }  # fmt: skip
     try:
         return handlers[ns.command](ns)

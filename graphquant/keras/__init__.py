@@ -1,5 +1,6 @@
 """The Keras 3 front end: ``quantize_model``, ``inspect`` and the layers it inserts."""
 
+from .fold import FoldedConvBatchNorm
 from .layers import FoldingBatchNormalization, Quantize, QuantizeWeights, StorageRounding, quantize_weight
 from .rewrite import apply_weight_storage, inspect, plan_model, quantize_model
 from .view import keras_view
@@ -9,6 +10,7 @@ __all__ = [
     "QuantizeWeights",
     "StorageRounding",
     "FoldingBatchNormalization",
+    "FoldedConvBatchNorm",
     "quantize_weight",
     "quantize_model",
     "inspect",

@@ -236,6 +236,25 @@ class Quantize(keras.layers.Layer):
         return cfg
 
 
+#: Set by graphquant.tflite while it traces a model for the converter: weights rounded to fewer than 8
+#: symmetric bits are re-expressed as an 8-bit FakeQuant whose step is the same (range +-127 steps), so the
+#: converter stores int8 values that lie on the sub-8-bit grid (it would otherwise pack int4 tensors that
+#: LiteRT's reference kernels do not load).
+_EXPORT_INT8_WEIGHTS = [False]
+
+
+def _as_int8_grid(w: Any, y: tf.Tensor, fmt: Affine, red: Any) -> tf.Tensor:
+    from ..ops import _fake_quant_tf
+
+    levels = 2 ** (fmt.bits - 1) - 1
+    m = tf.maximum(tf.reduce_max(tf.abs(tf.stop_gradient(tf.cast(w, tf.float32))), axis=red), 1e-12)
+    step = m / levels
+    f8 = Affine(8, symmetric=True, narrow_range=True, axis=fmt.axis)
+    rank = w.shape.rank
+    axis = None if fmt.axis is None else fmt.axis % rank
+    return _fake_quant_tf(y, -127.0 * step, 127.0 * step, f8, axis, None, "nearest", None)
+
+
 def quantize_weight(w: Any, fmt: Format, rounding: str = "nearest", seed: Any = None) -> tf.Tensor:
     """Round a weight tensor; an Affine format without range uses the weight's own range.
 
@@ -249,7 +268,10 @@ def quantize_weight(w: Any, fmt: Format, rounding: str = "nearest", seed: Any = 
     rank = w.shape.rank
     red = None if fmt.axis is None else [i for i in range(rank) if i != fmt.axis % rank]
     if fmt.symmetric and rounding == "nearest" and _fast_affine(fmt, w):
-        return symmetric_fake_quant(w, fmt)
+        y = symmetric_fake_quant(w, fmt)
+        if _EXPORT_INT8_WEIGHTS[0] and fmt.bits < 8:
+            y = _as_int8_grid(w, y, fmt, red)
+        return y
     if fmt.symmetric:
         m = tf.maximum(tf.reduce_max(tf.abs(wf), axis=red), 1e-12)
         lo, hi = -m, m

@@ -25,6 +25,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import keras
 
+from ..formats import Affine
 from ..patterns import Registry, View
 from ..plan import InsertionPoint, Plan, QuantizeConfig, make_plan
 from .layers import FoldingBatchNormalization, Quantize, QuantizeWeights, StorageRounding
@@ -304,9 +305,12 @@ class _Rewriter:
         self._seed_count += 1
         return self.seed + self._seed_count
 
-    def __init__(self, plan: Plan, fold_batchnorm: bool = True, seed: Optional[int] = None):
+    def __init__(self, plan: Plan, fold_batchnorm: bool = True, seed: Optional[int] = None,
+                 fold_before_rounding: bool = False, freeze_bn_after: Optional[int] = None):
         self.plan = plan
         self.fold_batchnorm = fold_batchnorm
+        self.fold_before_rounding = fold_before_rounding  # a target's conv -> BN folded before weight rounding
+        self.freeze_bn_after = freeze_bn_after
         self.seed = seed
         self._seed_count = 0
         self.models: Dict[int, keras.Model] = {}  # id(source model) -> rewritten
@@ -438,15 +442,35 @@ class _Rewriter:
             tensors[id(x)] = y
             new_inputs.append(y)
         layer_map: Dict[int, Any] = {}
+        for x, y in zip(model.inputs, list(new_inputs)):  # a target that rounds the model input
+            name = x._keras_history.operation.name
+            if name in act_after:
+                tensors[id(x)] = self._quantize_layer(act_after[name], used)(y)
+        folds = self._folds(model, scope) if self.fold_before_rounding else {}
+        folded_bn = {bn_name: conv_name for conv_name, (bn_name, _) in folds.items()}
         for name, op, node in iter_calls(model):
             if node.is_input:
                 continue
+            if name in folded_bn:  # folded into its convolution: the identity here
+                out = tensors[id(node.input_tensors[0])]
+                if name in act_after:
+                    out = self._quantize_layer(act_after[name], used)(out)
+                tensors[id(node.outputs[0])] = out
+                continue
+            if name in folds and id(op) not in layer_map:
+                bn = folds[name][1]
+                conv_new, bn_new = _clone_layer(op), _clone_layer(bn)
+                self.pairs += [(op, conv_new), (bn, bn_new)]
+                fmt = next(p.format for p in weights_of.get(name, []) if p.slot == "kernel")
+                from .fold import FoldedConvBatchNorm
+
+                layer_map[id(op)] = FoldedConvBatchNorm(conv_new, bn_new, fmt, self.freeze_bn_after, name=op.name)
             if any(id(t) not in tensors for t in node.input_tensors):
                 raise ValueError(f"cannot rebuild {model.name!r}: layer call {name!r} has inputs not reachable from the model inputs")
             args, kwargs = node.arguments.fill_in(tensors)
             if id(op) not in layer_map:
                 layer_map[id(op)] = self._new_layer(op, weights_of.get(name, []), scope)
-            elif name in weights_of and not isinstance(layer_map[id(op)], QuantizeWeights):
+            elif name in weights_of and not isinstance(layer_map[id(op)], QuantizeWeights) and name not in folds:
                 log.warning("shared layer %s: weights are quantized only if its first call is a target", name)
             outputs = layer_map[id(op)](*args, **kwargs)
             if name in act_after:
@@ -470,6 +494,26 @@ class _Rewriter:
         outputs = keras.tree.pack_sequence_as(model._outputs_struct, outs)
         inputs = keras.tree.pack_sequence_as(model._inputs_struct, new_inputs)
         return keras.Model(inputs, outputs, name=model.name)
+
+    def _folds(self, model: keras.Model, scope: Tuple[str, ...]) -> Dict[str, Tuple[str, Any]]:
+        """``conv call name -> (BN call name, BN layer)`` for groups conv -> BN whose weights are planned."""
+        from .fold import foldable
+
+        layers = {name: op for name, op, node in iter_calls(model) if not node.is_input}
+        calls = {}
+        for name, op, node in iter_calls(model):
+            calls.setdefault(id(op), []).append(name)
+        out: Dict[str, Tuple[str, Any]] = {}
+        for p in self.plan.in_scope(scope):
+            if p.what != "weights" or p.slot != "kernel" or len(p.group) < 2:
+                continue
+            conv, bn = layers.get(p.group[0]), layers.get(p.group[1])
+            if conv is None or bn is None or not foldable(conv, bn):
+                continue
+            if len(calls[id(conv)]) > 1 or len(calls[id(bn)]) > 1:
+                continue  # shared layers are not folded
+            out[p.group[0]] = (p.group[1], bn)
+        return out
 
     def _unhook(self) -> None:
         for _, new in self.pairs:
@@ -518,6 +562,8 @@ def quantize_model(
     fold_batchnorm: bool = True,
     seed: Optional[int] = None,
     allow_requantize: bool = False,
+    target: Any = None,
+    freeze_bn_after: Optional[int] = None,
     **options: Any,
 ) -> keras.Model:
     """A copy of ``model`` with rounding after every convolution group.
@@ -565,6 +611,17 @@ def quantize_model(
             stacking a second rounding on the first; warned about (a
             ``UserWarning`` and the log) and noted in the plan. Without it
             such a model is a ``ValueError``.
+        target: a deployment target (``"tflite_int8"`` or a
+            :class:`graphquant.targets.Target`): its registry places rounding
+            where the runtime rounds (for ``tflite_int8``: the model input,
+            conv/depthwise/Dense groups with BN folded before the weights are
+            rounded, Add, Concatenate, pooling, resizing, ...) with its
+            weight and activation formats (int8 per-channel symmetric narrow
+            weights, int8 per-tensor asymmetric activations). Give
+            ``calibration_data`` (or train) to set the ranges.
+        freeze_bn_after: with a target that folds BatchNormalization before
+            rounding: training steps after which the fold uses the moving
+            statistics instead of the batch statistics (``None``: never).
         **options: further :class:`QuantizeConfig` options
             (``inference_rounding``, ``activations``, ``options``, ``range_momentum``).
 
@@ -588,6 +645,32 @@ def quantize_model(
     bad = set(options) - set(_CONFIG_KEYS)
     if bad:
         raise TypeError(f"quantize_model() got unexpected keyword arguments {sorted(bad)}")
+    tgt = None
+    if target is not None:
+        from ..targets import get_target
+
+        tgt = get_target(target)
+        if registry is not None or config is not None:
+            raise ValueError("give target= or registry=/config=, not both")
+        if bits not in (None, 8) or format is not None or range is not None:
+            raise ValueError(f"target={tgt.name!r} sets the activation format; drop bits=/format=/range=")
+        if tgt.activation_format is not None:
+            format = tgt.activation_format
+        if tgt.weight_format is not None:
+            if weights is False:
+                raise ValueError(f"target={tgt.name!r} rounds the weights; weights=False contradicts it")
+            weights = True
+            if weight_bits is None and weight_format is None:
+                weight_format = tgt.weight_format
+            elif weight_format is None:  # sub-8-bit QAT: the target's grid with fewer bits
+                weight_format = Affine(weight_bits, symmetric=True, narrow_range=True, axis=-1)
+                weight_bits = None
+        if tgt.dense_weight_format is not None and overrides is None:
+            wb = getattr(weight_format, "bits", 8)
+            overrides = {"class:Dense": {"weight_format": Affine(wb, symmetric=True, narrow_range=True)}}
+        registry = tgt.registry
+    if freeze_bn_after is not None and (tgt is None or not tgt.fold_batchnorm):
+        raise ValueError("freeze_bn_after= needs a target that folds BatchNormalization (target='tflite_int8')")
     kw: Dict[str, Any] = dict(options)
     given = dict(
         bits=bits, format=format, range=range, weights=weights, weight_bits=weight_bits, weight_format=weight_format,
@@ -624,7 +707,10 @@ def quantize_model(
         raise TypeError(f"seed must be an int or None, got {seed!r}")
     if not isinstance(fold_batchnorm, bool):
         raise TypeError(f"fold_batchnorm must be a bool, got {fold_batchnorm!r}")
-    rw = _Rewriter(plan, fold_batchnorm=fold_batchnorm, seed=seed)
+    if tgt is not None:
+        plan.notes.append(f"target {tgt.name}: {tgt.arithmetic}")
+    rw = _Rewriter(plan, fold_batchnorm=fold_batchnorm, seed=seed,
+                   fold_before_rounding=bool(tgt is not None and tgt.fold_batchnorm), freeze_bn_after=freeze_bn_after)
     with _gc_paused(), _recursion_room(4 * (len(plan.points) + _count_layers(model))):
         try:
             with _cached_signatures():

@@ -1,0 +1,129 @@
+"""A convolution with its BatchNormalization folded in *before* the weights are rounded.
+
+What an int8 runtime ships is ``round(W * gamma / sqrt(var + eps))`` per
+output channel, not ``round(W) * gamma / sqrt(var + eps)``; QAT should train
+the former (Jacob et al. 2018, "Quantization and Training of Neural Networks
+for Efficient Integer-Arithmetic-Only Inference", section 3.2; Krishnamoorthi
+2018). While training, the fold uses the batch statistics (one extra float
+convolution computes them, and the moving averages are updated from them)
+until ``freeze_bn_after`` training steps, then the moving statistics (frozen).
+At inference it always uses the moving statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import keras
+import tensorflow as tf
+
+from ..formats import Format
+from ..ops import per_output_channel
+from .layers import _fmt, quantize_weight
+
+__all__ = ["FoldedConvBatchNorm", "foldable"]
+
+_DEPTHWISE = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
+_FOLDABLE = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D) + _DEPTHWISE
+
+
+def foldable(conv: Any, bn: Any) -> bool:
+    """Whether ``conv`` followed by ``bn`` can be folded (exact classes, channels-last, float32, no own activation)."""
+    if type(conv) not in _FOLDABLE or type(bn) is not keras.layers.BatchNormalization:
+        return False
+    if getattr(conv, "data_format", "channels_last") != "channels_last" or bn.renorm:
+        return False
+    if getattr(conv, "activation", None) not in (None, keras.activations.linear):
+        return False
+    return bn.axis in (-1, conv.rank + 1)
+
+
+@keras.saving.register_keras_serializable(package="graphquant")
+class FoldedConvBatchNorm(keras.layers.Layer):
+    """``bn(conv(x))`` computed as ``conv_{Q(W*s)}(x) + (beta + (b - mean) * s)``, ``s = gamma / sqrt(var + eps)``.
+
+    Args:
+        conv: a ``Conv1D/2D/3D`` or ``DepthwiseConv1D/2D`` layer (no activation).
+        bn: the ``BatchNormalization`` layer that follows it.
+        weight_format: the format of the folded weights (per output channel).
+        freeze_bn_after: training steps after which the fold uses the moving
+            statistics (and stops updating them); ``None``: never (batch
+            statistics whenever training), ``0``: from the start.
+    """
+
+    def __init__(self, conv: Any, bn: Any, weight_format: Any, freeze_bn_after: Optional[int] = None, **kwargs: Any):
+        kwargs.setdefault("name", conv.name if isinstance(conv, keras.layers.Layer) else None)
+        super().__init__(**kwargs)
+        if isinstance(conv, dict):
+            conv = keras.layers.deserialize(conv)
+        if isinstance(bn, dict):
+            bn = keras.layers.deserialize(bn)
+        self.conv = conv
+        self.bn = bn
+        self.weight_format: Format = _fmt(weight_format, "weight_format")
+        if freeze_bn_after is not None and (isinstance(freeze_bn_after, bool) or not isinstance(freeze_bn_after, int)
+                                            or freeze_bn_after < 0):
+            raise ValueError(f"freeze_bn_after must be a non-negative int or None, got {freeze_bn_after!r}")
+        self.freeze_bn_after = freeze_bn_after
+
+    def build(self, input_shape: Any) -> None:
+        if not self.conv.built:
+            self.conv.build(input_shape)
+        if not self.bn.built:
+            self.bn.build(self.conv.compute_output_shape(input_shape))
+        self.step = self.add_weight(shape=(), initializer="zeros", trainable=False, dtype="float32", name="step")
+        self.built = True
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return self.conv.compute_output_shape(input_shape)
+
+    def _scale(self, var: tf.Tensor) -> tf.Tensor:
+        inv = tf.math.rsqrt(var + self.bn.epsilon)
+        if self.bn.scale:
+            inv = inv * tf.convert_to_tensor(self.bn.gamma)
+        return inv
+
+    def call(self, inputs: Any, training: Any = None) -> Any:
+        conv, bn = self.conv, self.bn
+        kernel = conv.kernel
+        mean = tf.convert_to_tensor(bn.moving_mean)
+        var = tf.convert_to_tensor(bn.moving_variance)
+        if training and bn.trainable and self.freeze_bn_after != 0:
+            y = conv.call(inputs)  # float, for the batch statistics
+            axes = list(range(y.shape.rank - 1))
+            bmean, bvar = tf.nn.moments(tf.stop_gradient(y), axes)
+            frozen = tf.constant(False) if self.freeze_bn_after is None else self.step >= float(self.freeze_bn_after)
+            m = float(bn.momentum)
+            bn.moving_mean.assign(tf.where(frozen, mean, m * mean + (1.0 - m) * bmean))
+            bn.moving_variance.assign(tf.where(frozen, var, m * var + (1.0 - m) * bvar))
+            mean = tf.where(frozen, mean, bmean)
+            var = tf.where(frozen, var, bvar)
+        if training:
+            self.step.assign_add(1.0)
+        inv = self._scale(var)
+        shift = -mean * inv
+        if bn.center:
+            shift = shift + tf.convert_to_tensor(bn.beta)
+        depthwise = isinstance(conv, _DEPTHWISE)
+        k = kernel.value
+        wf = k * (tf.reshape(inv, k.shape[-2:]) if depthwise else inv)
+        fmt = self.weight_format
+        wq = per_output_channel(wf, fmt, lambda w: quantize_weight(w, fmt, "nearest"), depthwise=depthwise)
+        mapping = [(kernel, wq)]
+        if conv.use_bias:
+            mapping.append((conv.bias, conv.bias.value * inv + shift))
+        with keras.StatelessScope(state_mapping=mapping):
+            y = conv.call(inputs)
+        if not conv.use_bias:
+            y = tf.nn.bias_add(y, shift)
+        return y
+
+    def get_config(self) -> Dict[str, Any]:
+        cfg = super().get_config()
+        cfg.update(
+            conv=keras.layers.serialize(self.conv),
+            bn=keras.layers.serialize(self.bn),
+            weight_format=self.weight_format.to_dict(),
+            freeze_bn_after=self.freeze_bn_after,
+        )
+        return cfg

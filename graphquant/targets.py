@@ -1,0 +1,122 @@
+"""Deployment targets: where a runtime rounds (a pattern registry) and how (formats, arithmetic), as data.
+
+A :class:`Target` bundles
+
+* ``registry`` -- the patterns that place rounding wherever the runtime
+  rounds (see :mod:`graphquant.patterns`);
+* the number formats of weights, activations and biases;
+* flags for the structural choices of the runtime's converter
+  (``quantize_input``: the model input is rounded; ``fold_batchnorm``:
+  BatchNormalization is folded into the convolution *before* its weights are
+  rounded, so QAT trains the weights that ship);
+* ``arithmetic`` -- a plain-text description of the integer arithmetic.
+
+``quantize_model(model, target="tflite_int8", ...)`` uses it; the default
+behaviour of ``quantize_model`` (rounding after every convolution group) is
+the ``"default"`` target.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Tuple
+
+from .formats import Affine, Format
+from .patterns import ACTIVATION, CONV, CONV_GROUP, DENSE, NORM, Matcher, Pattern, Registry, Step, default_registry
+
+__all__ = ["Target", "TARGETS", "TFLITE_INT8", "get_target"]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A deployment target: the registry of rounding points and the formats and arithmetic used there."""
+
+    name: str
+    registry: Registry
+    weight_format: Optional[Format] = None
+    activation_format: Optional[Format] = None
+    dense_weight_format: Optional[Format] = None
+    bias: str = "float"
+    quantize_input: bool = False
+    fold_batchnorm: bool = False
+    arithmetic: str = ""
+    covered: Tuple[str, ...] = field(default_factory=tuple)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "name": self.name,
+            "patterns": [p.name for p in self.registry.patterns],
+            "weight_format": None if self.weight_format is None else str(self.weight_format),
+            "dense_weight_format": None if self.dense_weight_format is None else str(self.dense_weight_format),
+            "activation_format": None if self.activation_format is None else str(self.activation_format),
+            "bias": self.bias,
+            "quantize_input": self.quantize_input,
+            "fold_batchnorm": self.fold_batchnorm,
+            "arithmetic": self.arithmetic,
+            "covered": list(self.covered),
+        }
+
+
+def _single(name: str, layers: Tuple[str, ...]) -> Pattern:
+    return Pattern(name, (Step(Matcher(name, layers=layers)),), weights=False)
+
+
+#: Keras layers after which the int8 runtime requantizes (its output has its own scale and zero point).
+_REQUANTIZING = {
+    "add": ("Add",),
+    "subtract": ("Subtract",),
+    "multiply": ("Multiply",),
+    "concatenate": ("Concatenate",),
+    "average_pool": ("AveragePooling1D", "AveragePooling2D", "GlobalAveragePooling1D", "GlobalAveragePooling2D"),
+    "resize": ("UpSampling2D", "Resizing"),
+    "activation": ("ReLU", "Activation", "LeakyReLU"),  # a lone activation (not fused into a group)
+}
+
+
+def _tflite_registry() -> Registry:
+    patterns = [
+        Pattern("input", (Step(Matcher("input", layers=("InputLayer",))),), weights=False),
+        CONV_GROUP,
+        Pattern("dense", (Step(DENSE), Step(NORM, optional=True), Step(ACTIVATION, optional=True))),
+    ]
+    patterns += [_single(k, v) for k, v in _REQUANTIZING.items()]
+    return Registry(patterns)
+
+
+TFLITE_INT8 = Target(
+    name="tflite_int8",
+    registry=_tflite_registry(),
+    weight_format=Affine(8, symmetric=True, narrow_range=True, axis=-1),
+    # the converter quantizes FULLY_CONNECTED weights per tensor (a per-channel FakeQuant on a Dense kernel fails
+    # to convert: "tfl.transpose op has mismatched quantized axes")
+    dense_weight_format=Affine(8, symmetric=True, narrow_range=True),
+    activation_format=Affine(8),
+    bias="int32 at scale s_in * s_w[c] (the converter rounds the folded bias)",
+    quantize_input=True,
+    fold_batchnorm=True,
+    arithmetic=(
+        "int32 accumulation of (q_in - zp_in) * q_w + q_bias; output = zp_out + "
+        "MultiplyByQuantizedMultiplier(acc, M0, shift) with M = s_in*s_w[c]/s_out = M0 * 2**(shift-31) "
+        "(gemmlowp SaturatingRoundingDoublingHighMul + RoundingDivideByPOT), clamped to the fused activation's "
+        "range in [-128, 127]. Simulated in float: FakeQuant grids at the same points with the same scales and "
+        "zero points; the integer requantization itself is not reproduced bit for bit (see the agreement report)."
+    ),
+    covered=("model input", "Conv1D/2D/3D, DepthwiseConv, SeparableConv, Conv*Transpose -> [BatchNormalization] -> "
+             "[ReLU/ReLU6/activation]", "Dense -> [BatchNormalization] -> [activation]", "Add", "Subtract",
+             "Multiply", "Concatenate", "AveragePooling, GlobalAveragePooling (MEAN)", "UpSampling2D, Resizing",
+             "a lone ReLU/Activation/LeakyReLU",
+             "same-scale ops need no rounding: MaxPooling, Reshape, Flatten, ZeroPadding, Dropout"),
+)
+
+DEFAULT = Target(name="default", registry=default_registry())
+
+TARGETS: Dict[str, Target] = {"default": DEFAULT, "tflite_int8": TFLITE_INT8}
+
+
+def get_target(target: Any) -> Target:
+    """A :class:`Target` from a name or a Target."""
+    if isinstance(target, Target):
+        return target
+    if not isinstance(target, str) or target not in TARGETS:
+        raise ValueError(f"target must be one of {sorted(TARGETS)} or a graphquant.targets.Target, got {target!r}")
+    return TARGETS[target]
