@@ -73,13 +73,39 @@ _REQUANTIZING = {
 }
 
 
+def _fusable_activation(node: Any) -> bool:
+    """Whether a Keras activation layer is one the converter fuses into ADD/SUB/MUL (RELU, RELU6)."""
+    obj = getattr(node, "obj", None)
+    if obj is None:
+        return False
+    if type(obj).__name__ == "ReLU":
+        return (float(getattr(obj, "negative_slope", 0.0) or 0.0) == 0.0
+                and float(getattr(obj, "threshold", 0.0) or 0.0) == 0.0
+                and getattr(obj, "max_value", None) in (None, 6.0, 6))  # fmt: skip
+    if type(obj).__name__ == "Activation":
+        return getattr(getattr(obj, "activation", None), "__name__", "") in ("relu", "relu6")
+    return False
+
+
+#: An activation the converter fuses into the op before it (one output tensor, one rounding).
+FUSED_ACTIVATION = Matcher("fused_activation", layers=("ReLU", "Activation"), predicate=_fusable_activation)
+
+#: Ops that take a fused RELU/RELU6: ``op -> activation`` is one rounding point, as the converter emits it.
+_FUSING = ("add", "subtract", "multiply")  # not CONCATENATION: its output keeps its own tensor
+
+
 def _tflite_registry() -> Registry:
     patterns = [
         Pattern("input", (Step(Matcher("input", layers=("InputLayer",))),), weights=False),
         CONV_GROUP,
         Pattern("dense", (Step(DENSE), Step(NORM, optional=True), Step(ACTIVATION, optional=True))),
     ]
-    patterns += [_single(k, v) for k, v in _REQUANTIZING.items()]
+    for k, v in _REQUANTIZING.items():
+        if k in _FUSING:
+            patterns.append(Pattern(k, (Step(Matcher(k, layers=v)), Step(FUSED_ACTIVATION, optional=True)),
+                                    weights=False))  # fmt: skip
+        else:
+            patterns.append(_single(k, v))
     return Registry(patterns)
 
 
@@ -103,7 +129,8 @@ TFLITE_INT8 = Target(
     ),
     covered=("model input", "Conv1D/2D/3D, DepthwiseConv, SeparableConv, Conv*Transpose -> [BatchNormalization] -> "
              "[ReLU/ReLU6/activation]", "Dense -> [BatchNormalization] -> [activation]", "Add", "Subtract",
-             "Multiply", "Concatenate", "AveragePooling, GlobalAveragePooling (MEAN)", "UpSampling2D, Resizing",
+             "Multiply (each of these three with a following ReLU/ReLU6 as one group: the converter fuses it)",
+             "Concatenate", "AveragePooling, GlobalAveragePooling (MEAN)", "UpSampling2D, Resizing",
              "a lone ReLU/Activation/LeakyReLU",
              "same-scale ops need no rounding: MaxPooling, Reshape, Flatten, ZeroPadding, Dropout"),
 )

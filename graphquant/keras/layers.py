@@ -268,10 +268,9 @@ def quantize_weight(w: Any, fmt: Format, rounding: str = "nearest", seed: Any = 
     rank = w.shape.rank
     red = None if fmt.axis is None else [i for i in range(rank) if i != fmt.axis % rank]
     if fmt.symmetric and rounding == "nearest" and _fast_affine(fmt, w):
-        y = symmetric_fake_quant(w, fmt)
-        if _EXPORT_INT8_WEIGHTS[0] and fmt.bits < 8:
-            y = _as_int8_grid(w, y, fmt, red)
-        return y
+        if _EXPORT_INT8_WEIGHTS[0] and fmt.bits < 8:  # one 8-bit FakeQuant with the sub-8-bit step (same values)
+            return _as_int8_grid(w, w, fmt, red)
+        return symmetric_fake_quant(w, fmt)
     if fmt.symmetric:
         m = tf.maximum(tf.reduce_max(tf.abs(wf), axis=red), 1e-12)
         lo, hi = -m, m

@@ -660,9 +660,14 @@ def quantize_model(
             if weights is False:
                 raise ValueError(f"target={tgt.name!r} rounds the weights; weights=False contradicts it")
             weights = True
-            if weight_bits is None and weight_format is None:
+            per_channel = getattr(tgt.weight_format, "axis", None) is not None
+            if weight_format is None and per_channel:
+                # per output channel on each weight's own channel axis (a depthwise kernel's is -2: a fixed
+                # axis=-1 gave all its channels one scale); sub-8-bit QAT: the same grid with fewer bits
+                weight_bits = weight_bits or tgt.weight_format.bits
+            elif weight_bits is None and weight_format is None:
                 weight_format = tgt.weight_format
-            elif weight_format is None:  # sub-8-bit QAT: the target's grid with fewer bits
+            elif weight_format is None:
                 weight_format = Affine(weight_bits, symmetric=True, narrow_range=True, axis=-1)
                 weight_bits = None
         if tgt.dense_weight_format is not None and overrides is None:
