@@ -39,6 +39,7 @@ class Target:
     bias: str = "float"
     quantize_input: bool = False
     fold_batchnorm: bool = False
+    integer_arithmetic: bool = False  # weight layers compute the runtime's integer kernels at inference
     arithmetic: str = ""
     covered: Tuple[str, ...] = field(default_factory=tuple)
 
@@ -52,6 +53,7 @@ class Target:
             "bias": self.bias,
             "quantize_input": self.quantize_input,
             "fold_batchnorm": self.fold_batchnorm,
+            "integer_arithmetic": self.integer_arithmetic,
             "arithmetic": self.arithmetic,
             "covered": list(self.covered),
         }
@@ -120,6 +122,7 @@ TFLITE_INT8 = Target(
     bias="int32 at scale s_in * s_w[c] (the converter rounds the folded bias)",
     quantize_input=True,
     fold_batchnorm=True,
+    integer_arithmetic=True,
     arithmetic=(
         "int32 accumulation of (q_in - zp_in) * q_w + q_bias; output = zp_out + "
         "MultiplyByQuantizedMultiplier(acc, M0, shift) with M = s_in*s_w[c]/s_out = M0 * 2**(shift-31) "

@@ -613,6 +613,7 @@ class _Source:
         if not isinstance(model, keras.Model):
             raise TypeError(f"model must be a Keras model, a .keras file or a SavedModel folder, got {type(model).__name__}")
         self.keras_model = model
+        _link_target_model(model)
         self.name = model.name
         self.n_inputs = len(model.inputs)
         self.concrete = _frozen_function(model)
@@ -629,6 +630,18 @@ class _Source:
             for k, t in enumerate(flat):
                 outs[k].append(t)
         return [np.concatenate(o) for o in outs]
+
+
+def _link_target_model(model: Any) -> None:
+    """A model quantized with ``target="tflite_int8"`` (it rounds its input) computes the runtime's integer
+    kernels at inference (links are not saved in a ``.keras`` file: made again here)."""
+    from .keras.integer import _eligible_quantize, link_integer
+
+    for x in model.inputs:
+        layer = x._keras_history.operation
+        if any(_eligible_quantize(n.operation) for n in layer._outbound_nodes):
+            link_integer(model)
+            return
 
 
 def export_tflite(

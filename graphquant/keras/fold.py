@@ -109,6 +109,13 @@ class FoldedConvBatchNorm(keras.layers.Layer):
         wf = k * (tf.reshape(inv, k.shape[-2:]) if depthwise else inv)
         fmt = self.weight_format
         wq = per_output_channel(wf, fmt, lambda w: quantize_weight(w, fmt, "nearest"), depthwise=depthwise)
+        if not training and getattr(self, "_gq_integer", None) is not None:  # the runtime's integer kernel
+            from .integer import integer_call
+
+            bias = conv.bias.value * inv + shift if conv.use_bias else shift
+            y = integer_call(self, conv, inputs, wf, wq, bias, fmt, depthwise)
+            if y is not None:
+                return y
         mapping = [(kernel, wq)]
         if conv.use_bias:
             mapping.append((conv.bias, conv.bias.value * inv + shift))

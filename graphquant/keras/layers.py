@@ -428,6 +428,15 @@ class QuantizeWeights(keras.layers.Wrapper):
             q = per_output_channel(var.value, fmt, lambda w, f=fmt, r=rnd, sd=seed: quantize_weight(w, f, r, sd),
                                    depthwise=self._is_depthwise(s["slot"]))  # fmt: skip
             mapping.append((var, q))
+        if not train and not kwargs and getattr(self, "_gq_integer", None) is not None:  # the runtime's kernel
+            from .integer import integer_call
+
+            s = self.slots[0]
+            bias = self.layer.bias.value if getattr(self.layer, "use_bias", False) else None
+            y = integer_call(self, self.layer, inputs, self._variable("kernel").value, mapping[0][1], bias,
+                             s["format"], self._is_depthwise("kernel"))
+            if y is not None:
+                return y
         with keras.StatelessScope(state_mapping=mapping):
             y = self.layer.call(inputs, **kwargs)
         if not train and not kwargs and not tf.executing_eagerly():

@@ -730,6 +730,10 @@ def quantize_model(
         from ..ranges import _calibrate_keras
 
         _calibrate_keras(new, calibration_data, calibration_method, what="calibration_data")
+    if tgt is not None and tgt.integer_arithmetic:
+        from .integer import link_integer
+
+        log.info("quantize_model: %d layers compute the runtime's integer kernels at inference", link_integer(new))
     log.info("quantize_model: %d rounding layers inserted in %.2fs", rw.inserted, time.perf_counter() - t0)
     return new
 

@@ -1,0 +1,233 @@
+"""The int8 runtime's integer arithmetic at inference, in TensorFlow ops (TFLite/LiteRT reference kernels).
+
+A model quantized with ``target="tflite_int8"`` rounds where the runtime
+rounds, but a float simulation of a convolution group (``conv(x) + b``, then a
+FakeQuant) differs from the integer kernel by one LSB now and then: the
+kernel accumulates ``(q_in - zp_in) * q_w`` in int32 with the bias rounded to
+int32 at scale ``s_in * s_w[c]``, then requantizes with a fixed-point
+multiplier and *two* roundings (gemmlowp's ``SaturatingRoundingDoublingHighMul``
+then ``RoundingDivideByPOT``, both half away from zero), and deep nets amplify
+those single LSBs. :func:`link_integer` links every convolution / depthwise /
+Dense layer whose input comes from a rounding point (through same-scale ops
+such as ZeroPadding) and whose group ends in one (through a ReLU/ReLU6) to
+those two points; with ``training=False`` such a layer then computes exactly
+what the reference kernels (``tensorflow/lite/kernels/internal/reference/
+integer_ops/conv.h``, ``depthwise_conv.h``, ``fully_connected.h`` with
+``common.h``'s ``MultiplyByQuantizedMultiplier`` and
+``quantization_util.cc``'s ``QuantizeMultiplier``) compute, and returns the
+dequantized result as float32 (the group's ReLU/ReLU6 and rounding layer then
+leave it unchanged, and reproduce the fused activation's clamp). While
+training the layers stay float with straight-through rounding (differentiable).
+
+The accumulation runs as a float32 convolution of integer-valued tensors:
+exact while every partial sum stays below 2**24 in magnitude (int8 x int8
+products of up to 32,385; typical layers stay far below).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import keras
+import tensorflow as tf
+
+from ..formats import Affine
+
+__all__ = ["link_integer", "qparams", "quantize_multiplier_tf", "multiply_by_quantized_multiplier_tf"]
+
+_SAME_SCALE = ("ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D", "MaxPooling1D", "MaxPooling2D", "MaxPooling3D",
+               "Reshape", "Flatten", "Dropout", "Cropping1D", "Cropping2D", "Cropping3D", "Identity")  # fmt: skip
+_LINKED_LAYERS = ("Conv1D", "Conv2D", "DepthwiseConv1D", "DepthwiseConv2D", "Dense")
+
+
+def _round_away(x: tf.Tensor) -> tf.Tensor:
+    """``std::round``: half away from zero."""
+    return tf.sign(x) * tf.floor(tf.abs(x) + 0.5)
+
+
+def qparams(q: Any) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """``(scale as stored (float32, as float64), scale in float64, zero point)`` of an int8 rounding point.
+
+    As the converter derives them from the FakeQuant range (MLIR's
+    ``getNudgedScaleAndZeroPoint``: ``scale = (max - min) / 255`` in double,
+    zero point ``round(-128 - min / scale)`` clamped to ``[-128, 127]``).
+    """
+    st = tf.cast(q.range.value, tf.float64)
+    lo, hi = st[0], st[1]
+    s64 = (hi - lo) / 255.0
+    zp = tf.clip_by_value(_round_away(-128.0 - lo / s64), -128.0, 127.0)
+    return tf.cast(tf.cast(s64, tf.float32), tf.float64), s64, zp
+
+
+def quantize_multiplier_tf(m: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+    """TFLite's ``QuantizeMultiplier`` on a float64 tensor: int64 mantissa in ``[2**30, 2**31)`` and shift."""
+    e = tf.floor(tf.math.log(m) / tf.math.log(tf.constant(2.0, tf.float64))) + 1.0
+    q = m / tf.pow(tf.constant(2.0, tf.float64), e)
+    # log2 may be off by one at powers of two: bring q into [0.5, 1) exactly (scaling by 2 is exact)
+    e = tf.where(q >= 1.0, e + 1.0, tf.where(q < 0.5, e - 1.0, e))
+    q = m / tf.pow(tf.constant(2.0, tf.float64), e)
+    qf = _round_away(q * 2.0**31)
+    e = tf.where(qf >= 2.0**31, e + 1.0, e)
+    qf = tf.where(qf >= 2.0**31, qf / 2.0, qf)
+    return tf.cast(qf, tf.int64), tf.cast(e, tf.int64)
+
+
+def _srdhm(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    """gemmlowp's ``SaturatingRoundingDoublingHighMul`` (int64 tensors holding int32 values)."""
+    ab = a * b
+    nudge = tf.where(ab >= 0, tf.constant(1 << 30, tf.int64), tf.constant(1 - (1 << 30), tf.int64))
+    return tf.truncatediv(ab + nudge, tf.constant(1 << 31, tf.int64))
+
+
+def _rdbypot(x: tf.Tensor, exponent: tf.Tensor) -> tf.Tensor:
+    """gemmlowp's ``RoundingDivideByPOT`` (half away from zero)."""
+    one = tf.constant(1, tf.int64)
+    mask = tf.bitwise.left_shift(one, exponent) - 1
+    remainder = tf.bitwise.bitwise_and(x, mask)
+    threshold = tf.bitwise.right_shift(mask, one) + tf.cast(x < 0, tf.int64)
+    return tf.bitwise.right_shift(x, exponent) + tf.cast(remainder > threshold, tf.int64)
+
+
+def multiply_by_quantized_multiplier_tf(acc: tf.Tensor, mantissa: tf.Tensor, shift: tf.Tensor) -> tf.Tensor:
+    """TFLite's ``MultiplyByQuantizedMultiplier`` (double rounding), int64 tensors; broadcasts."""
+    left = tf.maximum(shift, 0)
+    right = tf.maximum(-shift, 0)
+    x = acc * tf.bitwise.left_shift(tf.constant(1, tf.int64), left)
+    return _rdbypot(_srdhm(x, mantissa), right)
+
+
+def _eligible_quantize(q: Any) -> bool:
+    from .layers import Quantize
+
+    fmt = getattr(q, "format", None)
+    return (isinstance(q, Quantize) and q.learned and isinstance(fmt, Affine) and fmt.bits == 8
+            and not fmt.symmetric and not fmt.narrow_range and fmt.axis is None
+            and q.inference_rounding == "nearest" and tuple(q.range.shape) == (3,))  # fmt: skip
+
+
+def _fusable(layer: Any) -> bool:
+    name = type(layer).__name__
+    if name == "ReLU":
+        return (float(layer.negative_slope or 0.0) == 0.0 and float(layer.threshold or 0.0) == 0.0
+                and layer.max_value in (None, 6, 6.0))  # fmt: skip
+    if name == "Activation":
+        return getattr(layer.activation, "__name__", "") in ("relu", "relu6")
+    return False
+
+
+def _upstream_quantize(tensor: Any) -> Optional[Any]:
+    for _ in range(16):
+        op = tensor._keras_history.operation
+        if _eligible_quantize(op):
+            return op
+        if type(op).__name__ not in _SAME_SCALE or len(op._inbound_nodes) != 1:
+            return None
+        tensor = op._inbound_nodes[0].input_tensors[0]
+    return None
+
+
+def _downstream_quantize(layer: Any) -> Optional[Any]:
+    side: list = []  # a rounding layer also called with pre_activation= (Quantize.fused_activation)
+    for _ in range(4):
+        ops = list({id(n.operation): n.operation for n in layer._outbound_nodes}.values())
+        quants = [op for op in ops if _eligible_quantize(op)]
+        others = [op for op in ops if not _eligible_quantize(op)]
+        if not others and len(quants) == 1 and all(q is quants[0] for q in side):
+            return quants[0]
+        if len(others) != 1 or not _fusable(others[0]) or len(others[0]._inbound_nodes) != 1:
+            return None
+        side += quants
+        layer = others[0]
+    return None
+
+
+def link_integer(model: Any) -> int:
+    """Link the weight layers of a ``tflite_int8`` model to the rounding points around them (see the module
+    docstring); returns how many were linked. Idempotent; a model loaded from a ``.keras`` file needs it again
+    (:func:`graphquant.export_tflite` and :func:`graphquant.quantize_model` call it)."""
+    from .fold import FoldedConvBatchNorm
+    from .layers import QuantizeWeights
+
+    n = 0
+    for layer in model.layers:
+        if isinstance(layer, FoldedConvBatchNorm):
+            inner = layer.conv
+        elif isinstance(layer, QuantizeWeights) and [s["slot"] for s in layer.slots] == ["kernel"]:
+            inner = layer.layer
+        else:
+            continue
+        act = getattr(inner, "activation", None)
+        if (type(inner).__name__ not in _LINKED_LAYERS or getattr(act, "__name__", "linear") not in ("linear", "relu")
+                or getattr(inner, "data_format", "channels_last") != "channels_last"
+                or len(layer._inbound_nodes) != 1):  # fmt: skip
+            continue
+        in_q = _upstream_quantize(layer._inbound_nodes[0].input_tensors[0])
+        out_q = _downstream_quantize(layer)
+        if in_q is None or out_q is None:
+            continue
+        object.__setattr__(layer, "_gq_integer", (lambda a=in_q, b=out_q: (a, b)))
+        n += 1
+    return n
+
+
+def weight_scale_max(w: tf.Tensor, fmt: Affine, depthwise: bool) -> tf.Tensor:
+    """``max |w|`` per output channel in output-channel order (a scalar for a per-tensor format)."""
+    if fmt.axis is None:
+        return tf.maximum(tf.reduce_max(tf.abs(w)), 1e-12)
+    rank = w.shape.rank
+    if depthwise:
+        m = tf.reduce_max(tf.abs(w), axis=list(range(rank - 2)))
+        return tf.maximum(tf.reshape(m, [-1]), 1e-12)
+    axis = fmt.axis % rank
+    return tf.maximum(tf.reduce_max(tf.abs(w), axis=[i for i in range(rank) if i != axis]), 1e-12)
+
+
+def integer_call(layer: Any, inner: Any, inputs: tf.Tensor, w_float: tf.Tensor, w_rounded: tf.Tensor,
+                 bias: Optional[tf.Tensor], fmt: Affine, depthwise: bool) -> Optional[tf.Tensor]:
+    """The reference kernel's output of ``inner`` (conv / depthwise / dense), dequantized, as float32.
+
+    ``w_float``: the weights before rounding (their per-channel ``max |w|``
+    gives the converter's weight scale); ``w_rounded``: on the weight grid;
+    ``bias``: the float bias (folded), or ``None``. ``None`` while the rounding
+    points are being calibrated or the model is traced for the TFLite
+    converter (the caller then runs the float path).
+    """
+    from .layers import _EXPORT_INT8_WEIGHTS
+
+    in_q, out_q = layer._gq_integer()
+    if in_q._calibrator is not None or out_q._calibrator is not None or _EXPORT_INT8_WEIGHTS[0]:
+        return None  # being calibrated, or traced for the converter: the float path
+    s_in, s_in64, _ = qparams(in_q)
+    s_out, _, zp_out = qparams(out_q)
+    levels = float(2 ** (fmt.bits - 1) - 1)
+    m = tf.cast(weight_scale_max(w_float, fmt, depthwise), tf.float64)
+    s_w64 = m / levels  # = (m - (-m)) / (2 * levels): the FakeQuant range (-m, m), narrow range
+    s_w = tf.cast(tf.cast(s_w64, tf.float32), tf.float64)
+    x_int = tf.cast(_round_away(tf.cast(inputs, tf.float64) / s_in), tf.float32)
+    shape = w_rounded.shape
+    if depthwise:
+        s_w_k = tf.reshape(s_w, shape[-2:])
+    elif fmt.axis is None:
+        s_w_k = s_w
+    else:
+        s_w_k = s_w  # last axis = output channels (Conv, Dense)
+    w_int = tf.cast(_round_away(tf.cast(w_rounded, tf.float64) / s_w_k), tf.float32)
+    mapping = [(inner.kernel, w_int)]
+    if getattr(inner, "use_bias", False) and inner.bias is not None:
+        mapping.append((inner.bias, tf.zeros_like(inner.bias.value)))
+    act = inner.activation
+    inner.activation = keras.activations.linear  # the clamp happens below, on the integers
+    try:
+        with keras.StatelessScope(state_mapping=mapping):
+            acc = inner.call(x_int)
+    finally:
+        inner.activation = act
+    acc = tf.cast(tf.round(acc), tf.int64)
+    if bias is not None:
+        b_int = _round_away(tf.cast(bias, tf.float64) / (s_in64 * s_w64))
+        acc = acc + tf.cast(b_int, tf.int64)
+    mult, shift = quantize_multiplier_tf(s_in * s_w / s_out)
+    out = multiply_by_quantized_multiplier_tf(acc, mult, shift) + tf.cast(zp_out, tf.int64)
+    lo = zp_out if getattr(act, "__name__", "linear") == "relu" else -128.0
+    out = tf.clip_by_value(tf.cast(out, tf.float64), lo, 127.0)
+    return tf.cast((out - zp_out) * s_out, tf.float32)
