@@ -155,6 +155,7 @@ def link_integer(model: Any) -> int:
         elif isinstance(layer, QuantizeWeights) and [s["slot"] for s in layer.slots] == ["kernel"]:
             inner = layer.layer
         else:
+            n += _link_op(layer)
             continue
         act = getattr(inner, "activation", None)
         if (type(inner).__name__ not in _LINKED_LAYERS or getattr(act, "__name__", "linear") not in ("linear", "relu")
@@ -231,3 +232,86 @@ def integer_call(layer: Any, inner: Any, inputs: tf.Tensor, w_float: tf.Tensor, 
     lo = zp_out if getattr(act, "__name__", "linear") == "relu" else -128.0
     out = tf.clip_by_value(tf.cast(out, tf.float64), lo, 127.0)
     return tf.cast((out - zp_out) * s_out, tf.float32)
+
+
+# --------------------------------------------------------------------------- ADD, MEAN (no weights)
+def _training_now() -> bool:
+    from keras.src.backend.common import global_state
+
+    ctx = global_state.get_global_attribute("current_call_ctx")
+    value = None if ctx is None else ctx.get_value("training")
+    return bool(value) if value is not None else False
+
+
+def _int_add(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+    """TFLite's reference int8 ADD (``integer_ops/add.h``): inputs shifted left by 20, each scaled by
+    ``s_i / (2 max(s_1, s_2))``, summed, scaled by ``2 max(s_1, s_2) / (2**20 s_out)``, zero point, clamp."""
+    from .layers import _EXPORT_INT8_WEIGHTS
+
+    qs = layer._gq_integer()
+    if _training_now() or _EXPORT_INT8_WEIGHTS[0] or any(q._calibrator is not None for q in qs):
+        return orig(inputs, *args, **kwargs)
+    (s1, _, z1), (s2, _, z2), (so, _, zo) = (qparams(q) for q in qs)
+    twice_max = 2.0 * tf.maximum(s1, s2)
+    shift = 20
+    ints = []
+    for x, s, z, in zip(inputs, (s1, s2), (z1, z2)):
+        q_minus_z = tf.cast(_round_away(tf.cast(x, tf.float64) / s), tf.int64)  # q - zp: the offset applied
+        m, sh = quantize_multiplier_tf(s / twice_max)
+        ints.append(multiply_by_quantized_multiplier_tf(q_minus_z * (1 << shift), m, sh))
+    m, sh = quantize_multiplier_tf(twice_max / (float(1 << shift) * so))
+    out = multiply_by_quantized_multiplier_tf(ints[0] + ints[1], m, sh) + tf.cast(zo, tf.int64)
+    out = tf.clip_by_value(tf.cast(out, tf.float64), -128.0, 127.0)
+    return tf.cast((out - zo) * so, tf.float32)
+
+
+def _int_mean(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+    """TFLite's reference int8 MEAN over height and width (``reference/reduce.h`` ``QuantizedMeanOrSum``):
+    the sum of ``q - zp_in``, requantized with the multiplier of ``s_in / s_out`` whose mantissa is shifted
+    left by ``floor(log2(count))`` and divided by the count (int64, truncating), plus ``zp_out``, clamped."""
+    from .layers import _EXPORT_INT8_WEIGHTS
+
+    qs = layer._gq_integer()
+    if _training_now() or _EXPORT_INT8_WEIGHTS[0] or any(q._calibrator is not None for q in qs):
+        return orig(inputs, *args, **kwargs)
+    (si, _, _), (so, _, zo) = (qparams(q) for q in qs)
+    x = tf.cast(_round_away(tf.cast(inputs, tf.float64) / si), tf.int64)
+    axes = list(range(1, x.shape.rank - 1))
+    n = 1
+    for a in axes:
+        n *= int(x.shape[a])
+    acc = tf.reduce_sum(x, axis=axes, keepdims=bool(getattr(layer, "keepdims", False)))
+    m, sh = quantize_multiplier_tf(si / so)
+    # reference_ops::QuantizedMeanOrSum: 1/count folded into the multiplier (int64 division truncates)
+    pot = tf.minimum(tf.constant(min(n.bit_length() - 1, 32), tf.int64), 31 + sh)
+    m = tf.truncatediv(tf.bitwise.left_shift(m, pot), tf.constant(n, tf.int64))
+    acc = multiply_by_quantized_multiplier_tf(acc, m, sh - pot)
+    out = tf.clip_by_value(tf.cast(acc + tf.cast(zo, tf.int64), tf.float64), -128.0, 127.0)
+    return tf.cast((out - zo) * so, tf.float32)
+
+
+def _link_op(layer: Any) -> bool:
+    """Link an ADD (two inputs) or a 2D global average pool to its rounding points; overrides its ``call``
+    on this instance only (its config, and so its ``.keras`` file, are unchanged)."""
+    import functools
+
+    name = type(layer).__name__
+    if len(layer._inbound_nodes) != 1 or getattr(layer, "data_format", "channels_last") != "channels_last":
+        return False
+    ins = layer._inbound_nodes[0].input_tensors
+    if name == "Add" and len(ins) == 2:
+        impl = _int_add
+    elif name == "GlobalAveragePooling2D" and len(ins) == 1 and ins[0].shape[1] and ins[0].shape[2]:
+        impl = _int_mean
+    else:
+        return False
+    ups = [_upstream_quantize(t) for t in ins]
+    out_q = _downstream_quantize(layer)
+    if out_q is None or any(u is None for u in ups):
+        return False
+    qs = tuple(ups) + (out_q,)
+    orig = getattr(layer, "_gq_orig_call", None) or layer.call
+    object.__setattr__(layer, "_gq_orig_call", orig)
+    object.__setattr__(layer, "_gq_integer", (lambda qs=qs: qs))
+    object.__setattr__(layer, "call", functools.partial(impl, layer, orig))
+    return True
