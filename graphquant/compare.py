@@ -38,7 +38,6 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ._table import render_table
-from .graph.calibrate import PyFuncObservers
 
 log = logging.getLogger(__name__)
 
@@ -500,6 +499,37 @@ def _output(name: str, s: _Stats) -> OutputError:
 
 # --------------------------------------------------------------------------- SavedModel
 _Q_PREFIX = "graphquant/q"
+
+
+class PyFuncObservers:
+    """Python callbacks that ``EagerPyFunc`` nodes spliced into a graph call."""
+
+    def __init__(self) -> None:
+        self._tokens: List[str] = []
+        self._keep: List[Any] = []  # the py-func registry holds weak references
+
+    def observer(self, key: str):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def token(self, key: str) -> str:
+        from tensorflow.python.ops import script_ops
+
+        fn = self.observer(key)
+        self._keep.append(fn)
+        tok = script_ops._py_funcs.insert(fn)
+        self._tokens.append(tok)
+        return tok
+
+    def release(self) -> None:
+        from tensorflow.python.ops import script_ops
+
+        for t in self._tokens:
+            try:
+                script_ops._py_funcs.remove(t)
+            except Exception:  # pragma: no cover - best effort
+                pass
+        self._tokens.clear()
+        self._keep.clear()
 
 
 class _Recorder(PyFuncObservers):

@@ -396,21 +396,27 @@ def calibrate(
     percentile: float = 99.99,
     batch_size: int = 32,
     steps: Optional[int] = None,
+    verbose: Optional[bool] = None,
 ) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
     """Set the learned ranges of every :class:`graphquant.keras.Quantize` layer from data.
 
-    The model runs eagerly in inference mode with rounding switched off (so
-    every layer sees float activations); each learned-range layer tracks its
-    input, then its range is set and frozen. NaN and inf values are ignored
-    (their number is logged per layer).
+    The model runs in inference mode inside one ``tf.function`` with rounding
+    switched off (so every layer sees float activations); each learned-range
+    layer feeds its input to a :class:`graphquant.calibration.Observer`
+    (statistics computed in TensorFlow inside the traced model), then its range
+    is set from the statistics by ``method`` and frozen. NaN and inf values are
+    ignored (their number is logged per layer).
 
     Args:
         model: a model returned by :func:`graphquant.quantize_model`.
         data: a numpy array (batched by ``batch_size``), a ``tf.data.Dataset``,
             or an iterable of batches (``(x, y)`` pairs: ``x`` is used).
-        method: ``"minmax"`` or ``"percentile"``.
+        method: ``"minmax"``, ``"percentile"``, ``"mse"`` or ``"entropy"``
+            (see :mod:`graphquant.calibration`).
         percentile: for ``"percentile"``: the upper percentile (lower is ``100 - p``).
         steps: at most this many batches.
+        verbose: show a progress bar (``None``: when stderr is a terminal and
+            calibration runs longer than a second).
 
     Returns:
         ``{layer name: (lo, hi)}`` for the layers set.
@@ -421,47 +427,55 @@ def calibrate(
             fit the model's inputs (shape or dtype), or has no finite value at a
             layer (the message names it).
     """
-    return _calibrate_keras(model, data, method, percentile=percentile, batch_size=batch_size, steps=steps, what="data")
+    return _calibrate_keras(model, data, method, percentile=percentile, batch_size=batch_size, steps=steps, what="data",
+                            verbose=verbose)  # fmt: skip
 
 
 class _Feed:
     """What a :class:`~graphquant.keras.Quantize` layer calls while calibrating (``update(layer, x)``)."""
 
-    def __init__(self, tracker: _Tracker):
-        self.tracker = tracker
+    def __init__(self, observer: Any):
+        self.observer = observer
 
-    def update(self, layer: Any, x: Any) -> None:
-        self.tracker.update(np.asarray(x))
+    def update(self, layer: Any, x: Any) -> Any:
+        return self.observer.update(x)
 
 
 def _calibrate_keras(
     model: Any, data: Any, method: str, *, percentile: float = 99.99, batch_size: int = 32,
-    steps: Optional[int] = None, what: str = "calibration_data",
+    steps: Optional[int] = None, what: str = "calibration_data", verbose: Optional[bool] = None,
 ) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:  # fmt: skip
     import keras
+    import tensorflow as tf
 
+    from . import calibration as engine
     from .keras.layers import Quantize
 
     if not isinstance(model, keras.Model):
         raise TypeError(f"model must be a keras.Model, got {type(model).__name__}")
-    make_tracker(method, None, percentile)  # validates
+    engine.check_method(method, percentile, what="method" if what == "data" else "calibration_method")
     layers = [l for l in _all_layers(model) if isinstance(l, Quantize) and l.learned]
     if not layers:
         log.warning("calibrate: model %r has no Quantize layer with a learned range", model.name)
         return {}
-    trackers = {l.name: make_tracker(method, l.format.axis, percentile) for l in layers}
+    observers = {}
     for l in layers:
-        l._calibrator = _Feed(trackers[l.name])
+        channels = 1 if l.format.axis is None else int(l.range.shape[1])
+        observers[l.name] = engine.Observer(l.name, l.format.axis, channels, histogram=method != "minmax")
+    for l in layers:
+        l._calibrator = _Feed(observers[l.name])
     n = 0
     try:
+        step = tf.function(lambda b: model(b, training=False), reduce_retracing=True)
         batches = calibration_batches(data, len(model.inputs or [None]), batch_size, steps, what, _keras_check(model, what))
-        for batch in batches:
-            model(batch, training=False)
+        for batch in engine.progress(batches, "calibrating", verbose):
+            step(batch)
             n += 1
+        out = engine.ranges_of(observers, method, {l.name: l.format for l in layers}, percentile, what)
     finally:
         for l in layers:
             l._calibrator = None
-    out = ranges_from_trackers(trackers, what)
+        engine.release_all(list(observers.values()))
     for l in layers:
         if l.name in out:
             l.set_range(*out[l.name])

@@ -11,6 +11,7 @@ import tensorflow as tf
 from ..patterns import Registry
 from ..plan import Plan, QuantizeConfig
 from ..ranges import calibration_batches, check_inputs
+from ..calibration import progress
 from .calibrate import RangeCollector, insert_observers, needs_calibration
 from .liveness import check_live
 from .planning import apply_plan, plan_graph_def
@@ -255,11 +256,12 @@ def quantize_function(
         insert_observers(obs, plan, collector, obs_redirects)
         runner = _import(obs, cf, obs_redirects)
         try:
-            for batch in calibration_batches(calibration_data, check=lambda b: _check_flat(cf, b)):
+            batches = calibration_batches(calibration_data, check=lambda b: _check_flat(cf, b))
+            for batch in progress(batches, "calibrating"):
                 _run_flat(runner, cf, batch)
+            ranges = collector.ranges()
         finally:
             collector.release()
-        ranges = collector.ranges()
     elif need:
         plan.notes.append("no calibration_data: affine ranges are each batch's own min/max (dynamic)")
     edits = apply_plan(gd, plan, ranges=ranges, seed=seed)

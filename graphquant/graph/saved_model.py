@@ -24,6 +24,8 @@ from .. import outputs
 from ..patterns import Registry
 from ..plan import Plan, QuantizeConfig
 from ..ranges import calibration_batches, check_inputs
+from .. import calibration as engine
+from ..calibration import progress
 from .calibrate import RangeCollector, insert_observers, needs_calibration
 from .function import config_from_kwargs
 from .liveness import check_live, tensor_node
@@ -426,6 +428,7 @@ def _calibrate(sm, src: Path, plans: List[Plan], data: Any, signature: str, meth
                 f"calibration_signature: {src} has no signature {signature!r} (has {sorted(loaded.signatures)})"
             )
         fn = loaded.signatures[signature]
+        engine.rebind_loaded(list(collector.observers.values()), [fn.graph.as_graph_def()])
         _, kw_specs = fn.structured_input_signature
         specs = {k: (None if v.shape.rank is None else tuple(v.shape.as_list()), v.dtype) for k, v in kw_specs.items()}
 
@@ -438,13 +441,14 @@ def _calibrate(sm, src: Path, plans: List[Plan], data: Any, signature: str, meth
                 )
             return {next(iter(kw_specs)): batch}
 
-        for batch in calibration_batches(data, check=lambda b: check_inputs(feed_of(b), specs)):
+        batches = calibration_batches(data, check=lambda b: check_inputs(feed_of(b), specs))
+        for batch in progress(batches, "calibrating"):
             fn(**{k: tf.convert_to_tensor(v, dtype=kw_specs[k].dtype) for k, v in feed_of(batch).items()})
         del loaded, fn
+        return collector.ranges()
     finally:
         collector.release()
         shutil.rmtree(cal, ignore_errors=True)
-    return collector.ranges()
 
 
 # --------------------------------------------------------------------------- checkpoint weights
