@@ -212,6 +212,9 @@ class Observer:
                 if rank is None:
                     raise ValueError(f"{self.point}: per-channel calibration needs a tensor of known rank")
                 ax = self.axis % rank
+                n = v.shape[ax]
+                if n is not None and n != c:
+                    raise ValueError(f"{self.point!r}: axis {self.axis} has {n} channels, the observer {c}")
                 if ax != rank - 1:
                     v = tf.transpose(v, [i for i in range(rank) if i != ax] + [ax])
                 v = tf.reshape(v, [-1, c])
