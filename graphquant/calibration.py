@@ -144,7 +144,9 @@ class Observer:
             "minmax": (tf.float32, [2, c]),
             "counts": (tf.int64, [2, c]),  # values seen, non-finite values
         }
-        if self.histogram:
+        if self.histogram and axis is None:
+            self._specs["bits"] = (tf.int64, [_BITS_BINS])
+        elif self.histogram:
             self._specs["exp"] = (tf.int32, [c])
             self._specs["hist"] = (tf.int64, [c, NUM_BINS])
         init = {
@@ -152,7 +154,9 @@ class Observer:
             "counts": tf.zeros([2, c], tf.int64),
             "exp": tf.fill([c], _E_MIN),
             "hist": tf.zeros([c, NUM_BINS], tf.int64),
+            "bits": tf.zeros([_BITS_BINS], tf.int64),
         }
+        init = {k: v for k, v in init.items() if k in self._specs}
         self._init = init
         self._suffix = ""
         self._initialise()
@@ -181,107 +185,87 @@ class Observer:
         import tensorflow as tf
 
         dtype, shape = self._specs[key]
-        name = f"{self._prefix}/{key}{self._suffix}"
-        return tf.raw_ops.VarHandleOp(dtype=dtype, shape=shape, shared_name=name, container="")
+        return tf.raw_ops.VarHandleOp(dtype=dtype, shape=shape, shared_name=self.shared_name(key), container="")
 
     def _read(self, key: str) -> Any:
         import tensorflow as tf
 
         return tf.raw_ops.ReadVariableOp(resource=self._handle(key), dtype=self._specs[key][0])
 
-    def _assign(self, key: str, value: Any) -> Any:
+    def shared_name(self, key: str) -> str:
+        """The shared name of variable ``key`` (as the current graph sees it)."""
+        return f"{self._prefix}/{key}{self._suffix}"
+
+    def variable_specs(self) -> Dict[str, Tuple[Any, Any]]:
+        """``{key: (dtype, shape)}`` of the variables, in :attr:`keys` order."""
+        return dict(self._specs)
+
+    @property
+    def keys(self) -> Tuple[str, ...]:
+        """The observer's variables, in the order :meth:`function_def`'s function takes their handles."""
+        return tuple(self._specs)
+
+    def _generic(self, dtype: Any, rank: Optional[int] = None) -> Any:
+        """The update as a ``tf.function(x, *handles) -> x``, shared by every observer of the same kind."""
         import tensorflow as tf
 
-        return tf.raw_ops.AssignVariableOp(resource=self._handle(key), value=value)
+        rank = rank if self.axis is not None else None
+        key = (tf.as_dtype(dtype), self.axis, self.channels, self.histogram, rank)
+        fn = _GENERIC.get(key)
+        if fn is None:
+            specs = dict(self._specs)
+
+            def update(x, *handles):
+                return _update_ops(x, dict(zip(specs, handles)), specs, self.axis, self.channels, self.histogram,
+                                   self.point)  # fmt: skip
+
+            fn = tf.function(update, autograph=False).get_concrete_function(
+                tf.TensorSpec(None if rank is None else [None] * rank, key[0]),
+                *[tf.TensorSpec([], tf.resource) for _ in specs],
+            )
+            _GENERIC[key] = fn
+        return fn
 
     def update(self, x: Any) -> Any:
-        """Fold ``x`` into the statistics; returns ``x`` (with a control dependency on the update).
+        """Fold ``x`` into the statistics; returns ``x``.
 
-        Pure TensorFlow ops (reductions, a bincount): traceable in any graph.
+        Pure TensorFlow ops (reductions, a bincount) in one library function shared by
+        the observers of the same kind: traceable in any graph.
         """
         import tensorflow as tf
 
-        with tf.name_scope("graphquant_observe"):
-            x = tf.convert_to_tensor(x)
-            v = tf.cast(x, tf.float32)
-            c = self.channels
-            if self.axis is None:
-                v = tf.reshape(v, [-1, 1])
-            else:
-                rank = v.shape.rank
-                if rank is None:
-                    raise ValueError(f"{self.point}: per-channel calibration needs a tensor of known rank")
-                ax = self.axis % rank
-                n = v.shape[ax]
-                if n is not None and n != c:
-                    raise ValueError(f"{self.point!r}: axis {self.axis} has {n} channels, the observer {c}")
-                if ax != rank - 1:
-                    v = tf.transpose(v, [i for i in range(rank) if i != ax] + [ax])
-                v = tf.reshape(v, [-1, c])
-            finite = tf.math.is_finite(v)
-            nonfinite = tf.reduce_sum(tf.cast(tf.logical_not(finite), tf.int64), axis=0)
-            seen = tf.fill([c], tf.cast(tf.shape(v)[0], tf.int64))
-            bmin = tf.reduce_min(tf.where(finite, v, np.inf), axis=0)
-            bmax = tf.reduce_max(tf.where(finite, v, -np.inf), axis=0)
-            mm = self._read("minmax")
-            lo, hi = tf.minimum(mm[0], bmin), tf.maximum(mm[1], bmax)
-            ops = [
-                self._assign("minmax", tf.stack([lo, hi])),
-                self._assign("counts", self._read("counts") + tf.stack([seen, nonfinite])),
-            ]
-            if self.histogram:
-                ops += self._update_histogram(v, finite, lo, hi)
-            with tf.control_dependencies(ops):
-                return tf.identity(x)
-
-    def _update_histogram(self, v: Any, finite: Any, lo: Any, hi: Any) -> list:
-        import tensorflow as tf
-
-        c = self.channels
-        m = tf.maximum(tf.abs(lo), tf.abs(hi))
-        m = tf.where(tf.math.is_finite(m), m, 0.0)  # a channel without a finite value yet
-        e_old = self._read("exp")
-        e_new = tf.maximum(e_old, _ceil_log2(m))
-        # merge the old bins 2**d into one (exact: old edges are multiples of the new bin width);
-        # beyond 2**(log2(half)) every old bin lands in one of the two central bins anyway
-        d = tf.minimum(e_new - e_old, _LOG2_HALF)
-        k = tf.bitwise.left_shift(tf.ones_like(d), d)[:, None]  # [c, 1]
-        j = tf.range(NUM_BINS, dtype=tf.int32)[None, :] - _HALF  # signed bin offsets
-        new_bin = tf.math.floordiv(j, k) + _HALF  # [c, NUM_BINS]
-        rows = tf.range(c, dtype=tf.int32)[:, None] * NUM_BINS
-        old = tf.math.unsorted_segment_sum(
-            tf.reshape(self._read("hist"), [-1]), tf.reshape(new_bin + rows, [-1]), c * NUM_BINS
-        )
-        # bin of each finite value: floor(x * 2**(log2(half) - e)) + half, exact (a power-of-two scaling)
-        scale = _pow2(_LOG2_HALF - e_new)  # [c]
-        b = tf.cast(tf.floor(v * scale), tf.int32) + _HALF
-        b = tf.clip_by_value(b, 0, NUM_BINS - 1) + rows[:, 0]
-        b = tf.where(finite, b, c * NUM_BINS)  # dropped by bincount's maxlength
-        counts = tf.math.bincount(tf.reshape(b, [-1]), minlength=c * NUM_BINS, maxlength=c * NUM_BINS, dtype=tf.int64)
-        hist = tf.reshape(old, [c, NUM_BINS]) + tf.reshape(counts, [c, NUM_BINS])
-        return [self._assign("exp", e_new), self._assign("hist", hist)]
+        x = tf.convert_to_tensor(x)
+        if self.axis is not None and x.shape.rank is not None:
+            n = x.shape[self.axis % x.shape.rank]
+            if n is not None and n != self.channels:
+                raise ValueError(f"{self.point!r}: axis {self.axis} has {n} channels, the observer {self.channels}")
+        fn = self._generic(x.dtype, x.shape.rank)
+        return fn(x, *[self._handle(k) for k in self._specs])
 
     def function_def(self, dtype: Any) -> Tuple[str, list]:
-        """``(name, FunctionDefs)``: a library function ``x -> x`` that updates the statistics,
-        for splicing into a graph (the first FunctionDef is the function itself)."""
-        import tensorflow as tf
-
-        dtype = tf.as_dtype(dtype)
-        if dtype not in self._functions:
-            fn = tf.function(self.update, autograph=False)
-            cf = fn.get_concrete_function(tf.TensorSpec(None, dtype))
-            if cf.graph.captures:
-                raise ValueError("internal: the observer captured a tensor")
-            lib = [f for f in cf.graph.as_graph_def().library.function if f.signature.name != cf.function_def.signature.name]
-            self._functions[dtype] = (cf.function_def.signature.name, [cf.function_def] + lib)
-        return self._functions[dtype]
+        """``(name, FunctionDefs)``: the library function ``(x, *handles) -> x`` that updates the
+        statistics (handles of :attr:`keys`' variables, by :meth:`shared_name`), for splicing
+        into a graph; the first FunctionDef is the function itself."""
+        cf = self._generic(dtype)
+        if cf.graph.captures:
+            raise ValueError("internal: the observer captured a tensor")
+        name = cf.function_def.signature.name
+        lib = [f for f in cf.graph.as_graph_def().library.function if f.signature.name != name]
+        return name, [cf.function_def] + lib
 
     def stats(self) -> "PointStats":
         """The statistics so far, as numpy arrays."""
         mm = self._read("minmax").numpy().astype(np.float64)
         counts = self._read("counts").numpy()
-        hist = self._read("hist").numpy() if self.histogram else None
-        exp = self._read("exp").numpy() if self.histogram else None
+        hist = exp = None
+        if "bits" in self._specs:
+            m = max(abs(mm[0, 0]), abs(mm[1, 0]))
+            e = _E_MIN if not np.isfinite(m) or m == 0 else min(max(math.ceil(math.log2(m)), _E_MIN), _E_MAX)
+            e = e + 1 if 2.0**e < m else e  # guard log2 rounding
+            hist, exp = _linear_histogram(self._read("bits").numpy(), e)[None, :], np.array([e])
+        elif self.histogram:
+            hist = self._read("hist").numpy()
+            exp = self._read("exp").numpy()
         return PointStats(self.point, mm[0], mm[1], int(counts[0].sum()), int(counts[1].sum()), hist, exp,
                           self.axis)  # fmt: skip
 
@@ -294,6 +278,116 @@ class Observer:
                 tf.raw_ops.DestroyResourceOp(resource=self._handle(k), ignore_lookup_error=True)
             except Exception:  # pragma: no cover - best effort
                 pass
+
+
+_BITS = 19  # sign, 8 exponent bits, 10 mantissa bits: finer than any linear bin, so the mapping is exact
+_BITS_BINS = 1 << _BITS
+
+
+def _linear_histogram(bits_hist: np.ndarray, e: int) -> np.ndarray:
+    """The :data:`NUM_BINS`-bin histogram over ``[-2**e, 2**e]`` of a float32-bit-pattern histogram.
+
+    Each bit-pattern bin holds magnitudes ``[m, m + 2**(x-10))`` with ``x <= e - 1`` for finite
+    data, inside one linear bin of width ``2**(e-10)``: the mapping is exact. Bins are
+    ``[k*w, (k+1)*w)`` above zero and ``(-(k+1)*w, -k*w]`` below it (zero in the first bin above).
+    Non-finite patterns (exponent 255) are left out.
+    """
+    k = np.flatnonzero(bits_hist)
+    n = bits_hist[k]
+    pattern = (k.astype(np.uint32) << np.uint32(32 - _BITS)).view(np.float32).astype(np.float64)
+    finite = np.isfinite(pattern)
+    pattern, n = pattern[finite], n[finite]
+    w = 2.0 ** (e - _LOG2_HALF)
+    j = np.floor(np.abs(pattern) / w).astype(np.int64)
+    idx = np.where((pattern < 0) & (j >= 0) & (np.abs(pattern) > 0), _HALF - 1 - j, _HALF + j)
+    out = np.zeros(NUM_BINS, np.int64)
+    np.add.at(out, np.clip(idx, 0, NUM_BINS - 1), n)
+    return out
+
+
+_GENERIC: Dict[Any, Any] = {}
+
+
+def _update_ops(x: Any, handles: Dict[str, Any], specs: Dict[str, Any], axis: Optional[int], c: int,
+                histogram: bool, point: str) -> Any:  # fmt: skip
+    import tensorflow as tf
+
+    def read(k):
+        return tf.raw_ops.ReadVariableOp(resource=handles[k], dtype=specs[k][0])
+
+    def assign(k, value):
+        return tf.raw_ops.AssignVariableOp(resource=handles[k], value=value)
+
+    with tf.name_scope("graphquant_observe"):
+        v = tf.cast(x, tf.float32)
+        if axis is None:
+            v = tf.reshape(v, [-1, 1])
+        else:
+            rank = v.shape.rank
+            if rank is None:
+                raise ValueError(f"{point}: per-channel calibration needs a tensor of known rank")
+            ax = axis % rank
+            if ax != rank - 1:
+                v = tf.transpose(v, [i for i in range(rank) if i != ax] + [ax])
+            v = tf.reshape(v, [-1, c])
+        seen = tf.fill([c], tf.cast(tf.shape(v)[0], tf.int64))
+        # two plain reductions (they propagate NaN): when both are finite every value is,
+        # and the masked reductions below (several passes over the tensor) are skipped
+        fmin, fmax = tf.reduce_min(v, axis=0), tf.reduce_max(v, axis=0)
+        all_finite = tf.reduce_all(tf.math.is_finite(fmin) & tf.math.is_finite(fmax))
+
+        def masked():
+            finite = tf.math.is_finite(v)
+            return (
+                tf.reduce_min(tf.where(finite, v, np.inf), axis=0),
+                tf.reduce_max(tf.where(finite, v, -np.inf), axis=0),
+                tf.reduce_sum(tf.cast(tf.logical_not(finite), tf.int64), axis=0),
+            )
+
+        bmin, bmax, nonfinite = tf.cond(all_finite, lambda: (fmin, fmax, tf.zeros([c], tf.int64)), masked)
+        mm = read("minmax")
+        lo, hi = tf.minimum(mm[0], bmin), tf.maximum(mm[1], bmax)
+        assign("minmax", tf.stack([lo, hi]))
+        assign("counts", read("counts") + tf.stack([seen, nonfinite]))
+        if histogram and axis is None:
+            # the histogram of the float32 bit patterns' top 19 bits (sign, exponent, 10
+            # mantissa bits): a bitcast, one shift and a bincount; NaN and inf have their own bins
+            top = tf.bitwise.right_shift(tf.bitcast(tf.reshape(v, [-1]), tf.uint32), 32 - _BITS)
+            counts = tf.raw_ops.Bincount(arr=tf.bitcast(top, tf.int32), size=_BITS_BINS,
+                                         weights=tf.constant([], tf.int32))  # fmt: skip
+            assign("bits", read("bits") + tf.cast(counts, tf.int64))
+        elif histogram:
+            _update_histogram(v, tf.math.is_finite(v), lo, hi, c, read, assign)
+        # not gated on the updates: the model goes on while they run (the function's
+        # stateful ops still all run before the call returns)
+        return tf.identity(x)
+
+
+def _update_histogram(v: Any, finite: Any, lo: Any, hi: Any, c: int, read: Any, assign: Any) -> list:
+    import tensorflow as tf
+
+    m = tf.maximum(tf.abs(lo), tf.abs(hi))
+    m = tf.where(tf.math.is_finite(m), m, 0.0)  # a channel without a finite value yet
+    e_old = read("exp")
+    e_new = tf.maximum(e_old, _ceil_log2(m))
+    # merge the old bins 2**d into one (exact: old edges are multiples of the new bin width);
+    # beyond 2**(log2(half)) every old bin lands in one of the two central bins anyway
+    d = tf.minimum(e_new - e_old, _LOG2_HALF)
+    k = tf.bitwise.left_shift(tf.ones_like(d), d)[:, None]  # [c, 1]
+    j = tf.range(NUM_BINS, dtype=tf.int32)[None, :] - _HALF  # signed bin offsets
+    new_bin = tf.math.floordiv(j, k) + _HALF  # [c, NUM_BINS]
+    rows = tf.range(c, dtype=tf.int32)[:, None] * NUM_BINS
+    old = tf.math.unsorted_segment_sum(
+        tf.reshape(read("hist"), [-1]), tf.reshape(new_bin + rows, [-1]), c * NUM_BINS
+    )
+    # bin of each finite value: floor(x * 2**(log2(half) - e)) + half, exact (a power-of-two scaling)
+    scale = _pow2(_LOG2_HALF - e_new)  # [c]
+    b = tf.cast(tf.floor(v * scale), tf.int32) + _HALF
+    b = tf.clip_by_value(b, 0, NUM_BINS - 1) + rows[:, 0]
+    b = tf.where(finite, b, c * NUM_BINS)  # dropped by bincount's maxlength
+    counts = tf.math.bincount(tf.reshape(b, [-1]), minlength=c * NUM_BINS, maxlength=c * NUM_BINS, dtype=tf.int64)
+    hist = tf.reshape(old, [c, NUM_BINS]) + tf.reshape(counts, [c, NUM_BINS])
+    return [assign("exp", e_new), assign("hist", hist)]
 
 
 # --------------------------------------------------------------------------- statistics -> ranges

@@ -65,11 +65,25 @@ class RangeCollector:
 
 
 def splice_observer(ed: Any, sc: Any, ref: str, dtype: int, observer: engine.Observer, name: str) -> Any:
-    """Add a call ``observer(ref)`` to scope ``sc`` of editor ``ed``; return the new node (output 0 is ``ref``'s value)."""
+    """Add a call ``observer(ref, *handles)`` to scope ``sc`` of editor ``ed`` (with ``VarHandleOp``
+    nodes naming the observer's variables); return the call node (output 0 is ``ref``'s value)."""
+    from tensorflow.core.framework import types_pb2
+
     fname, fdefs = observer.function_def(dtype)
     lib_name = ed.add_functions(fdefs, fname)
-    nd = node_def_pb2.NodeDef(name=sc.unique(name), op="StatefulPartitionedCall", input=[ref])
-    nd.attr["Tin"].list.type.append(dtype)
+    base = sc.unique(name)
+    inputs = [ref]
+    for key, (vdtype, shape) in observer.variable_specs().items():
+        h = node_def_pb2.NodeDef(name=sc.unique(f"{base}/{key}"), op="VarHandleOp")
+        h.attr["dtype"].type = vdtype.as_datatype_enum
+        for d in shape:
+            h.attr["shape"].shape.dim.add().size = int(d)
+        h.attr["shared_name"].s = observer.shared_name(key).encode()
+        h.attr["container"].s = b""
+        h.attr["allowed_devices"].list.SetInParent()
+        inputs.append(sc.ref(sc.add(h), 0))
+    nd = node_def_pb2.NodeDef(name=base, op="StatefulPartitionedCall", input=inputs)
+    nd.attr["Tin"].list.type.extend([dtype] + [types_pb2.DT_RESOURCE] * (len(inputs) - 1))
     nd.attr["Tout"].list.type.append(dtype)
     nd.attr["f"].func.name = lib_name
     nd.attr["config"].s = b""
