@@ -96,6 +96,25 @@ class _Stats:
             self.agree += int(np.sum(np.argmax(ref, -1) == np.argmax(out, -1)))
             self.rows += ref.shape[0]
 
+    def add(self, v: Any, local: bool = False, clip_known: bool = True) -> None:
+        """Add the sums of one batch computed in TensorFlow by :func:`_error_sums`."""
+        (n, sig, err, ab, mx, local_sig, local_err, clipped, agree, rows, bad, bad_local) = (float(t) for t in v)
+        self.n += int(n)
+        self.sig += sig
+        self.err += err + (math.inf if bad else 0.0)
+        self.abs += ab
+        if n:
+            self.max = max(self.max, mx)
+        if local:
+            self.local_sig += local_sig
+            self.local_err = math.inf if bad_local else self.local_err + local_err
+            if clip_known:
+                self.clipped += int(clipped)
+            else:
+                self.clip_known = False
+        self.agree += int(agree)
+        self.rows += int(rows)
+
     @staticmethod
     def _db(sig: float, err: float) -> float:
         if err == 0.0:
@@ -111,6 +130,46 @@ class _Stats:
     @property
     def local_sqnr_db(self) -> float:
         return self._db(self.local_sig, self.local_err)
+
+
+def _error_sums(ref: Any, out: Any, inp: Any = None, rng: Any = None, axis: Optional[int] = None) -> Any:
+    """The sums :meth:`_Stats.update` keeps, of one batch, in TensorFlow (float64): a vector of 12
+    numbers, so only these leave the graph (never the tensors)."""
+    import tensorflow as tf
+
+    f64 = tf.float64
+    ref, out = tf.cast(ref, f64), tf.cast(out, f64)
+    zero = tf.constant(0.0, f64)
+    d = out - ref
+    fin = tf.math.is_finite(d)
+    n = tf.cast(tf.size(ref), f64)
+    sig = tf.reduce_sum(tf.where(tf.math.is_finite(ref), tf.square(ref), zero))
+    err = tf.reduce_sum(tf.where(fin, tf.square(d), zero))
+    bad = tf.cast(tf.logical_not(tf.reduce_all(fin)), f64)
+    ad = tf.abs(d)
+    ab = tf.reduce_sum(ad)
+    mx = tf.reduce_max(ad) if d.shape.num_elements() != 0 else zero
+    local_sig = local_err = clipped = bad_local = zero
+    if inp is not None:
+        inp = tf.cast(inp, f64)
+        local_sig = tf.reduce_sum(tf.where(tf.math.is_finite(inp), tf.square(inp), zero))
+        dl = out - inp
+        fl = tf.math.is_finite(dl)
+        local_err = tf.reduce_sum(tf.where(fl, tf.square(dl), zero))
+        bad_local = tf.cast(tf.logical_not(tf.reduce_all(fl)), f64)
+        if rng is not None:
+            lo, hi = (np.asarray(r, np.float64) for r in rng)
+            if axis is not None and lo.ndim == 1 and lo.size > 1:
+                rank = inp.shape.rank
+                shape = [1] * rank
+                shape[axis % rank] = lo.size
+                lo, hi = lo.reshape(shape), hi.reshape(shape)
+            clipped = tf.reduce_sum(tf.cast((inp < lo) | (inp > hi), f64))
+    agree = rows = zero
+    if ref.shape.rank == 2 and ref.shape[-1] is not None and ref.shape[-1] > 1:
+        agree = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(ref, -1), tf.argmax(out, -1)), f64))
+        rows = tf.cast(tf.shape(ref)[0], f64)
+    return tf.stack([n, sig, err, ab, mx, local_sig, local_err, clipped, agree, rows, bad, bad_local])
 
 
 # --------------------------------------------------------------------------- report
@@ -400,7 +459,8 @@ def _layer_range(layer: Any) -> Tuple[Any, Optional[int]]:
     return representable_range(fmt), None
 
 
-def _compare_keras(model: Any, quantized: Any, data: Any, batch_size: int, steps: Optional[int]) -> CompareReport:
+def _compare_keras(model: Any, quantized: Any, data: Any, batch_size: int, steps: Optional[int],
+                   verbose: Optional[bool] = None) -> CompareReport:  # fmt: skip
     import keras
 
     from .ranges import iter_batches
@@ -447,20 +507,35 @@ def _compare_keras(model: Any, quantized: Any, data: Any, batch_size: int, steps
     ranges = [_layer_range(layer) for layer, _, _ in kept]
     n_in = len(qg.inputs)
     samples = batches = 0
-    for batch in iter_batches(data, n_in, batch_size, steps, what="data"):
-        qv = [np.asarray(v) for v in _as_list(q_probe(batch, training=False))]
-        fv = [np.asarray(v) for v in _as_list(f_probe(batch, training=False))]
-        first = keras.tree.flatten(batch)[0]
-        samples += int(np.shape(first)[0])
-        batches += 1
+    import tensorflow as tf
+
+    from .calibration import progress
+
+    nf = len(f_tensors)
+
+    def sums(batch: Any) -> List[Any]:
+        qv = _as_list(q_probe(batch, training=False))
+        fv = _as_list(f_probe(batch, training=False))
+        out = []
         for j, (layer, qsite, fsite) in enumerate(kept):
             q_in, q_out = qv[2 * j], qv[2 * j + 1]
             ref = q_in if f_index[j] is None else fv[f_index[j]]
             rng, axis = ranges[j]
-            stats[j].update(ref, q_out, inp=q_in, rng=rng, axis=axis)
-        nf = len(f_tensors)
+            out.append(_error_sums(ref, q_out, inp=q_in, rng=rng, axis=axis))
         for j in range(len(q_outs)):
-            ostats[j].update(fv[nf + j], qv[len(q_tensors) + j])
+            out.append(_error_sums(fv[nf + j], qv[len(q_tensors) + j]))
+        return out
+
+    step = tf.function(sums, reduce_retracing=True)
+    for batch in progress(iter_batches(data, n_in, batch_size, steps, what="data"), "comparing", verbose):
+        vecs = [v.numpy() for v in step(batch)]
+        first = keras.tree.flatten(batch)[0]
+        samples += int(np.shape(first)[0])
+        batches += 1
+        for j in range(len(kept)):
+            stats[j].add(vecs[j], local=True, clip_known=ranges[j][0] is not None)
+        for j in range(len(q_outs)):
+            ostats[j].add(vecs[len(kept) + j])
     if batches == 0:
         raise ValueError("data is empty: no batch to compare on")
     points = [
@@ -811,6 +886,7 @@ def compare(
     batch_size: int = 32,
     steps: Optional[int] = None,
     signature: str = "serving_default",
+    verbose: Optional[bool] = None,
 ) -> CompareReport:
     """Run a float model and its quantized copy on the same batches; report the error per insertion point.
 
@@ -826,6 +902,8 @@ def compare(
         batch_size: batch size for array data.
         steps: at most this many batches.
         signature: the SavedModel signature to run.
+        verbose: show a progress bar (``None``: when stderr is a terminal and
+            the comparison runs longer than a second).
 
     Returns:
         A :class:`CompareReport`; ``print(report)`` shows the table and
@@ -868,6 +946,6 @@ def compare(
     if isinstance(f, Path):
         report = _compare_saved_models(f, q, data, signature, batch_size, steps)
     else:
-        report = _compare_keras(f, q, data, batch_size, steps)
+        report = _compare_keras(f, q, data, batch_size, steps, verbose)
     log.info("compare: %d points, %d samples in %.2fs", len(report.points), report.samples, report.seconds)
     return report
