@@ -232,3 +232,12 @@ def test_quantize_function_uses_the_engine_like_keras():
     q = gq.quantize_model(model, bits=8, calibration_data=DATA, calibration_method="percentile")
     r_k = [l.get_range() for l in q.layers if isinstance(l, Quantize)]
     np.testing.assert_allclose(np.asarray(r_k, np.float32), np.asarray(list(qf.ranges.values()), np.float32), rtol=2e-7)
+
+
+def test_progress_bar_only_when_asked_or_on_a_terminal(capsys):
+    batches = [np.zeros((2, 3), "float32")] * 3
+    assert list(cal.progress(iter(batches), "calibrating", verbose=False)) == batches
+    assert list(cal.progress(iter(batches), "calibrating", verbose=None)) == batches  # stderr is not a terminal here
+    assert capsys.readouterr().err == ""
+    out = list(cal.progress(iter(batches), "calibrating", verbose=True, delay=0.0))
+    assert out == batches

@@ -183,6 +183,7 @@ def quantize_function(
     weights: Optional[bool] = None,
     calibration_data: Any = None,
     calibration_method: str = "minmax",
+    verbose: Optional[bool] = None,
     registry: Optional[Registry] = None,
     seed: Optional[int] = None,
     allow_requantize: bool = False,
@@ -200,7 +201,10 @@ def quantize_function(
             (without it, each batch's own min/max: a dynamic range);
             ``bits`` + ``range`` is fixed point; float formats need no range.
         calibration_data: batches fed to ``fn`` to set the affine ranges.
-        calibration_method: ``"minmax"`` or ``"percentile"``.
+        calibration_method: ``"minmax"``, ``"percentile"`` (99.99), ``"mse"`` or
+            ``"entropy"`` (see :mod:`graphquant.calibration`).
+        verbose: a progress bar while calibrating (``None``: when stderr is a
+            terminal and calibration runs longer than a second).
         registry: the pattern registry (default: the shared default).
         seed: op-level seed for stochastic rounding.
         allow_requantize: rewrite a function that already holds graphquant
@@ -257,7 +261,7 @@ def quantize_function(
         runner = _import(obs, cf, obs_redirects)
         try:
             batches = calibration_batches(calibration_data, check=lambda b: _check_flat(cf, b))
-            for batch in progress(batches, "calibrating"):
+            for batch in progress(batches, "calibrating", verbose):
                 _run_flat(runner, cf, batch)
             ranges = collector.ranges()
         finally:
