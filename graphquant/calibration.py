@@ -529,7 +529,7 @@ def range_of(stats: PointStats, method: str = "minmax", fmt: Any = None, percent
     from .ranges import MIN_RANGE_WIDTH
 
     check_method(method, percentile)
-    point = f"{what}: {stats.point!r}"
+    point = f"{what}: {stats.point!r}" if what else str(stats.point)
     if stats.seen == 0:
         raise ValueError(f"{point}: no data seen")
     missing = ~(np.isfinite(stats.lo) & np.isfinite(stats.hi))

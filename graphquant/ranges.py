@@ -107,50 +107,84 @@ def _finite_min_max(flat: np.ndarray, red: Optional[int], finite: np.ndarray) ->
     return np.where(finite, flat, np.inf).min(axis=red), np.where(finite, flat, -np.inf).max(axis=red)
 
 
-class MinMaxTracker(_Tracker):
-    """Running min/max."""
+class _EngineTracker:
+    """A numpy-facing tracker over a :class:`graphquant.calibration.Observer` (the one engine):
+    ``update`` runs the engine's TensorFlow update eagerly, ``result`` reads the range by
+    the engine's method. The observer is made at the first update (per channel: the
+    channel count is that update's)."""
+
+    method = "minmax"
 
     def __init__(self, axis: Optional[int] = None):
-        super().__init__(axis)
-        self.lo: Any = None
-        self.hi: Any = None
+        self.axis = axis
+        self._observer: Any = None
+        self.percentile = 99.99
 
-    def _update(self, flat, red, finite, has) -> None:
-        lo, hi = _finite_min_max(flat, red, finite)
-        self.lo = lo if self.lo is None else np.minimum(self.lo, lo)
-        self.hi = hi if self.hi is None else np.maximum(self.hi, hi)
+    def update(self, x: Any) -> None:
+        """Track one batch (non-finite values are ignored and counted in :attr:`nonfinite`)."""
+        from . import calibration as engine
 
-    def _result(self):
-        return self.lo, self.hi
+        x = np.asarray(x, dtype=np.float32)
+        if x.size == 0:
+            return
+        if self._observer is None:
+            channels = 1 if self.axis is None else x.shape[self.axis]
+            self._observer = engine.Observer("the tracker", self.axis, channels, histogram=self.method != "minmax")
+        self._observer.update(x)
+
+    def _stats(self) -> Any:
+        return None if self._observer is None else self._observer.stats()
+
+    @property
+    def seen(self) -> int:
+        """Values seen (finite or not)."""
+        s = self._stats()
+        return 0 if s is None else s.seen
+
+    @property
+    def nonfinite(self) -> int:
+        """NaN / inf values ignored."""
+        s = self._stats()
+        return 0 if s is None else s.nonfinite
+
+    def result(self, point: str = "the tracker") -> Tuple[np.ndarray, np.ndarray]:
+        """``(lo, hi)``: widened to include 0 and to at least :data:`MIN_RANGE_WIDTH`.
+
+        Raises:
+            ValueError: naming ``point``, when it saw no finite value (in some channel).
+        """
+        from . import calibration as engine
+
+        s = self._stats()
+        if s is None or s.seen == 0:
+            raise ValueError(f"{point}: no data seen (the tracker was never updated)")
+        s.point = point
+        lo, hi = engine.range_of(s, self.method, percentile=self.percentile, what="")
+        return lo, hi
+
+    def __del__(self) -> None:
+        if getattr(self, "_observer", None) is not None:
+            try:
+                self._observer.release()
+            except Exception:  # pragma: no cover - interpreter shutdown
+                pass
 
 
-class PercentileTracker(_Tracker):
-    """Mean over batches of the batch percentiles ``100 - p`` and ``p`` (of the finite values)."""
+class MinMaxTracker(_EngineTracker):
+    """Running min/max (the engine's ``"minmax"``)."""
+
+
+class PercentileTracker(_EngineTracker):
+    """The ``100 - p`` and ``p`` percentiles of all values seen (the engine's ``"percentile"``,
+    read from its histogram: within one bin width of the exact percentile)."""
+
+    method = "percentile"
 
     def __init__(self, percentile: float = 99.99, axis: Optional[int] = None):
         if not isinstance(percentile, (int, float)) or not 50.0 < float(percentile) <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {percentile!r}")
         super().__init__(axis)
         self.percentile = float(percentile)
-        self.lo_sum: Any = 0.0
-        self.hi_sum: Any = 0.0
-        self.batches: Any = 0  # per channel: batches with a finite value
-
-    def _update(self, flat, red, finite, has) -> None:
-        q = [100.0 - self.percentile, self.percentile]
-        if red is None:
-            lo, hi = np.percentile(flat[finite], q)
-        else:
-            with warnings.catch_warnings():  # channels without a finite value give NaN, dropped below
-                warnings.simplefilter("ignore", RuntimeWarning)
-                lo, hi = np.nanpercentile(np.where(finite, flat, np.nan), q, axis=red)
-        self.lo_sum = self.lo_sum + np.where(has, lo, 0.0)
-        self.hi_sum = self.hi_sum + np.where(has, hi, 0.0)
-        self.batches = self.batches + has
-
-    def _result(self):
-        with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 = NaN: a channel without data
-            return self.lo_sum / self.batches, self.hi_sum / self.batches
 
 
 class EMATracker(_Tracker):
