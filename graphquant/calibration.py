@@ -15,13 +15,17 @@ graph -- no tensor is ever copied to Python, only the final statistics
 * the number of values seen and of non-finite values (NaN, +-inf: excluded
   from every statistic, counted, logged);
 * for the histogram methods, a histogram of :data:`NUM_BINS` bins over
-  ``[-2**e, 2**e]`` (bin width ``2**(e+1) / NUM_BINS``, zero is a bin edge).
-  The exponent ``e`` grows with the data: when a batch exceeds the range, ``e``
-  becomes the smallest power of two covering it and the old bins are merged
-  ``2**d`` into one. Because all bin edges are multiples of powers of two the
-  merge is exact, so one pass over the data gives the same histogram as a
-  second pass over the final range would (exact to the bin), whatever the order
-  of the batches.
+  ``[-2**e, 2**e]`` (bin width ``2**(e+1) / NUM_BINS``, zero is a bin edge),
+  ``2**e`` the smallest power of two covering the data. Per tensor it is read
+  at the end from an in-graph histogram of the float32 bit patterns' top 19 bits
+  (sign, exponent, 10 mantissa bits: one shift and one bincount per batch),
+  whose bins are finer than, and nested in, the linear ones, so the mapping is
+  exact. Per channel the exponent grows with the data: when a batch exceeds the
+  range, the old bins are merged ``2**d`` into one, exactly (bin edges are
+  multiples of powers of two). Either way one pass gives the histogram a second
+  pass over the final range would, whatever the order of the batches. Bins are
+  ``[k*w, (k+1)*w)`` above zero; below zero a value exactly on an edge may count
+  in the bin on either side.
 
 Methods (:data:`METHODS`), each a function of the statistics and the target format:
 

@@ -50,6 +50,37 @@ def _time(fn) -> float:
     return time.perf_counter() - t0
 
 
+def _steady(model, batches, methods, name) -> None:
+    """Per-batch time of the traced calibration step against the traced inference step."""
+    import tensorflow as tf
+
+    import graphquant as gq
+    from graphquant import calibration as engine
+    from graphquant.keras.layers import Quantize
+    from graphquant.ranges import _all_layers, _Feed
+
+    def per_batch(f):
+        f(batches[0]).numpy()  # traced here, not timed
+        t0 = time.perf_counter()
+        for b in batches:
+            f(b).numpy()
+        return (time.perf_counter() - t0) / len(batches)
+
+    t_inf = per_batch(tf.function(lambda b: model(b, training=False)))
+    q = gq.quantize_model(model, bits=8)
+    layers = [l for l in _all_layers(q) if isinstance(l, Quantize) and l.learned]
+    for method in methods:
+        observers = [engine.Observer(l.name, histogram=method != "minmax") for l in layers]
+        for l, o in zip(layers, observers):
+            l._calibrator = _Feed(o)
+        t_cal = per_batch(tf.function(lambda b: q(b, training=False)))
+        for l in layers:
+            l._calibrator = None
+        engine.release_all(observers)
+        print(f"{name:<12} {'keras/batch':<11} {method:<11} {t_inf:>11.3f} {t_cal:>9.3f} {t_cal / t_inf:>6.2f}",
+              flush=True)  # fmt: skip
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", default="mobilenetv2", help="comma-separated: " + ", ".join(MODELS))
@@ -59,6 +90,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default="minmax,percentile,mse,entropy")
     ap.add_argument("--skip-graph", action="store_true", help="only the Keras path")
     ap.add_argument("--skip-compare", action="store_true")
+    ap.add_argument("--steady", action="store_true",
+                    help="also the Keras path's steady state: per-batch time once traced (tracing excluded)")
     args = ap.parse_args(argv)
     logging.getLogger("graphquant").setLevel(logging.ERROR)
 
@@ -87,6 +120,8 @@ def main(argv=None) -> int:
                 q = gq.quantize_model(model, bits=8)
                 t_cal = _time(lambda: gq.calibrate(q, batches, method=method, verbose=False))
                 print(f"{name:<12} {'keras':<11} {method:<11} {t_inf:>11.2f} {t_cal:>9.2f} {t_cal / t_inf:>6.2f}", flush=True)
+            if args.steady:
+                _steady(model, batches, methods, name)
             if not args.skip_graph:
                 saved = tmp / "float"
                 model.export(str(saved), verbose=False)
