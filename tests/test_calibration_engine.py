@@ -241,3 +241,17 @@ def test_progress_bar_only_when_asked_or_on_a_terminal(capsys):
     assert capsys.readouterr().err == ""
     out = list(cal.progress(iter(batches), "calibrating", verbose=True, delay=0.0))
     assert out == batches
+
+
+def test_keras_per_channel_calibration():
+    """Affine(axis=-1) activations: one range per channel, each the engine's per-channel statistic."""
+    model = _keras_model()
+    q = gq.quantize_model(model, format=Affine(8, axis=-1), calibration_data=DATA, calibration_method="minmax")
+    layer = next(l for l in q.layers if isinstance(l, Quantize))
+    lo, hi = layer.get_range()
+    tap = keras.Model(model.input, model.get_layer("r1").output)(DATA).numpy().reshape(-1, 4)
+    np.testing.assert_array_equal(hi, np.maximum(tap.max(0), 1e-6))
+    np.testing.assert_array_equal(lo, np.minimum(tap.min(0), 0.0))
+    qp = gq.quantize_model(model, format=Affine(8, axis=-1), calibration_data=DATA, calibration_method="percentile")
+    lo_p, hi_p = next(l for l in qp.layers if isinstance(l, Quantize)).get_range()
+    assert hi_p.shape == (4,) and (hi_p <= hi).all() and (hi_p < hi).any()
