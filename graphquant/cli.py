@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     _quant_args(p)
     p.add_argument("--calibration", metavar="DATA.npz", help="inputs for calibrating affine ranges (.npz or .npy)")
     p.add_argument("--signature", default="serving_default", help="signature fed with calibration data")
+    p.add_argument("--calibration-method", default="minmax", choices=["minmax", "percentile", "mse", "entropy"],
+                   help="how ranges are read from the calibration statistics (default minmax)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier graphquant output (never anything else)")
     p.add_argument("--force", action="store_true", help="convert an already quantized model (stacks a second rounding)")
     p.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
@@ -91,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
     p.add_argument("--signature", default="serving_default", help="SavedModel signature to run")
     p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("export-tflite", help="write a fully integer .tflite file from a graphquant-quantized model")
     p.add_argument("src", help="the quantized model: .keras file or a SavedModel folder graphquant converted")
@@ -183,7 +187,8 @@ def _cmd_convert(ns: argparse.Namespace) -> int:
     if ns.calibration:
         kw["calibration_data"] = _load_calibration(ns.calibration)
         kw["calibration_signature"] = ns.signature
-    report = convert_saved_model(src, ns.dst, overwrite=ns.overwrite, **kw)
+        kw["calibration_method"] = ns.calibration_method
+    report = convert_saved_model(src, ns.dst, overwrite=ns.overwrite, verbose=False if ns.quiet else None, **kw)
     print(report.plan.table())
     print(report)
     for w in report.warnings:
@@ -219,7 +224,9 @@ def _convert_keras(src: Path, dst: Path, kw: Dict[str, Any], ns: argparse.Namesp
     model = _load_keras(src)
     calibration = _load_calibration(ns.calibration) if ns.calibration else None
     plan = inspect(model, **{k: v for k, v in kw.items() if k not in ("seed", "allow_requantize")})
-    q = quantize_model(model, calibration_data=calibration, **kw)
+    if calibration is not None:
+        kw["calibration_method"] = ns.calibration_method
+    q = quantize_model(model, calibration_data=calibration, verbose=False if ns.quiet else None, **kw)
     record = dict(kw, calibration_data=outputs.fingerprint_data(calibration))
     result = {"convolutions": len(plan.targets), "inserted": len(plan.points)}
     manifest = outputs.make_manifest("keras", src, outputs.fingerprint_tree(src), record, result)
@@ -294,7 +301,8 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
             import matplotlib  # noqa: F401
         except ImportError:
             raise ValueError("--plot needs matplotlib: pip install matplotlib") from None
-    report = compare(ns.src, ns.quantized, data, batch_size=ns.batch_size, signature=ns.signature)
+    report = compare(ns.src, ns.quantized, data, batch_size=ns.batch_size, signature=ns.signature,
+                     verbose=False if ns.quiet else None)
     print(report.table())
     _write_report(json_path, json.loads(report.to_json()))
     if ns.plot:

@@ -24,6 +24,7 @@ outputs). The report prints as a table, converts to a dict / JSON, and
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -38,7 +39,6 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ._table import render_table
-from .graph.calibrate import PyFuncObservers
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,25 @@ class _Stats:
             self.agree += int(np.sum(np.argmax(ref, -1) == np.argmax(out, -1)))
             self.rows += ref.shape[0]
 
+    def add(self, v: Any, local: bool = False, clip_known: bool = True) -> None:
+        """Add the sums of one batch computed in TensorFlow by :func:`_error_sums`."""
+        (n, sig, err, ab, mx, local_sig, local_err, clipped, agree, rows, bad, bad_local) = (float(t) for t in v)
+        self.n += int(n)
+        self.sig += sig
+        self.err += err + (math.inf if bad else 0.0)
+        self.abs += ab
+        if n:
+            self.max = max(self.max, mx)
+        if local:
+            self.local_sig += local_sig
+            self.local_err = math.inf if bad_local else self.local_err + local_err
+            if clip_known:
+                self.clipped += int(clipped)
+            else:
+                self.clip_known = False
+        self.agree += int(agree)
+        self.rows += int(rows)
+
     @staticmethod
     def _db(sig: float, err: float) -> float:
         if err == 0.0:
@@ -112,6 +131,46 @@ class _Stats:
     @property
     def local_sqnr_db(self) -> float:
         return self._db(self.local_sig, self.local_err)
+
+
+def _error_sums(ref: Any, out: Any, inp: Any = None, rng: Any = None, axis: Optional[int] = None) -> Any:
+    """The sums :meth:`_Stats.update` keeps, of one batch, in TensorFlow (float64): a vector of 12
+    numbers, so only these leave the graph (never the tensors)."""
+    import tensorflow as tf
+
+    f64 = tf.float64
+    ref, out = tf.cast(ref, f64), tf.cast(out, f64)
+    zero = tf.constant(0.0, f64)
+    d = out - ref
+    fin = tf.math.is_finite(d)
+    n = tf.cast(tf.size(ref), f64)
+    sig = tf.reduce_sum(tf.where(tf.math.is_finite(ref), tf.square(ref), zero))
+    err = tf.reduce_sum(tf.where(fin, tf.square(d), zero))
+    bad = tf.cast(tf.logical_not(tf.reduce_all(fin)), f64)
+    ad = tf.abs(d)
+    ab = tf.reduce_sum(ad)
+    mx = tf.reduce_max(ad) if d.shape.num_elements() != 0 else zero
+    local_sig = local_err = clipped = bad_local = zero
+    if inp is not None:
+        inp = tf.cast(inp, f64)
+        local_sig = tf.reduce_sum(tf.where(tf.math.is_finite(inp), tf.square(inp), zero))
+        dl = out - inp
+        fl = tf.math.is_finite(dl)
+        local_err = tf.reduce_sum(tf.where(fl, tf.square(dl), zero))
+        bad_local = tf.cast(tf.logical_not(tf.reduce_all(fl)), f64)
+        if rng is not None:
+            lo, hi = (np.asarray(r, np.float64) for r in rng)
+            if axis is not None and lo.ndim == 1 and lo.size > 1:
+                rank = inp.shape.rank
+                shape = [1] * rank
+                shape[axis % rank] = lo.size
+                lo, hi = lo.reshape(shape), hi.reshape(shape)
+            clipped = tf.reduce_sum(tf.cast((inp < lo) | (inp > hi), f64))
+    agree = rows = zero
+    if ref.shape.rank == 2 and ref.shape[-1] is not None and ref.shape[-1] > 1:
+        agree = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(ref, -1), tf.argmax(out, -1)), f64))
+        rows = tf.cast(tf.shape(ref)[0], f64)
+    return tf.stack([n, sig, err, ab, mx, local_sig, local_err, clipped, agree, rows, bad, bad_local])
 
 
 # --------------------------------------------------------------------------- report
@@ -401,7 +460,8 @@ def _layer_range(layer: Any) -> Tuple[Any, Optional[int]]:
     return representable_range(fmt), None
 
 
-def _compare_keras(model: Any, quantized: Any, data: Any, batch_size: int, steps: Optional[int]) -> CompareReport:
+def _compare_keras(model: Any, quantized: Any, data: Any, batch_size: int, steps: Optional[int],
+                   verbose: Optional[bool] = None) -> CompareReport:  # fmt: skip
     import keras
 
     from .ranges import iter_batches
@@ -448,20 +508,35 @@ def _compare_keras(model: Any, quantized: Any, data: Any, batch_size: int, steps
     ranges = [_layer_range(layer) for layer, _, _ in kept]
     n_in = len(qg.inputs)
     samples = batches = 0
-    for batch in iter_batches(data, n_in, batch_size, steps, what="data"):
-        qv = [np.asarray(v) for v in _as_list(q_probe(batch, training=False))]
-        fv = [np.asarray(v) for v in _as_list(f_probe(batch, training=False))]
-        first = keras.tree.flatten(batch)[0]
-        samples += int(np.shape(first)[0])
-        batches += 1
+    import tensorflow as tf
+
+    from .calibration import progress
+
+    nf = len(f_tensors)
+
+    def sums(batch: Any) -> List[Any]:
+        qv = _as_list(q_probe(batch, training=False))
+        fv = _as_list(f_probe(batch, training=False))
+        out = []
         for j, (layer, qsite, fsite) in enumerate(kept):
             q_in, q_out = qv[2 * j], qv[2 * j + 1]
             ref = q_in if f_index[j] is None else fv[f_index[j]]
             rng, axis = ranges[j]
-            stats[j].update(ref, q_out, inp=q_in, rng=rng, axis=axis)
-        nf = len(f_tensors)
+            out.append(_error_sums(ref, q_out, inp=q_in, rng=rng, axis=axis))
         for j in range(len(q_outs)):
-            ostats[j].update(fv[nf + j], qv[len(q_tensors) + j])
+            out.append(_error_sums(fv[nf + j], qv[len(q_tensors) + j]))
+        return out
+
+    step = tf.function(sums, reduce_retracing=True)
+    for batch in progress(iter_batches(data, n_in, batch_size, steps, what="data"), "comparing", verbose):
+        vecs = [v.numpy() for v in step(batch)]
+        first = keras.tree.flatten(batch)[0]
+        samples += int(np.shape(first)[0])
+        batches += 1
+        for j in range(len(kept)):
+            stats[j].add(vecs[j], local=True, clip_known=ranges[j][0] is not None)
+        for j in range(len(q_outs)):
+            ostats[j].add(vecs[len(kept) + j])
     if batches == 0:
         raise ValueError("data is empty: no batch to compare on")
     points = [
@@ -502,23 +577,118 @@ def _output(name: str, s: _Stats) -> OutputError:
 _Q_PREFIX = "graphquant/q"
 
 
-class _Recorder(PyFuncObservers):
-    """Keeps the tensors seen by ``EagerPyFunc`` observers, per key, in call order."""
+class _GraphObservers:
+    """In-graph observers of a SavedModel comparison (no tensor leaves the graphs).
+
+    In the float model, a stash after every point's source keeps the float tensor in a
+    resource variable; in the quantized model a node taking the rounding's input and
+    output adds :func:`_error_sums` against the stashed tensor into a variable. Between
+    the two runs of a batch the stash is copied from the float model's variable to the
+    quantized model's (``tf.saved_model.load`` gives each load its own variable names).
+    """
 
     def __init__(self) -> None:
-        super().__init__()
-        self.seen: Dict[str, List[np.ndarray]] = {}
+        self.prefix = f"graphquant_compare_{os.getpid()}_{next(_COMPARE_IDS)}"
+        self.suffix = {"float": "", "quantized": ""}
+        self._fns: Dict[Any, Any] = {}
 
-    def observer(self, key: str):
-        def observe(x):
-            self.seen.setdefault(key, []).append(x.numpy())
-            return x
+    def name(self, i: int, key: str) -> str:
+        return f"{self.prefix}/{i}/{key}"
 
-        return observe
+    def _handle(self, side: str, i: int, key: str, dtype: Any, shape: Any = None) -> Any:
+        import tensorflow as tf
 
-    def take(self) -> Dict[str, List[np.ndarray]]:
-        out, self.seen = self.seen, {}
-        return out
+        return tf.raw_ops.VarHandleOp(dtype=dtype, shape=shape if shape is not None else tf.TensorShape(None),
+                                      shared_name=self.name(i, key) + self.suffix[side], container="")  # fmt: skip
+
+    def stash_fn(self, dtype: Any) -> Any:
+        import tensorflow as tf
+
+        key = ("stash", dtype)
+        if key not in self._fns:
+            def stash(x, h_ref, h_cnt):
+                tf.raw_ops.AssignVariableOp(resource=h_ref, value=x)
+                cnt = tf.raw_ops.ReadVariableOp(resource=h_cnt, dtype=tf.int64)
+                tf.raw_ops.AssignVariableOp(resource=h_cnt, value=cnt + 1)
+                return tf.identity(x)
+
+            self._fns[key] = tf.function(stash, autograph=False).get_concrete_function(
+                tf.TensorSpec(None, dtype), tf.TensorSpec([], tf.resource), tf.TensorSpec([], tf.resource))
+        return self._fns[key]
+
+    def stats_fn(self, dtype: Any, has_ref: bool, rng: Any) -> Any:
+        import tensorflow as tf
+
+        key = ("stats", dtype, has_ref, None if rng is None else (float(rng[0]), float(rng[1])))
+        if key not in self._fns:
+            def stats(inp, out, *handles):
+                if has_ref:
+                    h_ref, h_sums, h_cnt = handles
+                    ref = tf.raw_ops.ReadVariableOp(resource=h_ref, dtype=dtype)
+                else:
+                    h_sums, h_cnt = handles
+                    ref = inp
+                sums = tf.raw_ops.ReadVariableOp(resource=h_sums, dtype=tf.float64)
+                tf.raw_ops.AssignVariableOp(resource=h_sums, value=sums + _error_sums(ref, out, inp=inp, rng=rng))
+                cnt = tf.raw_ops.ReadVariableOp(resource=h_cnt, dtype=tf.int64)
+                tf.raw_ops.AssignVariableOp(resource=h_cnt, value=cnt + 1)
+                return tf.identity(out)
+
+            specs = [tf.TensorSpec(None, dtype)] * 2 + [tf.TensorSpec([], tf.resource)] * (3 if has_ref else 2)
+            self._fns[key] = tf.function(stats, autograph=False).get_concrete_function(*specs)
+        return self._fns[key]
+
+    def splice(self, ed: Any, sc: Any, cf: Any, inputs: List[str], handles: List[Tuple[str, Any, Any]],
+               name: str) -> Any:  # fmt: skip
+        """Add a call of ``cf`` on ``inputs`` plus ``VarHandleOp`` nodes for ``handles`` (name, dtype, shape)."""
+        from tensorflow.core.framework import node_def_pb2, types_pb2
+
+        fname = cf.function_def.signature.name
+        lib = [f for f in cf.graph.as_graph_def().library.function if f.signature.name != fname]
+        lib_name = ed.add_functions([cf.function_def] + lib, fname)
+        base = sc.unique(name)
+        refs = list(inputs)
+        for k, (shared, dtype, shape) in enumerate(handles):
+            h = node_def_pb2.NodeDef(name=sc.unique(f"{base}/h{k}"), op="VarHandleOp")
+            h.attr["dtype"].type = dtype
+            if shape is None:
+                h.attr["shape"].shape.unknown_rank = True
+            else:
+                h.attr["shape"].shape.SetInParent()
+                for d in shape:
+                    h.attr["shape"].shape.dim.add().size = int(d)
+            h.attr["shared_name"].s = shared.encode()
+            h.attr["container"].s = b""
+            h.attr["allowed_devices"].list.SetInParent()
+            refs.append(sc.ref(sc.add(h), 0))
+        nd = node_def_pb2.NodeDef(name=base, op="StatefulPartitionedCall", input=refs)
+        n_data = len(inputs)
+        nd.attr["Tin"].list.type.extend([cf.inputs[i].dtype.as_datatype_enum for i in range(n_data)])
+        nd.attr["Tin"].list.type.extend([types_pb2.DT_RESOURCE] * len(handles))
+        nd.attr["Tout"].list.type.append(cf.outputs[0].dtype.as_datatype_enum)
+        nd.attr["f"].func.name = lib_name
+        nd.attr["config"].s = b""
+        nd.attr["config_proto"].s = b""
+        nd.attr["executor_type"].s = b""
+        return sc.add(nd)
+
+    def rebind(self, side: str, graph_defs: Sequence[Any]) -> None:
+        """Learn the suffix ``tf.saved_model.load`` appended to this side's shared names."""
+        start = self.prefix + "/"
+        for gd in graph_defs:
+            for f in gd.library.function:
+                for nd in f.node_def:
+                    if nd.op == "VarHandleOp":
+                        name = nd.attr["shared_name"].s.decode()
+                        if name.startswith(start):
+                            i, key_rest = name[len(start):].split("/", 1)
+                            for key in ("ref", "cnt", "sums", "qcnt"):
+                                if key_rest.startswith(key) and key_rest[len(key):].startswith("_load"):
+                                    self.suffix[side] = key_rest[len(key):]
+                                    return
+
+
+_COMPARE_IDS = itertools.count()
 
 
 @dataclass
@@ -599,28 +769,21 @@ def _graph_format(nd: Any, data: List[str], by_name: Dict[str, Any], in_fn: bool
     return "?", None
 
 
-def _splice_observer(sc: Any, ref: str, dtype: int, token: str, name: str) -> Any:
-    from tensorflow.core.framework import node_def_pb2
-
-    nd = node_def_pb2.NodeDef(name=sc.unique(name), op="EagerPyFunc", input=[ref])
-    nd.attr["token"].s = token.encode()
-    nd.attr["is_async"].b = False
-    nd.attr["Tin"].list.type.append(dtype)
-    nd.attr["Tout"].list.type.append(dtype)
-    return sc.add(nd)
-
-
-def _observed_copy(sm: Any, points: List[_GraphPoint], rec: _Recorder, quantized: bool) -> Tuple[Any, List[str]]:
-    """A copy of ``sm`` with observers: in the quantized model before and after every
-    point's rounding, in the float model after every point's source node."""
+def _observed_copy(sm: Any, points: List[_GraphPoint], obs: _GraphObservers, quantized: bool,
+                   has_ref: Optional[set] = None) -> Tuple[Any, List[str]]:  # fmt: skip
+    """A copy of ``sm`` with in-graph observers: in the float model a stash after every point's
+    source node, in the quantized model the error sums of every point's rounding."""
+    import tensorflow as tf
+    from tensorflow.core.framework import types_pb2
     from tensorflow.core.protobuf import saved_model_pb2
 
     from .graph.rewrite import GraphEditor
 
-    obs = saved_model_pb2.SavedModel()
-    obs.CopyFrom(sm)
+    out = saved_model_pb2.SavedModel()
+    out.CopyFrom(sm)
     missing: List[str] = []
-    for mg in obs.meta_graphs:
+    i64, f64 = types_pb2.DT_INT64, types_pb2.DT_DOUBLE
+    for mg in out.meta_graphs:
         ed = GraphEditor(mg.graph_def)
         for i, p in enumerate(points):
             try:
@@ -631,18 +794,22 @@ def _observed_copy(sm: Any, points: List[_GraphPoint], rec: _Recorder, quantized
             if quantized:
                 q = sc.by_name[p.qnode]
                 dtype = sc.out_dtype(p.src) if p.src in sc.by_name or p.src in sc.arg_types else q.attr["T"].type
-                pre = _splice_observer(sc, p.src_ref, dtype, rec.token(p.key + "|in"), f"graphquant/observe_in{i}")
-                q.input[0] = sc.ref(pre, 0)
-                post = _splice_observer(sc, sc.ref(q, 0), dtype, rec.token(p.key + "|out"), f"graphquant/observe_out{i}")
-                sc.rewire(sc.aliases(p.qnode), sc.ref(post, 0), skip={post.name})
+                ref = has_ref is not None and p.key in has_ref
+                cf = obs.stats_fn(tf.as_dtype(dtype), ref, p.range)
+                handles = ([(obs.name(i, "ref"), dtype, None)] if ref else []) + [
+                    (obs.name(i, "sums"), f64, [12]), (obs.name(i, "qcnt"), i64, [])]
+                node = obs.splice(ed, sc, cf, [p.src_ref, sc.ref(q, 0)], handles, f"graphquant/observe_q{i}")
+                sc.rewire(sc.aliases(p.qnode), sc.ref(node, 0), skip={node.name})
             else:
                 if p.src not in sc.by_name and p.src not in sc.arg_types:
                     missing.append(p.key)
                     continue
                 dtype = sc.out_dtype(p.src)
-                post = _splice_observer(sc, p.src_ref, dtype, rec.token(p.key + "|ref"), f"graphquant/observe_ref{i}")
-                sc.rewire(sc.aliases(p.src) if p.src in sc.by_name else (p.src_ref,), sc.ref(post, 0), skip={post.name})
-    return obs, missing
+                cf = obs.stash_fn(tf.as_dtype(dtype))
+                handles = [(obs.name(i, "ref"), dtype, None), (obs.name(i, "cnt"), i64, [])]
+                node = obs.splice(ed, sc, cf, [p.src_ref], handles, f"graphquant/observe_ref{i}")
+                sc.rewire(sc.aliases(p.src) if p.src in sc.by_name else (p.src_ref,), sc.ref(node, 0), skip={node.name})
+    return out, missing
 
 
 def _load_observed(obs: Any, src: Path, tmp: Path, name: str) -> Any:
@@ -677,8 +844,19 @@ def _feeds(data: Any, specs: Dict[str, Any], batch_size: int, steps: Optional[in
         yield {k: tf.convert_to_tensor(v, dtype=specs[k].dtype) for k, v in feed.items()}
 
 
+def _stash_dtype(fn: Any, shared_name: str) -> Any:
+    """The dtype of the stash variable ``shared_name`` in a loaded function's library."""
+    import tensorflow as tf
+
+    for f in fn.graph.as_graph_def().library.function:
+        for nd in f.node_def:
+            if nd.op == "VarHandleOp" and nd.attr["shared_name"].s.decode() == shared_name:
+                return tf.as_dtype(nd.attr["dtype"].type)
+    return None
+
+
 def _compare_saved_models(src: Path, dst: Path, data: Any, signature: str, batch_size: int,
-                          steps: Optional[int]) -> CompareReport:  # fmt: skip
+                          steps: Optional[int], verbose: Optional[bool] = None) -> CompareReport:  # fmt: skip
     from .graph.saved_model import read_saved_model
 
     t0 = time.perf_counter()
@@ -687,11 +865,17 @@ def _compare_saved_models(src: Path, dst: Path, data: Any, signature: str, batch
     notes: List[str] = []
     if not points:
         notes.append(f"{dst} has no graphquant activation node (graphquant/q...)")
-    rec = _Recorder()
+    import tensorflow as tf
+
+    from .calibration import progress
+
+    obs = _GraphObservers()
     tmp = Path(tempfile.mkdtemp(prefix=".graphquant-compare-"))
+    handles: List[Any] = []
     try:
-        obs_q, _ = _observed_copy(sm_q, points, rec, quantized=True)
-        obs_f, missing = _observed_copy(sm_f, points, rec, quantized=False)
+        obs_f, missing = _observed_copy(sm_f, points, obs, quantized=False)
+        with_ref = {p.key for p in points} - set(missing)
+        obs_q, _ = _observed_copy(sm_q, points, obs, quantized=True, has_ref=with_ref)
         if missing:
             notes.append(f"{len(missing)} point(s) have no counterpart in {src}; compared against the rounding's input")
         f_loaded = _load_observed(obs_f, src, tmp, "float")
@@ -700,38 +884,75 @@ def _compare_saved_models(src: Path, dst: Path, data: Any, signature: str, batch
             if signature not in loaded.signatures:
                 raise ValueError(f"signature: {path} has no signature {signature!r} (has {sorted(loaded.signatures)})")
         f_fn, q_fn = f_loaded.signatures[signature], q_loaded.signatures[signature]
+        obs.rebind("float", [f_fn.graph.as_graph_def()])
+        obs.rebind("quantized", [q_fn.graph.as_graph_def()])
         specs = f_fn.structured_input_signature[1]
-        stats = {p.key: _Stats() for p in points}
+        # the variables, by point index: float stash and count; quantized stash, sums and count
+        dtypes = {}
+        for i, p in enumerate(points):
+            dtype = tf.float32
+            if p.key in with_ref:
+                dtype = _stash_dtype(f_fn, obs.name(i, "ref") + obs.suffix["float"]) or tf.float32
+            dtypes[i] = dtype
+            h = {
+                "cnt": obs._handle("float", i, "cnt", tf.int64, []),
+                "ref_f": obs._handle("float", i, "ref", dtype),
+                "ref_q": obs._handle("quantized", i, "ref", dtype),
+                "sums": obs._handle("quantized", i, "sums", tf.float64, [12]),
+                "qcnt": obs._handle("quantized", i, "qcnt", tf.int64, []),
+            }
+            tf.raw_ops.AssignVariableOp(resource=h["cnt"], value=tf.constant(0, tf.int64))
+            tf.raw_ops.AssignVariableOp(resource=h["qcnt"], value=tf.constant(0, tf.int64))
+            tf.raw_ops.AssignVariableOp(resource=h["sums"], value=tf.zeros([12], tf.float64))
+            tf.raw_ops.AssignVariableOp(resource=h["ref_q"], value=tf.zeros([], dtype))
+            handles.append(h)
         ostats: Dict[str, _Stats] = {}
         samples = batches = 0
-        for feed in _feeds(data, specs, batch_size, steps):
-            rec.take()
-            f_out = {k: v.numpy() for k, v in f_fn(**feed).items()}
-            f_seen = rec.take()
-            q_out = {k: v.numpy() for k, v in q_fn(**feed).items()}
-            q_seen = rec.take()
+        counts_f = [0] * len(points)
+        counts_q = [0] * len(points)
+        bad = set()
+        for feed in progress(_feeds(data, specs, batch_size, steps), "comparing", verbose):
+            f_out = f_fn(**feed)
+            runs_f: List[Optional[int]] = [None] * len(points)  # runs of each point in the float model
+            for i, p in enumerate(points):
+                if p.key in with_ref:
+                    c = int(tf.raw_ops.ReadVariableOp(resource=handles[i]["cnt"], dtype=tf.int64))
+                    if c > counts_f[i]:  # the float model ran the point: hand its tensor over (on the device)
+                        ref = tf.raw_ops.ReadVariableOp(resource=handles[i]["ref_f"], dtype=dtypes[i])
+                        tf.raw_ops.AssignVariableOp(resource=handles[i]["ref_q"], value=ref)
+                    runs_f[i], counts_f[i] = c - counts_f[i], c
+            try:
+                q_out = q_fn(**feed)
+            except tf.errors.InvalidArgumentError as e:
+                raise ValueError("shape mismatch between the float and the quantized tensor at a rounding point "
+                                 f"({str(e).splitlines()[0]})") from None  # fmt: skip
+            for i, p in enumerate(points):
+                c = int(tf.raw_ops.ReadVariableOp(resource=handles[i]["qcnt"], dtype=tf.int64))
+                dq, counts_q[i] = c - counts_q[i], c
+                dc = runs_f[i]
+                if dc is not None and dq and dc != dq:
+                    notes.append(f"{p.qnode}: ran a different number of times in the two models; skipped")
+                    bad.add(p.key)
             samples += int(next(iter(feed.values())).shape[0])
             batches += 1
-            for p in points:
-                ins, outs = q_seen.get(p.key + "|in", []), q_seen.get(p.key + "|out", [])
-                refs = f_seen.get(p.key + "|ref", ins)
-                if not outs:
-                    continue
-                if len(refs) != len(outs) or len(ins) != len(outs):
-                    notes.append(f"{p.qnode}: ran a different number of times in the two models; skipped")
-                    stats.pop(p.key, None)
-                    continue
-                if p.key in stats:
-                    for r, i, o in zip(refs, ins, outs):
-                        stats[p.key].update(r, o, inp=i, rng=p.range)
             for k in f_out:
                 if k in q_out:
-                    ostats.setdefault(k, _Stats()).update(f_out[k], q_out[k])
+                    ostats.setdefault(k, _Stats()).add(_error_sums(f_out[k], q_out[k]).numpy())
         if batches == 0:
             raise ValueError("data is empty: no batch to compare on")
+        stats = {}
+        for i, p in enumerate(points):
+            if p.key in bad or not counts_q[i]:
+                continue
+            st = _Stats()
+            st.add(tf.raw_ops.ReadVariableOp(resource=handles[i]["sums"], dtype=tf.float64).numpy(), local=True,
+                   clip_known=p.range is not None)  # fmt: skip
+            stats[p.key] = st
         del f_loaded, q_loaded, f_fn, q_fn
     finally:
-        rec.release()
+        for h in handles:
+            for v in h.values():
+                tf.raw_ops.DestroyResourceOp(resource=v, ignore_lookup_error=True)
         shutil.rmtree(tmp, ignore_errors=True)
     ran = [p for p in points if p.key in stats and stats[p.key].n > 0]
     if len(ran) < len(points):
@@ -781,6 +1002,7 @@ def compare(
     batch_size: int = 32,
     steps: Optional[int] = None,
     signature: str = "serving_default",
+    verbose: Optional[bool] = None,
 ) -> CompareReport:
     """Run a float model and its quantized copy on the same batches; report the error per insertion point.
 
@@ -796,6 +1018,8 @@ def compare(
         batch_size: batch size for array data.
         steps: at most this many batches.
         signature: the SavedModel signature to run.
+        verbose: show a progress bar (``None``: when stderr is a terminal and
+            the comparison runs longer than a second).
 
     Returns:
         A :class:`CompareReport`; ``print(report)`` shows the table and
@@ -836,8 +1060,8 @@ def compare(
     if isinstance(f, Path) != isinstance(q, Path):
         raise TypeError("model and quantized must both be Keras models or both be SavedModels")
     if isinstance(f, Path):
-        report = _compare_saved_models(f, q, data, signature, batch_size, steps)
+        report = _compare_saved_models(f, q, data, signature, batch_size, steps, verbose)
     else:
-        report = _compare_keras(f, q, data, batch_size, steps)
+        report = _compare_keras(f, q, data, batch_size, steps, verbose)
     log.info("compare: %d points, %d samples in %.2fs", len(report.points), report.samples, report.seconds)
     return report

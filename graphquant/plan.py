@@ -397,8 +397,9 @@ class Plan:
 
     def check_calibration(self, calibration_data: Any, calibration_method: str) -> None:
         """Raise ``ValueError`` when the calibration keywords contradict each other or this plan."""
-        if calibration_method not in ("minmax", "percentile"):
-            raise ValueError(f"calibration_method must be 'minmax' or 'percentile', got {calibration_method!r}")
+        from .calibration import check_method
+
+        check_method(calibration_method)
         if calibration_data is None:
             if calibration_method != "minmax":
                 raise ValueError(f"calibration_method={calibration_method!r} needs calibration_data= to calibrate from")

@@ -107,50 +107,84 @@ def _finite_min_max(flat: np.ndarray, red: Optional[int], finite: np.ndarray) ->
     return np.where(finite, flat, np.inf).min(axis=red), np.where(finite, flat, -np.inf).max(axis=red)
 
 
-class MinMaxTracker(_Tracker):
-    """Running min/max."""
+class _EngineTracker:
+    """A numpy-facing tracker over a :class:`graphquant.calibration.Observer` (the one engine):
+    ``update`` runs the engine's TensorFlow update eagerly, ``result`` reads the range by
+    the engine's method. The observer is made at the first update (per channel: the
+    channel count is that update's)."""
+
+    method = "minmax"
 
     def __init__(self, axis: Optional[int] = None):
-        super().__init__(axis)
-        self.lo: Any = None
-        self.hi: Any = None
+        self.axis = axis
+        self._observer: Any = None
+        self.percentile = 99.99
 
-    def _update(self, flat, red, finite, has) -> None:
-        lo, hi = _finite_min_max(flat, red, finite)
-        self.lo = lo if self.lo is None else np.minimum(self.lo, lo)
-        self.hi = hi if self.hi is None else np.maximum(self.hi, hi)
+    def update(self, x: Any) -> None:
+        """Track one batch (non-finite values are ignored and counted in :attr:`nonfinite`)."""
+        from . import calibration as engine
 
-    def _result(self):
-        return self.lo, self.hi
+        x = np.asarray(x, dtype=np.float32)
+        if x.size == 0:
+            return
+        if self._observer is None:
+            channels = 1 if self.axis is None else x.shape[self.axis]
+            self._observer = engine.Observer("the tracker", self.axis, channels, histogram=self.method != "minmax")
+        self._observer.update(x)
+
+    def _stats(self) -> Any:
+        return None if self._observer is None else self._observer.stats()
+
+    @property
+    def seen(self) -> int:
+        """Values seen (finite or not)."""
+        s = self._stats()
+        return 0 if s is None else s.seen
+
+    @property
+    def nonfinite(self) -> int:
+        """NaN / inf values ignored."""
+        s = self._stats()
+        return 0 if s is None else s.nonfinite
+
+    def result(self, point: str = "the tracker") -> Tuple[np.ndarray, np.ndarray]:
+        """``(lo, hi)``: widened to include 0 and to at least :data:`MIN_RANGE_WIDTH`.
+
+        Raises:
+            ValueError: naming ``point``, when it saw no finite value (in some channel).
+        """
+        from . import calibration as engine
+
+        s = self._stats()
+        if s is None or s.seen == 0:
+            raise ValueError(f"{point}: no data seen (the tracker was never updated)")
+        s.point = point
+        lo, hi = engine.range_of(s, self.method, percentile=self.percentile, what="")
+        return lo, hi
+
+    def __del__(self) -> None:
+        if getattr(self, "_observer", None) is not None:
+            try:
+                self._observer.release()
+            except Exception:  # pragma: no cover - interpreter shutdown
+                pass
 
 
-class PercentileTracker(_Tracker):
-    """Mean over batches of the batch percentiles ``100 - p`` and ``p`` (of the finite values)."""
+class MinMaxTracker(_EngineTracker):
+    """Running min/max (the engine's ``"minmax"``)."""
+
+
+class PercentileTracker(_EngineTracker):
+    """The ``100 - p`` and ``p`` percentiles of all values seen (the engine's ``"percentile"``,
+    read from its histogram: within one bin width of the exact percentile)."""
+
+    method = "percentile"
 
     def __init__(self, percentile: float = 99.99, axis: Optional[int] = None):
         if not isinstance(percentile, (int, float)) or not 50.0 < float(percentile) <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {percentile!r}")
         super().__init__(axis)
         self.percentile = float(percentile)
-        self.lo_sum: Any = 0.0
-        self.hi_sum: Any = 0.0
-        self.batches: Any = 0  # per channel: batches with a finite value
-
-    def _update(self, flat, red, finite, has) -> None:
-        q = [100.0 - self.percentile, self.percentile]
-        if red is None:
-            lo, hi = np.percentile(flat[finite], q)
-        else:
-            with warnings.catch_warnings():  # channels without a finite value give NaN, dropped below
-                warnings.simplefilter("ignore", RuntimeWarning)
-                lo, hi = np.nanpercentile(np.where(finite, flat, np.nan), q, axis=red)
-        self.lo_sum = self.lo_sum + np.where(has, lo, 0.0)
-        self.hi_sum = self.hi_sum + np.where(has, hi, 0.0)
-        self.batches = self.batches + has
-
-    def _result(self):
-        with np.errstate(invalid="ignore", divide="ignore"):  # 0/0 = NaN: a channel without data
-            return self.lo_sum / self.batches, self.hi_sum / self.batches
 
 
 class EMATracker(_Tracker):
@@ -396,21 +430,27 @@ def calibrate(
     percentile: float = 99.99,
     batch_size: int = 32,
     steps: Optional[int] = None,
+    verbose: Optional[bool] = None,
 ) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
     """Set the learned ranges of every :class:`graphquant.keras.Quantize` layer from data.
 
-    The model runs eagerly in inference mode with rounding switched off (so
-    every layer sees float activations); each learned-range layer tracks its
-    input, then its range is set and frozen. NaN and inf values are ignored
-    (their number is logged per layer).
+    The model runs in inference mode inside one ``tf.function`` with rounding
+    switched off (so every layer sees float activations); each learned-range
+    layer feeds its input to a :class:`graphquant.calibration.Observer`
+    (statistics computed in TensorFlow inside the traced model), then its range
+    is set from the statistics by ``method`` and frozen. NaN and inf values are
+    ignored (their number is logged per layer).
 
     Args:
         model: a model returned by :func:`graphquant.quantize_model`.
         data: a numpy array (batched by ``batch_size``), a ``tf.data.Dataset``,
             or an iterable of batches (``(x, y)`` pairs: ``x`` is used).
-        method: ``"minmax"`` or ``"percentile"``.
+        method: ``"minmax"``, ``"percentile"``, ``"mse"`` or ``"entropy"``
+            (see :mod:`graphquant.calibration`).
         percentile: for ``"percentile"``: the upper percentile (lower is ``100 - p``).
         steps: at most this many batches.
+        verbose: show a progress bar (``None``: when stderr is a terminal and
+            calibration runs longer than a second).
 
     Returns:
         ``{layer name: (lo, hi)}`` for the layers set.
@@ -421,47 +461,55 @@ def calibrate(
             fit the model's inputs (shape or dtype), or has no finite value at a
             layer (the message names it).
     """
-    return _calibrate_keras(model, data, method, percentile=percentile, batch_size=batch_size, steps=steps, what="data")
+    return _calibrate_keras(model, data, method, percentile=percentile, batch_size=batch_size, steps=steps, what="data",
+                            verbose=verbose)  # fmt: skip
 
 
 class _Feed:
     """What a :class:`~graphquant.keras.Quantize` layer calls while calibrating (``update(layer, x)``)."""
 
-    def __init__(self, tracker: _Tracker):
-        self.tracker = tracker
+    def __init__(self, observer: Any):
+        self.observer = observer
 
-    def update(self, layer: Any, x: Any) -> None:
-        self.tracker.update(np.asarray(x))
+    def update(self, layer: Any, x: Any) -> Any:
+        return self.observer.update(x)
 
 
 def _calibrate_keras(
     model: Any, data: Any, method: str, *, percentile: float = 99.99, batch_size: int = 32,
-    steps: Optional[int] = None, what: str = "calibration_data",
+    steps: Optional[int] = None, what: str = "calibration_data", verbose: Optional[bool] = None,
 ) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:  # fmt: skip
     import keras
+    import tensorflow as tf
 
+    from . import calibration as engine
     from .keras.layers import Quantize
 
     if not isinstance(model, keras.Model):
         raise TypeError(f"model must be a keras.Model, got {type(model).__name__}")
-    make_tracker(method, None, percentile)  # validates
+    engine.check_method(method, percentile, what="method" if what == "data" else "calibration_method")
     layers = [l for l in _all_layers(model) if isinstance(l, Quantize) and l.learned]
     if not layers:
         log.warning("calibrate: model %r has no Quantize layer with a learned range", model.name)
         return {}
-    trackers = {l.name: make_tracker(method, l.format.axis, percentile) for l in layers}
+    observers = {}
     for l in layers:
-        l._calibrator = _Feed(trackers[l.name])
+        channels = 1 if l.format.axis is None else int(l.range.shape[1])
+        observers[l.name] = engine.Observer(l.name, l.format.axis, channels, histogram=method != "minmax")
+    for l in layers:
+        l._calibrator = _Feed(observers[l.name])
     n = 0
     try:
+        step = tf.function(lambda b: model(b, training=False), reduce_retracing=True)
         batches = calibration_batches(data, len(model.inputs or [None]), batch_size, steps, what, _keras_check(model, what))
-        for batch in batches:
-            model(batch, training=False)
+        for batch in engine.progress(batches, "calibrating", verbose):
+            step(batch)
             n += 1
+        out = engine.ranges_of(observers, method, {l.name: l.format for l in layers}, percentile, what)
     finally:
         for l in layers:
             l._calibrator = None
-    out = ranges_from_trackers(trackers, what)
+        engine.release_all(list(observers.values()))
     for l in layers:
         if l.name in out:
             l.set_range(*out[l.name])

@@ -206,3 +206,26 @@ def test_console_script_batch_workers_start_quietly(tiny, tmp_path):
     assert p.stdout.strip().splitlines()[-1].startswith("2 converted, 0 skipped (already done), 0 failed")
     assert p.stderr == ""
     assert (tmp_path / "out" / "a" / "saved_model.pb").is_file() and (tmp_path / "out" / "b" / "saved_model.pb").is_file()
+
+
+def test_convert_calibration_method_and_quiet(tiny, tmp_path):
+    """--calibration-method picks the engine's method, --quiet is accepted."""
+    from graphquant.compare import _q_nodes
+    from graphquant.graph.saved_model import read_saved_model
+
+    cal = tmp_path / "cal.npz"
+    x = np.random.RandomState(1).normal(size=(512, 6, 6, 1)).astype("float32")
+    x[0, 0, 0, 0] = 40.0  # one outlier: percentile clips it, minmax keeps it
+    np.savez(cal, x=x)
+    ranges = {}
+    for method in ("minmax", "percentile"):
+        p = run("convert", str(tiny), str(tmp_path / method), "--bits", "8", "--calibration", str(cal),
+                "--calibration-method", method, "--quiet")
+        assert p.returncode == 0, p.stderr
+        assert "\x1b[" not in p.stderr  # no progress bar drawn
+        (point,) = _q_nodes(read_saved_model(tmp_path / method))
+        ranges[method] = point.range
+    assert ranges["percentile"][1] < 0.5 * ranges["minmax"][1]
+    p = run("convert", str(tiny), str(tmp_path / "bad"), "--bits", "8", "--calibration", str(cal),
+            "--calibration-method", "kl")
+    assert p.returncode == 2 and "invalid choice: 'kl'" in _no_traceback(p)

@@ -101,9 +101,9 @@ def test_trackers():
     lo, hi = t.result()
     np.testing.assert_array_equal(lo, [-1.0, -2.0])
     np.testing.assert_array_equal(hi, [3.0, 5.0])
-    p = PercentileTracker(90.0)
+    p = PercentileTracker(90.0)  # the engine's histogram percentile: within one bin (2**7 / 1024) of numpy's
     p.update(np.arange(101, dtype="float32"))
-    assert p.result()[1] == pytest.approx(90.0)
+    assert abs(float(p.result()[1]) - np.percentile(np.arange(101), 90.0)) <= 2.0**7 / 1024
     with pytest.raises(ValueError, match="no data"):
         MinMaxTracker().result()
 

@@ -1,9 +1,12 @@
 """Calibrate activation ranges of a graph by running it on data.
 
-Observers are ``EagerPyFunc`` nodes spliced in at the plan's activation
-points (the same places the rounding will go); they pass the tensor through
-and record its statistics in this process. The observed graph is only ever run
-here, never saved.
+A thin caller of :mod:`graphquant.calibration`: at every activation point the
+plan will round (the same places), a call to the point's observer function is
+spliced into a copy of the GraphDef (inside the library function holding the
+point when it is in one). The observer passes the tensor through and updates
+the point's statistics with TensorFlow ops (reductions, a bincount) on
+resource variables; nothing is copied to Python while the graph runs. The
+observed graph is only ever run here, never saved.
 """
 
 from __future__ import annotations
@@ -13,13 +16,13 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from tensorflow.core.framework import graph_pb2, node_def_pb2
 
+from .. import calibration as engine
 from ..plan import Plan
-from ..ranges import make_tracker, ranges_from_trackers
 from .planning import scope_name
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PyFuncObservers", "RangeCollector", "insert_observers", "needs_calibration"]
+__all__ = ["RangeCollector", "insert_observers", "needs_calibration"]
 
 
 def needs_calibration(plan: Plan) -> List[str]:
@@ -27,64 +30,26 @@ def needs_calibration(plan: Plan) -> List[str]:
     return [p.path for p in plan.learned]
 
 
-class PyFuncObservers:
-    """Python callbacks that ``EagerPyFunc`` nodes spliced into a graph call.
+class RangeCollector:
+    """One :class:`graphquant.calibration.Observer` per point (per tensor), and the ranges from them.
 
-    Subclasses define ``observer(key) -> f(x) -> x``; :meth:`token` registers
-    one and returns the token the node's ``token`` attribute names;
-    :meth:`release` unregisters them all.
+    Args:
+        method: one of :data:`graphquant.calibration.METHODS`.
+        percentile: for ``"percentile"``.
     """
 
-    def __init__(self) -> None:
-        self._tokens: List[str] = []
-        self._keep: List[Any] = []  # the py-func registry holds weak references
-
-    def observer(self, key: str):  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def token(self, key: str) -> str:
-        from tensorflow.python.ops import script_ops
-
-        fn = self.observer(key)
-        self._keep.append(fn)
-        tok = script_ops._py_funcs.insert(fn)
-        self._tokens.append(tok)
-        return tok
-
-    def release(self) -> None:
-        from tensorflow.python.ops import script_ops
-
-        for t in self._tokens:
-            try:
-                script_ops._py_funcs.remove(t)
-            except Exception:  # pragma: no cover - best effort
-                pass
-        self._tokens.clear()
-        self._keep.clear()
-
-
-class RangeCollector(PyFuncObservers):
-    """Collects per-point ranges with the same trackers as Keras calibration
-    (:func:`graphquant.ranges.make_tracker`): ``"minmax"`` or ``"percentile"``;
-    NaN and inf values are ignored and counted."""
-
     def __init__(self, method: str = "minmax", percentile: float = 99.99):
-        super().__init__()
-        if method not in ("minmax", "percentile"):
-            raise ValueError(f"method must be 'minmax' or 'percentile', got {method!r}")
-        make_tracker(method, None, percentile)  # validates percentile
+        engine.check_method(method, percentile)
         self.method = method
         self.percentile = float(percentile)
-        self.trackers: Dict[str, Any] = {}
+        self.observers: Dict[str, engine.Observer] = {}
+        self.formats: Dict[str, Any] = {}
 
-    def observer(self, path: str):
-        tracker = self.trackers[path] = make_tracker(self.method, None, self.percentile)
-
-        def observe(x):
-            tracker.update(x.numpy())
-            return x
-
-        return observe
+    def observer(self, path: str, fmt: Any = None) -> engine.Observer:
+        if path not in self.observers:
+            self.observers[path] = engine.Observer(path, histogram=self.method != "minmax")
+            self.formats[path] = fmt
+        return self.observers[path]
 
     def ranges(self, what: str = "calibration_data") -> Dict[str, Tuple[float, float]]:
         """``{path: (lo, hi)}``, widened to include 0 and to at least ``MIN_RANGE_WIDTH``.
@@ -92,7 +57,39 @@ class RangeCollector(PyFuncObservers):
         Raises:
             ValueError: naming ``what`` and the path of a point that saw no finite value.
         """
-        return {k: (float(lo), float(hi)) for k, (lo, hi) in ranges_from_trackers(self.trackers, what).items()}
+        out = engine.ranges_of(self.observers, self.method, self.formats, self.percentile, what)
+        return {k: (float(lo), float(hi)) for k, (lo, hi) in out.items()}
+
+    def release(self) -> None:
+        engine.release_all(list(self.observers.values()))
+
+
+def splice_observer(ed: Any, sc: Any, ref: str, dtype: int, observer: engine.Observer, name: str) -> Any:
+    """Add a call ``observer(ref, *handles)`` to scope ``sc`` of editor ``ed`` (with ``VarHandleOp``
+    nodes naming the observer's variables); return the call node (output 0 is ``ref``'s value)."""
+    from tensorflow.core.framework import types_pb2
+
+    fname, fdefs = observer.function_def(dtype)
+    lib_name = ed.add_functions(fdefs, fname)
+    base = sc.unique(name)
+    inputs = [ref]
+    for key, (vdtype, shape) in observer.variable_specs().items():
+        h = node_def_pb2.NodeDef(name=sc.unique(f"{base}/{key}"), op="VarHandleOp")
+        h.attr["dtype"].type = vdtype.as_datatype_enum
+        for d in shape:
+            h.attr["shape"].shape.dim.add().size = int(d)
+        h.attr["shared_name"].s = observer.shared_name(key).encode()
+        h.attr["container"].s = b""
+        h.attr["allowed_devices"].list.SetInParent()
+        inputs.append(sc.ref(sc.add(h), 0))
+    nd = node_def_pb2.NodeDef(name=base, op="StatefulPartitionedCall", input=inputs)
+    nd.attr["Tin"].list.type.extend([dtype] + [types_pb2.DT_RESOURCE] * (len(inputs) - 1))
+    nd.attr["Tout"].list.type.append(dtype)
+    nd.attr["f"].func.name = lib_name
+    nd.attr["config"].s = b""
+    nd.attr["config_proto"].s = b""
+    nd.attr["executor_type"].s = b""
+    return sc.add(nd)
 
 
 def insert_observers(graph_def: graph_pb2.GraphDef, plan: Plan, collector: RangeCollector,
@@ -112,15 +109,9 @@ def insert_observers(graph_def: graph_pb2.GraphDef, plan: Plan, collector: Range
             continue
         sc = ed.scope(scope_name(p))
         dtype = sc.out_dtype(p.after)
-        token = collector.token(p.path)
-        name = sc.unique(f"graphquant/observe{n}")
-        nd = node_def_pb2.NodeDef(name=name, op="EagerPyFunc", input=[sc.ref(sc.by_name[p.after], 0)])
-        nd.attr["token"].s = token.encode()
-        nd.attr["is_async"].b = False
-        nd.attr["Tin"].list.type.append(dtype)
-        nd.attr["Tout"].list.type.append(dtype)
-        new = sc.add(nd)
-        sc.rewire(sc.aliases(p.after), sc.ref(new, 0), skip={name})
+        new = splice_observer(ed, sc, sc.ref(sc.by_name[p.after], 0), dtype, collector.observer(p.path, p.format),
+                              f"graphquant/observe{n}")  # fmt: skip
+        sc.rewire(sc.aliases(p.after), sc.ref(new, 0), skip={new.name})
         n += 1
     if redirects is not None:
         redirects.update(ed.redirects)

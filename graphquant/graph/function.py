@@ -11,6 +11,7 @@ import tensorflow as tf
 from ..patterns import Registry
 from ..plan import Plan, QuantizeConfig
 from ..ranges import calibration_batches, check_inputs
+from ..calibration import progress
 from .calibrate import RangeCollector, insert_observers, needs_calibration
 from .liveness import check_live
 from .planning import apply_plan, plan_graph_def
@@ -182,6 +183,7 @@ def quantize_function(
     weights: Optional[bool] = None,
     calibration_data: Any = None,
     calibration_method: str = "minmax",
+    verbose: Optional[bool] = None,
     registry: Optional[Registry] = None,
     seed: Optional[int] = None,
     allow_requantize: bool = False,
@@ -199,7 +201,10 @@ def quantize_function(
             (without it, each batch's own min/max: a dynamic range);
             ``bits`` + ``range`` is fixed point; float formats need no range.
         calibration_data: batches fed to ``fn`` to set the affine ranges.
-        calibration_method: ``"minmax"`` or ``"percentile"``.
+        calibration_method: ``"minmax"``, ``"percentile"`` (99.99), ``"mse"`` or
+            ``"entropy"`` (see :mod:`graphquant.calibration`).
+        verbose: a progress bar while calibrating (``None``: when stderr is a
+            terminal and calibration runs longer than a second).
         registry: the pattern registry (default: the shared default).
         seed: op-level seed for stochastic rounding.
         allow_requantize: rewrite a function that already holds graphquant
@@ -255,11 +260,12 @@ def quantize_function(
         insert_observers(obs, plan, collector, obs_redirects)
         runner = _import(obs, cf, obs_redirects)
         try:
-            for batch in calibration_batches(calibration_data, check=lambda b: _check_flat(cf, b)):
+            batches = calibration_batches(calibration_data, check=lambda b: _check_flat(cf, b))
+            for batch in progress(batches, "calibrating", verbose):
                 _run_flat(runner, cf, batch)
+            ranges = collector.ranges()
         finally:
             collector.release()
-        ranges = collector.ranges()
     elif need:
         plan.notes.append("no calibration_data: affine ranges are each batch's own min/max (dynamic)")
     edits = apply_plan(gd, plan, ranges=ranges, seed=seed)

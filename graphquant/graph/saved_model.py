@@ -24,6 +24,8 @@ from .. import outputs
 from ..patterns import Registry
 from ..plan import Plan, QuantizeConfig
 from ..ranges import calibration_batches, check_inputs
+from .. import calibration as engine
+from ..calibration import progress
 from .calibrate import RangeCollector, insert_observers, needs_calibration
 from .function import config_from_kwargs
 from .liveness import check_live, tensor_node
@@ -404,7 +406,8 @@ def _write_failed(e: BaseException, dst: Path) -> BaseException:
 
 
 # --------------------------------------------------------------------------- calibration
-def _calibrate(sm, src: Path, plans: List[Plan], data: Any, signature: str, method: str, tmp_root: Path) -> Dict[str, Tuple[float, float]]:
+def _calibrate(sm, src: Path, plans: List[Plan], data: Any, signature: str, method: str, tmp_root: Path,
+               verbose: Optional[bool] = None) -> Dict[str, Tuple[float, float]]:  # fmt: skip
     import tensorflow as tf
     from tensorflow.core.protobuf import saved_model_pb2
 
@@ -428,6 +431,7 @@ def _calibrate(sm, src: Path, plans: List[Plan], data: Any, signature: str, meth
                 f"calibration_signature: {src} has no signature {signature!r} (has {sorted(loaded.signatures)})"
             )
         fn = loaded.signatures[signature]
+        engine.rebind_loaded(list(collector.observers.values()), [fn.graph.as_graph_def()])
         _, kw_specs = fn.structured_input_signature
         specs = {k: (None if v.shape.rank is None else tuple(v.shape.as_list()), v.dtype) for k, v in kw_specs.items()}
 
@@ -440,13 +444,14 @@ def _calibrate(sm, src: Path, plans: List[Plan], data: Any, signature: str, meth
                 )
             return {next(iter(kw_specs)): batch}
 
-        for batch in calibration_batches(data, check=lambda b: check_inputs(feed_of(b), specs)):
+        batches = calibration_batches(data, check=lambda b: check_inputs(feed_of(b), specs))
+        for batch in progress(batches, "calibrating", verbose):
             fn(**{k: tf.convert_to_tensor(v, dtype=kw_specs[k].dtype) for k, v in feed_of(batch).items()})
         del loaded, fn
+        return collector.ranges()
     finally:
         collector.release()
         shutil.rmtree(cal, ignore_errors=True)
-    return collector.ranges()
 
 
 # --------------------------------------------------------------------------- checkpoint weights
@@ -569,6 +574,7 @@ def convert_saved_model(
     calibration_signature: str = "serving_default",
     calibration_method: str = "minmax",
     overwrite: bool = False,
+    verbose: Optional[bool] = None,
     registry: Optional[Registry] = None,
     seed: Optional[int] = None,
     allow_requantize: bool = False,
@@ -596,7 +602,10 @@ def convert_saved_model(
         calibration_data: a numpy array (single-input signature), a dict of
             arrays keyed by the signature's input names, a ``tf.data.Dataset``
             or an iterable of such batches, fed to ``calibration_signature``.
-        calibration_method: ``"minmax"`` or ``"percentile"``.
+        calibration_method: ``"minmax"``, ``"percentile"`` (99.99), ``"mse"`` or
+            ``"entropy"`` (see :mod:`graphquant.calibration`).
+        verbose: a progress bar while calibrating (``None``: when stderr is a
+            terminal and calibration runs longer than a second).
         weights: also round convolution weights. Variables are rounded once
             in the written checkpoint (no run-time cost); constants of a
             frozen graph are rounded in place.
@@ -657,7 +666,8 @@ def convert_saved_model(
         ranges: Dict[str, Tuple[float, float]] = {}
         need = needs_calibration(plan)
         if need and calibration_data is not None:
-            ranges = _calibrate(sm, src_p, plans, calibration_data, calibration_signature, calibration_method, tmp_root)
+            ranges = _calibrate(sm, src_p, plans, calibration_data, calibration_signature, calibration_method, tmp_root,
+                                verbose)  # fmt: skip
         elif need:
             plan.notes.append("no calibration data: affine ranges are each batch's own min/max (dynamic)")
         has_ckpt = (src_p / "variables" / "variables.index").is_file()

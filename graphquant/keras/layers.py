@@ -124,7 +124,7 @@ class Quantize(keras.layers.Layer):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
         self.seed = seed
         self.supports_masking = True
-        self._calibrator: Any = None  # set by graphquant.calibrate (eager only)
+        self._calibrator: Any = None  # set by graphquant.calibrate (an engine observer)
         self.seed_generator = None
         if "stochastic" in (self.rounding, self.inference_rounding):
             self.seed_generator = keras.random.SeedGenerator(seed)
@@ -164,8 +164,7 @@ class Quantize(keras.layers.Layer):
 
     def call(self, inputs: Any, training: Any = None, mask: Any = None, pre_activation: Any = None) -> Any:
         if self._calibrator is not None:
-            self._calibrator.update(self, inputs)
-            return inputs
+            return self._calibrator.update(self, inputs)
         train = _training(training)
         rounding = self.rounding if train else self.inference_rounding
         seed = self.seed_generator.next() if rounding == "stochastic" else None

@@ -557,6 +557,7 @@ def quantize_model(
     storage_rounding: str = "nearest",
     calibration_data: Any = None,
     calibration_method: str = "minmax",
+    verbose: Optional[bool] = None,
     config: Optional[QuantizeConfig] = None,
     registry: Optional[Registry] = None,
     fold_batchnorm: bool = True,
@@ -594,7 +595,10 @@ def quantize_model(
             this storage format after every optimizer update (Gupta et al. 2015).
         calibration_data: a numpy array, ``tf.data.Dataset`` or iterable of
             batches; sets the learned ranges before the model is returned.
-        calibration_method: ``"minmax"`` or ``"percentile"``.
+        calibration_method: ``"minmax"``, ``"percentile"`` (99.99), ``"mse"`` or
+            ``"entropy"`` (see :mod:`graphquant.calibration`).
+        verbose: a progress bar while calibrating (``None``: when stderr is a
+            terminal and calibration runs longer than a second).
         config: a prepared :class:`QuantizeConfig` (instead of the keywords).
         registry: the pattern registry (default :data:`DEFAULT_REGISTRY`).
         fold_batchnorm: copy ``BatchNormalization`` layers as
@@ -729,7 +733,7 @@ def quantize_model(
     if calibration_data is not None:
         from ..ranges import _calibrate_keras
 
-        _calibrate_keras(new, calibration_data, calibration_method, what="calibration_data")
+        _calibrate_keras(new, calibration_data, calibration_method, what="calibration_data", verbose=verbose)
     if tgt is not None and tgt.integer_arithmetic:
         from .integer import link_integer
 

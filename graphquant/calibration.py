@@ -1,0 +1,660 @@
+"""The calibration engine: range statistics computed in TensorFlow, and the methods that read them.
+
+One engine serves every front end (``quantize_model(calibration_data=...)``,
+:func:`graphquant.calibrate`, ``convert_saved_model(calibration_data=...)``,
+``quantize_function``): they only ask it for an :class:`Observer` per
+calibrated point and feed the observer's TensorFlow update with the tensor at
+that point, inside the model's own traced graph.
+
+Statistics (per point, per tensor or per channel with ``axis=``), kept in
+TensorFlow resource variables and updated by TensorFlow ops inside the model's
+graph -- no tensor is ever copied to Python, only the final statistics
+(``O(NUM_BINS)`` numbers per channel) are read once at the end:
+
+* exact running ``min`` / ``max`` of the finite values;
+* the number of values seen and of non-finite values (NaN, +-inf: excluded
+  from every statistic, counted, logged);
+* for the histogram methods, a histogram of :data:`NUM_BINS` bins over
+  ``[-2**e, 2**e]`` (bin width ``2**(e+1) / NUM_BINS``, zero is a bin edge),
+  ``2**e`` the smallest power of two covering the data. Per tensor it is read
+  at the end from an in-graph histogram of the float32 bit patterns' top 19 bits
+  (sign, exponent, 10 mantissa bits: one shift and one bincount per batch),
+  whose bins are finer than, and nested in, the linear ones, so the mapping is
+  exact. Per channel the exponent grows with the data: when a batch exceeds the
+  range, the old bins are merged ``2**d`` into one, exactly (bin edges are
+  multiples of powers of two). Either way one pass gives the histogram a second
+  pass over the final range would, whatever the order of the batches. Bins are
+  ``[k*w, (k+1)*w)`` above zero; below zero a value exactly on an edge may count
+  in the bin on either side.
+
+Methods (:data:`METHODS`), each a function of the statistics and the target format:
+
+* ``"minmax"``: the exact min and max of the finite values seen.
+* ``"percentile"``: the ``100 - p`` and ``p`` percentiles of all values seen
+  (not a mean of per-batch percentiles), read from the histogram with linear
+  interpolation inside a bin (error at most one bin width), clamped to the
+  exact min/max (``p=100`` is exactly minmax).
+* ``"mse"``: the range ``(a*lo, a*hi)``, ``a`` among :data:`MSE_CANDIDATES`
+  scalings of the min/max range, minimising the expected squared error of
+  rounding to the target format's grid over the histogram: clipping error of
+  every bin (at its centre) plus ``step**2 / 12`` for every value inside the
+  range.
+* ``"entropy"``: TensorRT's KL-divergence calibration: over the histogram of
+  ``|x|`` (or of ``x`` for one-signed data), the threshold ``t`` minimising
+  ``KL(P || Q)`` where ``P`` is the histogram clipped at ``t`` (the outliers
+  added to its last bin) and ``Q`` is ``P`` quantized to the format's levels
+  (``2**(bits-1)`` per side for two-signed data, ``2**bits`` for one-signed)
+  and expanded back over ``P``'s non-empty bins; the range is ``(-t, t)``
+  intersected with ``[min, max]`` (``(0, t)`` for non-negative data).
+
+Every method then goes through :func:`range_of`'s rules: the range includes
+zero, is at least :data:`~graphquant.ranges.MIN_RANGE_WIDTH` wide, and a point
+that saw no finite value is an error naming it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+__all__ = [
+    "METHODS", "NUM_BINS", "MSE_CANDIDATES", "Observer", "PointStats", "check_method", "range_of", "ranges_of",
+    "percentile_range", "mse_range", "entropy_range",
+]  # fmt: skip
+
+log = logging.getLogger(__name__)
+
+#: the calibration methods, by name
+METHODS = ("minmax", "percentile", "mse", "entropy")
+
+#: histogram bins per point (per channel), over ``[-2**e, 2**e]``: 1024 on each side of zero
+NUM_BINS = 2048
+_HALF = NUM_BINS // 2
+_LOG2_HALF = int(math.log2(_HALF))
+
+#: the ``"mse"`` search: ranges ``a * (lo, hi)`` for ``a`` in ``1/MSE_CANDIDATES, 2/MSE_CANDIDATES, ..., 1``
+MSE_CANDIDATES = 200
+
+#: smallest histogram exponent: data below ``2**_E_MIN`` in magnitude all falls in the two central bins
+_E_MIN = -64
+_E_MAX = 127
+
+_counter = itertools.count()
+
+
+def check_method(method: Any, percentile: Any = 99.99, what: str = "calibration_method") -> None:
+    """Raise ``ValueError`` for an unknown method name or a bad percentile."""
+    if method not in METHODS:
+        names = ", ".join(repr(m) for m in METHODS)
+        raise ValueError(f"{what} must be one of {names}, got {method!r}")
+    if method == "percentile" and (
+        isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 50.0 < float(percentile) <= 100.0
+    ):
+        raise ValueError(f"percentile must be in (50, 100], got {percentile!r}")
+
+
+# --------------------------------------------------------------------------- TensorFlow side
+def _pow2(e: Any) -> Any:
+    """``2.0 ** e`` (float32, exact) for int32 ``e`` in ``[-126, 127]``, built from the exponent bits."""
+    import tensorflow as tf
+
+    return tf.bitcast(tf.bitwise.left_shift(e + 127, 23), tf.float32)
+
+
+def _ceil_log2(m: Any) -> Any:
+    """``ceil(log2(m))`` (int32, exact) for finite float32 ``m >= 0``, clamped to ``[_E_MIN, _E_MAX]``."""
+    import tensorflow as tf
+
+    bits = tf.bitcast(m, tf.int32)
+    ex = tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits, 23), 0xFF)
+    mant = tf.bitwise.bitwise_and(bits, 0x7FFFFF)
+    e = ex - 127 + tf.cast(mant != 0, tf.int32)
+    e = tf.where(ex == 0, tf.constant(_E_MIN, tf.int32), e)  # zero and subnormals
+    return tf.clip_by_value(e, _E_MIN, _E_MAX)
+
+
+class Observer:
+    """The running statistics of one calibrated point, kept in TensorFlow resource variables.
+
+    The variables have process-unique shared names, so the update can be
+    traced anywhere -- eagerly, in a ``tf.function`` (the Keras front end) or
+    as a library function called from an imported or loaded graph (the graph
+    front ends) -- and always updates the same state. Only
+    :meth:`stats` reads them back (once, at the end).
+
+    Args:
+        point: the point's name (used in errors and logs).
+        axis: channel axis for per-channel statistics, or ``None``.
+        channels: the size of that axis (1 per tensor).
+        histogram: keep a histogram (needed by every method but ``"minmax"``).
+    """
+
+    def __init__(self, point: str, axis: Optional[int] = None, channels: int = 1, histogram: bool = True):
+        import tensorflow as tf
+
+        self.point = point
+        self.axis = axis
+        self.channels = int(channels) if axis is not None else 1
+        self.histogram = bool(histogram)
+        self._prefix = f"graphquant_calibration_{os.getpid()}_{next(_counter)}"
+        c = self.channels
+        self._specs = {
+            "minmax": (tf.float32, [2, c]),
+            "counts": (tf.int64, [2, c]),  # values seen, non-finite values
+        }
+        if self.histogram and axis is None:
+            self._specs["bits"] = (tf.int64, [_BITS_BINS])
+        elif self.histogram:
+            self._specs["exp"] = (tf.int32, [c])
+            self._specs["hist"] = (tf.int64, [c, NUM_BINS])
+        init = {
+            "minmax": tf.stack([tf.fill([c], np.inf), tf.fill([c], -np.inf)]),
+            "counts": tf.zeros([2, c], tf.int64),
+            "exp": tf.fill([c], _E_MIN),
+            "hist": tf.zeros([c, NUM_BINS], tf.int64),
+            "bits": tf.zeros([_BITS_BINS], tf.int64),
+        }
+        init = {k: v for k, v in init.items() if k in self._specs}
+        self._init = init
+        self._suffix = ""
+        self._initialise()
+        self._functions: Dict[Any, Any] = {}
+
+    @property
+    def prefix(self) -> str:
+        """The shared-name prefix of this observer's variables."""
+        return self._prefix
+
+    def _initialise(self) -> None:
+        import tensorflow as tf
+
+        for k, (dtype, _) in self._specs.items():
+            tf.raw_ops.AssignVariableOp(resource=self._handle(k), value=tf.cast(self._init[k], dtype))
+
+    def rebind(self, suffix: str) -> None:
+        """Use the variables named with ``suffix`` appended (what ``tf.saved_model.load`` does to
+        the shared names in the functions it loads); they are initialised now."""
+        if suffix != self._suffix:
+            self.release()
+            self._suffix = suffix
+            self._initialise()
+
+    def _handle(self, key: str) -> Any:
+        import tensorflow as tf
+
+        dtype, shape = self._specs[key]
+        return tf.raw_ops.VarHandleOp(dtype=dtype, shape=shape, shared_name=self.shared_name(key), container="")
+
+    def _read(self, key: str) -> Any:
+        import tensorflow as tf
+
+        return tf.raw_ops.ReadVariableOp(resource=self._handle(key), dtype=self._specs[key][0])
+
+    def shared_name(self, key: str) -> str:
+        """The shared name of variable ``key`` (as the current graph sees it)."""
+        return f"{self._prefix}/{key}{self._suffix}"
+
+    def variable_specs(self) -> Dict[str, Tuple[Any, Any]]:
+        """``{key: (dtype, shape)}`` of the variables, in :attr:`keys` order."""
+        return dict(self._specs)
+
+    @property
+    def keys(self) -> Tuple[str, ...]:
+        """The observer's variables, in the order :meth:`function_def`'s function takes their handles."""
+        return tuple(self._specs)
+
+    def _generic(self, dtype: Any, rank: Optional[int] = None) -> Any:
+        """The update as a ``tf.function(x, *handles) -> x``, shared by every observer of the same kind."""
+        import tensorflow as tf
+
+        rank = rank if self.axis is not None else None
+        key = (tf.as_dtype(dtype), self.axis, self.channels, self.histogram, rank)
+        fn = _GENERIC.get(key)
+        if fn is None:
+            specs = dict(self._specs)
+
+            def update(x, *handles):
+                return _update_ops(x, dict(zip(specs, handles)), specs, self.axis, self.channels, self.histogram,
+                                   self.point)  # fmt: skip
+
+            fn = tf.function(update, autograph=False).get_concrete_function(
+                tf.TensorSpec(None if rank is None else [None] * rank, key[0]),
+                *[tf.TensorSpec([], tf.resource) for _ in specs],
+            )
+            _GENERIC[key] = fn
+        return fn
+
+    def update(self, x: Any) -> Any:
+        """Fold ``x`` into the statistics; returns ``x``.
+
+        Pure TensorFlow ops (reductions, a bincount) in one library function shared by
+        the observers of the same kind: traceable in any graph.
+        """
+        import tensorflow as tf
+
+        x = tf.convert_to_tensor(x)
+        if self.axis is not None and x.shape.rank is not None:
+            n = x.shape[self.axis % x.shape.rank]
+            if n is not None and n != self.channels:
+                raise ValueError(f"{self.point!r}: axis {self.axis} has {n} channels, the observer {self.channels}")
+        fn = self._generic(x.dtype, x.shape.rank)
+        return fn(x, *[self._handle(k) for k in self._specs])
+
+    def function_def(self, dtype: Any) -> Tuple[str, list]:
+        """``(name, FunctionDefs)``: the library function ``(x, *handles) -> x`` that updates the
+        statistics (handles of :attr:`keys`' variables, by :meth:`shared_name`), for splicing
+        into a graph; the first FunctionDef is the function itself."""
+        cf = self._generic(dtype)
+        if cf.graph.captures:
+            raise ValueError("internal: the observer captured a tensor")
+        name = cf.function_def.signature.name
+        lib = [f for f in cf.graph.as_graph_def().library.function if f.signature.name != name]
+        return name, [cf.function_def] + lib
+
+    def stats(self) -> "PointStats":
+        """The statistics so far, as numpy arrays."""
+        mm = self._read("minmax").numpy().astype(np.float64)
+        counts = self._read("counts").numpy()
+        hist = exp = None
+        if "bits" in self._specs:
+            m = max(abs(mm[0, 0]), abs(mm[1, 0]))
+            e = _E_MIN if not np.isfinite(m) or m == 0 else min(max(math.ceil(math.log2(m)), _E_MIN), _E_MAX)
+            e = e + 1 if 2.0**e < m else e  # guard log2 rounding
+            hist, exp = _linear_histogram(self._read("bits").numpy(), e)[None, :], np.array([e])
+        elif self.histogram:
+            hist = self._read("hist").numpy()
+            exp = self._read("exp").numpy()
+        return PointStats(self.point, mm[0], mm[1], int(counts[0].sum()), int(counts[1].sum()), hist, exp,
+                          self.axis)  # fmt: skip
+
+    def release(self) -> None:
+        """Free the variables (the observer is unusable afterwards)."""
+        import tensorflow as tf
+
+        for k in self._specs:
+            try:
+                tf.raw_ops.DestroyResourceOp(resource=self._handle(k), ignore_lookup_error=True)
+            except Exception:  # pragma: no cover - best effort
+                pass
+
+
+_BITS = 19  # sign, 8 exponent bits, 10 mantissa bits: finer than any linear bin, so the mapping is exact
+_BITS_BINS = 1 << _BITS
+
+
+def _linear_histogram(bits_hist: np.ndarray, e: int) -> np.ndarray:
+    """The :data:`NUM_BINS`-bin histogram over ``[-2**e, 2**e]`` of a float32-bit-pattern histogram.
+
+    Each bit-pattern bin holds magnitudes ``[m, m + 2**(x-10))`` with ``x <= e - 1`` for finite
+    data, inside one linear bin of width ``2**(e-10)``: the mapping is exact. Bins are
+    ``[k*w, (k+1)*w)`` above zero and ``(-(k+1)*w, -k*w]`` below it (zero in the first bin above).
+    Non-finite patterns (exponent 255) are left out.
+    """
+    k = np.flatnonzero(bits_hist)
+    n = bits_hist[k]
+    pattern = (k.astype(np.uint32) << np.uint32(32 - _BITS)).view(np.float32).astype(np.float64)
+    finite = np.isfinite(pattern)
+    pattern, n = pattern[finite], n[finite]
+    w = 2.0 ** (e - _LOG2_HALF)
+    j = np.floor(np.abs(pattern) / w).astype(np.int64)
+    idx = np.where((pattern < 0) & (j >= 0) & (np.abs(pattern) > 0), _HALF - 1 - j, _HALF + j)
+    out = np.zeros(NUM_BINS, np.int64)
+    np.add.at(out, np.clip(idx, 0, NUM_BINS - 1), n)
+    return out
+
+
+_GENERIC: Dict[Any, Any] = {}
+
+
+def _update_ops(x: Any, handles: Dict[str, Any], specs: Dict[str, Any], axis: Optional[int], c: int,
+                histogram: bool, point: str) -> Any:  # fmt: skip
+    import tensorflow as tf
+
+    def read(k):
+        return tf.raw_ops.ReadVariableOp(resource=handles[k], dtype=specs[k][0])
+
+    def assign(k, value):
+        return tf.raw_ops.AssignVariableOp(resource=handles[k], value=value)
+
+    with tf.name_scope("graphquant_observe"):
+        v = tf.cast(x, tf.float32)
+        if axis is None:
+            v = tf.reshape(v, [-1, 1])
+        else:
+            rank = v.shape.rank
+            if rank is None:
+                raise ValueError(f"{point}: per-channel calibration needs a tensor of known rank")
+            ax = axis % rank
+            if ax != rank - 1:
+                v = tf.transpose(v, [i for i in range(rank) if i != ax] + [ax])
+            v = tf.reshape(v, [-1, c])
+        seen = tf.fill([c], tf.cast(tf.shape(v)[0], tf.int64))
+        # two plain reductions (they propagate NaN): when both are finite every value is,
+        # and the masked reductions below (several passes over the tensor) are skipped
+        fmin, fmax = tf.reduce_min(v, axis=0), tf.reduce_max(v, axis=0)
+        all_finite = tf.reduce_all(tf.math.is_finite(fmin) & tf.math.is_finite(fmax))
+
+        def masked():
+            finite = tf.math.is_finite(v)
+            return (
+                tf.reduce_min(tf.where(finite, v, np.inf), axis=0),
+                tf.reduce_max(tf.where(finite, v, -np.inf), axis=0),
+                tf.reduce_sum(tf.cast(tf.logical_not(finite), tf.int64), axis=0),
+            )
+
+        bmin, bmax, nonfinite = tf.cond(all_finite, lambda: (fmin, fmax, tf.zeros([c], tf.int64)), masked)
+        mm = read("minmax")
+        lo, hi = tf.minimum(mm[0], bmin), tf.maximum(mm[1], bmax)
+        assign("minmax", tf.stack([lo, hi]))
+        assign("counts", read("counts") + tf.stack([seen, nonfinite]))
+        if histogram and axis is None:
+            # the histogram of the float32 bit patterns' top 19 bits (sign, exponent, 10
+            # mantissa bits): a bitcast, one shift and a bincount; NaN and inf have their own bins
+            top = tf.bitwise.right_shift(tf.bitcast(tf.reshape(v, [-1]), tf.uint32), 32 - _BITS)
+            counts = tf.raw_ops.Bincount(arr=tf.bitcast(top, tf.int32), size=_BITS_BINS,
+                                         weights=tf.constant([], tf.int32))  # fmt: skip
+            assign("bits", read("bits") + tf.cast(counts, tf.int64))
+        elif histogram:
+            _update_histogram(v, tf.math.is_finite(v), lo, hi, c, read, assign)
+        # not gated on the updates: the model goes on while they run (the function's
+        # stateful ops still all run before the call returns)
+        return tf.identity(x)
+
+
+def _update_histogram(v: Any, finite: Any, lo: Any, hi: Any, c: int, read: Any, assign: Any) -> list:
+    import tensorflow as tf
+
+    m = tf.maximum(tf.abs(lo), tf.abs(hi))
+    m = tf.where(tf.math.is_finite(m), m, 0.0)  # a channel without a finite value yet
+    e_old = read("exp")
+    e_new = tf.maximum(e_old, _ceil_log2(m))
+    # merge the old bins 2**d into one (exact: old edges are multiples of the new bin width);
+    # beyond 2**(log2(half)) every old bin lands in one of the two central bins anyway
+    d = tf.minimum(e_new - e_old, _LOG2_HALF)
+    k = tf.bitwise.left_shift(tf.ones_like(d), d)[:, None]  # [c, 1]
+    j = tf.range(NUM_BINS, dtype=tf.int32)[None, :] - _HALF  # signed bin offsets
+    new_bin = tf.math.floordiv(j, k) + _HALF  # [c, NUM_BINS]
+    rows = tf.range(c, dtype=tf.int32)[:, None] * NUM_BINS
+    old = tf.math.unsorted_segment_sum(
+        tf.reshape(read("hist"), [-1]), tf.reshape(new_bin + rows, [-1]), c * NUM_BINS
+    )
+    # bin of each finite value: floor(x * 2**(log2(half) - e)) + half, exact (a power-of-two scaling)
+    scale = _pow2(_LOG2_HALF - e_new)  # [c]
+    b = tf.cast(tf.floor(v * scale), tf.int32) + _HALF
+    b = tf.clip_by_value(b, 0, NUM_BINS - 1) + rows[:, 0]
+    b = tf.where(finite, b, c * NUM_BINS)  # dropped by bincount's maxlength
+    counts = tf.math.bincount(tf.reshape(b, [-1]), minlength=c * NUM_BINS, maxlength=c * NUM_BINS, dtype=tf.int64)
+    hist = tf.reshape(old, [c, NUM_BINS]) + tf.reshape(counts, [c, NUM_BINS])
+    return [assign("exp", e_new), assign("hist", hist)]
+
+
+# --------------------------------------------------------------------------- statistics -> ranges
+@dataclass
+class PointStats:
+    """The statistics of one point (numpy): per channel ``lo``/``hi`` (``+inf``/``-inf``
+    where no finite value was seen), totals ``seen`` and ``nonfinite``, and, when
+    kept, ``hist`` (``[channels, NUM_BINS]``) over ``[-2**exp, 2**exp]`` per channel."""
+
+    point: str
+    lo: np.ndarray
+    hi: np.ndarray
+    seen: int
+    nonfinite: int
+    hist: Optional[np.ndarray] = None
+    exp: Optional[np.ndarray] = None
+    axis: Optional[int] = None
+
+    def bin_width(self, c: int = 0) -> float:
+        """Histogram bin width of channel ``c``."""
+        assert self.exp is not None
+        return 2.0 ** (int(self.exp[c]) - _LOG2_HALF)
+
+
+def _grid(fmt: Any) -> Tuple[int, bool, bool]:
+    """``(steps, symmetric, fixed)`` of the target grid: steps between the range ends."""
+    from .formats import Affine, FixedPoint
+
+    if isinstance(fmt, Affine):
+        return fmt.quant_max - fmt.quant_min, fmt.symmetric, False
+    if isinstance(fmt, FixedPoint):
+        return 2**fmt.bits, False, True
+    raise TypeError(f"calibration needs a FixedPoint or Affine format, got {fmt!r}")
+
+
+def _centres(width: float) -> np.ndarray:
+    return (np.arange(NUM_BINS) - _HALF + 0.5) * width
+
+
+def percentile_range(h: np.ndarray, width: float, lo: float, hi: float, p: float) -> Tuple[float, float]:
+    """``(100 - p, p)`` percentiles of histogram ``h`` (bins of ``width`` from ``-NUM_BINS/2 * width``),
+    linearly interpolated inside a bin, clamped to ``[lo, hi]``."""
+    n = float(h.sum())
+    cum = np.cumsum(h, dtype=np.float64)
+    left = (np.arange(NUM_BINS) - _HALF) * width
+
+    def at(q: float) -> float:
+        t = q / 100.0 * n
+        if t <= 0:
+            return lo
+        i = int(np.searchsorted(cum, t, side="left"))
+        i = min(i, NUM_BINS - 1)
+        before = cum[i - 1] if i else 0.0
+        return float(left[i] + (t - before) / max(float(h[i]), 1.0) * width)
+
+    return float(np.clip(at(100.0 - p), lo, hi)), float(np.clip(at(p), lo, hi))
+
+
+def mse_range(h: np.ndarray, width: float, lo: float, hi: float, fmt: Any) -> Tuple[float, float]:
+    """The range ``a * (lo, hi)`` (``a`` in ``k / MSE_CANDIDATES``) of least expected squared
+    rounding + clipping error on ``fmt``'s grid over histogram ``h``."""
+    steps, symmetric, fixed = _grid(fmt)
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if symmetric:
+        m = max(-lo, hi)
+        lo, hi = -m, m
+    x = _centres(width)
+    nz = h > 0
+    x, w = x[nz], h[nz].astype(np.float64)
+    a = np.arange(1, MSE_CANDIDATES + 1, dtype=np.float64)[:, None] / MSE_CANDIDATES
+    c_lo, c_hi = a * lo, a * hi
+    step = (c_hi - c_lo) / steps
+    top = c_hi - step if fixed else c_hi  # a fixed-point grid stops one step below hi
+    clipped = np.clip(x[None, :], c_lo, top)
+    inside = (x[None, :] >= c_lo) & (x[None, :] <= top)
+    err = np.sum(w * ((x[None, :] - clipped) ** 2 + np.where(inside, step**2 / 12.0, 0.0)), axis=1)
+    best = int(np.argmin(err))
+    return float(c_lo[best, 0]), float(c_hi[best, 0])
+
+
+def _kl_threshold(bins: np.ndarray, levels: int) -> int:
+    """TensorRT's entropy calibration over a one-sided histogram: the number of bins ``i``
+    (``levels <= i <= len(bins)``) whose clipped, ``levels``-quantized copy is closest in KL."""
+    bins = bins.astype(np.float64)
+    nz = np.flatnonzero(bins)
+    last = int(nz[-1]) + 1 if nz.size else 0
+    if last <= levels:
+        return max(last, 1)
+    best_i, best_kl = last, np.inf
+    for i in range(levels, last + 1):
+        p = bins[:i].copy()
+        p[i - 1] += bins[i:].sum()
+        edges = (np.arange(levels + 1) * i) // levels  # chunk j: bins [edges[j], edges[j+1])
+        sums = np.add.reduceat(bins[:i], edges[:-1])
+        nonzero = bins[:i] > 0
+        counts = np.add.reduceat(nonzero.astype(np.float64), edges[:-1])
+        per = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
+        q = np.repeat(per, np.diff(edges)) * nonzero
+        ps, qs = p.sum(), q.sum()
+        if ps <= 0 or qs <= 0:
+            continue
+        p, q = p / ps, q / qs
+        m = p > 0
+        if np.any(q[m] == 0):
+            continue
+        kl = float(np.sum(p[m] * np.log(p[m] / q[m])))
+        if kl < best_kl:
+            best_kl, best_i = kl, i
+    return best_i
+
+
+def entropy_range(h: np.ndarray, width: float, lo: float, hi: float, fmt: Any) -> Tuple[float, float]:
+    """TensorRT's KL-divergence range over histogram ``h`` (see the module docstring)."""
+    steps, symmetric, _ = _grid(fmt)
+    pos, neg = h[_HALF:], h[:_HALF][::-1]
+    if lo >= 0 and not symmetric:
+        i = _kl_threshold(pos, steps + 1)
+        return 0.0, min(i * width, hi)
+    if hi <= 0 and not symmetric:
+        i = _kl_threshold(neg, steps + 1)
+        return max(-i * width, lo), 0.0
+    i = _kl_threshold(pos + neg, (steps + 1) // 2)
+    t = i * width
+    if symmetric:
+        return -t, t
+    return max(-t, lo), min(t, hi)
+
+
+def range_of(stats: PointStats, method: str = "minmax", fmt: Any = None, percentile: float = 99.99,
+             what: str = "calibration_data") -> Tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """``(lo, hi)`` (float32, per channel when the statistics are) of one point by ``method``.
+
+    The range includes 0 and is at least ``MIN_RANGE_WIDTH`` wide.
+
+    Raises:
+        ValueError: naming ``what`` and the point, when it saw no data or no finite value (in some channel).
+    """
+    from .formats import Affine
+    from .ranges import MIN_RANGE_WIDTH
+
+    check_method(method, percentile)
+    point = f"{what}: {stats.point!r}" if what else str(stats.point)
+    if stats.seen == 0:
+        raise ValueError(f"{point}: no data seen")
+    missing = ~(np.isfinite(stats.lo) & np.isfinite(stats.hi))
+    if np.any(missing):
+        where = "" if stats.axis is None else f" in channel(s) {np.flatnonzero(missing).tolist()[:8]}"
+        raise ValueError(f"{point}: no finite value{where} ({stats.nonfinite} of {stats.seen} values were NaN or inf)")
+    if method != "minmax" and stats.hist is None:
+        raise ValueError(f"internal: {stats.point!r} has no histogram for method {method!r}")
+    if fmt is None:
+        fmt = Affine(8)
+    los, his = [], []
+    for c in range(len(stats.lo)):
+        lo, hi = float(stats.lo[c]), float(stats.hi[c])
+        if method == "percentile":
+            lo, hi = percentile_range(stats.hist[c], stats.bin_width(c), lo, hi, float(percentile))
+        elif method == "mse":
+            lo, hi = mse_range(stats.hist[c], stats.bin_width(c), lo, hi, fmt)
+        elif method == "entropy":
+            lo, hi = entropy_range(stats.hist[c], stats.bin_width(c), lo, hi, fmt)
+        los.append(lo)
+        his.append(hi)
+    lo_a, hi_a = np.minimum(np.asarray(los), 0.0), np.maximum(np.asarray(his), 0.0)
+    hi_a = np.where(hi_a - lo_a < MIN_RANGE_WIDTH, lo_a + MIN_RANGE_WIDTH, hi_a)
+    if stats.axis is None:
+        return np.float32(lo_a[0]), np.float32(hi_a[0])
+    return lo_a.astype(np.float32), hi_a.astype(np.float32)
+
+
+def ranges_of(observers: Mapping[str, Observer], method: str, formats: Optional[Mapping[str, Any]] = None,
+              percentile: float = 99.99, what: str = "calibration_data") -> Dict[str, Tuple[Any, Any]]:  # fmt: skip
+    """``{point: (lo, hi)}`` of every observer that saw data (every front end goes through here).
+
+    Warns about points the data never reached (left out of the result), logs
+    the non-finite values ignored at each point.
+
+    Raises:
+        ValueError: naming ``what`` and the point, when a point saw data but no finite value.
+    """
+    out: Dict[str, Tuple[Any, Any]] = {}
+    for key, obs in observers.items():
+        s = obs.stats()
+        if s.seen == 0:
+            log.warning("calibration: no data reached %r; its range is not calibrated", key)
+            continue
+        out[key] = range_of(s, method, (formats or {}).get(key), percentile, what)
+        if s.nonfinite:
+            log.warning("calibration: %d non-finite values ignored at %r", s.nonfinite, key)
+    return out
+
+
+def rebind_loaded(observers: Sequence[Observer], graph_defs: Sequence[Any]) -> None:
+    """After ``tf.saved_model.load`` renamed the shared names in the loaded functions
+    (``graph_defs``: the loaded functions' GraphDefs, libraries included), point
+    every observer at its renamed variables."""
+    by_prefix = {o.prefix + "/": o for o in observers}
+    for gd in graph_defs:
+        for f in gd.library.function:
+            for nd in f.node_def:
+                if nd.op != "VarHandleOp":
+                    continue
+                name = nd.attr["shared_name"].s.decode()
+                for prefix, o in by_prefix.items():
+                    if name.startswith(prefix):
+                        rest = name[len(prefix):]
+                        key = next((k for k in o._specs if rest.startswith(k)), None)
+                        if key is not None:
+                            o.rebind(rest[len(key):])
+
+
+def release_all(observers: Sequence[Observer]) -> None:
+    """Free the variables of ``observers``."""
+    for o in observers:
+        o.release()
+
+
+# --------------------------------------------------------------------------- progress
+def _batch_size(batch: Any) -> int:
+    import tensorflow as tf
+
+    leaves = tf.nest.flatten(batch)
+    shape = getattr(leaves[0], "shape", None) if leaves else None
+    return int(shape[0]) if shape is not None and len(shape) and shape[0] is not None else 1
+
+
+def progress(batches: Any, description: str, verbose: Optional[bool] = None, total: Optional[int] = None,
+             delay: float = 1.0) -> Any:  # fmt: skip
+    """Yield ``batches``, showing a ``rich`` progress bar (batches done, images/s) on stderr.
+
+    ``verbose=None`` shows it only when stderr is a terminal and the loop has
+    run longer than ``delay`` seconds; ``True`` always (after ``delay``);
+    ``False`` never.
+    """
+    import sys
+    import time
+
+    if verbose is False or (verbose is None and not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())):
+        yield from batches
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    t0 = time.perf_counter()
+    bar = None
+    task = None
+    done = images = 0
+    try:
+        for batch in batches:
+            yield batch
+            done += 1
+            images += _batch_size(batch)
+            now = time.perf_counter()
+            if bar is None and now - t0 >= delay:
+                bar = Progress(
+                    TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("batches"),
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(),
+                    console=Console(stderr=True), transient=True,
+                )  # fmt: skip
+                bar.start()
+                task = bar.add_task(description, total=total, rate="")
+            if bar is not None:
+                bar.update(task, completed=done, rate=f"{images / max(now - t0, 1e-9):.1f} images/s")
+    finally:
+        if bar is not None:
+            bar.stop()

@@ -1,0 +1,161 @@
+"""Calibration cost against the model's own inference, side by side in one run.
+
+For each model (Keras applications, random weights, random inputs with a fixed
+seed) and each method, prints the time of
+
+* Keras: ``graphquant.calibrate`` on a ``quantize_model(bits=8)`` copy over N
+  batches, against a fresh ``tf.function`` of the float model over the same
+  batches (both include their first-call tracing);
+* SavedModel: ``convert_saved_model(bits=8, calibration_data=...)`` minus the
+  same conversion without calibration data (= loading the observed copy and
+  running it), against loading the float SavedModel and running its signature
+  over the same batches;
+* ``compare`` (Keras models) against the two models' inference;
+
+and the ratios. Ratios are only meaningful within one run (same machine load).
+
+    python scripts/bench_calibration.py --models mobilenetv2 --size 128 --batches 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+MODELS = {"mobilenetv2": "MobileNetV2", "resnet50": "ResNet50"}
+
+
+def _build(name: str, size: int):
+    import keras
+
+    cls = getattr(keras.applications, MODELS[name])
+    keras.utils.set_random_seed(0)
+    return cls(weights=None, input_shape=(size, size, 3), classes=1000)
+
+
+def _time(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _steady(model, batches, methods, name) -> None:
+    """Per-batch time of the traced calibration step against the traced inference step."""
+    import tensorflow as tf
+
+    import graphquant as gq
+    from graphquant import calibration as engine
+    from graphquant.keras.layers import Quantize
+    from graphquant.ranges import _all_layers, _Feed
+
+    def per_batch(f):
+        f(batches[0]).numpy()  # traced here, not timed
+        t0 = time.perf_counter()
+        for b in batches:
+            f(b).numpy()
+        return (time.perf_counter() - t0) / len(batches)
+
+    t_inf = per_batch(tf.function(lambda b: model(b, training=False)))
+    q = gq.quantize_model(model, bits=8)
+    layers = [l for l in _all_layers(q) if isinstance(l, Quantize) and l.learned]
+    for method in methods:
+        observers = [engine.Observer(l.name, histogram=method != "minmax") for l in layers]
+        for l, o in zip(layers, observers):
+            l._calibrator = _Feed(o)
+        t_cal = per_batch(tf.function(lambda b: q(b, training=False)))
+        for l in layers:
+            l._calibrator = None
+        engine.release_all(observers)
+        print(f"{name:<12} {'keras/batch':<11} {method:<11} {t_inf:>11.3f} {t_cal:>9.3f} {t_cal / t_inf:>6.2f}",
+              flush=True)  # fmt: skip
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="mobilenetv2", help="comma-separated: " + ", ".join(MODELS))
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--batches", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--methods", default="minmax,percentile,mse,entropy")
+    ap.add_argument("--skip-graph", action="store_true", help="only the Keras path")
+    ap.add_argument("--skip-compare", action="store_true")
+    ap.add_argument("--steady", action="store_true",
+                    help="also the Keras path's steady state: per-batch time once traced (tracing excluded)")
+    args = ap.parse_args(argv)
+    logging.getLogger("graphquant").setLevel(logging.ERROR)
+
+    import tensorflow as tf
+
+    import graphquant as gq
+    import graphquant.graph as gg
+
+    rng = np.random.RandomState(0)
+    data = rng.uniform(-1, 1, size=(args.batches * args.batch_size, args.size, args.size, 3)).astype("float32")
+    batches = [data[i : i + args.batch_size] for i in range(0, len(data), args.batch_size)]
+    methods = [m for m in args.methods.split(",") if m]
+    print(f"# {args.batches} batches of {args.batch_size}, {args.size}x{args.size}; ratio = calibration / inference")
+    print(f"{'model':<12} {'path':<11} {'method':<11} {'inference s':>11} {'calib s':>9} {'ratio':>6}")
+    for name in args.models.split(","):
+        model = _build(name, args.size)
+        tmp = Path(tempfile.mkdtemp(prefix="bench-cal-"))
+        try:
+            def keras_inference():
+                f = tf.function(lambda b: model(b, training=False), reduce_retracing=True)
+                for b in batches:
+                    f(b).numpy()
+
+            for method in methods:
+                t_inf = _time(keras_inference)
+                q = gq.quantize_model(model, bits=8)
+                t_cal = _time(lambda: gq.calibrate(q, batches, method=method, verbose=False))
+                print(f"{name:<12} {'keras':<11} {method:<11} {t_inf:>11.2f} {t_cal:>9.2f} {t_cal / t_inf:>6.2f}", flush=True)
+            if args.steady:
+                _steady(model, batches, methods, name)
+            if not args.skip_graph:
+                saved = tmp / "float"
+                model.export(str(saved), verbose=False)
+
+                def graph_inference():
+                    fn = tf.saved_model.load(str(saved)).signatures["serving_default"]
+                    (key,) = fn.structured_input_signature[1]
+                    for b in batches:
+                        [v.numpy() for v in fn(**{key: tf.constant(b)}).values()]
+
+                for method in methods:
+                    t_inf = _time(graph_inference)
+                    t_plain = _time(lambda: gg.convert_saved_model(saved, tmp / "q0", bits=8, overwrite=True))
+                    t_conv = _time(lambda: gg.convert_saved_model(saved, tmp / "q1", bits=8, overwrite=True,
+                                                                  calibration_data=batches, calibration_method=method))  # fmt: skip
+                    t_cal = t_conv - t_plain
+                    print(f"{name:<12} {'savedmodel':<11} {method:<11} {t_inf:>11.2f} {t_cal:>9.2f} {t_cal / t_inf:>6.2f}",
+                          flush=True)  # fmt: skip
+            if not args.skip_compare:
+                q = gq.quantize_model(model, bits=8, calibration_data=batches[:1])
+
+                def both():
+                    for m in (model, q):
+                        f = tf.function(lambda b, m=m: m(b, training=False), reduce_retracing=True)
+                        for b in batches:
+                            f(b).numpy()
+
+                t_inf = _time(both)
+                t_cmp = _time(lambda: gq.compare(model, q, batches))
+                print(f"{name:<12} {'compare':<11} {'-':<11} {t_inf:>11.2f} {t_cmp:>9.2f} {t_cmp / t_inf:>6.2f}", flush=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

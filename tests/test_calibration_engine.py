@@ -1,0 +1,257 @@
+"""The calibration engine (graphquant.calibration): statistics in TensorFlow, methods against numpy oracles,
+the same ranges on the Keras and the SavedModel path."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import graphquant as gq
+import graphquant.graph as gg
+from graphquant import calibration as cal
+from graphquant.formats import Affine, FixedPoint
+from graphquant.keras.layers import Quantize
+
+RNG = np.random.RandomState(0)
+
+
+def _observe(batches, **kw):
+    o = cal.Observer("p", **kw)
+    try:
+        f = tf.function(lambda x: o.update(x))
+        for b in batches:
+            f(tf.constant(b))
+        return o.stats()
+    finally:
+        o.release()
+
+
+# --------------------------------------------------------------------------- statistics
+def test_histogram_is_exact_whatever_the_batch_order():
+    """Growing the range merges bins exactly: the histogram equals numpy's over the final range."""
+    batches = [RNG.normal(size=500).astype("float32") * s for s in (0.01, 1.0, 37.0, 0.5)]
+    batches[1][3] = np.nan
+    batches[2][7] = -np.inf
+    for order in (batches, batches[::-1]):
+        s = _observe(order)
+        x = np.concatenate(batches)
+        fin = x[np.isfinite(x)]
+        assert (s.lo[0], s.hi[0]) == (fin.min(), fin.max())  # exact min/max
+        assert s.seen == x.size and s.nonfinite == 2
+        e = int(s.exp[0])
+        assert 2.0 ** (e - 1) < np.abs(fin).max() <= 2.0**e
+        ref, _ = np.histogram(fin.astype(np.float64), bins=cal.NUM_BINS, range=(-(2.0**e), 2.0**e))
+        np.testing.assert_array_equal(s.hist[0], ref)
+
+
+def test_per_channel_statistics():
+    x = RNG.normal(size=(60, 50, 3)).astype("float32") * np.array([1.0, 10.0, 0.1], "float32")
+    s = _observe([x[:3], x[3:]], axis=-1, channels=3)
+    flat = x.reshape(-1, 3)
+    np.testing.assert_array_equal(s.lo, flat.min(0))
+    np.testing.assert_array_equal(s.hi, flat.max(0))
+    assert s.hist.shape == (3, cal.NUM_BINS) and (s.hist.sum(1) == 3000).all()
+    lo, hi = cal.range_of(s, "percentile", percentile=90.0)
+    for c in range(3):
+        ref = np.percentile(flat[:, c], [10, 90])
+        w = s.bin_width(c)
+        assert abs(lo[c] - min(ref[0], 0)) <= w + 1e-7 and abs(hi[c] - max(ref[1], 0)) <= w + 1e-7
+    s = _observe([x], axis=1, channels=50)  # a middle axis
+    np.testing.assert_array_equal(s.hi, x.max(axis=(0, 2)))
+    with pytest.raises(ValueError, match="'p': axis 1 has 50 channels, the observer 5"):
+        _observe([x], axis=1, channels=5)
+
+
+# --------------------------------------------------------------------------- methods against numpy
+@pytest.mark.parametrize("p", [99.0, 99.9, 90.0])
+def test_percentile_within_one_bin_of_numpy(p):
+    x = np.concatenate([RNG.normal(size=20000), RNG.standard_cauchy(size=200)]).astype("float32")
+    s = _observe(np.split(x, 8))
+    lo, hi = cal.range_of(s, "percentile", percentile=p)
+    ref = np.percentile(x, [100 - p, p])
+    w = s.bin_width()
+    assert abs(float(lo) - ref[0]) <= w and abs(float(hi) - ref[1]) <= w
+    assert cal.range_of(s, "percentile", percentile=100.0) == cal.range_of(s, "minmax")  # p=100 is exactly minmax
+
+
+def _fake_quant(x, lo, hi, steps, fixed=False):
+    step = (hi - lo) / steps
+    top = steps - 1 if fixed else steps
+    return lo + np.clip(np.round((x - lo) / step), 0, top) * step
+
+
+@pytest.mark.parametrize("fmt", [Affine(4), Affine(8), FixedPoint(4, range=(0.0, 1.0))], ids=str)
+def test_mse_matches_a_brute_force_search_on_the_data(fmt):
+    x = np.abs(RNG.standard_t(3, size=40000)).astype("float32")  # heavy tail: clipping pays
+    s = _observe(np.split(x, 4))
+    lo, hi = (float(v) for v in cal.range_of(s, "mse", fmt=fmt))
+    steps, fixed = (2**fmt.bits, True) if isinstance(fmt, FixedPoint) else (fmt.quant_max - fmt.quant_min, False)
+    x64 = x.astype(np.float64)
+
+    def err(a, b):
+        return float(np.mean((_fake_quant(x64, a, b, steps, fixed) - x64) ** 2))
+
+    cands = [(0.0, k / cal.MSE_CANDIDATES * x64.max()) for k in range(1, cal.MSE_CANDIDATES + 1)]
+    best = min(err(a, b) for a, b in cands)
+    assert err(lo, hi) <= 1.03 * best
+    if fmt.bits == 4:  # few levels: clipping the tail pays
+        assert hi < 0.5 * x.max() and err(lo, hi) < 0.5 * err(0.0, float(x.max()))
+
+
+def _trt_entropy(x, levels, bins=cal.NUM_BINS // 2):
+    """TensorRT's procedure written out directly: histogram of |x| on [0, 2**e], one candidate at a time."""
+    a = np.abs(x[np.isfinite(x)]).astype(np.float64)
+    e = int(np.ceil(np.log2(a.max())))
+    hist, edges = np.histogram(a, bins=bins, range=(0, 2.0**e))
+    last = int(np.flatnonzero(hist)[-1]) + 1
+    best = (np.inf, last)
+    for i in range(levels, last + 1):
+        p = hist[:i].astype(np.float64)
+        p[-1] += hist[i:].sum()
+        q = np.zeros(i)
+        for j in range(levels):
+            a0, a1 = j * i // levels, (j + 1) * i // levels
+            chunk = hist[a0:a1]
+            nz = chunk > 0
+            if nz.any():
+                q[a0:a1][nz] = chunk.sum() / nz.sum()
+        p, q = p / p.sum(), q / q.sum()
+        m = p > 0
+        if (q[m] == 0).any():
+            continue
+        kl = np.sum(p[m] * np.log(p[m] / q[m]))
+        if kl < best[0]:
+            best = (kl, i)
+    return edges[best[1]]
+
+
+def test_entropy_matches_a_direct_numpy_implementation():
+    x = np.concatenate([RNG.laplace(size=50000), RNG.normal(size=50) * 30]).astype("float32")
+    s = _observe(np.split(x, 5))
+    lo, hi = cal.range_of(s, "entropy", fmt=Affine(8))
+    t = _trt_entropy(x, 128)
+    assert t < 0.9 * np.abs(x).max()  # the outliers are clipped
+    np.testing.assert_allclose([lo, hi], [max(-t, x.min()), min(t, x.max())], rtol=1e-6)
+    pos = np.abs(x)  # one-signed data uses the full grid on one side
+    s = _observe([pos])
+    lo, hi = cal.range_of(s, "entropy", fmt=Affine(8))
+    assert float(lo) == 0.0
+    np.testing.assert_allclose(float(hi), min(_trt_entropy(pos, 256), pos.max()), rtol=1e-6)
+
+
+def test_bad_statistics_name_the_point():
+    s = _observe([np.full(4, np.nan, "float32")])
+    with pytest.raises(ValueError, match=r"calibration_data: 'p': no finite value \(4 of 4 values were NaN or inf\)"):
+        cal.range_of(s, "mse")
+    with pytest.raises(ValueError, match="calibration_method must be one of 'minmax', 'percentile', 'mse', 'entropy'"):
+        cal.check_method("kl")
+
+
+# --------------------------------------------------------------------------- both front ends
+def _keras_model():
+    rng = np.random.RandomState(1)
+    x = keras.Input((8, 8, 2), name="x")
+    h = keras.layers.Conv2D(4, 3, padding="same", name="c1")(x)
+    h = keras.layers.ReLU(name="r1")(h)
+    h = keras.layers.Conv2D(3, 3, padding="same", name="c2")(h)
+    m = keras.Model(x, h, name="two")
+    for layer in m.layers:
+        if layer.weights:
+            layer.set_weights([rng.normal(size=w.shape).astype("float32") for w in layer.get_weights()])
+    return m
+
+
+DATA = RNG.normal(size=(70, 8, 8, 2)).astype("float32")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cal") / "two"
+    m = _keras_model()
+    m.export(str(d), verbose=False)
+    return m, d
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse", "entropy"])
+def test_keras_and_exported_saved_model_calibrate_the_same_ranges(exported, tmp_path, method):
+    model, path = exported
+    q = gq.quantize_model(model, bits=8, calibration_data=DATA, calibration_method=method)
+    r_k = [l.get_range() for l in q.layers if isinstance(l, Quantize)]
+    report = gg.convert_saved_model(path, tmp_path / "q", bits=8, calibration_data=DATA, calibration_method=method)
+    r_g = list(report.ranges.values())
+    assert len(r_k) == len(r_g) == 2
+    np.testing.assert_allclose(np.asarray(r_k, np.float32), np.asarray(r_g, np.float32), rtol=2e-7, atol=0)
+    if method != "minmax":  # the method matters: not all the same as minmax
+        r_mm = [l.get_range() for l in gq.quantize_model(model, bits=8, calibration_data=DATA).layers
+                if isinstance(l, Quantize)]  # fmt: skip
+        assert not np.allclose(np.asarray(r_k), np.asarray(r_mm))
+
+
+@pytest.mark.parametrize("method", ["mse", "entropy"])
+def test_new_methods_ignore_non_finite_on_both_paths(exported, tmp_path, method):
+    model, path = exported
+    bad = DATA.copy()
+    bad[0, 0, 0, 0] = np.nan
+    bad[5, 1, 1, 1] = np.inf
+    q = gq.quantize_model(model, bits=8, calibration_data=bad, calibration_method=method)
+    r_k = [l.get_range() for l in q.layers if isinstance(l, Quantize)]
+    report = gg.convert_saved_model(path, tmp_path / "q", bits=8, calibration_data=bad, calibration_method=method)
+    assert np.isfinite(np.asarray(r_k)).all()
+    np.testing.assert_allclose(np.asarray(r_k, np.float32), np.asarray(list(report.ranges.values()), np.float32),
+                               rtol=2e-7)  # fmt: skip
+    with pytest.raises(ValueError, match=r"calibration_data: '.*': no finite value"):
+        gg.convert_saved_model(path, tmp_path / "q2", bits=8, calibration_data=np.full_like(DATA, np.nan),
+                               calibration_method=method)  # fmt: skip
+
+
+def test_observed_graph_has_no_python_callback():
+    from graphquant.graph.calibrate import RangeCollector, insert_observers
+    from graphquant.graph.function import config_from_kwargs
+    from graphquant.graph.planning import plan_graph_def
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 6, 6, 1], tf.float32)])
+    def f(x):
+        return tf.nn.relu(tf.nn.conv2d(x, tf.ones([3, 3, 1, 2]), 1, "SAME"))
+
+    gd = f.get_concrete_function().graph.as_graph_def()
+    plan, _ = plan_graph_def(gd, config_from_kwargs(8, None, "nearest", None, None))
+    col = RangeCollector("percentile")
+    try:
+        assert insert_observers(gd, plan, col) == 1
+        ops = {n.op for n in gd.node} | {n.op for fn in gd.library.function for n in fn.node_def}
+        assert "StatefulPartitionedCall" in ops and ops & {"Bincount", "DenseBincount"}
+        assert not ops & {"EagerPyFunc", "PyFunc", "PyFuncStateless"}
+    finally:
+        col.release()
+
+
+def test_quantize_function_uses_the_engine_like_keras():
+    model = _keras_model()
+    fn = tf.function(lambda x: model(x, training=False), input_signature=[tf.TensorSpec([None, 8, 8, 2], tf.float32)])
+    qf = gg.quantize_function(fn, bits=8, calibration_data=DATA, calibration_method="percentile")
+    q = gq.quantize_model(model, bits=8, calibration_data=DATA, calibration_method="percentile")
+    r_k = [l.get_range() for l in q.layers if isinstance(l, Quantize)]
+    np.testing.assert_allclose(np.asarray(r_k, np.float32), np.asarray(list(qf.ranges.values()), np.float32), rtol=2e-7)
+
+
+def test_progress_bar_only_when_asked_or_on_a_terminal(capsys):
+    batches = [np.zeros((2, 3), "float32")] * 3
+    assert list(cal.progress(iter(batches), "calibrating", verbose=False)) == batches
+    assert list(cal.progress(iter(batches), "calibrating", verbose=None)) == batches  # stderr is not a terminal here
+    assert capsys.readouterr().err == ""
+    out = list(cal.progress(iter(batches), "calibrating", verbose=True, delay=0.0))
+    assert out == batches
+
+
+def test_keras_per_channel_calibration():
+    """Affine(axis=-1) activations: one range per channel, each the engine's per-channel statistic."""
+    model = _keras_model()
+    q = gq.quantize_model(model, format=Affine(8, axis=-1), calibration_data=DATA, calibration_method="minmax")
+    layer = next(l for l in q.layers if isinstance(l, Quantize))
+    lo, hi = layer.get_range()
+    tap = keras.Model(model.input, model.get_layer("r1").output)(DATA).numpy().reshape(-1, 4)
+    np.testing.assert_array_equal(hi, np.maximum(tap.max(0), 1e-6))
+    np.testing.assert_array_equal(lo, np.minimum(tap.min(0), 0.0))
+    qp = gq.quantize_model(model, format=Affine(8, axis=-1), calibration_data=DATA, calibration_method="percentile")
+    lo_p, hi_p = next(l for l in qp.layers if isinstance(l, Quantize)).get_range()
+    assert hi_p.shape == (4,) and (hi_p <= hi).all() and (hi_p < hi).any()
