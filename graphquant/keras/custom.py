@@ -568,7 +568,8 @@ def clone_custom(rw: Any, layer: Any, scope: Tuple[str, ...]) -> QuantizedCustom
         inner = from_config_tolerant(type(layer), layer.get_config())
     except Exception:  # noqa: BLE001 - the planner checked this; raise the usual message
         inner = _clone_layer(layer)
-    build_config = layer.get_build_config() if layer.built else None
+    own_build = type(layer).build is not keras.layers.Layer.build
+    build_config = layer.get_build_config() if layer.built and own_build else None
     if build_config:  # built as the source was (some layers make their sublayers in build())
         inner.build_from_config(build_config)
     for path, sub in _walk(layer):
