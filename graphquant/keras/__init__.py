@@ -1,6 +1,7 @@
 """The Keras 3 front end: ``quantize_model``, ``inspect`` and the layers it inserts."""
 
 from .layers import FoldingBatchNormalization, Quantize, QuantizeWeights, StorageRounding, quantize_weight
+from .loading import load_model
 from .rewrite import apply_weight_storage, inspect, plan_model, quantize_model
 from .view import keras_view
 
@@ -15,4 +16,5 @@ __all__ = [
     "plan_model",
     "apply_weight_storage",
     "keras_view",
+    "load_model",
 ]
