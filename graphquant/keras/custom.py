@@ -253,6 +253,12 @@ def custom_view(layer: Any, args: Any = (), kwargs: Any = None) -> View:
     """
     kwargs = dict(kwargs or {})
     left: List[Tuple[str, str, str]] = []
+    subs = [sub for _, sub in _walk(layer)[1:]]
+    dense = {c for c in DENSE.layers if isinstance(c, str)}
+    if subs and not any(_is_conv(s) or set(_classes(s)) & dense or isinstance(s, keras.Model) for s in subs):
+        view = View([], name=layer.name)  # sublayers, none a target: nothing to read (and no cost)
+        view.left_float = left
+        return view
     view = _trace(layer, args, kwargs, left)
     view.left_float = left
     return view
