@@ -384,6 +384,9 @@ class Plan:
     config: QuantizeConfig
     skipped: List[Tuple[str, str, str]] = field(default_factory=list)  # (path, kind, reason)
     notes: List[str] = field(default_factory=list)
+    #: (path, kind, reason) of each convolution the front end found but cannot round
+    #: (inside a custom layer: a sublayer called twice, a keras.ops/tf.nn convolution...)
+    left_float: List[Tuple[str, str, str]] = field(default_factory=list)
 
     # -- queries
     @property
@@ -441,6 +444,7 @@ class Plan:
             "points": [p.to_dict() for p in self.points],
             "skipped": [list(s) for s in self.skipped],
             "notes": list(self.notes),
+            "left_float": [list(s) for s in self.left_float],
         }
 
     def to_json(self, **kw: Any) -> str:
@@ -471,6 +475,8 @@ class Plan:
             lines.append(f"weight storage: {self.config.weight_storage} ({self.config.storage_rounding} rounding)")
         for path, kind, reason in self.skipped:
             lines.append(f"skipped {path} ({kind}): {reason}")
+        for path, kind, reason in self.left_float:
+            lines.append(f"left in float: {path} ({kind}): {reason}")
         for n in self.notes:
             lines.append(f"note: {n}")
         return "\n".join(lines)

@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 from google.protobuf.message import DecodeError
 
@@ -28,7 +28,7 @@ from .. import calibration as engine
 from ..calibration import progress
 from .calibrate import RangeCollector, insert_observers, needs_calibration
 from .function import config_from_kwargs
-from .liveness import check_live, tensor_node
+from .liveness import _called, check_live, tensor_node
 from .planning import DEPTHWISE_OPS, apply_plan, plan_graph_def, round_weight_array
 from .rewrite import follow_redirects, rounding_nodes
 
@@ -71,6 +71,11 @@ class ConversionReport:
             ``inserted`` above are the sums.
         requantized: graphquant rounding nodes the source already had
             (non-zero only with ``allow_requantize=True``).
+        unreachable_convolutions: convolution groups in library functions no
+            signature runs (tf-keras saves a trace function per layer, so its
+            SavedModels hold each convolution several times; a ``tf.Module``'s
+            extra ``tf.function``). They are rounded too but not counted in
+            ``convolutions``, which counts what the signatures run.
     """
 
     source: str
@@ -85,6 +90,7 @@ class ConversionReport:
     warnings: List[str] = field(default_factory=list)
     meta_graphs: List[Dict[str, Any]] = field(default_factory=list)
     requantized: int = 0
+    unreachable_convolutions: int = 0
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -98,6 +104,7 @@ class ConversionReport:
             "warnings": list(self.warnings),
             "meta_graphs": [dict(m) for m in self.meta_graphs],
             "requantized": self.requantized,
+            "unreachable_convolutions": self.unreachable_convolutions,
             "plan": self.plan.to_dict(),
         }
 
@@ -108,9 +115,11 @@ class ConversionReport:
                 f"{','.join(m['tags']) or '#' + str(i)}: {m['convolutions']} convolutions, {m['inserted']} nodes"
                 for i, m in enumerate(self.meta_graphs)
             ) + ")"
+        off = (f" (+{self.unreachable_convolutions} in functions no signature runs, rounded too)"
+               if self.unreachable_convolutions else "")
         again = f", on top of {self.requantized} existing rounding nodes (requantized)" if self.requantized else ""
         return (
-            f"{self.source} -> {self.destination}: {self.convolutions} convolutions, "
+            f"{self.source} -> {self.destination}: {self.convolutions} convolutions{off}, "
             f"{self.inserted} graphquant nodes{where}{again}, {self.prerounded} weights pre-rounded, {self.seconds:.2f} s"
         )
 
@@ -207,6 +216,50 @@ def _sinks(graph_def) -> List[str]:
     return [nd.name for nd in graph_def.node if nd.name not in used]
 
 
+def _signature_functions(mg) -> Set[str]:
+    """Library functions a signature runs: called (transitively) from the top-level nodes its outputs
+    depend on. Functions only the object graph holds (tf-keras saves a trace function per layer; a
+    ``tf.function`` of a ``tf.Module`` that is no signature) are not in it."""
+    library = {f.signature.name: f for f in mg.graph_def.library.function}
+    top = {n.name: n for n in mg.graph_def.node}
+    seen_nodes: Set[str] = set()
+    stack = [n for n in (tensor_node(t) for t in _signature_outputs(mg)) if n in top]
+    called: Set[str] = set()
+    while stack:
+        name = stack.pop()
+        if name in seen_nodes:
+            continue
+        seen_nodes.add(name)
+        nd = top[name]
+        called.update(_called(nd, library))
+        for ref in nd.input:
+            src = ref.lstrip("^").split(":", 1)[0]
+            if src in top:
+                stack.append(src)
+    todo = list(called)
+    while todo:
+        for nd in library[todo.pop()].node_def:
+            for f in _called(nd, library):
+                if f not in called:
+                    called.add(f)
+                    todo.append(f)
+    return called
+
+
+def _count_unreachable(plan: Plan, mg) -> int:
+    """Convolution groups of ``plan`` in functions no signature runs (noted in the plan)."""
+    if not mg.signature_def:
+        return 0
+    called = _signature_functions(mg)
+    off = [t for t in plan.targets if "/" in t and t.split("/", 1)[0] not in called]
+    if off:
+        fns = {t.split("/", 1)[0] for t in off}
+        plan.notes.append(f"{len(off)} of the {len(plan.targets)} convolution groups are in {len(fns)} functions no "
+                          "signature runs (e.g. tf-keras' per-layer traces): rounded too, but not counted as the "
+                          "model's convolutions")  # fmt: skip
+    return len(off)
+
+
 def _plan_meta_graphs(sm, cfg: QuantizeConfig, registry: Optional[Registry], source: Path) -> List[Plan]:
     """One plan per meta graph (each is its own graph and is rounded on its own)."""
     plans = []
@@ -227,6 +280,7 @@ def _plan_meta_graphs(sm, cfg: QuantizeConfig, registry: Optional[Registry], sou
             else:
                 keep.append(p)
         plan.points[:] = keep
+        plan.unreachable = _count_unreachable(plan, mg)
         plans.append(plan)
     return plans
 
@@ -683,8 +737,9 @@ def convert_saved_model(
                            outputs=_signature_outputs(mg) + sinks, functions=list(mg.object_graph_def.concrete_functions))
             except ValueError as e:
                 raise SavedModelError(f"{src_p}: {e}") from None
-            meta_graphs.append({"tags": list(mg.meta_info_def.tags), "convolutions": len(mplan.targets),
-                                "inserted": len(edits["inserted"])})
+            off = getattr(mplan, "unreachable", 0)
+            meta_graphs.append({"tags": list(mg.meta_info_def.tags), "convolutions": len(mplan.targets) - off,
+                                "inserted": len(edits["inserted"]), "unreachable_convolutions": off})
             inserted += len(edits["inserted"])
             prerounded += len(edits["prerounded"])
             if edits["variable_weights"]:
@@ -732,6 +787,7 @@ def convert_saved_model(
         warnings=warnings,
         meta_graphs=meta_graphs,
         requantized=existing,
+        unreachable_convolutions=sum(m["unreachable_convolutions"] for m in meta_graphs),
     )
     log.info("%s", report)
     return report

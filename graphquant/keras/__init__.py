@@ -2,6 +2,7 @@
 
 from .fold import FoldedConvBatchNorm
 from .layers import FoldingBatchNormalization, Quantize, QuantizeWeights, StorageRounding, quantize_weight
+from .loading import load_model
 from .rewrite import apply_weight_storage, inspect, plan_model, quantize_model
 from .view import keras_view
 
@@ -17,4 +18,5 @@ __all__ = [
     "plan_model",
     "apply_weight_storage",
     "keras_view",
+    "load_model",
 ]

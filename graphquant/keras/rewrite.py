@@ -29,6 +29,7 @@ from ..formats import Affine
 from ..patterns import Registry, View
 from ..plan import InsertionPoint, Plan, QuantizeConfig, make_plan
 from .layers import FoldingBatchNormalization, Quantize, QuantizeWeights, StorageRounding
+from .custom import clone_custom, from_config_tolerant, is_custom_layer
 from .view import _is_sequential, check_model, is_graph_model, iter_calls, keras_view
 
 __all__ = ["quantize_model", "inspect", "plan_model"]
@@ -68,7 +69,20 @@ def _make_keras_plan(model: keras.Model, cfg: QuantizeConfig, registry: Optional
                "it is quantized (build it as a Functional model to have it rewritten)")
         plan.notes.append(msg)
         log.warning(msg)
+    plan.left_float.extend(_left_float(view))
     return plan
+
+
+def _left_float(view: View, prefix: str = "") -> List[Tuple[str, str, str]]:
+    """``(path, kind, reason)`` of the convolutions custom layers hold but cannot round (nested views included)."""
+    out = [(prefix + p, k, r) for p, k, r in getattr(view, "left_float", ())]
+    for name, child in view.children.items():
+        if not hasattr(child, "left_float"):  # a nested model: its custom layers' own lists
+            out += _left_float(child, f"{prefix}{name}/")
+        # a custom layer's list already holds its nested custom layers' convolutions
+        else:
+            out += [(f"{prefix}{name}/{p}", k, r) for p, k, r in child.left_float]
+    return out
 
 
 def _subclassed_inside(view: View, prefix: str = "") -> List[Tuple[str, keras.Model]]:
@@ -252,7 +266,7 @@ def _clone_layer(layer: Any) -> Any:
     """A new layer (or plain ``keras.ops`` operation) from ``layer``'s config."""
     try:
         cfg = layer.get_config()
-        return layer.__class__.from_config(cfg)
+        return from_config_tolerant(layer.__class__, cfg)
     except NotImplementedError as e:
         raise TypeError(
             f"layer {layer.name!r} ({type(layer).__name__}) cannot be cloned: it does not implement "
@@ -296,6 +310,12 @@ def _fusable_activation(layer: Any, node: Any) -> Optional[str]:
         if fn is keras.activations.relu6:
             return "relu6"
     return None
+
+
+def _has_points_under(plan: Plan, scope: Tuple[str, ...]) -> bool:
+    """Whether ``scope`` names a custom layer call with planned points (in it or in custom layers it holds)."""
+    n = len(scope)
+    return any(p.scope[:n] == scope for p in plan.points)
 
 
 class _Rewriter:
@@ -383,7 +403,11 @@ class _Rewriter:
             name=name,
         )
 
-    def _new_layer(self, layer: Any, weight_points: List[InsertionPoint], scope: Tuple[str, ...]) -> Any:
+    def _new_layer(
+        self, layer: Any, weight_points: List[InsertionPoint], scope: Tuple[str, ...], call: Optional[str] = None
+    ) -> Any:
+        if call is not None and is_custom_layer(layer) and _has_points_under(self.plan, scope + (call,)):
+            return clone_custom(self, layer, scope + (call,))  # a custom layer with planned sublayers
         if isinstance(layer, keras.Model) and is_graph_model(layer):
             key = id(layer)
             if key not in self.models:
@@ -429,7 +453,7 @@ class _Rewriter:
         if x is not None:
             new.add(keras.Input(batch_shape=tuple(x.shape), dtype=x.dtype))
         for name, layer, _ in iter_calls(model):
-            new.add(self._new_layer(layer, weights_of.get(name, []), scope))
+            new.add(self._new_layer(layer, weights_of.get(name, []), scope, name))
             if name in act_after:
                 new.add(self._quantize_layer(act_after[name], used))
         return new
@@ -469,7 +493,7 @@ class _Rewriter:
                 raise ValueError(f"cannot rebuild {model.name!r}: layer call {name!r} has inputs not reachable from the model inputs")
             args, kwargs = node.arguments.fill_in(tensors)
             if id(op) not in layer_map:
-                layer_map[id(op)] = self._new_layer(op, weights_of.get(name, []), scope)
+                layer_map[id(op)] = self._new_layer(op, weights_of.get(name, []), scope, name)
             elif name in weights_of and not isinstance(layer_map[id(op)], QuantizeWeights) and name not in folds:
                 log.warning("shared layer %s: weights are quantized only if its first call is a target", name)
             outputs = layer_map[id(op)](*args, **kwargs)
@@ -708,6 +732,11 @@ def quantize_model(
         warnings.warn(msg, UserWarning, stacklevel=2)
         log.warning(msg)
         plan.notes.append(f"requantized: the model already had {existing} graphquant rounding layers; {what}")
+    if plan.left_float:
+        msg = (f"{len(plan.left_float)} convolutions inside custom layers are left in float (they cannot be swapped; "
+               f"plan.left_float names each and why), e.g. {plan.left_float[0][0]}: {plan.left_float[0][2]}")
+        warnings.warn(msg, UserWarning, stacklevel=2)
+        log.warning(msg)
     if not plan.points:
         msg = f"model {model.name!r} has no layer matching the quantization patterns (no convolution); returning a plain copy"
         warnings.warn(msg, UserWarning, stacklevel=2)

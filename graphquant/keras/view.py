@@ -2,7 +2,8 @@
 
 One node per layer *call* (a layer shared by two calls gives two nodes,
 ``name`` and ``name@1``). Nested Functional/Sequential models are one node
-each, with their own view in ``View.children[layer_name]``.
+each, with their own view in ``View.children[layer_name]``; so are custom
+layers (see :mod:`graphquant.keras.custom`), under the name of their call.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any, Dict, List, Tuple
 import keras
 
 from ..patterns import KERAS, Node, View
+from .custom import custom_view, is_custom_layer
 
 __all__ = ["keras_view", "check_model", "iter_calls"]
 
@@ -109,6 +111,9 @@ def keras_view(model: keras.Model) -> View:
             )  # fmt: skip
             if isinstance(layer, keras.Model) and is_graph_model(layer) and layer.name not in children:
                 children[layer.name] = keras_view(layer)
+            elif is_custom_layer(layer) and layer._inbound_nodes:
+                args = layer._inbound_nodes[0].arguments
+                children[name] = custom_view(layer, args.args, args.kwargs)
             prev = name
         return View(nodes, children, name=model.name)
 
@@ -129,4 +134,6 @@ def keras_view(model: keras.Model) -> View:
         nodes.append(Node(name, kind, KERAS, inputs=inputs, attrs=_attrs(op), obj=op, classes=_classes(op)))
         if isinstance(op, keras.Model) and is_graph_model(op) and op.name not in children:
             children[op.name] = keras_view(op)
+        elif is_custom_layer(op) and "@" not in name:  # a custom layer: rewritten once for all its calls
+            children[name] = custom_view(op, node.arguments.args, node.arguments.kwargs)
     return View(nodes, children, name=model.name)
