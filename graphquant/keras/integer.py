@@ -96,6 +96,53 @@ def multiply_by_quantized_multiplier_tf(acc: tf.Tensor, mantissa: tf.Tensor, shi
     return _rdbypot(_srdhm(x, mantissa), right)
 
 
+def multiply_by_quantized_multiplier_single_tf(acc: tf.Tensor, mantissa: tf.Tensor, shift: tf.Tensor) -> tf.Tensor:
+    """The *single-rounding* ``MultiplyByQuantizedMultiplier`` (ruy's, and ``common.h`` built with
+    ``TFLITE_SINGLE_ROUNDING``): ``(acc * mantissa + 2**(30 - shift)) >> (31 - shift)``, ties toward +inf.
+    The int8 FULLY_CONNECTED kernel of LiteRT's reference op set rounds this way (measured: the double
+    rounding of conv.h is 1 LSB off on ~0.4 % of its outputs, this one on none); int64 tensors."""
+    total = 31 - shift
+    one = tf.constant(1, tf.int64)
+    return tf.bitwise.right_shift(acc * mantissa + tf.bitwise.left_shift(one, total - 1), total)
+
+
+def _requantize_f64(acc: tf.Tensor, mantissa: tf.Tensor, shift: tf.Tensor, single: bool) -> tf.Tensor:
+    """``MultiplyByQuantizedMultiplier`` in float64, exact on every result that survives the int8 clamp.
+
+    ``acc`` float64 holding integers (``|acc| < 2**31``). Double rounding: gemmlowp's
+    ``SaturatingRoundingDoublingHighMul`` is ``floor(x + 1/2)`` for ``x = acc * 2**left * mantissa / 2**31``
+    (its nudge of ``1 - 2**30`` for negative products and the truncating division make ties go toward +inf),
+    and ``x`` is a multiple of ``2**-31``: exactly representable while ``|x| < 2**21``; then
+    ``RoundingDivideByPOT`` is ``round half away from zero`` of ``y / 2**right``, exact. A larger ``|x|``
+    (error at most 1 in ``y``) gives ``|result| >= 2**(21 - right) - 1``, clamped to the same int8 value
+    when ``right <= 12``. Single rounding: ``floor(acc * mantissa / 2**(31 - shift) + 1/2)``, exact while
+    ``|result| < 2**(22 + shift)``, clamped alike when ``shift >= -13``. The caller checks those bounds
+    (:func:`_requantize`)."""
+    m = tf.cast(mantissa, tf.float64)
+    sh = tf.cast(shift, tf.float64)
+    two = tf.constant(2.0, tf.float64)
+    if single:
+        return tf.floor(acc * (m * tf.pow(two, sh - 31.0)) + 0.5)
+    y = tf.floor(acc * (m * tf.pow(two, tf.maximum(sh, 0.0) - 31.0)) + 0.5)
+    return tf.sign(y) * tf.floor(tf.abs(y) * tf.pow(two, tf.minimum(sh, 0.0)) + 0.5)
+
+
+def _requantize(acc: tf.Tensor, mantissa: tf.Tensor, shift: tf.Tensor, single: bool = False) -> tf.Tensor:
+    """``MultiplyByQuantizedMultiplier`` (double rounding, or ``single``) of the float64 integers ``acc``,
+    as float64: the cheap float64 form where it is exact (:func:`_requantize_f64`), else int64."""
+    bound = -13 if single else -12
+    exact = tf.reduce_min(shift) >= bound
+
+    def fast() -> tf.Tensor:
+        return _requantize_f64(acc, mantissa, shift, single)
+
+    def slow() -> tf.Tensor:
+        fn = multiply_by_quantized_multiplier_single_tf if single else multiply_by_quantized_multiplier_tf
+        return tf.cast(fn(tf.cast(acc, tf.int64), mantissa, shift), tf.float64)
+
+    return tf.cond(exact, fast, slow)
+
+
 def _eligible_quantize(q: Any) -> bool:
     from .layers import Quantize
 
@@ -204,7 +251,8 @@ def integer_call(layer: Any, inner: Any, inputs: tf.Tensor, w_float: tf.Tensor, 
     m = tf.cast(weight_scale_max(w_float, fmt, depthwise), tf.float64)
     s_w64 = m / levels  # = (m - (-m)) / (2 * levels): the FakeQuant range (-m, m), narrow range
     s_w = tf.cast(tf.cast(s_w64, tf.float32), tf.float64)
-    x_int = tf.cast(_round_away(tf.cast(inputs, tf.float64) / s_in), tf.float32)
+    # the input is (q - zp) * s_in up to float32 rounding (|q - zp| <= 255): float32 recovers q - zp exactly
+    x_int = tf.round(tf.cast(inputs, tf.float32) * tf.cast(1.0 / s_in64, tf.float32))
     shape = w_rounded.shape
     if depthwise:
         s_w_k = tf.reshape(s_w, shape[-2:])
@@ -223,15 +271,15 @@ def integer_call(layer: Any, inner: Any, inputs: tf.Tensor, w_float: tf.Tensor, 
             acc = inner.call(x_int)
     finally:
         inner.activation = act
-    acc = tf.cast(tf.round(acc), tf.int64)
+    acc = tf.cast(acc, tf.float64)  # integers (exact in float32 below 2**24)
     if bias is not None:
-        b_int = _round_away(tf.cast(bias, tf.float64) / (s_in64 * s_w64))
-        acc = acc + tf.cast(b_int, tf.int64)
+        acc = acc + _round_away(tf.cast(bias, tf.float64) / (s_in64 * s_w64))  # the int32 bias
     mult, shift = quantize_multiplier_tf(s_in * s_w / s_out)
-    out = multiply_by_quantized_multiplier_tf(acc, mult, shift) + tf.cast(zp_out, tf.int64)
-    lo = zp_out if getattr(act, "__name__", "linear") == "relu" else -128.0
-    out = tf.clip_by_value(tf.cast(out, tf.float64), lo, 127.0)
-    return tf.cast((out - zp_out) * s_out, tf.float32)
+    # LiteRT's int8 FULLY_CONNECTED rounds once (ruy's MultiplyByQuantizedMultiplier), conv/depthwise twice
+    out = _requantize(acc, mult, shift, single=type(inner).__name__ == "Dense")
+    lo = 0.0 if getattr(act, "__name__", "linear") == "relu" else -128.0 - zp_out
+    out = tf.clip_by_value(out, lo, 127.0 - zp_out)  # q - zp_out, the fused activation's clamp
+    return tf.cast(out, tf.float32) * tf.cast(s_out, tf.float32)
 
 
 # --------------------------------------------------------------------------- ADD, MEAN (no weights)
