@@ -483,7 +483,7 @@ def _calibrate_keras(
     import tensorflow as tf
 
     from . import calibration as engine
-    from .keras.layers import Quantize
+    from .keras.layers import Quantize, unfolded
 
     if not isinstance(model, keras.Model):
         raise TypeError(f"model must be a keras.Model, got {type(model).__name__}")
@@ -502,9 +502,10 @@ def _calibrate_keras(
     try:
         step = tf.function(lambda b: model(b, training=False), reduce_retracing=True)
         batches = calibration_batches(data, len(model.inputs or [None]), batch_size, steps, what, _keras_check(model, what))
-        for batch in engine.progress(batches, "calibrating", verbose):
-            step(batch)
-            n += 1
+        with unfolded():  # observe what eager inference computes, with fold_batchnorm on or off
+            for batch in engine.progress(batches, "calibrating", verbose):
+                step(batch)
+                n += 1
         out = engine.ranges_of(observers, method, {l.name: l.format for l in layers}, percentile, what)
     finally:
         for l in layers:

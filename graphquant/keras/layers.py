@@ -7,9 +7,11 @@ All are registered for serialization under the package ``"graphquant"``, so a
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import random
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import keras
 import numpy as np
@@ -293,6 +295,24 @@ _FOLD_OUTPUT_SLOT = {
 }
 
 
+_NO_FOLDING: contextvars.ContextVar[bool] = contextvars.ContextVar("graphquant_no_folding", default=False)
+
+
+@contextlib.contextmanager
+def unfolded() -> Iterator[None]:
+    """Within the block, traced inference does not fold BatchNormalization into convolutions.
+
+    Calibration traces the model to observe it; it observes the unfolded values
+    (what eager inference computes), so a model calibrates to the same ranges
+    with ``fold_batchnorm`` on or off.
+    """
+    token = _NO_FOLDING.set(True)
+    try:
+        yield
+    finally:
+        _NO_FOLDING.reset(token)
+
+
 def _foldable_conv(layer: keras.layers.Layer) -> Optional[str]:
     """The weight that carries the output channels if ``layer`` can absorb a following BN, else None."""
     slot = _FOLD_OUTPUT_SLOT.get(type(layer))
@@ -438,7 +458,7 @@ class QuantizeWeights(keras.layers.Wrapper):
                 return y
         with keras.StatelessScope(state_mapping=mapping):
             y = self.layer.call(inputs, **kwargs)
-        if not train and not kwargs and not tf.executing_eagerly():
+        if not train and not kwargs and not tf.executing_eagerly() and not _NO_FOLDING.get():
             slot = _foldable_conv(self.layer)
             if slot is not None:
                 # Offer a following FoldingBatchNormalization the folded convolution. If it takes
