@@ -322,7 +322,27 @@ def _deep_chain(pairs=400):
     return keras.Model(x, y, name="deep")
 
 
-def test_deep_chain_quantizes_predicts_and_round_trips(tmp_path):
+@pytest.fixture(scope="module")
+def deep_q():
+    m = _deep_chain(400)
+    limit = sys.getrecursionlimit()
+    q = gk.quantize_model(m, bits=8, range=(-8.0, 8.0))
+    return q, limit
+
+
+def test_deep_chain_quantizes_and_predicts(deep_q):
+    q, limit = deep_q
+    assert sys.getrecursionlimit() == limit  # the raised limit was scoped
+    assert _n_quantize(q) == 400 and len(q.layers) == 1201
+    x = np.random.RandomState(0).rand(2, 4, 4, 2).astype("float32")
+    y = q(x, training=False).numpy()  # eager: no trace of 1,201 layers
+    assert np.all(np.isfinite(y))
+    fmt = q._graphquant_plan.activations[-1].format
+    np.testing.assert_array_equal(quantize(tf.constant(y), fmt, "nearest").numpy(), y)  # on the fixed grid
+
+
+@pytest.mark.slow
+def test_deep_chain_predicts_and_round_trips(tmp_path):
     m = _deep_chain(400)
     limit = sys.getrecursionlimit()
     q = gk.quantize_model(m, bits=8, range=(-8.0, 8.0))
