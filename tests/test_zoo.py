@@ -532,3 +532,18 @@ def test_saved_model_counts_what_signatures_run(tmp_path):
     assert f"1 convolutions (+{off} in functions no signature runs" in str(rep)
     plan = gq.inspect_saved_model(str(tmp_path / "src"), bits=8)
     assert any(f"{off} of the {1 + off} convolution groups" in n for n in plan.notes)
+
+
+def test_export_with_leaky_relu_converts(tmp_path):
+    """SavedModels strip attributes at their default value: LeakyRelu's T (float) is absent (keras-hub CSPNet)."""
+    keras.utils.set_random_seed(0)
+    x = keras.Input((8, 8, 3))
+    m = keras.Model(x, keras.layers.LeakyReLU(0.1)(keras.layers.Conv2D(4, 3, name="c")(x)))
+    m.export(str(tmp_path / "src"), verbose=False)
+    rep = gq.convert_saved_model(str(tmp_path / "src"), str(tmp_path / "q"), bits=8, range=(-1.0, 3.0))
+    assert rep.convolutions == 1
+    data = np.random.RandomState(0).rand(2, 8, 8, 3).astype("float32")
+    y = _serve(str(tmp_path / "q"), data)
+    fmt = rep.plan.activations[0].format
+    np.testing.assert_array_equal(quantize(tf.constant(y), fmt, "nearest").numpy(), y)
+    np.testing.assert_allclose(y, m.predict(data, verbose=0), atol=4.0 / 255)
