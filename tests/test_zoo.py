@@ -322,7 +322,27 @@ def _deep_chain(pairs=400):
     return keras.Model(x, y, name="deep")
 
 
-def test_deep_chain_quantizes_predicts_and_round_trips(tmp_path):
+@pytest.fixture(scope="module")
+def deep_q():
+    m = _deep_chain(400)
+    limit = sys.getrecursionlimit()
+    q = gk.quantize_model(m, bits=8, range=(-8.0, 8.0))
+    return q, limit
+
+
+def test_deep_chain_quantizes_and_predicts(deep_q):
+    q, limit = deep_q
+    assert sys.getrecursionlimit() == limit  # the raised limit was scoped
+    assert _n_quantize(q) == 400 and len(q.layers) == 1201
+    x = np.random.RandomState(0).rand(2, 4, 4, 2).astype("float32")
+    y = q(x, training=False).numpy()  # eager: no trace of 1,201 layers
+    assert np.all(np.isfinite(y))
+    fmt = q._graphquant_plan.activations[-1].format
+    np.testing.assert_array_equal(quantize(tf.constant(y), fmt, "nearest").numpy(), y)  # on the fixed grid
+
+
+@pytest.mark.slow
+def test_deep_chain_predicts_and_round_trips(tmp_path):
     m = _deep_chain(400)
     limit = sys.getrecursionlimit()
     q = gk.quantize_model(m, bits=8, range=(-8.0, 8.0))
@@ -512,3 +532,18 @@ def test_saved_model_counts_what_signatures_run(tmp_path):
     assert f"1 convolutions (+{off} in functions no signature runs" in str(rep)
     plan = gq.inspect_saved_model(str(tmp_path / "src"), bits=8)
     assert any(f"{off} of the {1 + off} convolution groups" in n for n in plan.notes)
+
+
+def test_export_with_leaky_relu_converts(tmp_path):
+    """SavedModels strip attributes at their default value: LeakyRelu's T (float) is absent (keras-hub CSPNet)."""
+    keras.utils.set_random_seed(0)
+    x = keras.Input((8, 8, 3))
+    m = keras.Model(x, keras.layers.LeakyReLU(0.1)(keras.layers.Conv2D(4, 3, name="c")(x)))
+    m.export(str(tmp_path / "src"), verbose=False)
+    rep = gq.convert_saved_model(str(tmp_path / "src"), str(tmp_path / "q"), bits=8, range=(-1.0, 3.0))
+    assert rep.convolutions == 1
+    data = np.random.RandomState(0).rand(2, 8, 8, 3).astype("float32")
+    y = _serve(str(tmp_path / "q"), data)
+    fmt = rep.plan.activations[0].format
+    np.testing.assert_array_equal(quantize(tf.constant(y), fmt, "nearest").numpy(), y)
+    np.testing.assert_allclose(y, m.predict(data, verbose=0), atol=4.0 / 255)

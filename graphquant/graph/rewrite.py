@@ -133,8 +133,9 @@ class _Scope:
                 return nd.attr[key].type
         if "Tout" in nd.attr and nd.attr["Tout"].list.type:
             return nd.attr["Tout"].list.type[0]
-        if "_output_shapes" in nd.attr:
-            pass
+        fixed = _default_out_dtype(nd)  # SavedModels strip attributes at their default (LeakyRelu's T=float)
+        if fixed is not None:
+            return fixed
         raise ValueError(f"cannot tell the dtype of node {node_name!r} ({nd.op})")
 
     def add(self, nd: node_def_pb2.NodeDef) -> node_def_pb2.NodeDef:
@@ -164,6 +165,22 @@ class _Scope:
             for r in old:
                 self.editor.redirects[_tensor_name(r)] = new_t
         return n
+
+
+def _default_out_dtype(nd: node_def_pb2.NodeDef) -> Optional[int]:
+    """The first output's dtype from the op's definition: a fixed type, or its type attribute's default."""
+    from tensorflow.python.framework import op_def_registry  # noqa: PLC0415
+
+    op_def = op_def_registry.get(nd.op)
+    if op_def is None or not op_def.output_arg:
+        return None
+    out = op_def.output_arg[0]
+    if out.type:
+        return out.type
+    for a in op_def.attr:
+        if a.name == out.type_attr and a.HasField("default_value") and a.default_value.WhichOneof("value") == "type":
+            return a.default_value.type
+    return None
 
 
 def _tensor_name(ref: str) -> str:

@@ -612,6 +612,9 @@ def quantize_model(
             with ``weight_bits`` by default; float formats: the same format).
         weight_bits / weight_format / weight_rounding: weight rounding options.
         include / exclude: which targets, by name regex, class or ``"class:Name"``.
+            Convolutions inside custom layers are addressed by path: the layer's
+            name, then attribute names (``"block_3/conv"``,
+            ``"block_3/se/reduce"``); see :mod:`graphquant.keras.custom`.
         overrides: ``{selector: {"bits": 4, "rounding": ...}}`` per target, or
             ``{selector: None}`` to skip.
         dense: treat ``Dense`` layers as targets too.
