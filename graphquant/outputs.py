@@ -24,6 +24,7 @@ from writing into one destination at once.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -312,17 +313,9 @@ def write_json_atomic(path: PathLike, data: Mapping[str, Any]) -> None:
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
-        with _quiet():
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-class _quiet:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> bool:
-        return exc[0] is not None and issubclass(exc[0], OSError)
 
 
 # --------------------------------------------------------------------------- temporaries
@@ -358,7 +351,7 @@ def remove_stale_tmp(folder: PathLike) -> List[Path]:
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:
-            with _quiet():
+            with contextlib.suppress(OSError):
                 p.unlink()
         removed.append(p)
     return removed
@@ -386,7 +379,7 @@ class DestinationLock:
             except FileExistsError:
                 owner = self._owner()
                 if self._stale(owner, me["host"]):
-                    with _quiet():
+                    with contextlib.suppress(OSError):
                         self.path.unlink()  # stale: its process is gone
                     continue
                 who = f"pid {owner.get('pid')} on {owner.get('host')}" if owner else "another process"
@@ -418,7 +411,7 @@ class DestinationLock:
 
     def release(self) -> None:
         if self.held:
-            with _quiet():
+            with contextlib.suppress(OSError):
                 self.path.unlink()
             self.held = False
 

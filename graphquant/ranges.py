@@ -18,7 +18,6 @@ in the range (the affine grid represents zero exactly).
 from __future__ import annotations
 
 import logging
-import warnings
 from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple
 
 import numpy as np

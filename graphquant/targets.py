@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 from .formats import Affine, Format
-from .patterns import ACTIVATION, CONV, CONV_GROUP, DENSE, NORM, Matcher, Pattern, Registry, Step, default_registry
+from .patterns import ACTIVATION, CONV_GROUP, DENSE, NORM, Matcher, Pattern, Registry, Step, default_registry
 
 __all__ = ["Target", "TARGETS", "TFLITE_INT8", "get_target"]
 

@@ -442,7 +442,7 @@ def _check_destination(path: Path, overwrite: bool) -> None:
 
 
 def _write_atomic(path: Path, content: bytes, manifest: Dict[str, Any]) -> None:
-    from .outputs import TMP_MARK, write_json_atomic  # noqa: F401  (same temporary naming)
+    from .outputs import TMP_MARK
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}{TMP_MARK}{os.getpid()}-", dir=path.parent)
