@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _model(seed=0):
     keras.utils.set_random_seed(seed)
-    inp = keras.Input((8, 8, 1))
+    inp = keras.Input((8, 8, 1), name="input_layer")  # fixed names: Keras numbers unnamed layers per process
     x = keras.layers.Conv2D(8, 3, padding="same")(inp)
     x = keras.layers.BatchNormalization()(x)
     x = keras.layers.ReLU()(x)
@@ -37,7 +37,7 @@ def _model(seed=0):
     x = keras.layers.BatchNormalization()(x)
     x = keras.layers.ReLU()(x)
     x = keras.layers.GlobalAveragePooling2D()(x)
-    out = keras.layers.Dense(10)(x)
+    out = keras.layers.Dense(10, name="dense")(x)
     m = keras.Model(inp, out)
     # non-trivial BN statistics (as after training)
     rng = np.random.RandomState(seed)
