@@ -71,11 +71,12 @@ _LOCK = ".graphquant-batch.lock"
 
 # --------------------------------------------------------------------------- fingerprints
 def fingerprint_tree(root: PathLike) -> str:
-    """SHA-256 of every file under ``root`` (relative path and contents, in sorted order)."""
+    """SHA-256 of every file under ``root`` (relative path and contents, in sorted order), or of ``root`` if a file."""
     root = Path(root)
     h = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(path.relative_to(root).as_posix().encode() + b"\0")
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    for path in files:
+        h.update((path.name if path == root else path.relative_to(root).as_posix()).encode() + b"\0")
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)

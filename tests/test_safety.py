@@ -107,6 +107,7 @@ def test_keras_same_file_is_refused_and_keras_convert_matches_saved_model(keras_
     assert r["convolutions"] == 1 and r["destination"] == str(q) and r["plan"]["points"]
     manifest = outputs.read_keras_manifest(q)
     assert manifest["options"]["seed"] == 3 and manifest["source_fingerprint"] == outputs.fingerprint_tree(src)
+    assert outputs.fingerprint_tree(src) != outputs.fingerprint_tree(q)  # a file's contents, not a constant
     import keras
 
     loaded = keras.models.load_model(q)
