@@ -528,8 +528,11 @@ def _compare_keras(model: Any, quantized: Any, data: Any, batch_size: int, steps
         return out
 
     step = tf.function(sums, reduce_retracing=True)
+    from .keras.layers import unfolded
+
     for batch in progress(iter_batches(data, n_in, batch_size, steps, what="data"), "comparing", verbose):
-        vecs = [v.numpy() for v in step(batch)]
+        with unfolded():  # what eager inference computes, as calibration observes it
+            vecs = [v.numpy() for v in step(batch)]
         first = keras.tree.flatten(batch)[0]
         samples += int(np.shape(first)[0])
         batches += 1
