@@ -16,22 +16,22 @@ graph -- no tensor is ever copied to Python, only the final statistics
   from every statistic, counted, logged);
 * for the histogram methods, a histogram of :data:`NUM_BINS` bins over
   ``[-2**e, 2**e]`` (bin width ``2**(e+1) / NUM_BINS``, zero is a bin edge),
-  ``2**e`` the smallest power of two covering the data. Per tensor it is read
-  at the end from an in-graph histogram of the float32 bit patterns' top 19 bits
-  (sign, exponent, 10 mantissa bits: one shift and one bincount per batch),
-  whose bins are finer than, and nested in, the linear ones, so the mapping is
-  exact. Per channel the exponent grows with the data: when a batch exceeds the
-  range, the old bins are merged ``2**d`` into one, exactly (bin edges are
-  multiples of powers of two). Either way one pass gives the histogram a second
-  pass over the final range would, whatever the order of the batches. Bins are
-  ``[k*w, (k+1)*w)`` above zero; below zero a value exactly on an edge may count
-  in the bin on either side.
+  ``2**e`` the smallest power of two covering the data so far, bins
+  ``[k*w, (k+1)*w)``. The exponent grows with the data: when a batch exceeds
+  the range, the old bins are merged ``2**d`` into one, exactly (bin edges are
+  multiples of powers of two), so one pass gives the histogram a second pass
+  over the final range would, whatever the order of the batches. Per tensor the
+  histogram takes a strided sample of each batch, about
+  :data:`HISTOGRAM_SAMPLE` values per example (the stride a prime that does not
+  divide the channel count, so every channel is sampled alike; the same sample
+  on every front end): binning every value costs more than the model's own
+  inference on CPU. Per channel it takes every value.
 
 Methods (:data:`METHODS`), each a function of the statistics and the target format:
 
 * ``"minmax"``: the exact min and max of the finite values seen.
 * ``"percentile"``: the ``100 - p`` and ``p`` percentiles of all values seen
-  (not a mean of per-batch percentiles), read from the histogram with linear
+  (not a mean of per-batch percentiles; per tensor, of the sample), read from the histogram with linear
   interpolation inside a bin (error at most one bin width), clamped to the
   exact min/max (``p=100`` is exactly minmax).
 * ``"mse"``: the range ``(a*lo, a*hi)``, ``a`` among :data:`MSE_CANDIDATES`
@@ -84,6 +84,12 @@ MSE_CANDIDATES = 200
 #: smallest histogram exponent: data below ``2**_E_MIN`` in magnitude all falls in the two central bins
 _E_MIN = -64
 _E_MAX = 127
+
+#: per-tensor histograms take at most about this many values per example of a batch: a
+#: strided sample (stride a prime that does not divide the channel count, so every channel
+#: is sampled alike); min, max and counts always see every value
+HISTOGRAM_SAMPLE = 1 << 14
+_PRIMES = [p for p in range(2, 4096) if all(p % d for d in range(2, int(p**0.5) + 1))]
 
 _counter = itertools.count()
 
@@ -148,9 +154,7 @@ class Observer:
             "minmax": (tf.float32, [2, c]),
             "counts": (tf.int64, [2, c]),  # values seen, non-finite values
         }
-        if self.histogram and axis is None:
-            self._specs["bits"] = (tf.int64, [_BITS_BINS])
-        elif self.histogram:
+        if self.histogram:
             self._specs["exp"] = (tf.int32, [c])
             self._specs["hist"] = (tf.int64, [c, NUM_BINS])
         init = {
@@ -158,7 +162,6 @@ class Observer:
             "counts": tf.zeros([2, c], tf.int64),
             "exp": tf.fill([c], _E_MIN),
             "hist": tf.zeros([c, NUM_BINS], tf.int64),
-            "bits": tf.zeros([_BITS_BINS], tf.int64),
         }
         init = {k: v for k, v in init.items() if k in self._specs}
         self._init = init
@@ -223,7 +226,7 @@ class Observer:
                 return _update_ops(x, dict(zip(specs, handles)), specs, self.axis, self.channels, self.histogram,
                                    self.point)  # fmt: skip
 
-            fn = tf.function(update, autograph=False).get_concrete_function(
+            fn = tf.function(update, autograph=False, experimental_attributes={"_noinline": True}).get_concrete_function(
                 tf.TensorSpec(None if rank is None else [None] * rank, key[0]),
                 *[tf.TensorSpec([], tf.resource) for _ in specs],
             )
@@ -262,12 +265,7 @@ class Observer:
         mm = self._read("minmax").numpy().astype(np.float64)
         counts = self._read("counts").numpy()
         hist = exp = None
-        if "bits" in self._specs:
-            m = max(abs(mm[0, 0]), abs(mm[1, 0]))
-            e = _E_MIN if not np.isfinite(m) or m == 0 else min(max(math.ceil(math.log2(m)), _E_MIN), _E_MAX)
-            e = e + 1 if 2.0**e < m else e  # guard log2 rounding
-            hist, exp = _linear_histogram(self._read("bits").numpy(), e)[None, :], np.array([e])
-        elif self.histogram:
+        if self.histogram:
             hist = self._read("hist").numpy()
             exp = self._read("exp").numpy()
         return PointStats(self.point, mm[0], mm[1], int(counts[0].sum()), int(counts[1].sum()), hist, exp,
@@ -282,31 +280,6 @@ class Observer:
                 tf.raw_ops.DestroyResourceOp(resource=self._handle(k), ignore_lookup_error=True)
             except Exception:  # pragma: no cover - best effort
                 pass
-
-
-_BITS = 19  # sign, 8 exponent bits, 10 mantissa bits: finer than any linear bin, so the mapping is exact
-_BITS_BINS = 1 << _BITS
-
-
-def _linear_histogram(bits_hist: np.ndarray, e: int) -> np.ndarray:
-    """The :data:`NUM_BINS`-bin histogram over ``[-2**e, 2**e]`` of a float32-bit-pattern histogram.
-
-    Each bit-pattern bin holds magnitudes ``[m, m + 2**(x-10))`` with ``x <= e - 1`` for finite
-    data, inside one linear bin of width ``2**(e-10)``: the mapping is exact. Bins are
-    ``[k*w, (k+1)*w)`` above zero and ``(-(k+1)*w, -k*w]`` below it (zero in the first bin above).
-    Non-finite patterns (exponent 255) are left out.
-    """
-    k = np.flatnonzero(bits_hist)
-    n = bits_hist[k]
-    pattern = (k.astype(np.uint32) << np.uint32(32 - _BITS)).view(np.float32).astype(np.float64)
-    finite = np.isfinite(pattern)
-    pattern, n = pattern[finite], n[finite]
-    w = 2.0 ** (e - _LOG2_HALF)
-    j = np.floor(np.abs(pattern) / w).astype(np.int64)
-    idx = np.where((pattern < 0) & (j >= 0) & (np.abs(pattern) > 0), _HALF - 1 - j, _HALF + j)
-    out = np.zeros(NUM_BINS, np.int64)
-    np.add.at(out, np.clip(idx, 0, NUM_BINS - 1), n)
-    return out
 
 
 _GENERIC: Dict[Any, Any] = {}
@@ -353,18 +326,31 @@ def _update_ops(x: Any, handles: Dict[str, Any], specs: Dict[str, Any], axis: Op
         lo, hi = tf.minimum(mm[0], bmin), tf.maximum(mm[1], bmax)
         assign("minmax", tf.stack([lo, hi]))
         assign("counts", read("counts") + tf.stack([seen, nonfinite]))
-        if histogram and axis is None:
-            # the histogram of the float32 bit patterns' top 19 bits (sign, exponent, 10
-            # mantissa bits): a bitcast, one shift and a bincount; NaN and inf have their own bins
-            top = tf.bitwise.right_shift(tf.bitcast(tf.reshape(v, [-1]), tf.uint32), 32 - _BITS)
-            counts = tf.raw_ops.Bincount(arr=tf.bitcast(top, tf.int32), size=_BITS_BINS,
-                                         weights=tf.constant([], tf.int32))  # fmt: skip
-            assign("bits", read("bits") + tf.cast(counts, tf.int64))
-        elif histogram:
-            _update_histogram(v, tf.math.is_finite(v), lo, hi, c, read, assign)
+        if histogram:
+            h = v
+            if axis is None:  # a strided sample (see HISTOGRAM_SAMPLE)
+                h = tf.strided_slice(tf.reshape(v, [-1]), [0], [tf.size(v)], tf.reshape(_sample_stride(x), [1]))
+                h = tf.reshape(h, [-1, 1])
+            _update_histogram(h, tf.math.is_finite(h), lo, hi, c, read, assign)
         # not gated on the updates: the model goes on while they run (the function's
         # stateful ops still all run before the call returns)
         return tf.identity(x)
+
+
+def _sample_stride(x: Any) -> Any:
+    """The stride of the per-tensor histogram's sample of ``x`` (1: every value): about
+    ``size / batch / HISTOGRAM_SAMPLE``, raised to the next prime that does not divide the
+    channel (last) dimension."""
+    import tensorflow as tf
+
+    shape = tf.shape(x)
+    batch = tf.maximum(tf.reduce_prod(shape[:1]), 1)  # 1 for a scalar
+    channels = tf.maximum(tf.reduce_prod(shape[-1:]), 1)
+    want = (tf.size(x) // batch + HISTOGRAM_SAMPLE - 1) // HISTOGRAM_SAMPLE
+    primes = tf.constant(_PRIMES, tf.int32)
+    ok = (primes >= want) & (tf.math.floormod(channels, primes) != 0)
+    prime = tf.gather(primes, tf.argmax(tf.cast(ok, tf.int32), output_type=tf.int32))
+    return tf.where(want <= 1, 1, tf.where(tf.reduce_any(ok), prime, want))
 
 
 def _update_histogram(v: Any, finite: Any, lo: Any, hi: Any, c: int, read: Any, assign: Any) -> list:

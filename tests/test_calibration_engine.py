@@ -62,6 +62,38 @@ def test_per_channel_statistics():
         _observe([x], axis=1, channels=5)
 
 
+def _sample_stride(example_size, channels):
+    """The documented rule, independently: the first prime >= ceil(size / HISTOGRAM_SAMPLE)
+    that does not divide the channel count (1 when no sampling is needed)."""
+    want = -(-example_size // cal.HISTOGRAM_SAMPLE)
+    if want <= 1:
+        return 1
+    k = want
+    while any(k % d == 0 for d in range(2, int(k**0.5) + 1)) or channels % k == 0:
+        k += 1
+    return k
+
+
+def test_per_tensor_histogram_samples_every_channel_alike():
+    """Large examples: the histogram holds a strided sample; min/max/counts see every value."""
+    x = RNG.normal(size=(3, 40, 40, 24)).astype("float32")  # 38,400 values per example
+    x[..., 5] = 3.0  # one channel apart: a stride dividing 24 (2 or 3) would never see it
+    x[0, 0, 0, 1] = 1000.0  # off the sample (flat index 1): still the exact max
+    x[2, 1, 1, 7] = np.nan
+    k = _sample_stride(40 * 40 * 24, 24)
+    assert k == 5
+    s = _observe([x[:2], x[2:]])
+    assert (s.lo[0], s.hi[0]) == (np.nanmin(x), 1000.0) and s.seen == x.size and s.nonfinite == 1
+    sample = np.concatenate([x[:2].reshape(-1)[::k], x[2:].reshape(-1)[::k]])
+    fin = sample[np.isfinite(sample)].astype(np.float64)
+    e = int(s.exp[0])
+    assert e == 10  # the range covers the exact max, not only the sample's
+    ref, _ = np.histogram(fin, bins=cal.NUM_BINS, range=(-(2.0**e), 2.0**e))
+    np.testing.assert_array_equal(s.hist[0], ref)
+    # channel 5's share of the histogram is its share of the data
+    assert abs(s.hist[0][cal.NUM_BINS // 2 + 3] / s.hist[0].sum() - 1 / 24) < 2e-3
+
+
 # --------------------------------------------------------------------------- methods against numpy
 @pytest.mark.parametrize("p", [99.0, 99.9, 90.0])
 def test_percentile_within_one_bin_of_numpy(p):
@@ -185,6 +217,23 @@ def test_keras_and_exported_saved_model_calibrate_the_same_ranges(exported, tmp_
         r_mm = [l.get_range() for l in gq.quantize_model(model, bits=8, calibration_data=DATA).layers
                 if isinstance(l, Quantize)]  # fmt: skip
         assert not np.allclose(np.asarray(r_k), np.asarray(r_mm))
+
+
+@pytest.mark.parametrize("method", ["percentile", "mse", "entropy"])
+def test_sampled_histograms_are_the_same_on_both_paths(tmp_path, method):
+    """Examples larger than HISTOGRAM_SAMPLE: the Keras and the SavedModel paths take one sample."""
+    keras.utils.set_random_seed(3)
+    x = keras.Input((40, 40, 3), name="x")
+    m = keras.Model(x, keras.layers.Conv2D(12, 3, padding="same", name="wide")(x))
+    assert _sample_stride(40 * 40 * 12, 12) == 5  # sampled
+    m.export(str(tmp_path / "wide"), verbose=False)
+    data = np.random.RandomState(4).standard_cauchy(size=(6, 40, 40, 3)).astype("float32")
+    q = gq.quantize_model(m, bits=8, calibration_data=data, calibration_method=method)
+    r_k = [l.get_range() for l in q.layers if isinstance(l, Quantize)]
+    report = gg.convert_saved_model(tmp_path / "wide", tmp_path / "q", bits=8, calibration_data=data,
+                                    calibration_method=method)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(r_k, np.float32), np.asarray(list(report.ranges.values()), np.float32),
+                               rtol=2e-7, atol=0)  # fmt: skip
 
 
 @pytest.mark.parametrize("method", ["mse", "entropy"])
