@@ -65,7 +65,7 @@ import numpy as np
 
 __all__ = [
     "METHODS", "NUM_BINS", "MSE_CANDIDATES", "Observer", "PointStats", "check_method", "range_of", "ranges_of",
-    "percentile_range", "mse_range", "entropy_range",
+    "percentile_range", "mse_range", "entropy_range", "array_range", "HISTOGRAM_SAMPLE",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -466,27 +466,30 @@ def _kl_threshold(bins: np.ndarray, levels: int) -> int:
     last = int(nz[-1]) + 1 if nz.size else 0
     if last <= levels:
         return max(last, 1)
-    best_i, best_kl = last, np.inf
-    for i in range(levels, last + 1):
-        p = bins[:i].copy()
-        p[i - 1] += bins[i:].sum()
-        edges = (np.arange(levels + 1) * i) // levels  # chunk j: bins [edges[j], edges[j+1])
-        sums = np.add.reduceat(bins[:i], edges[:-1])
-        nonzero = bins[:i] > 0
-        counts = np.add.reduceat(nonzero.astype(np.float64), edges[:-1])
-        per = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
-        q = np.repeat(per, np.diff(edges)) * nonzero
-        ps, qs = p.sum(), q.sum()
-        if ps <= 0 or qs <= 0:
-            continue
-        p, q = p / ps, q / qs
-        m = p > 0
-        if np.any(q[m] == 0):
-            continue
-        kl = float(np.sum(p[m] * np.log(p[m] / q[m])))
-        if kl < best_kl:
-            best_kl, best_i = kl, i
-    return best_i
+    # every threshold i at once, by chunk sums: with P the clipped copy (total T), Q its quantized
+    # copy (chunks j of bins [j*i // levels, (j+1)*i // levels), each chunk's mass S_j spread over
+    # its K_j non-empty bins), KL = sum P log P / T - log T - (sum_j S_j log(S_j / K_j)
+    # + tail * log q_last) / T + log C[i], C[i] = mass of bins[:i] = mass of Q
+    b = bins[:last]
+    cum = np.concatenate([[0.0], np.cumsum(b)])
+    ncum = np.concatenate([[0], np.cumsum(b > 0)])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        plogp = np.concatenate([[0.0], np.cumsum(np.where(b > 0, b * np.log(np.where(b > 0, b, 1.0)), 0.0))])
+        i = np.arange(levels, last + 1)
+        edges = (np.arange(levels + 1)[None, :] * i[:, None]) // levels
+        S = cum[edges[:, 1:]] - cum[edges[:, :-1]]
+        K = ncum[edges[:, 1:]] - ncum[edges[:, :-1]]
+        chunks = np.where(S > 0, S * np.log(S / np.maximum(K, 1)), 0.0).sum(axis=1)
+        total = cum[last]
+        tail = total - cum[i]
+        edge = b[i - 1]
+        p_last = edge + tail
+        q_last = S[:, -1] / np.maximum(K[:, -1], 1)
+        p_logp = plogp[i - 1] + np.where(p_last > 0, p_last * np.log(np.where(p_last > 0, p_last, 1.0)), 0.0)
+        p_logq = chunks + np.where(tail > 0, tail * np.log(np.where(edge > 0, q_last, 1.0)), 0.0)
+        kl = (p_logp - p_logq) / total - np.log(total) + np.log(cum[i])
+    kl = np.where((cum[i] > 0) & ~((p_last > 0) & (edge == 0)), kl, np.inf)
+    return int(i[np.argmin(kl)]) if np.isfinite(kl).any() else last
 
 
 def entropy_range(h: np.ndarray, width: float, lo: float, hi: float, fmt: Any) -> Tuple[float, float]:
@@ -546,6 +549,37 @@ def range_of(stats: PointStats, method: str = "minmax", fmt: Any = None, percent
     if stats.axis is None:
         return np.float32(lo_a[0]), np.float32(hi_a[0])
     return lo_a.astype(np.float32), hi_a.astype(np.float32)
+
+
+def array_range(values: Any, method: str = "minmax", fmt: Any = None, percentile: float = 99.99,
+                axis: Optional[int] = None, name: str = "values") -> Tuple[Any, Any]:  # fmt: skip
+    """``(lo, hi)`` that ``method`` gives for the values of one array (a batch of activations,
+    a kernel), from the same statistics and rules as calibration (see :func:`range_of`).
+
+    Args:
+        values: an array or tensor of floats; its first axis is the batch (see
+            :data:`HISTOGRAM_SAMPLE`).
+        method: one of :data:`METHODS`.
+        fmt: the target ``FixedPoint``/``Affine`` format (its grid matters to ``"mse"`` and
+            ``"entropy"``; its range is ignored); default ``Affine(8)``.
+        percentile: for ``"percentile"``.
+        axis: per-channel ranges along this axis, or ``None``.
+        name: what errors call the values.
+
+    Raises:
+        ValueError: a bad method or percentile, or no finite value.
+    """
+    import tensorflow as tf
+
+    check_method(method, percentile, what="method")
+    x = tf.cast(tf.convert_to_tensor(values), tf.float32)
+    channels = 1 if axis is None else int(x.shape[axis])
+    o = Observer(name, axis, channels, histogram=method != "minmax")
+    try:
+        o.update(x)
+        return range_of(o.stats(), method, fmt, percentile, what="")
+    finally:
+        o.release()
 
 
 def ranges_of(observers: Mapping[str, Observer], method: str, formats: Optional[Mapping[str, Any]] = None,

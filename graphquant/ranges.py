@@ -1,18 +1,13 @@
-"""Range tracking and calibration.
+"""Calibration data and the Keras front end of calibration.
 
-Trackers are plain numpy objects (usable by any front end): feed them
-batches with :meth:`update`, read ``(lo, hi)`` with :meth:`result`.
+* :func:`calibrate` sets the learned ranges of a quantized Keras model from data,
+  through the one calibration engine (:mod:`graphquant.calibration`);
+* :func:`calibration_batches` / :func:`iter_batches` / :func:`check_inputs`: the
+  data checks every front end shares;
+* :class:`MinMaxTracker` / :class:`PercentileTracker`: numpy-facing callers of the
+  engine (``update(batch)``, ``result()``), for ranges outside a model.
 
-* :class:`MinMaxTracker` -- running min and max.
-* :class:`PercentileTracker` -- the mean over batches of the batch
-  percentiles ``(100 - p, p)`` (robust to outliers; p=99.99 by default).
-* :class:`EMATracker` -- exponential moving average of batch min/max (what a
-  :class:`graphquant.keras.Quantize` layer does in-graph while training).
-
-All trackers optionally work per channel (``axis=``) and always include zero
-in the range (the affine grid represents zero exactly).
-
-:func:`calibrate` sets the learned ranges of a quantized Keras model from data.
+Every range includes zero and is at least :data:`MIN_RANGE_WIDTH` wide.
 """
 
 from __future__ import annotations
@@ -23,8 +18,8 @@ from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, T
 import numpy as np
 
 __all__ = [
-    "MinMaxTracker", "PercentileTracker", "EMATracker", "make_tracker", "calibrate", "iter_batches",
-    "calibration_batches", "check_inputs", "ranges_from_trackers", "MIN_RANGE_WIDTH",
+    "MinMaxTracker", "PercentileTracker", "calibrate", "iter_batches", "calibration_batches", "check_inputs",
+    "MIN_RANGE_WIDTH",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -33,77 +28,6 @@ log = logging.getLogger(__name__)
 #: the narrowest calibrated range: a narrower one (e.g. all-zero data) is widened to this width,
 #: on every path (Keras layers, graphs, in-graph dynamic ranges use the same 1e-6)
 MIN_RANGE_WIDTH = 1e-6
-
-
-def _reduce_axes(x: np.ndarray, axis: Optional[int]) -> Tuple[np.ndarray, Optional[int]]:
-    if axis is None:
-        return x.reshape(-1), None
-    ax = axis % x.ndim
-    return np.moveaxis(x, ax, -1).reshape(-1, x.shape[ax]), 0
-
-
-class _Tracker:
-    """Common part: non-finite values (NaN, +-inf) are ignored and counted.
-
-    Attributes:
-        count: batches that had at least one finite value.
-        seen: values seen (finite or not).
-        nonfinite: NaN / inf values ignored.
-    """
-
-    def __init__(self, axis: Optional[int] = None):
-        self.axis = axis
-        self.count = 0
-        self.seen = 0
-        self.nonfinite = 0
-
-    def update(self, x: Any) -> None:
-        """Track one batch (non-finite values are ignored and counted in :attr:`nonfinite`)."""
-        flat, red = _reduce_axes(np.asarray(x, dtype=np.float32), self.axis)
-        if flat.size == 0:
-            return
-        finite = np.isfinite(flat)
-        self.seen += flat.size
-        self.nonfinite += int(flat.size - np.count_nonzero(finite))
-        has = finite.any(axis=red)  # per channel (or one bool): a finite value in this batch
-        if not np.any(has):
-            return
-        self._update(flat, red, finite, has)
-        self.count += 1
-
-    def _update(self, flat: np.ndarray, red: Optional[int], finite: np.ndarray, has: Any) -> None:  # pragma: no cover
-        raise NotImplementedError
-
-    def _result(self) -> Tuple[Any, Any]:  # pragma: no cover
-        raise NotImplementedError
-
-    def result(self, point: str = "the tracker") -> Tuple[np.ndarray, np.ndarray]:
-        """``(lo, hi)``: widened to include 0 and to at least :data:`MIN_RANGE_WIDTH`.
-
-        Raises:
-            ValueError: naming ``point``, when it saw no finite value (in some channel).
-        """
-        if self.seen == 0:
-            raise ValueError(f"{point}: no data seen (the tracker was never updated)")
-        if self.count:
-            lo, hi = (np.asarray(v, dtype=np.float64) for v in self._result())
-        else:
-            lo = hi = np.asarray(np.nan)
-        missing = ~(np.isfinite(lo) & np.isfinite(hi))
-        if np.any(missing):
-            where = "" if missing.ndim == 0 else f" in channel(s) {np.flatnonzero(missing).tolist()[:8]}"
-            raise ValueError(
-                f"{point}: no finite value{where} ({self.nonfinite} of {self.seen} values were NaN or inf)"
-            )
-        lo = np.minimum(lo, 0.0)
-        hi = np.maximum(hi, 0.0)
-        hi = np.where(hi - lo < MIN_RANGE_WIDTH, lo + MIN_RANGE_WIDTH, hi)
-        return lo.astype(np.float32), hi.astype(np.float32)
-
-
-def _finite_min_max(flat: np.ndarray, red: Optional[int], finite: np.ndarray) -> Tuple[Any, Any]:
-    """Min and max over the finite values (``inf`` / ``-inf`` where a channel has none)."""
-    return np.where(finite, flat, np.inf).min(axis=red), np.where(finite, flat, -np.inf).max(axis=red)
 
 
 class _EngineTracker:
@@ -184,64 +108,6 @@ class PercentileTracker(_EngineTracker):
             raise ValueError(f"percentile must be in (50, 100], got {percentile!r}")
         super().__init__(axis)
         self.percentile = float(percentile)
-
-
-class EMATracker(_Tracker):
-    """Exponential moving average of batch min/max; the first batch sets it."""
-
-    def __init__(self, momentum: float = 0.999, axis: Optional[int] = None):
-        if not 0.0 <= float(momentum) < 1.0:
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        super().__init__(axis)
-        self.momentum = float(momentum)
-        self.lo: Any = None
-        self.hi: Any = None
-
-    def _update(self, flat, red, finite, has) -> None:
-        lo, hi = _finite_min_max(flat, red, finite)
-        if self.lo is None:
-            self.lo, self.hi = np.where(has, lo, np.nan), np.where(has, hi, np.nan)
-            return
-        m = self.momentum
-        first = np.isnan(self.lo)
-        self.lo = np.where(has, np.where(first, lo, m * self.lo + (1 - m) * lo), self.lo)
-        self.hi = np.where(has, np.where(first, hi, m * self.hi + (1 - m) * hi), self.hi)
-
-    def _result(self):
-        return self.lo, self.hi
-
-
-def ranges_from_trackers(
-    trackers: Mapping[str, _Tracker], what: str = "calibration_data"
-) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
-    """``{point: (lo, hi)}`` from the trackers of one calibration (every front end goes through here).
-
-    Logs the non-finite values ignored at each point (once), warns about points
-    the data never reached (left out of the result).
-
-    Raises:
-        ValueError: naming ``what`` and the point, when a point saw data but no finite value.
-    """
-    out: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
-    for point, t in trackers.items():
-        if t.seen == 0:
-            log.warning("calibration: no data reached %r; its range is not calibrated", point)
-            continue
-        out[point] = t.result(f"{what}: {point!r}")
-        if t.nonfinite:
-            log.warning("calibration: %d non-finite values ignored at %r", t.nonfinite, point)
-    return out
-
-
-def make_tracker(method: str, axis: Optional[int] = None, percentile: float = 99.99) -> _Tracker:
-    """A tracker by name: ``"minmax"``, ``"percentile"`` or ``"ema"``."""
-    if method == "minmax":
-        return MinMaxTracker(axis)
-    if method == "percentile":
-        return PercentileTracker(percentile, axis)
-    if method == "ema":
-        return EMATracker(axis=axis)
-    raise ValueError(f"method must be 'minmax', 'percentile' or 'ema', got {method!r}")
 
 
 def iter_batches(

@@ -109,35 +109,26 @@ def accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------- experiment 1: QAT
-def fixed_point_round(v: np.ndarray, bits: int, lo: float, hi: float) -> np.ndarray:
-    """``v`` rounded to nearest on ``FixedPoint(bits, range=(lo, hi))`` (grid ``lo + k * step``, saturating)."""
-    step = (hi - lo) / 2**bits
-    return lo + np.clip(np.round((v - lo) / step), 0, 2**bits - 1) * step
+def mse_range(v: np.ndarray, bits: int, signed: bool) -> Tuple[float, float]:
+    """The range of a ``bits``-bit fixed-point grid (``[lo, hi]``, ``lo <= 0 <= hi``) with the least
+    expected squared rounding error on ``v``: the calibration engine's ``"mse"`` method.
 
-
-def pow2_range(v: np.ndarray, bits: int, signed: bool) -> float:
-    """The power of two ``h`` whose fixed-point grid over ``[-h, h]`` (signed) or ``[0, h]`` has the least
-    mean squared rounding error on ``v``: a fixed-point format's integer bits, chosen for its bit width.
-
-    The smallest power of two that covers ``max |v|`` wastes most of a few-bit grid on rare outliers
-    (a post-ReLU maximum of 7.8 with a mean of 0.8 puts 4-bit steps at 0.5); the error-minimising one
+    The range covering ``max |v|`` wastes most of a few-bit grid on rare outliers (a post-ReLU
+    maximum of 7.8 with a mean of 0.8 puts 4-bit steps at 0.5); the error-minimising one
     saturates those outliers instead and keeps the step small where the values are.
     """
-    v = np.asarray(v, dtype=np.float64).ravel()
-    best = None
-    for k in range(-12, 9):
-        h = 2.0**k
-        err = float(np.mean((fixed_point_round(v, bits, -h if signed else 0.0, h) - v) ** 2))
-        if best is None or err < best[0]:
-            best = (err, h)
-    return best[1]
+    from graphquant import FixedPoint
+    from graphquant.calibration import array_range
+
+    lo, hi = array_range(np.asarray(v, np.float32), "mse", FixedPoint(bits, range=(-1.0, 1.0) if signed else (0.0, 1.0)))
+    return float(lo), float(hi)
 
 
 CONV_BLOCKS = (1, 2, 3)
 
 
 def fixed_point_overrides(float_model, x_cal: np.ndarray, bits: int) -> Dict[str, Dict[str, Any]]:
-    """Per-block fixed-point formats: activations over ``[0, 2^k]``, weights over ``[-2^m, 2^m]`` (:func:`pow2_range`)."""
+    """Per-block fixed-point formats, activation and weight ranges from the engine's ``"mse"`` (:func:`mse_range`)."""
     import keras
 
     from graphquant import FixedPoint
@@ -145,15 +136,15 @@ def fixed_point_overrides(float_model, x_cal: np.ndarray, bits: int) -> Dict[str
     acts = keras.Model(float_model.input, [float_model.get_layer(f"relu{i}").output for i in CONV_BLOCKS])
     out = {}
     for i, a in zip(CONV_BLOCKS, acts.predict(x_cal, verbose=0)):
-        a_hi = pow2_range(a, bits, signed=False)
-        w_hi = pow2_range(float_model.get_layer(f"conv{i}").kernel.numpy(), bits, signed=True)
+        a_range = mse_range(a, bits, signed=False)
+        w_range = mse_range(float_model.get_layer(f"conv{i}").kernel.numpy(), bits, signed=True)
         # "bits" must be repeated: an override giving only "range" would make an 8-bit FixedPoint
-        out[f"^conv{i}$"] = {"bits": bits, "range": (0.0, a_hi), "weight_format": FixedPoint(bits, range=(-w_hi, w_hi))}
+        out[f"^conv{i}$"] = {"bits": bits, "range": a_range, "weight_format": FixedPoint(bits, range=w_range)}
     return out
 
 
 def qat_configs(float_model, x_cal: np.ndarray, quick: bool) -> List[Tuple[str, Dict[str, Any]]]:
-    """(label, quantize_model keywords) per row; fixed-point ranges are per-block powers of two from the data."""
+    """(label, quantize_model keywords) per row; fixed-point ranges per block from the data (engine "mse")."""
     rows: List[Tuple[str, Dict[str, Any]]] = []
     bit_list = (8, 4) if quick else (8, 6, 4, 2)
     modes = ("nearest", "stochastic")

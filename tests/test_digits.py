@@ -42,16 +42,17 @@ def test_qat_quick(results):
     assert rows[("fixed point 4-bit", "stochastic")] >= f - 0.04
 
 
-def test_pow2_range(digits):
+def test_mse_range_saturates_outliers_at_low_bit_widths(digits):
+    """The per-block ranges come from the calibration engine's "mse" method."""
     rng = np.random.RandomState(0)
-    v = np.abs(rng.normal(0.0, 0.5, 10_000))
-    v[0] = 7.8  # one outlier: covering it needs [0, 8]
-    assert digits.pow2_range(v, 16, signed=False) == 8.0  # at 16 bits covering everything is best
-    assert digits.pow2_range(v, 4, signed=False) <= 2.0  # at 4 bits saturating the outlier is better
-    w = rng.normal(0.0, 0.1, 1000)
-    h = digits.pow2_range(w, 4, signed=True)
-    assert h in (0.25, 0.5)
-    assert np.all(np.abs(digits.fixed_point_round(w, 4, -h, h) - np.clip(w, -h, h - h / 8)) <= h / 16 + 1e-12)
+    v = np.abs(rng.normal(0.0, 0.5, 10_000)).astype("float32")
+    v[0] = 7.8  # one outlier
+    assert digits.mse_range(v, 16, signed=False) == (0.0, pytest.approx(7.8, rel=1e-6))  # at 16 bits: cover it
+    lo, hi = digits.mse_range(v, 4, signed=False)
+    assert lo == 0.0 and 0.8 < hi <= 3.0  # at 4 bits saturating the outlier is better
+    w = rng.normal(0.0, 0.1, 1000).astype("float32")
+    lo, hi = digits.mse_range(w, 4, signed=True)
+    assert lo < 0.0 < hi and hi - lo < np.ptp(w)
 
 
 def test_gupta_quick(results):
