@@ -357,14 +357,23 @@ def _update_ops(x: Any, handles: Dict[str, Any], specs: Dict[str, Any], axis: Op
             # the histogram of the float32 bit patterns' top 19 bits (sign, exponent, 10
             # mantissa bits): a bitcast, one shift and a bincount; NaN and inf have their own bins
             top = tf.bitwise.right_shift(tf.bitcast(tf.reshape(v, [-1]), tf.uint32), 32 - _BITS)
-            counts = tf.raw_ops.Bincount(arr=tf.bitcast(top, tf.int32), size=_BITS_BINS,
-                                         weights=tf.constant([], tf.int32))  # fmt: skip
-            assign("bits", read("bits") + tf.cast(counts, tf.int64))
+            assign("bits", read("bits") + _bincount(tf.bitcast(top, tf.int32), _BITS_BINS))
         elif histogram:
             _update_histogram(v, tf.math.is_finite(v), lo, hi, c, read, assign)
         # not gated on the updates: the model goes on while they run (the function's
         # stateful ops still all run before the call returns)
         return tf.identity(x)
+
+
+def _bincount(arr: Any, size: int) -> Any:
+    """Counts (int64) of the int32 values ``0 .. size - 1`` in 1-D ``arr``; other values are dropped.
+
+    ``Bincount`` with a constant ``size``: what XLA compiles too (the observer may run inside
+    an XLA-compiled function), unlike ``tf.math.bincount``'s size computed from the data.
+    """
+    import tensorflow as tf
+
+    return tf.raw_ops.Bincount(arr=arr, size=size, weights=tf.constant([], tf.int64))
 
 
 def _update_histogram(v: Any, finite: Any, lo: Any, hi: Any, c: int, read: Any, assign: Any) -> list:
@@ -388,8 +397,8 @@ def _update_histogram(v: Any, finite: Any, lo: Any, hi: Any, c: int, read: Any, 
     scale = _pow2(_LOG2_HALF - e_new)  # [c]
     b = tf.cast(tf.floor(v * scale), tf.int32) + _HALF
     b = tf.clip_by_value(b, 0, NUM_BINS - 1) + rows[:, 0]
-    b = tf.where(finite, b, c * NUM_BINS)  # dropped by bincount's maxlength
-    counts = tf.math.bincount(tf.reshape(b, [-1]), minlength=c * NUM_BINS, maxlength=c * NUM_BINS, dtype=tf.int64)
+    b = tf.where(finite, b, c * NUM_BINS)  # out of range: dropped by the bincount
+    counts = _bincount(tf.reshape(b, [-1]), c * NUM_BINS)
     hist = tf.reshape(old, [c, NUM_BINS]) + tf.reshape(counts, [c, NUM_BINS])
     return [assign("exp", e_new), assign("hist", hist)]
 

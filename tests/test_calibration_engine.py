@@ -255,3 +255,85 @@ def test_keras_per_channel_calibration():
     qp = gq.quantize_model(model, format=Affine(8, axis=-1), calibration_data=DATA, calibration_method="percentile")
     lo_p, hi_p = next(l for l in qp.layers if isinstance(l, Quantize)).get_range()
     assert hi_p.shape == (4,) and (hi_p <= hi).all() and (hi_p < hi).any()
+
+
+# --------------------------------------------------------------------------- inside XLA-compiled functions
+def _grouped_model():
+    """Grouped convolutions: Keras (TF backend) runs them as XLA-compiled functions, and so does its export.
+
+    Without bias or activation: the export's points are the convolutions' outputs inside the XLA
+    functions (a bias or activation, applied by the caller, is not in their group there), the
+    same tensors the Keras path observes."""
+    rng = np.random.RandomState(2)
+    x = keras.Input((8, 8, 8), name="x")
+    h = keras.layers.Conv2D(8, 3, padding="same", groups=4, use_bias=False, name="g1")(x)
+    h = keras.layers.Conv2D(4, 3, padding="same", groups=2, use_bias=False, name="g2")(h)
+    m = keras.Model(x, h, name="grouped")
+    for layer in m.layers:
+        if layer.weights:
+            layer.set_weights([rng.normal(size=w.shape).astype("float32") for w in layer.get_weights()])
+    return m
+
+
+GROUPED_DATA = RNG.normal(size=(40, 8, 8, 8)).astype("float32")
+
+
+@pytest.fixture(scope="module")
+def grouped_export(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cal") / "grouped"
+    m = _grouped_model()
+    m.export(str(d), verbose=False)
+    return m, d
+
+
+def _in_xla_functions(path):
+    """Names of the graphquant nodes inside XLA-compiled functions of a SavedModel."""
+    from graphquant.graph.saved_model import read_saved_model
+
+    lib = read_saved_model(str(path)).meta_graphs[0].graph_def.library.function
+    return [n.name for f in lib if f.attr["_XlaMustCompile"].b for n in f.node_def if n.name.startswith("graphquant")]
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_grouped_conv_ranges_inside_xla_match_keras(grouped_export, tmp_path, method):
+    """Observers inside XLA-compiled functions (the export's grouped convs) give the Keras path's ranges."""
+    model, path = grouped_export
+    q = gq.quantize_model(model, bits=8, calibration_data=GROUPED_DATA, calibration_method=method)
+    r_k = [l.get_range() for l in q.layers if isinstance(l, Quantize)]
+    q2 = gq.quantize_model(model, bits=8)
+    r_c = gq.calibrate(q2, GROUPED_DATA, method)
+    report = gg.convert_saved_model(path, tmp_path / "q", bits=8, calibration_data=GROUPED_DATA,
+                                    calibration_method=method)  # fmt: skip
+    assert _in_xla_functions(tmp_path / "q")  # the points (observed as they are rounded) are in XLA functions
+    r_g = sorted(report.ranges.values())  # the two XLA functions come in library order
+    r_k = sorted(tuple(r) for r in r_k)
+    assert len(r_k) == len(r_g) == len(r_c) == 2 and r_k[0] != r_k[1]
+    np.testing.assert_allclose(np.asarray(r_k, np.float32), np.asarray(r_g, np.float32), rtol=2e-7, atol=0)
+    np.testing.assert_array_equal(np.asarray(r_k, np.float32), np.asarray(sorted(r_c.values()), np.float32))
+
+
+def test_observer_compiled_by_xla_counts_like_the_plain_one():
+    """The observer update compiled by XLA (variables as resource inputs) keeps exactly the same
+    statistics as the plain one: min/max, counts, non-finite values, histograms (per tensor and per channel)."""
+    data = [RNG.normal(size=(2, 5, 5, 4)).astype("float32") * s for s in (1.0, 10.0, 0.1)]
+    data[1][0, 0, 0, 1] = np.nan
+    data[1][0, 1, 0, 2] = np.inf
+    data[2][1, 1, 1, 0] = -np.inf
+    for axis in (None, -1):
+        stats = []
+        for jit in (False, True):
+            o = cal.Observer("p", axis=axis, channels=4, histogram=True)
+            try:
+                fn = o._generic(tf.float32, 4)
+                step = tf.function(lambda x, *h: fn(x * 1.0, *h), jit_compile=jit)
+                for b in data:
+                    step(tf.constant(b), *[o._handle(k) for k in o.keys])
+                stats.append(o.stats())
+            finally:
+                o.release()
+        plain, xla = stats
+        assert plain.nonfinite == xla.nonfinite == 3 and plain.seen == xla.seen == 600
+        np.testing.assert_array_equal(plain.lo, xla.lo)
+        np.testing.assert_array_equal(plain.hi, xla.hi)
+        np.testing.assert_array_equal(plain.hist, xla.hist)
+        np.testing.assert_array_equal(plain.exp, xla.exp)
