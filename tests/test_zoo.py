@@ -426,6 +426,17 @@ def test_grouped_conv_export_calibration(grouped, tmp_path):
     assert np.all(np.isfinite(_serve(str(tmp_path / "q"), data)))
 
 
+def test_grouped_conv_export_compare(grouped, tmp_path):
+    """compare's in-graph observers run inside the XLA-compiled function too."""
+    _, src, data = grouped
+    rep = gq.convert_saved_model(src, str(tmp_path / "q"), bits=8, calibration_data=data)
+    r = gq.compare(src, str(tmp_path / "q"), data)
+    (lo, hi), = rep.ranges.values()
+    assert len(r.points) == 1 and r.points[0].size == data.shape[0] * 6 * 6 * 16  # the conv output, 'valid'
+    assert 0 < r.points[0].max_abs <= (hi - lo) / 255  # at most a step (the nudged grid) from the float value
+    assert 30 < r.points[0].sqnr_db < np.inf
+
+
 @pytest.fixture(scope="module")
 def convnext(tmp_path_factory):
     keras.utils.set_random_seed(0)
