@@ -349,16 +349,21 @@ def _update_ops(x: Any, handles: Dict[str, Any], specs: Dict[str, Any], axis: Op
             )
 
         bmin, bmax, nonfinite = tf.cond(all_finite, lambda: (fmin, fmax, tf.zeros([c], tf.int64)), masked)
-        mm = read("minmax")
-        lo, hi = tf.minimum(mm[0], bmin), tf.maximum(mm[1], bmax)
-        assign("minmax", tf.stack([lo, hi]))
-        assign("counts", read("counts") + tf.stack([seen, nonfinite]))
+        # in-place updates that lock the variable (scatter min/max, assign-add), not read-then-assign:
+        # two calls running at once (a function called twice in one step) both count
+        tf.raw_ops.ResourceScatterMin(resource=handles["minmax"], indices=tf.constant([0]), updates=bmin[None])
+        tf.raw_ops.ResourceScatterMax(resource=handles["minmax"], indices=tf.constant([1]), updates=bmax[None])
+        tf.raw_ops.AssignAddVariableOp(resource=handles["counts"], value=tf.stack([seen, nonfinite]))
         if histogram and axis is None:
             # the histogram of the float32 bit patterns' top 19 bits (sign, exponent, 10
             # mantissa bits): a bitcast, one shift and a bincount; NaN and inf have their own bins
             top = tf.bitwise.right_shift(tf.bitcast(tf.reshape(v, [-1]), tf.uint32), 32 - _BITS)
-            assign("bits", read("bits") + _bincount(tf.bitcast(top, tf.int32), _BITS_BINS))
+            counts = _bincount(tf.bitcast(top, tf.int32), _BITS_BINS)
+            tf.raw_ops.AssignAddVariableOp(resource=handles["bits"], value=counts)
         elif histogram:
+            # (re-binning as the range grows is a read-modify-write: per-channel calls must not overlap)
+            mm = read("minmax")
+            lo, hi = tf.minimum(mm[0], bmin), tf.maximum(mm[1], bmax)
             _update_histogram(v, tf.math.is_finite(v), lo, hi, c, read, assign)
         # not gated on the updates: the model goes on while they run (the function's
         # stateful ops still all run before the call returns)

@@ -337,3 +337,60 @@ def test_observer_compiled_by_xla_counts_like_the_plain_one():
         np.testing.assert_array_equal(plain.hi, xla.hi)
         np.testing.assert_array_equal(plain.hist, xla.hist)
         np.testing.assert_array_equal(plain.exp, xla.exp)
+
+
+def _nested_xla_function(jit):
+    """``f`` calls an XLA-compiled function twice; that one calls a plain function (which XLA then
+    compiles with it) holding the first convolution group; the second is in the XLA body itself."""
+    rng = np.random.RandomState(3)
+    k1 = tf.constant(rng.normal(size=(3, 3, 2, 4)).astype("float32"))
+    k2 = tf.constant(rng.normal(size=(3, 3, 4, 3)).astype("float32"))
+
+    @tf.function(autograph=False)
+    def block(x):
+        return tf.nn.relu(tf.nn.conv2d(x, k1, 1, "SAME"))
+
+    @tf.function(jit_compile=jit, autograph=False)
+    def body(x):
+        return tf.nn.conv2d(block(x), k2, 1, "SAME")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 2], tf.float32)], autograph=False)
+    def f(x):
+        return body(x) + body(2.0 * x)
+
+    return f
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_function_calibrates_the_same_with_and_without_xla(method):
+    """Points in an XLA-compiled function, called twice, and in a plain function that XLA compiles
+    as part of it: the observers' variables are threaded in as resource arguments, and the ranges are
+    exactly those of the same function without XLA."""
+    from graphquant.graph.calibrate import RangeCollector, insert_observers
+    from graphquant.graph.function import config_from_kwargs
+    from graphquant.graph.planning import plan_graph_def
+
+    f_xla = _nested_xla_function(True)
+    gd = f_xla.get_concrete_function().graph.as_graph_def()
+    assert [fn for fn in gd.library.function if fn.attr["_XlaMustCompile"].b]
+    plan, _ = plan_graph_def(gd, config_from_kwargs(8, None, "nearest", None, None))
+    col = RangeCollector(method)
+    try:
+        assert insert_observers(gd, plan, col) == 2
+        lib = {fn.signature.name: fn for fn in gd.library.function}
+        handles = {fn.signature.name for fn in lib.values() for n in fn.node_def if n.op == "VarHandleOp"}
+        handles |= {"" for n in gd.node if n.op == "VarHandleOp"}  # f's own body: the graph
+        compiled = {name for name in lib if "body" in name or "block" in name}
+        assert handles and not handles & compiled  # no VarHandleOp where XLA compiles
+        for name in compiled:
+            assert sum(a.type == tf.resource.as_datatype_enum for a in lib[name].signature.input_arg) >= 2
+    finally:
+        col.release()
+    data = RNG.normal(size=(10, 8, 8, 2)).astype("float32")
+    r_x = gg.quantize_function(f_xla, bits=8, calibration_data=data, calibration_method=method).ranges
+    r_p = gg.quantize_function(_nested_xla_function(False), bits=8, calibration_data=data,
+                               calibration_method=method).ranges  # fmt: skip
+    assert len(r_x) == len(r_p) == 2
+    np.testing.assert_array_equal(np.asarray(sorted(r_x.values()), np.float32),
+                                  np.asarray(sorted(r_p.values()), np.float32))  # fmt: skip
+    assert sorted(r_x.values())[0] != sorted(r_x.values())[1]
