@@ -9,7 +9,12 @@ that point, inside the model's own traced graph.
 Statistics (per point, per tensor or per channel with ``axis=``), kept in
 TensorFlow resource variables and updated by TensorFlow ops inside the model's
 graph -- no tensor is ever copied to Python, only the final statistics
-(``O(NUM_BINS)`` numbers per channel) are read once at the end:
+(``O(NUM_BINS)`` numbers per channel) are read once at the end. The update
+takes the variables' handles as inputs and compiles with XLA (constant-size
+bincounts), so it also runs inside XLA-compiled functions (Keras' grouped
+convolutions), with the same statistics. Min/max, counts and the per-tensor
+histogram are updated in place under the variable's lock, so two calls
+running at once (a function called twice in one step) both count:
 
 * exact running ``min`` / ``max`` of the finite values;
 * the number of values seen and of non-finite values (NaN, +-inf: excluded

@@ -394,3 +394,33 @@ def test_function_calibrates_the_same_with_and_without_xla(method):
     np.testing.assert_array_equal(np.asarray(sorted(r_x.values()), np.float32),
                                   np.asarray(sorted(r_p.values()), np.float32))  # fmt: skip
     assert sorted(r_x.values())[0] != sorted(r_x.values())[1]
+
+
+def test_observer_in_an_xla_loop_body_is_an_error_naming_it():
+    """A point in a loop body that XLA compiles: the While op cannot pass the variables in; the
+    error names the function and the op (instead of XLA's own 'no VarHandleOp kernel')."""
+    from graphquant.graph.calibrate import RangeCollector, insert_observers
+    from graphquant.graph.function import config_from_kwargs
+    from graphquant.graph.planning import plan_graph_def
+
+    k = tf.constant(RNG.normal(size=(3, 3, 2, 2)).astype("float32"))
+
+    @tf.function(jit_compile=True, autograph=False)
+    def loop(x):
+        return tf.while_loop(lambda i, h: i < 2, lambda i, h: (i + 1, tf.nn.relu(tf.nn.conv2d(h, k, 1, "SAME"))),
+                             (tf.constant(0), x))[1]  # fmt: skip
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 2], tf.float32)], autograph=False)
+    def f(x):
+        return loop(x)
+
+    gd = f.get_concrete_function().graph.as_graph_def()
+    plan, _ = plan_graph_def(gd, config_from_kwargs(8, None, "nearest", None, None))
+    assert len(plan.targets) == 1
+    col = RangeCollector("minmax")
+    try:
+        with pytest.raises(ValueError, match=r"cannot pass a variable into XLA-compiled function '.*body.*': "
+                                             r"(StatelessWhile|While) node"):  # fmt: skip
+            insert_observers(gd, plan, col)
+    finally:
+        col.release()
