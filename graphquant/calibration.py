@@ -9,23 +9,30 @@ that point, inside the model's own traced graph.
 Statistics (per point, per tensor or per channel with ``axis=``), kept in
 TensorFlow resource variables and updated by TensorFlow ops inside the model's
 graph -- no tensor is ever copied to Python, only the final statistics
-(``O(NUM_BINS)`` numbers per channel) are read once at the end:
+(``O(NUM_BINS)`` numbers per channel) are read once at the end. The update
+takes the variables' handles as inputs and compiles with XLA (constant-size
+bincounts), so it also runs inside XLA-compiled functions (Keras' grouped
+convolutions), with the same statistics. Min/max, counts and the per-tensor
+histogram are updated in place under the variable's lock, so two calls
+running at once (a function called twice in one step) both count:
 
 * exact running ``min`` / ``max`` of the finite values;
 * the number of values seen and of non-finite values (NaN, +-inf: excluded
   from every statistic, counted, logged);
 * for the histogram methods, a histogram of :data:`NUM_BINS` bins over
   ``[-2**e, 2**e]`` (bin width ``2**(e+1) / NUM_BINS``, zero is a bin edge),
-  ``2**e`` the smallest power of two covering the data so far, bins
-  ``[k*w, (k+1)*w)``. The exponent grows with the data: when a batch exceeds
-  the range, the old bins are merged ``2**d`` into one, exactly (bin edges are
-  multiples of powers of two), so one pass gives the histogram a second pass
-  over the final range would, whatever the order of the batches. Per tensor the
-  histogram takes a strided sample of each batch, about
-  :data:`HISTOGRAM_SAMPLE` values per example (the stride a prime that does not
-  divide the channel count, so every channel is sampled alike; the same sample
-  on every front end): binning every value costs more than the model's own
-  inference on CPU. Per channel it takes every value.
+  ``2**e`` the smallest power of two covering the data, bins ``[k*w, (k+1)*w)``.
+  Bins at exponents ``e' < e`` nest exactly in these (``2**(e-e')`` into one), so
+  one pass gives the histogram a second pass over the final range would,
+  whatever the order of the batches. Per tensor, each batch is binned at its
+  own exponent and added (scatter-add, race-free) to that exponent's row; the
+  rows are merged when read. The histogram takes a strided sample of each
+  batch, about :data:`HISTOGRAM_SAMPLE` values per example (the stride a prime
+  that does not divide the channel count, so every channel is sampled alike;
+  the same sample on every front end): binning every value costs more than the
+  model's own inference on CPU. Per channel the histogram takes every value and
+  its exponent grows with the data (old bins merged in the graph; a
+  read-modify-write, so per-channel calls of one observer must not overlap).
 
 Methods (:data:`METHODS`), each a function of the statistics and the target format:
 
@@ -154,7 +161,9 @@ class Observer:
             "minmax": (tf.float32, [2, c]),
             "counts": (tf.int64, [2, c]),  # values seen, non-finite values
         }
-        if self.histogram:
+        if self.histogram and axis is None:  # one row per batch exponent, merged when read
+            self._specs["rows"] = (tf.int64, [_E_MAX - _E_MIN + 1, NUM_BINS])
+        elif self.histogram:
             self._specs["exp"] = (tf.int32, [c])
             self._specs["hist"] = (tf.int64, [c, NUM_BINS])
         init = {
@@ -162,6 +171,7 @@ class Observer:
             "counts": tf.zeros([2, c], tf.int64),
             "exp": tf.fill([c], _E_MIN),
             "hist": tf.zeros([c, NUM_BINS], tf.int64),
+            "rows": tf.zeros([_E_MAX - _E_MIN + 1, NUM_BINS], tf.int64),
         }
         init = {k: v for k, v in init.items() if k in self._specs}
         self._init = init
@@ -265,7 +275,12 @@ class Observer:
         mm = self._read("minmax").numpy().astype(np.float64)
         counts = self._read("counts").numpy()
         hist = exp = None
-        if self.histogram:
+        if "rows" in self._specs:
+            m = max(abs(mm[0, 0]), abs(mm[1, 0]))
+            e = _E_MIN if not np.isfinite(m) or m == 0 else min(max(math.ceil(math.log2(m)), _E_MIN), _E_MAX)
+            e = e + 1 if 2.0**e < m else e  # guard log2 rounding
+            hist, exp = _merge_rows(self._read("rows").numpy(), e)[None, :], np.array([e])
+        elif self.histogram:
             hist = self._read("hist").numpy()
             exp = self._read("exp").numpy()
         return PointStats(self.point, mm[0], mm[1], int(counts[0].sum()), int(counts[1].sum()), hist, exp,
@@ -322,16 +337,26 @@ def _update_ops(x: Any, handles: Dict[str, Any], specs: Dict[str, Any], axis: Op
             )
 
         bmin, bmax, nonfinite = tf.cond(all_finite, lambda: (fmin, fmax, tf.zeros([c], tf.int64)), masked)
-        mm = read("minmax")
-        lo, hi = tf.minimum(mm[0], bmin), tf.maximum(mm[1], bmax)
-        assign("minmax", tf.stack([lo, hi]))
-        assign("counts", read("counts") + tf.stack([seen, nonfinite]))
-        if histogram:
-            h = v
-            if axis is None:  # a strided sample (see HISTOGRAM_SAMPLE)
-                h = tf.strided_slice(tf.reshape(v, [-1]), [0], [tf.size(v)], tf.reshape(_sample_stride(x), [1]))
-                h = tf.reshape(h, [-1, 1])
-            _update_histogram(h, tf.math.is_finite(h), lo, hi, c, read, assign)
+        # in-place updates that lock the variable (scatter min/max, assign-add), not read-then-assign:
+        # two calls running at once (a function called twice in one step) both count
+        tf.raw_ops.ResourceScatterMin(resource=handles["minmax"], indices=tf.constant([0]), updates=bmin[None])
+        tf.raw_ops.ResourceScatterMax(resource=handles["minmax"], indices=tf.constant([1]), updates=bmax[None])
+        tf.raw_ops.AssignAddVariableOp(resource=handles["counts"], value=tf.stack([seen, nonfinite]))
+        if histogram and axis is None:
+            # a strided sample (HISTOGRAM_SAMPLE), binned at this batch's own exponent and added
+            # to that exponent's row (a scatter-add: concurrent calls both count); the rows are
+            # merged into the final range's bins when read (exact, powers of two)
+            h = tf.strided_slice(tf.reshape(v, [-1]), [0], [tf.size(v)], tf.reshape(_sample_stride(x), [1]))
+            m = tf.maximum(tf.abs(bmin), tf.abs(bmax))
+            e = _ceil_log2(tf.where(tf.math.is_finite(m), m, 0.0))[0]
+            counts = _bincount(_bin_index(h, e), NUM_BINS)
+            tf.raw_ops.ResourceScatterAdd(resource=handles["rows"], indices=tf.reshape(e - _E_MIN, [1]),
+                                          updates=counts[None])  # fmt: skip
+        elif histogram:
+            # (re-binning as the range grows is a read-modify-write: per-channel calls must not overlap)
+            mm = read("minmax")
+            lo, hi = tf.minimum(mm[0], bmin), tf.maximum(mm[1], bmax)
+            _update_histogram(v, lo, hi, c, read, assign)
         # not gated on the updates: the model goes on while they run (the function's
         # stateful ops still all run before the call returns)
         return tf.identity(x)
@@ -353,7 +378,34 @@ def _sample_stride(x: Any) -> Any:
     return tf.where(want <= 1, 1, tf.where(tf.reduce_any(ok), prime, want))
 
 
-def _update_histogram(v: Any, finite: Any, lo: Any, hi: Any, c: int, read: Any, assign: Any) -> list:
+def _bincount(arr: Any, size: int) -> Any:
+    """Counts (int64) of the int32 values ``0 .. size - 1`` in 1-D ``arr``; other values are dropped.
+
+    ``Bincount`` with a constant ``size``: what XLA compiles too (the observer may run inside
+    an XLA-compiled function), unlike ``tf.math.bincount``'s size computed from the data.
+    """
+    import tensorflow as tf
+
+    return tf.raw_ops.Bincount(arr=arr, size=size, weights=tf.constant([], tf.int64))
+
+
+def _bin_index(v: Any, e: Any) -> Any:
+    """Bin of each value of ``v`` over ``[-2**e, 2**e]``: ``floor(v * 2**(log2(half) - e)) + half``
+    (exact: a power-of-two scaling), clipped to the histogram; non-finite values get index
+    ``NUM_BINS * channels`` (dropped by the bincount). ``v`` is ``[n]`` with scalar ``e`` or
+    ``[n, c]`` with ``e`` per channel (the index then counts ``channel * NUM_BINS`` in)."""
+    import tensorflow as tf
+
+    b = tf.cast(tf.floor(v * _pow2(_LOG2_HALF - e)), tf.int32) + _HALF
+    b = tf.clip_by_value(b, 0, NUM_BINS - 1)
+    c = 1
+    if v.shape.rank == 2:
+        c = v.shape[1]
+        b = b + tf.range(c, dtype=tf.int32)[None, :] * NUM_BINS
+    return tf.reshape(tf.where(tf.math.is_finite(v), b, c * NUM_BINS), [-1])
+
+
+def _update_histogram(v: Any, lo: Any, hi: Any, c: int, read: Any, assign: Any) -> list:
     import tensorflow as tf
 
     m = tf.maximum(tf.abs(lo), tf.abs(hi))
@@ -370,14 +422,20 @@ def _update_histogram(v: Any, finite: Any, lo: Any, hi: Any, c: int, read: Any, 
     old = tf.math.unsorted_segment_sum(
         tf.reshape(read("hist"), [-1]), tf.reshape(new_bin + rows, [-1]), c * NUM_BINS
     )
-    # bin of each finite value: floor(x * 2**(log2(half) - e)) + half, exact (a power-of-two scaling)
-    scale = _pow2(_LOG2_HALF - e_new)  # [c]
-    b = tf.cast(tf.floor(v * scale), tf.int32) + _HALF
-    b = tf.clip_by_value(b, 0, NUM_BINS - 1) + rows[:, 0]
-    b = tf.where(finite, b, c * NUM_BINS)  # dropped by bincount's maxlength
-    counts = tf.math.bincount(tf.reshape(b, [-1]), minlength=c * NUM_BINS, maxlength=c * NUM_BINS, dtype=tf.int64)
+    counts = _bincount(_bin_index(v, e_new[None, :]), c * NUM_BINS)
     hist = tf.reshape(old, [c, NUM_BINS]) + tf.reshape(counts, [c, NUM_BINS])
     return [assign("exp", e_new), assign("hist", hist)]
+
+
+def _merge_rows(rows: np.ndarray, e: int) -> np.ndarray:
+    """The histogram over ``[-2**e, 2**e]`` of per-exponent rows (row ``r`` binned over
+    ``[-2**(r + _E_MIN), 2**(r + _E_MIN)]``, ``r + _E_MIN <= e``): bins merged ``2**d`` into one."""
+    out = np.zeros(NUM_BINS, np.int64)
+    j = np.arange(NUM_BINS) - _HALF
+    for r in np.flatnonzero(rows.any(axis=1)):
+        d = min(max(e - (int(r) + _E_MIN), 0), _LOG2_HALF + 1)
+        np.add.at(out, np.floor_divide(j, 1 << d) + _HALF, rows[r])
+    return out
 
 
 # --------------------------------------------------------------------------- statistics -> ranges

@@ -643,7 +643,8 @@ class _GraphObservers:
 
     def splice(self, ed: Any, sc: Any, cf: Any, inputs: List[str], handles: List[Tuple[str, Any, Any]],
                name: str) -> Any:  # fmt: skip
-        """Add a call of ``cf`` on ``inputs`` plus ``VarHandleOp`` nodes for ``handles`` (name, dtype, shape)."""
+        """Add a call of ``cf`` on ``inputs`` plus the variables ``handles`` (name, dtype, shape), see
+        :meth:`~graphquant.graph.rewrite.GraphEditor.resource_handle` (arguments inside XLA bodies)."""
         from tensorflow.core.framework import node_def_pb2, types_pb2
 
         fname = cf.function_def.signature.name
@@ -652,18 +653,7 @@ class _GraphObservers:
         base = sc.unique(name)
         refs = list(inputs)
         for k, (shared, dtype, shape) in enumerate(handles):
-            h = node_def_pb2.NodeDef(name=sc.unique(f"{base}/h{k}"), op="VarHandleOp")
-            h.attr["dtype"].type = dtype
-            if shape is None:
-                h.attr["shape"].shape.unknown_rank = True
-            else:
-                h.attr["shape"].shape.SetInParent()
-                for d in shape:
-                    h.attr["shape"].shape.dim.add().size = int(d)
-            h.attr["shared_name"].s = shared.encode()
-            h.attr["container"].s = b""
-            h.attr["allowed_devices"].list.SetInParent()
-            refs.append(sc.ref(sc.add(h), 0))
+            refs.append(ed.resource_handle(sc.name, shared, dtype, shape, f"{base}/h{k}"))
         nd = node_def_pb2.NodeDef(name=base, op="StatefulPartitionedCall", input=refs)
         n_data = len(inputs)
         nd.attr["Tin"].list.type.extend([cf.inputs[i].dtype.as_datatype_enum for i in range(n_data)])

@@ -304,3 +304,172 @@ def test_keras_per_channel_calibration():
     qp = gq.quantize_model(model, format=Affine(8, axis=-1), calibration_data=DATA, calibration_method="percentile")
     lo_p, hi_p = next(l for l in qp.layers if isinstance(l, Quantize)).get_range()
     assert hi_p.shape == (4,) and (hi_p <= hi).all() and (hi_p < hi).any()
+
+
+# --------------------------------------------------------------------------- inside XLA-compiled functions
+def _grouped_model():
+    """Grouped convolutions: Keras (TF backend) runs them as XLA-compiled functions, and so does its export.
+
+    Without bias or activation: the export's points are the convolutions' outputs inside the XLA
+    functions (a bias or activation, applied by the caller, is not in their group there), the
+    same tensors the Keras path observes."""
+    rng = np.random.RandomState(2)
+    x = keras.Input((8, 8, 8), name="x")
+    h = keras.layers.Conv2D(8, 3, padding="same", groups=4, use_bias=False, name="g1")(x)
+    h = keras.layers.Conv2D(4, 3, padding="same", groups=2, use_bias=False, name="g2")(h)
+    m = keras.Model(x, h, name="grouped")
+    for layer in m.layers:
+        if layer.weights:
+            layer.set_weights([rng.normal(size=w.shape).astype("float32") for w in layer.get_weights()])
+    return m
+
+
+GROUPED_DATA = RNG.normal(size=(40, 8, 8, 8)).astype("float32")
+
+
+@pytest.fixture(scope="module")
+def grouped_export(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cal") / "grouped"
+    m = _grouped_model()
+    m.export(str(d), verbose=False)
+    return m, d
+
+
+def _in_xla_functions(path):
+    """Names of the graphquant nodes inside XLA-compiled functions of a SavedModel."""
+    from graphquant.graph.saved_model import read_saved_model
+
+    lib = read_saved_model(str(path)).meta_graphs[0].graph_def.library.function
+    return [n.name for f in lib if f.attr["_XlaMustCompile"].b for n in f.node_def if n.name.startswith("graphquant")]
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_grouped_conv_ranges_inside_xla_match_keras(grouped_export, tmp_path, method):
+    """Observers inside XLA-compiled functions (the export's grouped convs) give the Keras path's ranges."""
+    model, path = grouped_export
+    q = gq.quantize_model(model, bits=8, calibration_data=GROUPED_DATA, calibration_method=method)
+    r_k = [l.get_range() for l in q.layers if isinstance(l, Quantize)]
+    q2 = gq.quantize_model(model, bits=8)
+    r_c = gq.calibrate(q2, GROUPED_DATA, method)
+    report = gg.convert_saved_model(path, tmp_path / "q", bits=8, calibration_data=GROUPED_DATA,
+                                    calibration_method=method)  # fmt: skip
+    assert _in_xla_functions(tmp_path / "q")  # the points (observed as they are rounded) are in XLA functions
+    r_g = sorted(report.ranges.values())  # the two XLA functions come in library order
+    r_k = sorted(tuple(r) for r in r_k)
+    assert len(r_k) == len(r_g) == len(r_c) == 2 and r_k[0] != r_k[1]
+    np.testing.assert_allclose(np.asarray(r_k, np.float32), np.asarray(r_g, np.float32), rtol=2e-7, atol=0)
+    np.testing.assert_array_equal(np.asarray(r_k, np.float32), np.asarray(sorted(r_c.values()), np.float32))
+
+
+def test_observer_compiled_by_xla_counts_like_the_plain_one():
+    """The observer update compiled by XLA (variables as resource inputs) keeps exactly the same
+    statistics as the plain one: min/max, counts, non-finite values, histograms (per tensor and per channel)."""
+    data = [RNG.normal(size=(2, 5, 5, 4)).astype("float32") * s for s in (1.0, 10.0, 0.1)]
+    data[1][0, 0, 0, 1] = np.nan
+    data[1][0, 1, 0, 2] = np.inf
+    data[2][1, 1, 1, 0] = -np.inf
+    for axis in (None, -1):
+        stats = []
+        for jit in (False, True):
+            o = cal.Observer("p", axis=axis, channels=4, histogram=True)
+            try:
+                fn = o._generic(tf.float32, 4)
+                step = tf.function(lambda x, *h: fn(x * 1.0, *h), jit_compile=jit)
+                for b in data:
+                    step(tf.constant(b), *[o._handle(k) for k in o.keys])
+                stats.append(o.stats())
+            finally:
+                o.release()
+        plain, xla = stats
+        assert plain.nonfinite == xla.nonfinite == 3 and plain.seen == xla.seen == 600
+        np.testing.assert_array_equal(plain.lo, xla.lo)
+        np.testing.assert_array_equal(plain.hi, xla.hi)
+        np.testing.assert_array_equal(plain.hist, xla.hist)
+        np.testing.assert_array_equal(plain.exp, xla.exp)
+
+
+def _nested_xla_function(jit):
+    """``f`` calls an XLA-compiled function twice; that one calls a plain function (which XLA then
+    compiles with it) holding the first convolution group; the second is in the XLA body itself."""
+    rng = np.random.RandomState(3)
+    k1 = tf.constant(rng.normal(size=(3, 3, 2, 4)).astype("float32"))
+    k2 = tf.constant(rng.normal(size=(3, 3, 4, 3)).astype("float32"))
+
+    @tf.function(autograph=False)
+    def block(x):
+        return tf.nn.relu(tf.nn.conv2d(x, k1, 1, "SAME"))
+
+    @tf.function(jit_compile=jit, autograph=False)
+    def body(x):
+        return tf.nn.conv2d(block(x), k2, 1, "SAME")
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 2], tf.float32)], autograph=False)
+    def f(x):
+        return body(x) + body(2.0 * x)
+
+    return f
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_function_calibrates_the_same_with_and_without_xla(method):
+    """Points in an XLA-compiled function, called twice, and in a plain function that XLA compiles
+    as part of it: the observers' variables are threaded in as resource arguments, and the ranges are
+    exactly those of the same function without XLA."""
+    from graphquant.graph.calibrate import RangeCollector, insert_observers
+    from graphquant.graph.function import config_from_kwargs
+    from graphquant.graph.planning import plan_graph_def
+
+    f_xla = _nested_xla_function(True)
+    gd = f_xla.get_concrete_function().graph.as_graph_def()
+    assert [fn for fn in gd.library.function if fn.attr["_XlaMustCompile"].b]
+    plan, _ = plan_graph_def(gd, config_from_kwargs(8, None, "nearest", None, None))
+    col = RangeCollector(method)
+    try:
+        assert insert_observers(gd, plan, col) == 2
+        lib = {fn.signature.name: fn for fn in gd.library.function}
+        handles = {fn.signature.name for fn in lib.values() for n in fn.node_def if n.op == "VarHandleOp"}
+        handles |= {"" for n in gd.node if n.op == "VarHandleOp"}  # f's own body: the graph
+        compiled = {name for name in lib if "body" in name or "block" in name}
+        assert handles and not handles & compiled  # no VarHandleOp where XLA compiles
+        for name in compiled:
+            assert sum(a.type == tf.resource.as_datatype_enum for a in lib[name].signature.input_arg) >= 2
+    finally:
+        col.release()
+    data = RNG.normal(size=(10, 8, 8, 2)).astype("float32")
+    r_x = gg.quantize_function(f_xla, bits=8, calibration_data=data, calibration_method=method).ranges
+    r_p = gg.quantize_function(_nested_xla_function(False), bits=8, calibration_data=data,
+                               calibration_method=method).ranges  # fmt: skip
+    assert len(r_x) == len(r_p) == 2
+    np.testing.assert_array_equal(np.asarray(sorted(r_x.values()), np.float32),
+                                  np.asarray(sorted(r_p.values()), np.float32))  # fmt: skip
+    assert sorted(r_x.values())[0] != sorted(r_x.values())[1]
+
+
+def test_observer_in_an_xla_loop_body_is_an_error_naming_it():
+    """A point in a loop body that XLA compiles: the While op cannot pass the variables in; the
+    error names the function and the op (instead of XLA's own 'no VarHandleOp kernel')."""
+    from graphquant.graph.calibrate import RangeCollector, insert_observers
+    from graphquant.graph.function import config_from_kwargs
+    from graphquant.graph.planning import plan_graph_def
+
+    k = tf.constant(RNG.normal(size=(3, 3, 2, 2)).astype("float32"))
+
+    @tf.function(jit_compile=True, autograph=False)
+    def loop(x):
+        return tf.while_loop(lambda i, h: i < 2, lambda i, h: (i + 1, tf.nn.relu(tf.nn.conv2d(h, k, 1, "SAME"))),
+                             (tf.constant(0), x))[1]  # fmt: skip
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 2], tf.float32)], autograph=False)
+    def f(x):
+        return loop(x)
+
+    gd = f.get_concrete_function().graph.as_graph_def()
+    plan, _ = plan_graph_def(gd, config_from_kwargs(8, None, "nearest", None, None))
+    assert len(plan.targets) == 1
+    col = RangeCollector("minmax")
+    try:
+        with pytest.raises(ValueError, match=r"cannot pass a variable into XLA-compiled function '.*body.*': "
+                                             r"(StatelessWhile|While) node"):  # fmt: skip
+            insert_observers(gd, plan, col)
+    finally:
+        col.release()

@@ -370,9 +370,6 @@ def test_efficientnetv2l_quantizes():
 
 
 # --------------------------------------------------------------------------- grouped convolutions, XLA
-XLA_CALIBRATION = pytest.mark.xfail(strict=True, reason="needs issue 12's in-graph observers")
-
-
 def _xla_functions(path):
     from graphquant.graph.saved_model import read_saved_model
 
@@ -423,11 +420,21 @@ def test_grouped_conv_export_rounds_inside_xla(grouped, kw, tmp_path):
         assert len(np.unique(y)) <= 256
 
 
-@XLA_CALIBRATION
 def test_grouped_conv_export_calibration(grouped, tmp_path):
     _, src, data = grouped
     gq.convert_saved_model(src, str(tmp_path / "q"), bits=8, calibration_data=data)
     assert np.all(np.isfinite(_serve(str(tmp_path / "q"), data)))
+
+
+def test_grouped_conv_export_compare(grouped, tmp_path):
+    """compare's in-graph observers run inside the XLA-compiled function too."""
+    _, src, data = grouped
+    rep = gq.convert_saved_model(src, str(tmp_path / "q"), bits=8, calibration_data=data)
+    r = gq.compare(src, str(tmp_path / "q"), data)
+    (lo, hi), = rep.ranges.values()
+    assert len(r.points) == 1 and r.points[0].size == data.shape[0] * 6 * 6 * 16  # the conv output, 'valid'
+    assert 0 < r.points[0].max_abs <= (hi - lo) / 255  # at most a step (the nudged grid) from the float value
+    assert 30 < r.points[0].sqnr_db < np.inf
 
 
 @pytest.fixture(scope="module")
@@ -448,10 +455,23 @@ def test_convnext_export_converts_and_runs(convnext, tmp_path):
 
 
 @pytest.mark.slow
-@XLA_CALIBRATION
 def test_convnext_export_calibration(convnext, tmp_path):
     src, data = convnext
-    gq.convert_saved_model(src, str(tmp_path / "q"), bits=8, calibration_data=data)
+    rep = gq.convert_saved_model(src, str(tmp_path / "q"), bits=8, calibration_data=data)
+    assert len(rep.ranges) == 22  # every point calibrated, the 18 inside XLA functions too
+    assert all(lo < 0 < hi for lo, hi in rep.ranges.values())
+    assert np.all(np.isfinite(_serve(str(tmp_path / "q"), data)))
+
+
+@pytest.mark.slow
+def test_convnext_keras_calibration():
+    keras.utils.set_random_seed(0)
+    m = keras.applications.ConvNeXtTiny(weights=None, input_shape=(32, 32, 3))
+    data = np.random.RandomState(0).rand(2, 32, 32, 3).astype("float32")
+    q = gk.quantize_model(m, bits=8, calibration_data=data)
+    ranges = [l.get_range() for l in _flat(q) if isinstance(l, Quantize)]
+    assert len(ranges) == len(_built_convs(m)) and np.all(np.isfinite(ranges))  # every convolution calibrated
+    assert np.all(np.isfinite(q.predict(data, verbose=0)))
 
 
 _REGNET_SCRIPT = r"""
@@ -494,12 +514,13 @@ def test_tf_keras_regnet_counts_and_runs(regnets, name, tmp_path):
 
 
 @pytest.mark.slow
-@XLA_CALIBRATION
 @pytest.mark.parametrize("name", ["RegNetX002", "RegNetY002"])
 def test_tf_keras_regnet_calibration(regnets, name, tmp_path):
     root, _ = regnets
     data = np.random.RandomState(0).rand(2, 32, 32, 3).astype("float32")
-    gq.convert_saved_model(str(root / name), str(tmp_path / "q"), bits=8, calibration_data=data)
+    rep = gq.convert_saved_model(str(root / name), str(tmp_path / "q"), bits=8, calibration_data=data)
+    assert len(rep.ranges) == rep.convolutions  # what the signature runs is calibrated, in XLA functions too
+    assert np.all(np.isfinite(_serve(str(tmp_path / "q"), data)))
 
 
 # --------------------------------------------------------------------------- what a conversion counts

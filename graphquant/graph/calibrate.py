@@ -5,8 +5,10 @@ plan will round (the same places), a call to the point's observer function is
 spliced into a copy of the GraphDef (inside the library function holding the
 point when it is in one). The observer passes the tensor through and updates
 the point's statistics with TensorFlow ops (reductions, a bincount) on
-resource variables; nothing is copied to Python while the graph runs. The
-observed graph is only ever run here, never saved.
+resource variables; nothing is copied to Python while the graph runs. Inside
+an XLA-compiled function (Keras' grouped convolutions) the observer compiles
+with it: the variables come in as resource arguments threaded from the callers.
+The observed graph is only ever run here, never saved.
 """
 
 from __future__ import annotations
@@ -65,8 +67,9 @@ class RangeCollector:
 
 
 def splice_observer(ed: Any, sc: Any, ref: str, dtype: int, observer: engine.Observer, name: str) -> Any:
-    """Add a call ``observer(ref, *handles)`` to scope ``sc`` of editor ``ed`` (with ``VarHandleOp``
-    nodes naming the observer's variables); return the call node (output 0 is ``ref``'s value)."""
+    """Add a call ``observer(ref, *handles)`` to scope ``sc`` of editor ``ed`` (handles of the
+    observer's variables, see :meth:`GraphEditor.resource_handle`: passed in as arguments where
+    XLA compiles the scope); return the call node (output 0 is ``ref``'s value)."""
     from tensorflow.core.framework import types_pb2
 
     fname, fdefs = observer.function_def(dtype)
@@ -74,14 +77,8 @@ def splice_observer(ed: Any, sc: Any, ref: str, dtype: int, observer: engine.Obs
     base = sc.unique(name)
     inputs = [ref]
     for key, (vdtype, shape) in observer.variable_specs().items():
-        h = node_def_pb2.NodeDef(name=sc.unique(f"{base}/{key}"), op="VarHandleOp")
-        h.attr["dtype"].type = vdtype.as_datatype_enum
-        for d in shape:
-            h.attr["shape"].shape.dim.add().size = int(d)
-        h.attr["shared_name"].s = observer.shared_name(key).encode()
-        h.attr["container"].s = b""
-        h.attr["allowed_devices"].list.SetInParent()
-        inputs.append(sc.ref(sc.add(h), 0))
+        inputs.append(ed.resource_handle(sc.name, observer.shared_name(key), vdtype.as_datatype_enum, shape,
+                                         f"{base}/{key}"))  # fmt: skip
     nd = node_def_pb2.NodeDef(name=base, op="StatefulPartitionedCall", input=inputs)
     nd.attr["Tin"].list.type.extend([dtype] + [types_pb2.DT_RESOURCE] * (len(inputs) - 1))
     nd.attr["Tout"].list.type.append(dtype)

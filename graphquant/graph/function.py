@@ -258,6 +258,11 @@ def quantize_function(
         obs.CopyFrom(gd)
         obs_redirects: Dict[str, str] = {}
         insert_observers(obs, plan, collector, obs_redirects)
+        # functions holding an observer, or passing its variables into an XLA body, are edited:
+        # new names (the process holds the originals)
+        before = {f.signature.name: f for f in gd.library.function}
+        _rename_edited(obs, [f.signature.name for f in obs.library.function
+                             if f.signature.name in before and f != before[f.signature.name]])  # fmt: skip
         runner = _import(obs, cf, obs_redirects)
         try:
             batches = calibration_batches(calibration_data, check=lambda b: _check_flat(cf, b))

@@ -232,6 +232,9 @@ class GraphEditor:
         self.counter = 0
         #: top-level tensor name -> the tensor now holding its rounded value
         self.redirects: Dict[str, str] = {}
+        self._handles: Dict[Tuple[str, str], str] = {}
+        self._references: Optional[Dict[str, List[Tuple[str, str, bool]]]] = None
+        self._compiled: Dict[str, bool] = {}
 
     def redirect(self, tensor: str) -> str:
         """The top-level tensor that now carries ``tensor``'s (rounded) value.
@@ -247,6 +250,109 @@ class GraphEditor:
                 raise KeyError(f"no function {name!r} in the graph's library")
             self._scopes[name] = _Scope(self, name)
         return self._scopes[name]
+
+    # -- resource variables ------------------------------------------------
+    def _refs(self) -> Dict[str, List[Tuple[str, str, bool]]]:
+        """Function name -> ``(scope, node, is_call)`` of every node naming it (a call node's
+        ``f``, a direct call, or any other function-valued attribute)."""
+        if self._references is None:
+            refs: Dict[str, List[Tuple[str, str, bool]]] = {}
+            scopes = [("", self.graph_def.node)] + [(n, f.node_def) for n, f in self.library.items()]
+            for scope, nodes in scopes:
+                for nd in nodes:
+                    named = set()
+                    if nd.op in CALL_OPS and "f" in nd.attr:
+                        refs.setdefault(nd.attr["f"].func.name, []).append((scope, nd.name, True))
+                        named.add(("f", nd.attr["f"].func.name))
+                    elif nd.op in self.library:
+                        refs.setdefault(nd.op, []).append((scope, nd.name, True))
+                    for k, v in nd.attr.items():
+                        which = v.WhichOneof("value")
+                        funcs = [v.func.name] if which == "func" else list(f.name for f in v.list.func) if which == "list" else []
+                        for fn in funcs:
+                            if fn in self.library and (k, fn) not in named:
+                                refs.setdefault(fn, []).append((scope, nd.name, False))
+            self._references = refs
+        return self._references
+
+    def compiled(self, scope: str) -> bool:
+        """Whether XLA compiles the body of ``scope``: the function must compile
+        (``_XlaMustCompile``), or is called or referenced from a body that does."""
+        if not scope:
+            return False
+        if scope not in self._compiled:
+            self._compiled[scope] = False  # a recursive reference does not make it compiled
+            fdef = self.library[scope]
+            res = fdef.attr["_XlaMustCompile"].b if "_XlaMustCompile" in fdef.attr else False
+            for caller, node, _ in self._refs().get(scope, []):
+                if res:
+                    break
+                nd = self.scope(caller).by_name[node]
+                res = (nd.attr["_XlaMustCompile"].b if "_XlaMustCompile" in nd.attr else False) or self.compiled(caller)
+            self._compiled[scope] = res
+        return self._compiled[scope]
+
+    def resource_handle(self, scope: str, shared_name: str, dtype: int, shape: Sequence[Optional[int]],
+                        name: str) -> str:  # fmt: skip
+        """A reference, valid in ``scope``, to the resource variable ``shared_name`` (container ``""``).
+
+        A ``VarHandleOp`` node where one can run; in a body XLA compiles (see
+        :meth:`compiled`), where ``VarHandleOp`` cannot, a new resource argument
+        of the function, which every call of it passes from the caller's own
+        handle (recursively up to a body that is not compiled): the variable
+        then reaches XLA as the compiled function's resource input. Calls of
+        such a function become ``StatefulPartitionedCall``.
+
+        Raises:
+            ValueError: when the compiled function is referenced otherwise than by
+                a call (e.g. as a ``While`` body): its callers cannot pass the handle.
+        """
+        key = (scope, shared_name)
+        if key in self._handles:
+            return self._handles[key]
+        sc = self.scope(scope)
+        if not self.compiled(scope):
+            h = node_def_pb2.NodeDef(name=sc.unique(name), op="VarHandleOp")
+            h.attr["dtype"].type = dtype
+            if shape is None:
+                h.attr["shape"].shape.unknown_rank = True
+            else:
+                h.attr["shape"].shape.SetInParent()
+                for d in shape:
+                    h.attr["shape"].shape.dim.add().size = -1 if d is None else int(d)
+            h.attr["shared_name"].s = shared_name.encode()
+            h.attr["container"].s = b""
+            h.attr["allowed_devices"].list.SetInParent()
+            ref = sc.ref(sc.add(h), 0)
+        else:
+            refs = self._refs().get(scope, [])
+            bad = [(c, n) for c, n, is_call in refs if not is_call]
+            if bad:
+                c, n = bad[0]
+                op = self.scope(c).by_name[n].op
+                where = f"function {c!r}" if c else "the graph"
+                raise ValueError(f"cannot pass a variable into XLA-compiled function {scope!r}: "
+                                 f"{op} node {n!r} in {where} uses it otherwise than by a call")  # fmt: skip
+            fdef = sc.fdef
+            arg = sc.unique(_arg_name(name))
+            fdef.signature.input_arg.add(name=arg, type=types_pb2.DT_RESOURCE)
+            fdef.signature.is_stateful = True
+            sc.arg_types[arg] = types_pb2.DT_RESOURCE
+            if "_input_shapes" in fdef.attr:
+                fdef.attr["_input_shapes"].list.shape.add()  # a scalar: a resource handle
+            ref = arg
+            for caller, node, _ in refs:
+                h = self.resource_handle(caller, shared_name, dtype, shape, name)
+                nd = self.scope(caller).by_name[node]
+                ctrl = [r for r in nd.input if r.startswith("^")]
+                data = [r for r in nd.input if not r.startswith("^")]
+                del nd.input[:]
+                nd.input.extend(data + [h] + ctrl)
+                if nd.op in CALL_OPS:
+                    nd.attr["Tin"].list.type.append(types_pb2.DT_RESOURCE)
+                    nd.op = "StatefulPartitionedCall"
+        self._handles[key] = ref
+        return ref
 
     # -- functions ---------------------------------------------------------
     def add_functions(self, fdefs: Sequence[function_pb2.FunctionDef], main: str) -> str:
@@ -438,6 +544,12 @@ def _static_shape(sc: _Scope, node: str):
         if not s.unknown_rank:
             return [d.size if d.size >= 0 else None for d in s.dim]
     return None
+
+
+def _arg_name(text: str) -> str:
+    """A valid function argument name (``[a-z][a-z0-9_]*``) from ``text``."""
+    out = "".join(c if c.isalnum() else "_" for c in text.lower())
+    return out if out[:1].isalpha() else f"arg_{out}"
 
 
 def _rename_functions(nd: node_def_pb2.NodeDef, mapping: Dict[str, str]) -> None:
