@@ -261,7 +261,7 @@ def test_target_model_round_trips_and_trains(tmp_path, data):
     # the links to the integer kernels are not in the file: made again (export_tflite does it itself)
     from graphquant.keras.integer import link_integer
 
-    assert link_integer(back) == link_integer(q) == 6  # 3 conv groups, ADD, MEAN, Dense
+    assert link_integer(back) == link_integer(q) == 7  # input, 3 conv groups, ADD, MEAN, Dense
     np.testing.assert_array_equal(back.predict(data[:8], verbose=0), q.predict(data[:8], verbose=0))
 
 
@@ -320,3 +320,32 @@ def test_cli_export_and_compare(tmp_path, data, target_export):
     assert "input_layer_quant" in p.stdout
     p = _cli("compare-tflite", str(src), str(tmp_path / "missing.tflite"), "--data", str(npz))
     assert p.returncode == 1 and "no such file" in p.stderr
+
+
+def test_input_quantization_is_the_runtimes(tmp_path):
+    """The model input is rounded as LiteRT's QUANTIZE rounds it (round(x / s) half away from zero, + zp), not
+    with FakeQuant's arithmetic (nudged minimum, floor(.. + 1/2)): MobileNet's preprocessing x / 127.5 - 1 puts
+    half of the pixels exactly on a tie, where the two disagree by one LSB (MobileNetV2 diverged from there)."""
+    keras.utils.set_random_seed(5)
+    inp = keras.Input((8, 8, 3), name="input_layer")
+    x = keras.layers.Conv2D(6, 3, padding="same", name="conv")(inp)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.ReLU(name="relu")(x)
+    out = keras.layers.Dense(4, name="dense")(keras.layers.GlobalAveragePooling2D(name="gap")(x))
+    m = keras.Model(inp, out)
+    pixels = np.random.RandomState(5).randint(0, 256, size=(64, 8, 8, 3))
+    data = (pixels / 127.5 - 1.0).astype("float32")
+    q = gq.quantize_model(m, target="tflite_int8", calibration_data=data)
+    path = tmp_path / "in.tflite"
+    report = gq.export_tflite(q, path, check_data=data)
+    rep = gq.compare_tflite(q, path, data)
+    first = rep.rows[0]
+    assert first.layer == "input_layer_quant", str(rep)
+    assert first.max_diff_lsb == 0, str(rep)  # was 1 LSB on ~25 % of the elements
+    assert all(r.max_diff_lsb == 0 for r in rep.rows), str(rep)
+    assert report.exact("reference"), str(report)
+    # the rule itself, on ties: std::round(-2.5) = -3, FakeQuant's floor(-2.5 + 0.5) = -2
+    from graphquant.keras.integer import quantize_input_tf
+
+    got = quantize_input_tf(np.float32([-2.5, 2.5, -0.5, 0.49999997, 300.0]), 1.0, 3).numpy()
+    assert got.tolist() == [-3.0, 3.0, -1.0, 0.0, 124.0]

@@ -10,7 +10,8 @@ then ``RoundingDivideByPOT``, both half away from zero), and deep nets amplify
 those single LSBs. :func:`link_integer` links every convolution / depthwise /
 Dense layer whose input comes from a rounding point (through same-scale ops
 such as ZeroPadding) and whose group ends in one (through a ReLU/ReLU6) to
-those two points; with ``training=False`` such a layer then computes exactly
+those two points (and ADD, MEAN, and the model input's rounding point, which
+then quantizes as the runtime's QUANTIZE does); with ``training=False`` such a layer then computes exactly
 what the reference kernels (``tensorflow/lite/kernels/internal/reference/
 integer_ops/conv.h``, ``depthwise_conv.h``, ``fully_connected.h`` with
 ``common.h``'s ``MultiplyByQuantizedMultiplier`` and
@@ -33,7 +34,8 @@ import tensorflow as tf
 
 from ..formats import Affine
 
-__all__ = ["link_integer", "qparams", "quantize_multiplier_tf", "multiply_by_quantized_multiplier_tf"]
+__all__ = ["link_integer", "qparams", "quantize_input_tf", "quantize_multiplier_tf",
+           "multiply_by_quantized_multiplier_tf"]
 
 _SAME_SCALE = ("ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D", "MaxPooling1D", "MaxPooling2D", "MaxPooling3D",
                "Reshape", "Flatten", "Dropout", "Cropping1D", "Cropping2D", "Cropping3D", "Identity")  # fmt: skip
@@ -359,15 +361,50 @@ def _int_mean(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> 
     return tf.cast((out - zo) * so, tf.float32)
 
 
+def quantize_input_tf(x: Any, scale: Any, zero_point: Any, qmin: float = -128.0, qmax: float = 127.0) -> tf.Tensor:
+    """TFLite's QUANTIZE of a float tensor to int8 (``reference/quantize.h`` ``AffineQuantize``, and the
+    optimized kernel's scalar path): ``clamp(std::round(x / float(scale)) + zp, qmin, qmax)``; the division in
+    float32, ``std::round`` (half away from zero) applied exactly (in float64: ``|v| + 0.5`` in float32 rounds
+    0.49999997 up). Returns ``q - zp`` as float64."""
+    v = tf.cast(tf.cast(x, tf.float32) / tf.cast(scale, tf.float32), tf.float64)
+    zp = tf.cast(zero_point, tf.float64)
+    return tf.clip_by_value(_round_away(v) + zp, qmin, qmax) - zp
+
+
+def _int_quantize_input(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+    """The model input's rounding point as the runtime quantizes the input (:func:`quantize_input_tf`) instead
+    of TensorFlow's FakeQuant arithmetic (nudged minimum, ``floor((x - nudged_min) / scale + 1/2)``, a float32
+    scale computed in float32): they differ by one LSB on a few elements, which deep nets amplify."""
+    from .layers import _EXPORT_INT8_WEIGHTS
+
+    training = kwargs.get("training")
+    train = bool(training) if training is not None else _training_now()
+    if train or _EXPORT_INT8_WEIGHTS[0] or layer._calibrator is not None or kwargs.get("pre_activation") is not None:
+        return orig(inputs, *args, **kwargs)
+    s, _, zp = qparams(layer)
+    out = tf.cast(quantize_input_tf(inputs, s, zp) * s, tf.float32)
+    if not tf.executing_eagerly():
+        out.set_shape(inputs.shape)
+    return out
+
+
 def _link_op(layer: Any) -> bool:
-    """Link an ADD (two inputs) or a 2D global average pool to its rounding points; overrides its ``call``
-    on this instance only (its config, and so its ``.keras`` file, are unchanged)."""
+    """Link an ADD (two inputs) or a 2D global average pool to its rounding points, or the model input's
+    rounding point to the runtime's QUANTIZE; overrides its ``call`` on this instance only (its config, and so
+    its ``.keras`` file, are unchanged)."""
     import functools
 
     name = type(layer).__name__
     if len(layer._inbound_nodes) != 1 or getattr(layer, "data_format", "channels_last") != "channels_last":
         return False
     ins = layer._inbound_nodes[0].input_tensors
+    if _eligible_quantize(layer):
+        if len(ins) != 1 or type(ins[0]._keras_history.operation).__name__ != "InputLayer":
+            return False
+        orig = getattr(layer, "_gq_orig_call", None) or layer.call
+        object.__setattr__(layer, "_gq_orig_call", orig)
+        object.__setattr__(layer, "call", functools.partial(_int_quantize_input, layer, orig))
+        return True
     if name == "Add" and len(ins) == 2:
         impl = _int_add
     elif name == "GlobalAveragePooling2D" and len(ins) == 1 and ins[0].shape[1] and ins[0].shape[2]:
