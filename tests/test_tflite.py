@@ -349,3 +349,27 @@ def test_input_quantization_is_the_runtimes(tmp_path):
 
     got = quantize_input_tf(np.float32([-2.5, 2.5, -0.5, 0.49999997, 300.0]), 1.0, 3).numpy()
     assert got.tolist() == [-3.0, 3.0, -1.0, 0.0, 124.0]
+
+
+def test_average_pool_is_the_runtimes(tmp_path):
+    """AVERAGE_POOL_2D keeps its input's scale (integer window mean, rounding half away from zero, SAME padding
+    counting only the elements inside), then the converter's int8 -> int8 QUANTIZE to the pool's own range
+    (was: a FakeQuant of the float mean at the pool's range, 1+ LSB off)."""
+    keras.utils.set_random_seed(7)
+    inp = keras.Input((9, 9, 3), name="input_layer")
+    x = keras.layers.Conv2D(6, 3, padding="same", name="c1")(inp)
+    x = keras.layers.AveragePooling2D(2, name="ap_valid")(x)
+    x = keras.layers.AveragePooling2D(3, strides=1, padding="same", name="ap_same")(x)
+    x = keras.layers.Conv2D(5, 3, padding="same", name="c2")(x)
+    out = keras.layers.Dense(3, name="dense")(keras.layers.GlobalAveragePooling2D(name="gap")(x))
+    m = keras.Model(inp, out)
+    data = np.random.RandomState(7).randn(64, 9, 9, 3).astype("float32")
+    q = gq.quantize_model(m, target="tflite_int8", calibration_data=data)
+    names = [l.name for l in q.layers]
+    assert "ap_valid_quant" in names and "ap_same_quant" in names, names
+    path = tmp_path / "ap.tflite"
+    report = gq.export_tflite(q, path, check_data=data)
+    assert report.ops.get("AVERAGE_POOL_2D") == 2 and report.fully_integer, str(report)
+    rep = gq.compare_tflite(q, path, data)
+    assert all(r.max_diff_lsb == 0 for r in rep.rows), str(rep)
+    assert report.exact("reference"), str(report)

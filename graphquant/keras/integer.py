@@ -361,6 +361,41 @@ def _int_mean(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> 
     return tf.cast((out - zo) * so, tf.float32)
 
 
+def _int_avg_pool(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+    """TFLite's int8 AVERAGE_POOL_2D (``reference/integer_ops/pooling.h``), then the int8 -> int8 QUANTIZE the
+    converter inserts when the output's rounding point has a range of its own (``reference/requantize.h``).
+
+    AVERAGE_POOL_2D keeps its input's scale and zero point: per window, the sum of the raw int8 values over the
+    elements inside the input (``SAME`` padding counts fewer), divided by that count rounding half away from
+    zero (``(acc +- count / 2) / count``, C division). The requantization: ``MultiplyByQuantizedMultiplier(q -
+    zp_in, M, shift) + zp_out`` with ``M = s_in / s_out`` (float32 scales, in double), clamped."""
+    from .layers import _EXPORT_INT8_WEIGHTS
+
+    qs = layer._gq_integer()
+    if _training_now() or _EXPORT_INT8_WEIGHTS[0] or any(q._calibrator is not None for q in qs):
+        return orig(inputs, *args, **kwargs)
+    (si, _, zi), (so, _, zo) = (qparams(q) for q in qs)
+    q_in = _round_away(tf.cast(inputs, tf.float64) / si) + zi  # the raw int8 values
+    ph, pw = layer.pool_size
+    sh, sw = layer.strides
+    pad = layer.padding.upper()
+    channels = int(inputs.shape[-1])
+    ones = tf.ones([ph, pw, channels, 1], tf.float32)
+    # window sums of integers below 2**24 in magnitude: exact in float32
+    acc = tf.nn.depthwise_conv2d(tf.cast(q_in, tf.float32), ones, [1, sh, sw, 1], pad)
+    count = tf.nn.depthwise_conv2d(tf.ones_like(q_in[:1, :, :, :1], tf.float32), ones[:, :, :1], [1, sh, sw, 1], pad)
+    acc, count = tf.cast(acc, tf.int64), tf.cast(count, tf.int64)
+    avg = tf.sign(acc) * tf.math.floordiv(tf.abs(acc) + count // 2, count)
+    avg = tf.clip_by_value(avg, -128, 127)
+    m, shift = quantize_multiplier_tf(si / so)
+    out = multiply_by_quantized_multiplier_tf(avg - tf.cast(zi, tf.int64), m, shift) + tf.cast(zo, tf.int64)
+    out = tf.clip_by_value(tf.cast(out, tf.float64), -128.0, 127.0)
+    out = tf.cast((out - zo) * so, tf.float32)
+    if not tf.executing_eagerly():
+        out.set_shape(layer.compute_output_shape(inputs.shape))
+    return out
+
+
 def quantize_input_tf(x: Any, scale: Any, zero_point: Any, qmin: float = -128.0, qmax: float = 127.0) -> tf.Tensor:
     """TFLite's QUANTIZE of a float tensor to int8 (``reference/quantize.h`` ``AffineQuantize``, and the
     optimized kernel's scalar path): ``clamp(std::round(x / float(scale)) + zp, qmin, qmax)``; the division in
@@ -409,6 +444,8 @@ def _link_op(layer: Any) -> bool:
         impl = _int_add
     elif name == "GlobalAveragePooling2D" and len(ins) == 1 and ins[0].shape[1] and ins[0].shape[2]:
         impl = _int_mean
+    elif name == "AveragePooling2D" and len(ins) == 1 and ins[0].shape[-1]:
+        impl = _int_avg_pool
     else:
         return False
     ups = [_upstream_quantize(t) for t in ins]
