@@ -47,14 +47,22 @@ def _round_away(x: tf.Tensor) -> tf.Tensor:
     return tf.sign(x) * tf.floor(tf.abs(x) + 0.5)
 
 
+def _scale_owner(q: Any) -> Any:
+    """The rounding point whose range the converter gives ``q``: a Concatenate's output point for a point whose
+    only consumer is that Concatenate (CONCATENATION needs one scale: the producer requantizes straight to it)."""
+    f = getattr(q, "_gq_scale_of", None)
+    return q if f is None else f()
+
+
 def qparams(q: Any) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """``(scale as stored (float32, as float64), scale in float64, zero point)`` of an int8 rounding point.
 
     As the converter derives them from the FakeQuant range (MLIR's
     ``getNudgedScaleAndZeroPoint``: ``scale = (max - min) / 255`` in double,
-    zero point ``round(-128 - min / scale)`` clamped to ``[-128, 127]``).
+    zero point ``round(-128 - min / scale)`` clamped to ``[-128, 127]``); those of the Concatenate it
+    feeds for a point that shares that scale (:func:`_scale_owner`).
     """
-    st = tf.cast(q.range.value, tf.float64)
+    st = tf.cast(_scale_owner(q).range.value, tf.float64)
     lo, hi = st[0], st[1]
     s64 = (hi - lo) / 255.0
     zp = tf.clip_by_value(_round_away(-128.0 - lo / s64), -128.0, 127.0)
@@ -406,15 +414,17 @@ def quantize_input_tf(x: Any, scale: Any, zero_point: Any, qmin: float = -128.0,
     return tf.clip_by_value(_round_away(v) + zp, qmin, qmax) - zp
 
 
-def _int_quantize_input(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-    """The model input's rounding point as the runtime quantizes the input (:func:`quantize_input_tf`) instead
-    of TensorFlow's FakeQuant arithmetic (nudged minimum, ``floor((x - nudged_min) / scale + 1/2)``, a float32
-    scale computed in float32): they differ by one LSB on a few elements, which deep nets amplify."""
+def _int_quantize(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+    """A rounding point on the runtime's grid (scale and zero point of :func:`qparams`), rounding as its QUANTIZE
+    does (:func:`quantize_input_tf`), instead of TensorFlow's FakeQuant arithmetic (nudged minimum,
+    ``floor((x - nudged_min) / scale + 1/2)``, a float32 scale computed in float32): they differ by one LSB on
+    a few elements, which deep nets amplify. Used at the model input, and at points that take a Concatenate's
+    scale (:func:`_scale_owner`) and that Concatenate's output."""
     from .layers import _EXPORT_INT8_WEIGHTS
 
     training = kwargs.get("training")
     train = bool(training) if training is not None else _training_now()
-    if train or _EXPORT_INT8_WEIGHTS[0] or layer._calibrator is not None or kwargs.get("pre_activation") is not None:
+    if train or _EXPORT_INT8_WEIGHTS[0] or layer._calibrator is not None:  # (inference rounds y, not pre_activation)
         return orig(inputs, *args, **kwargs)
     s, _, zp = qparams(layer)
     out = tf.cast(quantize_input_tf(inputs, s, zp) * s, tf.float32)
@@ -423,12 +433,64 @@ def _int_quantize_input(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs
     return out
 
 
-def _link_op(layer: Any) -> bool:
-    """Link an ADD (two inputs) or a 2D global average pool to its rounding points, or the model input's
-    rounding point to the runtime's QUANTIZE; overrides its ``call`` on this instance only (its config, and so
-    its ``.keras`` file, are unchanged)."""
+def _int_concat(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+    """TFLite's int8 CONCATENATION as the converter emits it: one scale for inputs and output. An input whose
+    rounding point feeds only the Concatenate already has that scale (its producer requantizes to it,
+    :func:`_scale_owner`); any other input goes through an int8 -> int8 QUANTIZE (``reference/requantize.h``:
+    ``MultiplyByQuantizedMultiplier(q - zp_in, M, shift) + zp_out`` with ``M = s_in / s_out``, clamped)."""
+    from .layers import _EXPORT_INT8_WEIGHTS
+
+    qs = layer._gq_integer()
+    if _training_now() or _EXPORT_INT8_WEIGHTS[0] or any(q._calibrator is not None for q in qs):
+        return orig(inputs, *args, **kwargs)
+    ups, out_q = qs[:-1], qs[-1]
+    so, _, zo = qparams(out_q)
+    parts = []
+    for x, u in zip(inputs, ups):
+        if _scale_owner(u) is out_q:
+            parts.append(x)
+            continue
+        si, _, zi = qparams(u)
+        v = tf.cast(_round_away(tf.cast(x, tf.float64) / si), tf.int64)  # q - zp_in
+        m, shift = quantize_multiplier_tf(si / so)
+        o = multiply_by_quantized_multiplier_tf(v, m, shift) + tf.cast(zo, tf.int64)
+        o = tf.clip_by_value(tf.cast(o, tf.float64), -128.0, 127.0)
+        part = tf.cast((o - zo) * so, tf.float32)
+        if not tf.executing_eagerly():
+            part.set_shape(x.shape)
+        parts.append(part)
+    return orig(parts, *args, **kwargs)
+
+
+def _override_call(layer: Any, impl: Any) -> None:
     import functools
 
+    orig = getattr(layer, "_gq_orig_call", None) or layer.call
+    object.__setattr__(layer, "_gq_orig_call", orig)
+    object.__setattr__(layer, "call", functools.partial(impl, layer, orig))
+
+
+def _link_concat(layer: Any, ins: Any) -> bool:
+    ups = [_upstream_quantize(t) for t in ins]
+    out_q = _downstream_quantize(layer)
+    if out_q is None or any(u is None for u in ups):
+        return False
+    for t, u in zip(ins, ups):
+        direct = t._keras_history.operation is u and len(u._outbound_nodes) == 1
+        from_input = type(u._inbound_nodes[0].input_tensors[0]._keras_history.operation).__name__ == "InputLayer"
+        if direct and not from_input:  # the converter gives this point the Concatenate's scale
+            object.__setattr__(u, "_gq_scale_of", (lambda q=out_q: q))
+            _override_call(u, _int_quantize)
+    _override_call(out_q, _int_quantize)
+    object.__setattr__(layer, "_gq_integer", (lambda qs=tuple(ups) + (out_q,): qs))
+    _override_call(layer, _int_concat)
+    return True
+
+
+def _link_op(layer: Any) -> bool:
+    """Link an ADD (two inputs), a Concatenate, a 2D (global) average pool to its rounding points, or the model input's
+    rounding point to the runtime's QUANTIZE; overrides its ``call`` on this instance only (its config, and so
+    its ``.keras`` file, are unchanged)."""
     name = type(layer).__name__
     if len(layer._inbound_nodes) != 1 or getattr(layer, "data_format", "channels_last") != "channels_last":
         return False
@@ -436,10 +498,10 @@ def _link_op(layer: Any) -> bool:
     if _eligible_quantize(layer):
         if len(ins) != 1 or type(ins[0]._keras_history.operation).__name__ != "InputLayer":
             return False
-        orig = getattr(layer, "_gq_orig_call", None) or layer.call
-        object.__setattr__(layer, "_gq_orig_call", orig)
-        object.__setattr__(layer, "call", functools.partial(_int_quantize_input, layer, orig))
+        _override_call(layer, _int_quantize)
         return True
+    if name == "Concatenate" and len(ins) >= 2:
+        return _link_concat(layer, ins)
     if name == "Add" and len(ins) == 2:
         impl = _int_add
     elif name == "GlobalAveragePooling2D" and len(ins) == 1 and ins[0].shape[1] and ins[0].shape[2]:
@@ -453,8 +515,6 @@ def _link_op(layer: Any) -> bool:
     if out_q is None or any(u is None for u in ups):
         return False
     qs = tuple(ups) + (out_q,)
-    orig = getattr(layer, "_gq_orig_call", None) or layer.call
-    object.__setattr__(layer, "_gq_orig_call", orig)
     object.__setattr__(layer, "_gq_integer", (lambda qs=qs: qs))
-    object.__setattr__(layer, "call", functools.partial(impl, layer, orig))
+    _override_call(layer, impl)
     return True
