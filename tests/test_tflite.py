@@ -399,3 +399,35 @@ def test_concatenate_shares_one_scale(tmp_path, shared_input):
     rep = gq.compare_tflite(q, path, data)
     assert all(r.max_diff_lsb == 0 for r in rep.rows), str(rep)
     assert report.exact("reference"), str(report)
+
+
+def test_nested_concatenate_and_max_pool(tmp_path):
+    """A Concatenate's own output point keeps its range when it feeds another Concatenate (the converter
+    requantizes it into the outer scale: no chain of shared scales), and so does a point that reaches a
+    Concatenate through a MaxPooling; the conv outputs that feed only a Concatenate take its scale."""
+    keras.utils.set_random_seed(8)
+    inp = keras.Input((8, 8, 3), name="input_layer")
+    a = keras.layers.Conv2D(4, 3, padding="same", name="ca")(inp)
+    b = keras.layers.ReLU(name="rb")(keras.layers.Conv2D(4, 1, name="cb")(inp))
+    wide = keras.initializers.RandomNormal(stddev=2.0)  # cat2's range is wider than cat1's
+    c = keras.layers.Conv2D(4, 3, padding="same", name="cc", kernel_initializer=wide)(inp)
+    x = keras.layers.Concatenate(name="cat2")([keras.layers.Concatenate(name="cat1")([a, b]), c])
+    p = keras.layers.MaxPooling2D(2, name="mp")(keras.layers.Conv2D(4, 1, name="ce")(inp))
+    x = keras.layers.Concatenate(name="cat3")([keras.layers.MaxPooling2D(2, name="mp2")(x), p])
+    x = keras.layers.Conv2D(6, 3, padding="same", name="cd")(x)
+    out = keras.layers.Dense(3, name="dense")(keras.layers.GlobalAveragePooling2D(name="gap")(x))
+    m = keras.Model(inp, out)
+    data = np.random.RandomState(8).randn(64, 8, 8, 3).astype("float32")
+    q = gq.quantize_model(m, target="tflite_int8", calibration_data=data)
+    path = tmp_path / "cat3.tflite"
+    report = gq.export_tflite(q, path, check_data=data)
+    assert report.ops.get("CONCATENATION") == 3 and report.ops.get("QUANTIZE") == 3, report.ops
+    rep = gq.compare_tflite(q, path, data)
+    rows = {r.layer: r for r in rep.rows}
+    lo1, hi1 = q.get_layer("cat1_quant").get_range()
+    lo2, hi2 = q.get_layer("cat2_quant").get_range()
+    assert hi2 - lo2 > 1.5 * (hi1 - lo1)  # cat2's scale differs from cat1's
+    assert rows["ca_quant"].scale == rows["cat1_quant"].scale == pytest.approx((hi1 - lo1) / 255, rel=1e-6)
+    assert rows["cc_quant"].scale == rows["cat2_quant"].scale == pytest.approx((hi2 - lo2) / 255, rel=1e-6)
+    assert all(r.max_diff_lsb == 0 for r in rep.rows), str(rep)
+    assert report.exact("reference"), str(report)

@@ -10,8 +10,9 @@ then ``RoundingDivideByPOT``, both half away from zero), and deep nets amplify
 those single LSBs. :func:`link_integer` links every convolution / depthwise /
 Dense layer whose input comes from a rounding point (through same-scale ops
 such as ZeroPadding) and whose group ends in one (through a ReLU/ReLU6) to
-those two points (and ADD, MEAN, and the model input's rounding point, which
-then quantizes as the runtime's QUANTIZE does); with ``training=False`` such a layer then computes exactly
+those two points (and ADD, MEAN, AVERAGE_POOL_2D, CONCATENATION, and the
+model input's rounding point, which then quantizes as the runtime's QUANTIZE
+does); with ``training=False`` such a layer then computes exactly
 what the reference kernels (``tensorflow/lite/kernels/internal/reference/
 integer_ops/conv.h``, ``depthwise_conv.h``, ``fully_connected.h`` with
 ``common.h``'s ``MultiplyByQuantizedMultiplier`` and
@@ -49,7 +50,9 @@ def _round_away(x: tf.Tensor) -> tf.Tensor:
 
 def _scale_owner(q: Any) -> Any:
     """The rounding point whose range the converter gives ``q``: a Concatenate's output point for a point whose
-    only consumer is that Concatenate (CONCATENATION needs one scale: the producer requantizes straight to it)."""
+    only consumer is that Concatenate and whose producer is a weight layer (CONCATENATION needs one scale: the
+    converter has the conv/depthwise/FC requantize straight to it; measured). Not a chain: a Concatenate's own
+    output point keeps its range and is requantized into a Concatenate it feeds (also measured)."""
     f = getattr(q, "_gq_scale_of", None)
     return q if f is None else f()
 
@@ -470,6 +473,18 @@ def _override_call(layer: Any, impl: Any) -> None:
     object.__setattr__(layer, "call", functools.partial(impl, layer, orig))
 
 
+def _weight_layer_output(q: Any) -> bool:
+    """Whether the rounding point ``q`` rounds the output of a conv/depthwise/Dense group (through its fused
+    ReLU/ReLU6): an op whose output scale the converter can choose freely."""
+    op = q._inbound_nodes[0].input_tensors[0]._keras_history.operation
+    for _ in range(3):
+        if not _fusable(op) or len(op._inbound_nodes) != 1:
+            break
+        op = op._inbound_nodes[0].input_tensors[0]._keras_history.operation
+    inner = getattr(op, "conv", None) or getattr(op, "layer", None) or op
+    return type(inner).__name__ in _LINKED_LAYERS + ("SeparableConv1D", "SeparableConv2D", "Conv2DTranspose")
+
+
 def _link_concat(layer: Any, ins: Any) -> bool:
     ups = [_upstream_quantize(t) for t in ins]
     out_q = _downstream_quantize(layer)
@@ -477,8 +492,7 @@ def _link_concat(layer: Any, ins: Any) -> bool:
         return False
     for t, u in zip(ins, ups):
         direct = t._keras_history.operation is u and len(u._outbound_nodes) == 1
-        from_input = type(u._inbound_nodes[0].input_tensors[0]._keras_history.operation).__name__ == "InputLayer"
-        if direct and not from_input:  # the converter gives this point the Concatenate's scale
+        if direct and _weight_layer_output(u):  # the converter gives this point the Concatenate's scale
             object.__setattr__(u, "_gq_scale_of", (lambda q=out_q: q))
             _override_call(u, _int_quantize)
     _override_call(out_q, _int_quantize)
@@ -488,9 +502,9 @@ def _link_concat(layer: Any, ins: Any) -> bool:
 
 
 def _link_op(layer: Any) -> bool:
-    """Link an ADD (two inputs), a Concatenate, a 2D (global) average pool to its rounding points, or the model input's
-    rounding point to the runtime's QUANTIZE; overrides its ``call`` on this instance only (its config, and so
-    its ``.keras`` file, are unchanged)."""
+    """Link an ADD (two inputs), a Concatenate or a 2D (global) average pool to its rounding points, or the
+    model input's rounding point to the runtime's QUANTIZE; overrides its ``call`` on this instance only (its
+    config, and so its ``.keras`` file, are unchanged)."""
     name = type(layer).__name__
     if len(layer._inbound_nodes) != 1 or getattr(layer, "data_format", "channels_last") != "channels_last":
         return False
