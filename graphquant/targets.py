@@ -127,8 +127,10 @@ TFLITE_INT8 = Target(
         "int32 accumulation of (q_in - zp_in) * q_w + q_bias; output = zp_out + "
         "MultiplyByQuantizedMultiplier(acc, M0, shift) with M = s_in*s_w[c]/s_out = M0 * 2**(shift-31) "
         "(gemmlowp SaturatingRoundingDoublingHighMul + RoundingDivideByPOT), clamped to the fused activation's "
-        "range in [-128, 127]. Simulated in float: FakeQuant grids at the same points with the same scales and "
-        "zero points; the integer requantization itself is not reproduced bit for bit (see the agreement report)."
+        "range in [-128, 127]. At inference (training=False) the simulation computes the reference kernels' integer "
+        "arithmetic (graphquant.keras.integer: conv/depthwise, FULLY_CONNECTED (one rounding), ADD, MEAN, "
+        "AVERAGE_POOL_2D, CONCATENATION with the converter's shared scale, the input QUANTIZE); while training, "
+        "FakeQuant grids at the same points with straight-through gradients."
     ),
     covered=("model input", "Conv1D/2D/3D, DepthwiseConv, SeparableConv, Conv*Transpose -> [BatchNormalization] -> "
              "[ReLU/ReLU6/activation]", "Dense -> [BatchNormalization] -> [activation]", "Add", "Subtract",

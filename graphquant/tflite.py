@@ -111,12 +111,13 @@ def _quantize_input(x: np.ndarray, detail: Dict[str, Any]) -> np.ndarray:
     dtype = detail["dtype"]
     if np.issubdtype(dtype, np.floating):
         return x.astype(dtype)
+    from .keras.integer import quantize_input_tf
+
     scale, zp = detail["quantization"]
     info = np.iinfo(dtype)
-    # TFLite's QUANTIZE: round half away from zero, then the zero point
-    v = x.astype(np.float32) / np.float32(scale)
-    q = np.sign(v) * np.floor(np.abs(v) + 0.5)
-    return np.clip(q + zp, info.min, info.max).astype(dtype)
+    # TFLite's QUANTIZE (what the simulation's input rounding point computes, too)
+    q = quantize_input_tf(x, scale, zp, float(info.min), float(info.max)).numpy() + zp
+    return q.astype(dtype)
 
 
 def run_interpreter(interp: Any, inputs: Sequence[np.ndarray], batch: int = 64) -> Tuple[List[np.ndarray], List[np.ndarray]]:

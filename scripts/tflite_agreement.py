@@ -4,6 +4,7 @@ Run from the repository root:
 
     python scripts/tflite_agreement.py            # digits CNN, a ResNet-style net and MobileNetV2 (64x64)
     python scripts/tflite_agreement.py --quick    # digits CNN only
+    python scripts/tflite_agreement.py --models mobilenetv2   # one model (the same weights as in a full run)
 
 For each model: "before" is today's ``quantize_model(bits=8, weights=True)``,
 "after" is ``quantize_model(target="tflite_int8")``; both calibrated with
@@ -117,8 +118,14 @@ def speed(float_model, q, x, y):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="digits CNN only")
+    ap.add_argument("--models", default="digits,resnet,mobilenetv2",
+                    help="comma-separated subset of digits,resnet,mobilenetv2 (default: all)")
     ap.add_argument("--size", type=int, default=64)
     ns = ap.parse_args(argv)
+    chosen = {"digits"} if ns.quick else {m.strip() for m in ns.models.split(",") if m.strip()}
+    unknown = chosen - {"digits", "resnet", "mobilenetv2"}
+    if unknown or not chosen:
+        ap.error(f"--models: unknown {sorted(unknown)}; choose from digits, resnet, mobilenetv2")
     import keras
 
     import digits
@@ -128,21 +135,24 @@ def main(argv=None):
     lines = ["| model | quantization | kernels | max \\|diff\\| (output LSB) | % equal | top-1 agree % |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     acc_rows = []
-    x_tr, x_te, y_tr, y_te = digits.load_data()
-    keras.utils.set_random_seed(0)
-    cnn = digits.build_cnn()
-    digits._compile(cnn, keras.optimizers.Adam(1e-2))
-    cnn.fit(x_tr, y_tr, epochs=15, batch_size=32, verbose=0)
-    models = [("digits CNN", cnn, x_tr[:256], x_te, y_te)]
-    if not ns.quick:
+    models = []
+    if "digits" in chosen:
+        x_tr, x_te, y_tr, y_te = digits.load_data()
+        keras.utils.set_random_seed(0)
+        cnn = digits.build_cnn()
+        digits._compile(cnn, keras.optimizers.Adam(1e-2))
+        cnn.fit(x_tr, y_tr, epochs=15, batch_size=32, verbose=0)
+        models.append(("digits CNN", cnn, x_tr[:256], x_te, y_te))
+    if chosen - {"digits"}:
         rng = np.random.RandomState(0)
         imgs = rng.rand(320, ns.size, ns.size, 3).astype("float32") * 2 - 1
-        rn = reestimate_bn(resnet_like(ns.size), imgs)
-        mb = keras.applications.MobileNetV2(input_shape=(ns.size, ns.size, 3), alpha=0.35, weights=None, classes=10,
-                                            classifier_activation=None)  # fmt: skip
-        mb = reestimate_bn(mb, imgs)
-        models += [("ResNet-style", rn, imgs[:256], imgs[256:], None), ("MobileNetV2 a=0.35", mb, imgs[:256],
-                                                                         imgs[256:], None)]  # fmt: skip
+        rn = resnet_like(ns.size)  # built even when not run: MobileNetV2's random weights follow it
+        if "resnet" in chosen:
+            models.append(("ResNet-style", reestimate_bn(rn, imgs), imgs[:256], imgs[256:], None))
+        if "mobilenetv2" in chosen:
+            mb = keras.applications.MobileNetV2(input_shape=(ns.size, ns.size, 3), alpha=0.35, weights=None,
+                                                classes=10, classifier_activation=None)  # fmt: skip
+            models.append(("MobileNetV2 a=0.35", reestimate_bn(mb, imgs), imgs[:256], imgs[256:], None))
     for name, fm, cal, test, labels in models:
         variants = [("before: bits=8, weights=True", dict(bits=8, weights=True)),
                     ("after: target=tflite_int8", dict(target="tflite_int8"))]  # fmt: skip
@@ -167,6 +177,8 @@ def main(argv=None):
             acc_rows.insert(0, f"| float | {np.mean(fm.predict(test, verbose=0).argmax(1) == labels) * 100:.2f} | - |")
     print("\nAgreement of the simulation with the LiteRT interpreter\n")
     print("\n".join(lines))
+    if "digits" not in chosen:
+        return
     print("\nDigits test accuracy (%)\n\n| model | simulated | TFLite int8 (reference kernels) |\n|---|---|---|")
     print("\n".join(acc_rows))
     q = calibrate(cnn, x_tr[:256], target="tflite_int8")

@@ -261,7 +261,7 @@ def test_target_model_round_trips_and_trains(tmp_path, data):
     # the links to the integer kernels are not in the file: made again (export_tflite does it itself)
     from graphquant.keras.integer import link_integer
 
-    assert link_integer(back) == link_integer(q) == 6  # 3 conv groups, ADD, MEAN, Dense
+    assert link_integer(back) == link_integer(q) == 7  # input, 3 conv groups, ADD, MEAN, Dense
     np.testing.assert_array_equal(back.predict(data[:8], verbose=0), q.predict(data[:8], verbose=0))
 
 
@@ -320,3 +320,115 @@ def test_cli_export_and_compare(tmp_path, data, target_export):
     assert "input_layer_quant" in p.stdout
     p = _cli("compare-tflite", str(src), str(tmp_path / "missing.tflite"), "--data", str(npz))
     assert p.returncode == 1 and "no such file" in p.stderr
+
+
+def test_input_quantization_is_the_runtimes(tmp_path):
+    """The model input is rounded as LiteRT's QUANTIZE rounds it (round(x / s) half away from zero, + zp), not
+    with FakeQuant's arithmetic (nudged minimum, floor(.. + 1/2)): MobileNet's preprocessing x / 127.5 - 1 with
+    the range [-1, 1] puts every pixel on (or within float32 error of) a tie, where the two can disagree by one
+    LSB, and deep nets amplify it."""
+    keras.utils.set_random_seed(5)
+    inp = keras.Input((8, 8, 3), name="input_layer")
+    x = keras.layers.Conv2D(6, 3, padding="same", name="conv")(inp)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.ReLU(name="relu")(x)
+    out = keras.layers.Dense(4, name="dense")(keras.layers.GlobalAveragePooling2D(name="gap")(x))
+    m = keras.Model(inp, out)
+    pixels = np.random.RandomState(5).randint(0, 256, size=(64, 8, 8, 3))
+    data = (pixels / 127.5 - 1.0).astype("float32")
+    q = gq.quantize_model(m, target="tflite_int8", calibration_data=data)
+    path = tmp_path / "in.tflite"
+    report = gq.export_tflite(q, path, check_data=data)
+    rep = gq.compare_tflite(q, path, data)
+    first = rep.rows[0]
+    assert first.layer == "input_layer_quant", str(rep)
+    assert first.max_diff_lsb == 0, str(rep)  # was 1 LSB (FakeQuant's ties go up)
+    assert all(r.max_diff_lsb == 0 for r in rep.rows), str(rep)
+    assert report.exact("reference"), str(report)
+    # the rule itself, on ties: std::round(-2.5) = -3, FakeQuant's floor(-2.5 + 0.5) = -2
+    from graphquant.keras.integer import quantize_input_tf
+
+    got = quantize_input_tf(np.float32([-2.5, 2.5, -0.5, 0.49999997, 300.0]), 1.0, 3).numpy()
+    assert got.tolist() == [-3.0, 3.0, -1.0, 0.0, 124.0]
+
+
+def test_average_pool_is_the_runtimes(tmp_path):
+    """AVERAGE_POOL_2D keeps its input's scale (integer window mean, rounding half away from zero, SAME padding
+    counting only the elements inside), then the converter's int8 -> int8 QUANTIZE to the pool's own range
+    (was: a FakeQuant of the float mean at the pool's range, 1+ LSB off)."""
+    keras.utils.set_random_seed(7)
+    inp = keras.Input((9, 9, 3), name="input_layer")
+    x = keras.layers.Conv2D(6, 3, padding="same", name="c1")(inp)
+    x = keras.layers.AveragePooling2D(2, name="ap_valid")(x)
+    x = keras.layers.AveragePooling2D(3, strides=1, padding="same", name="ap_same")(x)
+    x = keras.layers.Conv2D(5, 3, padding="same", name="c2")(x)
+    out = keras.layers.Dense(3, name="dense")(keras.layers.GlobalAveragePooling2D(name="gap")(x))
+    m = keras.Model(inp, out)
+    data = np.random.RandomState(7).randn(64, 9, 9, 3).astype("float32")
+    q = gq.quantize_model(m, target="tflite_int8", calibration_data=data)
+    names = [l.name for l in q.layers]
+    assert "ap_valid_quant" in names and "ap_same_quant" in names, names
+    path = tmp_path / "ap.tflite"
+    report = gq.export_tflite(q, path, check_data=data)
+    assert report.ops.get("AVERAGE_POOL_2D") == 2 and report.fully_integer, str(report)
+    rep = gq.compare_tflite(q, path, data)
+    assert all(r.max_diff_lsb == 0 for r in rep.rows), str(rep)
+    assert report.exact("reference"), str(report)
+
+
+@pytest.mark.parametrize("shared_input", [False, True])
+def test_concatenate_shares_one_scale(tmp_path, shared_input):
+    """CONCATENATION has one scale: an input whose rounding point feeds only the Concatenate is requantized by its
+    producer straight to the Concatenate's scale (its own range is dropped); an input used elsewhere too keeps
+    its scale and reaches the Concatenate through an int8 -> int8 QUANTIZE. Was: each input rounded at its own
+    range, then again at the Concatenate's (0.7 LSB there, 2-4 LSB at the output)."""
+    keras.utils.set_random_seed(7)
+    inp = keras.Input((8, 8, 3), name="input_layer")
+    a = keras.layers.ReLU(name="ra")(keras.layers.Conv2D(4, 3, padding="same", name="ca")(inp))
+    b = keras.layers.Conv2D(4, 1, name="cb")(inp)
+    x = keras.layers.Conv2D(6, 3, padding="same", name="cc")(keras.layers.Concatenate(name="cat")([a, b]))
+    if shared_input:  # `a` also feeds cd: it keeps its own scale, requantized into cat
+        x = keras.layers.Concatenate(name="cat2")([x, keras.layers.Conv2D(6, 1, name="cd")(a)])
+    out = keras.layers.Dense(3, name="dense")(keras.layers.GlobalAveragePooling2D(name="gap")(x))
+    m = keras.Model(inp, out)
+    data = np.random.RandomState(7).randn(64, 8, 8, 3).astype("float32")
+    q = gq.quantize_model(m, target="tflite_int8", calibration_data=data)
+    path = tmp_path / "cat.tflite"
+    report = gq.export_tflite(q, path, check_data=data)
+    assert report.fully_integer, str(report)
+    assert ("QUANTIZE" in report.ops) == shared_input, report.ops  # the converter's requantization of `a`
+    rep = gq.compare_tflite(q, path, data)
+    assert all(r.max_diff_lsb == 0 for r in rep.rows), str(rep)
+    assert report.exact("reference"), str(report)
+
+
+def test_nested_concatenate_and_max_pool(tmp_path):
+    """A Concatenate's own output point keeps its range when it feeds another Concatenate (the converter
+    requantizes it into the outer scale: no chain of shared scales), and so does a point that reaches a
+    Concatenate through a MaxPooling; the conv outputs that feed only a Concatenate take its scale."""
+    keras.utils.set_random_seed(8)
+    inp = keras.Input((8, 8, 3), name="input_layer")
+    a = keras.layers.Conv2D(4, 3, padding="same", name="ca")(inp)
+    b = keras.layers.ReLU(name="rb")(keras.layers.Conv2D(4, 1, name="cb")(inp))
+    wide = keras.initializers.RandomNormal(stddev=2.0)  # cat2's range is wider than cat1's
+    c = keras.layers.Conv2D(4, 3, padding="same", name="cc", kernel_initializer=wide)(inp)
+    x = keras.layers.Concatenate(name="cat2")([keras.layers.Concatenate(name="cat1")([a, b]), c])
+    p = keras.layers.MaxPooling2D(2, name="mp")(keras.layers.Conv2D(4, 1, name="ce")(inp))
+    x = keras.layers.Concatenate(name="cat3")([keras.layers.MaxPooling2D(2, name="mp2")(x), p])
+    x = keras.layers.Conv2D(6, 3, padding="same", name="cd")(x)
+    out = keras.layers.Dense(3, name="dense")(keras.layers.GlobalAveragePooling2D(name="gap")(x))
+    m = keras.Model(inp, out)
+    data = np.random.RandomState(8).randn(64, 8, 8, 3).astype("float32")
+    q = gq.quantize_model(m, target="tflite_int8", calibration_data=data)
+    path = tmp_path / "cat3.tflite"
+    report = gq.export_tflite(q, path, check_data=data)
+    assert report.ops.get("CONCATENATION") == 3 and report.ops.get("QUANTIZE") == 3, report.ops
+    rep = gq.compare_tflite(q, path, data)
+    rows = {r.layer: r for r in rep.rows}
+    lo1, hi1 = q.get_layer("cat1_quant").get_range()
+    lo2, hi2 = q.get_layer("cat2_quant").get_range()
+    assert hi2 - lo2 > 1.5 * (hi1 - lo1)  # cat2's scale differs from cat1's
+    assert rows["ca_quant"].scale == rows["cat1_quant"].scale == pytest.approx((hi1 - lo1) / 255, rel=1e-6)
+    assert rows["cc_quant"].scale == rows["cat2_quant"].scale == pytest.approx((hi2 - lo2) / 255, rel=1e-6)
+    assert all(r.max_diff_lsb == 0 for r in rep.rows), str(rep)
+    assert report.exact("reference"), str(report)

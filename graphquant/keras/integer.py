@@ -10,7 +10,9 @@ then ``RoundingDivideByPOT``, both half away from zero), and deep nets amplify
 those single LSBs. :func:`link_integer` links every convolution / depthwise /
 Dense layer whose input comes from a rounding point (through same-scale ops
 such as ZeroPadding) and whose group ends in one (through a ReLU/ReLU6) to
-those two points; with ``training=False`` such a layer then computes exactly
+those two points (and ADD, MEAN, AVERAGE_POOL_2D, CONCATENATION, and the
+model input's rounding point, which then quantizes as the runtime's QUANTIZE
+does); with ``training=False`` such a layer then computes exactly
 what the reference kernels (``tensorflow/lite/kernels/internal/reference/
 integer_ops/conv.h``, ``depthwise_conv.h``, ``fully_connected.h`` with
 ``common.h``'s ``MultiplyByQuantizedMultiplier`` and
@@ -33,7 +35,8 @@ import tensorflow as tf
 
 from ..formats import Affine
 
-__all__ = ["link_integer", "qparams", "quantize_multiplier_tf", "multiply_by_quantized_multiplier_tf"]
+__all__ = ["link_integer", "qparams", "quantize_input_tf", "quantize_multiplier_tf",
+           "multiply_by_quantized_multiplier_tf"]
 
 _SAME_SCALE = ("ZeroPadding1D", "ZeroPadding2D", "ZeroPadding3D", "MaxPooling1D", "MaxPooling2D", "MaxPooling3D",
                "Reshape", "Flatten", "Dropout", "Cropping1D", "Cropping2D", "Cropping3D", "Identity")  # fmt: skip
@@ -45,14 +48,24 @@ def _round_away(x: tf.Tensor) -> tf.Tensor:
     return tf.sign(x) * tf.floor(tf.abs(x) + 0.5)
 
 
+def _scale_owner(q: Any) -> Any:
+    """The rounding point whose range the converter gives ``q``: a Concatenate's output point for a point whose
+    only consumer is that Concatenate and whose producer is a weight layer (CONCATENATION needs one scale: the
+    converter has the conv/depthwise/FC requantize straight to it; measured). Not a chain: a Concatenate's own
+    output point keeps its range and is requantized into a Concatenate it feeds (also measured)."""
+    f = getattr(q, "_gq_scale_of", None)
+    return q if f is None else f()
+
+
 def qparams(q: Any) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     """``(scale as stored (float32, as float64), scale in float64, zero point)`` of an int8 rounding point.
 
     As the converter derives them from the FakeQuant range (MLIR's
     ``getNudgedScaleAndZeroPoint``: ``scale = (max - min) / 255`` in double,
-    zero point ``round(-128 - min / scale)`` clamped to ``[-128, 127]``).
+    zero point ``round(-128 - min / scale)`` clamped to ``[-128, 127]``); those of the Concatenate it
+    feeds for a point that shares that scale (:func:`_scale_owner`).
     """
-    st = tf.cast(q.range.value, tf.float64)
+    st = tf.cast(_scale_owner(q).range.value, tf.float64)
     lo, hi = st[0], st[1]
     s64 = (hi - lo) / 255.0
     zp = tf.clip_by_value(_round_away(-128.0 - lo / s64), -128.0, 127.0)
@@ -359,19 +372,156 @@ def _int_mean(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> 
     return tf.cast((out - zo) * so, tf.float32)
 
 
-def _link_op(layer: Any) -> bool:
-    """Link an ADD (two inputs) or a 2D global average pool to its rounding points; overrides its ``call``
-    on this instance only (its config, and so its ``.keras`` file, are unchanged)."""
+def _int_avg_pool(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+    """TFLite's int8 AVERAGE_POOL_2D (``reference/integer_ops/pooling.h``), then the int8 -> int8 QUANTIZE the
+    converter inserts when the output's rounding point has a range of its own (``reference/requantize.h``).
+
+    AVERAGE_POOL_2D keeps its input's scale and zero point: per window, the sum of the raw int8 values over the
+    elements inside the input (``SAME`` padding counts fewer), divided by that count rounding half away from
+    zero (``(acc +- count / 2) / count``, C division). The requantization: ``MultiplyByQuantizedMultiplier(q -
+    zp_in, M, shift) + zp_out`` with ``M = s_in / s_out`` (float32 scales, in double), clamped."""
+    from .layers import _EXPORT_INT8_WEIGHTS
+
+    qs = layer._gq_integer()
+    if _training_now() or _EXPORT_INT8_WEIGHTS[0] or any(q._calibrator is not None for q in qs):
+        return orig(inputs, *args, **kwargs)
+    (si, _, zi), (so, _, zo) = (qparams(q) for q in qs)
+    q_in = _round_away(tf.cast(inputs, tf.float64) / si) + zi  # the raw int8 values
+    ph, pw = layer.pool_size
+    sh, sw = layer.strides
+    pad = layer.padding.upper()
+    channels = int(inputs.shape[-1])
+    ones = tf.ones([ph, pw, channels, 1], tf.float32)
+    # window sums of integers below 2**24 in magnitude: exact in float32
+    acc = tf.nn.depthwise_conv2d(tf.cast(q_in, tf.float32), ones, [1, sh, sw, 1], pad)
+    count = tf.nn.depthwise_conv2d(tf.ones_like(q_in[:1, :, :, :1], tf.float32), ones[:, :, :1], [1, sh, sw, 1], pad)
+    acc, count = tf.cast(acc, tf.int64), tf.cast(count, tf.int64)
+    avg = tf.sign(acc) * tf.math.floordiv(tf.abs(acc) + count // 2, count)
+    avg = tf.clip_by_value(avg, -128, 127)
+    m, shift = quantize_multiplier_tf(si / so)
+    out = multiply_by_quantized_multiplier_tf(avg - tf.cast(zi, tf.int64), m, shift) + tf.cast(zo, tf.int64)
+    out = tf.clip_by_value(tf.cast(out, tf.float64), -128.0, 127.0)
+    out = tf.cast((out - zo) * so, tf.float32)
+    if not tf.executing_eagerly():
+        out.set_shape(layer.compute_output_shape(inputs.shape))
+    return out
+
+
+def quantize_input_tf(x: Any, scale: Any, zero_point: Any, qmin: float = -128.0, qmax: float = 127.0) -> tf.Tensor:
+    """TFLite's QUANTIZE of a float tensor to int8 (``reference/quantize.h`` ``AffineQuantize``, and the
+    optimized kernel's scalar path): ``clamp(std::round(x / float(scale)) + zp, qmin, qmax)``; the division in
+    float32, ``std::round`` (half away from zero) applied exactly (in float64: ``|v| + 0.5`` in float32 rounds
+    0.49999997 up). Returns ``q - zp`` as float64."""
+    v = tf.cast(tf.cast(x, tf.float32) / tf.cast(scale, tf.float32), tf.float64)
+    zp = tf.cast(zero_point, tf.float64)
+    return tf.clip_by_value(_round_away(v) + zp, qmin, qmax) - zp
+
+
+def _int_quantize(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+    """A rounding point on the runtime's grid (scale and zero point of :func:`qparams`), rounding as its QUANTIZE
+    does (:func:`quantize_input_tf`), instead of TensorFlow's FakeQuant arithmetic (nudged minimum,
+    ``floor((x - nudged_min) / scale + 1/2)``, a float32 scale computed in float32): they differ by one LSB on
+    a few elements, which deep nets amplify. Used at the model input, and at points that take a Concatenate's
+    scale (:func:`_scale_owner`) and that Concatenate's output."""
+    from .layers import _EXPORT_INT8_WEIGHTS
+
+    training = kwargs.get("training")
+    train = bool(training) if training is not None else _training_now()
+    if train or _EXPORT_INT8_WEIGHTS[0] or layer._calibrator is not None:  # (inference rounds y, not pre_activation)
+        return orig(inputs, *args, **kwargs)
+    s, _, zp = qparams(layer)
+    out = tf.cast(quantize_input_tf(inputs, s, zp) * s, tf.float32)
+    if not tf.executing_eagerly():
+        out.set_shape(inputs.shape)
+    return out
+
+
+def _int_concat(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+    """TFLite's int8 CONCATENATION as the converter emits it: one scale for inputs and output. An input whose
+    rounding point feeds only the Concatenate already has that scale (its producer requantizes to it,
+    :func:`_scale_owner`); any other input goes through an int8 -> int8 QUANTIZE (``reference/requantize.h``:
+    ``MultiplyByQuantizedMultiplier(q - zp_in, M, shift) + zp_out`` with ``M = s_in / s_out``, clamped)."""
+    from .layers import _EXPORT_INT8_WEIGHTS
+
+    qs = layer._gq_integer()
+    if _training_now() or _EXPORT_INT8_WEIGHTS[0] or any(q._calibrator is not None for q in qs):
+        return orig(inputs, *args, **kwargs)
+    ups, out_q = qs[:-1], qs[-1]
+    so, _, zo = qparams(out_q)
+    parts = []
+    for x, u in zip(inputs, ups):
+        if _scale_owner(u) is out_q:
+            parts.append(x)
+            continue
+        si, _, zi = qparams(u)
+        v = tf.cast(_round_away(tf.cast(x, tf.float64) / si), tf.int64)  # q - zp_in
+        m, shift = quantize_multiplier_tf(si / so)
+        o = multiply_by_quantized_multiplier_tf(v, m, shift) + tf.cast(zo, tf.int64)
+        o = tf.clip_by_value(tf.cast(o, tf.float64), -128.0, 127.0)
+        part = tf.cast((o - zo) * so, tf.float32)
+        if not tf.executing_eagerly():
+            part.set_shape(x.shape)
+        parts.append(part)
+    return orig(parts, *args, **kwargs)
+
+
+def _override_call(layer: Any, impl: Any) -> None:
     import functools
 
+    orig = getattr(layer, "_gq_orig_call", None) or layer.call
+    object.__setattr__(layer, "_gq_orig_call", orig)
+    object.__setattr__(layer, "call", functools.partial(impl, layer, orig))
+
+
+def _weight_layer_output(q: Any) -> bool:
+    """Whether the rounding point ``q`` rounds the output of a conv/depthwise/Dense group (through its fused
+    ReLU/ReLU6): an op whose output scale the converter can choose freely."""
+    op = q._inbound_nodes[0].input_tensors[0]._keras_history.operation
+    for _ in range(3):
+        if not _fusable(op) or len(op._inbound_nodes) != 1:
+            break
+        op = op._inbound_nodes[0].input_tensors[0]._keras_history.operation
+    inner = getattr(op, "conv", None) or getattr(op, "layer", None) or op
+    return type(inner).__name__ in _LINKED_LAYERS + ("SeparableConv1D", "SeparableConv2D", "Conv2DTranspose")
+
+
+def _link_concat(layer: Any, ins: Any) -> bool:
+    ups = [_upstream_quantize(t) for t in ins]
+    out_q = _downstream_quantize(layer)
+    if out_q is None or any(u is None for u in ups):
+        return False
+    for t, u in zip(ins, ups):
+        direct = t._keras_history.operation is u and len(u._outbound_nodes) == 1
+        if direct and _weight_layer_output(u):  # the converter gives this point the Concatenate's scale
+            object.__setattr__(u, "_gq_scale_of", (lambda q=out_q: q))
+            _override_call(u, _int_quantize)
+    _override_call(out_q, _int_quantize)
+    object.__setattr__(layer, "_gq_integer", (lambda qs=tuple(ups) + (out_q,): qs))
+    _override_call(layer, _int_concat)
+    return True
+
+
+def _link_op(layer: Any) -> bool:
+    """Link an ADD (two inputs), a Concatenate or a 2D (global) average pool to its rounding points, or the
+    model input's rounding point to the runtime's QUANTIZE; overrides its ``call`` on this instance only (its
+    config, and so its ``.keras`` file, are unchanged)."""
     name = type(layer).__name__
     if len(layer._inbound_nodes) != 1 or getattr(layer, "data_format", "channels_last") != "channels_last":
         return False
     ins = layer._inbound_nodes[0].input_tensors
+    if _eligible_quantize(layer):
+        if len(ins) != 1 or type(ins[0]._keras_history.operation).__name__ != "InputLayer":
+            return False
+        _override_call(layer, _int_quantize)
+        return True
+    if name == "Concatenate" and len(ins) >= 2:
+        return _link_concat(layer, ins)
     if name == "Add" and len(ins) == 2:
         impl = _int_add
     elif name == "GlobalAveragePooling2D" and len(ins) == 1 and ins[0].shape[1] and ins[0].shape[2]:
         impl = _int_mean
+    elif name == "AveragePooling2D" and len(ins) == 1 and ins[0].shape[-1]:
+        impl = _int_avg_pool
     else:
         return False
     ups = [_upstream_quantize(t) for t in ins]
@@ -379,8 +529,6 @@ def _link_op(layer: Any) -> bool:
     if out_q is None or any(u is None for u in ups):
         return False
     qs = tuple(ups) + (out_q,)
-    orig = getattr(layer, "_gq_orig_call", None) or layer.call
-    object.__setattr__(layer, "_gq_orig_call", orig)
     object.__setattr__(layer, "_gq_integer", (lambda qs=qs: qs))
-    object.__setattr__(layer, "call", functools.partial(impl, layer, orig))
+    _override_call(layer, impl)
     return True
