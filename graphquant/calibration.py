@@ -101,7 +101,8 @@ _PRIMES = [p for p in range(2, 4096) if all(p % d for d in range(2, int(p**0.5) 
 _counter = itertools.count()
 
 
-def check_method(method: Any, percentile: Any = 99.99, what: str = "calibration_method") -> None:
+def check_method(method: Any, percentile: Any = 99.99, what: str = "calibration_method",
+                 percentile_name: str = "percentile") -> None:  # fmt: skip
     """Raise ``ValueError`` for an unknown method name or a bad percentile."""
     if method not in METHODS:
         names = ", ".join(repr(m) for m in METHODS)
@@ -109,7 +110,7 @@ def check_method(method: Any, percentile: Any = 99.99, what: str = "calibration_
     if method == "percentile" and (
         isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 50.0 < float(percentile) <= 100.0
     ):
-        raise ValueError(f"percentile must be in (50, 100], got {percentile!r}")
+        raise ValueError(f"{percentile_name} must be in (50, 100], got {percentile!r}")
 
 
 # --------------------------------------------------------------------------- TensorFlow side

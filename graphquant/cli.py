@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--signature", default="serving_default", help="signature fed with calibration data")
     p.add_argument("--calibration-method", default="minmax", choices=["minmax", "percentile", "mse", "entropy"],
                    help="how ranges are read from the calibration statistics (default minmax)")
+    p.add_argument("--percentile", type=float, default=99.99, metavar="P",
+                   help="p of --calibration-method percentile, in (50, 100] (default 99.99)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier graphquant output (never anything else)")
     p.add_argument("--force", action="store_true", help="convert an already quantized model (stacks a second rounding)")
@@ -188,6 +190,7 @@ def _cmd_convert(ns: argparse.Namespace) -> int:
         kw["calibration_data"] = _load_calibration(ns.calibration)
         kw["calibration_signature"] = ns.signature
         kw["calibration_method"] = ns.calibration_method
+        kw["calibration_percentile"] = ns.percentile
     report = convert_saved_model(src, ns.dst, overwrite=ns.overwrite, verbose=False if ns.quiet else None, **kw)
     print(report.plan.table())
     print(report)
@@ -226,6 +229,8 @@ def _convert_keras(src: Path, dst: Path, kw: Dict[str, Any], ns: argparse.Namesp
     plan = inspect(model, **{k: v for k, v in kw.items() if k not in ("seed", "allow_requantize")})
     if calibration is not None:
         kw["calibration_method"] = ns.calibration_method
+        if ns.calibration_method == "percentile":
+            kw["calibration_percentile"] = ns.percentile
     q = quantize_model(model, calibration_data=calibration, verbose=False if ns.quiet else None, **kw)
     record = dict(kw, calibration_data=outputs.fingerprint_data(calibration))
     result = {"convolutions": len(plan.targets), "inserted": len(plan.points)}

@@ -398,11 +398,11 @@ class Plan:
         """Activation points whose format has no range yet (affine without ``range``): what calibration sets."""
         return [p for p in self.activations if isinstance(p.format, Affine) and p.format.range is None]
 
-    def check_calibration(self, calibration_data: Any, calibration_method: str) -> None:
+    def check_calibration(self, calibration_data: Any, calibration_method: str, calibration_percentile: Any = 99.99) -> None:
         """Raise ``ValueError`` when the calibration keywords contradict each other or this plan."""
         from .calibration import check_method
 
-        check_method(calibration_method)
+        check_method(calibration_method, calibration_percentile, percentile_name="calibration_percentile")
         if calibration_data is None:
             if calibration_method != "minmax":
                 raise ValueError(f"calibration_method={calibration_method!r} needs calibration_data= to calibrate from")

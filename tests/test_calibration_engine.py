@@ -236,6 +236,27 @@ def test_sampled_histograms_are_the_same_on_both_paths(tmp_path, method):
                                rtol=2e-7, atol=0)  # fmt: skip
 
 
+def test_calibration_percentile_on_both_paths(exported, tmp_path):
+    model, path = exported
+    q = gq.quantize_model(model, bits=8, calibration_data=DATA, calibration_method="percentile",
+                          calibration_percentile=90.0)  # fmt: skip
+    r_k = [l.get_range() for l in q.layers if isinstance(l, Quantize)]
+    report = gg.convert_saved_model(path, tmp_path / "q", bits=8, calibration_data=DATA,
+                                    calibration_method="percentile", calibration_percentile=90.0)  # fmt: skip
+    np.testing.assert_allclose(np.asarray(r_k, np.float32), np.asarray(list(report.ranges.values()), np.float32),
+                               rtol=2e-7, atol=0)  # fmt: skip
+    q99 = gq.quantize_model(model, bits=8, calibration_data=DATA, calibration_method="percentile")
+    r99 = [l.get_range() for l in q99.layers if isinstance(l, Quantize)]
+    assert all(k[1] < h[1] for k, h in zip(r_k, r99))  # p=90 clips more than the default 99.99
+    for call in (lambda: gq.quantize_model(model, bits=8, calibration_data=DATA, calibration_method="percentile",
+                                           calibration_percentile=100.5),
+                 lambda: gg.convert_saved_model(path, tmp_path / "bad", bits=8, calibration_data=DATA,
+                                                calibration_method="percentile", calibration_percentile=50)):
+        with pytest.raises(ValueError, match=r"calibration_percentile must be in \(50, 100\]"):
+            call()
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("method", ["mse", "entropy"])
 def test_new_methods_ignore_non_finite_on_both_paths(exported, tmp_path, method):
     model, path = exported

@@ -218,14 +218,20 @@ def test_convert_calibration_method_and_quiet(tiny, tmp_path):
     x[0, 0, 0, 0] = 40.0  # one outlier: percentile clips it, minmax keeps it
     np.savez(cal, x=x)
     ranges = {}
-    for method in ("minmax", "percentile"):
+    for method, extra in (("minmax", []), ("percentile", []), ("p90", ["--percentile", "90"])):
         p = run("convert", str(tiny), str(tmp_path / method), "--bits", "8", "--calibration", str(cal),
-                "--calibration-method", method, "--quiet")
+                "--calibration-method", "percentile" if method == "p90" else method, "--quiet", *extra)
         assert p.returncode == 0, p.stderr
         assert "\x1b[" not in p.stderr  # no progress bar drawn
         (point,) = _q_nodes(read_saved_model(tmp_path / method))
         ranges[method] = point.range
     assert ranges["percentile"][1] < 0.5 * ranges["minmax"][1]
+    assert ranges["p90"][1] < ranges["percentile"][1]  # --percentile reaches the engine
+    manifest = json.loads((tmp_path / "p90" / "graphquant.json").read_text())
+    assert manifest["options"]["calibration_percentile"] == 90.0
+    p = run("convert", str(tiny), str(tmp_path / "bad_p"), "--bits", "8", "--calibration", str(cal),
+            "--calibration-method", "percentile", "--percentile", "101")
+    assert p.returncode != 0 and "calibration_percentile must be in (50, 100], got 101.0" in _no_traceback(p)
     p = run("convert", str(tiny), str(tmp_path / "bad"), "--bits", "8", "--calibration", str(cal),
             "--calibration-method", "kl")
     assert p.returncode == 2 and "invalid choice: 'kl'" in _no_traceback(p)

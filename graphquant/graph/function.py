@@ -183,6 +183,7 @@ def quantize_function(
     weights: Optional[bool] = None,
     calibration_data: Any = None,
     calibration_method: str = "minmax",
+    calibration_percentile: float = 99.99,
     verbose: Optional[bool] = None,
     registry: Optional[Registry] = None,
     seed: Optional[int] = None,
@@ -201,8 +202,9 @@ def quantize_function(
             (without it, each batch's own min/max: a dynamic range);
             ``bits`` + ``range`` is fixed point; float formats need no range.
         calibration_data: batches fed to ``fn`` to set the affine ranges.
-        calibration_method: ``"minmax"``, ``"percentile"`` (99.99), ``"mse"`` or
+        calibration_method: ``"minmax"``, ``"percentile"``, ``"mse"`` or
             ``"entropy"`` (see :mod:`graphquant.calibration`).
+        calibration_percentile: ``p`` of ``"percentile"``, in (50, 100] (default 99.99).
         verbose: a progress bar while calibrating (``None``: when stderr is a
             terminal and calibration runs longer than a second).
         registry: the pattern registry (default: the shared default).
@@ -247,13 +249,13 @@ def quantize_function(
     plan, _ = plan_graph_def(gd, cfg, registry)
     if existing:
         plan.notes.append(f"requantized: the function already had {existing} graphquant rounding nodes; a second rounding is stacked")
-    plan.check_calibration(calibration_data, calibration_method)
+    plan.check_calibration(calibration_data, calibration_method, calibration_percentile)
     if not plan.targets:
         log.warning("quantize_function: no convolution found; the function is returned unchanged")
     ranges = {}
     need = needs_calibration(plan)
     if need and calibration_data is not None:
-        collector = RangeCollector(calibration_method)
+        collector = RangeCollector(calibration_method, calibration_percentile)
         obs = tf.compat.v1.GraphDef()
         obs.CopyFrom(gd)
         obs_redirects: Dict[str, str] = {}

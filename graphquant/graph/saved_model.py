@@ -431,6 +431,7 @@ def options_record(
     calibration_data: Any = None,
     calibration_signature: str = "serving_default",
     calibration_method: str = "minmax",
+    calibration_percentile: float = 99.99,
     registry: Optional[Registry] = None,
     seed: Optional[int] = None,
     allow_requantize: bool = False,
@@ -444,6 +445,8 @@ def options_record(
         "calibration_data": outputs.fingerprint_data(calibration_data),
         "calibration_signature": calibration_signature if calibration_data is not None else None,
         "calibration_method": calibration_method if calibration_data is not None else None,
+        **({"calibration_percentile": float(calibration_percentile)}
+           if calibration_data is not None and calibration_method == "percentile" else {}),  # fmt: skip
         "registry": None if registry is None else repr(registry),
     })
 
@@ -461,11 +464,11 @@ def _write_failed(e: BaseException, dst: Path) -> BaseException:
 
 # --------------------------------------------------------------------------- calibration
 def _calibrate(sm, src: Path, plans: List[Plan], data: Any, signature: str, method: str, tmp_root: Path,
-               verbose: Optional[bool] = None) -> Dict[str, Tuple[float, float]]:  # fmt: skip
+               verbose: Optional[bool] = None, percentile: float = 99.99) -> Dict[str, Tuple[float, float]]:  # fmt: skip
     import tensorflow as tf
     from tensorflow.core.protobuf import saved_model_pb2
 
-    collector = RangeCollector(method)
+    collector = RangeCollector(method, percentile)
     obs = saved_model_pb2.SavedModel()
     obs.CopyFrom(sm)
     for mg, plan in zip(obs.meta_graphs, plans):
@@ -627,6 +630,7 @@ def convert_saved_model(
     calibration_data: Any = None,
     calibration_signature: str = "serving_default",
     calibration_method: str = "minmax",
+    calibration_percentile: float = 99.99,
     overwrite: bool = False,
     verbose: Optional[bool] = None,
     registry: Optional[Registry] = None,
@@ -656,8 +660,9 @@ def convert_saved_model(
         calibration_data: a numpy array (single-input signature), a dict of
             arrays keyed by the signature's input names, a ``tf.data.Dataset``
             or an iterable of such batches, fed to ``calibration_signature``.
-        calibration_method: ``"minmax"``, ``"percentile"`` (99.99), ``"mse"`` or
+        calibration_method: ``"minmax"``, ``"percentile"``, ``"mse"`` or
             ``"entropy"`` (see :mod:`graphquant.calibration`).
+        calibration_percentile: ``p`` of ``"percentile"``, in (50, 100] (default 99.99).
         verbose: a progress bar while calibrating (``None``: when stderr is a
             terminal and calibration runs longer than a second).
         weights: also round convolution weights. Variables are rounded once
@@ -697,7 +702,8 @@ def convert_saved_model(
     _check_source(src_p)
     record = options_record(bits, format=format, rounding=rounding, range=range, weights=weights,
                             calibration_data=calibration_data, calibration_signature=calibration_signature,
-                            calibration_method=calibration_method, registry=registry, seed=seed, **config)
+                            calibration_method=calibration_method, calibration_percentile=calibration_percentile,
+                            registry=registry, seed=seed, **config)
     fingerprint = outputs.fingerprint_tree(src_p)
     warnings: List[str] = []
     existing = sum(len(rounding_nodes(mg.graph_def)) for mg in sm.meta_graphs)
@@ -707,7 +713,7 @@ def convert_saved_model(
     plan = _combine(plans, sm)
     if existing:
         plan.notes.append(f"requantized: the source already had {existing} graphquant rounding nodes; a second rounding is stacked")
-    plan.check_calibration(calibration_data, calibration_method)
+    plan.check_calibration(calibration_data, calibration_method, calibration_percentile)
     if not plan.targets:
         msg = f"{src_p}: no convolution found; the model is copied unchanged"
         log.warning(msg)
@@ -721,7 +727,7 @@ def convert_saved_model(
         need = needs_calibration(plan)
         if need and calibration_data is not None:
             ranges = _calibrate(sm, src_p, plans, calibration_data, calibration_signature, calibration_method, tmp_root,
-                                verbose)  # fmt: skip
+                                verbose, calibration_percentile)  # fmt: skip
         elif need:
             plan.notes.append("no calibration data: affine ranges are each batch's own min/max (dynamic)")
         has_ckpt = (src_p / "variables" / "variables.index").is_file()

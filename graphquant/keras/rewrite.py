@@ -581,6 +581,7 @@ def quantize_model(
     storage_rounding: str = "nearest",
     calibration_data: Any = None,
     calibration_method: str = "minmax",
+    calibration_percentile: float = 99.99,
     verbose: Optional[bool] = None,
     config: Optional[QuantizeConfig] = None,
     registry: Optional[Registry] = None,
@@ -622,8 +623,9 @@ def quantize_model(
             this storage format after every optimizer update (Gupta et al. 2015).
         calibration_data: a numpy array, ``tf.data.Dataset`` or iterable of
             batches; sets the learned ranges before the model is returned.
-        calibration_method: ``"minmax"``, ``"percentile"`` (99.99), ``"mse"`` or
+        calibration_method: ``"minmax"``, ``"percentile"``, ``"mse"`` or
             ``"entropy"`` (see :mod:`graphquant.calibration`).
+        calibration_percentile: ``p`` of ``"percentile"``, in (50, 100] (default 99.99).
         verbose: a progress bar while calibrating (``None``: when stderr is a
             terminal and calibration runs longer than a second).
         config: a prepared :class:`QuantizeConfig` (instead of the keywords).
@@ -725,7 +727,7 @@ def quantize_model(
         raise ValueError(f"give config= or keyword options, not both (got {sorted(kw)})")
     cfg = _config(config, kw)
     plan = _make_keras_plan(model, cfg, registry)
-    plan.check_calibration(calibration_data, calibration_method)
+    plan.check_calibration(calibration_data, calibration_method, calibration_percentile)
     if existing:
         if plan.points:
             what = f"stacking a second rounding at {len(plan.targets)} groups (allow_requantize=True)"
@@ -765,7 +767,8 @@ def quantize_model(
     if calibration_data is not None:
         from ..ranges import _calibrate_keras
 
-        _calibrate_keras(new, calibration_data, calibration_method, what="calibration_data", verbose=verbose)
+        _calibrate_keras(new, calibration_data, calibration_method, percentile=calibration_percentile,
+                         what="calibration_data", verbose=verbose)  # fmt: skip
     if tgt is not None and tgt.integer_arithmetic:
         from .integer import link_integer
 
