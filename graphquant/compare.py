@@ -527,7 +527,7 @@ def _compare_keras(model: Any, quantized: Any, data: Any, batch_size: int, steps
             out.append(_error_sums(fv[nf + j], qv[len(q_tensors) + j]))
         return out
 
-    step = tf.function(sums, reduce_retracing=True)
+    step = tf.function(sums, reduce_retracing=True, autograph=False)  # Keras 3 layers need no autograph
     from .keras.layers import unfolded
 
     for batch in progress(iter_batches(data, n_in, batch_size, steps, what="data"), "comparing", verbose):

@@ -365,7 +365,9 @@ def _calibrate_keras(
         l._calibrator = _Feed(observers[l.name])
     n = 0
     try:
-        step = tf.function(lambda b: model(b, training=False), reduce_retracing=True)
+        # no autograph: Keras 3 layers need none, and converting graphquant's observer code
+        # (outside autograph's Keras/TF allowlist) cost seconds per process
+        step = tf.function(lambda b: model(b, training=False), reduce_retracing=True, autograph=False)
         batches = calibration_batches(data, len(model.inputs or [None]), batch_size, steps, what, _keras_check(model, what))
         with unfolded():  # observe what eager inference computes, with fold_batchnorm on or off
             for batch in engine.progress(batches, "calibrating", verbose):
