@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -170,9 +171,14 @@ def _formats(q) -> Tuple[str, str]:
     def join(names: List[str]) -> str:
         return names[0] if len(set(names)) == 1 else " / ".join(names)
 
-    acts = [str(q.get_layer(f"relu{i}_quant").format) for i in CONV_BLOCKS]
-    wts = [str(q.get_layer(f"conv{i}").slots[0]["format"]) for i in CONV_BLOCKS]
+    acts = [_short(q.get_layer(f"relu{i}_quant").format) for i in CONV_BLOCKS]
+    wts = [_short(q.get_layer(f"conv{i}").slots[0]["format"]) for i in CONV_BLOCKS]
     return join(acts), join(wts)
+
+
+def _short(fmt) -> str:
+    """A format's name with its range ends to 4 significant digits (for the tables)."""
+    return re.sub(r"-?\d+\.\d{5,}", lambda m: f"{float(m.group()):.4g}", str(fmt))
 
 
 def run_qat(quick: bool, echo=print) -> Dict[str, Any]:
@@ -377,11 +383,12 @@ Each quantized copy is `quantize_model(float_model, weights=True, seed={SEED},
 after each block, convolution weights rounded in the forward pass), then
 fine-tuned for {qat['ft_epochs']} epochs with Adam, learning rate {FT_LR:g} cosine-decayed to 0
 (the same schedule for every row). Affine: ranges calibrated (min/max),
-weights per-channel symmetric. Fixed point: per block, activations over
-`[0, 2^k]` and weights over `[-2^m, 2^m]`, each power of two the one whose
-grid at that bit width rounds the float model's values (activations of the
-calibration images, the kernel) with the least mean squared error; at few
-bits it saturates rare large values rather than cover them with a coarse
+weights per-channel symmetric. Fixed point: per block, the activation and
+weight ranges the calibration engine's `"mse"` method gives for that bit width
+(`graphquant.calibration.array_range`: among scalings of the min/max range,
+the one whose grid rounds the float model's values -- activations of the
+calibration images, the kernel -- with the least expected squared error); at
+few bits it saturates rare large values rather than cover them with a coarse
 step. Rounding applies to activations and weights while training;
 evaluation always rounds to nearest. Everything is seeded; still, one test
 image is 0.22 points and a row's accuracy moves by a few tenths of a point
