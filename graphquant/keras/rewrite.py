@@ -709,7 +709,7 @@ def quantize_model(
                 weight_format = Affine(weight_bits, symmetric=True, narrow_range=True, axis=-1)
                 weight_bits = None
         if tgt.dense_weight_format is not None and overrides is None:
-            wb = getattr(weight_format, "bits", 8)
+            wb = getattr(weight_format, "bits", None) or weight_bits or 8  # weight_bits=4: Dense too
             overrides = {"class:Dense": {"weight_format": Affine(wb, symmetric=True, narrow_range=True)}}
         registry = tgt.registry
     if kernels is not None:
