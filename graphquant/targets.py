@@ -129,7 +129,11 @@ TFLITE_INT8 = Target(
         "(gemmlowp SaturatingRoundingDoublingHighMul + RoundingDivideByPOT), clamped to the fused activation's "
         "range in [-128, 127]. At inference (training=False) the simulation computes the reference kernels' integer "
         "arithmetic (graphquant.keras.integer: conv/depthwise, FULLY_CONNECTED (one rounding), ADD, MEAN, "
-        "AVERAGE_POOL_2D, CONCATENATION with the converter's shared scale, the input QUANTIZE); while training, "
+        "AVERAGE_POOL_2D, CONCATENATION with the converter's shared scale, the input QUANTIZE); with "
+        "kernels='xnnpack' (quantize_model(kernels=) / link_integer) those of the default interpreter's XNNPACK "
+        "delegate instead: conv/depthwise/FULLY_CONNECTED requantize as rint(float32(acc) * float32(s_in*s_w[c]/s_out))"
+        " (ties to even), ADD with 20-bit multipliers lrintf(s_i/s_out * 2**shift) and an arithmetic shift, MEAN in "
+        "float32 (AVERAGE_POOL_2D and requantizing CONCATENATION keep the reference arithmetic). While training, "
         "FakeQuant grids at the same points with straight-through gradients."
     ),
     covered=("model input", "Conv1D/2D/3D, DepthwiseConv, SeparableConv, Conv*Transpose -> [BatchNormalization] -> "

@@ -13,7 +13,10 @@
 * With ``check_data`` the LiteRT interpreter (``ai-edge-litert``) runs the
   file with its reference kernels and with its default kernels (XNNPACK
   delegate) and the report compares both with the simulation, per output, in
-  LSBs of the output's scale.
+  LSBs of the output's scale. A ``tflite_int8`` model is simulated with the
+  matching integer kernels for each (:data:`SIMULATED_KERNELS`: reference ->
+  ``"reference"``, default -> ``"xnnpack"``; see
+  :func:`graphquant.keras.integer.link_integer`).
 * :func:`tflite_scales` lists, per convolution / depthwise / fully connected
   op, the scales and zero points and the output multiplier
   ``M = s_in * s_w / s_out`` as TFLite's ``QuantizeMultiplier`` stores it (an
@@ -76,8 +79,9 @@ def load_interpreter(model: Union[PathLike, bytes], kernels: str = "reference", 
 
     ``kernels="reference"``: TFLite's reference kernels (``BUILTIN_REF``, the
     ones :func:`graphquant.quantize_model` with ``target="tflite_int8"``
-    reproduces); ``"default"``: the default resolver, which runs int8
-    convolutions through the XNNPACK delegate where it can.
+    reproduces by default); ``"default"``: the default resolver, which runs
+    int8 ops through the XNNPACK delegate where it can (reproduced with
+    ``kernels="xnnpack"``).
     """
     litert = _litert()
     if kernels not in KERNELS:
@@ -480,6 +484,7 @@ class OutputAgreement:
     equal_pct: float
     top1_pct: Optional[float]
     n: int
+    simulated: Optional[str] = None  # the simulation's kernel set (None: the model has no integer kernels)
 
     def to_dict(self) -> Dict[str, Any]:
         return dict(self.__dict__)
@@ -523,10 +528,12 @@ class TFLiteReport:
             body = []
             for a in self.agreement:
                 top1 = "-" if a.top1_pct is None else f"{a.top1_pct:.2f}"
-                body.append([a.name, a.kernels, f"{a.max_diff_lsb:g}", f"{a.equal_pct:.3f}", top1, str(a.n)])
-            lines.append("agreement with the simulation (diff in LSBs of the output scale):")
-            lines += render_table(["output", "kernels", "max |diff| LSB", "% equal", "top-1 %", "examples"], body,
-                                  right={2, 3, 4, 5})  # fmt: skip
+                body.append([a.name, a.kernels, a.simulated or "-", f"{a.max_diff_lsb:g}", f"{a.equal_pct:.3f}", top1,
+                             str(a.n)])  # fmt: skip
+            lines.append("agreement with the simulation (diff in LSBs of the output scale; kernels: the "
+                         "interpreter's, default = XNNPACK delegate; simulated: the simulation's integer kernels):")
+            lines += render_table(["output", "kernels", "simulated", "max |diff| LSB", "% equal", "top-1 %",
+                                   "examples"], body, right={3, 4, 5, 6})  # fmt: skip
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -542,14 +549,30 @@ def _simulate(model: Any, inputs: Sequence[np.ndarray], batch: int = 64) -> List
     return (model if isinstance(model, _Source) else _Source(model)).simulate(inputs, batch)
 
 
-def agreement(model: Any, tflite: Union[PathLike, bytes], data: Any, kernels: Sequence[str] = KERNELS
-              ) -> List[OutputAgreement]:
-    """Per output and kernel set: the interpreter's dequantized output against the simulation's."""
+#: The simulation's kernel set (:data:`graphquant.keras.integer.KERNELS`) for each interpreter kernel set.
+SIMULATED_KERNELS = {"reference": "reference", "default": "xnnpack"}
+
+
+def agreement(model: Any, tflite: Union[PathLike, bytes], data: Any, kernels: Sequence[str] = KERNELS,
+              simulated: Optional[str] = None) -> List[OutputAgreement]:
+    """Per output and interpreter kernel set: the interpreter's dequantized output against the simulation's.
+
+    The simulation computes the same kernel set's arithmetic (:data:`SIMULATED_KERNELS`) when the model has
+    integer kernels (``target="tflite_int8"``), or the kernel set ``simulated`` (``"reference"`` /
+    ``"xnnpack"``) for every interpreter kernel set (how far one kernel set is from the other).
+    """
+    from .keras.integer import check_kernels
+
+    if simulated is not None:
+        check_kernels(simulated, "simulated")
     src = model if isinstance(model, _Source) else _Source(model)
     xs = _as_inputs(data, src.n_inputs)
-    sim = src.simulate(xs)
     rows = []
     for k in kernels:
+        if k not in KERNELS:
+            raise ValueError(f"kernels must be a subset of {KERNELS}, got {k!r}")
+        want = simulated or SIMULATED_KERNELS[k]
+        sim, sim_kernels = src.simulate(xs, kernels=want), src.simulated(want)
         interp = load_interpreter(tflite, k)
         interp.allocate_tensors()
         scales = _output_scales(interp)
@@ -564,7 +587,7 @@ def agreement(model: Any, tflite: Union[PathLike, bytes], data: Any, kernels: Se
                 top1 = float(np.mean(y.argmax(1) == s.argmax(1)) * 100)
             rows.append(OutputAgreement(
                 name=str(name), kernels=k, scale=scale, zero_point=zp, max_diff_lsb=float(lsb.max()),
-                equal_pct=float(np.mean(lsb < 0.5) * 100), top1_pct=top1, n=int(y.shape[0]),
+                equal_pct=float(np.mean(lsb < 0.5) * 100), top1_pct=top1, n=int(y.shape[0]), simulated=sim_kernels,
             ))  # fmt: skip
     return rows
 
@@ -614,18 +637,52 @@ class _Source:
         if not isinstance(model, keras.Model):
             raise TypeError(f"model must be a Keras model, a .keras file or a SavedModel folder, got {type(model).__name__}")
         self.keras_model = model
-        _link_target_model(model)
+        self.integer = _link_target_model(model)
         self.name = model.name
         self.n_inputs = len(model.inputs)
         self.concrete = _frozen_function(model)
         self.weight_bits = _weight_bits(model)
-        fn = tf.function(lambda *xs: model(xs[0] if len(xs) == 1 else list(xs), training=False))
-        self._run = lambda *xs: tf.nest.flatten(fn(*[tf.constant(x, tf.float32) for x in xs]))
+        self._runs: Dict[str, Any] = {}
+        self._run = self._keras_run(None)
 
-    def simulate(self, inputs: Sequence[np.ndarray], batch: int = 64) -> List[np.ndarray]:
+    def _keras_run(self, kernels: Optional[str]):
+        """A function running the Keras model at inference with the integer ``kernels`` (traced with them)."""
+        import tensorflow as tf
+
+        from .keras.integer import link_integer
+
+        model = self.keras_model
+        fn = tf.function(lambda *xs: model(xs[0] if len(xs) == 1 else list(xs), training=False))
+        if kernels is None or not self.integer:
+            return lambda *xs: tf.nest.flatten(fn(*[tf.constant(x, tf.float32) for x in xs]))
+        own = getattr(model, "_gq_kernels", "reference")
+
+        def run(*xs):
+            link_integer(model, kernels)  # the choice is read while tracing: traced once per kernel set
+            try:
+                return tf.nest.flatten(fn(*[tf.constant(x, tf.float32) for x in xs]))
+            finally:
+                link_integer(model, own)
+
+        return run
+
+    def simulated(self, kernels: Optional[str]) -> Optional[str]:
+        """The kernel set :meth:`simulate` computes for ``kernels`` (None: no integer kernels, or a SavedModel)."""
+        if self.keras_model is None or not self.integer:
+            return None
+        return kernels or getattr(self.keras_model, "_gq_kernels", "reference")
+
+    def simulate(self, inputs: Sequence[np.ndarray], batch: int = 64, kernels: Optional[str] = None
+                 ) -> List[np.ndarray]:
+        """The simulation's outputs; ``kernels``: the integer kernel set to compute (default: the model's)."""
+        run = self._run
+        if kernels is not None and self.keras_model is not None:
+            if kernels not in self._runs:
+                self._runs[kernels] = self._keras_run(kernels)
+            run = self._runs[kernels]
         outs: List[List[np.ndarray]] = []
         for start in range(0, inputs[0].shape[0], batch):
-            flat = [np.asarray(t) for t in self._run(*[x[start:start + batch] for x in inputs])]
+            flat = [np.asarray(t) for t in run(*[x[start:start + batch] for x in inputs])]
             if not outs:
                 outs = [[] for _ in flat]
             for k, t in enumerate(flat):
@@ -633,16 +690,18 @@ class _Source:
         return [np.concatenate(o) for o in outs]
 
 
-def _link_target_model(model: Any) -> None:
+def _link_target_model(model: Any) -> bool:
     """A model quantized with ``target="tflite_int8"`` (it rounds its input) computes the runtime's integer
-    kernels at inference (links are not saved in a ``.keras`` file: made again here)."""
+    kernels at inference (links are not saved in a ``.keras`` file: made again here, with the model's kernel
+    set); whether it is such a model."""
     from .keras.integer import _eligible_quantize, link_integer
 
     for x in model.inputs:
         layer = x._keras_history.operation
         if any(_eligible_quantize(n.operation) for n in layer._outbound_nodes):
             link_integer(model)
-            return
+            return True
+    return False
 
 
 def export_tflite(
@@ -799,15 +858,34 @@ class TFLiteCompareReport:
                 "unmatched": list(self.unmatched)}  # fmt: skip
 
 
+def _every_tensor_an_output(tflite: Union[PathLike, bytes]) -> bytes:
+    """The model with the output of every op of its main subgraph added to the subgraph's outputs: a delegate
+    then writes them out (``experimental_preserve_all_tensors`` keeps only the tensors of undelegated ops)."""
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    content = bytes(tflite) if isinstance(tflite, (bytes, bytearray)) else Path(tflite).read_bytes()
+    m = flatbuffer_utils.read_model_from_bytearray(bytearray(content))
+    sg = m.subgraphs[0]
+    outs = [int(o) for o in sg.outputs]
+    for op in sg.operators:
+        outs += [int(o) for o in op.outputs if int(o) not in outs and int(o) >= 0]
+    sg.outputs = np.array(outs, dtype=np.int32)
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(m))
+
+
 def compare_tflite(model: Any, tflite: Union[PathLike, bytes], data: Any, kernels: str = "reference",
                    max_examples: int = 64) -> TFLiteCompareReport:
     """Compare every rounding point of ``model`` (its ``Quantize`` layers) with the interpreter's tensor there.
 
-    The interpreter runs with ``experimental_preserve_all_tensors=True``; each
-    graphquant ``Quantize`` layer output is matched to the int8 tensor of the
-    same shape whose dequantized values are closest (the converter renames
-    tensors after the ops it fused), and the difference is given in LSBs of
-    that tensor's scale.
+    With the reference kernels the interpreter runs with
+    ``experimental_preserve_all_tensors=True``; with the default kernels
+    (XNNPACK delegate, which keeps its intermediate tensors to itself) on a
+    copy of the model whose every op output is a model output. The
+    simulation computes the matching integer kernels
+    (:data:`SIMULATED_KERNELS`). Each graphquant ``Quantize`` layer output is
+    matched to the int8 tensor of the same shape whose dequantized values are
+    closest (the converter renames tensors after the ops it fused), and the
+    difference is given in LSBs of that tensor's scale.
     """
     import keras
 
@@ -821,13 +899,27 @@ def compare_tflite(model: Any, tflite: Union[PathLike, bytes], data: Any, kernel
 
         model = _load_keras(p, "model")
     _litert()
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     xs = [x[:max_examples] for x in _as_inputs(data, len(model.inputs))]
     qlayers = [l for l in model.layers if isinstance(l, Quantize)]
     probe = keras.Model(model.inputs, [l.output for l in qlayers]) if qlayers else None
     sims = []
     if probe is not None:
-        sims = _simulate(probe, xs)
-    interp = load_interpreter(tflite, kernels, preserve_all_tensors=True)
+        integer = _link_target_model(model)
+        own = getattr(model, "_gq_kernels", "reference")
+        object.__setattr__(probe, "_gq_kernels", SIMULATED_KERNELS[kernels])  # probe shares model's layers
+        try:
+            sims = _simulate(probe, xs)
+        finally:
+            if integer:
+                from .keras.integer import link_integer
+
+                link_integer(model, own)
+    if kernels == "reference":
+        interp = load_interpreter(tflite, kernels, preserve_all_tensors=True)
+    else:
+        interp = load_interpreter(_every_tensor_an_output(tflite), kernels)
     in_d = interp.get_input_details()
     for d, x in zip(in_d, xs):
         interp.resize_tensor_input(d["index"], x.shape)
@@ -836,9 +928,10 @@ def compare_tflite(model: Any, tflite: Union[PathLike, bytes], data: Any, kernel
         interp.set_tensor(d["index"], _quantize_input(x, d))
     interp.invoke()
     candidates = []
+    readable = None if kernels == "reference" else {d["index"] for d in in_d + interp.get_output_details()}
     for d in interp.get_tensor_details():
         s, z = d["quantization"]
-        if d["dtype"] != np.int8 or s == 0.0:
+        if d["dtype"] != np.int8 or s == 0.0 or (readable is not None and d["index"] not in readable):
             continue
         try:
             v = interp.get_tensor(d["index"])

@@ -10,8 +10,11 @@ For each model: "before" is today's ``quantize_model(bits=8, weights=True)``,
 "after" is ``quantize_model(target="tflite_int8")``; both calibrated with
 minmax on the same data and exported with ``graphquant.export_tflite``. The
 table gives, per kernel set of the LiteRT interpreter (reference kernels,
-default kernels = XNNPACK), the largest output difference in output LSBs, the
-% of output elements equal and the top-1 agreement; then accuracy rows (digits)
+default kernels = XNNPACK delegate) and the simulation's integer kernels
+(``reference`` / ``xnnpack``, the matching ones, and for the target also the
+reference arithmetic against the default kernels), the largest output
+difference in output LSBs, the % of output elements equal and the top-1
+agreement; then accuracy rows (digits)
 and the speed of the simulated target against float (inference and a QAT step).
 """
 
@@ -76,11 +79,12 @@ def resnet_like(size, seed=0):
     return keras.Model(inp, keras.layers.Dense(10)(x), name="resnet_like")
 
 
-def row(name, variant, report):
+def row(name, variant, agreement):
     out = []
-    for a in report.agreement:
+    for a in agreement:
         top1 = "-" if a.top1_pct is None else f"{a.top1_pct:.2f}"
-        out.append(f"| {name} | {variant} | {a.kernels} | {a.max_diff_lsb:g} | {a.equal_pct:.3f} | {top1} |")
+        out.append(f"| {name} | {variant} | {a.kernels} | {a.simulated or '-'} | {a.max_diff_lsb:g} | "
+                   f"{a.equal_pct:.3f} | {top1} |")  # fmt: skip
     return out
 
 
@@ -130,10 +134,11 @@ def main(argv=None):
 
     import digits
     import graphquant as gq
+    from graphquant.tflite import agreement
 
     tmp = Path(tempfile.mkdtemp(prefix="gq-tflite-"))
-    lines = ["| model | quantization | kernels | max \\|diff\\| (output LSB) | % equal | top-1 agree % |",
-             "|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| model | quantization | interpreter kernels | simulated kernels | max \\|diff\\| (output LSB) | "
+             "% equal | top-1 agree % |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     acc_rows = []
     models = []
     if "digits" in chosen:
@@ -163,7 +168,9 @@ def main(argv=None):
             q = calibrate(fm, cal, **kw)
             path = tmp / f"{abs(hash((name, vname)))}.tflite"
             rep = gq.export_tflite(q, path, check_data=test, representative_data=cal)
-            lines += row(name, vname, rep)
+            lines += row(name, vname, rep.agreement)
+            if "target" in kw:  # the reference kernels' arithmetic against the default kernels: how far they are
+                lines += row(name, vname, agreement(q, path, test, kernels=("default",), simulated="reference"))
             print(f"{name} / {vname}: {time.perf_counter() - t:.1f}s, fully integer: {rep.fully_integer}", flush=True)
             if labels is not None:
                 from graphquant.tflite import load_interpreter, run_interpreter

@@ -589,6 +589,7 @@ def quantize_model(
     seed: Optional[int] = None,
     allow_requantize: bool = False,
     target: Any = None,
+    kernels: Optional[str] = None,
     freeze_bn_after: Optional[int] = None,
     **options: Any,
 ) -> keras.Model:
@@ -652,6 +653,12 @@ def quantize_model(
             weight and activation formats (int8 per-channel symmetric narrow
             weights, int8 per-tensor asymmetric activations). Give
             ``calibration_data`` (or train) to set the ranges.
+        kernels: with a target that computes the runtime's integer arithmetic
+            at inference (``tflite_int8``), which kernel set: ``"reference"``
+            (default; LiteRT's reference kernels) or ``"xnnpack"`` (the
+            default interpreter's XNNPACK delegate, what a deployed model
+            usually runs). Change it later with
+            :func:`graphquant.keras.integer.link_integer`.
         freeze_bn_after: with a target that folds BatchNormalization before
             rounding: training steps after which the fold uses the moving
             statistics instead of the batch statistics (``None``: never).
@@ -704,9 +711,15 @@ def quantize_model(
                 weight_format = Affine(weight_bits, symmetric=True, narrow_range=True, axis=-1)
                 weight_bits = None
         if tgt.dense_weight_format is not None and overrides is None:
-            wb = getattr(weight_format, "bits", 8)
+            wb = getattr(weight_format, "bits", None) or weight_bits or 8  # weight_bits=4: Dense too
             overrides = {"class:Dense": {"weight_format": Affine(wb, symmetric=True, narrow_range=True)}}
         registry = tgt.registry
+    if kernels is not None:
+        from .integer import check_kernels
+
+        check_kernels(kernels)
+        if tgt is None or not tgt.integer_arithmetic:
+            raise ValueError("kernels= needs a target that computes integer kernels (target='tflite_int8')")
     if freeze_bn_after is not None and (tgt is None or not tgt.fold_batchnorm):
         raise ValueError("freeze_bn_after= needs a target that folds BatchNormalization (target='tflite_int8')")
     kw: Dict[str, Any] = dict(options)
@@ -772,7 +785,9 @@ def quantize_model(
     if tgt is not None and tgt.integer_arithmetic:
         from .integer import link_integer
 
-        log.info("quantize_model: %d layers compute the runtime's integer kernels at inference", link_integer(new))
+        n_linked = link_integer(new, kernels or "reference")
+        log.info("quantize_model: %d layers compute the runtime's integer kernels (%s) at inference", n_linked,
+                 kernels or "reference")
     log.info("quantize_model: %d rounding layers inserted in %.2fs", rw.inserted, time.perf_counter() - t0)
     return new
 
