@@ -186,11 +186,20 @@ def _keras_model():
     h = keras.layers.Conv2D(4, 3, padding="same", name="c1")(x)
     h = keras.layers.ReLU(name="r1")(h)
     h = keras.layers.Conv2D(3, 3, padding="same", name="c2")(h)
-    m = keras.Model(x, h, name="two")
+    return _random_weights(keras.Model(x, h, name="two"), rng)
+
+
+def _random_weights(m, rng):
     for layer in m.layers:
         if layer.weights:
             layer.set_weights([rng.normal(size=w.shape).astype("float32") for w in layer.get_weights()])
     return m
+
+
+def _export(tmp_path_factory, model):
+    d = tmp_path_factory.mktemp("cal") / model.name
+    model.export(str(d), verbose=False)
+    return model, d
 
 
 DATA = RNG.normal(size=(70, 8, 8, 2)).astype("float32")
@@ -198,10 +207,7 @@ DATA = RNG.normal(size=(70, 8, 8, 2)).astype("float32")
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cal") / "two"
-    m = _keras_model()
-    m.export(str(d), verbose=False)
-    return m, d
+    return _export(tmp_path_factory, _keras_model())
 
 
 @pytest.mark.parametrize("method", ["minmax", "percentile", "mse", "entropy"])
@@ -338,11 +344,7 @@ def _grouped_model():
     x = keras.Input((8, 8, 8), name="x")
     h = keras.layers.Conv2D(8, 3, padding="same", groups=4, use_bias=False, name="g1")(x)
     h = keras.layers.Conv2D(4, 3, padding="same", groups=2, use_bias=False, name="g2")(h)
-    m = keras.Model(x, h, name="grouped")
-    for layer in m.layers:
-        if layer.weights:
-            layer.set_weights([rng.normal(size=w.shape).astype("float32") for w in layer.get_weights()])
-    return m
+    return _random_weights(keras.Model(x, h, name="grouped"), rng)
 
 
 GROUPED_DATA = RNG.normal(size=(40, 8, 8, 8)).astype("float32")
@@ -350,10 +352,7 @@ GROUPED_DATA = RNG.normal(size=(40, 8, 8, 8)).astype("float32")
 
 @pytest.fixture(scope="module")
 def grouped_export(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cal") / "grouped"
-    m = _grouped_model()
-    m.export(str(d), verbose=False)
-    return m, d
+    return _export(tmp_path_factory, _grouped_model())
 
 
 def _in_xla_functions(path):
