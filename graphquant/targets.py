@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
 from .formats import Affine, Format
-from .patterns import ACTIVATION, CONV_GROUP, DENSE, NORM, Matcher, Pattern, Registry, Step, default_registry
+from .patterns import BIAS, CONV, DENSE, NORM, Matcher, Pattern, Registry, Step, default_registry
 
 __all__ = ["Target", "TARGETS", "TFLITE_INT8", "get_target"]
 
@@ -40,6 +40,7 @@ class Target:
     quantize_input: bool = False
     fold_batchnorm: bool = False
     integer_arithmetic: bool = False  # weight layers compute the runtime's integer kernels at inference
+    split_activations: bool = False  # a conv/Dense's own non-fusable activation becomes a layer (its own op)
     arithmetic: str = ""
     covered: Tuple[str, ...] = field(default_factory=tuple)
 
@@ -54,6 +55,7 @@ class Target:
             "quantize_input": self.quantize_input,
             "fold_batchnorm": self.fold_batchnorm,
             "integer_arithmetic": self.integer_arithmetic,
+            "split_activations": self.split_activations,
             "arithmetic": self.arithmetic,
             "covered": list(self.covered),
         }
@@ -71,7 +73,9 @@ _REQUANTIZING = {
     "concatenate": ("Concatenate",),
     "average_pool": ("AveragePooling1D", "AveragePooling2D", "GlobalAveragePooling1D", "GlobalAveragePooling2D"),
     "resize": ("UpSampling2D", "Resizing"),
-    "activation": ("ReLU", "Activation", "LeakyReLU"),  # a lone activation (not fused into a group)
+    # a lone activation (not fused into a group): LOGISTIC (sigmoid) has the fixed output scale 1/256, zero point
+    # -128, then an int8 -> int8 QUANTIZE to this point's range; swish is LOGISTIC then MUL (this point rounds the MUL)
+    "activation": ("ReLU", "Activation", "LeakyReLU", "PReLU", "ELU"),
 }
 
 
@@ -97,10 +101,13 @@ _FUSING = ("add", "subtract", "multiply")  # not CONCATENATION: its output keeps
 
 
 def _tflite_registry() -> Registry:
+    # the converter fuses only RELU/RELU6 into CONV_2D/DEPTHWISE_CONV_2D/FULLY_CONNECTED: any other activation
+    # after a conv/Dense is an op of its own after an int8 tensor (a "lone activation" point below)
     patterns = [
         Pattern("input", (Step(Matcher("input", layers=("InputLayer",))),), weights=False),
-        CONV_GROUP,
-        Pattern("dense", (Step(DENSE), Step(NORM, optional=True), Step(ACTIVATION, optional=True))),
+        Pattern("conv", (Step(CONV), Step(BIAS, optional=True), Step(NORM, optional=True),
+                         Step(FUSED_ACTIVATION, optional=True))),
+        Pattern("dense", (Step(DENSE), Step(NORM, optional=True), Step(FUSED_ACTIVATION, optional=True))),
     ]
     for k, v in _REQUANTIZING.items():
         if k in _FUSING:
@@ -123,20 +130,26 @@ TFLITE_INT8 = Target(
     quantize_input=True,
     fold_batchnorm=True,
     integer_arithmetic=True,
+    split_activations=True,
     arithmetic=(
         "int32 accumulation of (q_in - zp_in) * q_w + q_bias; output = zp_out + "
         "MultiplyByQuantizedMultiplier(acc, M0, shift) with M = s_in*s_w[c]/s_out = M0 * 2**(shift-31) "
         "(gemmlowp SaturatingRoundingDoublingHighMul + RoundingDivideByPOT), clamped to the fused activation's "
         "range in [-128, 127]. At inference (training=False) the simulation computes the reference kernels' integer "
         "arithmetic (graphquant.keras.integer: conv/depthwise, FULLY_CONNECTED (one rounding), ADD, MEAN, "
-        "AVERAGE_POOL_2D, CONCATENATION with the converter's shared scale, the input QUANTIZE); while training, "
+        "AVERAGE_POOL_2D, CONCATENATION with the converter's shared scale, the input QUANTIZE, LOGISTIC (the "
+        "lookup table LiteRT fills in float32 for int8), swish as LOGISTIC then MUL, MUL); while training, "
         "FakeQuant grids at the same points with straight-through gradients."
     ),
     covered=("model input", "Conv1D/2D/3D, DepthwiseConv, SeparableConv, Conv*Transpose -> [BatchNormalization] -> "
              "[ReLU/ReLU6/activation]", "Dense -> [BatchNormalization] -> [activation]", "Add", "Subtract",
              "Multiply (each of these three with a following ReLU/ReLU6 as one group: the converter fuses it)",
              "Concatenate", "AveragePooling, GlobalAveragePooling (MEAN)", "UpSampling2D, Resizing",
-             "a lone ReLU/Activation/LeakyReLU",
+             "a lone ReLU/Activation/LeakyReLU/PReLU/ELU",
+             "a conv/Dense's own activation other than ReLU/ReLU6 (e.g. sigmoid, swish) is split into its own "
+             "layer with a rounding point before it, as the converter emits it",
+             "sigmoid (LOGISTIC, output scale 1/256, zero point -128, then requantized to its point's range)",
+             "swish/silu (LOGISTIC then MUL)", "Multiply with broadcasting (squeeze-and-excitation)",
              "same-scale ops need no rounding: MaxPooling, Reshape, Flatten, ZeroPadding, Dropout"),
 )
 

@@ -724,7 +724,16 @@ def quantize_model(
     if config is not None and kw:
         raise ValueError(f"give config= or keyword options, not both (got {sorted(kw)})")
     cfg = _config(config, kw)
+    split: List[str] = []
+    if tgt is not None and tgt.split_activations:
+        from .split import split_activations
+
+        model, split = split_activations(model)
     plan = _make_keras_plan(model, cfg, registry)
+    if split:
+        plan.notes.append(f"target {tgt.name}: the activation of {len(split)} layers ({', '.join(split[:4])}"
+                          f"{', ...' if len(split) > 4 else ''}) runs as its own layer <name>_activation after a "
+                          "rounding point (the converter fuses only ReLU/ReLU6 into a conv/Dense)")
     plan.check_calibration(calibration_data, calibration_method)
     if existing:
         if plan.points:
