@@ -73,6 +73,8 @@ _REQUANTIZING = {
     "concatenate": ("Concatenate",),
     "average_pool": ("AveragePooling1D", "AveragePooling2D", "GlobalAveragePooling1D", "GlobalAveragePooling2D"),
     "resize": ("UpSampling2D", "Resizing"),
+    # x * scale + offset by constants (EfficientNet's input preprocessing): MUL / ADD / SUB ops with int8 outputs
+    "rescale": ("Rescaling", "Normalization"),
     # a lone activation (not fused into a group): LOGISTIC (sigmoid) has the fixed output scale 1/256, zero point
     # -128, then an int8 -> int8 QUANTIZE to this point's range; swish is LOGISTIC then MUL (this point rounds the MUL)
     "activation": ("ReLU", "Activation", "LeakyReLU", "PReLU", "ELU"),

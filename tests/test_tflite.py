@@ -512,3 +512,25 @@ def test_split_activations_is_the_same_model():
     q = gq.quantize_model(m, target="tflite_int8", calibration_data=x0)
     assert any("(c2, d)" in n and "_activation" in n for n in q._graphquant_plan.notes), q._graphquant_plan.notes
     assert {"c2_quant", "c2_activation_quant", "d_quant", "d_activation_quant"} <= {l.name for l in q.layers}
+
+
+def test_input_rescaling_is_a_rounding_point(tmp_path):
+    """EfficientNet's input preprocessing (Rescaling(1/255), then ZeroPadding before the stem conv) converts to a
+    MUL by a constant with an int8 output: graphquant rounds there (was: the converter calibrated that tensor
+    itself), and the model equals the reference kernels."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((9, 9, 3), name="input_layer")
+    x = keras.layers.Rescaling(1 / 255.0, name="resc")(inp)
+    x = keras.layers.ZeroPadding2D(((0, 1), (0, 1)), name="pad")(x)
+    x = keras.layers.Conv2D(8, 3, strides=2, use_bias=False, name="c1")(x)
+    x = keras.layers.Activation("swish", name="sw")(keras.layers.BatchNormalization(name="bn1")(x))
+    out = keras.layers.Dense(3, name="dense")(keras.layers.GlobalAveragePooling2D(name="gap")(x))
+    m = keras.Model(inp, out)
+    data = (np.random.RandomState(0).rand(64, 9, 9, 3) * 255).astype("float32")
+    q = gq.quantize_model(m, target="tflite_int8", calibration_data=data)
+    path = tmp_path / "resc.tflite"
+    report = gq.export_tflite(q, path, check_data=data)
+    assert report.fully_integer and report.ops.get("MUL") == 2, str(report)  # the Rescaling's and the swish's
+    rows = {r.layer: r for r in gq.compare_tflite(q, path, data).rows}
+    assert "resc_quant" in rows and all(r.max_diff_lsb == 0 for r in rows.values()), rows
+    assert report.exact("reference"), str(report)
