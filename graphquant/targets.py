@@ -24,7 +24,7 @@ from typing import Any, Dict, Optional, Tuple
 from .formats import Affine, Format
 from .patterns import BIAS, CONV, DENSE, NORM, Matcher, Pattern, Registry, Step, default_registry
 
-__all__ = ["Target", "TARGETS", "TFLITE_INT8", "get_target"]
+__all__ = ["Target", "TARGETS", "TFLITE_INT8", "get_target", "uncovered_layers"]
 
 
 @dataclass(frozen=True)
@@ -167,3 +167,29 @@ def get_target(target: Any) -> Target:
     if not isinstance(target, str) or target not in TARGETS:
         raise ValueError(f"target must be one of {sorted(TARGETS)} or a graphquant.targets.Target, got {target!r}")
     return TARGETS[target]
+
+
+#: Layers that need no rounding of their own in the int8 runtime (same scale in and out), or that the
+#: tflite_int8 target handles structurally (BatchNormalization folded into the conv before it).
+_NO_ROUNDING = ("InputLayer", "BatchNormalization", "Dropout", "SpatialDropout1D", "SpatialDropout2D",
+                "SpatialDropout3D", "GaussianNoise", "GaussianDropout", "ActivityRegularization")  # fmt: skip
+
+
+def uncovered_layers(target: Target, model: Any) -> Dict[str, list]:
+    """``{layer class: [layer names]}`` of the layers of ``model`` (top level) that ``target``'s registry does not
+    match and that are not same-scale ops: the converter calibrates their outputs itself (or leaves them float,
+    which the export report then says). Empty for a target without ``integer_arithmetic``."""
+    if not target.integer_arithmetic:
+        return {}
+    from .keras.integer import _SAME_SCALE
+
+    known = set(_NO_ROUNDING) | set(_SAME_SCALE)
+    for p in target.registry.patterns:
+        for st in p.steps:
+            known |= {c if isinstance(c, str) else c.__name__ for c in st.matcher.layers}
+    out: Dict[str, list] = {}
+    for layer in getattr(model, "layers", []):
+        name = type(layer).__name__
+        if name not in known and not name.startswith(("Quantize", "Folded", "Folding")):
+            out.setdefault(name, []).append(layer.name)
+    return out

@@ -534,3 +534,27 @@ def test_input_rescaling_is_a_rounding_point(tmp_path):
     rows = {r.layer: r for r in gq.compare_tflite(q, path, data).rows}
     assert "resc_quant" in rows and all(r.max_diff_lsb == 0 for r in rows.values()), rows
     assert report.exact("reference"), str(report)
+
+
+def test_uncovered_op_gets_a_plan_note():
+    """A layer the target does not cover (here Maximum) gets no rounding point and a plan note naming it; the
+    ops of EfficientNetB0, MobileNetV2 and ResNet50 are all covered (checked on EfficientNetB0, whose
+    squeeze-and-excitation convs have their own sigmoid/silu)."""
+    from graphquant.keras.split import split_activations
+    from graphquant.targets import TFLITE_INT8, uncovered_layers
+
+    keras.utils.set_random_seed(2)
+    inp = keras.Input((6, 6, 3), name="input_layer")
+    a = keras.layers.Conv2D(4, 3, name="ca")(inp)
+    b = keras.layers.Conv2D(4, 3, name="cb")(inp)
+    x = keras.layers.Maximum(name="mx")([a, b])
+    m = keras.Model(inp, keras.layers.Dense(2, name="dense")(keras.layers.GlobalAveragePooling2D(name="gap")(x)))
+    data = np.random.RandomState(2).randn(16, 6, 6, 3).astype("float32")
+    q = gq.quantize_model(m, target="tflite_int8", calibration_data=data)
+    assert "mx_quant" not in {l.name for l in q.layers}
+    notes = [n for n in q._graphquant_plan.notes if "does not cover Maximum (mx)" in n]
+    assert len(notes) == 1 and "not fully integer" in notes[0], q._graphquant_plan.notes
+    assert uncovered_layers(TFLITE_INT8, m) == {"Maximum": ["mx"]}
+    eff = keras.applications.EfficientNetB0(weights=None, input_shape=(32, 32, 3), classes=10)
+    assert uncovered_layers(TFLITE_INT8, split_activations(eff)[0]) == {}
+    assert "Multiply" in {type(l).__name__ for l in eff.layers}

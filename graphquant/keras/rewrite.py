@@ -730,6 +730,14 @@ def quantize_model(
 
         model, split = split_activations(model)
     plan = _make_keras_plan(model, cfg, registry)
+    if tgt is not None:
+        from ..targets import uncovered_layers
+
+        for cls, names in uncovered_layers(tgt, model).items():
+            plan.notes.append(f"target {tgt.name} does not cover {cls} ({', '.join(names[:4])}"
+                              f"{', ...' if len(names) > 4 else ''}): no rounding point; the converter calibrates "
+                              "its output itself, or it stays float (export_tflite's report then says the model "
+                              "is not fully integer)")
     if split:
         plan.notes.append(f"target {tgt.name}: the activation of {len(split)} layers ({', '.join(split[:4])}"
                           f"{', ...' if len(split) > 4 else ''}) runs as its own layer <name>_activation after a "
