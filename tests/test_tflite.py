@@ -558,3 +558,27 @@ def test_uncovered_op_gets_a_plan_note():
     eff = keras.applications.EfficientNetB0(weights=None, input_shape=(32, 32, 3), classes=10)
     assert uncovered_layers(TFLITE_INT8, split_activations(eff)[0]) == {}
     assert "Multiply" in {type(l).__name__ for l in eff.layers}
+
+
+def test_swish_trains_on_the_logistic_grid():
+    """While training, a linked swish/sigmoid rounds its sigmoid to LOGISTIC's output grid (1/256) with a
+    straight-through gradient (the float swish had no rounding there); the gradient is the float one."""
+    import tensorflow as tf
+
+    m = _se_block("swish")
+    data = np.random.RandomState(12).randn(16, 8, 8, 3).astype("float32")
+    q = gq.quantize_model(m, target="tflite_int8", calibration_data=data)
+    act = q.get_layer("act")
+    x = tf.constant(np.random.RandomState(3).randn(4, 8, 8, 8).astype("float32") * 3)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = act(x, training=True)
+    sig = 1 / (1 + np.exp(-x.numpy().astype(np.float64)))
+    rounded = np.minimum(np.floor(sig * 256 + 0.5), 255) / 256  # LOGISTIC's largest output is 255/256
+    want = x.numpy() * rounded
+    np.testing.assert_allclose(y.numpy(), want, rtol=1e-6, atol=1e-6)
+    assert np.abs(y.numpy() - keras.activations.silu(x).numpy()).max() > 1e-3  # not the float swish
+    g = tape.gradient(y, x).numpy()
+    s = tf.sigmoid(x).numpy().astype(np.float64)
+    # d/dx x * (sigmoid + stop_gradient(rounded - sigmoid)) = rounded + x * sigmoid'
+    np.testing.assert_allclose(g, rounded + x.numpy() * s * (1 - s), rtol=1e-5, atol=1e-5)

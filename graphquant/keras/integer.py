@@ -581,12 +581,19 @@ def _q_minus_zp(x: Any, s: tf.Tensor) -> tf.Tensor:
 def _int_activation(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
     """``Activation("sigmoid")``: LOGISTIC (:func:`logistic_int8_tf`) then the converter's int8 -> int8 QUANTIZE
     to the point's range (none when that range is LOGISTIC's own ``[0, 255/256]``). ``Activation("swish")``:
-    the converter's LOGISTIC then MUL of the input by it (:func:`_mul_int8`)."""
+    the converter's LOGISTIC then MUL of the input by it (:func:`_mul_int8`). While training, the sigmoid is
+    rounded to LOGISTIC's output grid (multiples of 1/256) with a straight-through gradient."""
     from .layers import _EXPORT_INT8_WEIGHTS
 
     qs = layer._gq_integer()
-    if _training_now() or _EXPORT_INT8_WEIGHTS[0] or any(q._calibrator is not None for q in qs):
+    if _EXPORT_INT8_WEIGHTS[0] or any(q._calibrator is not None for q in qs):
         return orig(inputs, *args, **kwargs)
+    if _training_now():  # QAT: LOGISTIC's output grid (1/256) with a straight-through gradient
+        x = tf.convert_to_tensor(inputs)
+        sig = tf.sigmoid(x)
+        sig_q = tf.clip_by_value(_round_away(sig * 256.0), 0.0, 255.0) / 256.0
+        sig = sig + tf.stop_gradient(sig_q - sig)
+        return x * sig if getattr(layer.activation, "__name__", "") in _SWISH else sig
     (si, _, _), (so, _, zo) = (qparams(q) for q in qs)
     v = _q_minus_zp(inputs, si)
     sig = logistic_int8_tf(v, si)  # q + 128 at scale 1/256
