@@ -141,12 +141,14 @@ TFLITE_INT8 = Target(
         "arithmetic (graphquant.keras.integer: conv/depthwise, FULLY_CONNECTED (one rounding), ADD, MEAN, "
         "AVERAGE_POOL_2D, CONCATENATION with the converter's shared scale, the input QUANTIZE, LOGISTIC (the "
         "lookup table LiteRT fills in float32 for int8), swish as LOGISTIC then MUL, MUL); while training, "
-        "FakeQuant grids at the same points with straight-through gradients."
+        "FakeQuant grids at the same points (and LOGISTIC's 1/256 grid inside sigmoid/swish) with straight-through "
+        "gradients."
     ),
     covered=("model input", "Conv1D/2D/3D, DepthwiseConv, SeparableConv, Conv*Transpose -> [BatchNormalization] -> "
-             "[ReLU/ReLU6/activation]", "Dense -> [BatchNormalization] -> [activation]", "Add", "Subtract",
+             "[ReLU/ReLU6]", "Dense -> [BatchNormalization] -> [ReLU/ReLU6]", "Add", "Subtract",
              "Multiply (each of these three with a following ReLU/ReLU6 as one group: the converter fuses it)",
              "Concatenate", "AveragePooling, GlobalAveragePooling (MEAN)", "UpSampling2D, Resizing",
+             "Rescaling, Normalization (MUL/SUB by constants; float arithmetic at that point)",
              "a lone ReLU/Activation/LeakyReLU/PReLU/ELU",
              "a conv/Dense's own activation other than ReLU/ReLU6 (e.g. sigmoid, swish) is split into its own "
              "layer with a rounding point before it, as the converter emits it",
