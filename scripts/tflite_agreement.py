@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-    python scripts/tflite_agreement.py            # digits CNN, a ResNet-style net and MobileNetV2 (64x64)
+    python scripts/tflite_agreement.py            # digits CNN, a ResNet-style net, MobileNetV2 and EfficientNetB0
     python scripts/tflite_agreement.py --quick    # digits CNN only
     python scripts/tflite_agreement.py --models mobilenetv2   # one model (the same weights as in a full run)
 
@@ -32,6 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
+
+
+MODELS = ("digits", "resnet", "mobilenetv2", "efficientnetb0")
 
 
 def calibrate(model, data, **kw):
@@ -122,14 +125,14 @@ def speed(float_model, q, x, y):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="digits CNN only")
-    ap.add_argument("--models", default="digits,resnet,mobilenetv2",
-                    help="comma-separated subset of digits,resnet,mobilenetv2 (default: all)")
+    ap.add_argument("--models", default=",".join(MODELS),
+                    help=f"comma-separated subset of {','.join(MODELS)} (default: all)")
     ap.add_argument("--size", type=int, default=64)
     ns = ap.parse_args(argv)
     chosen = {"digits"} if ns.quick else {m.strip() for m in ns.models.split(",") if m.strip()}
-    unknown = chosen - {"digits", "resnet", "mobilenetv2"}
+    unknown = chosen - set(MODELS)
     if unknown or not chosen:
-        ap.error(f"--models: unknown {sorted(unknown)}; choose from digits, resnet, mobilenetv2")
+        ap.error(f"--models: unknown {sorted(unknown)}; choose from {', '.join(MODELS)}")
     import keras
 
     import digits
@@ -158,6 +161,12 @@ def main(argv=None):
             mb = keras.applications.MobileNetV2(input_shape=(ns.size, ns.size, 3), alpha=0.35, weights=None,
                                                 classes=10, classifier_activation=None)  # fmt: skip
             models.append(("MobileNetV2 a=0.35", reestimate_bn(mb, imgs), imgs[:256], imgs[256:], None))
+        if "efficientnetb0" in chosen:  # built last: the other models' random weights stay those of a full run
+            keras.utils.set_random_seed(0)
+            ef = keras.applications.EfficientNetB0(input_shape=(ns.size, ns.size, 3), weights=None, classes=10,
+                                                   classifier_activation=None)  # fmt: skip
+            pix = imgs * 127.5 + 127.5  # EfficientNet rescales [0, 255] pixels itself (Rescaling, Normalization)
+            models.append(("EfficientNetB0", reestimate_bn(ef, pix), pix[:256], pix[256:], None))
     for name, fm, cal, test, labels in models:
         variants = [("before: bits=8, weights=True", dict(bits=8, weights=True)),
                     ("after: target=tflite_int8", dict(target="tflite_int8"))]  # fmt: skip

@@ -485,3 +485,153 @@ def test_nested_concatenate_and_max_pool(tmp_path):
     assert rows["cc_quant"].scale == rows["cat2_quant"].scale == pytest.approx((hi2 - lo2) / 255, rel=1e-6)
     assert all(r.max_diff_lsb == 0 for r in rep.rows), str(rep)
     assert report.exact("reference"), str(report)
+
+
+def _se_block(kind, seed=11):
+    """A tiny model around one EfficientNet op: ``swish`` (conv -> BN -> Activation("swish")), ``inline_silu``
+    (Conv2D(activation="silu")), ``sigmoid`` (Conv2D(activation="sigmoid")) or ``se_multiply`` (a
+    squeeze-and-excitation Multiply of [N, H, W, C] by [N, 1, 1, C], with Reshape and Dropout)."""
+    keras.utils.set_random_seed(seed)
+    inp = keras.Input((8, 8, 3), name="input_layer")
+    x = keras.layers.Conv2D(8, 3, padding="same", name="c1")(inp)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    if kind == "swish":
+        x = keras.layers.Activation("swish", name="act")(x)
+    elif kind == "inline_silu":
+        x = keras.layers.Conv2D(8, 1, activation="silu", name="c2")(x)
+    elif kind == "sigmoid":
+        x = keras.layers.Conv2D(8, 1, activation="sigmoid", name="c2")(x)
+    else:
+        x = keras.layers.ReLU(name="r1")(x)
+        s = keras.layers.Reshape((1, 1, 8), name="rs")(keras.layers.GlobalAveragePooling2D(name="gap1")(x))
+        s = keras.layers.ReLU(name="r2")(keras.layers.Conv2D(8, 1, name="se")(s))  # a ReLU: no LOGISTIC here
+        x = keras.layers.Dropout(0.2, name="drop")(keras.layers.Multiply(name="mul")([x, s]))
+    x = keras.layers.Conv2D(6, 3, padding="same", name="c3")(x)
+    out = keras.layers.Dense(3, name="dense")(keras.layers.GlobalAveragePooling2D(name="gap")(x))
+    m = keras.Model(inp, out)
+    bn = m.get_layer("bn1")
+    rng = np.random.RandomState(seed)
+    bn.set_weights([rng.uniform(0.5, 2, 8), rng.uniform(-1, 1, 8), rng.uniform(-0.2, 0.2, 8),
+                    rng.uniform(0.02, 0.2, 8)])  # fmt: skip
+    return m
+
+
+@pytest.mark.parametrize("kind,op,points", [
+    ("swish", "LOGISTIC", ["bn1_quant", "act_quant"]),
+    ("inline_silu", "LOGISTIC", ["c2_quant", "c2_activation_quant"]),
+    ("sigmoid", "LOGISTIC", ["c2_quant", "c2_activation_quant"]),
+    ("se_multiply", "MUL", ["mul_quant"]),
+])  # fmt: skip
+def test_efficientnet_ops_equal_the_reference_kernels(tmp_path, kind, op, points):
+    """EfficientNet's ops at the runtime's rounding points, in its integer arithmetic: swish converts to LOGISTIC
+    (output scale 1/256, zero point -128; LiteRT fills a float32 lookup table) then MUL, so the conv before it
+    rounds its own output (was: the converter calibrated that tensor itself, and the swish ran in float); a conv's
+    own sigmoid/silu is split into a layer after a rounding point, as the converter emits it; Multiply (broadcast,
+    squeeze-and-excitation) is the reference MUL. Every tensor and output element equals the reference kernels'
+    (was 1-3 LSB)."""
+    m = _se_block(kind)
+    data = np.random.RandomState(12).randn(64, 8, 8, 3).astype("float32")
+    q = gq.quantize_model(m, target="tflite_int8", calibration_data=data)
+    names = [l.name for l in q.layers if isinstance(l, gq.keras.Quantize)]
+    assert set(points) <= set(names), names
+    path = tmp_path / f"{kind}.tflite"
+    report = gq.export_tflite(q, path, check_data=data)
+    assert report.fully_integer and report.ops.get(op), str(report)
+    rep = gq.compare_tflite(q, path, data)
+    rows = {r.layer: r for r in rep.rows}
+    assert set(points) <= set(rows), str(rep)
+    assert all(r.max_diff_lsb == 0 for r in rep.rows), str(rep)
+    assert report.exact("reference"), str(report)
+
+
+def test_split_activations_is_the_same_model():
+    """split_activations rebuilds a conv with its own sigmoid as conv (linear) -> Activation("sigmoid"): the same
+    outputs and weights; the source model is untouched; ReLU (fused by the converter) is not split."""
+    from graphquant.keras.split import split_activations
+
+    keras.utils.set_random_seed(4)
+    inp = keras.Input((6, 6, 3), name="input_layer")
+    x = keras.layers.Conv2D(4, 3, activation="relu", name="c1")(inp)
+    x = keras.layers.Conv2D(4, 1, activation="sigmoid", name="c2")(x)
+    m = keras.Model(inp, keras.layers.Dense(2, activation="silu", name="d")(x))
+    x0 = np.random.RandomState(4).randn(4, 6, 6, 3).astype("float32")
+    s, names = split_activations(m)
+    assert names == ["c2", "d"]
+    assert [l.name for l in s.layers] == ["input_layer", "c1", "c2", "c2_activation", "d", "d_activation"]
+    assert s.get_layer("c2").activation.__name__ == "linear" and s.get_layer("c1").activation.__name__ == "relu"
+    np.testing.assert_allclose(s.predict(x0, verbose=0), m.predict(x0, verbose=0), rtol=1e-6, atol=1e-6)
+    assert m.get_layer("c2").activation.__name__ == "sigmoid" and len(m.get_layer("c2")._inbound_nodes) == 1
+    assert split_activations(s) == (s, [])
+    q = gq.quantize_model(m, target="tflite_int8", calibration_data=x0)
+    assert any("(c2, d)" in n and "_activation" in n for n in q._graphquant_plan.notes), q._graphquant_plan.notes
+    assert {"c2_quant", "c2_activation_quant", "d_quant", "d_activation_quant"} <= {l.name for l in q.layers}
+
+
+def test_input_rescaling_is_a_rounding_point(tmp_path):
+    """EfficientNet's input preprocessing (Rescaling(1/255), then ZeroPadding before the stem conv) converts to a
+    MUL by a constant with an int8 output: graphquant rounds there (was: the converter calibrated that tensor
+    itself), and the model equals the reference kernels."""
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((9, 9, 3), name="input_layer")
+    x = keras.layers.Rescaling(1 / 255.0, name="resc")(inp)
+    x = keras.layers.ZeroPadding2D(((0, 1), (0, 1)), name="pad")(x)
+    x = keras.layers.Conv2D(8, 3, strides=2, use_bias=False, name="c1")(x)
+    x = keras.layers.Activation("swish", name="sw")(keras.layers.BatchNormalization(name="bn1")(x))
+    out = keras.layers.Dense(3, name="dense")(keras.layers.GlobalAveragePooling2D(name="gap")(x))
+    m = keras.Model(inp, out)
+    data = (np.random.RandomState(0).rand(64, 9, 9, 3) * 255).astype("float32")
+    q = gq.quantize_model(m, target="tflite_int8", calibration_data=data)
+    path = tmp_path / "resc.tflite"
+    report = gq.export_tflite(q, path, check_data=data)
+    assert report.fully_integer and report.ops.get("MUL") == 2, str(report)  # the Rescaling's and the swish's
+    rows = {r.layer: r for r in gq.compare_tflite(q, path, data).rows}
+    assert "resc_quant" in rows and all(r.max_diff_lsb == 0 for r in rows.values()), rows
+    assert report.exact("reference"), str(report)
+
+
+def test_uncovered_op_gets_a_plan_note():
+    """A layer the target does not cover (here Maximum) gets no rounding point and a plan note naming it; the
+    ops of EfficientNetB0, MobileNetV2 and ResNet50 are all covered (checked on EfficientNetB0, whose
+    squeeze-and-excitation convs have their own sigmoid/silu)."""
+    from graphquant.keras.split import split_activations
+    from graphquant.targets import TFLITE_INT8, uncovered_layers
+
+    keras.utils.set_random_seed(2)
+    inp = keras.Input((6, 6, 3), name="input_layer")
+    a = keras.layers.Conv2D(4, 3, name="ca")(inp)
+    b = keras.layers.Conv2D(4, 3, name="cb")(inp)
+    x = keras.layers.Maximum(name="mx")([a, b])
+    m = keras.Model(inp, keras.layers.Dense(2, name="dense")(keras.layers.GlobalAveragePooling2D(name="gap")(x)))
+    data = np.random.RandomState(2).randn(16, 6, 6, 3).astype("float32")
+    q = gq.quantize_model(m, target="tflite_int8", calibration_data=data)
+    assert "mx_quant" not in {l.name for l in q.layers}
+    notes = [n for n in q._graphquant_plan.notes if "does not cover Maximum (mx)" in n]
+    assert len(notes) == 1 and "not fully integer" in notes[0], q._graphquant_plan.notes
+    assert uncovered_layers(TFLITE_INT8, m) == {"Maximum": ["mx"]}
+    eff = keras.applications.EfficientNetB0(weights=None, input_shape=(32, 32, 3), classes=10)
+    assert uncovered_layers(TFLITE_INT8, split_activations(eff)[0]) == {}
+    assert "Multiply" in {type(l).__name__ for l in eff.layers}
+
+
+def test_swish_trains_on_the_logistic_grid():
+    """While training, a linked swish/sigmoid rounds its sigmoid to LOGISTIC's output grid (1/256) with a
+    straight-through gradient (the float swish had no rounding there); the gradient is the float one."""
+    import tensorflow as tf
+
+    m = _se_block("swish")
+    data = np.random.RandomState(12).randn(16, 8, 8, 3).astype("float32")
+    q = gq.quantize_model(m, target="tflite_int8", calibration_data=data)
+    act = q.get_layer("act")
+    x = tf.constant(np.random.RandomState(3).randn(4, 8, 8, 8).astype("float32") * 3)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = act(x, training=True)
+    sig = 1 / (1 + np.exp(-x.numpy().astype(np.float64)))
+    rounded = np.minimum(np.floor(sig * 256 + 0.5), 255) / 256  # LOGISTIC's largest output is 255/256
+    want = x.numpy() * rounded
+    np.testing.assert_allclose(y.numpy(), want, rtol=1e-6, atol=1e-6)
+    assert np.abs(y.numpy() - keras.activations.silu(x).numpy()).max() > 1e-3  # not the float swish
+    g = tape.gradient(y, x).numpy()
+    s = tf.sigmoid(x).numpy().astype(np.float64)
+    # d/dx x * (sigmoid + stop_gradient(rounded - sigmoid)) = rounded + x * sigmoid'
+    np.testing.assert_allclose(g, rounded + x.numpy() * s * (1 - s), rtol=1e-5, atol=1e-5)

@@ -616,6 +616,8 @@ def _link_op(layer: Any) -> bool:
         impl = _int_mean
     elif name == "AveragePooling2D" and len(ins) == 1 and ins[0].shape[-1]:
         impl = _int_avg_pool
+    elif _elementwise_impl(layer, ins) is not None:
+        impl = _elementwise_impl(layer, ins)
     else:
         return False
     ups = [_upstream_quantize(t) for t in ins]
@@ -626,3 +628,101 @@ def _link_op(layer: Any) -> bool:
     object.__setattr__(layer, "_gq_integer", (lambda qs=qs: qs))
     _override_call(layer, impl)
     return True
+
+
+# --------------------------------------------------------------------------- LOGISTIC, swish, MUL
+#: Keras activation names (``Activation(...)``) the converter emits as LOGISTIC / LOGISTIC then MUL.
+_LOGISTIC = ("sigmoid",)
+_SWISH = ("silu", "swish")
+
+
+def _requantize_int8(v: tf.Tensor, si: tf.Tensor, so: tf.Tensor, zo: tf.Tensor) -> tf.Tensor:
+    """The int8 -> int8 QUANTIZE (``reference/requantize.h``) of ``v = q - zp_in`` (int64) at scale ``si`` to
+    ``(so, zo)``: ``MultiplyByQuantizedMultiplier(v, M, shift) + zo`` with ``M = si / so``, clamped; returns
+    ``q_out - zo`` as float64."""
+    m, shift = quantize_multiplier_tf(si / so)
+    o = multiply_by_quantized_multiplier_tf(v, m, shift) + tf.cast(zo, tf.int64)
+    return tf.clip_by_value(tf.cast(o, tf.float64), -128.0, 127.0) - zo
+
+
+def logistic_int8_tf(v: tf.Tensor, s_in: tf.Tensor) -> tf.Tensor:
+    """LiteRT's int8 LOGISTIC (reference and optimized kernels alike: the lookup table ``SigmoidPrepare`` fills
+    with ``LUTPopulateInt8``): for ``v = q - zp_in`` (int64), ``clamp(TfLiteRound(1.0f / (1.0f + expf(-s_in *
+    v)) * 256.0f) - 128, -128, 127)``, every step in float32 (``s_in`` the stored float32 scale). Returns the
+    output ``q + 128`` (output scale 1/256, zero point -128) as int64."""
+    d = tf.cast(s_in, tf.float32) * tf.cast(v, tf.float32)
+    t = tf.constant(1.0, tf.float32) / (tf.constant(1.0, tf.float32) + tf.exp(-d))
+    r = _round_away(tf.cast(t * tf.constant(256.0, tf.float32), tf.float64))
+    return tf.cast(tf.clip_by_value(r - 128.0, -128.0, 127.0) + 128.0, tf.int64)
+
+
+def _mul_int8(v1: tf.Tensor, v2: tf.Tensor, s1: tf.Tensor, s2: tf.Tensor, so: tf.Tensor, zo: tf.Tensor) -> tf.Tensor:
+    """TFLite's reference int8 MUL (``integer_ops/mul.h`` ``MulElementwise``, broadcasting as
+    ``BroadcastMul6DSlow``): ``MultiplyByQuantizedMultiplier((q1 - zp1) * (q2 - zp2), M, shift) + zo`` with
+    ``M = s1 * s2 / so`` (float32 scales, in double), clamped; ``v1, v2`` int64 ``q - zp``. Returns
+    ``(q_out - zo) * so`` as float32."""
+    m, shift = quantize_multiplier_tf(s1 * s2 / so)
+    o = multiply_by_quantized_multiplier_tf(v1 * v2, m, shift) + tf.cast(zo, tf.int64)
+    o = tf.clip_by_value(tf.cast(o, tf.float64), -128.0, 127.0)
+    return tf.cast((o - zo) * so, tf.float32)
+
+
+def _q_minus_zp(x: Any, s: tf.Tensor) -> tf.Tensor:
+    """``q - zp`` (int64) of a tensor on a rounding point's grid (scale ``s``)."""
+    return tf.cast(_round_away(tf.cast(x, tf.float64) / s), tf.int64)
+
+
+def _int_activation(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+    """``Activation("sigmoid")``: LOGISTIC (:func:`logistic_int8_tf`) then the converter's int8 -> int8 QUANTIZE
+    to the point's range (none when that range is LOGISTIC's own ``[0, 255/256]``). ``Activation("swish")``:
+    the converter's LOGISTIC then MUL of the input by it (:func:`_mul_int8`). While training, the sigmoid is
+    rounded to LOGISTIC's output grid (multiples of 1/256) with a straight-through gradient."""
+    from .layers import _EXPORT_INT8_WEIGHTS
+
+    qs = layer._gq_integer()
+    if _EXPORT_INT8_WEIGHTS[0] or any(q._calibrator is not None for q in qs):
+        return orig(inputs, *args, **kwargs)
+    if _training_now():  # QAT: LOGISTIC's output grid (1/256) with a straight-through gradient
+        x = tf.convert_to_tensor(inputs)
+        sig = tf.sigmoid(x)
+        sig_q = tf.clip_by_value(_round_away(sig * 256.0), 0.0, 255.0) / 256.0
+        sig = sig + tf.stop_gradient(sig_q - sig)
+        return x * sig if getattr(layer.activation, "__name__", "") in _SWISH else sig
+    (si, _, _), (so, _, zo) = (qparams(q) for q in qs)
+    v = _q_minus_zp(inputs, si)
+    sig = logistic_int8_tf(v, si)  # q + 128 at scale 1/256
+    s_sig = tf.constant(1.0 / 256.0, tf.float64)
+    if getattr(layer.activation, "__name__", "") in _SWISH:
+        out = _mul_int8(v, sig, si, s_sig, so, zo)
+    else:
+        same = tf.logical_and(tf.equal(tf.cast(so, tf.float32), 1.0 / 256.0), tf.equal(zo, -128.0))
+        o = tf.where(same, tf.cast(sig, tf.float64) - 128.0 - zo, _requantize_int8(sig, s_sig, so, zo))
+        out = tf.cast(o * so, tf.float32)
+    if not tf.executing_eagerly():
+        out.set_shape(inputs.shape)
+    return out
+
+
+def _int_mul(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+    """A two-input ``Multiply`` as TFLite's reference int8 MUL (:func:`_mul_int8`), broadcasting."""
+    from .layers import _EXPORT_INT8_WEIGHTS
+
+    qs = layer._gq_integer()
+    if _training_now() or _EXPORT_INT8_WEIGHTS[0] or any(q._calibrator is not None for q in qs):
+        return orig(inputs, *args, **kwargs)
+    (s1, _, _), (s2, _, _), (so, _, zo) = (qparams(q) for q in qs)
+    out = _mul_int8(_q_minus_zp(inputs[0], s1), _q_minus_zp(inputs[1], s2), s1, s2, so, zo)
+    if not tf.executing_eagerly():
+        out.set_shape(layer.compute_output_shape([tuple(t.shape) for t in inputs]))
+    return out
+
+
+def _elementwise_impl(layer: Any, ins: Any) -> Optional[Any]:
+    """The integer implementation of an Activation (sigmoid, swish) or a two-input Multiply, or ``None``."""
+    name = type(layer).__name__
+    if name == "Activation" and len(ins) == 1:
+        act = getattr(layer.activation, "__name__", "")
+        return _int_activation if act in _LOGISTIC + _SWISH else None
+    if name == "Multiply" and len(ins) == 2:
+        return _int_mul
+    return None

@@ -739,7 +739,33 @@ def quantize_model(
     if config is not None and kw:
         raise ValueError(f"give config= or keyword options, not both (got {sorted(kw)})")
     cfg = _config(config, kw)
+    split: List[str] = []
+    if tgt is not None and tgt.split_activations:
+        from .split import split_activations
+
+        model, split = split_activations(model)
     plan = _make_keras_plan(model, cfg, registry)
+    if tgt is not None:
+        from ..targets import uncovered_layers
+
+        for cls, names in uncovered_layers(tgt, model).items():
+            plan.notes.append(f"target {tgt.name} does not cover {cls} ({', '.join(names[:4])}"
+                              f"{', ...' if len(names) > 4 else ''}): no rounding point; the converter calibrates "
+                              "its output itself, or it stays float (export_tflite's report then says the model "
+                              "is not fully integer)")
+    if tgt is not None and tgt.split_activations and not split and _is_sequential(model):
+        from .split import _to_split
+
+        kept = [l.name for l in model.layers if _to_split(l)]
+        if kept:
+            plan.notes.append(f"target {tgt.name}: a Sequential model keeps the own activation of "
+                              f"{', '.join(kept[:4])} inside its layer (one rounding after it; the converter "
+                              "calibrates the tensor before the activation itself): build it as a Functional model "
+                              "to split it")
+    if split:
+        plan.notes.append(f"target {tgt.name}: the activation of {len(split)} layers ({', '.join(split[:4])}"
+                          f"{', ...' if len(split) > 4 else ''}) runs as its own layer <name>_activation after a "
+                          "rounding point (the converter fuses only ReLU/ReLU6 into a conv/Dense)")
     plan.check_calibration(calibration_data, calibration_method, calibration_percentile)
     if existing:
         if plan.points:
