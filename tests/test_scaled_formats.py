@@ -352,3 +352,19 @@ def test_same_with_and_without_xla_and_in_a_function():
         fn = tf.function(lambda t: gq.quantize(t, name, "nearest"))
         assert_same(plain, eager)
         assert_same(fn(tf.constant(x)).numpy(), eager)
+
+
+def test_quantize_model_blocks_weights_along_the_reduction_axis():
+    import keras
+
+    cfg = gq.QuantizeConfig.create(format="mxfp4", weights=True)
+    assert cfg.weight_format_for(-1) == Scaled("e2m1", 32, -2, "e8m0")  # Dense/Conv: the input channels
+    assert cfg.weight_format_for(-2).axis == -1  # transposed convolutions
+    assert gq.QuantizeConfig.create(format="e4m3@channel").weight_format_for(-2).axis == -2  # output channels
+    inp = keras.Input((6, 6, 40))
+    model = keras.Model(inp, keras.layers.Conv2D(6, 3, name="conv_mx")(inp))
+    x = data((2, 6, 6, 40), seed=6, spread=2)
+    qm = gq.quantize_model(model, format="mxfp4", weights=True)
+    y, y0 = np.asarray(qm(x)), np.asarray(model(x))
+    assert np.isfinite(y).all() and not np.array_equal(y, y0)
+    assert np.abs(y - y0).max() < 0.5 * np.abs(y0).max()
