@@ -3,7 +3,8 @@
 The public API, re-exported (see the README for a tour):
 
 * numerics: :func:`quantize`, the formats :class:`FixedPoint`, :class:`Affine`,
-  :class:`FloatFormat`, :data:`PRESETS`, :func:`parse_format`;
+  :class:`FloatFormat`, :class:`Scaled` (MX, NVFP4), :data:`PRESETS`,
+  :data:`SCALED_PRESETS`, :func:`parse_format`;
 * Keras models: :func:`quantize_model`, :func:`inspect`, :func:`calibrate`,
   the inserted layer ``graphquant.keras.Quantize``;
 * evidence: :func:`compare` (per-layer error report);
@@ -17,7 +18,7 @@ quantized ``.keras`` file loads without ``custom_objects``.
 """
 
 from ._version import __version__
-from .formats import PRESETS, Affine, FixedPoint, FloatFormat, Format, as_format, format_from_dict, parse_format
+from .formats import PRESETS, SCALED_PRESETS, Affine, FixedPoint, FloatFormat, Format, Scaled, as_format, format_from_dict, parse_format
 from .ops import ROUNDING_MODES, quantize, representable_range, set_seed
 from .rounding import use_xla
 from .patterns import (
@@ -55,6 +56,8 @@ __all__ = [
     "Format",
     "PRESETS",
     "ROUNDING_MODES",
+    "SCALED_PRESETS",
+    "Scaled",
     "as_format",
     "format_from_dict",
     "parse_format",

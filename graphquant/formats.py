@@ -12,11 +12,15 @@ Three families:
   per channel. A range of ``None`` means "to be learned or calibrated".
 * :class:`FloatFormat` -- a reduced-precision binary floating-point format of
   any exponent/mantissa width (bfloat16, float16, fp8, fp6, fp4, ...).
+* :class:`Scaled` -- an element format (float or fixed point) with a shared scale
+  per tensor, per channel or per block of ``k`` elements: scaled fp8, OCP
+  Microscaling (MX: ``mxfp8_e4m3``, ``mxfp4``, ``mxint8``, ...) and ``nvfp4``.
 
 Every format converts to and from a plain dict (:meth:`to_dict`,
 :func:`format_from_dict`) and a short string (``str(fmt)``,
 :func:`parse_format`), e.g. ``"fixed8[0,1]"``, ``"affine8"``,
-``"affine8[-1,1]:narrow:axis=-1"``, ``"e4m3"``, ``"e3m4:nosub"``.
+``"affine8[-1,1]:narrow:axis=-1"``, ``"e4m3"``, ``"e3m4:nosub"``,
+``"mxfp4"``, ``"nvfp4"``, ``"e4m3@channel"``, ``"e2m1@block32:scale=e8m0"``.
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ __all__ = [
     "FixedPoint",
     "Affine",
     "FloatFormat",
+    "Scaled",
     "Format",
     "PRESETS",
+    "SCALED_PRESETS",
     "parse_format",
     "format_from_dict",
     "as_format",
@@ -409,7 +415,7 @@ class FloatFormat:
         return s
 
 
-Format = Union[FixedPoint, Affine, FloatFormat]
+Format = Union[FixedPoint, Affine, FloatFormat, "Scaled"]
 
 #: Named float formats. ``e4m3`` is OCP E4M3FN (max 448, no inf); ``e5m2`` is
 #: IEEE-style; ``e3m2``, ``e2m3``, ``e2m1`` are the OCP MX element types
@@ -438,6 +444,220 @@ _ALIASES = {
     "fp4_e2m1": "e2m1",
 }
 
+
+#: Scale formats of :class:`Scaled` given by name (a :class:`FloatFormat` may be given too).
+SCALE_FORMATS = ("float32", "e8m0")
+
+#: E8M0 (OCP MX shared scale): an unsigned power of two ``2**e``, ``-127 <= e <= 127``,
+#: and NaN (pattern 0xFF).
+E8M0_MIN_EXPONENT = -127
+E8M0_MAX_EXPONENT = 127
+
+
+def _element_max(element: Union["FloatFormat", "FixedPoint"]) -> float:
+    return element.max_value
+
+
+def _floor_log2(v: float) -> int:
+    """``floor(log2(v))`` exactly, for ``v > 0``."""
+    return math.frexp(v)[1] - 1
+
+
+@dataclass(frozen=True)
+class Scaled:
+    """An element format with a shared scale per tensor, per channel or per block.
+
+    A group of values (the whole tensor, one channel, or one block) with
+    largest magnitude ``amax`` is stored as elements of ``element`` times one
+    scale ``s``: ``y = Q(x / s) * s`` in float32, where ``Q`` rounds onto
+    ``element`` with the rounding mode given to :func:`graphquant.quantize`
+    (every mode, stochastic included). The scale itself is computed
+    deterministically, from ``amax`` only:
+
+    * ``scale_format="float32"`` (default): ``s = amax / emax_value`` in float32,
+      ``emax_value`` the element's largest value (448 for e4m3), so ``amax``
+      lands on the top of the element grid; at least ``2**-126``.
+    * ``scale_format="e8m0"`` (OCP MX v1.0): ``s = 2**(floor(log2(amax)) -
+      emax_elem)``, ``emax_elem = floor(log2(element.max_value))`` (e4m3: 8,
+      e5m2: 15, e3m2: 4, e2m3: 2, e2m1: 2, the int8 grid ``[-2, 127/64]``: 0),
+      the exponent clamped to E8M0's ``[-127, 127]`` (an all-zero block gets
+      ``2**-127``). Values of ``x / s`` up to ``2**(emax_elem + 1)`` can exceed
+      the element's largest value; the element format then saturates (the MX
+      presets use saturating elements, as the specification requires).
+    * a :class:`FloatFormat` (e.g. ``e4m3``): ``s = amax / emax_value``
+      clamped to ``[scale_format.min_normal, scale_format.max_value]`` and
+      rounded to nearest onto ``scale_format``.
+
+    With ``tensor_scale=True`` (two-level scaling, NVFP4; needs a
+    :class:`FloatFormat` scale) a float32 per-tensor scale ``t = amax_tensor /
+    (emax_value * scale_format.max_value)`` (at least ``2**-126``; ``amax_tensor``
+    over the finite values) comes first: the block scale is computed from
+    ``(amax / emax_value) / t`` as above and the values are ``Q(x / (s * t)) *
+    (s * t)``.
+
+    A group whose ``amax`` is inf or NaN (it contains an inf or a NaN) becomes
+    NaN entirely (its scale is NaN, as E8M0's NaN in the MX specification).
+    Granularity:
+
+    * ``"tensor"``: one scale for the whole tensor (``axis`` unused);
+    * ``"channel"``: one scale per index along ``axis`` (as ``Affine.axis``);
+    * an integer ``k``: blocks of ``k`` consecutive elements along ``axis``
+      (the MX block is 32 along the dot product's reduction axis). When the
+      axis length is not a multiple of ``k`` the last block is short: its
+      remaining elements share a scale of their own (the same as padding the
+      block with zeros, as microxcaling does).
+
+    Results are float32 (float16/bfloat16 inputs are rounded in float32 and
+    cast back); as everywhere in TensorFlow on CPU, float32 subnormal inputs
+    and results are flushed to zero. The gradient passes straight through,
+    unchanged (the scale follows the tensor, so no value is out of range; no
+    gradient flows through the scale).
+
+    Args:
+        element: a :class:`FloatFormat` or :class:`FixedPoint` with a positive
+            largest value (or a string/dict naming one).
+        granularity: ``"tensor"``, ``"channel"`` or a block size (int >= 1).
+        axis: the channel axis, or the axis along which blocks run.
+        scale_format: ``"float32"``, ``"e8m0"`` or a :class:`FloatFormat`.
+        tensor_scale: add a float32 per-tensor scale (two-level scaling).
+    """
+
+    element: Union["FloatFormat", "FixedPoint"]
+    granularity: Union[str, int] = "tensor"
+    axis: int = -1
+    scale_format: Union[str, "FloatFormat"] = "float32"
+    tensor_scale: bool = False
+
+    def __post_init__(self) -> None:
+        el = self.element
+        if isinstance(el, (str, Mapping)):
+            try:
+                el = parse_format(el)
+            except ValueError as e:
+                raise ValueError(f"element: {e}") from None
+        if not isinstance(el, (FloatFormat, FixedPoint)):
+            raise TypeError(f"element must be a FloatFormat or FixedPoint format, got {type(el).__name__} {el!r}")
+        if not el.max_value > 0:
+            raise ValueError(f"element {el} must have a positive largest value, got {el.max_value}")
+        object.__setattr__(self, "element", el)
+        g = self.granularity
+        if isinstance(g, str):
+            gl = g.strip().lower()
+            if gl.startswith("block") and gl[5:].isdigit():
+                g = int(gl[5:])
+            elif gl in ("tensor", "channel"):
+                g = gl
+            else:
+                raise ValueError(f"granularity must be 'tensor', 'channel' or a block size, got {self.granularity!r}")
+        if not isinstance(g, str):
+            g = _check_bits(g, 1, 2**31 - 1, "granularity")
+        object.__setattr__(self, "granularity", g)
+        if isinstance(self.axis, bool) or not isinstance(self.axis, int):
+            if hasattr(self.axis, "__index__") and not isinstance(self.axis, bool):
+                object.__setattr__(self, "axis", int(self.axis.__index__()))
+            else:
+                raise TypeError(f"axis must be an integer, got {self.axis!r}")
+        sf = self.scale_format
+        if isinstance(sf, str) and sf.strip().lower() in SCALE_FORMATS:
+            sf = sf.strip().lower()
+        elif isinstance(sf, (str, Mapping)):
+            try:
+                sf = parse_format(sf)
+            except ValueError as e:
+                raise ValueError(f"scale_format must be 'float32', 'e8m0' or a float format: {e}") from None
+        if not (isinstance(sf, FloatFormat) or sf in SCALE_FORMATS):
+            raise TypeError(f"scale_format must be 'float32', 'e8m0' or a FloatFormat, got {sf!r}")
+        object.__setattr__(self, "scale_format", sf)
+        if not isinstance(self.tensor_scale, bool):
+            raise TypeError(f"tensor_scale must be a bool, got {self.tensor_scale!r}")
+        if self.tensor_scale and not isinstance(sf, FloatFormat):
+            raise ValueError(f"tensor_scale=True needs a FloatFormat scale_format (as nvfp4's e4m3), got {sf!r}")
+
+    # --- derived properties -------------------------------------------------
+    @property
+    def block_size(self) -> Optional[int]:
+        """The block size, or ``None`` for per-tensor and per-channel scales."""
+        return self.granularity if isinstance(self.granularity, int) else None
+
+    @property
+    def emax_elem(self) -> int:
+        """``floor(log2(element.max_value))``: the MX specification's emax of the element."""
+        return _floor_log2(self.element.max_value)
+
+    @property
+    def element_max(self) -> float:
+        """The element's largest value (the target of ``amax`` for float scales)."""
+        return self.element.max_value
+
+    def to_dict(self) -> dict:
+        sf = self.scale_format
+        return {
+            "kind": "scaled",
+            "element": self.element.to_dict(),
+            "granularity": self.granularity,
+            "axis": self.axis,
+            "scale_format": sf.to_dict() if isinstance(sf, FloatFormat) else sf,
+            "tensor_scale": self.tensor_scale,
+        }
+
+    def __str__(self) -> str:
+        for name, preset in SCALED_PRESETS.items():
+            if preset == self:
+                return name
+        g = self.granularity
+        s = f"{self.element}@{g if isinstance(g, str) else f'block{g}'}"
+        if self.axis != -1:
+            s += f":axis={self.axis}"
+        if self.scale_format != "float32":
+            s += f":scale={self.scale_format}"
+        if self.tensor_scale:
+            s += ":tensor_scale"
+        return s
+
+
+#: OCP Microscaling (MX v1.0) formats and NVIDIA's NVFP4, as :class:`Scaled` formats.
+#: MX: blocks of 32 along the last axis, E8M0 scale, saturating elements (MXINT8:
+#: two's complement int8 with an implicit 2**-6, the grid ``k/64``, ``-128 <= k <= 127``).
+#: NVFP4: e2m1 in blocks of 16, an e4m3 scale per block and a float32 per-tensor scale.
+SCALED_PRESETS: Mapping[str, Scaled] = {
+    "mxfp8_e4m3": Scaled(PRESETS["e4m3"], 32, -1, "e8m0"),
+    "mxfp8_e5m2": Scaled(FloatFormat(5, 2, saturate=True), 32, -1, "e8m0"),
+    "mxfp6_e3m2": Scaled(PRESETS["e3m2"], 32, -1, "e8m0"),
+    "mxfp6_e2m3": Scaled(PRESETS["e2m3"], 32, -1, "e8m0"),
+    "mxfp4": Scaled(PRESETS["e2m1"], 32, -1, "e8m0"),
+    "mxint8": Scaled(FixedPoint(8, (-2.0, 2.0)), 32, -1, "e8m0"),
+    "nvfp4": Scaled(PRESETS["e2m1"], 16, -1, PRESETS["e4m3"], tensor_scale=True),
+}
+_SCALED_ALIASES = {"mxfp8": "mxfp8_e4m3", "mxfp4_e2m1": "mxfp4"}
+_FLOAT_OPTIONS = ("fn", "finite", "ieee", "nosub", "sat", "nosat")
+
+
+def _parse_scaled(text: str, spec: Any) -> "Scaled":
+    """``<element>@<tensor|channel|block<k>>[:axis=N][:scale=<float32|e8m0|float format>][:tensor_scale]``."""
+    head, _, rest = text.partition("@")
+    tokens = rest.split(":")
+    kw: dict = {"element": parse_format(head), "granularity": tokens[0]}
+    scale_parts: Optional[list] = None
+    for o in tokens[1:]:
+        if scale_parts is not None and (o in _FLOAT_OPTIONS or o.startswith("bias=")):
+            scale_parts.append(o)  # options of the scale's float format
+            continue
+        if scale_parts is not None:
+            kw["scale_format"] = ":".join(scale_parts)
+            scale_parts = None
+        if o.startswith("axis="):
+            kw["axis"] = int(o[5:])
+        elif o.startswith("scale="):
+            scale_parts = [o[6:]]
+        elif o == "tensor_scale":
+            kw["tensor_scale"] = True
+        else:
+            raise ValueError(f"unknown option {o!r}")
+    if scale_parts is not None:
+        kw["scale_format"] = ":".join(scale_parts)
+    return Scaled(**kw)
+
+
 _RANGE_RE = r"(?:\[\s*([^\],]+)\s*,\s*([^\]]+)\s*\])?"
 _FIXED_RE = re.compile(r"^fixed(\d+)" + _RANGE_RE + r"$")
 _AFFINE_RE = re.compile(r"^(?:affine|int|uint)(\d+)" + _RANGE_RE + r"$")
@@ -452,18 +672,32 @@ def parse_format(spec: Union[str, Format, Mapping[str, Any]]) -> Format:
     ``:axis=N``; a preset name (``bfloat16``, ``float16``, ``e5m2``, ``e4m3``,
     ``e3m2``, ``e2m3``, ``e2m1`` and aliases like ``fp8``, ``bf16``); or
     ``e<E>m<M>`` (IEEE-style) with optional ``:fn``, ``:finite``, ``:nosub``,
-    ``:sat``, ``:nosat``, ``:bias=N``.
+    ``:sat``, ``:nosat``, ``:bias=N``; a scaled preset (``mxfp8_e4m3``,
+    ``mxfp8_e5m2``, ``mxfp6_e3m2``, ``mxfp6_e2m3``, ``mxfp4``, ``mxint8``,
+    ``nvfp4``; ``mxfp8`` is ``mxfp8_e4m3``) or ``<element>@<granularity>``
+    (:class:`Scaled`): granularity ``tensor``, ``channel`` or ``block<k>``,
+    then optional ``:axis=N``, ``:scale=float32|e8m0|<float format>``,
+    ``:tensor_scale``, e.g. ``e4m3@channel``, ``e2m1@block32:scale=e8m0``,
+    ``fixed8[-2,2]@block32:axis=0:scale=e8m0``.
 
     Raises:
         ValueError: the string is not a known format (the message names it).
     """
-    if isinstance(spec, (FixedPoint, Affine, FloatFormat)):
+    if isinstance(spec, (FixedPoint, Affine, FloatFormat, Scaled)):
         return spec
     if isinstance(spec, Mapping):
         return format_from_dict(spec)
     if not isinstance(spec, str):
         raise TypeError(f"format must be a string, a dict or a format object, got {type(spec).__name__}")
     text = spec.strip().lower().replace(" ", "")
+    text = _SCALED_ALIASES.get(text, text)
+    if text in SCALED_PRESETS:
+        return SCALED_PRESETS[text]
+    if "@" in text:
+        try:
+            return _parse_scaled(text, spec)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"format {spec!r} is not valid: {e}") from None
     head, *opts = text.split(":")
     head = _ALIASES.get(head, head)
     try:
@@ -517,8 +751,8 @@ def parse_format(spec: Union[str, Format, Mapping[str, Any]]) -> Format:
     except (ValueError, TypeError) as e:
         raise ValueError(f"format {spec!r} is not valid: {e}") from None
     raise ValueError(
-        f"format {spec!r} is not a known format; expected a preset ({', '.join(PRESETS)}), "
-        "e<E>m<M>, fixed<bits>[lo,hi] or affine<bits>"
+        f"format {spec!r} is not a known format; expected a preset ({', '.join(PRESETS)}, "
+        f"{', '.join(SCALED_PRESETS)}), e<E>m<M>, fixed<bits>[lo,hi], affine<bits> or <element>@<granularity>"
     )
 
 
@@ -537,11 +771,19 @@ def format_from_dict(d: Mapping[str, Any]) -> Format:
             return Affine(**kw)
         if kind == "float":
             return FloatFormat(**kw)
+        if kind == "scaled":
+            el = kw.get("element")
+            if not isinstance(el, Mapping):
+                raise TypeError(f"element must be a format dict, got {el!r}")
+            kw["element"] = format_from_dict(el)
+            if isinstance(kw.get("scale_format"), Mapping):
+                kw["scale_format"] = format_from_dict(kw["scale_format"])
+            return Scaled(**kw)
     except KeyError as e:  # a required key is missing: name it in a ValueError
         raise ValueError(f"format dict {dict(d)!r} is not valid: missing key {e}") from None
     except TypeError as e:
         raise ValueError(f"format dict {dict(d)!r} is not valid: {e}") from None
-    raise ValueError(f"format dict has unknown kind {kind!r}; expected 'fixed', 'affine' or 'float'")
+    raise ValueError(f"format dict has unknown kind {kind!r}; expected 'fixed', 'affine', 'float' or 'scaled'")
 
 
 def as_format(

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import rounding as _r
-from .formats import ROUNDING_MODES, Affine, FixedPoint, FloatFormat, Format, as_format, check_rounding, parse_format
+from .formats import ROUNDING_MODES, Affine, FixedPoint, FloatFormat, Format, Scaled, as_format, check_rounding, parse_format
 
 __all__ = ["quantize", "ROUNDING_MODES", "set_seed", "representable_range", "fake_quant", "symmetric_fake_quant"]
 
@@ -87,8 +87,12 @@ def _zero_key() -> tf.Tensor:
 def representable_range(fmt: Format) -> Optional[Tuple[float, float]]:
     """The closed interval in which the gradient passes straight through.
 
-    ``None`` for an :class:`Affine` format without a range.
+    ``None`` for an :class:`Affine` format without a range and for a
+    :class:`Scaled` format (its scale follows the tensor: the gradient passes
+    everywhere).
     """
+    if isinstance(fmt, Scaled):
+        return None
     if isinstance(fmt, FixedPoint):
         return (fmt.min_value, fmt.max_value)
     if isinstance(fmt, FloatFormat):
@@ -111,8 +115,8 @@ def _resolve_format(format, bits, range) -> Tuple[Format, Optional[tuple]]:
     fmt = as_format(format, bits=bits)
     if range is None:
         return fmt, None
-    if isinstance(fmt, FloatFormat):
-        raise ValueError(f"range= does not apply to the float format {str(fmt)!r}")
+    if isinstance(fmt, (FloatFormat, Scaled)):
+        raise ValueError(f"range= does not apply to the format {str(fmt)!r}")
     if isinstance(fmt, FixedPoint):
         if _has_tensor(range):
             raise ValueError("range= for a FixedPoint format must be two Python numbers")
@@ -164,9 +168,12 @@ def quantize(
     Args:
         x: a float tensor (float16, bfloat16, float32 or float64) or anything
             ``tf.convert_to_tensor`` turns into one.
-        format: a :class:`~graphquant.FixedPoint`, :class:`~graphquant.Affine`
-            or :class:`~graphquant.FloatFormat`, a preset or format string
-            (``"e4m3"``, ``"bfloat16"``, ``"fixed8[0,1]"``) or a format dict.
+        format: a :class:`~graphquant.FixedPoint`, :class:`~graphquant.Affine`,
+            :class:`~graphquant.FloatFormat` or :class:`~graphquant.Scaled`, a
+            preset or format string (``"e4m3"``, ``"bfloat16"``, ``"fixed8[0,1]"``,
+            ``"mxfp4"``, ``"nvfp4"``, ``"e4m3@channel"``) or a format dict. A
+            :class:`~graphquant.Scaled` format computes its scales in float32 and
+            returns ``x``'s dtype; its gradient passes unchanged everywhere.
         rounding: ``"nearest"`` (ties to even), ``"nearest_away"``,
             ``"toward_zero"``, ``"down"``, ``"up"`` or ``"stochastic"``.
             For :class:`Affine`, ``"nearest"`` is TensorFlow FakeQuant's
@@ -237,6 +244,10 @@ def quantize(
         key = _key(seed) if rounding == "stochastic" else _zero_key()
         if isinstance(fmt, Affine):
             y = _quantize_affine(x, fmt, affine_range, rounding, key, grad_fmt, gradient_rounding, seed)
+        elif isinstance(fmt, Scaled):
+            if x.dtype != tf.float32:
+                x = tf.cast(x, tf.float32)
+            y = _quantize_scaled(x, fmt, rounding, key, grad_fmt, gradient_rounding, seed)
         else:
             y = _quantize_elementwise(x, fmt, rounding, key, grad_fmt, gradient_rounding, seed)
         if y.dtype != in_dtype:
@@ -340,6 +351,63 @@ def _quantize_elementwise(x, fmt, rounding, key, grad_fmt, grad_rounding, seed):
             return tf.where(inside, dy, tf.zeros_like(dy))
 
         return y, grad
+
+    return op(x)
+
+
+def _scaled_layout(x: tf.Tensor, fmt: Scaled):
+    """``(t, undo)``: ``x`` laid out as the rank-3 tensor :func:`rounding._scaled_kernel`
+    expects, and the function that turns a result of that layout back into ``x``'s shape."""
+    rank = x.shape.rank
+    shape = tf.shape(x)
+    if fmt.granularity == "tensor":
+        return tf.reshape(x, [1, 1, -1]), lambda y: tf.reshape(y, shape)
+    if rank is None or rank == 0:
+        raise ValueError(f"axis: the format {str(fmt)!r} needs an input of known rank >= 1, got shape {x.shape}")
+    if not -rank <= fmt.axis < rank:
+        raise ValueError(f"axis={fmt.axis} of the format {str(fmt)!r} is out of bounds for an input of rank {rank}")
+    axis = fmt.axis % rank
+    xt, inv = _move_last(x, axis)
+    tshape = tf.shape(xt)
+    n = xt.shape[-1] if xt.shape[-1] is not None else tshape[-1]
+    flat = tf.reshape(xt, [-1, n])
+
+    def back(y2):
+        y = tf.reshape(y2, tshape)
+        return y if inv is None else tf.transpose(y, inv)
+
+    if fmt.granularity == "channel":
+        return flat[:, :, None], lambda y: back(y[:, :, 0])
+    k = fmt.block_size
+    if isinstance(n, int):
+        pad = -n % k
+        blocks = (n + pad) // k
+    else:
+        pad = tf.math.floormod(-n, k)
+        blocks = (n + pad) // k
+    padded = tf.pad(flat, [[0, 0], [0, pad]]) if not (isinstance(pad, int) and pad == 0) else flat
+    t = tf.reshape(padded, [-1, blocks, k])
+    return t, lambda y: back(tf.reshape(y, [-1, blocks * k])[:, :n])
+
+
+def _quantize_scaled(x, fmt: Scaled, rounding, key, grad_fmt, grad_rounding, seed):
+    """A :class:`Scaled` format: the shared scales and the element rounding in one
+    kernel (one XLA cluster); the gradient passes unchanged."""
+    kernel = _kernel(fmt, rounding)
+
+    def run(x):
+        t, undo = _scaled_layout(x, fmt)
+        return undo(kernel(t, key, _r.scaled_constants(fmt)))
+
+    if not _may_record():
+        return run(x)
+
+    @tf.custom_gradient
+    def op(x):
+        def grad(dy):
+            return _round_gradient(dy, grad_fmt, grad_rounding, seed)
+
+        return run(x), grad
 
     return op(x)
 

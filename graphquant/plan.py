@@ -22,6 +22,7 @@ from .formats import (
     FixedPoint,
     FloatFormat,
     Format,
+    Scaled,
     as_format,
     check_rounding,
     parse_format,
@@ -86,6 +87,17 @@ def _resolve_act_format(format: Any, bits: Any, range: Any) -> Format:
     if range is not None and bits is None:
         raise ValueError("range= needs bits= (or an affine format=)")
     return as_format(format, bits=bits, range=range)
+
+
+def scaled_weight_format(fmt: Scaled, out_axis: int) -> Scaled:
+    """A :class:`Scaled` format placed on a weight whose output channels lie on ``out_axis``
+    (``-1``: Dense, Conv; ``-2``: transposed convolutions, depthwise kernels):
+    per-channel scales along the output channels; blocks (and per-tensor scales)
+    along the reduction axis next to it (``-2`` when the outputs are last, else
+    ``-1``), the axis MX hardware blocks for the dot product."""
+    if fmt.granularity == "channel":
+        return replace(fmt, axis=out_axis)
+    return replace(fmt, axis=-2 if out_axis == -1 else -1)
 
 
 @dataclass(frozen=True)
@@ -307,6 +319,8 @@ class QuantizeConfig:
             return self.weight_format
         if isinstance(self.format, FloatFormat) and self.weight_bits is None:
             return self.format
+        if isinstance(self.format, Scaled) and self.weight_bits is None:
+            return scaled_weight_format(self.format, axis)
         bits = self.weight_bits or self.format.bits
         return Affine(bits, symmetric=True, narrow_range=True, axis=axis)
 

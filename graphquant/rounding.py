@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import tensorflow as tf
 
-from .formats import ROUNDING_MODES, Affine, FixedPoint, FloatFormat, check_rounding
+from .formats import E8M0_MAX_EXPONENT, E8M0_MIN_EXPONENT, ROUNDING_MODES, Affine, FixedPoint, FloatFormat, Scaled, check_rounding
 
 __all__ = ["ROUNDING_MODES", "set_xla", "use_xla", "xla_enabled", "random_bits"]
 
@@ -522,6 +522,88 @@ def min_max_fn(axis: Optional[int], rank: int, xla: bool, need_min: bool = True)
 
 
 # ----------------------------------------------------------------------------
+# scaled formats (per tensor / channel / block shared scales: MX, NVFP4)
+# ----------------------------------------------------------------------------
+_F32_MAG = 0x7FFFFFFF
+_F32_INF_BITS = 0x7F800000
+_F32_MIN_NORMAL = 2.0**-126
+
+
+def scaled_constants(fmt: Scaled) -> tf.Tensor:
+    """``[element max, element max * scale format max]`` (float32) for :func:`_scaled_kernel`."""
+    sf = fmt.scale_format
+    top = fmt.element_max * (sf.max_value if isinstance(sf, FloatFormat) else 1.0)
+    return tf.constant([fmt.element_max, top], tf.float32)
+
+
+def _pow2_split(e: tf.Tensor) -> tuple:
+    """``(2**e1, 2**e2)`` as float32 with ``e1 + e2 = e``, ``e1 = floor(e / 2)``, for an
+    int32 ``e`` in [-252, 254]: both factors are normal floats, so multiplying by one
+    and then the other is exact wherever the result is normal (E8M0's ``2**-127`` is
+    not a normal float32 and TensorFlow on CPU flushes subnormals)."""
+    e1 = tf.math.floordiv(e, 2)
+    e2 = e - e1
+    f = lambda k: tf.bitcast(tf.bitwise.left_shift(k + 127, 23), tf.float32)
+    return f(e1), f(e2)
+
+
+def _element_kernel(element, mode: str) -> Callable:
+    return _fixed_kernel(element, mode) if isinstance(element, FixedPoint) else _float_kernel(element, mode)
+
+
+def _scaled_kernel(fmt: Scaled, mode: str) -> Callable:
+    """``f(t, key)`` for a float32 ``t`` of rank 3 laid out by ``ops``: per tensor
+    ``[1, 1, n]``, per channel ``[rows, channels, 1]``, per block ``[rows, blocks, k]``
+    (a short last block padded with zeros, which change no block maximum). The
+    scale is shared over axes (0, 1, 2), (0, 2) and (2,) respectively.
+
+    ``c`` is :func:`scaled_constants` as a tensor argument: a division by a
+    constant is rewritten into a multiplication by its reciprocal (by XLA and by
+    TensorFlow's graph optimizer), which moves the scale by an ulp."""
+    red = {"tensor": [0, 1, 2], "channel": [0, 2]}.get(fmt.granularity, [2])
+    elem = _element_kernel(fmt.element, mode)
+    sf = fmt.scale_format
+    scale_round = _float_kernel(sf, "nearest") if isinstance(sf, FloatFormat) else None
+
+    def kernel(t, key, c):
+        mag = tf.bitwise.bitwise_and(tf.bitcast(t, tf.int32), tf.constant(_F32_MAG, tf.int32))
+        # the largest magnitude as bits: integer order is float order for |x|, and
+        # inf (0x7F800000) and NaN (above) are the largest, whatever max does with NaN
+        amax_b = tf.reduce_max(mag, axis=red, keepdims=True)
+        bad = amax_b >= tf.constant(_F32_INF_BITS, tf.int32)  # the group holds an inf or a NaN
+        if sf == "e8m0":
+            ebits = tf.bitwise.right_shift(amax_b, 23)  # biased exponent; 0: zero or subnormal
+            e = tf.where(tf.equal(ebits, 0), tf.constant(E8M0_MIN_EXPONENT, tf.int32),
+                         ebits - (127 + fmt.emax_elem))
+            e = tf.clip_by_value(e, E8M0_MIN_EXPONENT, E8M0_MAX_EXPONENT)
+            d1, d2 = _pow2_split(-e)
+            m1, m2 = _pow2_split(e)
+            q = elem(t * d1 * d2, key)
+            y = q * m1 * m2
+        else:
+            amax = tf.bitcast(tf.where(bad, tf.zeros_like(amax_b), amax_b), tf.float32)
+            raw = amax / c[0]
+            if fmt.tensor_scale:
+                fin = tf.where(mag >= tf.constant(_F32_INF_BITS, tf.int32), tf.zeros_like(mag), mag)
+                amax_t = tf.bitcast(tf.reduce_max(fin), tf.float32)
+                ts = tf.maximum(amax_t / c[1],
+                                tf.constant(_F32_MIN_NORMAL, tf.float32))
+                raw = raw / ts
+            if scale_round is None:
+                s = tf.maximum(raw, tf.constant(_F32_MIN_NORMAL, tf.float32))
+            else:
+                s = tf.clip_by_value(raw, tf.constant(sf.min_normal, tf.float32), tf.constant(sf.max_value, tf.float32))
+                s = scale_round(s, None)
+            if fmt.tensor_scale:
+                s = s * ts
+            q = elem(t / s, key)
+            y = q * s
+        return tf.where(tf.broadcast_to(bad, tf.shape(t)), tf.constant(np.nan, tf.float32), y)
+
+    return kernel
+
+
+# ----------------------------------------------------------------------------
 # kernel cache: one traced (and XLA-compiled) function per format, mode, path
 # ----------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
@@ -534,8 +616,10 @@ def kernel_for(fmt, mode: str, xla: bool) -> Callable:
         fn = _affine_kernel(fmt, mode)
     elif isinstance(fmt, FloatFormat):
         fn = _float_kernel(fmt, mode)
+    elif isinstance(fmt, Scaled):
+        fn = _scaled_kernel(fmt, mode)
     else:  # pragma: no cover - guarded by ops.quantize
-        raise TypeError(f"format must be a FixedPoint, Affine or FloatFormat, got {type(fmt).__name__}")
+        raise TypeError(f"format must be a FixedPoint, Affine, FloatFormat or Scaled, got {type(fmt).__name__}")
     name = f"graphquant_round_{type(fmt).__name__.lower()}_{mode}"
     fn.__name__ = name
     if xla:
