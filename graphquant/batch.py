@@ -104,21 +104,59 @@ class Terminated(KeyboardInterrupt):
     """The batch process received SIGTERM: handled like Ctrl-C (report written), exit code 143."""
 
 
+class _Interrupts:
+    """SIGTERM raises :class:`Terminated`; both it and Ctrl-C can be held back over a short critical section.
+
+    Starting a worker writes its start-up data down a pipe: an interrupt in the middle of that write leaves the
+    child reading a truncated pickle (it prints an ``EOFError`` traceback and dies). Within :meth:`held`, a signal
+    is remembered and raised when the block ends, so every worker is either fully started or not started at all.
+    """
+
+    def __init__(self) -> None:
+        self.holding = False
+        self.pending: Optional[BaseException] = None
+
+    def _raise(self, exc: BaseException) -> None:
+        if self.holding:
+            self.pending = self.pending or exc
+        else:
+            raise exc
+
+    def on_term(self, signum: int, frame: Any) -> None:
+        self._raise(Terminated())
+
+    def on_int(self, signum: int, frame: Any) -> None:
+        self._raise(KeyboardInterrupt())
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.pending is not None:
+            exc, self.pending = self.pending, None
+            raise exc
+
+
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises :class:`Terminated` (main thread only; restored after)."""
+def _sigterm_as_interrupt() -> Iterator[_Interrupts]:
+    """Within the block, SIGTERM raises :class:`Terminated` (main thread only; handlers restored after)."""
+    interrupts = _Interrupts()
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield interrupts
         return
-
-    def handler(signum: int, frame: Any) -> None:
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = signal.signal(signal.SIGTERM, interrupts.on_term)
+    previous_int = signal.getsignal(signal.SIGINT)
+    if previous_int is signal.default_int_handler:  # only Python's own Ctrl-C handler is replaced
+        signal.signal(signal.SIGINT, interrupts.on_int)
     try:
-        yield
+        yield interrupts
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if previous_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, previous_int)
 
 
 @dataclass
@@ -288,16 +326,16 @@ def convert_batch(
     if not pairs:
         log.warning("no SavedModel found under %s", src_root)
     dst_root.mkdir(parents=True, exist_ok=True)
-    with outputs.DestinationLock(dst_root), _sigterm_as_interrupt():
+    with outputs.DestinationLock(dst_root), _sigterm_as_interrupt() as interrupts:
         for parent in {report_path.parent, *(out.parent for _, _, out in pairs)}:  # left by killed runs
             outputs.remove_stale_tmp(parent)
         todo = _plan_outputs(pairs, record, overwrite, result)
-        _run(todo, dict(options, overwrite=True), jobs, progress, result, report_path, t0)
+        _run(todo, dict(options, overwrite=True), jobs, progress, result, report_path, t0, interrupts)
     return result
 
 
 def _run(todo: List[Tuple[str, str, str, str]], opts: Dict[str, Any], jobs: int, progress: bool,
-         result: "BatchReport", report_path: Path, t0: float) -> None:
+         result: "BatchReport", report_path: Path, t0: float, interrupts: _Interrupts) -> None:
     """Convert ``todo`` in worker processes, ``jobs`` at a time; the report is rewritten after each model."""
     bar = None
     if progress and todo:
@@ -318,11 +356,12 @@ def _run(todo: List[Tuple[str, str, str, str]], opts: Dict[str, Any], jobs: int,
         while pending or running:
             while pending and len(running) < jobs:
                 key, src, dst, _ = pending.pop(0)
-                recv, send = ctx.Pipe(duplex=False)
-                p = ctx.Process(target=target, args=(src, dst, opts, send, os.getpid()), daemon=True)
-                p.start()
-                send.close()
-                running[key] = (p, recv, time.perf_counter())
+                with interrupts.held():  # a worker is fully started (and tracked) or not started at all
+                    recv, send = ctx.Pipe(duplex=False)
+                    p = ctx.Process(target=target, args=(src, dst, opts, send, os.getpid()), daemon=True)
+                    p.start()
+                    send.close()
+                    running[key] = (p, recv, time.perf_counter())
             for key in list(running):
                 p, recv, started = running[key]
                 if not recv.poll() and p.is_alive():

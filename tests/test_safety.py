@@ -296,6 +296,27 @@ def test_sigterm_is_handled_like_ctrl_c(five, tmp_path):
     assert not (out / outputs._LOCK).exists()  # the lock was released
 
 
+def test_a_signal_while_a_worker_starts_is_raised_after_the_start():
+    # CI once sent SIGTERM in the middle of Process.start(): the half-written start-up pickle made the child print
+    # an EOFError traceback. A signal within `held()` is raised when the block ends, never inside it.
+    from graphquant.batch import Terminated, _sigterm_as_interrupt
+
+    for sig, exc in ((signal.SIGTERM, Terminated), (signal.SIGINT, KeyboardInterrupt)):
+        reached = []
+        with _sigterm_as_interrupt() as interrupts:
+            with pytest.raises(exc):
+                with interrupts.held():
+                    os.kill(os.getpid(), sig)
+                    for _ in range(100):  # Python runs the handler between these bytecodes
+                        time.sleep(0.001)
+                    reached.append(True)
+            with pytest.raises(exc):  # outside held(): raised at once
+                os.kill(os.getpid(), sig)
+                time.sleep(1.0)
+        assert reached == [True], sig
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_kill_9_workers_die_and_a_rerun_cleans_up(five, tmp_path):
     out, report = tmp_path / "out", tmp_path / "r.json"
     proc, kids = _start_batch(five, out, report)
