@@ -104,8 +104,9 @@ class PercentileTracker(_EngineTracker):
     method = "percentile"
 
     def __init__(self, percentile: float = 99.99, axis: Optional[int] = None):
-        if not isinstance(percentile, (int, float)) or not 50.0 < float(percentile) <= 100.0:
-            raise ValueError(f"percentile must be in (50, 100], got {percentile!r}")
+        from . import calibration as engine
+
+        engine.check_method("percentile", percentile)  # the one percentile rule
         super().__init__(axis)
         self.percentile = float(percentile)
 
