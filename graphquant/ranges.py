@@ -19,7 +19,7 @@ import numpy as np
 
 __all__ = [
     "MinMaxTracker", "PercentileTracker", "calibrate", "iter_batches", "calibration_batches", "check_inputs",
-    "MIN_RANGE_WIDTH",
+    "MIN_RANGE_WIDTH", "load_data_file",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -156,6 +156,34 @@ def iter_batches(
             return
         count += 1
         yield x_of(el)
+
+
+def load_data_file(path: Any, what: str = "calibration_data", keyed: bool = False) -> Any:
+    """The arrays of a ``.npz`` / ``.npy`` file, as every command reads its data files.
+
+    A ``.npy`` file (or a ``.npz`` with one array, unless ``keyed``) gives that
+    array; a ``.npz`` with several arrays gives ``{name: array}`` (named inputs).
+
+    Raises:
+        ValueError: one line naming ``what`` and the file: missing, or not a
+            readable ``.npz``/``.npy`` (pickled objects are refused).
+    """
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{what}: {p}: no such file")
+    try:
+        data = np.load(p, allow_pickle=False)
+        if isinstance(data, np.ndarray):
+            return data
+        with data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as e:
+        raise ValueError(f"{what}: {p}: not a readable .npz/.npy file ({e})") from None
+    if len(arrays) == 1 and not keyed:
+        return next(iter(arrays.values()))
+    return arrays
 
 
 def _is_empty(batch: Any) -> bool:
