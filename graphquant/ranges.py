@@ -224,6 +224,11 @@ def _shape_str(shape: Any) -> str:
     return "(" + ", ".join("None" if d is None else str(int(d)) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
+def inputs_str(expected: Mapping[str, Tuple[Optional[Tuple[Optional[int], ...]], Any]]) -> str:
+    """The inputs a model takes, for one-line errors: ``'a' (None, 6, 6, 1), 'b' (None, 3)``."""
+    return ", ".join(f"{k!r} {'(any shape)' if s is None else _shape_str(s)}" for k, (s, _) in expected.items())
+
+
 def _castable(given: Any, expected: Any) -> bool:
     g, e = np.dtype(given), np.dtype(expected)
     if e.kind in "OSU":
@@ -256,10 +261,10 @@ def check_inputs(
 
     missing = [k for k in expected if k not in given]
     if missing:
-        raise ValueError(f"{what}: input {missing[0]!r} is missing (the model takes {list(expected)}, got {list(given)})")
+        raise ValueError(f"{what}: input {missing[0]!r} is missing (the model takes {inputs_str(expected)}; got {list(given)})")
     unknown = [k for k in given if k not in expected]
     if unknown:
-        raise ValueError(f"{what}: unknown input {unknown[0]!r} (the model takes {list(expected)})")
+        raise ValueError(f"{what}: unknown input {unknown[0]!r} (the model takes {inputs_str(expected)})")
     for name, (shape, dtype) in expected.items():
         v = given[name]
         if not hasattr(v, "shape") or not hasattr(v, "dtype"):
