@@ -57,7 +57,7 @@ CONVERT_ONLY = {"--json": "batch writes its own report (--report)"}
 def _conversion_args(p: argparse.ArgumentParser) -> None:
     """The options ``convert`` and ``batch`` share, with one meaning; :func:`_conversion_kwargs` translates them."""
     _quant_args(p)
-    p.add_argument("--calibration", metavar="DATA.npz", help="inputs for calibrating affine ranges (.npz or .npy)")
+    p.add_argument("--calibration", metavar="DATA.npz", help="inputs for calibrating affine ranges (.npz or .npy; batch: the same for every model)")
     p.add_argument("--signature", default="serving_default", help="signature fed with calibration data")
     p.add_argument("--calibration-method", default="minmax", choices=["minmax", "percentile", "mse", "entropy"],
                    help="how ranges are read from the calibration statistics (default minmax)")

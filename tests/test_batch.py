@@ -134,6 +134,26 @@ def test_batch_calibration(cal_tree, tmp_path):
         gq.convert_batch(models, out, bits=8, calibration_data=iter([CAL]), progress=False, report=report)
 
 
+def test_workers_read_calibration_once_and_check_it(cal_tree, tmp_path):
+    """convert_one's file reference: loaded once per process (cached), and data that changed since the batch
+    started fails the model instead of calibrating it with other data than its manifest would record."""
+    from graphquant import batch
+
+    cal = tmp_path / "cal.npz"
+    shutil.copy(cal_tree / "cal.npz", cal)
+    ref = {"path": str(cal), "fingerprint": outputs.fingerprint_data(CAL), "keyed": False}
+    batch._calibration_of.cache_clear()
+    for _ in range(2):
+        np.testing.assert_array_equal(batch._calibration_of(ref["path"], ref["fingerprint"], False), CAL)
+    assert batch._calibration_of.cache_info().misses == 1 and batch._calibration_of.cache_info().hits == 1
+    np.savez(cal, x=CAL[:4])
+    batch._calibration_of.cache_clear()
+    rec = batch.convert_one(str(cal_tree / "models" / "a"), str(tmp_path / "o"),
+                            {"bits": 8, batch.CALIBRATION_FILE: ref})  # fmt: skip
+    assert rec["status"] == "failed" and "changed since the batch started" in rec["error"], rec
+    assert not (tmp_path / "o").exists()
+
+
 # --------------------------------------------------------------------------- one option set for convert and batch
 def _options(command):
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
