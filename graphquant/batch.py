@@ -61,7 +61,7 @@ CALIBRATION_FILE = "calibration_file"
 
 @functools.lru_cache(maxsize=2)
 def _calibration_of(path: str, fingerprint: str, keyed: bool) -> Any:
-    """The calibration arrays a batch's reference names: loaded once per worker process, checked against the fingerprint."""
+    """The calibration arrays a batch's file reference names: loaded once per process, checked against its fingerprint."""
     from .ranges import load_data_file
 
     data = load_data_file(path, "calibration_data", keyed=keyed)
@@ -410,7 +410,7 @@ def convert_batch(
         log.warning("no SavedModel found under %s", src_root)
     dst_root.mkdir(parents=True, exist_ok=True)
     with outputs.DestinationLock(dst_root), _sigterm_as_interrupt() as interrupts:
-        for parent in {report_path.parent, *(out.parent for _, _, out in pairs)}:  # left by killed runs
+        for parent in {report_path.parent, dst_root, *(out.parent for _, _, out in pairs)}:  # left by killed runs
             outputs.remove_stale_tmp(parent)
         todo = _plan_outputs(pairs, record, overwrite, result)
         opts = dict(options, overwrite=True)
@@ -421,7 +421,8 @@ def convert_batch(
                 keyed = False
                 if calibration_path is None and todo:
                     tmp, keyed = _write_calibration(calibration, dst_root)
-                opts[CALIBRATION_FILE] = {"path": str(tmp or calibration_path), "keyed": keyed,
+                    calibration_path = str(tmp)
+                opts[CALIBRATION_FILE] = {"path": calibration_path, "keyed": keyed,
                                           "fingerprint": record["calibration_data"]}
                 calibration = None  # the workers read the file; the parent does not keep the arrays
             _run(todo, opts, jobs, progress, result, report_path, t0, interrupts)
