@@ -9,15 +9,25 @@ exists is complete; a rerun skips it (``overwrite=True`` redoes it).
 
 The per-model function :func:`convert_one` takes and returns plain data, so a
 cluster engine can map it over models instead (see the README: Dask, Ray).
+
+Calibration data reaches the workers by file, never inside each model's task:
+``calibration_data`` given as a ``.npz``/``.npy`` path is read from that file;
+arrays (or a dict of arrays) are written once to a temporary ``.npz`` in the
+destination root, removed when the batch ends. ``convert_one`` gets the
+reference ``options["calibration_file"] = {"path", "fingerprint", "keyed"}``
+and each worker process loads the file once (cached) and checks the data's
+fingerprint, so every model is calibrated with the data the batch started with.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import multiprocessing as mp
 import os
 import signal
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -45,12 +55,36 @@ def find_saved_models(root: PathLike) -> List[Path]:
     return found
 
 
+#: key of :func:`convert_one`'s options: calibration data by reference to a file (see the module docstring)
+CALIBRATION_FILE = "calibration_file"
+
+
+@functools.lru_cache(maxsize=2)
+def _calibration_of(path: str, fingerprint: str, keyed: bool) -> Any:
+    """The calibration arrays a batch's file reference names: loaded once per process, checked against its fingerprint."""
+    from .ranges import load_data_file
+
+    data = load_data_file(path, "calibration_data", keyed=keyed)
+    if outputs.fingerprint_data(data) != fingerprint:
+        raise ValueError(f"calibration_data: {path} changed since the batch started; rerun the batch")
+    return data
+
+
 def convert_one(src: str, dst: str, options: Dict[str, Any]) -> Dict[str, Any]:
-    """Convert one SavedModel; never raises. Returns a JSON-able record."""
+    """Convert one SavedModel; never raises. Returns a JSON-able record.
+
+    ``options`` are :func:`graphquant.convert_saved_model` keywords, plus
+    ``calibration_file`` (``{"path", "fingerprint", "keyed"}``): calibration
+    data read from that file, once per process.
+    """
     t0 = time.perf_counter()
     try:
         from .graph.saved_model import convert_saved_model
 
+        options = dict(options)
+        ref = options.pop(CALIBRATION_FILE, None)
+        if ref is not None:
+            options["calibration_data"] = _calibration_of(ref["path"], ref["fingerprint"], bool(ref.get("keyed")))
         report = convert_saved_model(src, dst, **options)
         return {
             "status": "converted",
@@ -240,6 +274,40 @@ def _plan_outputs(
 _COUNTS = ("convolutions", "inserted", "prerounded")
 
 
+def _calibration_arrays(data: Any) -> Tuple[Any, Optional[str]]:
+    """``(arrays, path)`` of a batch's ``calibration_data``: a ``.npz``/``.npy`` path (read here once, to check and
+    fingerprint it), an array or a dict of arrays (path ``None``: written to a temporary file for the workers)."""
+    import numpy as np
+
+    from .ranges import load_data_file
+
+    if isinstance(data, (str, os.PathLike)):
+        return load_data_file(data, "calibration_data"), str(Path(data).resolve())
+    if isinstance(data, np.ndarray) or (
+        isinstance(data, dict) and data and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in data.items())
+    ):
+        return data, None
+    raise TypeError(
+        "calibration_data of a batch must be a .npz/.npy path, a numpy array or a dict of numpy arrays "
+        f"(data every worker process reads), got {type(data).__name__}"
+    )
+
+
+def _write_calibration(data: Any, dst_root: Path) -> Tuple[Path, bool]:
+    """Write calibration arrays once, for the workers: a temporary ``.npz`` in ``dst_root``; returns (path, keyed)."""
+    import numpy as np
+
+    fd, tmp = tempfile.mkstemp(prefix=f".calibration{outputs.TMP_MARK}{os.getpid()}-", suffix=".npz", dir=dst_root)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **(data if isinstance(data, dict) else {"x": data}))
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return Path(tmp), isinstance(data, dict)
+
+
 def convert_batch(
     src_root: PathLike,
     dst_root: PathLike,
@@ -284,7 +352,15 @@ def convert_batch(
             existing file that is not a graphquant report.
         progress: show a ``rich`` progress bar.
         **options: keywords for :func:`graphquant.convert_saved_model`
-            (``bits``, ``format``, ``rounding``, ``range``, ``weights``, ...).
+            (``bits``, ``format``, ``rounding``, ``range``, ``weights``,
+            ``calibration_method``, ...). ``calibration_data`` is one data set
+            for every model: a ``.npz``/``.npy`` path (as ``graphquant convert
+            --calibration`` reads it), a numpy array or a dict of arrays
+            (written once to a temporary ``.npz`` in ``dst_root`` that the
+            workers read; removed at the end). A model whose
+            ``calibration_signature`` does not accept it fails, with the shape
+            it expects in its error. Manifests record the data's fingerprint,
+            so a rerun with other data does not skip the outputs.
 
     Returns:
         A :class:`BatchReport`; ``report.ok`` is False when a model failed.
@@ -312,7 +388,14 @@ def convert_batch(
     # validate options once, here, so a typo fails fast instead of once per model
     from .graph.saved_model import options_record
 
-    record = options_record(**options)
+    calibration, calibration_path = None, None
+    if options.get("calibration_data") is not None:
+        from .calibration import check_method
+
+        check_method(options.get("calibration_method", "minmax"), options.get("calibration_percentile", 99.99),
+                     percentile_name="calibration_percentile")
+        calibration, calibration_path = _calibration_arrays(options["calibration_data"])
+    record = options_record(**dict(options, calibration_data=calibration))
     # a root that is itself a SavedModel has its output at dst_root/NAME, never dst_root itself
     pairs = []
     for rel in find_saved_models(src_root):
@@ -327,10 +410,26 @@ def convert_batch(
         log.warning("no SavedModel found under %s", src_root)
     dst_root.mkdir(parents=True, exist_ok=True)
     with outputs.DestinationLock(dst_root), _sigterm_as_interrupt() as interrupts:
-        for parent in {report_path.parent, *(out.parent for _, _, out in pairs)}:  # left by killed runs
+        for parent in {report_path.parent, dst_root, *(out.parent for _, _, out in pairs)}:  # left by killed runs
             outputs.remove_stale_tmp(parent)
         todo = _plan_outputs(pairs, record, overwrite, result)
-        _run(todo, dict(options, overwrite=True), jobs, progress, result, report_path, t0, interrupts)
+        opts = dict(options, overwrite=True)
+        tmp: Optional[Path] = None
+        try:
+            if calibration is not None:
+                del opts["calibration_data"]
+                keyed = False
+                if calibration_path is None and todo:
+                    tmp, keyed = _write_calibration(calibration, dst_root)
+                    calibration_path = str(tmp)
+                opts[CALIBRATION_FILE] = {"path": calibration_path, "keyed": keyed,
+                                          "fingerprint": record["calibration_data"]}
+                calibration = None  # the workers read the file; the parent does not keep the arrays
+            _run(todo, opts, jobs, progress, result, report_path, t0, interrupts)
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
     return result
 
 

@@ -49,6 +49,25 @@ def _quant_args(p: argparse.ArgumentParser, default_bits: Optional[int] = None) 
     p.add_argument("--seed", type=int, help="seed for stochastic rounding")
 
 
+#: options of ``convert`` that ``batch`` does not take (and why); every other ``convert`` option is a conversion
+#: option defined once, in :func:`_conversion_args`, for both (tests/test_batch.py checks it from the parsers)
+CONVERT_ONLY = {"--json": "batch writes its own report (--report)"}
+
+
+def _conversion_args(p: argparse.ArgumentParser) -> None:
+    """The options ``convert`` and ``batch`` share, with one meaning; :func:`_conversion_kwargs` translates them."""
+    _quant_args(p)
+    p.add_argument("--calibration", metavar="DATA.npz", help="inputs for calibrating affine ranges (.npz or .npy; batch: the same for every model)")
+    p.add_argument("--signature", default="serving_default", help="signature fed with calibration data")
+    p.add_argument("--calibration-method", default="minmax", choices=["minmax", "percentile", "mse", "entropy"],
+                   help="how ranges are read from the calibration statistics (default minmax)")
+    p.add_argument("--percentile", type=float, default=99.99, metavar="P",
+                   help="p of --calibration-method percentile, in (50, 100] (default 99.99)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier graphquant outputs (never anything else)")
+    p.add_argument("--force", action="store_true", help="convert already quantized models (stacks a second rounding)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="graphquant",
@@ -61,27 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert a SavedModel (or a .keras/.h5 file)")
     p.add_argument("src", help="SavedModel folder, or a .keras / .h5 file")
     p.add_argument("dst", help="output folder (or .keras file for Keras input)")
-    _quant_args(p)
-    p.add_argument("--calibration", metavar="DATA.npz", help="inputs for calibrating affine ranges (.npz or .npy)")
-    p.add_argument("--signature", default="serving_default", help="signature fed with calibration data")
-    p.add_argument("--calibration-method", default="minmax", choices=["minmax", "percentile", "mse", "entropy"],
-                   help="how ranges are read from the calibration statistics (default minmax)")
-    p.add_argument("--percentile", type=float, default=99.99, metavar="P",
-                   help="p of --calibration-method percentile, in (50, 100] (default 99.99)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier graphquant output (never anything else)")
-    p.add_argument("--force", action="store_true", help="convert an already quantized model (stacks a second rounding)")
+    _conversion_args(p)
     p.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
 
     p = sub.add_parser("batch", help="convert every SavedModel under a folder")
     p.add_argument("src", help="source root (searched at any depth)")
     p.add_argument("dst", help="destination root (same relative layout)")
-    _quant_args(p)
+    _conversion_args(p)  # --calibration DATA.npz: one data set for every model
     p.add_argument("-j", "--jobs", type=_positive_int, default=1, help="worker processes at once")
     p.add_argument("--report", metavar="REPORT.json", help="JSON report (default DST/graphquant-batch.json)")
-    p.add_argument("--overwrite", action="store_true", help="reconvert models already converted (graphquant outputs only)")
-    p.add_argument("--force", action="store_true", help="convert already quantized models too (stacks a second rounding)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", dest="quiet", action="store_true", help="no progress bar (as --quiet)")
 
     p = sub.add_parser("inspect", help="print the insertion points of a model; nothing is written")
     p.add_argument("src", help="SavedModel folder, or a .keras / .h5 file")
@@ -145,22 +153,29 @@ def _config(ns: argparse.Namespace) -> Dict[str, Any]:
     return kw
 
 
-def _load_calibration(path: str, option: str = "--calibration") -> Any:
-    import numpy as np
+def _conversion_kwargs(ns: argparse.Namespace) -> Dict[str, Any]:
+    """The library keywords of :func:`_conversion_args` (both ``convert`` and ``batch``).
 
-    p = Path(path)
-    if not p.is_file():
-        raise ValueError(f"{option}: {p}: no such file")
-    try:
-        data = np.load(p, allow_pickle=False)
-    except Exception as e:
-        raise ValueError(f"{option}: {p}: not a readable .npz/.npy file ({e})") from None
-    if isinstance(data, np.ndarray):
-        return data
-    arrays = {k: data[k] for k in data.files}
-    if len(arrays) == 1:
-        return next(iter(arrays.values()))
-    return arrays
+    ``calibration_data`` is the path given: ``convert`` reads it, ``batch``
+    passes it on to its workers. ``--overwrite`` and ``--quiet`` are not here:
+    each command passes them to its own function.
+    """
+    kw = _config(ns)
+    if ns.seed is not None:
+        kw["seed"] = ns.seed
+    kw["allow_requantize"] = ns.force
+    if ns.calibration:
+        kw["calibration_data"] = ns.calibration
+        kw["calibration_signature"] = ns.signature
+        kw["calibration_method"] = ns.calibration_method
+        kw["calibration_percentile"] = ns.percentile
+    return kw
+
+
+def _load_calibration(path: str, option: str = "--calibration") -> Any:
+    from .ranges import load_data_file
+
+    return load_data_file(path, option)
 
 
 def _is_keras_file(src: Path) -> bool:
@@ -175,10 +190,7 @@ def _write_report(path: Optional[Path], data: Dict[str, Any]) -> None:
 
 
 def _cmd_convert(ns: argparse.Namespace) -> int:
-    kw = _config(ns)
-    if ns.seed is not None:
-        kw["seed"] = ns.seed
-    kw["allow_requantize"] = ns.force
+    kw = _conversion_kwargs(ns)
     src = Path(ns.src)
     if _is_keras_file(src):
         return _convert_keras(src, Path(ns.dst), kw, ns)
@@ -186,11 +198,8 @@ def _cmd_convert(ns: argparse.Namespace) -> int:
     from .outputs import check_report_path
 
     json_path = check_report_path(ns.json, "--json", sources=[src], models=[ns.dst]) if ns.json else None
-    if ns.calibration:
-        kw["calibration_data"] = _load_calibration(ns.calibration)
-        kw["calibration_signature"] = ns.signature
-        kw["calibration_method"] = ns.calibration_method
-        kw["calibration_percentile"] = ns.percentile
+    if "calibration_data" in kw:
+        kw["calibration_data"] = _load_calibration(kw["calibration_data"])
     report = convert_saved_model(src, ns.dst, overwrite=ns.overwrite, verbose=False if ns.quiet else None, **kw)
     print(report.plan.table())
     print(report)
@@ -225,12 +234,15 @@ def _convert_keras(src: Path, dst: Path, kw: Dict[str, Any], ns: argparse.Namesp
     json_path = outputs.check_report_path(ns.json, "--json", sources=[src], models=[dst]) if ns.json else None
     t0 = time.perf_counter()
     model = _load_keras(src)
-    calibration = _load_calibration(ns.calibration) if ns.calibration else None
+    path = kw.pop("calibration_data", None)
+    kw.pop("calibration_signature", None)  # a Keras model is called as is
+    method, percentile = kw.pop("calibration_method", None), kw.pop("calibration_percentile", None)
+    calibration = _load_calibration(path) if path else None
     plan = inspect(model, **{k: v for k, v in kw.items() if k not in ("seed", "allow_requantize")})
     if calibration is not None:
-        kw["calibration_method"] = ns.calibration_method
-        if ns.calibration_method == "percentile":
-            kw["calibration_percentile"] = ns.percentile
+        kw["calibration_method"] = method
+        if method == "percentile":
+            kw["calibration_percentile"] = percentile
     q = quantize_model(model, calibration_data=calibration, verbose=False if ns.quiet else None, **kw)
     record = dict(kw, calibration_data=outputs.fingerprint_data(calibration))
     result = {"convolutions": len(plan.targets), "inserted": len(plan.points)}
@@ -278,13 +290,8 @@ def _cmd_inspect(ns: argparse.Namespace) -> int:
 def _cmd_batch(ns: argparse.Namespace) -> int:
     from .batch import convert_batch
 
-    kw = _config(ns)
-    if ns.seed is not None:
-        kw["seed"] = ns.seed
-    report = convert_batch(
-        ns.src, ns.dst, jobs=ns.jobs, overwrite=ns.overwrite, report=ns.report, progress=not ns.no_progress,
-        allow_requantize=ns.force, **kw
-    )
+    report = convert_batch(ns.src, ns.dst, jobs=ns.jobs, overwrite=ns.overwrite, report=ns.report,
+                           progress=not ns.quiet, **_conversion_kwargs(ns))
     d = report.to_dict()
     print(f"{d['converted']} converted, {d['skipped']} skipped (already done), {d['failed']} failed in {d['seconds']:.1f} s")
     for key, rec in report.models.items():

@@ -19,7 +19,7 @@ import numpy as np
 
 __all__ = [
     "MinMaxTracker", "PercentileTracker", "calibrate", "iter_batches", "calibration_batches", "check_inputs",
-    "MIN_RANGE_WIDTH",
+    "MIN_RANGE_WIDTH", "load_data_file",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -159,6 +159,34 @@ def iter_batches(
         yield x_of(el)
 
 
+def load_data_file(path: Any, what: str = "calibration_data", keyed: bool = False) -> Any:
+    """The arrays of a ``.npz`` / ``.npy`` file, as every command reads its data files.
+
+    A ``.npy`` file (or a ``.npz`` with one array, unless ``keyed``) gives that
+    array; a ``.npz`` with several arrays gives ``{name: array}`` (named inputs).
+
+    Raises:
+        ValueError: one line naming ``what`` and the file: missing, or not a
+            readable ``.npz``/``.npy`` (pickled objects are refused).
+    """
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{what}: {p}: no such file")
+    try:
+        data = np.load(p, allow_pickle=False)
+        if isinstance(data, np.ndarray):
+            return data
+        with data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as e:
+        raise ValueError(f"{what}: {p}: not a readable .npz/.npy file ({e})") from None
+    if len(arrays) == 1 and not keyed:
+        return next(iter(arrays.values()))
+    return arrays
+
+
 def _is_empty(batch: Any) -> bool:
     import tensorflow as tf
 
@@ -197,6 +225,11 @@ def _shape_str(shape: Any) -> str:
     return "(" + ", ".join("None" if d is None else str(int(d)) for d in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
+def inputs_str(expected: Mapping[str, Tuple[Optional[Tuple[Optional[int], ...]], Any]]) -> str:
+    """The inputs a model takes, for one-line errors: ``'a' (None, 6, 6, 1), 'b' (None, 3)``."""
+    return ", ".join(f"{k!r} {'(any shape)' if s is None else _shape_str(s)}" for k, (s, _) in expected.items())
+
+
 def _castable(given: Any, expected: Any) -> bool:
     g, e = np.dtype(given), np.dtype(expected)
     if e.kind in "OSU":
@@ -229,10 +262,10 @@ def check_inputs(
 
     missing = [k for k in expected if k not in given]
     if missing:
-        raise ValueError(f"{what}: input {missing[0]!r} is missing (the model takes {list(expected)}, got {list(given)})")
+        raise ValueError(f"{what}: input {missing[0]!r} is missing (the model takes {inputs_str(expected)}; got {list(given)})")
     unknown = [k for k in given if k not in expected]
     if unknown:
-        raise ValueError(f"{what}: unknown input {unknown[0]!r} (the model takes {list(expected)})")
+        raise ValueError(f"{what}: unknown input {unknown[0]!r} (the model takes {inputs_str(expected)})")
     for name, (shape, dtype) in expected.items():
         v = given[name]
         if not hasattr(v, "shape") or not hasattr(v, "dtype"):

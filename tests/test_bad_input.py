@@ -171,8 +171,30 @@ def test_wrong_dtype(front):
 
 
 def test_unknown_input_name(front):
-    with pytest.raises(ValueError, match="calibration_data: input 'x' is missing"):
+    # names the inputs the model takes with their shapes (a batch of many models reports this per model)
+    with pytest.raises(ValueError, match=r"calibration_data: input 'x' is missing \(the model takes 'x' \(None, 6, 6, 1\); "
+                                         r"got \['image'\]\)$"):
         front(bits=8, calibration_data={"image": X})
+
+
+class TwoInputs(tf.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = tf.Variable(W)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 6, 6, 1], tf.float32, name="a"),
+                                  tf.TensorSpec([None, 1], tf.float32, name="b")])
+    def serve(self, a, b):
+        return {"y": tf.nn.relu(tf.nn.conv2d(a, self.w, 1, "SAME")) + b[:, :, None, None]}
+
+
+def test_one_array_for_two_inputs_names_their_shapes(tmp_path):
+    m = TwoInputs()
+    tf.saved_model.save(m, str(tmp_path / "two"), signatures=m.serve)
+    with pytest.raises(ValueError) as e:
+        gg.convert_saved_model(tmp_path / "two", tmp_path / "out", bits=8, calibration_data=X)
+    assert str(e.value) == ("calibration_data: signature 'serving_default' takes 'a' (None, 6, 6, 1), 'b' (None, 1), "
+                            "got one array (8, 6, 6, 1); pass a dict of arrays")
 
 
 def test_quantize_function_wrong_shape():

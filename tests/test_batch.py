@@ -1,45 +1,27 @@
-"""graphquant batch (subprocess): nested layout, a corrupt model, resume, report."""
+"""graphquant batch (subprocess): nested layout, a corrupt model, resume, report; calibration; option parity with convert."""
 
-import hashlib
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+import graphquant as gq
+from _saved_models import run as run_cli
+from _saved_models import save_tiny, tree_hash
+from graphquant import outputs
 from graphquant.batch import find_saved_models
-
-
-class Tiny(tf.Module):
-    def __init__(self, seed):
-        super().__init__()
-        self.w = tf.Variable(np.random.RandomState(seed).normal(size=(3, 3, 1, 2)).astype("float32"))
-
-    @tf.function(input_signature=[tf.TensorSpec([None, 6, 6, 1], tf.float32, name="x")])
-    def serve(self, x):
-        return {"y": tf.nn.relu(tf.nn.conv2d(x, self.w, 1, "SAME"))}
-
-
-def _hash(path):
-    h = hashlib.sha1()
-    for root, dirs, files in sorted(os.walk(path)):
-        dirs.sort()
-        for f in sorted(files):
-            h.update(str(Path(root, f).relative_to(path)).encode() + Path(root, f).read_bytes())
-    return h.hexdigest()
+from graphquant.cli import CONVERT_ONLY, build_parser
+from graphquant.compare import _q_nodes
+from graphquant.graph.saved_model import read_saved_model
 
 
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory):
     root = tmp_path_factory.mktemp("batch") / "models"
     for i, rel in enumerate(["a", "deep/er/b"]):
-        m = Tiny(i)
-        tf.saved_model.save(m, str(root / rel), signatures=m.serve)
+        save_tiny(root / rel, seed=i)
     shutil.copytree(root / "a", root / "broken")
     (root / "broken" / "saved_model.pb").write_bytes(b"\x00garbage\xff" * 5)
     (root / "notes").mkdir()
@@ -48,9 +30,7 @@ def tree(tmp_path_factory):
 
 
 def run(*args):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, "-m", "graphquant", *args], capture_output=True, text=True, env=env,
-                          timeout=600)
+    return run_cli(*args, timeout=600)
 
 
 def test_find(tree):
@@ -58,7 +38,7 @@ def test_find(tree):
 
 
 def test_batch_corrupt_then_resume(tree, tmp_path):
-    before = _hash(tree)
+    before = tree_hash(tree)
     out = tmp_path / "out"
     report = tmp_path / "report.json"
     p = run("batch", str(tree), str(out), "--bits", "8", "--jobs", "2", "--report", str(report), "--no-progress")
@@ -80,7 +60,7 @@ def test_batch_corrupt_then_resume(tree, tmp_path):
     r = json.loads(report.read_text())
     assert r["skipped"] == 2 and r["failed"] == 1 and r["converted"] == 0
     assert (out / "a" / "saved_model.pb").stat().st_mtime_ns == mtime
-    assert _hash(tree) == before  # the source tree is never modified
+    assert tree_hash(tree) == before  # the source tree is never modified
 
 
 def test_batch_usage_errors(tmp_path):
@@ -88,3 +68,135 @@ def test_batch_usage_errors(tmp_path):
     assert p.returncode == 1 and "not a folder" in p.stderr and "Traceback" not in p.stderr
     p = run("batch", str(tmp_path), str(tmp_path / "o"), "--jobs", "x")
     assert p.returncode == 2
+
+
+# --------------------------------------------------------------------------- calibration in batch
+CAL = np.random.RandomState(5).normal(size=(16, 6, 6, 1)).astype("float32")
+
+
+@pytest.fixture(scope="module")
+def cal_tree(tmp_path_factory):
+    """Two models that take (None, 6, 6, 1) and one that takes (None, 8, 8, 1); one calibration file for all."""
+    base = tmp_path_factory.mktemp("cal")
+    for i, rel in enumerate(["a", "b"]):
+        save_tiny(base / "models" / rel, seed=i)
+    save_tiny(base / "models" / "wide", seed=2, side=8)
+    np.savez(base / "cal.npz", x=CAL)
+    return base
+
+
+def _serve(path, x):
+    return tf.saved_model.load(str(path)).signatures["serving_default"](x=tf.constant(x))["y"].numpy()
+
+
+def _ranges(path):
+    return [p.range for p in _q_nodes(read_saved_model(path))]
+
+
+def test_batch_calibration(cal_tree, tmp_path):
+    """--calibration: one data set for every model that takes it (static ranges, as a single conversion with
+    that data gives); a model it does not fit fails with one line naming both shapes; the others convert."""
+    models, cal, out, report = cal_tree / "models", cal_tree / "cal.npz", tmp_path / "out", tmp_path / "r.json"
+    p = run("batch", models, out, "--bits", "8", "--calibration", cal, "-j", "2", "--report", report, "--no-progress")
+    assert p.returncode == 1, p.stderr
+    r = json.loads(report.read_text())
+    assert {k: v["status"] for k, v in r["models"].items()} == {"a": "converted", "b": "converted", "wide": "failed"}
+    err = r["models"]["wide"]["error"]
+    assert err == "ValueError: calibration_data: input 'x' expects shape (None, 8, 8, 1), got (16, 6, 6, 1)"
+    assert f"failed: wide: {err}" in p.stderr.splitlines() and "Traceback" not in p.stderr
+    # static ranges from the data, recorded in the manifest, equal to one convert_saved_model with the same data
+    single = gq.convert_saved_model(models / "a", tmp_path / "single", bits=8, calibration_data=CAL)
+    assert single.inserted == 1
+    options = outputs.read_manifest(out / "a")["options"]
+    assert options["calibration_data"] == outputs.fingerprint_data(CAL) and options["calibration_method"] == "minmax"
+    assert options == outputs.read_manifest(tmp_path / "single")["options"]
+    (rng,) = _ranges(out / "a")
+    assert rng is not None and rng == tuple(_ranges(tmp_path / "single")[0])
+    assert _ranges(out / "b")[0] != rng  # b's own activations were observed
+    x = 3 * np.random.RandomState(9).normal(size=(2, 6, 6, 1)).astype("float32")  # wider than the data
+    y = _serve(out / "a", x)
+    np.testing.assert_array_equal(y, _serve(tmp_path / "single", x))
+    gq.convert_saved_model(models / "a", tmp_path / "dynamic", bits=8)
+    assert _ranges(tmp_path / "dynamic") == [None]
+    assert np.abs(y - _serve(tmp_path / "dynamic", x)).max() > 0.1  # a dynamic range would follow x
+    assert not list(out.glob(".*graphquant-tmp*"))
+    # library, arrays: written once to a temporary file the workers read (removed after); a dict keeps its key
+    r = gq.convert_batch(models / "a", tmp_path / "lib", bits=8, calibration_data={"x": CAL}, progress=False)
+    assert r.models["a"]["status"] == "converted", r.models
+    assert outputs.read_manifest(tmp_path / "lib" / "a")["options"]["calibration_data"] == outputs.fingerprint_data({"x": CAL})
+    assert _ranges(tmp_path / "lib" / "a") == [rng]
+    assert sorted(f.name for f in (tmp_path / "lib").iterdir()) == ["a", "graphquant-batch.json"]
+    # other data: the outputs are not taken as done (refused without overwrite, like other options)
+    np.save(tmp_path / "other.npy", CAL[:8])
+    with pytest.raises(FileExistsError, match="other options"):
+        gq.convert_batch(models, out, bits=8, calibration_data=tmp_path / "other.npy", progress=False, report=report)
+    with pytest.raises(TypeError, match="calibration_data of a batch must be a .npz/.npy path"):
+        gq.convert_batch(models, out, bits=8, calibration_data=iter([CAL]), progress=False, report=report)
+
+
+def test_workers_read_calibration_once_and_check_it(cal_tree, tmp_path):
+    """convert_one's file reference: loaded once per process (cached), and data that changed since the batch
+    started fails the model instead of calibrating it with other data than its manifest would record."""
+    from graphquant import batch
+
+    cal = tmp_path / "cal.npz"
+    shutil.copy(cal_tree / "cal.npz", cal)
+    ref = {"path": str(cal), "fingerprint": outputs.fingerprint_data(CAL), "keyed": False}
+    batch._calibration_of.cache_clear()
+    for _ in range(2):
+        np.testing.assert_array_equal(batch._calibration_of(ref["path"], ref["fingerprint"], False), CAL)
+    assert batch._calibration_of.cache_info().misses == 1 and batch._calibration_of.cache_info().hits == 1
+    np.savez(cal, x=CAL[:4])
+    batch._calibration_of.cache_clear()
+    rec = batch.convert_one(str(cal_tree / "models" / "a"), str(tmp_path / "o"),
+                            {"bits": 8, batch.CALIBRATION_FILE: ref})  # fmt: skip
+    assert rec["status"] == "failed" and "changed since the batch started" in rec["error"], rec
+    assert not (tmp_path / "o").exists()
+
+
+# --------------------------------------------------------------------------- one option set for convert and batch
+def _options(command):
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    return {s: a for a in sub._actions for s in a.option_strings if s not in ("-h", "--help")}
+
+
+def test_batch_takes_every_convert_option():
+    """Every convert option but the listed convert-only ones is a batch option with the same definition."""
+    convert, batch = _options("convert"), _options("batch")
+    assert set(CONVERT_ONLY) <= set(convert) and not set(CONVERT_ONLY) & set(batch)
+    missing = sorted(set(convert) - set(batch) - set(CONVERT_ONLY))
+    assert not missing, f"convert options batch does not take: {missing}"
+    for name in set(convert) - set(CONVERT_ONLY):
+        a, b = convert[name], batch[name]
+        assert (type(a), a.dest, a.type, a.choices, a.default, a.nargs, a.const) == \
+            (type(b), b.dest, b.type, b.choices, b.default, b.nargs, b.const), name
+    for name in ("--calibration", "--calibration-method", "--percentile", "--weights", "--format", "--rounding",
+                 "--bits", "--range", "--seed"):
+        assert name in batch
+
+
+#: the one option set run through convert and batch below; options it leaves out, and why
+PARITY_ARGS = ["--bits", "6", "--rounding", "toward_zero", "--weights", "--weight-bits", "4", "--calibration", None,
+               "--calibration-method", "percentile", "--percentile", "99.5", "--signature", "serving_default",
+               "--include", "Conv", "--exclude", "nothing", "--seed", "3", "--force", "--overwrite", "--quiet"]
+PARITY_LEFT_OUT = {"--format": "--bits gives the format", "--range": "a fixed range has nothing to calibrate",
+                   "-q": "--quiet is given"}
+
+
+def test_convert_and_batch_same_options_same_output(cal_tree, tmp_path):
+    convert = _options("convert")
+    shared = {s for s in convert if s not in CONVERT_ONLY}
+    assert shared == {a for a in PARITY_ARGS if a and a.startswith("-")} | set(PARITY_LEFT_OUT)
+    args = [str(cal_tree / "cal.npz") if a is None else a for a in PARITY_ARGS]
+    src = cal_tree / "models" / "a"
+    p = run("convert", src, tmp_path / "c", *args)
+    assert p.returncode == 0, p.stderr
+    p = run("batch", src, tmp_path / "b", *args)  # a model as the source root: its output is b/a
+    assert p.returncode == 0, p.stderr
+    mc, mb = outputs.read_manifest(tmp_path / "c"), outputs.read_manifest(tmp_path / "b" / "a")
+    assert mc["options"] == mb["options"]
+    assert mb["options"]["calibration_method"] == "percentile" and mb["options"]["calibration_percentile"] == 99.5
+    assert mb["options"]["seed"] == 3 and mb["result"]["prerounded"] == 1
+    assert _ranges(tmp_path / "c") == _ranges(tmp_path / "b" / "a") != [None]
+    x = 3 * np.random.RandomState(9).normal(size=(2, 6, 6, 1)).astype("float32")
+    np.testing.assert_array_equal(_serve(tmp_path / "c", x), _serve(tmp_path / "b" / "a", x))

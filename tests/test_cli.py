@@ -10,30 +10,17 @@ import pytest
 import tensorflow as tf
 
 import graphquant
+from _saved_models import run as run_cli
+from _saved_models import save_tiny
 
 
 def run(*args, cwd=None):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, "-m", "graphquant", *args], capture_output=True, text=True, cwd=cwd, env=env,
-                          timeout=300)
-
-
-class Tiny(tf.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = tf.Variable(np.random.RandomState(0).normal(size=(3, 3, 1, 2)).astype("float32"))
-
-    @tf.function(input_signature=[tf.TensorSpec([None, 6, 6, 1], tf.float32, name="x")])
-    def serve(self, x):
-        return {"y": tf.nn.relu(tf.nn.conv2d(x, self.w, 1, "SAME"))}
+    return run_cli(*args, cwd=cwd)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    d = tmp_path_factory.mktemp("cli") / "tiny"
-    m = Tiny()
-    tf.saved_model.save(m, str(d), signatures=m.serve)
-    return d
+    return save_tiny(tmp_path_factory.mktemp("cli") / "tiny")
 
 
 def _no_traceback(p):

@@ -3,7 +3,6 @@
 Real SavedModels and .keras files in temporary folders; the command line as real subprocesses.
 """
 
-import hashlib
 import json
 import os
 import resource
@@ -20,38 +19,8 @@ import pytest
 import tensorflow as tf
 
 import graphquant as gq
+from _saved_models import run, save_tiny, tree_hash
 from graphquant import outputs
-
-
-class Tiny(tf.Module):
-    def __init__(self, seed):
-        super().__init__()
-        self.w = tf.Variable(np.random.RandomState(seed).normal(size=(3, 3, 1, 2)).astype("float32"))
-
-    @tf.function(input_signature=[tf.TensorSpec([None, 6, 6, 1], tf.float32, name="x")])
-    def serve(self, x):
-        return {"y": tf.nn.relu(tf.nn.conv2d(x, self.w, 1, "SAME"))}
-
-
-def save_tiny(path, seed=0):
-    m = Tiny(seed)
-    tf.saved_model.save(m, str(path), signatures=m.serve)
-    return Path(path)
-
-
-def tree_hash(path):
-    h = hashlib.sha1()
-    for root, dirs, files in sorted(os.walk(path)):
-        dirs.sort()
-        for f in sorted(files):
-            h.update(str(Path(root, f).relative_to(path)).encode() + Path(root, f).read_bytes())
-    return h.hexdigest()
-
-
-def run(*args, timeout=300, **kw):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, "-m", "graphquant", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=timeout, **kw)
 
 
 def one_line(p):

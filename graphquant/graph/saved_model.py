@@ -23,7 +23,7 @@ from google.protobuf.message import DecodeError
 from .. import outputs
 from ..patterns import Registry
 from ..plan import Plan, QuantizeConfig
-from ..ranges import calibration_batches, check_inputs
+from ..ranges import calibration_batches, check_inputs, inputs_str
 from .. import calibration as engine
 from ..calibration import progress
 from .calibrate import RangeCollector, insert_observers, needs_calibration
@@ -496,9 +496,9 @@ def _calibrate(sm, src: Path, plans: List[Plan], data: Any, signature: str, meth
             if isinstance(batch, dict):
                 return batch
             if len(kw_specs) != 1:
-                raise ValueError(
-                    f"calibration_data: signature {signature!r} takes {sorted(kw_specs)}; pass a dict of arrays"
-                )
+                got = str(tuple(int(d) for d in batch.shape)) if hasattr(batch, "shape") else type(batch).__name__
+                raise ValueError(f"calibration_data: signature {signature!r} takes {inputs_str(specs)}, got one array "
+                                 f"{got}; pass a dict of arrays")
             return {next(iter(kw_specs)): batch}
 
         batches = calibration_batches(data, check=lambda b: check_inputs(feed_of(b), specs))
