@@ -1,18 +1,23 @@
-"""graphquant batch (subprocess): nested layout, a corrupt model, resume, report."""
+"""graphquant batch: nested layout, a corrupt model, resume, report; reused workers: crash, hang, recycling."""
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from graphquant.batch import find_saved_models
+from graphquant import outputs
+from graphquant.batch import convert_batch, find_saved_models
 
 
 class Tiny(tf.Module):
@@ -61,13 +66,15 @@ def test_batch_corrupt_then_resume(tree, tmp_path):
     before = _hash(tree)
     out = tmp_path / "out"
     report = tmp_path / "report.json"
-    p = run("batch", str(tree), str(out), "--bits", "8", "--jobs", "2", "--report", str(report), "--no-progress")
+    p = run("batch", str(tree), str(out), "--bits", "8", "--jobs", "2", "--report", str(report), "--no-progress",
+            "--max-per-worker", "50", "--max-worker-memory", "100000", "--timeout", "300")
     assert p.returncode == 1, p.stderr
     assert "Traceback" not in p.stderr
     r = json.loads(report.read_text())
     assert {k: v["status"] for k, v in r["models"].items()} == {"a": "converted", "broken": "failed", "deep/er/b": "converted"}
     assert "corrupt" in r["models"]["broken"]["error"]
     assert r["models"]["a"]["convolutions"] == 1 and r["models"]["a"]["inserted"] == 1
+    assert r["models"]["a"]["rss_mb"] > 50 and r["workers_started"] <= 2
     assert (out / "deep/er/b/saved_model.pb").is_file()
     assert not (out / "broken").exists()  # a failed model leaves nothing that looks finished
     assert not [p for p in out.rglob("*") if "graphquant-tmp" in p.name]
@@ -88,3 +95,99 @@ def test_batch_usage_errors(tmp_path):
     assert p.returncode == 1 and "not a folder" in p.stderr and "Traceback" not in p.stderr
     p = run("batch", str(tmp_path), str(tmp_path / "o"), "--jobs", "x")
     assert p.returncode == 2
+    p = run("batch", str(tmp_path), str(tmp_path / "o"), "--timeout", "0")
+    assert p.returncode == 2 and "--timeout: must be a positive number, got 0" in p.stderr
+    p = run("batch", str(tmp_path), str(tmp_path / "o"), "--dask", "tcp://127.0.0.1:9", "-j", "2")
+    assert p.returncode == 1 and "--jobs is a setting of the local workers" in p.stderr and "Traceback" not in p.stderr
+
+
+# --------------------------------------------------------------------------- reused workers
+VARIABLES = "variables/variables.data-00000-of-00001"
+
+
+@pytest.fixture(scope="module")
+def trouble(tmp_path_factory):
+    """Four good models, a corrupt one, and two whose variables file is a FIFO: reading it blocks until someone
+    writes (as on a stalled network mount), so their conversion really hangs in TensorFlow's reader."""
+    root = tmp_path_factory.mktemp("trouble") / "src"
+    for i in range(4):
+        m = Tiny(i)
+        tf.saved_model.save(m, str(root / f"m{i}"), signatures=m.serve)
+    shutil.copytree(root / "m0", root / "broken")
+    (root / "broken" / "saved_model.pb").write_bytes(b"\x00garbage\xff" * 5)
+    for name in ("stuck1", "stuck2"):
+        shutil.copytree(root / "m0", root / name)
+        (root / name / VARIABLES).unlink()
+        os.mkfifo(root / name / VARIABLES)
+    return root
+
+
+def _descendants(pid):
+    kids = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for k in (task / "children").read_text().split():
+            kids |= {int(k)} | _descendants(int(k))
+    return kids
+
+
+def kill_blocked_worker(killed, stop):
+    """Wait until a process under this one is blocked opening a FIFO (it is converting such a model), kill -9 it."""
+    while not stop.is_set():
+        for pid in _descendants(os.getpid()):
+            with contextlib.suppress(OSError):
+                if any((t / "wchan").read_text() == "wait_for_partner" for t in Path(f"/proc/{pid}/task").iterdir()):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+                    return
+        time.sleep(0.05)
+
+
+def _dead(pid):
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_workers_are_reused_and_a_crash_or_hang_fails_only_its_model(trouble, tmp_path):
+    # both stuck models hang in their workers: the test kills the first worker it finds stuck, the other times out
+    out = tmp_path / "out"
+    killed, stop = [], threading.Event()
+    killer = threading.Thread(target=kill_blocked_worker, args=(killed, stop))
+    killer.start()
+    try:
+        r = convert_batch(trouble, out, bits=8, jobs=2, timeout=10, progress=False)
+    finally:
+        stop.set()
+        killer.join()
+    assert {k: v["status"] for k, v in r.models.items()} == {
+        "broken": "failed", "stuck1": "failed", "stuck2": "failed",
+        "m0": "converted", "m1": "converted", "m2": "converted", "m3": "converted"}
+    assert "corrupt" in r.models["broken"]["error"]
+    crashed, hung = sorted((r.models["stuck1"], r.models["stuck2"]), key=lambda rec: "timed out" in rec["error"])
+    assert crashed["error"] == "worker process crashed (killed by signal SIGKILL)" and killed == [crashed["worker"]]
+    assert hung["error"] == "timed out after 10 s (worker killed)" and hung["seconds"] >= 10
+    pids = [rec["worker"] for rec in r.models.values()]
+    assert len(set(pids)) < len(pids) and os.getpid() not in pids  # workers convert several models
+    assert r.to_dict()["workers_started"] == len(set(pids)) <= 4  # the two killed workers were replaced
+    assert all(_dead(pid) for pid in set(pids))
+    assert not [p for p in out.rglob("*") if outputs.TMP_MARK in p.name]  # the killed workers' temporaries
+    for i in range(4):
+        y = tf.saved_model.load(str(out / f"m{i}")).signatures["serving_default"](x=tf.ones([1, 6, 6, 1]))["y"]
+        assert y.shape == (1, 6, 6, 2)
+
+
+def test_workers_are_recycled_after_k_models_or_past_a_memory_bound(trouble, tmp_path):
+    src = tmp_path / "src"
+    for name in ("m0", "m1"):
+        shutil.copytree(trouble / name, src / name)
+    r = convert_batch(src, tmp_path / "k", bits=8, max_per_worker=1, progress=False)
+    assert r.count("converted") == 2 and r.to_dict()["workers_started"] == 2
+    assert r.models["m0"]["worker"] != r.models["m1"]["worker"]
+    r = convert_batch(src, tmp_path / "mem", bits=8, max_worker_memory=1.0, progress=False)
+    assert r.count("converted") == 2 and r.to_dict()["workers_started"] == 2
+    assert r.models["m0"]["worker"] != r.models["m1"]["worker"] and r.models["m0"]["rss_mb"] > 1.0
+    with pytest.raises(ValueError, match="max_per_worker must be a positive integer"):
+        convert_batch(src, tmp_path / "bad", bits=8, max_per_worker=0)
+    with pytest.raises(ValueError, match="timeout must be a positive number"):
+        convert_batch(src, tmp_path / "bad", bits=8, timeout=-1)
