@@ -421,6 +421,8 @@ def convert_batch(
                 _run_dask(client, todo, opts, recorder, interrupts)
             else:
                 _LocalPool(jobs, max_per_worker, max_worker_memory, timeout, recorder, interrupts).run(todo, opts)
+            for parent in {out.parent for _, _, out in pairs}:  # of workers lost mid-model (all others have ended)
+                outputs.remove_stale_tmp(parent)
         finally:
             recorder.close()
     return result
@@ -581,6 +583,8 @@ class _LocalPool:
             for slot in self.slots:
                 slot.proc.join()
                 slot.conn.close()
+                if slot.job is not None:  # what the killed worker was writing
+                    outputs.remove_stale_tmp(Path(slot.job[2]).parent)
             for p in self.leaving:
                 p.join(timeout=5)
                 if p.is_alive():

@@ -130,14 +130,17 @@ def _descendants(pid):
     return kids
 
 
-def kill_blocked_worker(killed, stop):
-    """Wait until a process under this one is blocked opening a FIFO (it is converting such a model), kill -9 it."""
+def kill_blocked_worker(killed, stop, then=None):
+    """Wait until a process under this one is blocked opening a FIFO (it is converting such a model), kill -9 it
+    (then call ``then()``)."""
     while not stop.is_set():
         for pid in _descendants(os.getpid()):
             with contextlib.suppress(OSError):
                 if any((t / "wchan").read_text() == "wait_for_partner" for t in Path(f"/proc/{pid}/task").iterdir()):
                     os.kill(pid, signal.SIGKILL)
                     killed.append(pid)
+                    if then is not None:
+                        then()
                     return
         time.sleep(0.05)
 
@@ -191,3 +194,58 @@ def test_workers_are_recycled_after_k_models_or_past_a_memory_bound(trouble, tmp
         convert_batch(src, tmp_path / "bad", bits=8, max_per_worker=0)
     with pytest.raises(ValueError, match="timeout must be a positive number"):
         convert_batch(src, tmp_path / "bad", bits=8, timeout=-1)
+
+
+# --------------------------------------------------------------------------- Dask
+@pytest.fixture(scope="module")
+def client():
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None) as cluster, \
+            Client(cluster) as c:
+        yield c
+
+
+def test_dask_same_report_resume_and_manifests_as_local(tree, client, tmp_path):
+    out, report = tmp_path / "out", tmp_path / "r.json"
+    r = convert_batch(tree, out, bits=8, client=client, report=report, progress=False)
+    assert {k: v["status"] for k, v in r.models.items()} == {"a": "converted", "broken": "failed", "deep/er/b": "converted"}
+    assert "corrupt" in r.models["broken"]["error"]
+    assert r.models["a"]["convolutions"] == 1 and r.models["a"]["inserted"] == 1 and r.models["a"]["reason"] == "new"
+    assert {r.models[k]["worker"] for k in ("a", "deep/er/b")} <= set(client.scheduler_info()["workers"])
+    assert json.loads(report.read_text())["converted"] == 2
+    assert json.loads((out / "a" / "graphquant.json").read_text())["result"]["inserted"] == 1
+    # resume from the command line on the same cluster: the same rules
+    p = run("batch", str(tree), str(out), "--bits", "8", "--report", str(report), "--no-progress",
+            "--dask", client.scheduler.address)
+    assert p.returncode == 1 and "failed: broken: SavedModelError" in p.stderr and "Traceback" not in p.stderr
+    r = json.loads(report.read_text())
+    assert (r["skipped"], r["failed"], r["converted"]) == (2, 1, 0)
+    with pytest.raises(ValueError, match="timeout is a setting of the local worker pool"):
+        convert_batch(tree, out, bits=8, client=client, timeout=5)
+
+
+def test_dask_worker_killed_mid_model_is_retried(trouble, client, tmp_path):
+    src = tmp_path / "src"
+    for name in ("m0", "m1"):
+        shutil.copytree(trouble / name, src / name)
+    shutil.copytree(trouble / "m0", src / "stuck")
+    fifo = src / "stuck" / VARIABLES
+    fifo.unlink()
+    os.mkfifo(fifo)
+
+    def unstick():  # the retry finds an ordinary model
+        fifo.unlink()
+        shutil.copy(trouble / "m0" / VARIABLES, fifo)
+
+    killed, stop = [], threading.Event()
+    killer = threading.Thread(target=kill_blocked_worker, args=(killed, stop, unstick))
+    killer.start()
+    try:
+        r = convert_batch(src, tmp_path / "out", bits=8, client=client, progress=False)
+    finally:
+        stop.set()
+        killer.join()
+    assert len(killed) == 1  # a Dask worker process died while converting "stuck"
+    assert {k: v["status"] for k, v in r.models.items()} == {"m0": "converted", "m1": "converted", "stuck": "converted"}
+    assert not [p for p in (tmp_path / "out").rglob("*") if outputs.TMP_MARK in p.name]
