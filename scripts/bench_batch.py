@@ -81,7 +81,7 @@ def main() -> None:
             from distributed import Client, LocalCluster
 
             t = time.perf_counter()
-            with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None) as cluster, \
+            with LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=":0") as cluster, \
                     Client(cluster) as client:
                 t_batch = time.perf_counter()
                 dask = convert_batch(src, tmp / "out-dask", bits=8, client=client, progress=False)
