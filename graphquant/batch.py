@@ -378,9 +378,7 @@ def convert_batch(
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
             raise ValueError(f"{name} must be a positive number or None, got {value!r}")
     if client is not None:
-        local = {"jobs": jobs != 1, "max_per_worker": max_per_worker is not None,
-                 "max_worker_memory": max_worker_memory is not None, "timeout": timeout is not None}
-        given = [k for k, v in local.items() if v]
+        given = _local_settings(jobs, max_per_worker, max_worker_memory, timeout)
         if given:
             raise ValueError(f"{given[0]} is a setting of the local worker pool; with a Dask client the cluster's "
                              "workers decide (dask worker --nworkers, --memory-limit, --lifetime)")
@@ -426,6 +424,14 @@ def convert_batch(
         finally:
             recorder.close()
     return result
+
+
+def _local_settings(jobs: int, max_per_worker: Optional[int], max_worker_memory: Optional[float],
+                    timeout: Optional[float]) -> List[str]:
+    """Names of the local-pool settings given (not at their defaults): a Dask client refuses them."""
+    values = {"jobs": jobs != 1, "max_per_worker": max_per_worker is not None,
+              "max_worker_memory": max_worker_memory is not None, "timeout": timeout is not None}
+    return [name for name, given in values.items() if given]
 
 
 class _Recorder:

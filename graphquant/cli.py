@@ -293,18 +293,17 @@ def _cmd_inspect(ns: argparse.Namespace) -> int:
 
 
 def _cmd_batch(ns: argparse.Namespace) -> int:
-    from .batch import convert_batch
+    from .batch import _local_settings, convert_batch
 
     kw = _config(ns)
     if ns.seed is not None:
         kw["seed"] = ns.seed
-    local = {"--max-per-worker": ns.max_per_worker, "--max-worker-memory": ns.max_worker_memory,
-             "--timeout": ns.timeout, "--jobs": ns.jobs if ns.jobs != 1 else None}
     client = None
-    if ns.dask:
-        given = [flag for flag, value in local.items() if value is not None]
+    if ns.dask:  # refused before connecting
+        given = _local_settings(ns.jobs, ns.max_per_worker, ns.max_worker_memory, ns.timeout)
         if given:
-            raise ValueError(f"{given[0]} is a setting of the local workers; with --dask the cluster's workers decide")
+            flag = "--" + given[0].replace("_", "-")
+            raise ValueError(f"{flag} is a setting of the local workers; with --dask the cluster's workers decide")
         try:
             from distributed import Client
         except ImportError:
