@@ -231,27 +231,39 @@ def test_dask_same_report_resume_and_manifests_as_local(tree, client, tmp_path):
         convert_batch(tree, out, bits=8, client=client, timeout=5)
 
 
-def test_dask_worker_killed_mid_model_is_retried(trouble, client, tmp_path):
+def test_dask_worker_killed_mid_model_is_retried_or_reported_failed(trouble, client, tmp_path):
     src = tmp_path / "src"
     for name in ("m0", "m1"):
         shutil.copytree(trouble / name, src / name)
-    shutil.copytree(trouble / "m0", src / "stuck")
     fifo = src / "stuck" / VARIABLES
-    fifo.unlink()
-    os.mkfifo(fifo)
 
-    def unstick():  # the retry finds an ordinary model
+    def stick():
+        shutil.copytree(trouble / "m0", src / "stuck", dirs_exist_ok=True)
+        fifo.unlink()
+        os.mkfifo(fifo)
+
+    def unstick():  # a retry finds an ordinary model
         fifo.unlink()
         shutil.copy(trouble / "m0" / VARIABLES, fifo)
 
-    killed, stop = [], threading.Event()
-    killer = threading.Thread(target=kill_blocked_worker, args=(killed, stop, unstick))
-    killer.start()
-    try:
-        r = convert_batch(src, tmp_path / "out", bits=8, client=client, progress=False)
-    finally:
-        stop.set()
-        killer.join()
-    assert len(killed) == 1  # a Dask worker process died while converting "stuck"
-    assert {k: v["status"] for k, v in r.models.items()} == {"m0": "converted", "m1": "converted", "stuck": "converted"}
-    assert not [p for p in (tmp_path / "out").rglob("*") if outputs.TMP_MARK in p.name]
+    scheduler = client.cluster.scheduler
+    for allowed_failures, status in ((0, "failed"), (scheduler.allowed_failures, "converted")):
+        stick()
+        killed, stop = [], threading.Event()
+        killer = threading.Thread(target=kill_blocked_worker, args=(killed, stop, unstick))
+        killer.start()
+        default, scheduler.allowed_failures = scheduler.allowed_failures, allowed_failures
+        try:
+            r = convert_batch(src, tmp_path / f"out{allowed_failures}", bits=8, client=client, progress=False)
+        finally:
+            scheduler.allowed_failures = default
+            stop.set()
+            killer.join()
+        assert len(killed) == 1  # a Dask worker process died while converting "stuck"
+        assert sorted(r.models) == ["m0", "m1", "stuck"] and r.models["stuck"]["status"] == status
+        if status == "failed":  # no retry allowed: reported failed with the reason (so are models queued on it)
+            for rec in r.models.values():
+                assert rec["status"] == "converted" or rec["error"].startswith("Dask task failed (KilledWorker"), rec
+        else:
+            assert r.count("converted") == 3
+        assert not [p for p in (tmp_path / f"out{allowed_failures}").rglob("*") if outputs.TMP_MARK in p.name]
