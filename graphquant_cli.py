@@ -7,9 +7,8 @@ screenful of them. This launcher lives outside the ``graphquant`` package
 (importing anything inside the package imports TensorFlow first): it holds
 back what is written to fd 2 while graphquant imports, and shows it only with
 ``-v``/``--verbose`` or when the import fails. :func:`batch_worker` does the
-same for each worker process of ``graphquant batch`` (one process per model,
-so otherwise a batch of hundreds of models prints their start-up lines
-hundreds of times).
+same for each worker process of ``graphquant batch`` (otherwise each of its
+workers, restarted after a crash or recycled, prints its start-up lines).
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import contextlib
 import os
 import sys
 import tempfile
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 
 @contextlib.contextmanager
@@ -56,17 +55,19 @@ def main() -> int:
     return cli_main()
 
 
-def batch_worker(src: str, dst: str, options: Dict[str, Any], conn: Any, parent: Optional[int] = None) -> None:
-    """Body of one ``convert_batch`` worker process: TensorFlow starts up quietly
-    (its devices included), then the model is converted as usual; what the
-    conversion itself writes to stderr still shows."""
+def batch_worker(conn: Any, parent: Optional[int] = None) -> None:
+    """Body of one reused ``convert_batch`` worker process: TensorFlow and the
+    converter start up quietly (devices included), then the worker converts
+    models as :func:`graphquant.batch._serve` receives them; what a conversion
+    itself writes to stderr still shows."""
     with _held_stderr():
         import tensorflow as tf
 
-        from graphquant.batch import _worker
+        from graphquant.batch import _serve
+        from graphquant.graph import saved_model  # noqa: F401
 
         tf.config.list_physical_devices()  # device probing logs too (e.g. no CUDA driver)
-    _worker(src, dst, options, conn, parent)
+    _serve(conn, parent)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
-"""Convert many SavedModels: one isolated worker process per model, resumable.
+"""Convert many SavedModels on reused worker processes or a Dask cluster, resumable.
 
 :func:`convert_batch` finds every SavedModel under a source root (any depth),
-converts each with :func:`graphquant.graph.convert_saved_model` in a fresh
-worker process (so memory does not grow and a crash or a corrupt model fails
-only that model) and writes the same relative layout under the destination.
-A finished output is published by an atomic rename, so an output folder that
-exists is complete; a rerun skips it (``overwrite=True`` redoes it).
+converts each with :func:`graphquant.graph.convert_saved_model` and writes the
+same relative layout under the destination. Models run on long-lived local
+worker processes (TensorFlow starts once per worker; a model that crashes or
+hangs kills only its worker, which is replaced; workers are recycled after a
+number of models or past a memory bound) or, with a Dask client, as tasks of
+the cluster. A finished output is published by an atomic rename, so an output
+folder that exists is complete; a rerun skips it (``overwrite=True`` redoes it).
 
-The per-model function :func:`convert_one` takes and returns plain data, so a
-cluster engine can map it over models instead (see the README: Dask, Ray).
+The per-model function :func:`convert_one` takes and returns plain data; the
+planning, resume, manifest, lock and report rules live once, in
+:func:`convert_batch`, above the executor that runs it.
 
 Calibration data reaches the workers by file, never inside each model's task:
 ``calibration_data`` given as a ``.npz``/``.npy`` path is read from that file;
@@ -121,15 +124,47 @@ def _die_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True, name="graphquant-parent-watch").start()
 
 
-def _worker(src: str, dst: str, options: Dict[str, Any], conn, parent: Optional[int] = None) -> None:
+def _rss_mb(pid: Optional[int] = None) -> Optional[float]:
+    """Resident memory of a process (this one by default) in MB: Linux ``/proc``, else psutil if installed, else None."""
+    try:
+        with open(f"/proc/{pid or 'self'}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    try:  # pragma: no cover - not Linux
+        import psutil
+
+        return round(psutil.Process(pid).memory_info().rss / 2**20, 1)
+    except Exception:  # noqa: BLE001 - psutil missing or the process gone: unknown
+        return None
+
+
+def _serve(conn, parent: Optional[int] = None) -> None:
+    """Body of one reused worker process of the local pool.
+
+    Says ``("ready", pid)`` once TensorFlow and the converter are imported,
+    then converts each ``(src, dst, options)`` it receives with
+    :func:`convert_one` and answers with the record (plus ``worker``, its pid,
+    and ``rss_mb``, its resident memory after the model), until it receives
+    ``None``. It dies with the batch process (``parent``).
+    """
     if parent is not None:
         _die_with_parent(parent)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.ERROR)
-    record = convert_one(src, dst, options)
+    from .graph import saved_model  # noqa: F401 - the start-up cost is paid before the first model
+
     try:
-        conn.send(record)
-        conn.close()
+        conn.send(("ready", os.getpid()))
+        while True:
+            job = conn.recv()
+            if job is None:
+                return
+            record = convert_one(*job)
+            record.update(worker=os.getpid(), rss_mb=_rss_mb())
+            conn.send(record)
     except (BrokenPipeError, EOFError, OSError):  # the batch is gone: nobody to tell
         os._exit(1)
 
@@ -201,6 +236,7 @@ class BatchReport:
     destination: str
     models: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
+    worker_startups: List[float] = field(default_factory=list)  # seconds each local worker took to start
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.models.values() if r["status"] == status)
@@ -217,6 +253,9 @@ class BatchReport:
             "skipped": self.count("skipped"),
             "failed": self.count("failed"),
             "seconds": round(self.seconds, 3),
+            "workers_started": len(self.worker_startups),
+            "worker_startup_seconds": round(sum(self.worker_startups) / len(self.worker_startups), 3)
+            if self.worker_startups else None,
             "models": self.models,
         }
 
@@ -316,9 +355,19 @@ def convert_batch(
     overwrite: bool = False,
     report: Optional[PathLike] = None,
     progress: bool = True,
+    max_per_worker: Optional[int] = None,
+    max_worker_memory: Optional[float] = None,
+    timeout: Optional[float] = None,
+    client: Any = None,
     **options: Any,
 ) -> BatchReport:
     """Convert every SavedModel under ``src_root`` into the same layout under ``dst_root``.
+
+    Models run on ``jobs`` long-lived local worker processes (each converts
+    many models; TensorFlow starts once per worker), or, with ``client``, as
+    tasks of a Dask cluster. Either way each model is converted by
+    :func:`convert_one`, and everything else (planning, resume, manifests,
+    the lock, the report) happens here, once, in this process.
 
     Safety rules (checked before any model is converted):
 
@@ -334,9 +383,14 @@ def convert_batch(
     * one batch at a time per destination: a lock file
       ``dst_root/.graphquant-batch.lock`` (a stale lock of a dead process is
       taken over); temporaries of killed runs are removed;
-    * each worker dies with the batch process; SIGTERM is handled like
+    * a model that crashes its worker (segfault, ``os._exit``) or hangs past
+      ``timeout`` fails alone: its worker is killed and replaced, the others
+      go on;
+    * each local worker dies with the batch process; SIGTERM is handled like
       Ctrl-C: running workers stop, the report is written, and
-      :class:`Terminated` (a ``KeyboardInterrupt``) is raised.
+      :class:`Terminated` (a ``KeyboardInterrupt``) is raised. With a Dask
+      client, models not yet started are cancelled; a model already running
+      on a worker finishes there (its output is complete; a rerun skips it).
 
     When ``src_root`` is itself a SavedModel its output is ``dst_root/NAME``
     (``NAME`` the source folder's name), never ``dst_root`` itself.
@@ -344,13 +398,26 @@ def convert_batch(
     Args:
         src_root: folder searched at any depth (never modified).
         dst_root: output root; nothing is written outside it.
-        jobs: worker processes running at once (each model gets a fresh one).
+        jobs: local worker processes (models converted at once).
         overwrite: reconvert models whose output already exists (outputs
             graphquant wrote only).
         report: path of the JSON report (default ``dst_root/graphquant-batch.json``);
             refused inside the source tree or a model folder, or onto an
             existing file that is not a graphquant report.
-        progress: show a ``rich`` progress bar.
+        progress: show a ``rich`` progress bar (current models, done and
+            failed counts, models per minute).
+        max_per_worker: replace a local worker after it converted this many
+            models (default: never).
+        max_worker_memory: replace a local worker after a model that left
+            its resident memory above this many MB (default: never).
+        timeout: seconds one model may take on a local worker; past it the
+            worker is killed and replaced and the model fails (default: no limit).
+        client: a ``dask.distributed.Client``: map the models over its cluster
+            instead of local workers (sources and destinations must be on
+            storage every worker sees). ``jobs``, ``max_per_worker``,
+            ``max_worker_memory`` and ``timeout`` are local-pool settings and
+            are refused with a client (Dask workers have their own:
+            ``--memory-limit``, ``--lifetime``).
         **options: keywords for :func:`graphquant.convert_saved_model`
             (``bits``, ``format``, ``rounding``, ``range``, ``weights``,
             ``calibration_method``, ...). ``calibration_data`` is one data set
@@ -364,6 +431,8 @@ def convert_batch(
 
     Returns:
         A :class:`BatchReport`; ``report.ok`` is False when a model failed.
+        Each converted or failed record names its ``worker`` (local: its pid;
+        Dask: its address).
 
     Raises:
         ValueError / TypeError for bad arguments (missing source root, ``jobs < 1``,
@@ -378,6 +447,19 @@ def convert_batch(
         raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
+    if max_per_worker is not None and (isinstance(max_per_worker, bool) or not isinstance(max_per_worker, int)
+                                       or max_per_worker < 1):
+        raise ValueError(f"max_per_worker must be a positive integer or None, got {max_per_worker!r}")
+    for name, value in (("max_worker_memory", max_worker_memory), ("timeout", timeout)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            raise ValueError(f"{name} must be a positive number or None, got {value!r}")
+    if client is not None:
+        given = _local_settings(jobs, max_per_worker, max_worker_memory, timeout)
+        if given:
+            raise ValueError(f"{given[0]} is a setting of the local worker pool; with a Dask client the cluster's "
+                             "workers decide (dask worker --nworkers, --memory-limit, --lifetime)")
+        if not callable(getattr(client, "map", None)) or not callable(getattr(client, "submit", None)):
+            raise TypeError(f"client must be a dask.distributed.Client, got {type(client).__name__}")
     s, d = src_root.resolve(), dst_root.resolve()
     if d == s or s in d.parents:
         raise ValueError(f"dst_root {dst_root} is inside the source {src_root}; the source is never modified")
@@ -415,6 +497,7 @@ def convert_batch(
         todo = _plan_outputs(pairs, record, overwrite, result)
         opts = dict(options, overwrite=True)
         tmp: Optional[Path] = None
+        recorder = _Recorder(result, report_path, todo, progress, t0)
         try:
             if calibration is not None:
                 del opts["calibration_data"]
@@ -425,77 +508,280 @@ def convert_batch(
                 opts[CALIBRATION_FILE] = {"path": calibration_path, "keyed": keyed,
                                           "fingerprint": record["calibration_data"]}
                 calibration = None  # the workers read the file; the parent does not keep the arrays
-            _run(todo, opts, jobs, progress, result, report_path, t0, interrupts)
+            if client is not None:
+                _run_dask(client, todo, opts, recorder, interrupts)
+            else:
+                _LocalPool(jobs, max_per_worker, max_worker_memory, timeout, recorder, interrupts).run(todo, opts)
+            for parent in {out.parent for _, _, out in pairs}:  # of workers lost mid-model (all others have ended)
+                outputs.remove_stale_tmp(parent)
         finally:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
+            try:
+                recorder.close()
+            finally:
+                if tmp is not None:
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
     return result
 
 
-def _run(todo: List[Tuple[str, str, str, str]], opts: Dict[str, Any], jobs: int, progress: bool,
-         result: "BatchReport", report_path: Path, t0: float, interrupts: _Interrupts) -> None:
-    """Convert ``todo`` in worker processes, ``jobs`` at a time; the report is rewritten after each model."""
-    bar = None
-    if progress and todo:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+def _local_settings(jobs: int, max_per_worker: Optional[int], max_worker_memory: Optional[float],
+                    timeout: Optional[float]) -> List[str]:
+    """Names of the local-pool settings given (not at their defaults): a Dask client refuses them."""
+    values = {"jobs": jobs != 1, "max_per_worker": max_per_worker is not None,
+              "max_worker_memory": max_worker_memory is not None, "timeout": timeout is not None}
+    return [name for name, given in values.items() if given]
 
-        bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=False)
-        bar.start()
-        task = bar.add_task("converting", total=len(todo))
-    try:  # the launcher module next to the package: quiet TensorFlow start-up in each worker
-        from graphquant_cli import batch_worker as target
-    except ImportError:  # pragma: no cover - the package without its launcher
-        target = _worker
-    ctx = mp.get_context("spawn")
-    running: Dict[str, Any] = {}
-    pending = list(todo)
-    reasons = {key: reason for key, _, _, reason in todo}
-    try:
-        while pending or running:
-            while pending and len(running) < jobs:
-                key, src, dst, _ = pending.pop(0)
-                with interrupts.held():  # a worker is fully started (and tracked) or not started at all
-                    recv, send = ctx.Pipe(duplex=False)
-                    p = ctx.Process(target=target, args=(src, dst, opts, send, os.getpid()), daemon=True)
-                    p.start()
-                    send.close()
-                    running[key] = (p, recv, time.perf_counter())
-            for key in list(running):
-                p, recv, started = running[key]
-                if not recv.poll() and p.is_alive():
-                    continue
-                rec = None
-                if recv.poll():
-                    try:
-                        rec = recv.recv()
-                    except (EOFError, OSError):
-                        rec = None
-                p.join()
-                if rec is None:
-                    rec = {"status": "failed", "error": f"worker process crashed (exit code {p.exitcode})",
-                           "seconds": round(time.perf_counter() - started, 3)}
-                recv.close()
-                del running[key]
-                if rec["status"] == "converted":
-                    rec["reason"] = reasons[key]
-                result.models[key] = rec
-                if rec["status"] == "failed":
-                    log.warning("%s: %s", key, rec["error"])
-                if bar is not None:
-                    bar.advance(task)
-                result.seconds = time.perf_counter() - t0
-                result.write(report_path)  # progress survives an interrupted batch
-            time.sleep(0.05)
-    finally:
+
+class _Recorder:
+    """Everything a batch does with a finished model, whatever ran it: the record, the log, the bar, the report."""
+
+    def __init__(self, result: BatchReport, report_path: Path, todo: List[Tuple[str, str, str, str]],
+                 progress: bool, t0: float) -> None:
+        self.result, self.report_path, self.t0 = result, report_path, t0
+        self.reasons = {key: reason for key, _, _, reason in todo}
+        self.done = self.failed = 0
+        self.running: List[str] = []
+        self.bar = None
+        if progress and todo:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(TextColumn("[bold]converting"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[stats]}"), TimeElapsedColumn(),
+                                TextColumn("{task.fields[current]}"), transient=False)
+            self.bar.start()
+            self.task = self.bar.add_task("converting", total=len(todo), stats="", current="")
+
+    def started(self, key: str) -> None:
+        self.running.append(key)
+        self._draw()
+
+    def unstarted(self, key: str) -> None:
+        self.running.remove(key)
+
+    def finished(self, key: str, rec: Dict[str, Any]) -> None:
+        """Record one model's result and rewrite the report (progress survives an interrupted batch)."""
+        if key in self.running:
+            self.running.remove(key)
+        if rec["status"] == "converted":
+            rec["reason"] = self.reasons[key]
+            self.done += 1
+        else:
+            self.failed += 1
+            log.warning("%s: %s", key, rec["error"])
+        self.result.models[key] = rec
+        if self.bar is not None:
+            self.bar.advance(self.task)
+        self._draw()
+        self.result.seconds = time.perf_counter() - self.t0
+        self.result.write(self.report_path)
+
+    def _draw(self) -> None:
+        if self.bar is None:
+            return
+        minutes = (time.perf_counter() - self.t0) / 60
+        rate = (self.done + self.failed) / minutes if minutes > 0 else 0.0
+        current = ", ".join(self.running[:3]) + (f" +{len(self.running) - 3}" if len(self.running) > 3 else "")
+        self.bar.update(self.task, stats=f"{self.done} done, {self.failed} failed, {rate:.0f} models/min",
+                        current=current)
+
+    def close(self) -> None:
+        """Running models are recorded as interrupted; the report is written (sorted) once more."""
         try:
-            for key, (p, recv, _) in running.items():
-                p.terminate()
-                p.join()
-                result.models[key] = {"status": "failed", "error": "interrupted", "seconds": 0.0}
+            for key in list(self.running):
+                self.result.models[key] = {"status": "failed", "error": "interrupted", "seconds": 0.0}
+            self.running.clear()
         finally:
-            if bar is not None:
-                bar.stop()
-            result.models = dict(sorted(result.models.items()))
-            result.seconds = time.perf_counter() - t0
-            result.write(report_path)
+            if self.bar is not None:
+                self.bar.stop()
+            self.result.models = dict(sorted(self.result.models.items()))
+            self.result.seconds = time.perf_counter() - self.t0
+            self.result.write(self.report_path)
+
+
+@dataclass
+class _Slot:
+    """One local worker process and what it is doing."""
+
+    proc: Any
+    conn: Any
+    born: float
+    ready: bool = False
+    job: Optional[Tuple[str, str, str]] = None  # (key, src, dst) reserved or running
+    since: float = 0.0  # when the running model was sent
+    count: int = 0
+
+
+class _LocalPool:
+    """``jobs`` long-lived spawn workers (see :func:`_serve`), replaced when they crash, hang, or reach a limit."""
+
+    START_FAILURES = 3  # workers that die before they are ready, in a row, before the batch gives up
+
+    def __init__(self, jobs: int, max_per_worker: Optional[int], max_memory: Optional[float],
+                 timeout: Optional[float], recorder: _Recorder, interrupts: _Interrupts) -> None:
+        self.jobs, self.max_per_worker, self.max_memory, self.timeout = jobs, max_per_worker, max_memory, timeout
+        self.recorder, self.interrupts = recorder, interrupts
+        try:  # the launcher module next to the package: quiet TensorFlow start-up in each worker
+            from graphquant_cli import batch_worker as target
+        except ImportError:  # pragma: no cover - the package without its launcher
+            target = _serve
+        self.target = target
+        self.ctx = mp.get_context("spawn")
+        self.slots: List[_Slot] = []
+        self.leaving: List[Any] = []  # recycled workers told to stop
+        self.start_failures = 0
+
+    def _start(self, pending: List[Tuple[str, str, str, str]]) -> None:
+        with self.interrupts.held():  # a worker is fully started (and tracked) or not started at all
+            parent_end, child_end = self.ctx.Pipe(duplex=True)
+            p = self.ctx.Process(target=self.target, args=(child_end, os.getpid()), daemon=True)
+            p.start()
+            child_end.close()
+            key, src, dst, _ = pending.pop(0)  # reserved now: a model waiting for its worker counts as running
+            self.slots.append(_Slot(p, parent_end, time.perf_counter(), job=(key, src, dst)))
+        self.recorder.started(key)
+
+    def _send(self, slot: _Slot, opts: Dict[str, Any]) -> None:
+        key, src, dst = slot.job
+        with self.interrupts.held():  # never a half-written job in the pipe
+            slot.conn.send((src, dst, opts))
+        slot.since = time.perf_counter()
+
+    def _drop(self, slot: _Slot, kill: bool) -> None:
+        self.slots.remove(slot)
+        if kill:
+            slot.proc.kill()
+            slot.proc.join()
+            slot.conn.close()
+            if slot.job is not None:  # what the killed worker was writing
+                outputs.remove_stale_tmp(Path(slot.job[2]).parent)
+        else:
+            with contextlib.suppress(OSError):
+                slot.conn.send(None)
+            slot.conn.close()
+            self.leaving.append(slot.proc)
+
+    def _fail(self, slot: _Slot, error: str) -> None:
+        key = slot.job[0]
+        self._drop(slot, kill=True)
+        self.recorder.finished(key, {"status": "failed", "error": error, "worker": slot.proc.pid,
+                                     "seconds": round(time.perf_counter() - slot.since, 3)})
+
+    def run(self, todo: List[Tuple[str, str, str, str]], opts: Dict[str, Any]) -> None:
+        from multiprocessing.connection import wait
+
+        pending = list(todo)
+        try:
+            while pending or self.slots:
+                while pending and len(self.slots) < self.jobs:
+                    self._start(pending)
+                wait([s.conn for s in self.slots] + [s.proc.sentinel for s in self.slots], timeout=0.2)
+                now = time.perf_counter()
+                for slot in list(self.slots):
+                    self._step(slot, now, pending, opts)
+                for p in [p for p in self.leaving if not p.is_alive()]:
+                    p.join()
+                    self.leaving.remove(p)
+        finally:
+            for slot in self.slots:  # running models: recorded as interrupted by the recorder
+                slot.proc.kill()
+            for slot in self.slots:
+                slot.proc.join()
+                slot.conn.close()
+                if slot.job is not None:  # what the killed worker was writing
+                    outputs.remove_stale_tmp(Path(slot.job[2]).parent)
+            for p in self.leaving:
+                p.join(timeout=5)
+                if p.is_alive():
+                    p.kill()
+                    p.join()
+
+    def _step(self, slot: _Slot, now: float, pending: List[Tuple[str, str, str, str]], opts: Dict[str, Any]) -> None:
+        """Look at one worker: started, finished a model, crashed or hung; give it the next model."""
+        msg: Any = None
+        try:
+            if slot.conn.poll():
+                msg = slot.conn.recv()
+        except (EOFError, OSError):
+            msg = None
+        if not slot.ready:
+            if msg is not None:  # ("ready", pid)
+                slot.ready = True
+                self.start_failures = 0
+                self.recorder.result.worker_startups.append(round(now - slot.born, 3))
+                self._send(slot, opts)
+            elif not slot.proc.is_alive():  # died while starting: its model did not run, it goes back
+                key, src, dst = slot.job
+                self.recorder.unstarted(key)
+                pending.insert(0, (key, src, dst, self.recorder.reasons[key]))
+                slot.job = None
+                self._drop(slot, kill=True)
+                self.start_failures += 1
+                if self.start_failures >= self.START_FAILURES:
+                    code = slot.proc.exitcode
+                    for key, _, _, _ in pending:
+                        self.recorder.finished(key, {"status": "failed", "seconds": 0.0,
+                                                     "error": f"worker process failed to start (exit code {code})"})
+                    pending.clear()
+            return
+        if msg is not None:
+            key = slot.job[0]
+            slot.job = None
+            slot.count += 1
+            self.recorder.finished(key, msg)
+            rss = msg.get("rss_mb")
+            if (self.max_per_worker is not None and slot.count >= self.max_per_worker) or (
+                    self.max_memory is not None and rss is not None and rss > self.max_memory):
+                self._drop(slot, kill=False)  # recycled; a fresh one starts if models remain
+            elif pending:
+                key, src, dst, _ = pending.pop(0)
+                slot.job = (key, src, dst)
+                self.recorder.started(key)
+                self._send(slot, opts)
+            else:
+                self._drop(slot, kill=False)
+        elif not slot.proc.is_alive():
+            code = slot.proc.exitcode
+            how = f"killed by signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+            self._fail(slot, f"worker process crashed ({how})")
+        elif self.timeout is not None and now - slot.since > self.timeout:
+            self._fail(slot, f"timed out after {self.timeout:g} s (worker killed)")
+
+
+def _dask_convert(src: str, dst: str, options: Dict[str, Any]) -> Dict[str, Any]:
+    """:func:`convert_one` as a Dask task: the record names the worker that ran it."""
+    record = convert_one(src, dst, options)
+    try:
+        from distributed import get_worker
+
+        record["worker"] = get_worker().address
+    except (ImportError, ValueError):  # pragma: no cover - run outside a worker
+        record["worker"] = None
+    return record
+
+
+def _run_dask(client: Any, todo: List[Tuple[str, str, str, str]], opts: Dict[str, Any], recorder: _Recorder,
+              interrupts: _Interrupts) -> None:
+    """Map :func:`_dask_convert` over the cluster; a task lost with its worker is retried by Dask, then failed."""
+    from distributed import as_completed
+
+    if not todo:
+        return
+    tag = f"graphquant-{os.getpid()}-{time.time_ns()}"
+    keys = {f"{tag}-{i}": key for i, (key, _, _, _) in enumerate(todo)}
+    with interrupts.held():  # every model submitted, and recorded as running, or none
+        futures = client.map(_dask_convert, [src for _, src, _, _ in todo], [dst for _, _, dst, _ in todo],
+                             [opts] * len(todo), key=list(keys), pure=False)
+        for key, _, _, _ in todo:
+            recorder.started(key)
+    try:
+        for future in as_completed(futures):
+            try:
+                rec = future.result()
+            except BaseException as e:  # noqa: BLE001 - a lost task (its workers died), never a model error
+                if isinstance(e, KeyboardInterrupt):
+                    raise
+                msg = str(e).splitlines()[0] if str(e) else ""
+                rec = {"status": "failed", "error": f"Dask task failed ({type(e).__name__}: {msg})", "seconds": 0.0}
+            recorder.finished(keys[future.key], rec)
+    finally:
+        client.cancel([f for f in futures if not f.done()])

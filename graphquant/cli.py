@@ -31,6 +31,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
         sys.stderr.write(f"{self.prog}: error: {message}\n")
@@ -87,7 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="source root (searched at any depth)")
     p.add_argument("dst", help="destination root (same relative layout)")
     _conversion_args(p)  # --calibration DATA.npz: one data set for every model
-    p.add_argument("-j", "--jobs", type=_positive_int, default=1, help="worker processes at once")
+    p.add_argument("-j", "--jobs", type=_positive_int, default=1, help="worker processes (each converts many models)")
+    p.add_argument("--max-per-worker", type=_positive_int, metavar="K", help="replace a worker after K models")
+    p.add_argument("--max-worker-memory", type=_positive_float, metavar="MB",
+                   help="replace a worker after a model that left its resident memory above MB")
+    p.add_argument("--timeout", type=_positive_float, metavar="S",
+                   help="fail a model that takes more than S seconds (its worker is killed and replaced)")
+    p.add_argument("--dask", metavar="ADDRESS", help="run the models on a Dask cluster (scheduler address, "
+                   "e.g. tcp://host:8786; needs pip install graphquant[dask])")
     p.add_argument("--report", metavar="REPORT.json", help="JSON report (default DST/graphquant-batch.json)")
     p.add_argument("--no-progress", dest="quiet", action="store_true", help="no progress bar (as --quiet)")
 
@@ -288,10 +305,29 @@ def _cmd_inspect(ns: argparse.Namespace) -> int:
 
 
 def _cmd_batch(ns: argparse.Namespace) -> int:
-    from .batch import convert_batch
+    from .batch import _local_settings, convert_batch
 
-    report = convert_batch(ns.src, ns.dst, jobs=ns.jobs, overwrite=ns.overwrite, report=ns.report,
-                           progress=not ns.quiet, **_conversion_kwargs(ns))
+    kw = _conversion_kwargs(ns)
+    client = None
+    if ns.dask:  # refused before connecting
+        given = _local_settings(ns.jobs, ns.max_per_worker, ns.max_worker_memory, ns.timeout)
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise ValueError(f"{flag} is a setting of the local workers; with --dask the cluster's workers decide")
+        try:
+            from distributed import Client
+        except ImportError:
+            raise ValueError("--dask needs dask.distributed: pip install graphquant[dask]") from None
+        client = Client(ns.dask)
+    try:
+        report = convert_batch(
+            ns.src, ns.dst, jobs=ns.jobs, overwrite=ns.overwrite, report=ns.report, progress=not ns.quiet,
+            max_per_worker=ns.max_per_worker, max_worker_memory=ns.max_worker_memory, timeout=ns.timeout,
+            client=client, **kw
+        )
+    finally:
+        if client is not None:
+            client.close()
     d = report.to_dict()
     print(f"{d['converted']} converted, {d['skipped']} skipped (already done), {d['failed']} failed in {d['seconds']:.1f} s")
     for key, rec in report.models.items():

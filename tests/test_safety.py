@@ -215,6 +215,13 @@ def _children(pid):
     return kids
 
 
+def _cmdline(pid):
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _alive(pid):
     try:
         os.kill(pid, 0)
@@ -237,8 +244,8 @@ def _start_batch(src, out, report):
                              "--report", str(report), "--no-progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:  # wait until a worker runs
-        kids = _children(proc.pid)
+    while time.monotonic() < deadline:  # wait until a worker runs (not a helper process some import runs)
+        kids = {k for k in _children(proc.pid) if b"spawn_main" in _cmdline(k)}
         if kids:
             return proc, kids
         time.sleep(0.1)
