@@ -27,7 +27,7 @@ from .formats import (
     check_rounding,
     parse_format,
 )
-from .patterns import DEFAULT_REGISTRY, Node, Registry, View, weight_slots
+from .patterns import DEFAULT_REGISTRY, Node, Registry, View, is_depthwise_weight, weight_slots
 
 __all__ = ["QuantizeConfig", "InsertionPoint", "Plan", "make_plan", "ROUNDING_MODES"]
 
@@ -89,12 +89,28 @@ def _resolve_act_format(format: Any, bits: Any, range: Any) -> Format:
     return as_format(format, bits=bits, range=range)
 
 
-def scaled_weight_format(fmt: Scaled, out_axis: int) -> Scaled:
-    """A :class:`Scaled` format placed on a weight whose output channels lie on ``out_axis``
-    (``-1``: Dense, Conv; ``-2``: transposed convolutions, depthwise kernels):
-    per-channel scales along the output channels; blocks (and per-tensor scales)
-    along the reduction axis next to it (``-2`` when the outputs are last, else
-    ``-1``), the axis MX hardware blocks for the dot product."""
+def scaled_weight_format(fmt: Scaled, out_axis: int, depthwise: bool = False) -> Scaled:
+    """A :class:`Scaled` format placed on a kernel whose output channels lie on ``out_axis``.
+
+    Blocks (and per-tensor scales) run along the kernel's reduction axis, the
+    axis MX hardware blocks for the dot product; ``@channel`` scales sit on the
+    output channels. The format's own ``axis`` is replaced:
+
+    * Dense ``(in, out)``, Conv ``(..., in, out)`` (``out_axis=-1``): blocks along
+      ``-2`` (the input channels), channel scales along ``-1``;
+    * transposed convolutions ``(..., out, in)`` (``out_axis=-2``): blocks along
+      ``-1`` (the input channels), channel scales along ``-2``;
+    * depthwise kernels ``(..., in, multiplier)`` (``depthwise=True``): each output
+      channel ``c * multiplier + m`` is a dot product over the spatial taps of
+      input channel ``c`` alone, so the kernel is rounded seen as the matrix
+      ``(taps, in * multiplier)`` (:func:`graphquant.ops.per_output_channel`) and
+      the format is placed as on a Dense kernel: blocks of ``k`` consecutive taps
+      (row-major over the kernel window) of one output channel, channel scales per
+      output channel. A 3x3 or 5x5 window (9 or 25 taps) is a single, short block
+      of 32: one E8M0 scale per output channel.
+    """
+    if depthwise:
+        out_axis = -1
     if fmt.granularity == "channel":
         return replace(fmt, axis=out_axis)
     return replace(fmt, axis=-2 if out_axis == -1 else -1)
@@ -313,14 +329,19 @@ class QuantizeConfig:
                 cfg = None if settings is None else (cfg or self)._merge(settings, f"overrides[{sel!r}]")
         return cfg
 
-    def weight_format_for(self, axis: int) -> Format:
-        """The weight format for a weight whose output channels lie on ``axis``."""
+    def weight_format_for(self, axis: int, depthwise: bool = False) -> Format:
+        """The weight format for a weight whose output channels lie on ``axis``
+        (``depthwise``: a depthwise kernel). A :class:`Scaled` format (given as
+        ``format`` or ``weight_format``) is placed on the kernel's reduction axis
+        by :func:`scaled_weight_format`, whatever its own ``axis``."""
+        if isinstance(self.weight_format, Scaled):
+            return scaled_weight_format(self.weight_format, axis, depthwise)
         if self.weight_format is not None:
             return self.weight_format
         if isinstance(self.format, FloatFormat) and self.weight_bits is None:
             return self.format
         if isinstance(self.format, Scaled) and self.weight_bits is None:
-            return scaled_weight_format(self.format, axis)
+            return scaled_weight_format(self.format, axis, depthwise)
         bits = self.weight_bits or self.format.bits
         return Affine(bits, symmetric=True, narrow_range=True, axis=axis)
 
@@ -616,7 +637,7 @@ def _plan_into(plan: Plan, view: View, config: QuantizeConfig, registry: Registr
                         after=m.target.name,
                         group=group,
                         pattern=m.pattern.name,
-                        format=cfg.weight_format_for(axis),
+                        format=cfg.weight_format_for(axis, is_depthwise_weight(m.target, slot)),
                         rounding=wr,
                         inference_rounding="nearest" if wr == "stochastic" else wr,
                         slot=slot,

@@ -368,3 +368,43 @@ def test_quantize_model_blocks_weights_along_the_reduction_axis():
     y, y0 = np.asarray(qm(x)), np.asarray(model(x))
     assert np.isfinite(y).all() and not np.array_equal(y, y0)
     assert np.abs(y - y0).max() < 0.5 * np.abs(y0).max()
+
+
+def test_depthwise_and_transposed_kernels_blocked_along_their_reduction():
+    """Depthwise kernels (kh, kw, in, mult): blocks over each output channel's spatial taps
+    (the kernel seen as (taps, in * mult)); transposed kernels (kh, kw, out, in): blocks
+    along the input channels (-1); per channel: one scale per output channel."""
+    import keras
+
+    cfg = gq.QuantizeConfig.create(format="mxfp4", weights=True)
+    assert cfg.weight_format_for(-2, depthwise=True).axis == -2  # taps of the (taps, outputs) matrix
+    assert gq.QuantizeConfig.create(format="e4m3@channel").weight_format_for(-2, depthwise=True).axis == -1
+    # a Scaled weight_format is placed the same way, whatever its own axis
+    wcfg = gq.QuantizeConfig.create(format="e4m3", weight_format="e2m1@block32:axis=0:scale=e8m0")
+    assert wcfg.weight_format_for(-1) == Scaled("e2m1", 32, -2, "e8m0")
+
+    inp = keras.Input((5, 5, 4))
+    h = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same", name="dw_mx")(inp)
+    out = keras.layers.Conv2DTranspose(3, 2, strides=2, name="up_mx")(h)
+    model = keras.Model(inp, out)
+    rng = np.random.default_rng(8)
+    for layer in model.layers[1:]:
+        layer.set_weights([(rng.standard_normal(w.shape) * np.exp2(rng.integers(-3, 3, w.shape))).astype("float32")
+                           for w in layer.get_weights()])
+    plan = gq.inspect(model, format="mxfp4", weights=True, activations=False)
+    fmts = {p.target: p.format for p in plan.points if p.what == "weights"}
+    assert fmts == {"dw_mx": Scaled("e2m1", 32, -2, "e8m0"), "up_mx": Scaled("e2m1", 32, -1, "e8m0")}
+
+    dw, up = model.get_layer("dw_mx").kernel.numpy(), model.get_layer("up_mx").kernel.numpy()
+    dw_ref = ref_mx(dw.reshape(9, 8), "e2m1", 2, "nearest", axis=0).reshape(dw.shape)
+    up_ref = ref_mx(up, "e2m1", 2, "nearest", axis=-1)
+    # the reference is not what the other axes would give
+    assert not np.array_equal(dw_ref, ref_mx(dw, "e2m1", 2, "nearest", axis=-1))
+    assert not np.array_equal(up_ref, ref_mx(up, "e2m1", 2, "nearest", axis=-2))
+    x = data((2, 5, 5, 4), seed=9, spread=2)
+    qm = gq.quantize_model(model, format="mxfp4", weights=True, activations=False)
+    ref = keras.models.clone_model(model)
+    ref.set_weights(model.get_weights())
+    ref.get_layer("dw_mx").kernel.assign(dw_ref)
+    ref.get_layer("up_mx").kernel.assign(up_ref)
+    np.testing.assert_allclose(np.asarray(qm(x)), np.asarray(ref(x)), rtol=1e-6, atol=1e-6)

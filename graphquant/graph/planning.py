@@ -19,7 +19,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from tensorflow.core.framework import graph_pb2
 
-from ..patterns import DEFAULT_REGISTRY, GRAPH, Matcher, Node, Registry, Step, View
+from ..patterns import DEFAULT_REGISTRY, DEPTHWISE_OPS, GRAPH, Matcher, Node, Registry, Step, View
 from ..plan import InsertionPoint, Plan, QuantizeConfig, make_plan
 from .view import GraphView, read_graph_def
 
@@ -232,8 +232,6 @@ def _weight_source(editor, scope: str, target: str, slot: str) -> Tuple[str, int
     return src, idx, (sc.by_name[src].op if src in sc.by_name else "_Arg")
 
 
-#: graph ops whose filter is a depthwise kernel (..., in_channels, multiplier)
-DEPTHWISE_OPS = frozenset({"DepthwiseConv2dNative", "_FusedDepthwiseConv2dNative"})
 
 
 def round_weight(w, fmt, rounding: str, seed: Any = None, depthwise: bool = False):
