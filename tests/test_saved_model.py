@@ -340,3 +340,22 @@ def test_mxfp4_weights_blocked_along_each_kernel_reduction(module_sm, tmp_path):
     np.testing.assert_allclose(out["features"].numpy(), d.numpy(), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(out["up"].numpy(), t.numpy(), rtol=1e-6, atol=1e-6)
     assert not np.array_equal(out["features"].numpy(), src.signatures["serving_default"](image=x)["features"].numpy())
+
+
+def test_weights_mostly_rounded_to_zero_are_warned_about(tmp_path, caplog):
+    class Small(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = tf.Variable(np.random.RandomState(3).normal(0, 0.1, (3, 3, 3, 8)).astype("float32"), name="w")
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float32)])
+        def serve(self, x):
+            return {"y": tf.nn.conv2d(x, self.w, 1, "SAME", name="small_conv")}
+
+    m = Small()
+    tf.saved_model.save(m, str(tmp_path / "s"), signatures=m.serve)
+    rep = gg.convert_saved_model(tmp_path / "s", tmp_path / "e2m1", format="e2m1", weights=True)
+    assert len(rep.warnings) == 1 and "round to zero on e2m1" in rep.warnings[0] and "'mxfp4'" in rep.warnings[0]
+    assert "small_conv" in rep.warnings[0] and "small_conv" in caplog.text
+    assert (tf.saved_model.load(str(tmp_path / "e2m1")).w.numpy() == 0).mean() > 0.5  # what was warned about
+    assert gg.convert_saved_model(tmp_path / "s", tmp_path / "mx", format="mxfp4", weights=True).warnings == []

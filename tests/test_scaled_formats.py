@@ -408,3 +408,24 @@ def test_depthwise_and_transposed_kernels_blocked_along_their_reduction():
     ref.get_layer("dw_mx").kernel.assign(dw_ref)
     ref.get_layer("up_mx").kernel.assign(up_ref)
     np.testing.assert_allclose(np.asarray(qm(x)), np.asarray(ref(x)), rtol=1e-6, atol=1e-6)
+
+
+def test_weights_mostly_rounded_to_zero_are_warned_about(caplog):
+    """e2m1 without a scale wipes out weights of size ~0.1 (its smallest nonzero value is 0.5):
+    quantize_model names the layer and suggests a scaled format; mxfp4 keeps them, no warning."""
+    import warnings
+
+    import keras
+
+    inp = keras.Input((6, 6, 4))
+    model = keras.Model(inp, keras.layers.Conv2D(8, 3, name="small_conv")(inp))
+    k = model.get_layer("small_conv").kernel
+    k.assign(np.random.default_rng(3).normal(0.0, 0.1, k.shape).astype("float32"))
+    with pytest.warns(UserWarning, match=r"'small_conv' \(Conv2D.kernel\): 9\d% of its nonzero weights round to zero "
+                                         r"on e2m1.*'mxfp4' or 'nvfp4'") as rec:
+        qm = gq.quantize_model(model, format="e2m1", weights=True)
+    assert sum("round to zero" in str(w.message) for w in rec) == 1
+    assert any("small_conv" in n for n in qm._graphquant_plan.notes) and "round to zero" in caplog.text
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails
+        gq.quantize_model(model, format="mxfp4", weights=True)
