@@ -429,3 +429,25 @@ def test_weights_mostly_rounded_to_zero_are_warned_about(caplog):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # any warning fails
         gq.quantize_model(model, format="mxfp4", weights=True)
+
+
+def test_nvfp4_model_saves_and_loads(tmp_path):
+    """quantize_model(format="nvfp4", weights=True) -> .keras -> load_model: same formats, same outputs."""
+    import keras
+
+    from graphquant.keras import Quantize, QuantizeWeights
+
+    inp = keras.Input((6, 6, 20))
+    h = keras.layers.Conv2D(24, 3, padding="same", activation="relu", name="c_nv")(inp)
+    out = keras.layers.DepthwiseConv2D(3, name="dw_nv")(h)
+    qm = gq.quantize_model(keras.Model(inp, out), format="nvfp4", weights=True, seed=1)
+    x = data((2, 6, 6, 20), seed=4, spread=2)
+    y = np.asarray(qm(x))
+    qm.save(tmp_path / "nv.keras")
+    back = keras.models.load_model(tmp_path / "nv.keras")
+    np.testing.assert_array_equal(np.asarray(back(x)), y)
+    wfmts = {l.name: l.slots[0]["format"] for l in back.layers if isinstance(l, QuantizeWeights)}
+    nv = gq.SCALED_PRESETS["nvfp4"]
+    assert wfmts == {"c_nv": Scaled(nv.element, 16, -2, nv.scale_format, True),
+                     "dw_nv": Scaled(nv.element, 16, -2, nv.scale_format, True)}
+    assert {str(l.format) for l in back.layers if isinstance(l, Quantize)} == {"nvfp4"}
