@@ -280,6 +280,10 @@ def test_nvfp4_two_level_reference(mode):
     assert_same(got, want)
     # with a tensor holding inf, the per-tensor scale comes from the finite values
     assert np.isfinite(got[3]).all()
+    # ... including those of a block that also holds an inf (here the largest finite value)
+    y = data((2, 32), seed=5, spread=2)
+    y[1, 3], y[1, 5] = np.inf, 1.0e4
+    assert_same(q(y, "nvfp4", mode), ref_float_scale(y, "e2m1", 6.0, mode, 16, scale="e4m3", two_level=True))
 
 
 @pytest.mark.parametrize(
