@@ -18,7 +18,9 @@ SavedModel):
   graph does not tell the range);
 
 plus the error of every final output (and top-1 agreement for classifier-like
-outputs). The report prints as a table, converts to a dict / JSON, and
+outputs), and of every rounded weight (:class:`WeightError`: its SQNR and the
+fraction of its nonzero values rounded to zero, so a layer whose weights were
+wiped out stands out). The report prints as a table, converts to a dict / JSON, and
 ``report.plot(path)`` draws SQNR per layer as a bar chart (matplotlib).
 """
 
@@ -42,7 +44,7 @@ from ._table import render_table
 
 log = logging.getLogger(__name__)
 
-__all__ = ["compare", "CompareReport", "PointError", "OutputError"]
+__all__ = ["compare", "CompareReport", "PointError", "OutputError", "WeightError"]
 
 
 # --------------------------------------------------------------------------- statistics
@@ -217,6 +219,90 @@ class OutputError:
     size: int
 
 
+@dataclass
+class WeightError:
+    """The rounding error of one weight tensor (the float model's against the quantized model's).
+
+    Attributes:
+        layer: the layer (Keras) or checkpoint variable (SavedModel) holding it.
+        weight: the weight's slot (``"kernel"``, ``"depthwise_kernel"``; the
+            checkpoint key for a SavedModel).
+        format: its number format (``"?"`` for a SavedModel checkpoint).
+        sqnr_db: SQNR of the rounded weight against the float one (dB).
+        zeroed: fraction of its nonzero values that round to zero.
+        max_abs: largest absolute change.
+        size: number of values.
+    """
+
+    layer: str
+    weight: str
+    format: str
+    sqnr_db: float
+    zeroed: float
+    max_abs: float
+    size: int
+
+
+def _weight_error(layer: str, weight: str, fmt: str, w: Any, q: Any) -> WeightError:
+    w = np.asarray(w, np.float64)
+    q = np.asarray(q, np.float64)
+    d = q - w
+    fin = np.isfinite(d)
+    err = float(np.sum(np.square(np.where(fin, d, 0.0)))) + (math.inf if not fin.all() else 0.0)
+    sig = float(np.sum(np.square(w[np.isfinite(w)])))
+    nonzero = w != 0
+    n = int(nonzero.sum())
+    zeroed = float(np.sum(nonzero & (q == 0))) / n if n else 0.0
+    return WeightError(layer, weight, fmt, _Stats._db(sig, err), zeroed,
+                       float(np.max(np.abs(np.where(fin, d, 0.0)))) if d.size else 0.0, int(w.size))
+
+
+def _keras_weight_errors(quantized: Any) -> List[WeightError]:
+    """One :class:`WeightError` per weight that a :class:`graphquant.keras.QuantizeWeights` layer rounds
+    (as inference rounds it)."""
+    from .keras.layers import QuantizeWeights
+    from .rounding import use_xla
+
+    out = []
+    for layer in quantized._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, QuantizeWeights):
+            with use_xla(False):  # once per weight: compiling a kernel per shape would cost more
+                rounded = layer.rounded_weights()
+            out += [_weight_error(layer.name, slot, str(fmt), w, q) for slot, w, q, fmt in rounded]
+    return out
+
+
+def _checkpoint_weight_errors(src: Path, dst: Path) -> List[WeightError]:
+    """One :class:`WeightError` per float checkpoint variable that the conversion changed
+    (the weights it rounded; those that round exactly onto their format are not told apart)."""
+    import tensorflow as tf
+
+    prefix = lambda p: str(p / "variables" / "variables")
+    if not (src / "variables" / "variables.index").is_file() or not (dst / "variables" / "variables.index").is_file():
+        return []
+    from .graph.saved_model import _load_object_keys, read_saved_model
+
+    names: Dict[str, str] = {}  # checkpoint key -> the variable's own name (e.g. "c1/kernel"), when recorded
+    try:
+        og = read_saved_model(src).meta_graphs[0].object_graph_def
+        for i, key in _load_object_keys(src).items():
+            if i < len(og.nodes) and og.nodes[i].WhichOneof("kind") == "variable" and og.nodes[i].variable.name:
+                names[key] = og.nodes[i].variable.name
+    except Exception:  # noqa: BLE001 - names are a convenience; the keys still say which variable
+        log.debug("compare: no variable names in %s", src, exc_info=True)
+    rf, rq = tf.train.load_checkpoint(prefix(src)), tf.train.load_checkpoint(prefix(dst))
+    qtypes = rq.get_variable_to_dtype_map()
+    out = []
+    for key, dt in sorted(rf.get_variable_to_dtype_map().items()):
+        if not dt.is_floating or key not in qtypes or key.startswith("_CHECKPOINTABLE_OBJECT_GRAPH"):
+            continue
+        w, q = rf.get_tensor(key), rq.get_tensor(key)
+        if np.shape(w) != np.shape(q) or np.array_equal(w, q, equal_nan=True):
+            continue
+        out.append(_weight_error(names.get(key, key.split("/.ATTRIBUTES")[0]), key, "?", w, q))
+    return out
+
+
 def _num(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return "inf" if v > 0 else ("-inf" if v < 0 else "nan")
@@ -226,7 +312,9 @@ def _num(v: Any) -> Any:
 @dataclass
 class CompareReport:
     """Result of :func:`compare`: one :class:`PointError` per insertion point, one
-    :class:`OutputError` per model output.
+    :class:`OutputError` per model output, one :class:`WeightError` per rounded weight
+    (Keras: each :class:`~graphquant.keras.QuantizeWeights` slot; SavedModel: each
+    checkpoint variable the conversion changed).
 
     ``str(report)`` is a table; :meth:`to_dict` / :meth:`to_json` give the data;
     :meth:`plot` draws SQNR per layer; :meth:`worst` lists the lowest-SQNR points.
@@ -241,6 +329,7 @@ class CompareReport:
     float_model: str = ""
     quantized_model: str = ""
     notes: List[str] = field(default_factory=list)
+    weights: List[WeightError] = field(default_factory=list)
 
     def worst(self, n: int = 3) -> List[PointError]:
         """The ``n`` points with the lowest SQNR against the float model."""
@@ -257,6 +346,7 @@ class CompareReport:
             "seconds": round(self.seconds, 4),
             "points": [{k: _num(v) for k, v in asdict(p).items()} for p in self.points],
             "outputs": [{k: _num(v) for k, v in asdict(o).items()} for o in self.outputs],
+            "weights": [{k: _num(v) for k, v in asdict(w).items()} for w in self.weights],
             "notes": list(self.notes),
         }
 
@@ -295,6 +385,15 @@ class CompareReport:
         lines += render(head, rows, 3) if rows else ["(no insertion points)"]
         lines.append("")
         lines += render(out_head, out_rows, 1)
+        if self.weights:
+            w_head = ("weight", "format", "SQNR dB", "zeroed", "max |err|")
+            w_rows = [
+                (f"{w.layer}.{w.weight}" if w.format != "?" else w.layer, w.format, db(w.sqnr_db),
+                 f"{100.0 * w.zeroed:.1f}%" + (" <- wiped out" if w.zeroed > 0.5 else ""), f"{w.max_abs:.3g}")
+                for w in self.weights
+            ]  # fmt: skip
+            lines.append("")
+            lines += render(w_head, w_rows, 2)
         for n in self.notes:
             lines.append(f"note: {n}")
         return "\n".join(lines)
@@ -550,7 +649,7 @@ def _compare_keras(model: Any, quantized: Any, data: Any, batch_size: int, steps
     out_names = [_output_name(t, i) for i, t in enumerate(f_outs)]
     outputs = [_output(n, s) for n, s in zip(out_names, ostats)]
     return CompareReport(points, outputs, samples, batches, time.perf_counter() - t0, "keras", model.name,
-                         quantized.name, notes)  # fmt: skip
+                         quantized.name, notes, _keras_weight_errors(quantized))  # fmt: skip
 
 
 def _output_name(t: Any, i: int) -> str:
@@ -963,7 +1062,7 @@ def _compare_saved_models(src: Path, dst: Path, data: Any, signature: str, batch
     ]  # fmt: skip
     outputs = [_output(k, s) for k, s in ostats.items()]
     return CompareReport(report_points, outputs, samples, batches, time.perf_counter() - t0, "saved_model",
-                         str(src), str(dst), list(dict.fromkeys(notes)))  # fmt: skip
+                         str(src), str(dst), list(dict.fromkeys(notes)), _checkpoint_weight_errors(src, dst))  # fmt: skip
 
 
 def _short_scope(scope: str) -> str:

@@ -362,12 +362,15 @@ def _scaled_layout(x: tf.Tensor, fmt: Scaled):
     shape = tf.shape(x)
     if fmt.granularity == "tensor":
         return tf.reshape(x, [1, 1, -1]), lambda y: tf.reshape(y, shape)
-    if rank is None or rank == 0:
-        raise ValueError(f"axis: the format {str(fmt)!r} needs an input of known rank >= 1, got shape {x.shape}")
-    if not -rank <= fmt.axis < rank:
-        raise ValueError(f"axis={fmt.axis} of the format {str(fmt)!r} is out of bounds for an input of rank {rank}")
-    axis = fmt.axis % rank
-    xt, inv = _move_last(x, axis)
+    if rank == 0 or (rank is None and fmt.axis != -1):
+        raise ValueError(f"axis: the format {str(fmt)!r} needs an input of known rank >= 1 "
+                         f"(of any rank for axis=-1), got shape {x.shape}")
+    if rank is None:  # axis -1 (activations in a graph traced for any shape): already last
+        xt, inv = x, None
+    else:
+        if not -rank <= fmt.axis < rank:
+            raise ValueError(f"axis={fmt.axis} of the format {str(fmt)!r} is out of bounds for an input of rank {rank}")
+        xt, inv = _move_last(x, fmt.axis % rank)
     tshape = tf.shape(xt)
     n = xt.shape[-1] if xt.shape[-1] is not None else tshape[-1]
     flat = tf.reshape(xt, [-1, n])
@@ -690,12 +693,25 @@ def per_output_channel(w: Any, fmt: Format, round_fn: Any, depthwise: bool) -> A
     ``kernel[..., c, m]``). A per-channel format on its channel axis (-2) would
     give the ``multiplier`` outputs of one input channel a single scale; this
     rounds the kernel seen as ``(..., in_channels * multiplier, 1)`` instead,
-    one scale per output channel, and returns the original shape. With a
-    multiplier of 1, a format that is not per-channel on axis -2, or
-    ``depthwise=False``, it is just ``round_fn(w)``.
+    one scale per output channel, and returns the original shape.
+
+    A :class:`Scaled` format (per channel or per block) rounds a depthwise kernel
+    seen as the matrix ``(taps, in_channels * multiplier)``: the spatial taps
+    (row-major) are each output channel's reduction axis, so ``fmt`` is placed
+    on that matrix as on a Dense kernel (blocks along ``-2``, channel scales
+    along ``-1``; :func:`graphquant.plan.scaled_weight_format`).
+
+    Otherwise (a multiplier of 1 with a per-channel Affine format, a format that
+    is neither, or ``depthwise=False``) it is just ``round_fn(w)``.
     """
     shape = getattr(w, "shape", None)
     rank = None if shape is None else shape.rank if isinstance(shape, tf.TensorShape) else len(shape)
+    if depthwise and rank is not None and rank >= 3 and isinstance(fmt, Scaled) and fmt.granularity != "tensor":
+        if tf.TensorShape(shape[-2:]).is_fully_defined():
+            matrix = tf.reshape(w, [-1, int(shape[-2]) * int(shape[-1])])
+            return tf.reshape(round_fn(matrix), list(shape) if tf.TensorShape(shape).is_fully_defined() else tf.shape(w))
+        dyn = tf.shape(w)
+        return tf.reshape(round_fn(tf.reshape(w, [tf.reduce_prod(dyn[:-2]), -1])), dyn)
     if (
         not depthwise or rank is None or rank < 3 or shape[-1] == 1
         or not (isinstance(fmt, Affine) and fmt.axis is not None and fmt.axis % rank == rank - 2)

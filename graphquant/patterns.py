@@ -76,6 +76,8 @@ __all__ = [
     "DEFAULT_REGISTRY",
     "default_registry",
     "weight_slots",
+    "is_depthwise_weight",
+    "DEPTHWISE_OPS",
 ]
 
 KERAS = "keras"
@@ -544,6 +546,22 @@ _GRAPH_WEIGHTS = {
     "MatMul": (("input:1", -1),),
     "_FusedMatMul": (("input:1", -1),),
 }
+
+
+#: graph ops whose filter (``input:1``) is a depthwise kernel ``(..., in_channels, multiplier)``
+DEPTHWISE_OPS = frozenset({"DepthwiseConv2dNative", "_FusedDepthwiseConv2dNative"})
+
+
+def is_depthwise_weight(node: Node, slot: str) -> bool:
+    """Whether weight ``slot`` of ``node`` is a depthwise kernel ``(..., in_channels, multiplier)``
+    (Keras ``DepthwiseConv1D/2D.kernel``, ``SeparableConv1D/2D.depthwise_kernel``, a graph
+    depthwise op's filter): its output channels are ``in_channels * multiplier`` and its
+    dot products reduce over the spatial taps only."""
+    if node.domain == GRAPH:
+        return node.kind in DEPTHWISE_OPS and slot == "input:1"
+    if "BaseSeparableConv" in node.classes:
+        return slot == "depthwise_kernel"
+    return "BaseDepthwiseConv" in node.classes and slot == "kernel"
 
 
 def weight_slots(node: Node) -> Tuple[Tuple[str, int], ...]:

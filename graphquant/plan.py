@@ -22,12 +22,13 @@ from .formats import (
     FixedPoint,
     FloatFormat,
     Format,
+    SCALED_PRESETS,
     Scaled,
     as_format,
     check_rounding,
     parse_format,
 )
-from .patterns import DEFAULT_REGISTRY, Node, Registry, View, weight_slots
+from .patterns import DEFAULT_REGISTRY, Node, Registry, View, is_depthwise_weight, weight_slots
 
 __all__ = ["QuantizeConfig", "InsertionPoint", "Plan", "make_plan", "ROUNDING_MODES"]
 
@@ -89,15 +90,105 @@ def _resolve_act_format(format: Any, bits: Any, range: Any) -> Format:
     return as_format(format, bits=bits, range=range)
 
 
-def scaled_weight_format(fmt: Scaled, out_axis: int) -> Scaled:
-    """A :class:`Scaled` format placed on a weight whose output channels lie on ``out_axis``
-    (``-1``: Dense, Conv; ``-2``: transposed convolutions, depthwise kernels):
-    per-channel scales along the output channels; blocks (and per-tensor scales)
-    along the reduction axis next to it (``-2`` when the outputs are last, else
-    ``-1``), the axis MX hardware blocks for the dot product."""
+def scaled_weight_format(fmt: Scaled, out_axis: int, depthwise: bool = False) -> Scaled:
+    """A :class:`Scaled` format placed on a kernel whose output channels lie on ``out_axis``.
+
+    Blocks (and per-tensor scales) run along the kernel's reduction axis, the
+    axis MX hardware blocks for the dot product; ``@channel`` scales sit on the
+    output channels. The format's own ``axis`` is replaced:
+
+    * Dense ``(in, out)``, Conv ``(..., in, out)`` (``out_axis=-1``): blocks along
+      ``-2`` (the input channels), channel scales along ``-1``;
+    * transposed convolutions ``(..., out, in)`` (``out_axis=-2``): blocks along
+      ``-1`` (the input channels), channel scales along ``-2``;
+    * depthwise kernels ``(..., in, multiplier)`` (``depthwise=True``): each output
+      channel ``c * multiplier + m`` is a dot product over the spatial taps of
+      input channel ``c`` alone, so the kernel is rounded seen as the matrix
+      ``(taps, in * multiplier)`` (:func:`graphquant.ops.per_output_channel`) and
+      the format is placed as on a Dense kernel: blocks of ``k`` consecutive taps
+      (row-major over the kernel window) of one output channel, channel scales per
+      output channel. A 3x3 or 5x5 window (9 or 25 taps) is a single, short block
+      of 32: one E8M0 scale per output channel.
+    """
+    if depthwise:
+        out_axis = -1
     if fmt.granularity == "channel":
         return replace(fmt, axis=out_axis)
     return replace(fmt, axis=-2 if out_axis == -1 else -1)
+
+
+#: A weight tensor of which more than this fraction of the nonzero values rounds to zero gets a warning.
+ZEROED_WEIGHTS_WARNING = 0.5
+
+
+def zeroed_weights_warning(where: str, w: Any, q: Any, fmt: Format) -> Optional[str]:
+    """The warning for a weight ``w`` rounded to ``q`` on ``fmt`` when more than half of its
+    nonzero values became zero (``None`` otherwise): it names ``where`` (layer and slot) and
+    suggests a scaled format, whose scale follows the weights."""
+    import numpy as np
+
+    w, q = np.asarray(w, np.float32), np.asarray(q, np.float32)
+    nonzero = w != 0
+    n = int(nonzero.sum())
+    if n == 0:
+        return None
+    frac = float(np.sum(nonzero & (q == 0))) / n
+    if frac <= ZEROED_WEIGHTS_WARNING:
+        return None
+    typical = float(np.median(np.abs(w[nonzero])))
+    if isinstance(fmt, FloatFormat):
+        presets = [name for name, p in SCALED_PRESETS.items()
+                   if p.element == fmt or p.element == replace(fmt, saturate=True)]
+        hint = "a scaled format, whose scale follows the weights, keeps them: " + " or ".join(
+            [f"'{m}'" for m in presets] + [f"'{fmt}@channel'"])
+    elif isinstance(fmt, Scaled):
+        hint = f"smaller groups keep more of them, e.g. '{fmt.element}@channel' or 'nvfp4'"
+    else:
+        hint = "a range that follows the weights keeps them: 'mxint8', or weight_bits= (per-channel ranges)"
+    small = _smallest(fmt)
+    small_s = f", the format's smallest nonzero value {small:.3g}" if small == small else ""
+    return (f"{where}: {frac:.0%} of its nonzero weights round to zero on {fmt} (median |w| {typical:.3g}{small_s}); "
+            f"{hint}")
+
+
+def may_zero_most_weights(w: Any, fmt: Format) -> bool:
+    """A cheap necessary condition for :func:`zeroed_weights_warning` (NumPy, no rounding):
+    ``False`` when at most half of the nonzero values of ``w`` lie below a bound under which
+    every value that rounds to zero on ``fmt`` must lie (in any rounding mode)."""
+    import numpy as np
+
+    a = np.abs(np.asarray(w, np.float32)).ravel()
+    nonzero = np.count_nonzero(a)
+    if nonzero == 0:
+        return False
+    amax = float(a.max())
+    if not np.isfinite(amax):
+        fin = a[np.isfinite(a)]
+        amax = float(fin.max()) if fin.size else 0.0
+    if isinstance(fmt, FloatFormat):
+        bound = fmt.min_subnormal
+    elif isinstance(fmt, Scaled):  # a scale is at most about 2 * amax / element max (E8M0: a power of two below)
+        el = fmt.element
+        least = el.min_subnormal if isinstance(el, FloatFormat) else el.step
+        bound = 2.2 * amax * least / fmt.element_max
+    elif isinstance(fmt, FixedPoint):
+        bound = fmt.step * 1.01
+    elif isinstance(fmt, Affine) and fmt.range is not None:
+        bound = 1.01 * (fmt.range[1] - fmt.range[0]) / (fmt.quant_max - fmt.quant_min)
+    else:  # a range from the weights: at most the whole tensor's
+        bound = 1.01 * 2 * amax / (fmt.quant_max - fmt.quant_min)
+    below = np.count_nonzero(a < bound) - (a.size - nonzero)  # the zeros are below any bound > 0
+    return below > ZEROED_WEIGHTS_WARNING * nonzero
+
+
+def _smallest(fmt: Format) -> float:
+    if isinstance(fmt, FloatFormat):
+        return fmt.min_subnormal
+    if isinstance(fmt, (FixedPoint, Affine)) and getattr(fmt, "step", None) is not None:
+        return fmt.step
+    if isinstance(fmt, Affine) and fmt.range is not None:
+        return (fmt.range[1] - fmt.range[0]) / (fmt.quant_max - fmt.quant_min)
+    return float("nan")
 
 
 @dataclass(frozen=True)
@@ -313,14 +404,19 @@ class QuantizeConfig:
                 cfg = None if settings is None else (cfg or self)._merge(settings, f"overrides[{sel!r}]")
         return cfg
 
-    def weight_format_for(self, axis: int) -> Format:
-        """The weight format for a weight whose output channels lie on ``axis``."""
+    def weight_format_for(self, axis: int, depthwise: bool = False) -> Format:
+        """The weight format for a weight whose output channels lie on ``axis``
+        (``depthwise``: a depthwise kernel). A :class:`Scaled` format (given as
+        ``format`` or ``weight_format``) is placed on the kernel's reduction axis
+        by :func:`scaled_weight_format`, whatever its own ``axis``."""
+        if isinstance(self.weight_format, Scaled):
+            return scaled_weight_format(self.weight_format, axis, depthwise)
         if self.weight_format is not None:
             return self.weight_format
         if isinstance(self.format, FloatFormat) and self.weight_bits is None:
             return self.format
         if isinstance(self.format, Scaled) and self.weight_bits is None:
-            return scaled_weight_format(self.format, axis)
+            return scaled_weight_format(self.format, axis, depthwise)
         bits = self.weight_bits or self.format.bits
         return Affine(bits, symmetric=True, narrow_range=True, axis=axis)
 
@@ -616,7 +712,7 @@ def _plan_into(plan: Plan, view: View, config: QuantizeConfig, registry: Registr
                         after=m.target.name,
                         group=group,
                         pattern=m.pattern.name,
-                        format=cfg.weight_format_for(axis),
+                        format=cfg.weight_format_for(axis, is_depthwise_weight(m.target, slot)),
                         rounding=wr,
                         inference_rounding="nearest" if wr == "stochastic" else wr,
                         slot=slot,

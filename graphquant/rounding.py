@@ -584,8 +584,15 @@ def _scaled_kernel(fmt: Scaled, mode: str) -> Callable:
             amax = tf.bitcast(tf.where(bad, tf.zeros_like(amax_b), amax_b), tf.float32)
             raw = amax / c[0]
             if fmt.tensor_scale:
-                fin = tf.where(mag >= tf.constant(_F32_INF_BITS, tf.int32), tf.zeros_like(mag), mag)
-                amax_t = tf.bitcast(tf.reduce_max(fin), tf.float32)
+                # the largest finite magnitude: the largest group maximum, from the small amax_b tensor; only
+                # when some group holds an inf or a NaN, a second pass over t for the finite values there
+                good_max = tf.reduce_max(tf.where(bad, tf.zeros_like(amax_b), amax_b))
+
+                def finite_max():  # from t itself: a captured mag would be materialized for the branch
+                    m = tf.bitwise.bitwise_and(tf.bitcast(t, tf.int32), tf.constant(_F32_MAG, tf.int32))
+                    return tf.reduce_max(tf.where(m >= tf.constant(_F32_INF_BITS, tf.int32), tf.zeros_like(m), m))
+
+                amax_t = tf.bitcast(tf.cond(tf.reduce_any(bad), finite_max, lambda: good_max), tf.float32)
                 ts = tf.maximum(amax_t / c[1],
                                 tf.constant(_F32_MIN_NORMAL, tf.float32))
                 raw = raw / ts

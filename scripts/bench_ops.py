@@ -7,6 +7,10 @@ time and its ratio to ``tf.quantization.fake_quant_with_min_max_vars``.
 
     python scripts/bench_ops.py [--elements N] [--rounds R] [--json out.json]
 
+Rows: graphquant's formats (affine, fixed point, floats, and the scaled MX /
+NVFP4 formats in blocks along the last axis), a naive stochastic rounding, and
+the floor: an XLA ``x * c``, one read and one write of the tensor.
+
 Only the ratios mean anything: the machine is shared and noisy.
 """
 
@@ -38,6 +42,8 @@ def main(argv=None) -> int:
     fixed = gq.FixedPoint(8, range=(-1.0, 1.0))
     affine = gq.Affine(8, range=(-1.0, 1.0))
     gen = tf.random.Generator.from_seed(0)
+    c = tf.constant(1.5)
+    times_c = tf.function(lambda t, k: t * k, jit_compile=True)
 
     def naive_stochastic():
         # the textbook way: uniform noise, then floor, as separate TF ops
@@ -54,7 +60,11 @@ def main(argv=None) -> int:
         "e4m3 stochastic": lambda: gq.quantize(x, "e4m3", "stochastic", seed=gen),
         "bfloat16 nearest": lambda: gq.quantize(x, "bfloat16"),
         "naive uniform+floor stochastic": naive_stochastic,
+        "floor: XLA x * c (one memory pass)": lambda: times_c(x, c),
     }
+    for name in ("mxfp8_e4m3", "mxfp4", "nvfp4"):  # scaled formats: blocks of 32 (16) along the last axis
+        candidates[f"{name} nearest"] = lambda n=name: gq.quantize(x, n)
+        candidates[f"{name} stochastic"] = lambda n=name: gq.quantize(x, n, "stochastic", seed=gen)
     times = {k: [] for k in candidates}
     for f in candidates.values():  # warm up: trace and XLA-compile
         f().numpy()
@@ -70,12 +80,12 @@ def main(argv=None) -> int:
     ref = statistics.median(times["tf.fake_quant (reference)"])
     print(f"{args.elements:,} float32 elements, median of {args.rounds} interleaved rounds, "
           f"TensorFlow {tf.__version__}, graphquant {gq.__version__}")
-    print(f"{'candidate':34s} {'ms':>9s} {'ratio':>7s}")
+    print(f"{'candidate':36s} {'ms':>9s} {'ratio':>7s}")
     result = {}
     for name, ts in times.items():
         m = statistics.median(ts)
         result[name] = {"ms": m * 1e3, "ratio": m / ref}
-        print(f"{name:34s} {m * 1e3:9.2f} {m / ref:7.2f}x")
+        print(f"{name:36s} {m * 1e3:9.2f} {m / ref:7.2f}x")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2)

@@ -10,9 +10,10 @@ Two experiments, fixed split and seeds, CPU only:
 1. **QAT.** A small float CNN (conv -> BN -> ReLU blocks) is trained on the
    bundled digits set (no download). Copies made with
    ``quantize_model(float_model, weights=True, calibration_data=...)`` are
-   fine-tuned briefly for 8/6/4/2-bit affine, 8/6/4/2-bit fixed point, e4m3
-   and e5m2, each with nearest and stochastic rounding, and evaluated on the
-   test set (inference rounding is nearest in every case).
+   fine-tuned briefly for 8/6/4/2-bit affine, 8/6/4/2-bit fixed point, e4m3,
+   e5m2, the scaled formats mxfp8_e4m3, mxfp6_e2m3, mxfp4 and nvfp4, and e2m1
+   without a scale, each with nearest and stochastic rounding, and evaluated
+   on the test set (inference rounding is nearest in every case).
 2. **Gupta et al. (2015), "Deep Learning with Limited Numerical Precision".**
    An MLP is trained from scratch with plain SGD while every weight is stored
    in 16-bit fixed point with 12, 10, 8 or 6 fraction bits
@@ -24,7 +25,9 @@ Two experiments, fixed split and seeds, CPU only:
    expectation.
 
 The script prints every table; with ``--out DIR`` (default ``docs`` for the
-full run) it writes ``DIR/results.md`` and ``DIR/gupta.png``.
+full run) it writes ``DIR/results.md`` and ``DIR/gupta.png``. Sections of an
+existing ``results.md`` that the script does not write (e.g. "Deployment") are
+kept, after its own.
 """
 
 from __future__ import annotations
@@ -126,6 +129,9 @@ def mse_range(v: np.ndarray, bits: int, signed: bool) -> Tuple[float, float]:
 
 
 CONV_BLOCKS = (1, 2, 3)
+#: scaled formats of the full run (OCP MX and NVFP4): activations in blocks along the channels, weights
+#: along each kernel's input channels; then e2m1 without a scale, to show what the scale is for
+SCALED_ROWS = ("mxfp8_e4m3", "mxfp6_e2m3", "mxfp4", "nvfp4")
 
 
 def fixed_point_overrides(float_model, x_cal: np.ndarray, bits: int) -> Dict[str, Dict[str, Any]]:
@@ -157,9 +163,9 @@ def qat_configs(float_model, x_cal: np.ndarray, quick: bool) -> List[Tuple[str, 
         for mode in ("stochastic",) if quick else modes:
             rows.append((f"fixed point {bits}-bit", dict(bits=bits, range=ov["^conv1$"]["range"], overrides=ov, rounding=mode)))
     if not quick:
-        for fmt in ("e4m3", "e5m2"):
+        for fmt in ("e4m3", "e5m2") + SCALED_ROWS + ("e2m1",):
             for mode in modes:
-                rows.append((fmt, dict(format=fmt, rounding=mode)))
+                rows.append((fmt + (" (no scale)" if fmt == "e2m1" else ""), dict(format=fmt, rounding=mode)))
     for label, kw in rows:
         kw["weight_rounding"] = kw["rounding"]
     return rows
@@ -390,7 +396,12 @@ the one whose grid rounds the float model's values -- activations of the
 calibration images, the kernel -- with the least expected squared error); at
 few bits it saturates rare large values rather than cover them with a coarse
 step. Rounding applies to activations and weights while training;
-evaluation always rounds to nearest. Everything is seeded; still, one test
+evaluation always rounds to nearest. Scaled formats (`format="mxfp4"` etc.,
+nothing calibrated: the scales follow the values): activations in blocks of 32
+(nvfp4: 16) along the channels, weights in blocks along each kernel's input
+channels (the first convolution has one input channel, so each of its weights
+gets its own power-of-two scale); `e2m1 (no scale)` is the same 4-bit element
+grid without a scale, as `format="e2m1"` gives it. Everything is seeded; still, one test
 image is 0.22 points and a row's accuracy moves by a few tenths of a point
 from one fine-tuning epoch to the next, so read differences below half a
 point as noise.
@@ -423,7 +434,22 @@ stochastic rounding applies them with the right probability.
 
 ![accuracy against fraction bits](gupta.png)
 """
-    (out / "results.md").write_text(text)
+    path = out / "results.md"
+    path.write_text(keep_foreign_sections(text, path.read_text() if path.is_file() else ""))
+
+
+def _sections(text: str) -> List[Tuple[str, str]]:
+    """``(heading, text)`` of each ``## `` section of a Markdown text (the part before the first: heading "")."""
+    parts = re.split(r"(?m)^(?=## )", text)
+    return [((p.splitlines()[0] if p.startswith("## ") else ""), p) for p in parts]
+
+
+def keep_foreign_sections(new: str, old: str) -> str:
+    """``new`` followed by the ``## `` sections of ``old`` whose heading ``new`` does not have (sections
+    written by someone else, e.g. "Deployment"), in their order."""
+    mine = {h for h, _ in _sections(new)}
+    kept = [body.rstrip("\n") for h, body in _sections(old) if h and h not in mine]
+    return "\n\n".join([new.rstrip("\n")] + kept) + "\n"
 
 
 def compare_table(qat: Dict[str, Any]) -> str:

@@ -187,12 +187,20 @@ def test_console_script_batch_workers_start_quietly(tiny, tmp_path):
     for name in ("a", "b"):
         shutil.copytree(tiny, tmp_path / "src" / name)
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    p = subprocess.run([exe, "batch", str(tmp_path / "src"), str(tmp_path / "out"), "--bits", "8", "-j", "2",
-                        "--no-progress"], capture_output=True, text=True, env=env, timeout=600)
+    p = subprocess.run([exe, "batch", str(tmp_path / "src"), str(tmp_path / "out"), "--format", "mxfp4", "--weights",
+                        "-j", "2", "--no-progress"], capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().splitlines()[-1].startswith("2 converted, 0 skipped (already done), 0 failed")
     assert p.stderr == ""
     assert (tmp_path / "out" / "a" / "saved_model.pb").is_file() and (tmp_path / "out" / "b" / "saved_model.pb").is_file()
+    # a scaled format through batch: weights blocked along the input channels (MX), activations rounded
+    w = tf.saved_model.load(str(tiny)).w.numpy()
+    got = tf.saved_model.load(str(tmp_path / "out" / "b"))
+    want = graphquant.quantize(w, graphquant.Scaled("e2m1", 32, -2, "e8m0")).numpy()
+    np.testing.assert_array_equal(got.w.numpy(), want)
+    assert not np.array_equal(want, w)
+    y = got.signatures["serving_default"](x=tf.ones([1, 6, 6, 1]))["y"].numpy()
+    np.testing.assert_array_equal(y, graphquant.quantize(y, "mxfp4").numpy())  # on the mxfp4 grid already
 
 
 def test_convert_calibration_method_and_quiet(tiny, tmp_path):
@@ -222,3 +230,22 @@ def test_convert_calibration_method_and_quiet(tiny, tmp_path):
     p = run("convert", str(tiny), str(tmp_path / "bad"), "--bits", "8", "--calibration", str(cal),
             "--calibration-method", "kl")
     assert p.returncode == 2 and "invalid choice: 'kl'" in _no_traceback(p)
+
+
+def test_convert_scaled_format_on_the_command_line(tiny, tmp_path):
+    """convert --format e4m3@channel --weights: the written weights are on the scaled grid (per output
+    channel, float32 scale amax/448). In process (cli.main) to stay cheap; batch --format mxfp4 is
+    checked by test_console_script_batch_workers_start_quietly."""
+    import ml_dtypes
+
+    from graphquant.cli import main
+
+    w = tf.saved_model.load(str(tiny)).w.numpy()
+    assert main(["convert", str(tiny), str(tmp_path / "ch"), "--format", "e4m3@channel", "--weights"]) == 0
+    s = (np.abs(w).reshape(-1, 2).max(0) / np.float32(448)).astype(np.float32)  # per output channel
+    want = ((w / s).astype(ml_dtypes.float8_e4m3fn).astype(np.float32) * s).astype(np.float32)
+    got = tf.saved_model.load(str(tmp_path / "ch"))
+    np.testing.assert_array_equal(got.w.numpy(), want)
+    y = got.signatures["serving_default"](x=tf.ones([1, 6, 6, 1]))["y"].numpy()
+    assert y.shape == (1, 6, 6, 2) and np.isfinite(y).all()
+

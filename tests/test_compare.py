@@ -293,3 +293,45 @@ def test_cli_compare_errors(saved, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["compare", str(root / "float")])
     assert e.value.code == 2
+
+
+def _e2m1(w):
+    import ml_dtypes
+
+    return np.asarray(w, np.float32).astype(ml_dtypes.float4_e2m1fn).astype(np.float64)
+
+
+def test_weight_rounding_error_per_layer_keras_and_saved_model(cnn, saved, tmp_path):
+    """compare reports each rounded weight: SQNR and the fraction rounded to zero (oracle: ml_dtypes'
+    e2m1 cast). Unscaled e2m1 wipes out kernels of size ~0.3 (it has nothing between 0 and 0.5);
+    mxfp4 keeps them."""
+    with pytest.warns(UserWarning, match="round to zero"):
+        q = quantize_model(cnn, format="e2m1", weights=True)
+    rep = compare(cnn, q, DATA[:8])
+    assert [(w.layer, w.weight, w.format) for w in rep.weights] == [
+        ("c1", "kernel", "e2m1"), ("c2", "kernel", "e2m1"), ("c3", "kernel", "e2m1")]
+    k = {l.name: l.kernel.numpy() for l in _all_layers(cnn) if l.name in ("c1", "c2", "c3")}
+    for w in rep.weights:
+        ref, out = k[w.layer].astype(np.float64), _e2m1(k[w.layer])
+        assert w.sqnr_db == pytest.approx(_sqnr(ref, out), abs=1e-9)
+        assert w.zeroed == pytest.approx(np.mean(out[ref != 0] == 0)) and w.zeroed > 0.5
+        assert w.size == ref.size
+    table = str(rep)
+    assert "zeroed" in table and table.count("wiped out") == 3
+    assert json.loads(rep.to_json())["weights"][0]["layer"] == "c1"
+    from graphquant.compare import _keras_weight_errors  # what compare reports, without running data
+
+    mx = _keras_weight_errors(quantize_model(cnn, format="mxfp4", weights=True))
+    assert len(mx) == 3 and all(w.zeroed < 0.2 and w.sqnr_db > 10.0 for w in mx)
+    # a converted SavedModel: the checkpoint variables the conversion changed
+    root, model, _ = saved
+    convert_saved_model(root / "float", tmp_path / "w", format="e2m1", weights=True)
+    srep = compare(root / "float", tmp_path / "w", DATA[:8])
+    kernels = sorted(l.name for l in model.layers if isinstance(l, keras.layers.Conv2D))
+    assert len(srep.weights) == len(kernels) == 2
+    by_zeroed = sorted(w.zeroed for w in srep.weights)
+    want = sorted(np.mean(_e2m1(l.kernel.numpy())[l.kernel.numpy() != 0] == 0)
+                  for l in model.layers if isinstance(l, keras.layers.Conv2D))
+    assert by_zeroed == pytest.approx(want)
+    assert "wiped out" in str(srep)
+    assert sorted(w.layer for w in srep.weights) == [f"{k}/kernel" for k in kernels]  # the variables' own names

@@ -77,3 +77,16 @@ def test_quick_writes_results(digits, results, tmp_path):
     assert "| affine 8-bit | nearest |" in text and "16-bit fixed, 8 fraction bits" in text
     assert (tmp_path / "gupta.png").read_bytes()[:4] == b"\x89PNG"
     assert any("float CNN" in line for line in lines)
+
+
+def test_results_keep_sections_the_script_does_not_write(digits):
+    """docs/results.md: the script replaces its own sections and keeps the others (the Deployment section
+    written by scripts/tflite_agreement.py) as they are."""
+    old = ("# Results\n\nold intro\n\n## Quantization-aware training\n\nold table\n\n"
+           "## Deployment: simulated int8\n\n```\n#  layer\n```\nkept text\n")
+    new = "# Results\n\nnew intro\n\n## Quantization-aware training\n\nnew table\n"
+    out = digits.keep_foreign_sections(new, old)
+    assert out == new + "\n## Deployment: simulated int8\n\n```\n#  layer\n```\nkept text\n"
+    assert "old" not in out and digits.keep_foreign_sections(new, out) == out  # a second run changes nothing
+    assert digits.keep_foreign_sections(new, "") == new
+    assert "mxfp4" in digits.SCALED_ROWS and "nvfp4" in digits.SCALED_ROWS

@@ -310,3 +310,52 @@ def test_inspect_table_short_scopes(keras_sm):
     assert f"scopes: {short} = {next(iter(full))}" in lines
     assert lines[1].split("  ")[1] == "-" * max(len(f"{short}/{p.target}") for p in plan.points)
     assert plan.to_dict()["points"][0]["scope"] == sorted(full)
+
+
+def test_mxfp4_weights_blocked_along_each_kernel_reduction(module_sm, tmp_path):
+    """convert_saved_model with a scaled format: the checkpoint's weights are blocked along the
+    axis quantize_model uses (conv (kh, kw, in, out): in; depthwise (kh, kw, in, 1): the 9 taps
+    of each output channel; transposed (kh, kw, out, in): in), the activations along the
+    channels; the output serves and equals the module's computation with those roundings."""
+    import graphquant as gq
+    from test_scaled_formats import ref_mx
+
+    dst = tmp_path / "mx"
+    rep = gg.convert_saved_model(module_sm, dst, format="mxfp4", weights=True)
+    assert rep.prerounded == 3 and rep.inserted == 4
+    src, q = tf.saved_model.load(str(module_sm)), tf.saved_model.load(str(dst))
+    w1, dw, wt = (v.numpy() for v in (src.w1, src.dw, src.wt))
+    want = {"w1": ref_mx(w1, "e2m1", 2, "nearest", axis=-2),
+            "dw": ref_mx(dw.reshape(9, 8), "e2m1", 2, "nearest", axis=0).reshape(dw.shape),
+            "wt": ref_mx(wt, "e2m1", 2, "nearest", axis=-1)}
+    for name, ref in want.items():
+        np.testing.assert_array_equal(getattr(q, name).numpy(), ref, err_msg=name)
+    # inserted rounding is live: the served output is the module's computation rounded at each point
+    a = lambda t: gq.quantize(t, "mxfp4")
+    x = tf.constant(X)
+    y = a(tf.nn.relu(tf.nn.bias_add(tf.nn.conv2d(x, want["w1"], 1, "SAME"), src.b1)))
+    d = a(tf.nn.relu6(tf.nn.depthwise_conv2d(y, want["dw"], [1, 1, 1, 1], "SAME")))
+    t = a(tf.nn.conv2d_transpose(d, want["wt"], [2, 16, 16, 4], 2, "SAME"))
+    out = q.signatures["serving_default"](image=x)
+    np.testing.assert_allclose(out["features"].numpy(), d.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out["up"].numpy(), t.numpy(), rtol=1e-6, atol=1e-6)
+    assert not np.array_equal(out["features"].numpy(), src.signatures["serving_default"](image=x)["features"].numpy())
+
+
+def test_weights_mostly_rounded_to_zero_are_warned_about(tmp_path, caplog):
+    class Small(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = tf.Variable(np.random.RandomState(3).normal(0, 0.1, (3, 3, 3, 8)).astype("float32"), name="w")
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 3], tf.float32)])
+        def serve(self, x):
+            return {"y": tf.nn.conv2d(x, self.w, 1, "SAME", name="small_conv")}
+
+    m = Small()
+    tf.saved_model.save(m, str(tmp_path / "s"), signatures=m.serve)
+    rep = gg.convert_saved_model(tmp_path / "s", tmp_path / "e2m1", format="e2m1", weights=True)
+    assert len(rep.warnings) == 1 and "round to zero on e2m1" in rep.warnings[0] and "'mxfp4'" in rep.warnings[0]
+    assert "small_conv" in rep.warnings[0] and "small_conv" in caplog.text
+    assert (tf.saved_model.load(str(tmp_path / "e2m1")).w.numpy() == 0).mean() > 0.5  # what was warned about
+    assert gg.convert_saved_model(tmp_path / "s", tmp_path / "mx", format="mxfp4", weights=True).warnings == []

@@ -280,6 +280,10 @@ def test_nvfp4_two_level_reference(mode):
     assert_same(got, want)
     # with a tensor holding inf, the per-tensor scale comes from the finite values
     assert np.isfinite(got[3]).all()
+    # ... including those of a block that also holds an inf (here the largest finite value)
+    y = data((2, 32), seed=5, spread=2)
+    y[1, 3], y[1, 5] = np.inf, 1.0e4
+    assert_same(q(y, "nvfp4", mode), ref_float_scale(y, "e2m1", 6.0, mode, 16, scale="e4m3", two_level=True))
 
 
 @pytest.mark.parametrize(
@@ -368,3 +372,86 @@ def test_quantize_model_blocks_weights_along_the_reduction_axis():
     y, y0 = np.asarray(qm(x)), np.asarray(model(x))
     assert np.isfinite(y).all() and not np.array_equal(y, y0)
     assert np.abs(y - y0).max() < 0.5 * np.abs(y0).max()
+
+
+def test_depthwise_and_transposed_kernels_blocked_along_their_reduction():
+    """Depthwise kernels (kh, kw, in, mult): blocks over each output channel's spatial taps
+    (the kernel seen as (taps, in * mult)); transposed kernels (kh, kw, out, in): blocks
+    along the input channels (-1); per channel: one scale per output channel."""
+    import keras
+
+    cfg = gq.QuantizeConfig.create(format="mxfp4", weights=True)
+    assert cfg.weight_format_for(-2, depthwise=True).axis == -2  # taps of the (taps, outputs) matrix
+    assert gq.QuantizeConfig.create(format="e4m3@channel").weight_format_for(-2, depthwise=True).axis == -1
+    # a Scaled weight_format is placed the same way, whatever its own axis
+    wcfg = gq.QuantizeConfig.create(format="e4m3", weight_format="e2m1@block32:axis=0:scale=e8m0")
+    assert wcfg.weight_format_for(-1) == Scaled("e2m1", 32, -2, "e8m0")
+
+    inp = keras.Input((5, 5, 4))
+    h = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, padding="same", name="dw_mx")(inp)
+    out = keras.layers.Conv2DTranspose(3, 2, strides=2, name="up_mx")(h)
+    model = keras.Model(inp, out)
+    rng = np.random.default_rng(8)
+    for layer in model.layers[1:]:
+        layer.set_weights([(rng.standard_normal(w.shape) * np.exp2(rng.integers(-3, 3, w.shape))).astype("float32")
+                           for w in layer.get_weights()])
+    plan = gq.inspect(model, format="mxfp4", weights=True, activations=False)
+    fmts = {p.target: p.format for p in plan.points if p.what == "weights"}
+    assert fmts == {"dw_mx": Scaled("e2m1", 32, -2, "e8m0"), "up_mx": Scaled("e2m1", 32, -1, "e8m0")}
+
+    dw, up = model.get_layer("dw_mx").kernel.numpy(), model.get_layer("up_mx").kernel.numpy()
+    dw_ref = ref_mx(dw.reshape(9, 8), "e2m1", 2, "nearest", axis=0).reshape(dw.shape)
+    up_ref = ref_mx(up, "e2m1", 2, "nearest", axis=-1)
+    # the reference is not what the other axes would give
+    assert not np.array_equal(dw_ref, ref_mx(dw, "e2m1", 2, "nearest", axis=-1))
+    assert not np.array_equal(up_ref, ref_mx(up, "e2m1", 2, "nearest", axis=-2))
+    x = data((2, 5, 5, 4), seed=9, spread=2)
+    qm = gq.quantize_model(model, format="mxfp4", weights=True, activations=False)
+    ref = keras.models.clone_model(model)
+    ref.set_weights(model.get_weights())
+    ref.get_layer("dw_mx").kernel.assign(dw_ref)
+    ref.get_layer("up_mx").kernel.assign(up_ref)
+    np.testing.assert_allclose(np.asarray(qm(x)), np.asarray(ref(x)), rtol=1e-6, atol=1e-6)
+
+
+def test_weights_mostly_rounded_to_zero_are_warned_about(caplog):
+    """e2m1 without a scale wipes out weights of size ~0.1 (its smallest nonzero value is 0.5):
+    quantize_model names the layer and suggests a scaled format; mxfp4 keeps them, no warning."""
+    import warnings
+
+    import keras
+
+    inp = keras.Input((6, 6, 4))
+    model = keras.Model(inp, keras.layers.Conv2D(8, 3, name="small_conv")(inp))
+    k = model.get_layer("small_conv").kernel
+    k.assign(np.random.default_rng(3).normal(0.0, 0.1, k.shape).astype("float32"))
+    with pytest.warns(UserWarning, match=r"'small_conv' \(Conv2D.kernel\): 9\d% of its nonzero weights round to zero "
+                                         r"on e2m1.*'mxfp4' or 'nvfp4'") as rec:
+        qm = gq.quantize_model(model, format="e2m1", weights=True)
+    assert sum("round to zero" in str(w.message) for w in rec) == 1
+    assert any("small_conv" in n for n in qm._graphquant_plan.notes) and "round to zero" in caplog.text
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails
+        gq.quantize_model(model, format="mxfp4", weights=True)
+
+
+def test_nvfp4_model_saves_and_loads(tmp_path):
+    """quantize_model(format="nvfp4", weights=True) -> .keras -> load_model: same formats, same outputs."""
+    import keras
+
+    from graphquant.keras import Quantize, QuantizeWeights
+
+    inp = keras.Input((6, 6, 20))
+    h = keras.layers.Conv2D(24, 3, padding="same", activation="relu", name="c_nv")(inp)
+    out = keras.layers.DepthwiseConv2D(3, name="dw_nv")(h)
+    qm = gq.quantize_model(keras.Model(inp, out), format="nvfp4", weights=True, seed=1)
+    x = data((2, 6, 6, 20), seed=4, spread=2)
+    y = np.asarray(qm(x))
+    qm.save(tmp_path / "nv.keras")
+    back = keras.models.load_model(tmp_path / "nv.keras")
+    np.testing.assert_array_equal(np.asarray(back(x)), y)
+    wfmts = {l.name: l.slots[0]["format"] for l in back.layers if isinstance(l, QuantizeWeights)}
+    nv = gq.SCALED_PRESETS["nvfp4"]
+    assert wfmts == {"c_nv": Scaled(nv.element, 16, -2, nv.scale_format, True),
+                     "dw_nv": Scaled(nv.element, 16, -2, nv.scale_format, True)}
+    assert {str(l.format) for l in back.layers if isinstance(l, Quantize)} == {"nvfp4"}

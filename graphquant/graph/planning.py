@@ -19,8 +19,8 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from tensorflow.core.framework import graph_pb2
 
-from ..patterns import DEFAULT_REGISTRY, GRAPH, Matcher, Node, Registry, Step, View
-from ..plan import InsertionPoint, Plan, QuantizeConfig, make_plan
+from ..patterns import DEFAULT_REGISTRY, DEPTHWISE_OPS, GRAPH, Matcher, Node, Registry, Step, View
+from ..plan import InsertionPoint, Plan, QuantizeConfig, make_plan, zeroed_weights_warning
 from .view import GraphView, read_graph_def
 
 __all__ = ["graph_registry", "to_pattern_view", "plan_graph_def", "GraphPlan", "short_scope_names", "SKIP_FUNCTIONS"]
@@ -232,8 +232,6 @@ def _weight_source(editor, scope: str, target: str, slot: str) -> Tuple[str, int
     return src, idx, (sc.by_name[src].op if src in sc.by_name else "_Arg")
 
 
-#: graph ops whose filter is a depthwise kernel (..., in_channels, multiplier)
-DEPTHWISE_OPS = frozenset({"DepthwiseConv2dNative", "_FusedDepthwiseConv2dNative"})
 
 
 def round_weight(w, fmt, rounding: str, seed: Any = None, depthwise: bool = False):
@@ -291,6 +289,7 @@ def apply_plan(
     Returns:
         ``{"inserted": [node names], "inserted_at": [(scope, node name)],
         "prerounded": [const names], "variable_weights": [(scope, read node, point)],
+        "warnings": [weights pre-rounded here of which more than half became zero],
         "editor": the GraphEditor}``. Top-level tensors named from outside the
         graph (signature outputs, fetches) must be mapped with
         ``out["editor"].redirect(name)``: rewiring only reaches consumers inside it.
@@ -299,14 +298,21 @@ def apply_plan(
 
     ranges = ranges or {}
     ed = GraphEditor(graph_def, seed=seed)
-    out: Dict[str, Any] = {"inserted": [], "inserted_at": [], "prerounded": [], "variable_weights": [], "editor": ed}
+    out: Dict[str, Any] = {"inserted": [], "inserted_at": [], "prerounded": [], "variable_weights": [], "editor": ed,
+                           "warnings": []}
     for p in plan.points:
         scope = scope_name(p)
         if p.what == "weights":
             src, idx, op = _weight_source(ed, scope, p.target, p.slot or "input:1")
             if op == "Const":
-                ed.replace_const(scope, src, lambda v, p=p: round_weight_array(
-                    v, p.format, p.rounding, seed, depthwise=p.target_kind in DEPTHWISE_OPS))
+                def pre(v, p=p):
+                    q = round_weight_array(v, p.format, p.rounding, seed, depthwise=p.target_kind in DEPTHWISE_OPS)
+                    msg = zeroed_weights_warning(f"{p.target} ({p.target_kind}.{p.slot or 'input:1'})", v, q, p.format)
+                    if msg:
+                        out["warnings"].append(msg)
+                    return q
+
+                ed.replace_const(scope, src, pre)
                 out["prerounded"].append(src)
                 continue
             if variable_weights == "skip" and op == "ReadVariableOp":

@@ -22,7 +22,7 @@ from google.protobuf.message import DecodeError
 
 from .. import outputs
 from ..patterns import Registry
-from ..plan import Plan, QuantizeConfig
+from ..plan import Plan, QuantizeConfig, zeroed_weights_warning
 from ..ranges import calibration_batches, check_inputs, inputs_str
 from .. import calibration as engine
 from ..calibration import progress
@@ -63,7 +63,9 @@ class ConversionReport:
         signatures: the signature names kept.
         plan: the applied :class:`~graphquant.plan.Plan`.
         ranges: calibrated activation ranges per insertion point.
-        warnings: human-readable warnings (e.g. no convolution found).
+        warnings: human-readable warnings (e.g. no convolution found; a weight
+            tensor of which more than half of the nonzero values round to zero,
+            named, with a scaled format suggested).
         meta_graphs: one entry per meta graph (TF1 SavedModels may hold
             several, e.g. tags ``serve`` and ``train``): its ``tags``, the
             ``convolutions`` found and the nodes ``inserted`` in it. Each meta
@@ -587,8 +589,9 @@ def _load_object_keys(src: Path) -> Dict[int, str]:
     return out
 
 
-def _round_checkpoint(src: Path, work: Path, todo: Dict[str, Any], seed: Optional[int]) -> int:
-    """Rewrite ``work/variables`` with the listed variables rounded; return how many."""
+def _round_checkpoint(src: Path, work: Path, todo: Dict[str, Any], seed: Optional[int], warnings: List[str]) -> int:
+    """Rewrite ``work/variables`` with the listed variables rounded; return how many. A variable
+    of which more than half rounds to zero adds a message to ``warnings``."""
     import tensorflow as tf
 
     prefix = str(src / "variables" / "variables")
@@ -600,8 +603,13 @@ def _round_checkpoint(src: Path, work: Path, todo: Dict[str, Any], seed: Optiona
         val = reader.get_tensor(key)
         if key in todo:
             point = todo[key]
-            val = round_weight_array(val, point.format, point.rounding, seed,
-                                     depthwise=point.target_kind in DEPTHWISE_OPS).astype(val.dtype)
+            q = round_weight_array(val, point.format, point.rounding, seed,
+                                   depthwise=point.target_kind in DEPTHWISE_OPS).astype(val.dtype)
+            msg = zeroed_weights_warning(f"{point.target} ({point.target_kind}.{point.slot or 'input:1'}, "
+                                         f"variable {key})", val, q, point.format)
+            if msg:
+                warnings.append(msg)
+            val = q
             done += 1
         names.append(key)
         tensors.append(tf.constant(val, dtype=dtypes[key]) if not isinstance(val, (bytes, str)) else tf.constant(val))
@@ -748,6 +756,9 @@ def convert_saved_model(
                                 "inserted": len(edits["inserted"]), "unreachable_convolutions": off})
             inserted += len(edits["inserted"])
             prerounded += len(edits["prerounded"])
+            for msg in edits["warnings"]:
+                log.warning("%s", msg)
+                warnings.append(msg)
             if edits["variable_weights"]:
                 keys_by_node = _load_object_keys(src_p) if mg.object_graph_def.nodes else {}
                 for scope, read_node, point in edits["variable_weights"]:
@@ -763,11 +774,15 @@ def convert_saved_model(
                     for k in keys:
                         ckpt_todo[k] = point
         work = tmp_root / "out"
+        zeroed: List[str] = []
         try:
             _copy_tree_except(src_p, work, skip=("saved_model.pb", "saved_model.pbtxt", "fingerprint.pb", "variables",
                                                  outputs.MANIFEST))
             if ckpt_todo:
-                prerounded += _round_checkpoint(src_p, work, ckpt_todo, seed)
+                prerounded += _round_checkpoint(src_p, work, ckpt_todo, seed, zeroed)
+                for msg in zeroed:
+                    log.warning("%s", msg)
+                    warnings.append(msg)
             elif (src_p / "variables").exists():
                 shutil.copytree(src_p / "variables", work / "variables")
             (work / "saved_model.pb").write_bytes(sm.SerializeToString())

@@ -11,7 +11,7 @@ import contextlib
 import contextvars
 import logging
 import random
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
@@ -436,6 +436,21 @@ class QuantizeWeights(keras.layers.Wrapper):
                 return v
         raise ValueError(f"{self.name}: no weight {slot!r}")
 
+    def _round_slot(self, s: Dict[str, Any], w: Any, rounding: str, seed: Any) -> tf.Tensor:
+        fmt = s["format"]
+        return per_output_channel(w, fmt, lambda t: quantize_weight(t, fmt, rounding, seed),
+                                  depthwise=self._is_depthwise(s["slot"]))
+
+    def rounded_weights(self) -> List[Tuple[str, tf.Tensor, tf.Tensor, Format]]:
+        """``(slot, float value, value as inference rounds it, format)`` for each rounded weight
+        (stochastic inference rounding draws with seed 0)."""
+        out = []
+        for s in self.slots:
+            w = self._variable(s["slot"]).value
+            rnd = s["inference_rounding"]
+            out.append((s["slot"], w, self._round_slot(s, w, rnd, 0 if rnd == "stochastic" else None), s["format"]))
+        return out
+
     def call(self, inputs: Any, training: Any = None, **kwargs: Any) -> Any:
         train = _training(training)
         mapping = []
@@ -443,10 +458,7 @@ class QuantizeWeights(keras.layers.Wrapper):
             var = self._variable(s["slot"])
             rnd = s["rounding"] if train else s["inference_rounding"]
             seed = self.seed_generator.next() if rnd == "stochastic" else None
-            fmt = s["format"]
-            q = per_output_channel(var.value, fmt, lambda w, f=fmt, r=rnd, sd=seed: quantize_weight(w, f, r, sd),
-                                   depthwise=self._is_depthwise(s["slot"]))  # fmt: skip
-            mapping.append((var, q))
+            mapping.append((var, self._round_slot(s, var.value, rnd, seed)))
         if not train and not kwargs and getattr(self, "_gq_integer", None) is not None:  # the runtime's kernel
             from .integer import integer_call
 

@@ -27,7 +27,7 @@ import keras
 
 from ..formats import Affine
 from ..patterns import Registry, View
-from ..plan import InsertionPoint, Plan, QuantizeConfig, make_plan
+from ..plan import InsertionPoint, Plan, QuantizeConfig, make_plan, may_zero_most_weights, zeroed_weights_warning
 from .layers import FoldingBatchNormalization, Quantize, QuantizeWeights, StorageRounding
 from .custom import clone_custom, from_config_tolerant, is_custom_layer
 from .view import _is_sequential, check_model, is_graph_model, iter_calls, keras_view
@@ -613,6 +613,12 @@ def quantize_model(
         weights: also round the targets' weights (per-channel symmetric affine
             with ``weight_bits`` by default; float formats: the same format).
         weight_bits / weight_format / weight_rounding: weight rounding options.
+            A scaled format (``format`` or ``weight_format``, e.g. ``"mxfp4"``)
+            is placed on each kernel's reduction axis, whatever its own ``axis``:
+            see :func:`graphquant.plan.scaled_weight_format`. A weight of which
+            more than half of the nonzero values round to zero is warned about
+            (a ``UserWarning``, the log and a plan note naming the layer and
+            suggesting a scaled format).
         include / exclude: which targets, by name regex, class or ``"class:Name"``.
             Convolutions inside custom layers are addressed by path: the layer's
             name, then attribute names (``"block_3/conv"``,
@@ -802,6 +808,10 @@ def quantize_model(
         rw.copy_weights()
     if cfg.weight_storage is not None:
         apply_weight_storage(new, cfg.weight_storage, cfg.storage_rounding, seed=rw._next_seed())
+    for msg in zeroed_weights_warnings(new):
+        warnings.warn(msg, UserWarning, stacklevel=2)
+        log.warning(msg)
+        plan.notes.append(msg)
     new._graphquant_plan = plan  # for inspection; not serialized
     if calibration_data is not None:
         from ..ranges import _calibrate_keras
@@ -816,6 +826,25 @@ def quantize_model(
                  kernels or "reference")
     log.info("quantize_model: %d rounding layers inserted in %.2fs", rw.inserted, time.perf_counter() - t0)
     return new
+
+
+def zeroed_weights_warnings(model: keras.Model) -> List[str]:
+    """A warning (:func:`graphquant.plan.zeroed_weights_warning`) for each weight of ``model``'s
+    :class:`QuantizeWeights` layers of which more than half of the nonzero values round to zero."""
+    from ..rounding import use_xla
+
+    out = []
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if isinstance(layer, QuantizeWeights):
+            if not any(may_zero_most_weights(layer._variable(s["slot"]).numpy(), s["format"]) for s in layer.slots):
+                continue  # the usual case: no rounding needed to know
+            with use_xla(False):  # once per weight, eagerly: compiling a kernel per shape costs far more
+                rounded = layer.rounded_weights()
+            for slot, w, q, fmt in rounded:
+                msg = zeroed_weights_warning(f"layer {layer.name!r} ({type(layer.layer).__name__}.{slot})", w, q, fmt)
+                if msg:
+                    out.append(msg)
+    return out
 
 
 def apply_weight_storage(model: keras.Model, format: Any, rounding: str = "nearest", seed: Optional[int] = None) -> int:
