@@ -226,8 +226,9 @@ def _shape_str(shape: Any) -> str:
 
 
 def inputs_str(expected: Mapping[str, Tuple[Optional[Tuple[Optional[int], ...]], Any]]) -> str:
-    """The inputs a model takes, for one-line errors: ``'a' (None, 6, 6, 1), 'b' (None, 3)``."""
-    return ", ".join(f"{k!r} {'(any shape)' if s is None else _shape_str(s)}" for k, (s, _) in expected.items())
+    """The inputs a model takes, for one-line errors: ``'a' (None, 6, 6, 1), 'b' (None, 3)`` (sorted by name:
+    a SavedModel's signature does not keep its inputs' order)."""
+    return ", ".join(f"{k!r} {'(any shape)' if s is None else _shape_str(s)}" for k, (s, _) in sorted(expected.items()))
 
 
 def _castable(given: Any, expected: Any) -> bool:
