@@ -20,7 +20,7 @@ from _saved_models import save_tiny, tree_hash
 from graphquant import outputs
 from graphquant.batch import convert_batch, find_saved_models
 from graphquant.cli import CONVERT_ONLY, build_parser
-from graphquant.compare import _q_nodes
+from graphquant.graph.compare import q_nodes as _q_nodes
 from graphquant.graph.saved_model import read_saved_model
 
 

@@ -205,7 +205,7 @@ def test_console_script_batch_workers_start_quietly(tiny, tmp_path):
 
 def test_convert_calibration_method_and_quiet(tiny, tmp_path):
     """--calibration-method picks the engine's method, --quiet is accepted."""
-    from graphquant.compare import _q_nodes
+    from graphquant.graph.compare import q_nodes as _q_nodes
     from graphquant.graph.saved_model import read_saved_model
 
     cal = tmp_path / "cal.npz"
