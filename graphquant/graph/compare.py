@@ -440,7 +440,7 @@ def compare_saved_models(src: Path, dst: Path, data: Any, signature: str, batch_
     dup = {l for l in labels if labels.count(l) > 1}
     report_points = [
         point_error(f"{_short_scope(p.scope)}/{p.src}" if p.src in dup and p.scope else p.src, p.qnode, p.format,
-               stats[p.key], p.rounding)
+                    stats[p.key], p.rounding)
         for p in ran
     ]  # fmt: skip
     outputs = [output_error(k, s) for k, s in ostats.items()]
