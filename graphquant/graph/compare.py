@@ -346,7 +346,7 @@ def compare_saved_models(src: Path, dst: Path, data: Any, signature: str, batch_
 
     obs = _GraphObservers()
     tmp = Path(tempfile.mkdtemp(prefix=".graphquant-compare-"))
-    handles: List[Any] = []
+    handles: List[Dict[str, Any]] = []
     try:
         obs_f, missing = _observed_copy(sm_f, points, obs, quantized=False)
         with_ref = {p.key for p in points} - set(missing)
@@ -362,25 +362,7 @@ def compare_saved_models(src: Path, dst: Path, data: Any, signature: str, batch_
         obs.rebind("float", [f_fn.graph.as_graph_def()])
         obs.rebind("quantized", [q_fn.graph.as_graph_def()])
         specs = f_fn.structured_input_signature[1]
-        # the variables, by point index: float stash and count; quantized stash, sums and count
-        dtypes = {}
-        for i, p in enumerate(points):
-            dtype = tf.float32
-            if p.key in with_ref:
-                dtype = _stash_dtype(f_fn, obs.name(i, "ref") + obs.suffix["float"]) or tf.float32
-            dtypes[i] = dtype
-            h = {
-                "cnt": obs._handle("float", i, "cnt", tf.int64, []),
-                "ref_f": obs._handle("float", i, "ref", dtype),
-                "ref_q": obs._handle("quantized", i, "ref", dtype),
-                "sums": obs._handle("quantized", i, "sums", tf.float64, [12]),
-                "qcnt": obs._handle("quantized", i, "qcnt", tf.int64, []),
-            }
-            tf.raw_ops.AssignVariableOp(resource=h["cnt"], value=tf.constant(0, tf.int64))
-            tf.raw_ops.AssignVariableOp(resource=h["qcnt"], value=tf.constant(0, tf.int64))
-            tf.raw_ops.AssignVariableOp(resource=h["sums"], value=tf.zeros([12], tf.float64))
-            tf.raw_ops.AssignVariableOp(resource=h["ref_q"], value=tf.zeros([], dtype))
-            handles.append(h)
+        dtypes = _observer_variables(obs, points, with_ref, f_fn, handles)
         ostats: Dict[str, Stats] = {}
         samples = batches = 0
         counts_f = [0] * len(points)
@@ -429,6 +411,43 @@ def compare_saved_models(src: Path, dst: Path, data: Any, signature: str, batch_
             for v in h.values():
                 tf.raw_ops.DestroyResourceOp(resource=v, ignore_lookup_error=True)
         shutil.rmtree(tmp, ignore_errors=True)
+    report_points = _report_points(points, stats, signature, notes)
+    outputs = [output_error(k, s) for k, s in ostats.items()]
+    return CompareReport(report_points, outputs, samples, batches, time.perf_counter() - t0, "saved_model",
+                         str(src), str(dst), list(dict.fromkeys(notes)), checkpoint_weight_errors(src, dst))  # fmt: skip
+
+
+def _observer_variables(obs: _GraphObservers, points: List[_GraphPoint], with_ref: set, f_fn: Any,
+                        handles: List[Dict[str, Any]]) -> Dict[int, Any]:  # fmt: skip
+    """The observers' variables, zeroed, appended to ``handles`` by point index (float stash and count;
+    quantized stash, sums and count; the caller destroys them); returns the dtype of each point's stash."""
+    import tensorflow as tf
+
+    dtypes = {}
+    for i, p in enumerate(points):
+        dtype = tf.float32
+        if p.key in with_ref:
+            dtype = _stash_dtype(f_fn, obs.name(i, "ref") + obs.suffix["float"]) or tf.float32
+        dtypes[i] = dtype
+        h = {
+            "cnt": obs._handle("float", i, "cnt", tf.int64, []),
+            "ref_f": obs._handle("float", i, "ref", dtype),
+            "ref_q": obs._handle("quantized", i, "ref", dtype),
+            "sums": obs._handle("quantized", i, "sums", tf.float64, [12]),
+            "qcnt": obs._handle("quantized", i, "qcnt", tf.int64, []),
+        }
+        tf.raw_ops.AssignVariableOp(resource=h["cnt"], value=tf.constant(0, tf.int64))
+        tf.raw_ops.AssignVariableOp(resource=h["qcnt"], value=tf.constant(0, tf.int64))
+        tf.raw_ops.AssignVariableOp(resource=h["sums"], value=tf.zeros([12], tf.float64))
+        tf.raw_ops.AssignVariableOp(resource=h["ref_q"], value=tf.zeros([], dtype))
+        handles.append(h)
+    return dtypes
+
+
+def _report_points(points: List[_GraphPoint], stats: Dict[Any, Stats], signature: str,
+                   notes: List[str]) -> List[Any]:  # fmt: skip
+    """One :class:`~graphquant.report.PointError` per point that ran (a label shared by two points gets
+    its function's short name in front); notes about what did not run or has no recorded format."""
     ran = [p for p in points if p.key in stats and stats[p.key].n > 0]
     if len(ran) < len(points):
         log.info("compare: %d of %d graphquant nodes did not run under signature %r", len(points) - len(ran),
@@ -436,21 +455,13 @@ def compare_saved_models(src: Path, dst: Path, data: Any, signature: str, batch_
     if any(p.format == "?" for p in ran):
         notes.append("'?': the graph does not record this node's format (converted by an older graphquant; "
                      "only FakeQuant nodes and calibrated ranges say)")
+    from .planning import short_scope_names
+
     labels = [p.src for p in ran]
     dup = {l for l in labels if labels.count(l) > 1}
-    report_points = [
-        point_error(f"{_short_scope(p.scope)}/{p.src}" if p.src in dup and p.scope else p.src, p.qnode, p.format,
+    short = short_scope_names(p.scope for p in ran if p.src in dup)
+    return [
+        point_error(f"{short[p.scope]}/{p.src}" if p.src in dup and p.scope else p.src, p.qnode, p.format,
                     stats[p.key], p.rounding)
         for p in ran
     ]  # fmt: skip
-    outputs = [output_error(k, s) for k, s in ostats.items()]
-    return CompareReport(report_points, outputs, samples, batches, time.perf_counter() - t0, "saved_model",
-                         str(src), str(dst), list(dict.fromkeys(notes)), checkpoint_weight_errors(src, dst))  # fmt: skip
-
-
-def _short_scope(scope: str) -> str:
-    s = scope
-    if s.startswith("__inference_"):
-        s = s[len("__inference_"):]
-    head, _, tail = s.rpartition("_")
-    return head if tail.isdigit() and head else s
