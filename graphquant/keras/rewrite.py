@@ -256,20 +256,12 @@ def quantize_model(
         )
         registry = tgt.registry
     _check_target_options(tgt, kernels, freeze_bn_after)
-    kw: Dict[str, Any] = dict(options)
-    given = dict(
-        bits=bits, format=format, range=range, weights=weights, weight_bits=weight_bits, weight_format=weight_format,
-        include=include, exclude=exclude, overrides=overrides, weight_storage=weight_storage,
+    kw = _given_options(
+        options, bits=bits, format=format, range=range, weights=weights, weight_bits=weight_bits,
+        weight_format=weight_format, include=include, exclude=exclude, overrides=overrides,
+        weight_storage=weight_storage, rounding=rounding, weight_rounding=weight_rounding,
+        storage_rounding=storage_rounding, dense=dense,
     )  # fmt: skip
-    kw.update({k: v for k, v in given.items() if v is not None})
-    if rounding != "nearest":
-        kw["rounding"] = rounding
-    if weight_rounding != "nearest":
-        kw["weight_rounding"] = weight_rounding
-    if storage_rounding != "nearest":
-        kw["storage_rounding"] = storage_rounding
-    if dense is not False:
-        kw["dense"] = dense  # QuantizeConfig.create checks it is a bool
     if config is not None and kw:
         raise ValueError(f"give config= or keyword options, not both (got {sorted(kw)})")
     cfg = _config(config, kw)
@@ -312,6 +304,20 @@ def quantize_model(
                  kernels or "reference")
     log.info("quantize_model: %d rounding layers inserted in %.2fs", rw.inserted, time.perf_counter() - t0)
     return new
+
+
+def _given_options(options: Dict[str, Any], **given: Any) -> Dict[str, Any]:
+    """The :class:`QuantizeConfig` options the caller gave: ``options`` and every keyword that is not at
+    its default (``None``; ``"nearest"`` for the rounding modes, ``False`` for ``dense``)."""
+    defaults = {"rounding": "nearest", "weight_rounding": "nearest", "storage_rounding": "nearest", "dense": False}
+    kw: Dict[str, Any] = dict(options)
+    for k, v in given.items():
+        if k in defaults:
+            if v != defaults[k] or (k == "dense" and v is not False):  # QuantizeConfig.create checks dense is a bool
+                kw[k] = v
+        elif v is not None:
+            kw[k] = v
+    return kw
 
 
 def _existing_rounding(model: keras.Model, allow_requantize: bool) -> Tuple[int, str]:
