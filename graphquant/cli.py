@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 failure (bad input, a model failed), 2 usage error.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
+from ._table import fit_width, terminal_width
 from ._version import __version__
 
 log = logging.getLogger("graphquant")
@@ -41,6 +43,30 @@ def _positive_float(text: str) -> float:
     return value
 
 
+class _DeprecatedAlias(argparse.Action):
+    """An old spelling of an option: stores into the new option's ``dest`` and says which to use."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, new: str = "", **kwargs: Any) -> None:
+        self.new = new
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option_string: Optional[str] = None) -> None:
+        print(f"warning: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _alias(p: argparse.ArgumentParser, old: str, new: str, dest: str, **kwargs: Any) -> None:
+    """``old`` still works as ``new`` (hidden from --help, a warning when used)."""
+    p.add_argument(old, dest=dest, action=_DeprecatedAlias, new=new, **kwargs)
+
+
+def _signature_arg(p: argparse.ArgumentParser, data_flag: str) -> None:
+    """``--signature``: in every command, the SavedModel signature that runs the command's input data."""
+    p.add_argument("--signature", default="serving_default", metavar="NAME",
+                   help=f"SavedModel signature that runs the data of {data_flag} (default serving_default; "
+                        "a Keras model is called as it is)")  # fmt: skip
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
         sys.stderr.write(f"{self.prog}: error: {message}\n")
@@ -53,6 +79,10 @@ def _quant_args(p: argparse.ArgumentParser, default_bits: Optional[int] = None) 
     p.add_argument("--rounding", choices=ROUNDING, default="nearest")
     p.add_argument("--weights", action="store_true", help="round convolution weights too (pre-rounded once)")
     p.add_argument("--weight-bits", type=int, help="bits of the weight format (per-channel symmetric affine)")
+    p.add_argument("--weight-format", metavar="FORMAT",
+                   help="number format of the weights, e.g. e4m3, mxfp4, affine4 (implies --weights)")
+    p.add_argument("--weight-rounding", choices=ROUNDING, default="nearest", help="rounding mode of the weights")
+    p.add_argument("--dense", action="store_true", help="treat Dense layers (MatMul) as targets too")
     p.add_argument("--range", nargs=2, type=float, metavar=("LO", "HI"), help="fixed range: fixed point over [LO, HI]")
     p.add_argument("--include", action="append", help="only groups whose target matches this regex (repeatable)")
     p.add_argument("--exclude", action="append", help="skip groups whose target matches this regex (repeatable)")
@@ -68,7 +98,7 @@ def _conversion_args(p: argparse.ArgumentParser) -> None:
     """The options ``convert`` and ``batch`` share, with one meaning; :func:`_conversion_kwargs` translates them."""
     _quant_args(p)
     p.add_argument("--calibration", metavar="DATA.npz", help="inputs for calibrating affine ranges (.npz or .npy; batch: the same for every model)")
-    p.add_argument("--signature", default="serving_default", help="signature fed with calibration data")
+    _signature_arg(p, "--calibration")
     p.add_argument("--calibration-method", default="minmax", choices=["minmax", "percentile", "mse", "entropy"],
                    help="how ranges are read from the calibration statistics (default minmax)")
     p.add_argument("--percentile", type=float, default=99.99, metavar="P",
@@ -119,15 +149,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="INPUTS.npz", help="inputs (.npz or .npy; several arrays = named inputs)")
     p.add_argument("--plot", metavar="REPORT.png", help="draw SQNR per layer (needs matplotlib)")
     p.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
-    p.add_argument("--signature", default="serving_default", help="SavedModel signature to run")
+    _signature_arg(p, "--data")
     p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
     p = sub.add_parser("export-tflite", help="write a fully integer .tflite file from a graphquant-quantized model")
     p.add_argument("src", help="the quantized model: .keras file or a SavedModel folder graphquant converted")
     p.add_argument("dst", help="the .tflite file to write")
-    p.add_argument("--check-data", metavar="INPUTS.npz", help="inputs: run the interpreter and report agreement")
-    p.add_argument("--representative-data", metavar="INPUTS.npz", help="data for tensors graphquant does not round")
+    p.add_argument("--data", metavar="INPUTS.npz", help="inputs: run the interpreter and report agreement")
+    p.add_argument("--calibration", metavar="INPUTS.npz",
+                   help="calibration data for the tensors graphquant does not round (the converter's representative data)")
+    _alias(p, "--check-data", "--data", "data", metavar="INPUTS.npz")
+    _alias(p, "--representative-data", "--calibration", "calibration", metavar="INPUTS.npz")
     p.add_argument("--input-type", default="int8", choices=("int8", "uint8", "float32"))
     p.add_argument("--output-type", default="int8", choices=("int8", "uint8", "float32"))
     p.add_argument("--overwrite", action="store_true", help="replace a .tflite file graphquant wrote")
@@ -161,6 +194,13 @@ def _config(ns: argparse.Namespace) -> Dict[str, Any]:
         kw["weights"] = True
     if ns.weight_bits is not None:
         kw["weight_bits"] = ns.weight_bits
+    if ns.weight_format:
+        kw["weights"] = True
+        kw["weight_format"] = ns.weight_format
+    if ns.weight_rounding != "nearest":
+        kw["weight_rounding"] = ns.weight_rounding
+    if ns.dense:
+        kw["dense"] = True
     if ns.include:
         kw["include"] = ns.include
     if ns.exclude:
@@ -199,6 +239,17 @@ def _is_keras_file(src: Path) -> bool:
     return src.suffix in (".keras", ".h5") and not src.is_dir()
 
 
+def _fit_tables(cmd: Any) -> Any:
+    """A command whose tables fit the terminal (when stdout is one; long names are cut in the middle)."""
+
+    @functools.wraps(cmd)
+    def run(ns: argparse.Namespace) -> int:
+        with fit_width(terminal_width()):
+            return cmd(ns)
+
+    return run
+
+
 def _write_report(path: Optional[Path], data: Dict[str, Any]) -> None:
     if path is not None:
         from .outputs import write_json_atomic
@@ -206,6 +257,7 @@ def _write_report(path: Optional[Path], data: Dict[str, Any]) -> None:
         write_json_atomic(path, data)
 
 
+@_fit_tables
 def _cmd_convert(ns: argparse.Namespace) -> int:
     kw = _conversion_kwargs(ns)
     src = Path(ns.src)
@@ -284,6 +336,7 @@ def _convert_keras(src: Path, dst: Path, kw: Dict[str, Any], ns: argparse.Namesp
     return 0
 
 
+@_fit_tables
 def _cmd_inspect(ns: argparse.Namespace) -> int:
     kw = _config(ns)
     src = Path(ns.src)
@@ -304,6 +357,7 @@ def _cmd_inspect(ns: argparse.Namespace) -> int:
     return 0
 
 
+@_fit_tables
 def _cmd_batch(ns: argparse.Namespace) -> int:
     from .batch import _local_settings, convert_batch
 
@@ -336,6 +390,7 @@ def _cmd_batch(ns: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+@_fit_tables
 def _cmd_compare(ns: argparse.Namespace) -> int:
     from .compare import compare
     from .outputs import check_report_path
@@ -358,6 +413,7 @@ def _cmd_compare(ns: argparse.Namespace) -> int:
     return 0
 
 
+@_fit_tables
 def _cmd_export_tflite(ns: argparse.Namespace) -> int:
     from .outputs import check_report_path
 
@@ -366,8 +422,8 @@ def _cmd_export_tflite(ns: argparse.Namespace) -> int:
     except ImportError as e:  # pragma: no cover - tensorflow itself missing
         raise ValueError(str(e)) from None
     json_path = check_report_path(ns.json, "--json", sources=[ns.src]) if ns.json else None
-    check = _load_calibration(ns.check_data, "--check-data") if ns.check_data else None
-    rep = _load_calibration(ns.representative_data, "--representative-data") if ns.representative_data else None
+    check = _load_calibration(ns.data, "--data") if ns.data else None
+    rep = _load_calibration(ns.calibration, "--calibration") if ns.calibration else None
     try:
         report = export_tflite(ns.src, ns.dst, check, inference_input_type=ns.input_type,
                                inference_output_type=ns.output_type, representative_data=rep,
@@ -379,6 +435,7 @@ def _cmd_export_tflite(ns: argparse.Namespace) -> int:
     return 0
 
 
+@_fit_tables
 def _cmd_compare_tflite(ns: argparse.Namespace) -> int:
     from .outputs import check_report_path
     from .tflite import compare_tflite

@@ -606,9 +606,9 @@ class _Source:
         if isinstance(model, (str, os.PathLike)):
             p = Path(model)
             if p.is_file() and p.suffix in (".keras", ".h5"):
-                from .compare import _load_keras
+                from .keras.compare import load_keras_file
 
-                model = _load_keras(p, "model")
+                model = load_keras_file(p, "model")
             elif p.is_dir():
                 try:
                     with use_xla(False):
@@ -895,9 +895,9 @@ def compare_tflite(model: Any, tflite: Union[PathLike, bytes], data: Any, kernel
         p = Path(model)
         if not (p.is_file() and p.suffix in (".keras", ".h5")):
             raise ValueError(f"model: {p}: compare_tflite needs the quantized model as a .keras file")
-        from .compare import _load_keras
+        from .keras.compare import load_keras_file
 
-        model = _load_keras(p, "model")
+        model = load_keras_file(p, "model")
     _litert()
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")

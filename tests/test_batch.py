@@ -20,7 +20,7 @@ from _saved_models import save_tiny, tree_hash
 from graphquant import outputs
 from graphquant.batch import convert_batch, find_saved_models
 from graphquant.cli import CONVERT_ONLY, build_parser
-from graphquant.compare import _q_nodes
+from graphquant.graph.compare import q_nodes as _q_nodes
 from graphquant.graph.saved_model import read_saved_model
 
 
@@ -186,11 +186,13 @@ def test_batch_takes_every_convert_option():
 
 
 #: the one option set run through convert and batch below; options it leaves out, and why
-PARITY_ARGS = ["--bits", "6", "--rounding", "toward_zero", "--weights", "--weight-bits", "4", "--calibration", None,
+PARITY_ARGS = ["--bits", "6", "--rounding", "toward_zero", "--weights", "--weight-bits", "4", "--weight-rounding",
+               "toward_zero", "--calibration", None,
                "--calibration-method", "percentile", "--percentile", "99.5", "--signature", "serving_default",
                "--include", "Conv", "--exclude", "nothing", "--seed", "3", "--force", "--overwrite", "--quiet"]
 PARITY_LEFT_OUT = {"--format": "--bits gives the format", "--range": "a fixed range has nothing to calibrate",
-                   "-q": "--quiet is given"}
+                   "-q": "--quiet is given", "--weight-format": "--weight-bits gives the weight format",
+                   "--dense": "one target kind is enough to compare the two commands (test_cli checks --dense)"}
 
 
 def test_convert_and_batch_same_options_same_output(cal_tree, tmp_path):

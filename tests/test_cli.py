@@ -205,7 +205,7 @@ def test_console_script_batch_workers_start_quietly(tiny, tmp_path):
 
 def test_convert_calibration_method_and_quiet(tiny, tmp_path):
     """--calibration-method picks the engine's method, --quiet is accepted."""
-    from graphquant.compare import _q_nodes
+    from graphquant.graph.compare import q_nodes as _q_nodes
     from graphquant.graph.saved_model import read_saved_model
 
     cal = tmp_path / "cal.npz"
@@ -249,3 +249,91 @@ def test_convert_scaled_format_on_the_command_line(tiny, tmp_path):
     y = got.signatures["serving_default"](x=tf.ones([1, 6, 6, 1]))["y"].numpy()
     assert y.shape == (1, 6, 6, 2) and np.isfinite(y).all()
 
+
+
+# --------------------------------------------------------------------------- one flag, one meaning (in process)
+@pytest.fixture(scope="module")
+def conv_dense_file(tmp_path_factory):
+    """A .keras file: conv -> relu -> pool -> Dense, with a long layer name."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="block_one_expand_conv_with_a_very_long_name_indeed")(inp)
+    x = keras.layers.ReLU(name="relu")(x)
+    out = keras.layers.Dense(2, name="head")(keras.layers.GlobalAveragePooling2D(name="pool")(x))
+    path = tmp_path_factory.mktemp("cli_keras") / "m.keras"
+    keras.Model(inp, out).save(path)
+    return path
+
+
+def test_convert_takes_weight_format_rounding_and_dense(conv_dense_file, capsys):
+    """--weight-format / --weight-rounding / --dense: the library's weight_format= / weight_rounding= / dense=,
+    for convert, batch and inspect alike (one definition)."""
+    from graphquant.cli import _conversion_kwargs, build_parser, main
+
+    parser = build_parser()
+    for cmd in ("convert", "batch"):
+        ns = parser.parse_args([cmd, "a", "b", "--weight-format", "e4m3", "--weight-rounding", "toward_zero", "--dense"])
+        kw = _conversion_kwargs(ns)
+        assert (kw["weights"], kw["weight_format"], kw["weight_rounding"], kw["dense"]) == (True, "e4m3", "toward_zero", True)
+        kw = _conversion_kwargs(parser.parse_args([cmd, "a", "b"]))
+        assert not {"weight_format", "weight_rounding", "dense", "weights"} & set(kw)  # defaults: the library's
+    assert main(["inspect", str(conv_dense_file), "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main(["inspect", str(conv_dense_file), "--json", "--dense", "--weight-format", "e4m3",
+                 "--weight-rounding", "toward_zero"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    targets = lambda pl: {p["target"] for p in pl["points"]}
+    assert "head" not in targets(plain) and "head" in targets(plan)
+    weights = [p for p in plan["points"] if p["what"] == "weights"]
+    assert len(weights) == 2 and all(p["format_str"] == "e4m3" and p["rounding"] == "toward_zero" for p in weights)
+
+
+def test_data_and_calibration_mean_the_same_everywhere(capsys):
+    """--data is data to evaluate on, --calibration data to calibrate with, --signature the SavedModel
+    signature that runs the command's data: one definition each; the old export-tflite spellings still work."""
+    from graphquant.cli import build_parser
+
+    parser = build_parser()
+    subs = parser._subparsers._group_actions[0].choices
+    helps = {}
+    for cmd in ("convert", "batch", "compare"):
+        (sig,) = [a for a in subs[cmd]._actions if "--signature" in a.option_strings]
+        helps[cmd] = sig.help
+        assert sig.default == "serving_default" and sig.help.startswith("SavedModel signature that runs the data of")
+    assert "--calibration" in helps["convert"] and "--calibration" in helps["batch"] and "--data" in helps["compare"]
+    for cmd, flag in (("compare", "--data"), ("compare-tflite", "--data"), ("export-tflite", "--data"),
+                      ("convert", "--calibration"), ("batch", "--calibration"), ("export-tflite", "--calibration")):
+        assert any(flag in a.option_strings for a in subs[cmd]._actions), (cmd, flag)
+    ns = parser.parse_args(["export-tflite", "q.keras", "m.tflite", "--data", "x.npz", "--calibration", "c.npz"])
+    assert (ns.data, ns.calibration) == ("x.npz", "c.npz")
+    capsys.readouterr()
+    ns = parser.parse_args(["export-tflite", "q.keras", "m.tflite", "--check-data", "x.npz",
+                            "--representative-data", "c.npz"])
+    assert (ns.data, ns.calibration) == ("x.npz", "c.npz")
+    err = capsys.readouterr().err
+    assert "--check-data is deprecated; use --data" in err
+    assert "--representative-data is deprecated; use --calibration" in err
+    assert "--check-data" not in subs["export-tflite"].format_help()  # hidden from --help
+
+
+def test_tables_fit_the_terminal(conv_dense_file, capsys, monkeypatch):
+    """In a terminal of 80 columns every table line fits, long names cut in the middle; piped (no terminal)
+    the table keeps its natural width."""
+    from graphquant._table import cut_middle, render_table
+    from graphquant.cli import main
+
+    assert cut_middle("block_one_expand_conv", 9) == "bloc…conv" and cut_middle("short", 9) == "short"
+    lines = render_table(("layer", "n"), [("a" * 50, "1")], width=20, right={1})
+    assert lines[2] == "aaaaaaaa…aaaaaaaa  1" and all(len(l) <= 20 for l in lines)
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert main(["inspect", str(conv_dense_file), "--bits", "8"]) == 0
+    wide = capsys.readouterr().out.splitlines()
+    assert "block_one_expand_conv_with_a_very_long_name_indeed" in wide[2] and max(len(l) for l in wide[:3]) > 80
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["inspect", str(conv_dense_file), "--bits", "8"]) == 0
+    narrow = capsys.readouterr().out.splitlines()
+    assert all(len(l) <= 80 for l in narrow[:3]), narrow
+    layer = narrow[2].split()[1]  # both ends of the name kept
+    assert layer.startswith("block") and layer.endswith("ndeed") and "…" in layer and len(layer) < 30

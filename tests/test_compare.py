@@ -319,7 +319,7 @@ def test_weight_rounding_error_per_layer_keras_and_saved_model(cnn, saved, tmp_p
     table = str(rep)
     assert "zeroed" in table and table.count("wiped out") == 3
     assert json.loads(rep.to_json())["weights"][0]["layer"] == "c1"
-    from graphquant.compare import _keras_weight_errors  # what compare reports, without running data
+    from graphquant.keras.compare import keras_weight_errors as _keras_weight_errors  # what compare reports, without running data
 
     mx = _keras_weight_errors(quantize_model(cnn, format="mxfp4", weights=True))
     assert len(mx) == 3 and all(w.zeroed < 0.2 and w.sqnr_db > 10.0 for w in mx)

@@ -358,18 +358,18 @@ def test_signature_cache_is_scoped_and_exact():
     import inspect
     import sys as _sys
 
-    from graphquant.keras import rewrite as rw
+    from graphquant.keras import _speedups as rw
 
     conv = keras.layers.Conv2D(4, 3)
-    with rw._cached_signatures():
-        for name in rw._KERAS_INSPECTING_MODULES:
-            assert _sys.modules[name].inspect is rw._SIGNATURE_CACHE
-        cache = rw._SIGNATURE_CACHE
+    with rw.cached_signatures():
+        for name in rw.KERAS_INSPECTING_MODULES:
+            assert _sys.modules[name].inspect is rw.SIGNATURE_CACHE
+        cache = rw.SIGNATURE_CACHE
         for fn in (keras.layers.Conv2D.__init__, conv.call, keras.layers.Dense.__init__, conv.call):
             assert cache.signature(fn) == inspect.signature(fn)
         assert cache.getfullargspec(keras.layers.Conv2D.__init__) == inspect.getfullargspec(keras.layers.Conv2D.__init__)
         assert cache.Parameter is inspect.Parameter  # everything else is the real module
-    for name in rw._KERAS_INSPECTING_MODULES:
+    for name in rw.KERAS_INSPECTING_MODULES:
         assert _sys.modules[name].inspect is inspect
 
 
@@ -378,33 +378,34 @@ def test_garbage_collector_paused_only_while_copying():
     previous state (enabled or not), nested or not."""
     import gc
 
-    from graphquant.keras import rewrite as rw
+    from graphquant.keras import _speedups as rw
+    from graphquant.keras.clone import Rewriter
 
     assert gc.isenabled()
     seen = []
-    real = rw._Rewriter.rewrite
+    real = Rewriter.rewrite
 
     def spy(self, *a, **k):
         seen.append(gc.isenabled())
         return real(self, *a, **k)
 
-    rw._Rewriter.rewrite = spy
+    Rewriter.rewrite = spy
     try:
         gk.quantize_model(_small_functional(), bits=8)
-        with rw._gc_paused():
-            with rw._gc_paused():
+        with rw.gc_paused():
+            with rw.gc_paused():
                 assert not gc.isenabled()
             assert not gc.isenabled()
         assert gc.isenabled()
         gc.disable()
         try:
-            with rw._gc_paused():
+            with rw.gc_paused():
                 pass
             assert not gc.isenabled()  # was off before: stays off
         finally:
             gc.enable()
     finally:
-        rw._Rewriter.rewrite = real
+        Rewriter.rewrite = real
     assert seen == [False]
     assert gc.isenabled()
 

@@ -3,7 +3,8 @@
 from .fold import FoldedConvBatchNorm
 from .layers import FoldingBatchNormalization, Quantize, QuantizeWeights, StorageRounding, quantize_weight
 from .loading import load_model
-from .rewrite import apply_weight_storage, inspect, plan_model, quantize_model
+from .rewrite import inspect, plan_model, quantize_model
+from .storage import apply_weight_storage
 from .view import keras_view
 
 __all__ = [

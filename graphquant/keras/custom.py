@@ -534,7 +534,7 @@ class QuantizedCustomLayer(keras.layers.Wrapper):
 
 
 class _Own:
-    """A layer's own variables (not its sublayers'), for :meth:`_Rewriter.copy_weights`."""
+    """A layer's own variables (not its sublayers'), for :meth:`graphquant.keras.clone.Rewriter.copy_weights`."""
 
     def __init__(self, layer: Any):
         self.layer = layer
@@ -566,14 +566,14 @@ def clone_custom(rw: Any, layer: Any, scope: Tuple[str, ...]) -> QuantizedCustom
     """A clone of custom ``layer`` with the plan's points under ``scope`` swapped in.
 
     Registers ``(source, clone)`` weight pairs for every attribute-held layer
-    with ``rw`` (a ``_Rewriter``) so its ``copy_weights`` copies them.
+    with ``rw`` (a :class:`graphquant.keras.clone.Rewriter`) so its ``copy_weights`` copies them.
     """
-    from .rewrite import _clone_layer  # noqa: PLC0415 - rewrite imports this module
+    from .clone import clone_layer  # noqa: PLC0415 - clone imports this module
 
     try:
         inner = from_config_tolerant(type(layer), layer.get_config())
     except Exception:  # noqa: BLE001 - the planner checked this; raise the usual message
-        inner = _clone_layer(layer)
+        inner = clone_layer(layer)
     own_build = type(layer).build is not keras.layers.Layer.build
     build_config = layer.get_build_config() if layer.built and own_build else None
     if build_config:  # built as the source was (some layers make their sublayers in build())
@@ -592,7 +592,7 @@ def clone_custom(rw: Any, layer: Any, scope: Tuple[str, ...]) -> QuantizedCustom
             s = swaps.setdefault("/".join(rel + (p.after,)), {})
             s["quantize"] = Quantize(
                 format=p.format, rounding=p.rounding, inference_rounding=p.inference_rounding,
-                momentum=rw.plan.config.range_momentum, seed=rw._next_seed(),
+                momentum=rw.plan.config.range_momentum, seed=rw.next_seed(),
                 name="_".join(scope + rel + (p.after,)).replace(".", "_") + "_quant",
             ).get_config()  # fmt: skip
             rw.inserted += 1
@@ -600,7 +600,7 @@ def clone_custom(rw: Any, layer: Any, scope: Tuple[str, ...]) -> QuantizedCustom
             s = swaps.setdefault("/".join(rel + (p.target,)), {})
             if "weights" not in s:
                 s["weights"] = []
-                s["weight_seed"] = rw._next_seed()
+                s["weight_seed"] = rw.next_seed()
             s["weights"].append({"slot": p.slot, "format": p.format.to_dict(), "rounding": p.rounding,
                                  "inference_rounding": p.inference_rounding})  # fmt: skip
     spec = [dict(v, path=k) for k, v in swaps.items()]
