@@ -21,3 +21,13 @@ def _quiet_tensorflow():
     logger.setLevel("ERROR")
     yield
     logger.setLevel(level)
+
+
+#: the longest test files, started first: with two workers each taking whole files (pytest-xdist's
+#: --dist loadfile), a long file started last would run alone at the end
+LONGEST_FIRST = ("test_zoo.py", "test_ops.py", "test_safety.py", "test_tflite.py", "test_cli.py", "test_fake_quant.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order
