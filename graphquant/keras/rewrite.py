@@ -29,7 +29,7 @@ from ..formats import Affine
 from ..patterns import Registry, View
 from ..plan import InsertionPoint, Plan, QuantizeConfig, make_plan, may_zero_most_weights, zeroed_weights_warning
 from .layers import FoldingBatchNormalization, Quantize, QuantizeWeights, StorageRounding
-from .custom import clone_custom, from_config_tolerant, is_custom_layer
+from .custom import clone_custom, clone_layer, is_custom_layer
 from .view import _is_sequential, check_model, is_graph_model, iter_calls, keras_view
 
 __all__ = ["quantize_model", "inspect", "plan_model"]
@@ -262,23 +262,6 @@ def _count_layers(model: Any) -> int:
     return sum(1 + (_count_layers(layer) if hasattr(layer, "layers") else 0) for layer in getattr(model, "layers", ()))
 
 
-def _clone_layer(layer: Any) -> Any:
-    """A new layer (or plain ``keras.ops`` operation) from ``layer``'s config."""
-    try:
-        cfg = layer.get_config()
-        return from_config_tolerant(layer.__class__, cfg)
-    except NotImplementedError as e:
-        raise TypeError(
-            f"layer {layer.name!r} ({type(layer).__name__}) cannot be cloned: it does not implement "
-            f"get_config() ({e}); add get_config() returning its constructor arguments"
-        ) from None
-    except Exception as e:
-        raise TypeError(
-            f"layer {layer.name!r} ({type(layer).__name__}) cannot be cloned from its config: "
-            f"{type(e).__name__}: {e}"
-        ) from None
-
-
 def _input_like(x: Any) -> Any:
     layer = x._keras_history.operation
     return keras.Input(
@@ -416,13 +399,13 @@ class _Rewriter:
         if not isinstance(layer, keras.layers.Layer):
             # a plain operation in a Functional graph (``x + 3``, ``keras.ops.relu(x)``, the
             # ``not_equal`` of a mask): stateless; a fresh copy, so the source's op gains no node
-            return _clone_layer(layer)
+            return clone_layer(layer)
         if self.fold_batchnorm and type(layer) is keras.layers.BatchNormalization:
             # same computation; at inference in a tf.function it folds into a preceding
             # weight-quantized convolution (see FoldingBatchNormalization)
             new = FoldingBatchNormalization.from_config(layer.get_config())
         else:
-            new = _clone_layer(layer)
+            new = clone_layer(layer)
         self.pairs.append((layer, new))
         self._seed_from_source(layer, new)
         if weight_points:
@@ -483,7 +466,7 @@ class _Rewriter:
                 continue
             if name in folds and id(op) not in layer_map:
                 bn = folds[name][1]
-                conv_new, bn_new = _clone_layer(op), _clone_layer(bn)
+                conv_new, bn_new = clone_layer(op), clone_layer(bn)
                 self.pairs += [(op, conv_new), (bn, bn_new)]
                 fmt = next(p.format for p in weights_of.get(name, []) if p.slot == "kernel")
                 from .fold import FoldedConvBatchNorm
