@@ -7,8 +7,7 @@ import math
 import pytest
 
 import graphquant as gq
-from graphquant import Affine, FixedPoint, FloatFormat, PRESETS, format_from_dict, parse_format
-from graphquant.formats import as_format
+from graphquant import Affine, FixedPoint, FloatFormat, PRESETS, as_format, format_from_dict, parse_format
 from graphquant.formats import _ALIASES
 
 # ---------------------------------------------------------------------------
