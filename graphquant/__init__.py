@@ -5,7 +5,7 @@ The user API, importable from here (see the README for a tour):
 * numerics: :func:`quantize`, the formats :class:`FixedPoint`, :class:`Affine`,
   :class:`FloatFormat`, :class:`Scaled` (MX, NVFP4) and their base :class:`Format`,
   :data:`PRESETS`, :data:`SCALED_PRESETS`, :func:`parse_format`,
-  :func:`format_from_dict`, :data:`ROUNDING_MODES`, :func:`representable_range`,
+  :func:`as_format`, :func:`format_from_dict`, :data:`ROUNDING_MODES`, :func:`representable_range`,
   :func:`set_seed`, :func:`use_xla`;
 * Keras models: :func:`quantize_model` (options: :class:`QuantizeConfig`),
   :func:`inspect`, :func:`calibrate`, :func:`apply_weight_storage`;
@@ -21,10 +21,9 @@ Everything else lives in its submodule: the layers graphquant inserts in
 :mod:`graphquant.keras` (``Quantize``, ``QuantizeWeights``, ``StorageRounding``),
 plans in :mod:`graphquant.plan` (``Plan``, ``InsertionPoint``, ``make_plan``),
 the neutral graph of the matcher in :mod:`graphquant.patterns` (``View``,
-``Node``, ``Match``, ``weight_slots``), reports next to what makes them
+``Node``, ``Match``, ``weight_slots``) and reports next to what makes them
 (``graphquant.compare.CompareReport``, ``graphquant.graph.ConversionReport``,
-``graphquant.tflite.TFLiteReport``, ``graphquant.tflite.TFLiteScales``) and
-``graphquant.formats.as_format``.
+``graphquant.tflite.TFLiteReport``, ``graphquant.tflite.TFLiteScales``).
 
 Importing the package is cheap: each name is imported on first use (PEP 562),
 so ``import graphquant`` and the ``graphquant`` command's ``--help`` do not
@@ -55,6 +54,7 @@ _EXPORTS: Dict[str, str] = {
     "PRESETS": "formats",
     "SCALED_PRESETS": "formats",
     "Scaled": "formats",
+    "as_format": "formats",
     "format_from_dict": "formats",
     "parse_format": "formats",
     "ROUNDING_MODES": "ops",
@@ -95,7 +95,6 @@ _EXPORTS: Dict[str, str] = {
 
 #: names this package exported before the API was narrowed -> where they live now (for the error message)
 _MOVED: Dict[str, str] = {
-    "as_format": "formats",
     "CompareReport": "compare",
     "ConversionReport": "graph",
     "InsertionPoint": "plan",
