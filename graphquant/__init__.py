@@ -40,6 +40,7 @@ import importlib.abc
 import importlib.util
 import logging
 import sys
+import types
 from typing import Any, Dict, List
 
 from ._version import __version__
@@ -121,9 +122,9 @@ _SUBMODULES = ("batch", "calibration", "cli", "compare", "formats", "graph", "ke
 
 def __getattr__(name: str) -> Any:
     """Import the submodule that defines ``name`` (or is ``name``) on first use (PEP 562); cache the value here."""
-    if name in _SUBMODULES:  # graphquant.keras etc. after a bare ``import graphquant``
-        return importlib.import_module(f".{name}", __name__)
     module = _EXPORTS.get(name)
+    if module is None and name in _SUBMODULES:  # graphquant.keras etc. after a bare ``import graphquant``
+        return importlib.import_module(f".{name}", __name__)
     if module is None:
         if name in _MOVED:
             raise AttributeError(f"graphquant.{name} is not part of the top-level API: use graphquant.{_MOVED[name]}.{name}")
@@ -135,6 +136,19 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> List[str]:
     return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))
+
+
+class _Package(types.ModuleType):
+    """This package's module type: importing a submodule does not replace the exported name it shares
+    (``graphquant.compare`` stays the function when ``graphquant.compare``, the module, is imported)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return  # the import system binding the submodule to its parent: the module stays in sys.modules
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 class _RegisterLayersAfterKeras(importlib.abc.MetaPathFinder):

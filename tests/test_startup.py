@@ -2,6 +2,7 @@
 Keras files load after a bare ``import graphquant``, and the package's import graph has no cycles."""
 
 import ast
+import importlib
 import os
 import subprocess
 import sys
@@ -74,6 +75,13 @@ def test_top_level_api_is_lazy_and_narrow():
     assert Node.__module__ == "graphquant.patterns"
     assert graphquant.keras.Quantize.__module__ == "graphquant.keras.layers"
     assert (ROOT / "graphquant" / "py.typed").is_file()
+    # a submodule of the same name as an exported function does not shadow it once imported
+    p = _python("import sys, graphquant as gq; a = gq.compare; import graphquant.compare; from graphquant import compare; "
+                "print(a is gq.compare is compare is sys.modules['graphquant.compare'].compare)")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "True"
+    importlib.import_module("graphquant.compare")
+    assert graphquant.compare is sys.modules["graphquant.compare"].compare
 
 
 @pytest.fixture(scope="module")
