@@ -1,10 +1,8 @@
-"""``python -m graphquant``: the same as the ``graphquant`` command."""
+"""``python -m graphquant``: the ``graphquant`` command (:func:`graphquant.cli.main`), same quiet start-up."""
 
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from graphquant.cli import main
 
-from graphquant.cli import main  # noqa: E402
-
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -144,7 +144,8 @@ def _rss_mb(pid: Optional[int] = None) -> Optional[float]:
 def _serve(conn, parent: Optional[int] = None) -> None:
     """Body of one reused worker process of the local pool.
 
-    Says ``("ready", pid)`` once TensorFlow and the converter are imported,
+    Says ``("ready", pid)`` once TensorFlow and the converter are imported
+    (quietly: :func:`graphquant._quiet.start_tensorflow`),
     then converts each ``(src, dst, options)`` it receives with
     :func:`convert_one` and answers with the record (plus ``worker``, its pid,
     and ``rss_mb``, its resident memory after the model), until it receives
@@ -152,9 +153,10 @@ def _serve(conn, parent: Optional[int] = None) -> None:
     """
     if parent is not None:
         _die_with_parent(parent)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.ERROR)
-    from .graph import saved_model  # noqa: F401 - the start-up cost is paid before the first model
+    from ._quiet import start_tensorflow
+
+    start_tensorflow()  # quietly, and the start-up cost is paid before the first model
 
     try:
         conn.send(("ready", os.getpid()))
@@ -620,11 +622,7 @@ class _LocalPool:
                  timeout: Optional[float], recorder: _Recorder, interrupts: _Interrupts) -> None:
         self.jobs, self.max_per_worker, self.max_memory, self.timeout = jobs, max_per_worker, max_memory, timeout
         self.recorder, self.interrupts = recorder, interrupts
-        try:  # the launcher module next to the package: quiet TensorFlow start-up in each worker
-            from graphquant_cli import batch_worker as target
-        except ImportError:  # pragma: no cover - the package without its launcher
-            target = _serve
-        self.target = target
+        self.target = _serve  # importing graphquant.batch in a new process does not import TensorFlow
         self.ctx = mp.get_context("spawn")
         self.slots: List[_Slot] = []
         self.leaving: List[Any] = []  # recycled workers told to stop

@@ -55,7 +55,7 @@ Methods (:data:`METHODS`), each a function of the statistics and the target form
   intersected with ``[min, max]`` (``(0, t)`` for non-negative data).
 
 Every method then goes through :func:`range_of`'s rules: the range includes
-zero, is at least :data:`~graphquant.ranges.MIN_RANGE_WIDTH` wide, and a point
+zero, is at least :data:`MIN_RANGE_WIDTH` wide, and a point
 that saw no finite value is an error naming it.
 """
 
@@ -71,9 +71,13 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 __all__ = [
-    "METHODS", "NUM_BINS", "MSE_CANDIDATES", "Observer", "PointStats", "check_method", "range_of", "ranges_of",
+    "MIN_RANGE_WIDTH", "METHODS", "NUM_BINS", "MSE_CANDIDATES", "Observer", "PointStats", "check_method", "range_of", "ranges_of",
     "percentile_range", "mse_range", "entropy_range", "array_range", "HISTOGRAM_SAMPLE",
 ]  # fmt: skip
+
+#: the narrowest calibrated range: a narrower one (e.g. all-zero data) is widened to this width,
+#: on every path (Keras layers, graphs, in-graph dynamic ranges use the same 1e-6)
+MIN_RANGE_WIDTH = 1e-6
 
 log = logging.getLogger(__name__)
 
@@ -578,7 +582,6 @@ def range_of(stats: PointStats, method: str = "minmax", fmt: Any = None, percent
         ValueError: naming ``what`` and the point, when it saw no data or no finite value (in some channel).
     """
     from .formats import Affine
-    from .ranges import MIN_RANGE_WIDTH
 
     check_method(method, percentile)
     point = f"{what}: {stats.point!r}" if what else str(stats.point)

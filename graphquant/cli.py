@@ -283,7 +283,7 @@ def _load_keras(src: Path) -> Any:
         raise ValueError(f"{src}: no such file")
     import keras
 
-    import graphquant  # noqa: F401  (registers graphquant's layers for loading quantized files)
+    from . import keras as _  # noqa: F401  (registers graphquant's layers for loading quantized files)
 
     try:
         return keras.models.load_model(src, safe_mode=True, compile=False)
@@ -461,13 +461,18 @@ def _cmd_example(ns: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``graphquant`` console script."""
+    """Entry point of the ``graphquant`` console script and of ``python -m graphquant``.
+
+    TensorFlow's start-up lines are held back (shown with ``-v``); see :mod:`graphquant._quiet`.
+    """
     parser = build_parser()
     ns = parser.parse_args(argv)
     if ns.command is None:
         parser.print_help()
         return 2
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from ._quiet import start_tensorflow
+
+    start_tensorflow(show=ns.verbose)  # after parsing: --help, --version and usage errors never import TensorFlow
     logging.basicConfig(level=logging.INFO if ns.verbose else logging.WARNING, format="%(levelname)s: %(message)s")
     for noisy in ("tensorflow", "absl", "h5py"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

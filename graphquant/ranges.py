@@ -17,6 +17,8 @@ from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, T
 
 import numpy as np
 
+from .calibration import MIN_RANGE_WIDTH  # the engine's rule, re-exported (its users import it from here)
+
 __all__ = [
     "MinMaxTracker", "PercentileTracker", "calibrate", "iter_batches", "calibration_batches", "check_inputs",
     "MIN_RANGE_WIDTH", "load_data_file",
@@ -25,9 +27,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
-#: the narrowest calibrated range: a narrower one (e.g. all-zero data) is widened to this width,
-#: on every path (Keras layers, graphs, in-graph dynamic ranges use the same 1e-6)
-MIN_RANGE_WIDTH = 1e-6
 
 
 class _EngineTracker:

@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import keras
 
 from ..plan import InsertionPoint, Plan
-from .custom import clone_custom, from_config_tolerant, is_custom_layer
+from .custom import clone_custom, clone_layer, is_custom_layer
 from .layers import FoldingBatchNormalization, Quantize, QuantizeWeights
 from .view import _is_sequential, is_graph_model, iter_calls
 
@@ -28,23 +28,6 @@ log = logging.getLogger(__name__)
 def count_layers(model: Any) -> int:
     """Layers of ``model``, nested models' layers included."""
     return sum(1 + (count_layers(layer) if hasattr(layer, "layers") else 0) for layer in getattr(model, "layers", ()))
-
-
-def clone_layer(layer: Any) -> Any:
-    """A new layer (or plain ``keras.ops`` operation) from ``layer``'s config."""
-    try:
-        cfg = layer.get_config()
-        return from_config_tolerant(layer.__class__, cfg)
-    except NotImplementedError as e:
-        raise TypeError(
-            f"layer {layer.name!r} ({type(layer).__name__}) cannot be cloned: it does not implement "
-            f"get_config() ({e}); add get_config() returning its constructor arguments"
-        ) from None
-    except Exception as e:
-        raise TypeError(
-            f"layer {layer.name!r} ({type(layer).__name__}) cannot be cloned from its config: "
-            f"{type(e).__name__}: {e}"
-        ) from None
 
 
 def _input_like(x: Any) -> Any:

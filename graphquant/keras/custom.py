@@ -37,7 +37,7 @@ import tensorflow as tf
 from ..patterns import CONV, DENSE, KERAS, NORM, ACTIVATION, Node, View
 from .layers import Quantize, QuantizeWeights
 
-__all__ = ["QuantizedSublayer", "QuantizedCustomLayer", "is_custom_layer", "custom_view", "clone_custom"]
+__all__ = ["QuantizedSublayer", "QuantizedCustomLayer", "is_custom_layer", "custom_view", "clone_custom", "clone_layer", "layer_attrs"]
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +321,6 @@ def _trace(
 
 
 def _view_from_trace(layer, tree, inputs, outputs, left, prefix) -> View:
-    from .view import _attrs  # noqa: PLC0415 - view imports this module
 
     attr_of: Dict[int, str] = {}
     for attr, sub in _children(layer):
@@ -405,7 +404,7 @@ def _view_from_trace(layer, tree, inputs, outputs, left, prefix) -> View:
             src = name_of.get(id(hist.operation._inbound_nodes[hist.node_index]))
             if src is not None and src not in ins:
                 ins.append(src)
-        attrs = _attrs(op) if isinstance(op, keras.layers.Layer) else {}
+        attrs = layer_attrs(op) if isinstance(op, keras.layers.Layer) else {}
         nodes.append(Node(name, kind, KERAS, inputs=ins, attrs=attrs, obj=obj, classes=classes))
     for path, conv in _conv_layers(layer):
         if id(conv) not in called and "/" not in path and conv.built:  # (unbuilt: never ran, e.g. unused)
@@ -562,14 +561,46 @@ class _Own:
             v.assign(x)
 
 
+def _act_name(layer: Any) -> Any:
+    act = getattr(layer, "activation", None)
+    if act is None:
+        return None
+    return getattr(act, "__name__", str(act))
+
+
+def layer_attrs(layer: Any) -> Dict[str, Any]:
+    """The attributes of ``layer``'s node in a view: its fused activation, if any."""
+    attrs: Dict[str, Any] = {}
+    if not isinstance(layer, keras.layers.Activation):  # its activation is the point, not a fused extra
+        act = _act_name(layer)
+        if act is not None:
+            attrs["activation"] = act
+    return attrs
+
+
+def clone_layer(layer: Any) -> Any:
+    """A new layer (or plain ``keras.ops`` operation) from ``layer``'s config."""
+    try:
+        cfg = layer.get_config()
+        return from_config_tolerant(layer.__class__, cfg)
+    except NotImplementedError as e:
+        raise TypeError(
+            f"layer {layer.name!r} ({type(layer).__name__}) cannot be cloned: it does not implement "
+            f"get_config() ({e}); add get_config() returning its constructor arguments"
+        ) from None
+    except Exception as e:
+        raise TypeError(
+            f"layer {layer.name!r} ({type(layer).__name__}) cannot be cloned from its config: "
+            f"{type(e).__name__}: {e}"
+        ) from None
+
+
 def clone_custom(rw: Any, layer: Any, scope: Tuple[str, ...]) -> QuantizedCustomLayer:
     """A clone of custom ``layer`` with the plan's points under ``scope`` swapped in.
 
     Registers ``(source, clone)`` weight pairs for every attribute-held layer
     with ``rw`` (a :class:`graphquant.keras.clone.Rewriter`) so its ``copy_weights`` copies them.
     """
-    from .clone import clone_layer  # noqa: PLC0415 - clone imports this module
-
     try:
         inner = from_config_tolerant(type(layer), layer.get_config())
     except Exception:  # noqa: BLE001 - the planner checked this; raise the usual message

@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Tuple
 import keras
 
 from ..patterns import KERAS, Node, View
-from .custom import custom_view, is_custom_layer
+from .custom import custom_view, is_custom_layer, layer_attrs
 
 __all__ = ["keras_view", "check_model", "iter_calls"]
 
@@ -55,22 +55,6 @@ def check_model(model: Any, what: str = "model") -> None:
         )
 
 
-def _act_name(layer: Any) -> Any:
-    act = getattr(layer, "activation", None)
-    if act is None:
-        return None
-    return getattr(act, "__name__", str(act))
-
-
-def _attrs(layer: Any) -> Dict[str, Any]:
-    attrs: Dict[str, Any] = {}
-    if not isinstance(layer, keras.layers.Activation):  # its activation is the point, not a fused extra
-        act = _act_name(layer)
-        if act is not None:
-            attrs["activation"] = act
-    return attrs
-
-
 def iter_calls(model: keras.Model) -> List[Tuple[str, Any, Any]]:
     """``(view name, layer, keras Node)`` for each layer call, in topological order.
 
@@ -106,7 +90,7 @@ def keras_view(model: keras.Model) -> View:
         prev = inp
         for name, layer, _ in iter_calls(model):
             nodes.append(
-                Node(name, type(layer).__name__, KERAS, inputs=[prev], attrs=_attrs(layer), obj=layer,
+                Node(name, type(layer).__name__, KERAS, inputs=[prev], attrs=layer_attrs(layer), obj=layer,
                      classes=_classes(layer))
             )  # fmt: skip
             if isinstance(layer, keras.Model) and is_graph_model(layer) and layer.name not in children:
@@ -131,7 +115,7 @@ def keras_view(model: keras.Model) -> View:
             if src_name is not None and src_name not in inputs:
                 inputs.append(src_name)
         kind = "InputLayer" if node.is_input else type(op).__name__
-        nodes.append(Node(name, kind, KERAS, inputs=inputs, attrs=_attrs(op), obj=op, classes=_classes(op)))
+        nodes.append(Node(name, kind, KERAS, inputs=inputs, attrs=layer_attrs(op), obj=op, classes=_classes(op)))
         if isinstance(op, keras.Model) and is_graph_model(op) and op.name not in children:
             children[op.name] = keras_view(op)
         elif is_custom_layer(op) and "@" not in name:  # a custom layer: rewritten once for all its calls
