@@ -4,6 +4,10 @@ import os
 
 # Must happen before TensorFlow is imported by any test module.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# the tests' commands print full-width tables, as when piped: pytest-xdist's workers run with COLUMNS=80 set,
+# which graphquant's tables would fit (tests that fit tables set COLUMNS themselves)
+os.environ.pop("COLUMNS", None)
+os.environ.pop("LINES", None)
 
 import pytest  # noqa: E402
 
