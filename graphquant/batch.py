@@ -334,6 +334,17 @@ def _calibration_arrays(data: Any) -> Tuple[Any, Optional[str]]:
     )
 
 
+def _calibration_reference(data: Any, path: Optional[str], fingerprint: str, dst_root: Path,
+                           write: bool) -> Tuple[Dict[str, Any], Optional[Path]]:
+    """What workers get for the batch's calibration data (``options[CALIBRATION_FILE]``), and the temporary file
+    written for arrays given in memory (``None`` for a given path, or when nothing runs: ``write`` False)."""
+    tmp, keyed = None, False
+    if path is None and write:
+        tmp, keyed = _write_calibration(data, dst_root)
+        path = str(tmp)
+    return {"path": path, "keyed": keyed, "fingerprint": fingerprint}, tmp
+
+
 def _write_calibration(data: Any, dst_root: Path) -> Tuple[Path, bool]:
     """Write calibration arrays once, for the workers: a temporary ``.npz`` in ``dst_root``; returns (path, keyed)."""
     import numpy as np
@@ -503,12 +514,8 @@ def convert_batch(
         try:
             if calibration is not None:
                 del opts["calibration_data"]
-                keyed = False
-                if calibration_path is None and todo:
-                    tmp, keyed = _write_calibration(calibration, dst_root)
-                    calibration_path = str(tmp)
-                opts[CALIBRATION_FILE] = {"path": calibration_path, "keyed": keyed,
-                                          "fingerprint": record["calibration_data"]}
+                opts[CALIBRATION_FILE], tmp = _calibration_reference(
+                    calibration, calibration_path, record["calibration_data"], dst_root, write=bool(todo))
                 calibration = None  # the workers read the file; the parent does not keep the arrays
             if client is not None:
                 _run_dask(client, todo, opts, recorder, interrupts)
