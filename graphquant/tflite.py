@@ -375,14 +375,10 @@ def _frozen_function(model: Any):
         y = model(xs[0] if single else list(xs), training=False)
         return y
 
-    from .keras import layers as _layers
+    from .weights import int8_export
 
-    _layers._EXPORT_INT8_WEIGHTS[0] = True
-    try:
-        with use_xla(False):  # plain TensorFlow FakeQuant ops, which the converter reads
-            concrete = tf.function(fn).get_concrete_function(*specs)
-    finally:
-        _layers._EXPORT_INT8_WEIGHTS[0] = False
+    with int8_export(), use_xla(False):  # plain TensorFlow FakeQuant ops, which the converter reads
+        concrete = tf.function(fn).get_concrete_function(*specs)
     return convert_variables_to_constants_v2(concrete)
 
 

@@ -26,7 +26,7 @@ import tensorflow as tf
 from tensorflow.core.framework import function_pb2, graph_pb2, node_def_pb2, types_pb2
 
 from ..formats import Affine, Format
-from .planning import round_weight
+from ..weights import round_weight
 from .view import CALL_OPS, output_arg_names
 
 log = logging.getLogger(__name__)

@@ -29,7 +29,8 @@ from ..calibration import progress
 from .calibrate import RangeCollector, insert_observers, needs_calibration
 from .function import config_from_kwargs
 from .liveness import _called, check_live, tensor_node
-from .planning import DEPTHWISE_OPS, apply_plan, plan_graph_def, round_weight_array
+from ..weights import round_weight_array
+from .planning import DEPTHWISE_OPS, apply_plan, plan_graph_def
 from .rewrite import follow_redirects, rounding_nodes
 
 log = logging.getLogger(__name__)

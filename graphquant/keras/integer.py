@@ -45,6 +45,7 @@ import keras
 import tensorflow as tf
 
 from ..formats import Affine
+from ..weights import exporting_int8
 
 __all__ = ["link_integer", "KERNELS", "qparams", "quantize_input_tf", "quantize_multiplier_tf",
            "multiply_by_quantized_multiplier_tf"]
@@ -294,10 +295,9 @@ def integer_call(layer: Any, inner: Any, inputs: tf.Tensor, w_float: tf.Tensor, 
     points are being calibrated or the model is traced for the TFLite
     converter (the caller then runs the float path).
     """
-    from .layers import _EXPORT_INT8_WEIGHTS
 
     in_q, out_q = layer._gq_integer()
-    if in_q._calibrator is not None or out_q._calibrator is not None or _EXPORT_INT8_WEIGHTS[0]:
+    if in_q._calibrator is not None or out_q._calibrator is not None or exporting_int8():
         return None  # being calibrated, or traced for the converter: the float path
     s_in, s_in64, _ = qparams(in_q)
     s_out, _, zp_out = qparams(out_q)
@@ -380,10 +380,9 @@ def _training_now() -> bool:
 def _int_add(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
     """TFLite's reference int8 ADD (``integer_ops/add.h``): inputs shifted left by 20, each scaled by
     ``s_i / (2 max(s_1, s_2))``, summed, scaled by ``2 max(s_1, s_2) / (2**20 s_out)``, zero point, clamp."""
-    from .layers import _EXPORT_INT8_WEIGHTS
 
     qs = layer._gq_integer()
-    if _training_now() or _EXPORT_INT8_WEIGHTS[0] or any(q._calibrator is not None for q in qs):
+    if _training_now() or exporting_int8() or any(q._calibrator is not None for q in qs):
         return orig(inputs, *args, **kwargs)
     (s1, _, _), (s2, _, _), (so, _, zo) = (qparams(q) for q in qs)
     arith = _xnnpack_add_arith if _kernels_of(layer) == "xnnpack" else _add_arith
@@ -435,10 +434,9 @@ def _int_mean(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> 
     """TFLite's reference int8 MEAN over height and width (``reference/reduce.h`` ``QuantizedMeanOrSum``):
     the sum of ``q - zp_in``, requantized with the multiplier of ``s_in / s_out`` whose mantissa is shifted
     left by ``floor(log2(count))`` and divided by the count (int64, truncating), plus ``zp_out``, clamped."""
-    from .layers import _EXPORT_INT8_WEIGHTS
 
     qs = layer._gq_integer()
-    if _training_now() or _EXPORT_INT8_WEIGHTS[0] or any(q._calibrator is not None for q in qs):
+    if _training_now() or exporting_int8() or any(q._calibrator is not None for q in qs):
         return orig(inputs, *args, **kwargs)
     (si, _, zi), (so, _, zo) = (qparams(q) for q in qs)
     x = tf.cast(_round_away(tf.cast(inputs, tf.float64) / si), tf.int64)
@@ -474,10 +472,9 @@ def _int_avg_pool(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any)
     elements inside the input (``SAME`` padding counts fewer), divided by that count rounding half away from
     zero (``(acc +- count / 2) / count``, C division). The requantization: ``MultiplyByQuantizedMultiplier(q -
     zp_in, M, shift) + zp_out`` with ``M = s_in / s_out`` (float32 scales, in double), clamped."""
-    from .layers import _EXPORT_INT8_WEIGHTS
 
     qs = layer._gq_integer()
-    if _training_now() or _EXPORT_INT8_WEIGHTS[0] or any(q._calibrator is not None for q in qs):
+    if _training_now() or exporting_int8() or any(q._calibrator is not None for q in qs):
         return orig(inputs, *args, **kwargs)
     (si, _, zi), (so, _, zo) = (qparams(q) for q in qs)
     q_in = _round_away(tf.cast(inputs, tf.float64) / si) + zi  # the raw int8 values
@@ -517,11 +514,10 @@ def _int_quantize(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any)
     ``floor((x - nudged_min) / scale + 1/2)``, a float32 scale computed in float32): they differ by one LSB on
     a few elements, which deep nets amplify. Used at the model input, and at points that take a Concatenate's
     scale (:func:`_scale_owner`) and that Concatenate's output."""
-    from .layers import _EXPORT_INT8_WEIGHTS
 
     training = kwargs.get("training")
     train = bool(training) if training is not None else _training_now()
-    if train or _EXPORT_INT8_WEIGHTS[0] or layer._calibrator is not None:  # (inference rounds y, not pre_activation)
+    if train or exporting_int8() or layer._calibrator is not None:  # (inference rounds y, not pre_activation)
         return orig(inputs, *args, **kwargs)
     s, _, zp = qparams(layer)
     out = tf.cast(quantize_input_tf(inputs, s, zp) * s, tf.float32)
@@ -535,10 +531,9 @@ def _int_concat(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -
     rounding point feeds only the Concatenate already has that scale (its producer requantizes to it,
     :func:`_scale_owner`); any other input goes through an int8 -> int8 QUANTIZE (``reference/requantize.h``:
     ``MultiplyByQuantizedMultiplier(q - zp_in, M, shift) + zp_out`` with ``M = s_in / s_out``, clamped)."""
-    from .layers import _EXPORT_INT8_WEIGHTS
 
     qs = layer._gq_integer()
-    if _training_now() or _EXPORT_INT8_WEIGHTS[0] or any(q._calibrator is not None for q in qs):
+    if _training_now() or exporting_int8() or any(q._calibrator is not None for q in qs):
         return orig(inputs, *args, **kwargs)
     ups, out_q = qs[:-1], qs[-1]
     so, _, zo = qparams(out_q)
@@ -677,10 +672,9 @@ def _int_activation(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: An
     to the point's range (none when that range is LOGISTIC's own ``[0, 255/256]``). ``Activation("swish")``:
     the converter's LOGISTIC then MUL of the input by it (:func:`_mul_int8`). While training, the sigmoid is
     rounded to LOGISTIC's output grid (multiples of 1/256) with a straight-through gradient."""
-    from .layers import _EXPORT_INT8_WEIGHTS
 
     qs = layer._gq_integer()
-    if _EXPORT_INT8_WEIGHTS[0] or any(q._calibrator is not None for q in qs):
+    if exporting_int8() or any(q._calibrator is not None for q in qs):
         return orig(inputs, *args, **kwargs)
     if _training_now():  # QAT: LOGISTIC's output grid (1/256) with a straight-through gradient
         x = tf.convert_to_tensor(inputs)
@@ -705,10 +699,9 @@ def _int_activation(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: An
 
 def _int_mul(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
     """A two-input ``Multiply`` as TFLite's reference int8 MUL (:func:`_mul_int8`), broadcasting."""
-    from .layers import _EXPORT_INT8_WEIGHTS
 
     qs = layer._gq_integer()
-    if _training_now() or _EXPORT_INT8_WEIGHTS[0] or any(q._calibrator is not None for q in qs):
+    if _training_now() or exporting_int8() or any(q._calibrator is not None for q in qs):
         return orig(inputs, *args, **kwargs)
     (s1, _, _), (s2, _, _), (so, _, zo) = (qparams(q) for q in qs)
     out = _mul_int8(_q_minus_zp(inputs[0], s1), _q_minus_zp(inputs[1], s2), s1, s2, so, zo)

@@ -18,8 +18,9 @@ import numpy as np
 import tensorflow as tf
 
 from ..formats import Affine, Format, check_rounding, format_from_dict, parse_format
-from ..ops import fake_quant, per_output_channel, quantize, symmetric_fake_quant
+from ..ops import fake_quant, quantize
 from ..rounding import FUSED_ACTIVATIONS, min_max_fn, xla_enabled
+from ..weights import round_weight
 
 __all__ = ["Quantize", "QuantizeWeights", "StorageRounding", "FoldingBatchNormalization", "quantize_weight"]
 
@@ -237,48 +238,10 @@ class Quantize(keras.layers.Layer):
         return cfg
 
 
-#: Set by graphquant.tflite while it traces a model for the converter: weights rounded to fewer than 8
-#: symmetric bits are re-expressed as an 8-bit FakeQuant whose step is the same (range +-127 steps), so the
-#: converter stores int8 values that lie on the sub-8-bit grid (it would otherwise pack int4 tensors that
-#: LiteRT's reference kernels do not load).
-_EXPORT_INT8_WEIGHTS = [False]
-
-
-def _as_int8_grid(w: Any, y: tf.Tensor, fmt: Affine, red: Any) -> tf.Tensor:
-    from ..ops import _fake_quant_tf
-
-    levels = 2 ** (fmt.bits - 1) - 1
-    m = tf.maximum(tf.reduce_max(tf.abs(tf.stop_gradient(tf.cast(w, tf.float32))), axis=red), 1e-12)
-    step = m / levels
-    f8 = Affine(8, symmetric=True, narrow_range=True, axis=fmt.axis)
-    rank = w.shape.rank
-    axis = None if fmt.axis is None else fmt.axis % rank
-    return _fake_quant_tf(y, -127.0 * step, 127.0 * step, f8, axis, None, "nearest", None)
-
-
 def quantize_weight(w: Any, fmt: Format, rounding: str = "nearest", seed: Any = None) -> tf.Tensor:
-    """Round a weight tensor; an Affine format without range uses the weight's own range.
-
-    Symmetric formats use ``max|w|`` (per channel along ``fmt.axis``), others
-    ``(min w, max w)`` widened to contain zero; the range carries no gradient.
-    """
-    if not (isinstance(fmt, Affine) and fmt.range is None):
-        return quantize(w, fmt, rounding, seed=seed)
-    w = tf.convert_to_tensor(w)
-    wf = tf.stop_gradient(tf.cast(w, tf.float32))
-    rank = w.shape.rank
-    red = None if fmt.axis is None else [i for i in range(rank) if i != fmt.axis % rank]
-    if fmt.symmetric and rounding == "nearest" and _fast_affine(fmt, w):
-        if _EXPORT_INT8_WEIGHTS[0] and fmt.bits < 8:  # one 8-bit FakeQuant with the sub-8-bit step (same values)
-            return _as_int8_grid(w, w, fmt, red)
-        return symmetric_fake_quant(w, fmt)
-    if fmt.symmetric:
-        m = tf.maximum(tf.reduce_max(tf.abs(wf), axis=red), 1e-12)
-        lo, hi = -m, m
-    else:
-        lo = tf.minimum(tf.reduce_min(wf, axis=red), 0.0)
-        hi = tf.maximum(tf.maximum(tf.reduce_max(wf, axis=red), 0.0), lo + 1e-12)
-    return quantize(w, fmt, rounding, range=(lo, hi), seed=seed)
+    """Round a weight tensor as the Keras layers do: :func:`graphquant.weights.round_weight`
+    (an Affine format without range uses the weight's own range) with its fused symmetric path."""
+    return round_weight(w, fmt, rounding, seed, fused=True)
 
 
 # ----------------------------------------------------------------------------- BN folding
@@ -438,8 +401,7 @@ class QuantizeWeights(keras.layers.Wrapper):
 
     def _round_slot(self, s: Dict[str, Any], w: Any, rounding: str, seed: Any) -> tf.Tensor:
         fmt = s["format"]
-        return per_output_channel(w, fmt, lambda t: quantize_weight(t, fmt, rounding, seed),
-                                  depthwise=self._is_depthwise(s["slot"]))
+        return round_weight(w, fmt, rounding, seed, depthwise=self._is_depthwise(s["slot"]), fused=True)
 
     def rounded_weights(self) -> List[Tuple[str, tf.Tensor, tf.Tensor, Format]]:
         """``(slot, float value, value as inference rounds it, format)`` for each rounded weight
