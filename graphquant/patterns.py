@@ -78,6 +78,7 @@ __all__ = [
     "weight_slots",
     "is_depthwise_weight",
     "DEPTHWISE_OPS",
+    "CONV_OPS",
 ]
 
 KERAS = "keras"
@@ -469,14 +470,16 @@ _CONV_LAYERS = (
     "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose",
     "BaseConv", "BaseDepthwiseConv", "BaseSeparableConv", "BaseConvTranspose",
 )  # fmt: skip
-_CONV_OPS = (
+#: TensorFlow op types that are "a convolution" (the graph side of :data:`CONV`); the graph front end
+#: and the custom-layer tracer use this one list.
+CONV_OPS = (
     "Conv", "Conv2D", "Conv3D", "DepthwiseConv2dNative",
     "Conv2DBackpropInput", "Conv3DBackpropInputV2",
     "_FusedConv2D", "_FusedDepthwiseConv2dNative", "_FusedConv3D",
 )  # fmt: skip
 
 #: A convolution: every Keras conv layer family (subclasses too) and TF conv ops.
-CONV = Matcher("conv", layers=_CONV_LAYERS, ops=_CONV_OPS)
+CONV = Matcher("conv", layers=_CONV_LAYERS, ops=CONV_OPS)
 #: A dense layer / matrix product (enabled by the ``"dense"`` option).
 DENSE = Matcher("dense", layers=("Dense", "EinsumDense"), ops=("MatMul", "_FusedMatMul", "BatchMatMulV2"))
 #: A bias addition (graph spelling only: Keras layers carry their own bias).
