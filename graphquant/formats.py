@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Tuple, Union
 
 __all__ = [
+    "inference_rounding_for",
     "FixedPoint",
     "Affine",
     "FloatFormat",
@@ -55,6 +56,16 @@ def check_rounding(value: Any, what: str = "rounding") -> str:
     if not isinstance(value, str) or value not in ROUNDING_MODES:
         raise ValueError(f"{what} must be one of {ROUNDING_MODES}, got {value!r}")
     return value
+
+
+def inference_rounding_for(rounding: str, inference_rounding: Optional[str] = None) -> str:
+    """The rounding used at inference (``training=False``, exported and served graphs):
+    ``inference_rounding`` if given, else ``rounding`` -- except that stochastic
+    training rounding infers with ``"nearest"`` (deterministic serving). The one
+    place this default is decided for every front end."""
+    if inference_rounding is not None:
+        return inference_rounding
+    return "nearest" if rounding == "stochastic" else rounding
 
 
 _MAX_FIXED_BITS = 24

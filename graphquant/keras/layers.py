@@ -17,7 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ..formats import Affine, Format, check_rounding, format_from_dict, parse_format
+from ..formats import Affine, Format, check_rounding, format_from_dict, inference_rounding_for, parse_format
 from ..ops import fake_quant, quantize
 from ..rounding import FUSED_ACTIVATIONS, min_max_fn, xla_enabled
 from ..weights import round_weight
@@ -117,9 +117,8 @@ class Quantize(keras.layers.Layer):
         self.fused_activation = fused_activation
         self.format = _fmt(format)
         self.rounding = check_rounding(rounding, "rounding")
-        if inference_rounding is None:
-            inference_rounding = "nearest" if rounding == "stochastic" else rounding
-        self.inference_rounding = check_rounding(inference_rounding, "inference_rounding")
+        self.inference_rounding = check_rounding(inference_rounding_for(rounding, inference_rounding),
+                                                 "inference_rounding")
         if not isinstance(momentum, (int, float)) or not 0.0 <= float(momentum) < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         self.momentum = float(momentum)
@@ -366,7 +365,7 @@ class QuantizeWeights(keras.layers.Wrapper):
             if not isinstance(s, dict) or "slot" not in s or "format" not in s:
                 raise ValueError(f"each slot must be a dict with 'slot' and 'format', got {s!r}")
             rnd = check_rounding(s.get("rounding", "nearest"), "rounding")
-            inf = s.get("inference_rounding") or ("nearest" if rnd == "stochastic" else rnd)
+            inf = inference_rounding_for(rnd, s.get("inference_rounding") or None)
             norm.append(
                 {"slot": str(s["slot"]), "format": _fmt(s["format"]), "rounding": rnd,
                  "inference_rounding": check_rounding(inf, "inference_rounding")}

@@ -27,7 +27,7 @@ import keras
 
 from ..formats import Affine
 from ..patterns import Registry, View
-from ..plan import InsertionPoint, Plan, QuantizeConfig, make_plan, may_zero_most_weights, zeroed_weights_warning
+from ..plan import CONFIG_KEYS, InsertionPoint, Plan, QuantizeConfig, make_plan, may_zero_most_weights, zeroed_weights_warning
 from .layers import FoldingBatchNormalization, Quantize, QuantizeWeights, StorageRounding
 from .custom import clone_custom, from_config_tolerant, is_custom_layer
 from .view import _is_sequential, check_model, is_graph_model, iter_calls, keras_view
@@ -36,11 +36,6 @@ __all__ = ["quantize_model", "inspect", "plan_model"]
 
 log = logging.getLogger(__name__)
 
-_CONFIG_KEYS = (
-    "bits", "format", "range", "rounding", "inference_rounding", "activations", "weights", "weight_bits",
-    "weight_format", "weight_rounding", "include", "exclude", "overrides", "dense", "options",
-    "weight_storage", "storage_rounding", "range_momentum",
-)  # fmt: skip
 
 
 def _config(config: Optional[QuantizeConfig], kwargs: Dict[str, Any]) -> QuantizeConfig:
@@ -115,7 +110,7 @@ def inspect(
     """
     if bits is not None:
         kwargs["bits"] = bits
-    bad = set(kwargs) - set(_CONFIG_KEYS)
+    bad = set(kwargs) - set(CONFIG_KEYS)
     if bad:
         raise TypeError(f"inspect() got unexpected keyword arguments {sorted(bad)}")
     return plan_model(model, config, registry, **kwargs)
@@ -688,7 +683,7 @@ def quantize_model(
     requant_msg = f"model {model.name!r} is already quantized ({existing} graphquant rounding layers)"
     if existing and not allow_requantize:
         raise ValueError(f"{requant_msg}; pass allow_requantize=True (CLI: --force) to stack a second rounding")
-    bad = set(options) - set(_CONFIG_KEYS)
+    bad = set(options) - set(CONFIG_KEYS)
     if bad:
         raise TypeError(f"quantize_model() got unexpected keyword arguments {sorted(bad)}")
     tgt = None
