@@ -30,7 +30,7 @@ from .formats import (
     inference_rounding_for,
     parse_format,
 )
-from .patterns import DEFAULT_REGISTRY, Node, Registry, View, is_depthwise_weight, weight_slots
+from .patterns import DEFAULT_REGISTRY, Node, Registry, View, is_depthwise_weight
 
 __all__ = ["QuantizeConfig", "InsertionPoint", "Plan", "make_plan", "ROUNDING_MODES"]
 
@@ -705,7 +705,7 @@ def _plan_into(plan: Plan, view: View, config: QuantizeConfig, registry: Registr
                 )
             )
         if cfg.weights and m.pattern.weights:
-            slots = weight_slots(m.target)
+            slots = m.pattern.slots_for(m.target)
             if not slots:
                 plan.notes.append(f"{path_of(m.target)} ({m.target.kind}): no known weights to quantize")
             for slot, axis in slots:
