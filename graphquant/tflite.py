@@ -690,11 +690,11 @@ def _link_target_model(model: Any) -> bool:
     """A model quantized with ``target="tflite_int8"`` (it rounds its input) computes the runtime's integer
     kernels at inference (links are not saved in a ``.keras`` file: made again here, with the model's kernel
     set); whether it is such a model."""
-    from .keras.integer import _eligible_quantize, link_integer
+    from .keras.integer import eligible_quantize, link_integer
 
     for x in model.inputs:
         layer = x._keras_history.operation
-        if any(_eligible_quantize(n.operation) for n in layer._outbound_nodes):
+        if any(eligible_quantize(n.operation) for n in layer._outbound_nodes):
             link_integer(model)
             return True
     return False

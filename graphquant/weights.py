@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from .formats import Affine, Format
-from .ops import per_output_channel, quantize, symmetric_fake_quant
+from .ops import fake_quant, per_output_channel, quantize, symmetric_fake_quant
 
 __all__ = ["weight_range", "round_weight", "round_weight_array", "int8_export", "exporting_int8"]
 
@@ -77,13 +77,10 @@ def _fast_symmetric(fmt: Affine, w: tf.Tensor, rounding: str) -> bool:
 
 
 def _as_int8_grid(w: tf.Tensor, fmt: Affine) -> tf.Tensor:
-    from .ops import _fake_quant_tf
-
     lo, hi = weight_range(w, fmt)
     step = hi / (2 ** (fmt.bits - 1) - 1)
     f8 = Affine(8, symmetric=True, narrow_range=True, axis=fmt.axis)
-    axis = None if fmt.axis is None else fmt.axis % w.shape.rank
-    return _fake_quant_tf(w, -127.0 * step, 127.0 * step, f8, axis, None, "nearest", None)
+    return fake_quant(w, f8, -127.0 * step, 127.0 * step)  # TF's FakeQuant under use_xla(False)
 
 
 def _round_own_range(w: Any, fmt: Format, rounding: str, seed: Any, fused: bool) -> tf.Tensor:

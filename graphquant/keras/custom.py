@@ -566,12 +566,12 @@ def clone_custom(rw: Any, layer: Any, scope: Tuple[str, ...]) -> QuantizedCustom
     Registers ``(source, clone)`` weight pairs for every attribute-held layer
     with ``rw`` (a ``_Rewriter``) so its ``copy_weights`` copies them.
     """
-    from .rewrite import _clone_layer  # noqa: PLC0415 - rewrite imports this module
+    from .rewrite import clone_layer  # noqa: PLC0415 - rewrite imports this module
 
     try:
         inner = from_config_tolerant(type(layer), layer.get_config())
     except Exception:  # noqa: BLE001 - the planner checked this; raise the usual message
-        inner = _clone_layer(layer)
+        inner = clone_layer(layer)
     own_build = type(layer).build is not keras.layers.Layer.build
     build_config = layer.get_build_config() if layer.built and own_build else None
     if build_config:  # built as the source was (some layers make their sublayers in build())
@@ -590,7 +590,7 @@ def clone_custom(rw: Any, layer: Any, scope: Tuple[str, ...]) -> QuantizedCustom
             s = swaps.setdefault("/".join(rel + (p.after,)), {})
             s["quantize"] = Quantize(
                 format=p.format, rounding=p.rounding, inference_rounding=p.inference_rounding,
-                momentum=rw.plan.config.range_momentum, seed=rw._next_seed(),
+                momentum=rw.plan.config.range_momentum, seed=rw.next_seed(),
                 name="_".join(scope + rel + (p.after,)).replace(".", "_") + "_quant",
             ).get_config()  # fmt: skip
             rw.inserted += 1
@@ -598,7 +598,7 @@ def clone_custom(rw: Any, layer: Any, scope: Tuple[str, ...]) -> QuantizedCustom
             s = swaps.setdefault("/".join(rel + (p.target,)), {})
             if "weights" not in s:
                 s["weights"] = []
-                s["weight_seed"] = rw._next_seed()
+                s["weight_seed"] = rw.next_seed()
             s["weights"].append({"slot": p.slot, "format": p.format.to_dict(), "rounding": p.rounding,
                                  "inference_rounding": p.inference_rounding})  # fmt: skip
     spec = [dict(v, path=k) for k, v in swaps.items()]

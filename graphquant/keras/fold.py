@@ -19,7 +19,7 @@ import tensorflow as tf
 
 from ..formats import Format
 from ..weights import round_weight
-from .layers import _fmt
+from .layers import format_arg
 
 __all__ = ["FoldedConvBatchNorm", "foldable"]
 
@@ -60,7 +60,7 @@ class FoldedConvBatchNorm(keras.layers.Layer):
             bn = keras.layers.deserialize(bn)
         self.conv = conv
         self.bn = bn
-        self.weight_format: Format = _fmt(weight_format, "weight_format")
+        self.weight_format: Format = format_arg(weight_format, "weight_format")
         if freeze_bn_after is not None and (isinstance(freeze_bn_after, bool) or not isinstance(freeze_bn_after, int)
                                             or freeze_bn_after < 0):
             raise ValueError(f"freeze_bn_after must be a non-negative int or None, got {freeze_bn_after!r}")

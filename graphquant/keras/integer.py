@@ -183,7 +183,8 @@ def _requantize(acc: tf.Tensor, mantissa: tf.Tensor, shift: tf.Tensor, single: b
     return tf.cond(exact, fast, slow)
 
 
-def _eligible_quantize(q: Any) -> bool:
+def eligible_quantize(q: Any) -> bool:
+    """Whether ``q`` is a Quantize layer the integer kernels can stand for (learned 8-bit affine)."""
     from .layers import Quantize
 
     fmt = getattr(q, "format", None)
@@ -205,7 +206,7 @@ def _fusable(layer: Any) -> bool:
 def _upstream_quantize(tensor: Any) -> Optional[Any]:
     for _ in range(16):
         op = tensor._keras_history.operation
-        if _eligible_quantize(op):
+        if eligible_quantize(op):
             return op
         if type(op).__name__ not in _SAME_SCALE or len(op._inbound_nodes) != 1:
             return None
@@ -217,8 +218,8 @@ def _downstream_quantize(layer: Any) -> Optional[Any]:
     side: list = []  # a rounding layer also called with pre_activation= (Quantize.fused_activation)
     for _ in range(4):
         ops = list({id(n.operation): n.operation for n in layer._outbound_nodes}.values())
-        quants = [op for op in ops if _eligible_quantize(op)]
-        others = [op for op in ops if not _eligible_quantize(op)]
+        quants = [op for op in ops if eligible_quantize(op)]
+        others = [op for op in ops if not eligible_quantize(op)]
         if not others and len(quants) == 1 and all(q is quants[0] for q in side):
             return quants[0]
         if len(others) != 1 or not _fusable(others[0]) or len(others[0]._inbound_nodes) != 1:
@@ -297,7 +298,7 @@ def integer_call(layer: Any, inner: Any, inputs: tf.Tensor, w_float: tf.Tensor, 
     """
 
     in_q, out_q = layer._gq_integer()
-    if in_q._calibrator is not None or out_q._calibrator is not None or exporting_int8():
+    if in_q.calibrating or out_q.calibrating or exporting_int8():
         return None  # being calibrated, or traced for the converter: the float path
     s_in, s_in64, _ = qparams(in_q)
     s_out, _, zp_out = qparams(out_q)
@@ -382,7 +383,7 @@ def _int_add(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> A
     ``s_i / (2 max(s_1, s_2))``, summed, scaled by ``2 max(s_1, s_2) / (2**20 s_out)``, zero point, clamp."""
 
     qs = layer._gq_integer()
-    if _training_now() or exporting_int8() or any(q._calibrator is not None for q in qs):
+    if _training_now() or exporting_int8() or any(q.calibrating for q in qs):
         return orig(inputs, *args, **kwargs)
     (s1, _, _), (s2, _, _), (so, _, zo) = (qparams(q) for q in qs)
     arith = _xnnpack_add_arith if _kernels_of(layer) == "xnnpack" else _add_arith
@@ -436,7 +437,7 @@ def _int_mean(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> 
     left by ``floor(log2(count))`` and divided by the count (int64, truncating), plus ``zp_out``, clamped."""
 
     qs = layer._gq_integer()
-    if _training_now() or exporting_int8() or any(q._calibrator is not None for q in qs):
+    if _training_now() or exporting_int8() or any(q.calibrating for q in qs):
         return orig(inputs, *args, **kwargs)
     (si, _, zi), (so, _, zo) = (qparams(q) for q in qs)
     x = tf.cast(_round_away(tf.cast(inputs, tf.float64) / si), tf.int64)
@@ -474,7 +475,7 @@ def _int_avg_pool(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any)
     zp_in, M, shift) + zp_out`` with ``M = s_in / s_out`` (float32 scales, in double), clamped."""
 
     qs = layer._gq_integer()
-    if _training_now() or exporting_int8() or any(q._calibrator is not None for q in qs):
+    if _training_now() or exporting_int8() or any(q.calibrating for q in qs):
         return orig(inputs, *args, **kwargs)
     (si, _, zi), (so, _, zo) = (qparams(q) for q in qs)
     q_in = _round_away(tf.cast(inputs, tf.float64) / si) + zi  # the raw int8 values
@@ -517,7 +518,7 @@ def _int_quantize(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any)
 
     training = kwargs.get("training")
     train = bool(training) if training is not None else _training_now()
-    if train or exporting_int8() or layer._calibrator is not None:  # (inference rounds y, not pre_activation)
+    if train or exporting_int8() or layer.calibrating:  # (inference rounds y, not pre_activation)
         return orig(inputs, *args, **kwargs)
     s, _, zp = qparams(layer)
     out = tf.cast(quantize_input_tf(inputs, s, zp) * s, tf.float32)
@@ -533,7 +534,7 @@ def _int_concat(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -
     ``MultiplyByQuantizedMultiplier(q - zp_in, M, shift) + zp_out`` with ``M = s_in / s_out``, clamped)."""
 
     qs = layer._gq_integer()
-    if _training_now() or exporting_int8() or any(q._calibrator is not None for q in qs):
+    if _training_now() or exporting_int8() or any(q.calibrating for q in qs):
         return orig(inputs, *args, **kwargs)
     ups, out_q = qs[:-1], qs[-1]
     so, _, zo = qparams(out_q)
@@ -598,7 +599,7 @@ def _link_op(layer: Any) -> bool:
     if len(layer._inbound_nodes) != 1 or getattr(layer, "data_format", "channels_last") != "channels_last":
         return False
     ins = layer._inbound_nodes[0].input_tensors
-    if _eligible_quantize(layer):
+    if eligible_quantize(layer):
         if len(ins) != 1 or type(ins[0]._keras_history.operation).__name__ != "InputLayer":
             return False
         _override_call(layer, _int_quantize)
@@ -674,7 +675,7 @@ def _int_activation(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: An
     rounded to LOGISTIC's output grid (multiples of 1/256) with a straight-through gradient."""
 
     qs = layer._gq_integer()
-    if exporting_int8() or any(q._calibrator is not None for q in qs):
+    if exporting_int8() or any(q.calibrating for q in qs):
         return orig(inputs, *args, **kwargs)
     if _training_now():  # QAT: LOGISTIC's output grid (1/256) with a straight-through gradient
         x = tf.convert_to_tensor(inputs)
@@ -701,7 +702,7 @@ def _int_mul(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> A
     """A two-input ``Multiply`` as TFLite's reference int8 MUL (:func:`_mul_int8`), broadcasting."""
 
     qs = layer._gq_integer()
-    if _training_now() or exporting_int8() or any(q._calibrator is not None for q in qs):
+    if _training_now() or exporting_int8() or any(q.calibrating for q in qs):
         return orig(inputs, *args, **kwargs)
     (s1, _, _), (s2, _, _), (so, _, zo) = (qparams(q) for q in qs)
     out = _mul_int8(_q_minus_zp(inputs[0], s1), _q_minus_zp(inputs[1], s2), s1, s2, so, zo)

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 INITIAL_RANGE = (-6.0, 6.0)
 
 
-def _fmt(value: Any, what: str = "format") -> Format:
+def format_arg(value: Any, what: str = "format") -> Format:
+    """A format from a layer argument (string, dict or format); errors name ``what``."""
     if isinstance(value, dict) and "kind" in value:
         return format_from_dict(value)
     try:
@@ -115,7 +116,7 @@ class Quantize(keras.layers.Layer):
                 f"fused_activation must be one of {sorted(FUSED_ACTIVATIONS)} or None, got {fused_activation!r}"
             )
         self.fused_activation = fused_activation
-        self.format = _fmt(format)
+        self.format = format_arg(format)
         self.rounding = check_rounding(rounding, "rounding")
         self.inference_rounding = check_rounding(inference_rounding_for(rounding, inference_rounding),
                                                  "inference_rounding")
@@ -126,7 +127,7 @@ class Quantize(keras.layers.Layer):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
         self.seed = seed
         self.supports_masking = True
-        self._calibrator: Any = None  # set by graphquant.calibrate (an engine observer)
+        self._calibrator: Any = None  # see observe_with()
         self.seed_generator = None
         if "stochastic" in (self.rounding, self.inference_rounding):
             self.seed_generator = keras.random.SeedGenerator(seed)
@@ -163,6 +164,19 @@ class Quantize(keras.layers.Layer):
         _, hi = min_max_fn(axis, rank, xla_enabled(), need_min=False)(x)
         hi = FUSED_ACTIVATIONS[activation][0](hi)
         return tf.zeros_like(hi), hi
+
+    @property
+    def calibrating(self) -> bool:
+        """Whether the layer feeds an observer instead of rounding (:meth:`observe_with`)."""
+        return self._calibrator is not None
+
+    def observe_with(self, calibrator: Any) -> None:
+        """Route the layer's inputs to ``calibrator.update(layer, inputs)`` (which returns the
+        layer's output) instead of rounding them; ``None`` restores rounding. Calibration
+        (:func:`graphquant.calibrate`) sets it around its passes over the data."""
+        if calibrator is not None and not callable(getattr(calibrator, "update", None)):
+            raise TypeError(f"calibrator must have an update(layer, inputs) method or be None, got {calibrator!r}")
+        self._calibrator = calibrator
 
     def call(self, inputs: Any, training: Any = None, mask: Any = None, pre_activation: Any = None) -> Any:
         if self._calibrator is not None:
@@ -257,6 +271,26 @@ _FOLD_OUTPUT_SLOT = {
 }
 
 
+# A convolution wrapped in QuantizeWeights offers, on its traced output tensor, to recompute itself with a
+# following BatchNormalization folded into its weights; FoldingBatchNormalization takes the offer. The offer
+# travels with the tensor because a layer's call() sees only its input tensors, not the layer producing them.
+_FOLD_OFFER_ATTR = "_graphquant_fold"
+
+
+def offer_fold(y: Any, folded: Any) -> None:
+    """Attach ``folded(inv, shift) -> tensor`` to the traced output ``y`` of a convolution: the
+    convolution recomputed with per-output-channel scale ``inv`` and shift ``shift`` folded in."""
+    try:
+        setattr(y, _FOLD_OFFER_ATTR, folded)
+    except AttributeError:  # pragma: no cover - a tensor type without attributes
+        pass
+
+
+def fold_offer(x: Any) -> Any:
+    """The ``folded(inv, shift)`` function :func:`offer_fold` attached to ``x``, or None."""
+    return getattr(x, _FOLD_OFFER_ATTR, None)
+
+
 _NO_FOLDING: contextvars.ContextVar[bool] = contextvars.ContextVar("graphquant_no_folding", default=False)
 
 
@@ -326,7 +360,7 @@ class FoldingBatchNormalization(keras.layers.BatchNormalization):
 
     def call(self, inputs: Any, training: Any = None, mask: Any = None) -> Any:
         if self.fold and not (training and self.trainable):
-            folder = getattr(inputs, "_graphquant_fold", None)
+            folder = fold_offer(inputs)
             if folder is not None:
                 params = self._fold_params(inputs)
                 if params is not None:
@@ -367,7 +401,7 @@ class QuantizeWeights(keras.layers.Wrapper):
             rnd = check_rounding(s.get("rounding", "nearest"), "rounding")
             inf = inference_rounding_for(rnd, s.get("inference_rounding") or None)
             norm.append(
-                {"slot": str(s["slot"]), "format": _fmt(s["format"]), "rounding": rnd,
+                {"slot": str(s["slot"]), "format": format_arg(s["format"]), "rounding": rnd,
                  "inference_rounding": check_rounding(inf, "inference_rounding")}
             )  # fmt: skip
         self.slots = norm
@@ -436,10 +470,7 @@ class QuantizeWeights(keras.layers.Wrapper):
             if slot is not None:
                 # Offer a following FoldingBatchNormalization the folded convolution. If it takes
                 # it, ``y`` has no consumer left and TF prunes it from the function graph.
-                try:
-                    y._graphquant_fold = lambda inv, shift: self._folded(inputs, mapping, slot, inv, shift)
-                except AttributeError:  # pragma: no cover - a tensor type without attributes
-                    pass
+                offer_fold(y, lambda inv, shift: self._folded(inputs, mapping, slot, inv, shift))
         return y
 
     def _folded(self, inputs: Any, mapping: List[Any], slot: str, inv: tf.Tensor, shift: tf.Tensor) -> tf.Tensor:
@@ -496,7 +527,7 @@ class StorageRounding(keras.constraints.Constraint):
     """
 
     def __init__(self, format: Any, rounding: str = "nearest", inner: Any = None, seed: Optional[int] = None):
-        self.format = _fmt(format, "weight_storage")
+        self.format = format_arg(format, "weight_storage")
         if isinstance(self.format, Affine) and self.format.range is None:
             raise ValueError("weight_storage: an Affine storage format needs a range")
         if rounding not in ("nearest", "stochastic"):

@@ -19,7 +19,7 @@ from typing import Any
 
 import keras
 
-from .rewrite import _recursion_room
+from .rewrite import recursion_room
 
 __all__ = ["load_model"]
 
@@ -52,5 +52,5 @@ def load_model(filepath: Any, **kwargs: Any) -> keras.Model:
             layers = _count(json.loads(z.read("config.json")))
     except (OSError, KeyError, ValueError, zipfile.BadZipFile):
         pass
-    with _recursion_room(4 * layers):
+    with recursion_room(4 * layers):
         return keras.models.load_model(filepath, **kwargs)

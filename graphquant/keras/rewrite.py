@@ -30,7 +30,7 @@ from ..patterns import Registry, View
 from ..plan import CONFIG_KEYS, InsertionPoint, Plan, QuantizeConfig, make_plan, may_zero_most_weights, zeroed_weights_warning
 from .layers import FoldingBatchNormalization, Quantize, QuantizeWeights, StorageRounding
 from .custom import clone_custom, from_config_tolerant, is_custom_layer
-from .view import _is_sequential, check_model, is_graph_model, iter_calls, keras_view
+from .view import is_sequential, check_model, is_graph_model, iter_calls, keras_view
 
 __all__ = ["quantize_model", "inspect", "plan_model"]
 
@@ -233,7 +233,7 @@ _gc_paused = _SharedScope(_pause_gc, _resume_gc)
 
 
 @contextlib.contextmanager
-def _recursion_room(frames: int) -> Iterator[None]:
+def recursion_room(frames: int) -> Iterator[None]:
     """Python's recursion limit raised by ``frames`` within the block, restored after.
 
     Keras builds a Functional model (``Functional.__init__`` -> ``map_graph``
@@ -257,7 +257,7 @@ def _count_layers(model: Any) -> int:
     return sum(1 + (_count_layers(layer) if hasattr(layer, "layers") else 0) for layer in getattr(model, "layers", ()))
 
 
-def _clone_layer(layer: Any) -> Any:
+def clone_layer(layer: Any) -> Any:
     """A new layer (or plain ``keras.ops`` operation) from ``layer``'s config."""
     try:
         cfg = layer.get_config()
@@ -314,7 +314,8 @@ def _has_points_under(plan: Plan, scope: Tuple[str, ...]) -> bool:
 
 
 class _Rewriter:
-    def _next_seed(self) -> Optional[int]:
+    def next_seed(self) -> Optional[int]:
+        """The seed of the next rounding layer made (``None`` without a model seed)."""
         if self.seed is None:
             return None
         self._seed_count += 1
@@ -393,7 +394,7 @@ class _Rewriter:
             rounding=p.rounding,
             inference_rounding=p.inference_rounding,
             momentum=self.plan.config.range_momentum,
-            seed=self._next_seed(),
+            seed=self.next_seed(),
             fused_activation=fused_activation,
             name=name,
         )
@@ -411,13 +412,13 @@ class _Rewriter:
         if not isinstance(layer, keras.layers.Layer):
             # a plain operation in a Functional graph (``x + 3``, ``keras.ops.relu(x)``, the
             # ``not_equal`` of a mask): stateless; a fresh copy, so the source's op gains no node
-            return _clone_layer(layer)
+            return clone_layer(layer)
         if self.fold_batchnorm and type(layer) is keras.layers.BatchNormalization:
             # same computation; at inference in a tf.function it folds into a preceding
             # weight-quantized convolution (see FoldingBatchNormalization)
             new = FoldingBatchNormalization.from_config(layer.get_config())
         else:
-            new = _clone_layer(layer)
+            new = clone_layer(layer)
         self.pairs.append((layer, new))
         self._seed_from_source(layer, new)
         if weight_points:
@@ -425,7 +426,7 @@ class _Rewriter:
                 new,
                 [{"slot": p.slot, "format": p.format, "rounding": p.rounding,
                   "inference_rounding": p.inference_rounding} for p in weight_points],
-                seed=self._next_seed(),
+                seed=self.next_seed(),
                 name=layer.name,
             )  # fmt: skip
         return new
@@ -438,7 +439,7 @@ class _Rewriter:
             if p.what == "weights":
                 weights_of.setdefault(p.target, []).append(p)
         used = self._names(model)
-        if _is_sequential(model):
+        if is_sequential(model):
             return self._rewrite_sequential(model, scope, act_after, weights_of, used)
         return self._rewrite_functional(model, scope, act_after, weights_of, used)
 
@@ -478,7 +479,7 @@ class _Rewriter:
                 continue
             if name in folds and id(op) not in layer_map:
                 bn = folds[name][1]
-                conv_new, bn_new = _clone_layer(op), _clone_layer(bn)
+                conv_new, bn_new = clone_layer(op), clone_layer(bn)
                 self.pairs += [(op, conv_new), (bn, bn_new)]
                 fmt = next(p.format for p in weights_of.get(name, []) if p.slot == "kernel")
                 from .fold import FoldedConvBatchNorm
@@ -534,13 +535,14 @@ class _Rewriter:
             out[p.group[0]] = (p.group[1], bn)
         return out
 
-    def _unhook(self) -> None:
+    def unhook(self) -> None:
+        """Remove the ``add_weight`` hooks the clone put on the new layers."""
         for _, new in self.pairs:
             if "add_weight" in vars(new):
                 object.__delattr__(new, "add_weight")
 
     def copy_weights(self) -> None:
-        self._unhook()
+        self.unhook()
         for old, new in self.pairs:
             src_vars = old.weights
             if not src_vars:
@@ -754,10 +756,10 @@ def quantize_model(
                               f"{', ...' if len(names) > 4 else ''}): no rounding point; the converter calibrates "
                               "its output itself, or it stays float (export_tflite's report then says the model "
                               "is not fully integer)")
-    if tgt is not None and tgt.split_activations and not split and _is_sequential(model):
-        from .split import _to_split
+    if tgt is not None and tgt.split_activations and not split and is_sequential(model):
+        from .split import to_split
 
-        kept = [l.name for l in model.layers if _to_split(l)]
+        kept = [l.name for l in model.layers if to_split(l)]
         if kept:
             plan.notes.append(f"target {tgt.name}: a Sequential model keeps the own activation of "
                               f"{', '.join(kept[:4])} inside its layer (one rounding after it; the converter "
@@ -794,24 +796,24 @@ def quantize_model(
         plan.notes.append(f"target {tgt.name}: {tgt.arithmetic}")
     rw = _Rewriter(plan, fold_batchnorm=fold_batchnorm, seed=seed,
                    fold_before_rounding=bool(tgt is not None and tgt.fold_batchnorm), freeze_bn_after=freeze_bn_after)
-    with _gc_paused(), _recursion_room(4 * (len(plan.points) + _count_layers(model))):
+    with _gc_paused(), recursion_room(4 * (len(plan.points) + _count_layers(model))):
         try:
             with _cached_signatures():
                 new = rw.rewrite(model)
         finally:
-            rw._unhook()
+            rw.unhook()
         rw.copy_weights()
     if cfg.weight_storage is not None:
-        apply_weight_storage(new, cfg.weight_storage, cfg.storage_rounding, seed=rw._next_seed())
+        apply_weight_storage(new, cfg.weight_storage, cfg.storage_rounding, seed=rw.next_seed())
     for msg in zeroed_weights_warnings(new):
         warnings.warn(msg, UserWarning, stacklevel=2)
         log.warning(msg)
         plan.notes.append(msg)
     new._graphquant_plan = plan  # for inspection; not serialized
     if calibration_data is not None:
-        from ..ranges import _calibrate_keras
+        from ..ranges import calibrate_keras
 
-        _calibrate_keras(new, calibration_data, calibration_method, percentile=calibration_percentile,
+        calibrate_keras(new, calibration_data, calibration_method, percentile=calibration_percentile,
                          what="calibration_data", verbose=verbose)  # fmt: skip
     if tgt is not None and tgt.integer_arithmetic:
         from .integer import link_integer
