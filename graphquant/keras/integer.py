@@ -39,13 +39,14 @@ products of up to 32,385; typical layers stay far below).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional, Tuple
 
 import keras
 import tensorflow as tf
 
 from ..formats import Affine
-from ..weights import exporting_int8
+from ..weights import exporting_int8, weight_range
 
 __all__ = ["link_integer", "KERNELS", "qparams", "quantize_input_tf", "quantize_multiplier_tf",
            "multiply_by_quantized_multiplier_tf"]
@@ -275,15 +276,14 @@ def link_integer(model: Any, kernels: Optional[str] = None) -> int:
 
 
 def weight_scale_max(w: tf.Tensor, fmt: Affine, depthwise: bool) -> tf.Tensor:
-    """``max |w|`` per output channel in output-channel order (a scalar for a per-tensor format)."""
-    if fmt.axis is None:
-        return tf.maximum(tf.reduce_max(tf.abs(w)), 1e-12)
-    rank = w.shape.rank
-    if depthwise:
-        m = tf.reduce_max(tf.abs(w), axis=list(range(rank - 2)))
-        return tf.maximum(tf.reshape(m, [-1]), 1e-12)
-    axis = fmt.axis % rank
-    return tf.maximum(tf.reduce_max(tf.abs(w), axis=[i for i in range(rank) if i != axis]), 1e-12)
+    """``max |w|`` per output channel in output-channel order (a scalar for a per-tensor format):
+    the symmetric weight range (:func:`graphquant.weights.weight_range`); a depthwise kernel
+    ``(..., in_channels, multiplier)`` is seen as ``(taps, in_channels * multiplier)``."""
+    sym = dataclasses.replace(fmt, symmetric=True)
+    if fmt.axis is not None and depthwise:
+        w = tf.reshape(w, [-1, int(w.shape[-2]) * int(w.shape[-1])])
+        sym = dataclasses.replace(sym, axis=-1)
+    return weight_range(w, sym)[1]
 
 
 def integer_call(layer: Any, inner: Any, inputs: tf.Tensor, w_float: tf.Tensor, w_rounded: tf.Tensor,
