@@ -29,9 +29,13 @@ import math
 import re
 import struct
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 __all__ = [
+    "register_format",
+    "unregister_format",
+    "registered_formats",
+    "inference_rounding_for",
     "FixedPoint",
     "Affine",
     "FloatFormat",
@@ -55,6 +59,16 @@ def check_rounding(value: Any, what: str = "rounding") -> str:
     if not isinstance(value, str) or value not in ROUNDING_MODES:
         raise ValueError(f"{what} must be one of {ROUNDING_MODES}, got {value!r}")
     return value
+
+
+def inference_rounding_for(rounding: str, inference_rounding: Optional[str] = None) -> str:
+    """The rounding used at inference (``training=False``, exported and served graphs):
+    ``inference_rounding`` if given, else ``rounding`` -- except that stochastic
+    training rounding infers with ``"nearest"`` (deterministic serving). The one
+    place this default is decided for every front end."""
+    if inference_rounding is not None:
+        return inference_rounding
+    return "nearest" if rounding == "stochastic" else rounding
 
 
 _MAX_FIXED_BITS = 24
@@ -678,7 +692,8 @@ def parse_format(spec: Union[str, Format, Mapping[str, Any]]) -> Format:
     (:class:`Scaled`): granularity ``tensor``, ``channel`` or ``block<k>``,
     then optional ``:axis=N``, ``:scale=float32|e8m0|<float format>``,
     ``:tensor_scale``, e.g. ``e4m3@channel``, ``e2m1@block32:scale=e8m0``,
-    ``fixed8[-2,2]@block32:axis=0:scale=e8m0``.
+    ``fixed8[-2,2]@block32:axis=0:scale=e8m0``; or a name given to
+    :func:`register_format` (also as the element of ``<element>@<granularity>``).
 
     Raises:
         ValueError: the string is not a known format (the message names it).
@@ -689,6 +704,14 @@ def parse_format(spec: Union[str, Format, Mapping[str, Any]]) -> Format:
         return format_from_dict(spec)
     if not isinstance(spec, str):
         raise TypeError(f"format must be a string, a dict or a format object, got {type(spec).__name__}")
+    user = _registered(spec.strip().lower().replace(" ", ""))
+    if user is not None:
+        return user
+    return _parse_builtin(spec)
+
+
+def _parse_builtin(spec: str) -> Format:
+    """:func:`parse_format` of a string, built-in spellings only."""
     text = spec.strip().lower().replace(" ", "")
     text = _SCALED_ALIASES.get(text, text)
     if text in SCALED_PRESETS:
@@ -750,10 +773,103 @@ def parse_format(spec: Union[str, Format, Mapping[str, Any]]) -> Format:
             return FloatFormat(**kw)
     except (ValueError, TypeError) as e:
         raise ValueError(f"format {spec!r} is not valid: {e}") from None
+    users = f", a registered name ({', '.join(sorted(_USER_FORMATS))})" if _USER_FORMATS else ""
     raise ValueError(
         f"format {spec!r} is not a known format; expected a preset ({', '.join(PRESETS)}, "
-        f"{', '.join(SCALED_PRESETS)}), e<E>m<M>, fixed<bits>[lo,hi], affine<bits> or <element>@<granularity>"
+        f"{', '.join(SCALED_PRESETS)}), e<E>m<M>, fixed<bits>[lo,hi], affine<bits>{users} or <element>@<granularity>"
     )
+
+
+# ----------------------------------------------------------------------------- user formats
+#: Entry-point group through which an installed package names formats (``name = "module:FORMAT"``):
+#: loaded the first time an unknown name is parsed, so they parse in configs and on the command line.
+ENTRY_POINT_GROUP = "graphquant.formats"
+_USER_FORMATS: Dict[str, Format] = {}
+_ENTRY_POINTS_LOADED = [False]
+_NAME_RE = re.compile(r"^[a-z_][a-z0-9_.\-]*$")
+
+
+def register_format(name: str, fmt: Union[Format, str, Mapping[str, Any]], *, replace: bool = False) -> Format:
+    """Give ``fmt`` a string name that :func:`parse_format` (so configs, overrides and the
+    command line) accepts from now on, e.g.
+    ``register_format("myfp", FloatFormat(3, 4, subnormals=False))``.
+
+    Names are case-insensitive; they may not shadow a built-in format spelling
+    (``"e4m3"``, ``"int8"``, ...). A format in a saved config is stored as its
+    dict, so files written with a user format load without registering it.
+
+    Args:
+        name: letters, digits, ``_``, ``.``, ``-``; not starting with a digit.
+        fmt: a format object, or anything :func:`parse_format` accepts.
+        replace: allow re-registering ``name`` to another format.
+
+    Returns:
+        The registered format.
+
+    Raises:
+        ValueError: the name is malformed, means a built-in format, or is taken.
+        TypeError: ``name`` is not a string.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a string, got {type(name).__name__}")
+    key = name.strip().lower()
+    if not _NAME_RE.match(key):
+        raise ValueError(f"name {name!r} is not a valid format name (letters, digits, '_', '.', '-')")
+    fmt = parse_format(fmt)
+    if key not in _USER_FORMATS:
+        try:
+            builtin = _parse_builtin(key)
+        except ValueError:
+            builtin = None
+        if builtin is not None:
+            raise ValueError(f"name {name!r} already means the built-in format {builtin}")
+    elif not replace and _USER_FORMATS[key] != fmt:
+        raise ValueError(f"name {name!r} is already registered as {_USER_FORMATS[key]}; pass replace=True")
+    _USER_FORMATS[key] = fmt
+    return fmt
+
+
+def unregister_format(name: str) -> None:
+    """Forget a name given to :func:`register_format` (``KeyError`` if it is not registered)."""
+    key = str(name).strip().lower()
+    if key not in _USER_FORMATS:
+        raise KeyError(f"no registered format named {name!r}")
+    del _USER_FORMATS[key]
+
+
+def registered_formats() -> Dict[str, Format]:
+    """The names given to :func:`register_format` (and by installed packages' entry points)."""
+    _load_entry_points()
+    return dict(_USER_FORMATS)
+
+
+def _load_entry_points() -> None:
+    if _ENTRY_POINTS_LOADED[0]:
+        return
+    _ENTRY_POINTS_LOADED[0] = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name.strip().lower() in _USER_FORMATS:
+            continue
+        try:
+            register_format(ep.name, ep.load())
+        except Exception as e:  # noqa: BLE001 - a broken plugin must not break parsing other formats
+            import logging
+
+            logging.getLogger(__name__).warning("format entry point %r (%s) not loaded: %s", ep.name, ep.value, e)
+
+
+def _registered(key: str) -> Optional[Format]:
+    fmt = _USER_FORMATS.get(key)
+    if fmt is None and not _ENTRY_POINTS_LOADED[0] and _NAME_RE.match(key):
+        try:
+            _parse_builtin(key)
+            return None  # a built-in spelling: no need to look at plugins
+        except ValueError:
+            _load_entry_points()
+            fmt = _USER_FORMATS.get(key)
+    return fmt
 
 
 def format_from_dict(d: Mapping[str, Any]) -> Format:

@@ -544,7 +544,7 @@ def _fake_quant_own(x, lo, hi, fmt, axis, rounding, key, grad_fmt, grad_rounding
                 return v if inv is None else tf.transpose(v, inv)
         else:
             def values(levels):
-                return nmin + _r._no_contract(levels * scale)
+                return nmin + _r.no_contract(levels * scale)
 
         y = values(k)
         if rounding in ("down", "up", "toward_zero"):

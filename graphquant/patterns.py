@@ -78,6 +78,7 @@ __all__ = [
     "weight_slots",
     "is_depthwise_weight",
     "DEPTHWISE_OPS",
+    "CONV_OPS",
 ]
 
 KERAS = "keras"
@@ -280,6 +281,12 @@ class Pattern:
         option: if set, the pattern is used only when the config enables this
             option (e.g. ``"dense"``).
         weights: whether the target's weights are quantizable.
+        weight_slots: the target's quantizable weights, as ``{slot: output-channel
+            axis}`` or ``(slot, axis)`` pairs: Keras weight names (``"kernel"``, the
+            ``name=`` given to ``add_weight``) or ``"input:<i>"`` for graph ops. A
+            custom layer's kernel is quantized this way without editing the
+            built-in table; ``None`` (default) uses :func:`weight_slots` of the
+            target's kind.
     """
 
     name: str
@@ -288,6 +295,7 @@ class Pattern:
     insert: Union[str, int] = "end"
     option: Optional[str] = None
     weights: bool = True
+    weight_slots: Optional[Any] = None
 
     def __post_init__(self) -> None:
         steps = tuple(s if isinstance(s, Step) else Step(s) for s in self.steps)
@@ -303,6 +311,15 @@ class Pattern:
             raise ValueError(f"pattern {self.name!r}: target must index a required step, got {self.target!r}")
         if self.insert != "end" and not (isinstance(self.insert, int) and 0 <= self.insert < len(steps)):
             raise ValueError(f"pattern {self.name!r}: insert must be 'end' or a step index, got {self.insert!r}")
+        if self.weight_slots is not None:
+            object.__setattr__(self, "weight_slots", _check_weight_slots(self.weight_slots, self.name))
+
+    def slots_for(self, node: Node) -> Tuple[Tuple[str, int], ...]:
+        """The quantizable weights ``(slot, output-channel axis)`` of target ``node``: the
+        pattern's own ``weight_slots`` if given, else :func:`weight_slots` of its kind."""
+        if self.weight_slots is not None:
+            return self.weight_slots
+        return weight_slots(node)
 
     def match(self, view: View, node: Node, taken: Optional[set] = None) -> Optional[Match]:
         """The longest match of this pattern starting at ``node``, or ``None``."""
@@ -469,14 +486,16 @@ _CONV_LAYERS = (
     "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose",
     "BaseConv", "BaseDepthwiseConv", "BaseSeparableConv", "BaseConvTranspose",
 )  # fmt: skip
-_CONV_OPS = (
+#: TensorFlow op types that are "a convolution" (the graph side of :data:`CONV`); the graph front end
+#: and the custom-layer tracer use this one list.
+CONV_OPS = (
     "Conv", "Conv2D", "Conv3D", "DepthwiseConv2dNative",
     "Conv2DBackpropInput", "Conv3DBackpropInputV2",
     "_FusedConv2D", "_FusedDepthwiseConv2dNative", "_FusedConv3D",
 )  # fmt: skip
 
 #: A convolution: every Keras conv layer family (subclasses too) and TF conv ops.
-CONV = Matcher("conv", layers=_CONV_LAYERS, ops=_CONV_OPS)
+CONV = Matcher("conv", layers=_CONV_LAYERS, ops=CONV_OPS)
 #: A dense layer / matrix product (enabled by the ``"dense"`` option).
 DENSE = Matcher("dense", layers=("Dense", "EinsumDense"), ops=("MatMul", "_FusedMatMul", "BatchMatMulV2"))
 #: A bias addition (graph spelling only: Keras layers carry their own bias).
@@ -562,6 +581,30 @@ def is_depthwise_weight(node: Node, slot: str) -> bool:
     if "BaseSeparableConv" in node.classes:
         return slot == "depthwise_kernel"
     return "BaseDepthwiseConv" in node.classes and slot == "kernel"
+
+
+def _check_weight_slots(value: Any, pattern: str) -> Tuple[Tuple[str, int], ...]:
+    what = f"pattern {pattern!r}: weight_slots"
+    items = list(value.items()) if isinstance(value, Mapping) else value
+    if isinstance(items, str):
+        raise TypeError(f"{what} must be a dict {{slot: axis}} or (slot, axis) pairs, got {value!r}")
+    out = []
+    try:
+        pairs = list(items)
+    except TypeError:
+        raise TypeError(f"{what} must be a dict {{slot: axis}} or (slot, axis) pairs, got {value!r}") from None
+    for pair in pairs:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+            raise TypeError(f"{what} must be a dict {{slot: axis}} or (slot, axis) pairs, got item {pair!r}")
+        slot, axis = pair
+        if not isinstance(slot, str) or not slot:
+            raise TypeError(f"{what}: a slot must be a non-empty string, got {slot!r}")
+        if isinstance(axis, bool) or not isinstance(axis, int):
+            raise TypeError(f"{what}: the axis of {slot!r} must be an int, got {axis!r}")
+        out.append((slot, axis))
+    if not out:
+        raise ValueError(f"{what} is empty; pass weights=False for a target without quantized weights")
+    return tuple(out)
 
 
 def weight_slots(node: Node) -> Tuple[Tuple[str, int], ...]:

@@ -10,6 +10,7 @@ the readable table that ``inspect`` prints.
 from __future__ import annotations
 
 import difflib
+import inspect
 import json
 import re
 from dataclasses import dataclass, field, replace
@@ -26,16 +27,17 @@ from .formats import (
     Scaled,
     as_format,
     check_rounding,
+    inference_rounding_for,
     parse_format,
 )
-from .patterns import DEFAULT_REGISTRY, Node, Registry, View, is_depthwise_weight, weight_slots
+from .patterns import DEFAULT_REGISTRY, Node, Registry, View, is_depthwise_weight
 
 __all__ = ["QuantizeConfig", "InsertionPoint", "Plan", "make_plan", "ROUNDING_MODES"]
 
-_OVERRIDE_KEYS = (
-    "bits", "format", "range", "rounding", "inference_rounding",
-    "weights", "weight_bits", "weight_format", "weight_rounding", "activations",
-)  # fmt: skip
+#: Options of :meth:`QuantizeConfig.create` that apply to the whole model; every other option can
+#: also be set per layer in ``overrides`` (:data:`OVERRIDE_KEYS`, derived after the class).
+_MODEL_WIDE_KEYS = ("include", "exclude", "overrides", "dense", "options", "weight_storage", "storage_rounding",
+                    "range_momentum")
 
 Selector = Union[str, type]
 
@@ -316,9 +318,9 @@ class QuantizeConfig:
                 if settings is not None:
                     if not isinstance(settings, Mapping):
                         raise TypeError(f"overrides[{sel!r}] must be a dict or None, got {settings!r}")
-                    bad = set(settings) - set(_OVERRIDE_KEYS)
+                    bad = set(settings) - set(OVERRIDE_KEYS)
                     if bad:
-                        raise ValueError(f"overrides[{sel!r}]: unknown keys {sorted(bad)}; allowed: {_OVERRIDE_KEYS}")
+                        raise ValueError(f"overrides[{sel!r}]: unknown keys {sorted(bad)}; allowed: {OVERRIDE_KEYS}")
                     settings = dict(settings)
                 ov.append((sel, settings))
         cfg = cls(
@@ -381,9 +383,7 @@ class QuantizeConfig:
     # ------------------------------------------------------------------ per node
     @property
     def effective_inference_rounding(self) -> str:
-        if self.inference_rounding is not None:
-            return self.inference_rounding
-        return "nearest" if self.rounding == "stochastic" else self.rounding
+        return inference_rounding_for(self.rounding, self.inference_rounding)
 
     def accepts(self, node: Node, path: str = "") -> bool:
         """Include/exclude/override-to-None filter on a target node."""
@@ -441,6 +441,13 @@ class QuantizeConfig:
             "storage_rounding": self.storage_rounding,
             "range_momentum": self.range_momentum,
         }
+
+
+#: Every keyword option of the front ends: the parameters of :meth:`QuantizeConfig.create`, the one definition.
+CONFIG_KEYS: Tuple[str, ...] = tuple(inspect.signature(QuantizeConfig.create).parameters)
+#: The options ``overrides`` may set per layer: all but the model-wide ones.
+OVERRIDE_KEYS: Tuple[str, ...] = tuple(k for k in CONFIG_KEYS if k not in _MODEL_WIDE_KEYS)
+assert set(_MODEL_WIDE_KEYS) <= set(CONFIG_KEYS), "plan._MODEL_WIDE_KEYS names an option create() does not take"
 
 
 @dataclass(frozen=True)
@@ -698,7 +705,7 @@ def _plan_into(plan: Plan, view: View, config: QuantizeConfig, registry: Registr
                 )
             )
         if cfg.weights and m.pattern.weights:
-            slots = weight_slots(m.target)
+            slots = m.pattern.slots_for(m.target)
             if not slots:
                 plan.notes.append(f"{path_of(m.target)} ({m.target.kind}): no known weights to quantize")
             for slot, axis in slots:
@@ -714,7 +721,7 @@ def _plan_into(plan: Plan, view: View, config: QuantizeConfig, registry: Registr
                         pattern=m.pattern.name,
                         format=cfg.weight_format_for(axis, is_depthwise_weight(m.target, slot)),
                         rounding=wr,
-                        inference_rounding="nearest" if wr == "stochastic" else wr,
+                        inference_rounding=inference_rounding_for(wr),
                         slot=slot,
                     )
                 )

@@ -360,7 +360,7 @@ def calibrate(
             fit the model's inputs (shape or dtype), or has no finite value at a
             layer (the message names it).
     """
-    return _calibrate_keras(model, data, method, percentile=percentile, batch_size=batch_size, steps=steps, what="data",
+    return calibrate_keras(model, data, method, percentile=percentile, batch_size=batch_size, steps=steps, what="data",
                             verbose=verbose)  # fmt: skip
 
 
@@ -374,10 +374,12 @@ class _Feed:
         return self.observer.update(x)
 
 
-def _calibrate_keras(
+def calibrate_keras(
     model: Any, data: Any, method: str, *, percentile: float = 99.99, batch_size: int = 32,
     steps: Optional[int] = None, what: str = "calibration_data", verbose: Optional[bool] = None,
 ) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+    """Calibrate ``model``'s learned-range Quantize layers on ``data`` (their inputs feed engine
+    observers instead of rounding); ``{layer name: (lo, hi)}`` as ``method`` computes them."""
     import keras
     import tensorflow as tf
 
@@ -396,7 +398,7 @@ def _calibrate_keras(
         channels = 1 if l.format.axis is None else int(l.range.shape[1])
         observers[l.name] = engine.Observer(l.name, l.format.axis, channels, histogram=method != "minmax")
     for l in layers:
-        l._calibrator = _Feed(observers[l.name])
+        l.observe_with(_Feed(observers[l.name]))
     n = 0
     try:
         # no autograph: Keras 3 layers need none, and converting graphquant's observer code
@@ -410,7 +412,7 @@ def _calibrate_keras(
         out = engine.ranges_of(observers, method, {l.name: l.format for l in layers}, percentile, what)
     finally:
         for l in layers:
-            l._calibrator = None
+            l.observe_with(None)
         engine.release_all(list(observers.values()))
     for l in layers:
         if l.name in out:

@@ -97,7 +97,7 @@ def _uniform(shape_like: tf.Tensor, key: tf.Tensor, dtype) -> tf.Tensor:
     return tf.cast(tf.bitwise.right_shift(h, _u32(8)), dtype) * tf.constant(2.0**-24, dtype)
 
 
-def _no_contract(p: tf.Tensor) -> tf.Tensor:
+def no_contract(p: tf.Tensor) -> tf.Tensor:
     """Identity that stops XLA from fusing the product ``p`` into a following add
     (FMA contraction): the fixed-point grid ``lo + k*step`` rounds twice, as plain
     TF ops do, so XLA and non-XLA results are identical and on the same grid.
@@ -165,7 +165,7 @@ def _fixed_kernel(fmt: FixedPoint, mode: str) -> Callable:
         k = shifted * tf.constant(1.0 / step, dt) if pow2 else shifted / step_t
         # With a power-of-two step every product k*step is exact, so a fused
         # multiply-add gives the same result and no barrier is needed (it costs ~10%).
-        barrier = (lambda t: t) if pow2 else _no_contract
+        barrier = (lambda t: t) if pow2 else no_contract
         k = _round_coord(barrier(k), mode, x >= 0, key)
         # abs: no -0.0 for k (XLA folds lo + k*step to k*step when lo == 0)
         k = tf.abs(tf.clip_by_value(k, tf.constant(0.0, dt), tf.constant(top, dt)))
@@ -223,9 +223,9 @@ def _nudge(lo, hi, qmin, qmax):
     # nextafter(t, t) is an identity XLA cannot see through: without it XLA's
     # simplifier rewrites lo / ((hi - lo) / n) as lo * n / (hi - lo), which
     # moves a zero point sitting on .5 to the other integer
-    scale = _no_contract((hi - lo) / (qmax - qmin))
-    inv_scale = _no_contract((qmax - qmin) / (hi - lo))
-    zp_from_min = _no_contract(qmin - lo / scale)
+    scale = no_contract((hi - lo) / (qmax - qmin))
+    inv_scale = no_contract((qmax - qmin) / (hi - lo))
+    zp_from_min = no_contract(qmin - lo / scale)
     zp = tf.where(zp_from_min < qmin, qmin, tf.where(zp_from_min > qmax, qmax, _std_round(zp_from_min)))
     nudged_min = (qmin - zp) * scale
     nudged_max = (qmax - zp) * scale
@@ -408,9 +408,9 @@ def _fake_quant_values(x, lo, hi, qmin, qmax, per_channel: bool):
     per-tensor kernel divides by the scale, the per-channel one multiplies by the
     inverse scale. ``lo``/``hi`` broadcast against ``x``."""
     nmin, nmax, scale, inv = _nudge(lo, hi, qmin, qmax)
-    quant_zero = tf.floor(_no_contract(-nmin * inv) + 0.5)
+    quant_zero = tf.floor(no_contract(-nmin * inv) + 0.5)
     shifted = tf.maximum(tf.minimum(x, nmax), nmin) - nmin
-    level = _no_contract(shifted * inv) if per_channel else shifted / scale
+    level = no_contract(shifted * inv) if per_channel else shifted / scale
     y = tf.floor(level - quant_zero + 0.5) * scale
     both_zero = tf.logical_and(tf.equal(lo, 0.0), tf.equal(hi, 0.0))
     return tf.where(both_zero, tf.zeros_like(y), y)  # TF's kernel: min == max == 0 gives zeros

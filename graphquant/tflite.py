@@ -375,14 +375,10 @@ def _frozen_function(model: Any):
         y = model(xs[0] if single else list(xs), training=False)
         return y
 
-    from .keras import layers as _layers
+    from .weights import int8_export
 
-    _layers._EXPORT_INT8_WEIGHTS[0] = True
-    try:
-        with use_xla(False):  # plain TensorFlow FakeQuant ops, which the converter reads
-            concrete = tf.function(fn).get_concrete_function(*specs)
-    finally:
-        _layers._EXPORT_INT8_WEIGHTS[0] = False
+    with int8_export(), use_xla(False):  # plain TensorFlow FakeQuant ops, which the converter reads
+        concrete = tf.function(fn).get_concrete_function(*specs)
     return convert_variables_to_constants_v2(concrete)
 
 
@@ -694,11 +690,11 @@ def _link_target_model(model: Any) -> bool:
     """A model quantized with ``target="tflite_int8"`` (it rounds its input) computes the runtime's integer
     kernels at inference (links are not saved in a ``.keras`` file: made again here, with the model's kernel
     set); whether it is such a model."""
-    from .keras.integer import _eligible_quantize, link_integer
+    from .keras.integer import eligible_quantize, link_integer
 
     for x in model.inputs:
         layer = x._keras_history.operation
-        if any(_eligible_quantize(n.operation) for n in layer._outbound_nodes):
+        if any(eligible_quantize(n.operation) for n in layer._outbound_nodes):
             link_integer(model)
             return True
     return False

@@ -87,10 +87,10 @@ def _steady(model, batches, methods, name) -> None:
     for method in methods:
         observers = [engine.Observer(l.name, histogram=method != "minmax") for l in layers]
         for l, o in zip(layers, observers):
-            l._calibrator = _Feed(o)
+            l.observe_with(_Feed(o))
         t_cal = per_batch(tf.function(lambda b: q(b, training=False)))
         for l in layers:
-            l._calibrator = None
+            l.observe_with(None)
         engine.release_all(observers)
         print(f"{name:<12} {'keras/batch':<11} {method:<11} {t_inf:>11.3f} {t_cal:>9.3f} {t_cal / t_inf:>6.2f}",
               flush=True)  # fmt: skip

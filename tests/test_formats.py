@@ -287,3 +287,61 @@ def test_formats_module_does_not_import_tensorflow():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.fixture
+def user_formats(monkeypatch):
+    """Registered names are process-wide: each test starts and ends with none."""
+    from graphquant import formats
+
+    monkeypatch.setattr(formats, "_USER_FORMATS", {})
+    monkeypatch.setattr(formats, "_ENTRY_POINTS_LOADED", [False])
+    return formats
+
+
+def test_registered_format_parses_everywhere_by_name(user_formats):
+    from graphquant.plan import QuantizeConfig
+
+    myfp = FloatFormat(3, 4, subnormals=False)
+    with pytest.raises(ValueError, match="not a known format"):
+        parse_format("myfp")
+    assert user_formats.register_format("MyFP", myfp) == myfp
+    assert parse_format("myfp") == parse_format(" MYFP ") == myfp
+    assert parse_format("myfp@block32") == parse_format("e3m4:nosub@block32")  # as a scaled element too
+    cfg = QuantizeConfig.create(format="myfp", weight_format="myfp", overrides={"conv1": {"format": "myfp"}})
+    assert cfg.format == myfp and cfg.weight_format == myfp and cfg.overrides[0][1]["format"] == "myfp"
+    assert format_from_dict(json.loads(json.dumps(myfp.to_dict()))) == myfp  # stored structurally
+    assert "myfp" in str(pytest.raises(ValueError, parse_format, "nope").value)  # the error lists it
+    assert user_formats.registered_formats() == {"myfp": myfp}
+    assert user_formats.register_format("myfp", "e3m4:nosub") == myfp  # same format again: fine
+    with pytest.raises(ValueError, match="already registered"):
+        user_formats.register_format("myfp", "e4m3")
+    assert user_formats.register_format("myfp", "e4m3", replace=True) == PRESETS["e4m3"]
+    with pytest.raises(ValueError, match="built-in format affine8"):
+        user_formats.register_format("int8", myfp)
+    with pytest.raises(ValueError, match="built-in format e4m3"):
+        user_formats.register_format("fp8", myfp)
+    with pytest.raises(ValueError, match="not a valid format name"):
+        user_formats.register_format("my:fp", myfp)
+    with pytest.raises(TypeError, match="name must be a string"):
+        user_formats.register_format(8, myfp)
+    user_formats.unregister_format("myfp")
+    with pytest.raises(ValueError, match="not a known format"):
+        parse_format("myfp")
+    with pytest.raises(KeyError):
+        user_formats.unregister_format("myfp")
+
+
+def test_installed_package_names_a_format_through_an_entry_point(user_formats, tmp_path, monkeypatch):
+    (tmp_path / "gq_plugin_formats.py").write_text(
+        "from graphquant.formats import FloatFormat\nE3M3 = FloatFormat(3, 3, inf_nan='finite')\n"
+    )
+    dist = tmp_path / "gq_plugin_formats-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: gq-plugin-formats\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[graphquant.formats]\nplugfp = gq_plugin_formats:E3M3\nbroken = gq_plugin_formats:MISSING\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert parse_format("plugfp") == FloatFormat(3, 3, inf_nan="finite")  # loaded on first unknown name
+    assert set(user_formats.registered_formats()) == {"plugfp"}  # a broken entry point is skipped (logged)

@@ -446,3 +446,53 @@ def test_mask_through_quantize_model():
     np.testing.assert_allclose(q(padded), q(short), atol=1e-6)  # padding is masked out
     unmasked = keras.Model(inp, keras.layers.LSTM(3)(keras.layers.Dense(4)(keras.layers.Embedding(10, 4)(inp))))
     assert not np.allclose(unmasked(padded), unmasked(short), atol=1e-6)  # ...which it would not be otherwise
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class Proj(keras.layers.Layer):
+    """A custom layer whose kernel the built-in weight table does not know."""
+
+    def __init__(self, units=3, **kw):
+        super().__init__(**kw)
+        self.units = units
+
+    def build(self, shape):
+        self.kernel = self.add_weight(name="kernel", shape=(shape[-1], self.units), initializer="glorot_uniform")
+
+    def call(self, x):
+        return x @ self.kernel
+
+    def compute_output_shape(self, shape):
+        return tuple(shape[:-1]) + (self.units,)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+def test_pattern_declares_weight_slots_of_a_custom_layer():
+    inp = keras.Input((5,))
+    m = keras.Model(inp, Proj(name="proj")(inp))
+    x = np.random.RandomState(0).normal(size=(4, 5)).astype("float32")
+    proj = Matcher("proj", layers=(Proj,))
+    opts = dict(weights=True, weight_bits=4, activations=False)
+    plain = DEFAULT_REGISTRY.copy()
+    plain.register(Pattern("proj", (proj,)))
+    plan = gk.inspect(m, registry=plain, **opts)
+    assert not [p for p in plan.points if p.what == "weights"] and "no known weights" in " ".join(plan.notes)
+    reg = DEFAULT_REGISTRY.copy()
+    reg.register(Pattern("proj", (proj,), weight_slots={"kernel": -1}))
+    assert reg["proj"].weight_slots == (("kernel", -1),)
+    (wp,) = [p for p in gk.inspect(m, registry=reg, **opts).points if p.what == "weights"]
+    assert (wp.target, wp.slot) == ("proj", "kernel")
+    fmt = wp.format
+    assert isinstance(fmt, Affine) and fmt.bits == 4 and fmt.axis == -1  # per output channel: the declared axis
+    q = gk.quantize_model(m, registry=reg, **opts)
+    assert isinstance(q.get_layer("proj"), QuantizeWeights)
+    kq = gk.quantize_weight(m.get_layer("proj").kernel, fmt)
+    assert len(np.unique(np.asarray(kq)[:, 0])) <= 16  # on a 4-bit grid per output channel
+    np.testing.assert_allclose(q.predict(x, verbose=0), x @ np.asarray(kq), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(q.predict(x, verbose=0), m.predict(x, verbose=0), atol=1e-3)
+    with pytest.raises(TypeError, match="weight_slots"):
+        Pattern("bad", (proj,), weight_slots="kernel")
+    with pytest.raises(TypeError, match="axis of 'kernel'"):
+        Pattern("bad", (proj,), weight_slots={"kernel": "last"})

@@ -78,7 +78,7 @@ def _rename_edited(graph_def, names) -> None:
     """
     import hashlib
 
-    from .rewrite import _rename_functions
+    from .rewrite import rename_functions
 
     lib = {f.signature.name: f for f in graph_def.library.function}
     mapping = {}
@@ -88,12 +88,12 @@ def _rename_edited(graph_def, names) -> None:
     if not mapping:
         return
     for nd in graph_def.node:
-        _rename_functions(nd, mapping)
+        rename_functions(nd, mapping)
     for f in graph_def.library.function:
         if f.signature.name in mapping:
             f.signature.name = mapping[f.signature.name]
         for nd in f.node_def:
-            _rename_functions(nd, mapping)
+            rename_functions(nd, mapping)
     for g in graph_def.library.gradient:
         if g.function_name in mapping:
             g.function_name = mapping[g.function_name]

@@ -21,8 +21,8 @@ from tensorflow.core.framework import graph_pb2
 
 from ..patterns import DEFAULT_REGISTRY, DEPTHWISE_OPS, GRAPH, Matcher, Node, Registry, Step, View
 from ..plan import InsertionPoint, Plan, QuantizeConfig, make_plan, zeroed_weights_warning
+from ..weights import round_weight_array
 from .view import GraphView, read_graph_def
-from .weights import round_weight_array
 
 __all__ = ["graph_registry", "to_pattern_view", "plan_graph_def", "GraphPlan", "short_scope_names", "SKIP_FUNCTIONS"]
 

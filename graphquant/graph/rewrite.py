@@ -26,7 +26,7 @@ import tensorflow as tf
 from tensorflow.core.framework import function_pb2, graph_pb2, node_def_pb2, types_pb2
 
 from ..formats import Affine, Format
-from .weights import round_weight
+from ..weights import round_weight
 from .view import CALL_OPS, output_arg_names
 
 log = logging.getLogger(__name__)
@@ -367,7 +367,7 @@ class GraphEditor:
             new.CopyFrom(f)
             new.signature.name = mapping[f.signature.name]
             for nd in new.node_def:
-                _rename_functions(nd, mapping)
+                rename_functions(nd, mapping)
                 # custom gradients of the traced kernel are training-time only
                 # and not registered in a process that loads the result
                 if "_gradient_op_type" in nd.attr:
@@ -552,7 +552,8 @@ def _arg_name(text: str) -> str:
     return out if out[:1].isalpha() else f"arg_{out}"
 
 
-def _rename_functions(nd: node_def_pb2.NodeDef, mapping: Dict[str, str]) -> None:
+def rename_functions(nd: node_def_pb2.NodeDef, mapping: Dict[str, str]) -> None:
+    """Point ``nd``'s op and function-valued attributes at renamed library functions (``old -> new``)."""
     if nd.op in mapping:
         nd.op = mapping[nd.op]
     for v in nd.attr.values():

@@ -21,17 +21,17 @@ from typing import Any, Dict, List, Optional, Set, Tuple, Union
 from google.protobuf.message import DecodeError
 
 from .. import outputs
-from ..patterns import Registry
+from ..patterns import DEPTHWISE_OPS, Registry
 from ..plan import Plan, QuantizeConfig, zeroed_weights_warning
 from ..ranges import calibration_batches, check_inputs, inputs_str
 from .. import calibration as engine
 from ..calibration import progress
+from ..weights import round_weight_array
 from .calibrate import RangeCollector, insert_observers, needs_calibration
 from .function import config_from_kwargs
 from .liveness import _called, check_live, tensor_node
-from .planning import DEPTHWISE_OPS, apply_plan, plan_graph_def
+from .planning import apply_plan, plan_graph_def
 from .rewrite import follow_redirects, rounding_nodes
-from .weights import round_weight_array
 
 log = logging.getLogger(__name__)
 

@@ -18,25 +18,10 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from tensorflow.core.framework import function_pb2, graph_pb2, node_def_pb2, types_pb2
 
+from ..patterns import CONV_OPS
+
 __all__ = ["GraphNode", "GraphView", "read_graph_def", "CONV_OPS", "output_arg_names"]
 
-#: Op types that are "a convolution" for the graph front end.
-CONV_OPS = frozenset(
-    {
-        "Conv2D",
-        "Conv3D",
-        "DepthwiseConv2dNative",
-        "Conv2DBackpropInput",
-        "Conv3DBackpropInputV2",
-        "Conv3DBackpropInput",
-        "Conv",
-        "_FusedConv2D",
-        "_FusedConv3D",
-        "_FusedDepthwiseConv2dNative",
-        "FusedPadConv2D",
-        "FusedResizeAndPadConv2D",
-    }
-)
 
 #: Op types that call a function from the library via an ``f`` attribute.
 CALL_OPS = frozenset({"PartitionedCall", "StatefulPartitionedCall"})

@@ -18,7 +18,7 @@ import keras
 from ..plan import InsertionPoint, Plan
 from .custom import clone_custom, clone_layer, is_custom_layer
 from .layers import FoldingBatchNormalization, Quantize, QuantizeWeights
-from .view import _is_sequential, is_graph_model, iter_calls
+from .view import is_sequential, is_graph_model, iter_calls
 
 __all__ = ["Rewriter", "clone_layer", "count_layers"]
 
@@ -194,7 +194,7 @@ class Rewriter:
             if p.what == "weights":
                 weights_of.setdefault(p.target, []).append(p)
         used = self._names(model)
-        if _is_sequential(model):
+        if is_sequential(model):
             return self._rewrite_sequential(model, scope, act_after, weights_of, used)
         return self._rewrite_functional(model, scope, act_after, weights_of, used)
 

@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import keras
 import tensorflow as tf
 
-from ..patterns import CONV, DENSE, KERAS, NORM, ACTIVATION, Node, View
+from ..patterns import CONV, CONV_OPS, DENSE, KERAS, NORM, ACTIVATION, Node, View
 from .layers import Quantize, QuantizeWeights
 
 __all__ = ["QuantizedSublayer", "QuantizedCustomLayer", "is_custom_layer", "custom_view", "clone_custom", "clone_layer", "layer_attrs"]
@@ -42,9 +42,7 @@ __all__ = ["QuantizedSublayer", "QuantizedCustomLayer", "is_custom_layer", "cust
 log = logging.getLogger(__name__)
 
 #: keras.ops operation classes that are convolutions (``keras.ops.conv`` etc.)
-_CONV_OPS = ("Conv", "DepthwiseConv", "SeparableConv", "ConvTranspose")
-#: TF op types that are convolutions (graph fallback)
-_TF_CONV_OPS = ("Conv2D", "Conv3D", "DepthwiseConv2dNative", "Conv2DBackpropInput", "Conv3DBackpropInputV2", "Conv")
+_KERAS_CONV_OPS = ("Conv", "DepthwiseConv", "SeparableConv", "ConvTranspose")
 _CONCEPT_CLASSES = frozenset(
     c for m in (CONV, DENSE, NORM, ACTIVATION) for c in m.layers if isinstance(c, str)
 )
@@ -237,9 +235,9 @@ def _graph_convs(layer: Any, args: Any, kwargs: Any) -> List[str]:
     except Exception as e:  # noqa: BLE001 - reported, never raised
         log.debug("cannot trace %s in a graph: %s", layer.name, e)
         return []
-    names = [op.name for op in graph.get_operations() if op.type in _TF_CONV_OPS]
+    names = [op.name for op in graph.get_operations() if op.type in CONV_OPS]
     for fdef in graph.as_graph_def().library.function:
-        names += [f"{fdef.signature.name}/{n.name}" for n in fdef.node_def if n.op in _TF_CONV_OPS]
+        names += [f"{fdef.signature.name}/{n.name}" for n in fdef.node_def if n.op in CONV_OPS]
     return names
 
 
@@ -364,7 +362,7 @@ def _view_from_trace(layer, tree, inputs, outputs, left, prefix) -> View:
             base = f"{op.name}()"
             classes: Tuple[str, ...] = (f"op:{kind}",)
             obj = None
-            if kind in _CONV_OPS:
+            if kind in _KERAS_CONV_OPS:
                 left.append((prefix + base, kind, "a keras.ops convolution in call(), not a layer: nothing to swap"))
         elif attr is None:
             base = f"~{op.name}"

@@ -18,8 +18,8 @@ import keras
 import tensorflow as tf
 
 from ..formats import Format
-from ..ops import per_output_channel
-from .layers import _fmt, quantize_weight
+from ..weights import round_weight
+from .layers import format_arg
 
 __all__ = ["FoldedConvBatchNorm", "foldable"]
 
@@ -60,7 +60,7 @@ class FoldedConvBatchNorm(keras.layers.Layer):
             bn = keras.layers.deserialize(bn)
         self.conv = conv
         self.bn = bn
-        self.weight_format: Format = _fmt(weight_format, "weight_format")
+        self.weight_format: Format = format_arg(weight_format, "weight_format")
         if freeze_bn_after is not None and (isinstance(freeze_bn_after, bool) or not isinstance(freeze_bn_after, int)
                                             or freeze_bn_after < 0):
             raise ValueError(f"freeze_bn_after must be a non-negative int or None, got {freeze_bn_after!r}")
@@ -108,7 +108,7 @@ class FoldedConvBatchNorm(keras.layers.Layer):
         k = kernel.value
         wf = k * (tf.reshape(inv, k.shape[-2:]) if depthwise else inv)
         fmt = self.weight_format
-        wq = per_output_channel(wf, fmt, lambda w: quantize_weight(w, fmt, "nearest"), depthwise=depthwise)
+        wq = round_weight(wf, fmt, "nearest", depthwise=depthwise, fused=True)
         if not training and getattr(self, "_gq_integer", None) is not None:  # the runtime's integer kernel
             from .integer import integer_call
 

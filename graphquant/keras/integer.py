@@ -39,12 +39,14 @@ products of up to 32,385; typical layers stay far below).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional, Tuple
 
 import keras
 import tensorflow as tf
 
 from ..formats import Affine
+from ..weights import exporting_int8, weight_range
 
 __all__ = ["link_integer", "KERNELS", "qparams", "quantize_input_tf", "quantize_multiplier_tf",
            "multiply_by_quantized_multiplier_tf"]
@@ -182,7 +184,8 @@ def _requantize(acc: tf.Tensor, mantissa: tf.Tensor, shift: tf.Tensor, single: b
     return tf.cond(exact, fast, slow)
 
 
-def _eligible_quantize(q: Any) -> bool:
+def eligible_quantize(q: Any) -> bool:
+    """Whether ``q`` is a Quantize layer the integer kernels can stand for (learned 8-bit affine)."""
     from .layers import Quantize
 
     fmt = getattr(q, "format", None)
@@ -204,7 +207,7 @@ def _fusable(layer: Any) -> bool:
 def _upstream_quantize(tensor: Any) -> Optional[Any]:
     for _ in range(16):
         op = tensor._keras_history.operation
-        if _eligible_quantize(op):
+        if eligible_quantize(op):
             return op
         if type(op).__name__ not in _SAME_SCALE or len(op._inbound_nodes) != 1:
             return None
@@ -216,8 +219,8 @@ def _downstream_quantize(layer: Any) -> Optional[Any]:
     side: list = []  # a rounding layer also called with pre_activation= (Quantize.fused_activation)
     for _ in range(4):
         ops = list({id(n.operation): n.operation for n in layer._outbound_nodes}.values())
-        quants = [op for op in ops if _eligible_quantize(op)]
-        others = [op for op in ops if not _eligible_quantize(op)]
+        quants = [op for op in ops if eligible_quantize(op)]
+        others = [op for op in ops if not eligible_quantize(op)]
         if not others and len(quants) == 1 and all(q is quants[0] for q in side):
             return quants[0]
         if len(others) != 1 or not _fusable(others[0]) or len(others[0]._inbound_nodes) != 1:
@@ -273,15 +276,14 @@ def link_integer(model: Any, kernels: Optional[str] = None) -> int:
 
 
 def weight_scale_max(w: tf.Tensor, fmt: Affine, depthwise: bool) -> tf.Tensor:
-    """``max |w|`` per output channel in output-channel order (a scalar for a per-tensor format)."""
-    if fmt.axis is None:
-        return tf.maximum(tf.reduce_max(tf.abs(w)), 1e-12)
-    rank = w.shape.rank
-    if depthwise:
-        m = tf.reduce_max(tf.abs(w), axis=list(range(rank - 2)))
-        return tf.maximum(tf.reshape(m, [-1]), 1e-12)
-    axis = fmt.axis % rank
-    return tf.maximum(tf.reduce_max(tf.abs(w), axis=[i for i in range(rank) if i != axis]), 1e-12)
+    """``max |w|`` per output channel in output-channel order (a scalar for a per-tensor format):
+    the symmetric weight range (:func:`graphquant.weights.weight_range`); a depthwise kernel
+    ``(..., in_channels, multiplier)`` is seen as ``(taps, in_channels * multiplier)``."""
+    sym = dataclasses.replace(fmt, symmetric=True)
+    if fmt.axis is not None and depthwise:
+        w = tf.reshape(w, [-1, int(w.shape[-2]) * int(w.shape[-1])])
+        sym = dataclasses.replace(sym, axis=-1)
+    return weight_range(w, sym)[1]
 
 
 def integer_call(layer: Any, inner: Any, inputs: tf.Tensor, w_float: tf.Tensor, w_rounded: tf.Tensor,
@@ -294,10 +296,9 @@ def integer_call(layer: Any, inner: Any, inputs: tf.Tensor, w_float: tf.Tensor, 
     points are being calibrated or the model is traced for the TFLite
     converter (the caller then runs the float path).
     """
-    from .layers import _EXPORT_INT8_WEIGHTS
 
     in_q, out_q = layer._gq_integer()
-    if in_q._calibrator is not None or out_q._calibrator is not None or _EXPORT_INT8_WEIGHTS[0]:
+    if in_q.calibrating or out_q.calibrating or exporting_int8():
         return None  # being calibrated, or traced for the converter: the float path
     s_in, s_in64, _ = qparams(in_q)
     s_out, _, zp_out = qparams(out_q)
@@ -380,10 +381,9 @@ def _training_now() -> bool:
 def _int_add(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
     """TFLite's reference int8 ADD (``integer_ops/add.h``): inputs shifted left by 20, each scaled by
     ``s_i / (2 max(s_1, s_2))``, summed, scaled by ``2 max(s_1, s_2) / (2**20 s_out)``, zero point, clamp."""
-    from .layers import _EXPORT_INT8_WEIGHTS
 
     qs = layer._gq_integer()
-    if _training_now() or _EXPORT_INT8_WEIGHTS[0] or any(q._calibrator is not None for q in qs):
+    if _training_now() or exporting_int8() or any(q.calibrating for q in qs):
         return orig(inputs, *args, **kwargs)
     (s1, _, _), (s2, _, _), (so, _, zo) = (qparams(q) for q in qs)
     arith = _xnnpack_add_arith if _kernels_of(layer) == "xnnpack" else _add_arith
@@ -435,10 +435,9 @@ def _int_mean(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> 
     """TFLite's reference int8 MEAN over height and width (``reference/reduce.h`` ``QuantizedMeanOrSum``):
     the sum of ``q - zp_in``, requantized with the multiplier of ``s_in / s_out`` whose mantissa is shifted
     left by ``floor(log2(count))`` and divided by the count (int64, truncating), plus ``zp_out``, clamped."""
-    from .layers import _EXPORT_INT8_WEIGHTS
 
     qs = layer._gq_integer()
-    if _training_now() or _EXPORT_INT8_WEIGHTS[0] or any(q._calibrator is not None for q in qs):
+    if _training_now() or exporting_int8() or any(q.calibrating for q in qs):
         return orig(inputs, *args, **kwargs)
     (si, _, zi), (so, _, zo) = (qparams(q) for q in qs)
     x = tf.cast(_round_away(tf.cast(inputs, tf.float64) / si), tf.int64)
@@ -474,10 +473,9 @@ def _int_avg_pool(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any)
     elements inside the input (``SAME`` padding counts fewer), divided by that count rounding half away from
     zero (``(acc +- count / 2) / count``, C division). The requantization: ``MultiplyByQuantizedMultiplier(q -
     zp_in, M, shift) + zp_out`` with ``M = s_in / s_out`` (float32 scales, in double), clamped."""
-    from .layers import _EXPORT_INT8_WEIGHTS
 
     qs = layer._gq_integer()
-    if _training_now() or _EXPORT_INT8_WEIGHTS[0] or any(q._calibrator is not None for q in qs):
+    if _training_now() or exporting_int8() or any(q.calibrating for q in qs):
         return orig(inputs, *args, **kwargs)
     (si, _, zi), (so, _, zo) = (qparams(q) for q in qs)
     q_in = _round_away(tf.cast(inputs, tf.float64) / si) + zi  # the raw int8 values
@@ -517,11 +515,10 @@ def _int_quantize(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any)
     ``floor((x - nudged_min) / scale + 1/2)``, a float32 scale computed in float32): they differ by one LSB on
     a few elements, which deep nets amplify. Used at the model input, and at points that take a Concatenate's
     scale (:func:`_scale_owner`) and that Concatenate's output."""
-    from .layers import _EXPORT_INT8_WEIGHTS
 
     training = kwargs.get("training")
     train = bool(training) if training is not None else _training_now()
-    if train or _EXPORT_INT8_WEIGHTS[0] or layer._calibrator is not None:  # (inference rounds y, not pre_activation)
+    if train or exporting_int8() or layer.calibrating:  # (inference rounds y, not pre_activation)
         return orig(inputs, *args, **kwargs)
     s, _, zp = qparams(layer)
     out = tf.cast(quantize_input_tf(inputs, s, zp) * s, tf.float32)
@@ -535,10 +532,9 @@ def _int_concat(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -
     rounding point feeds only the Concatenate already has that scale (its producer requantizes to it,
     :func:`_scale_owner`); any other input goes through an int8 -> int8 QUANTIZE (``reference/requantize.h``:
     ``MultiplyByQuantizedMultiplier(q - zp_in, M, shift) + zp_out`` with ``M = s_in / s_out``, clamped)."""
-    from .layers import _EXPORT_INT8_WEIGHTS
 
     qs = layer._gq_integer()
-    if _training_now() or _EXPORT_INT8_WEIGHTS[0] or any(q._calibrator is not None for q in qs):
+    if _training_now() or exporting_int8() or any(q.calibrating for q in qs):
         return orig(inputs, *args, **kwargs)
     ups, out_q = qs[:-1], qs[-1]
     so, _, zo = qparams(out_q)
@@ -603,7 +599,7 @@ def _link_op(layer: Any) -> bool:
     if len(layer._inbound_nodes) != 1 or getattr(layer, "data_format", "channels_last") != "channels_last":
         return False
     ins = layer._inbound_nodes[0].input_tensors
-    if _eligible_quantize(layer):
+    if eligible_quantize(layer):
         if len(ins) != 1 or type(ins[0]._keras_history.operation).__name__ != "InputLayer":
             return False
         _override_call(layer, _int_quantize)
@@ -677,10 +673,9 @@ def _int_activation(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: An
     to the point's range (none when that range is LOGISTIC's own ``[0, 255/256]``). ``Activation("swish")``:
     the converter's LOGISTIC then MUL of the input by it (:func:`_mul_int8`). While training, the sigmoid is
     rounded to LOGISTIC's output grid (multiples of 1/256) with a straight-through gradient."""
-    from .layers import _EXPORT_INT8_WEIGHTS
 
     qs = layer._gq_integer()
-    if _EXPORT_INT8_WEIGHTS[0] or any(q._calibrator is not None for q in qs):
+    if exporting_int8() or any(q.calibrating for q in qs):
         return orig(inputs, *args, **kwargs)
     if _training_now():  # QAT: LOGISTIC's output grid (1/256) with a straight-through gradient
         x = tf.convert_to_tensor(inputs)
@@ -705,10 +700,9 @@ def _int_activation(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: An
 
 def _int_mul(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
     """A two-input ``Multiply`` as TFLite's reference int8 MUL (:func:`_mul_int8`), broadcasting."""
-    from .layers import _EXPORT_INT8_WEIGHTS
 
     qs = layer._gq_integer()
-    if _training_now() or _EXPORT_INT8_WEIGHTS[0] or any(q._calibrator is not None for q in qs):
+    if _training_now() or exporting_int8() or any(q.calibrating for q in qs):
         return orig(inputs, *args, **kwargs)
     (s1, _, _), (s2, _, _), (so, _, zo) = (qparams(q) for q in qs)
     out = _mul_int8(_q_minus_zp(inputs[0], s1), _q_minus_zp(inputs[1], s2), s1, s2, so, zo)

@@ -17,9 +17,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ..formats import Affine, Format, check_rounding, format_from_dict, parse_format
-from ..ops import fake_quant, per_output_channel, quantize, symmetric_fake_quant
+from ..formats import Affine, Format, check_rounding, format_from_dict, inference_rounding_for, parse_format
+from ..ops import fake_quant, quantize
 from ..rounding import FUSED_ACTIVATIONS, min_max_fn, xla_enabled
+from ..weights import round_weight
 
 __all__ = ["Quantize", "QuantizeWeights", "StorageRounding", "FoldingBatchNormalization", "quantize_weight"]
 
@@ -29,7 +30,8 @@ log = logging.getLogger(__name__)
 INITIAL_RANGE = (-6.0, 6.0)
 
 
-def _fmt(value: Any, what: str = "format") -> Format:
+def format_arg(value: Any, what: str = "format") -> Format:
+    """A format from a layer argument (string, dict or format); errors name ``what``."""
     if isinstance(value, dict) and "kind" in value:
         return format_from_dict(value)
     try:
@@ -114,11 +116,10 @@ class Quantize(keras.layers.Layer):
                 f"fused_activation must be one of {sorted(FUSED_ACTIVATIONS)} or None, got {fused_activation!r}"
             )
         self.fused_activation = fused_activation
-        self.format = _fmt(format)
+        self.format = format_arg(format)
         self.rounding = check_rounding(rounding, "rounding")
-        if inference_rounding is None:
-            inference_rounding = "nearest" if rounding == "stochastic" else rounding
-        self.inference_rounding = check_rounding(inference_rounding, "inference_rounding")
+        self.inference_rounding = check_rounding(inference_rounding_for(rounding, inference_rounding),
+                                                 "inference_rounding")
         if not isinstance(momentum, (int, float)) or not 0.0 <= float(momentum) < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         self.momentum = float(momentum)
@@ -126,7 +127,7 @@ class Quantize(keras.layers.Layer):
             raise TypeError(f"seed must be an int or None, got {seed!r}")
         self.seed = seed
         self.supports_masking = True
-        self._calibrator: Any = None  # set by graphquant.calibrate (an engine observer)
+        self._calibrator: Any = None  # see observe_with()
         self.seed_generator = None
         if "stochastic" in (self.rounding, self.inference_rounding):
             self.seed_generator = keras.random.SeedGenerator(seed)
@@ -163,6 +164,19 @@ class Quantize(keras.layers.Layer):
         _, hi = min_max_fn(axis, rank, xla_enabled(), need_min=False)(x)
         hi = FUSED_ACTIVATIONS[activation][0](hi)
         return tf.zeros_like(hi), hi
+
+    @property
+    def calibrating(self) -> bool:
+        """Whether the layer feeds an observer instead of rounding (:meth:`observe_with`)."""
+        return self._calibrator is not None
+
+    def observe_with(self, calibrator: Any) -> None:
+        """Route the layer's inputs to ``calibrator.update(layer, inputs)`` (which returns the
+        layer's output) instead of rounding them; ``None`` restores rounding. Calibration
+        (:func:`graphquant.calibrate`) sets it around its passes over the data."""
+        if calibrator is not None and not callable(getattr(calibrator, "update", None)):
+            raise TypeError(f"calibrator must have an update(layer, inputs) method or be None, got {calibrator!r}")
+        self._calibrator = calibrator
 
     def call(self, inputs: Any, training: Any = None, mask: Any = None, pre_activation: Any = None) -> Any:
         if self._calibrator is not None:
@@ -237,48 +251,10 @@ class Quantize(keras.layers.Layer):
         return cfg
 
 
-#: Set by graphquant.tflite while it traces a model for the converter: weights rounded to fewer than 8
-#: symmetric bits are re-expressed as an 8-bit FakeQuant whose step is the same (range +-127 steps), so the
-#: converter stores int8 values that lie on the sub-8-bit grid (it would otherwise pack int4 tensors that
-#: LiteRT's reference kernels do not load).
-_EXPORT_INT8_WEIGHTS = [False]
-
-
-def _as_int8_grid(w: Any, y: tf.Tensor, fmt: Affine, red: Any) -> tf.Tensor:
-    from ..ops import _fake_quant_tf
-
-    levels = 2 ** (fmt.bits - 1) - 1
-    m = tf.maximum(tf.reduce_max(tf.abs(tf.stop_gradient(tf.cast(w, tf.float32))), axis=red), 1e-12)
-    step = m / levels
-    f8 = Affine(8, symmetric=True, narrow_range=True, axis=fmt.axis)
-    rank = w.shape.rank
-    axis = None if fmt.axis is None else fmt.axis % rank
-    return _fake_quant_tf(y, -127.0 * step, 127.0 * step, f8, axis, None, "nearest", None)
-
-
 def quantize_weight(w: Any, fmt: Format, rounding: str = "nearest", seed: Any = None) -> tf.Tensor:
-    """Round a weight tensor; an Affine format without range uses the weight's own range.
-
-    Symmetric formats use ``max|w|`` (per channel along ``fmt.axis``), others
-    ``(min w, max w)`` widened to contain zero; the range carries no gradient.
-    """
-    if not (isinstance(fmt, Affine) and fmt.range is None):
-        return quantize(w, fmt, rounding, seed=seed)
-    w = tf.convert_to_tensor(w)
-    wf = tf.stop_gradient(tf.cast(w, tf.float32))
-    rank = w.shape.rank
-    red = None if fmt.axis is None else [i for i in range(rank) if i != fmt.axis % rank]
-    if fmt.symmetric and rounding == "nearest" and _fast_affine(fmt, w):
-        if _EXPORT_INT8_WEIGHTS[0] and fmt.bits < 8:  # one 8-bit FakeQuant with the sub-8-bit step (same values)
-            return _as_int8_grid(w, w, fmt, red)
-        return symmetric_fake_quant(w, fmt)
-    if fmt.symmetric:
-        m = tf.maximum(tf.reduce_max(tf.abs(wf), axis=red), 1e-12)
-        lo, hi = -m, m
-    else:
-        lo = tf.minimum(tf.reduce_min(wf, axis=red), 0.0)
-        hi = tf.maximum(tf.maximum(tf.reduce_max(wf, axis=red), 0.0), lo + 1e-12)
-    return quantize(w, fmt, rounding, range=(lo, hi), seed=seed)
+    """Round a weight tensor as the Keras layers do: :func:`graphquant.weights.round_weight`
+    (an Affine format without range uses the weight's own range) with its fused symmetric path."""
+    return round_weight(w, fmt, rounding, seed, fused=True)
 
 
 # ----------------------------------------------------------------------------- BN folding
@@ -293,6 +269,26 @@ _FOLD_OUTPUT_SLOT = {
     keras.layers.SeparableConv1D: "pointwise_kernel",
     keras.layers.SeparableConv2D: "pointwise_kernel",
 }
+
+
+# A convolution wrapped in QuantizeWeights offers, on its traced output tensor, to recompute itself with a
+# following BatchNormalization folded into its weights; FoldingBatchNormalization takes the offer. The offer
+# travels with the tensor because a layer's call() sees only its input tensors, not the layer producing them.
+_FOLD_OFFER_ATTR = "_graphquant_fold"
+
+
+def offer_fold(y: Any, folded: Any) -> None:
+    """Attach ``folded(inv, shift) -> tensor`` to the traced output ``y`` of a convolution: the
+    convolution recomputed with per-output-channel scale ``inv`` and shift ``shift`` folded in."""
+    try:
+        setattr(y, _FOLD_OFFER_ATTR, folded)
+    except AttributeError:  # pragma: no cover - a tensor type without attributes
+        pass
+
+
+def fold_offer(x: Any) -> Any:
+    """The ``folded(inv, shift)`` function :func:`offer_fold` attached to ``x``, or None."""
+    return getattr(x, _FOLD_OFFER_ATTR, None)
 
 
 _NO_FOLDING: contextvars.ContextVar[bool] = contextvars.ContextVar("graphquant_no_folding", default=False)
@@ -364,7 +360,7 @@ class FoldingBatchNormalization(keras.layers.BatchNormalization):
 
     def call(self, inputs: Any, training: Any = None, mask: Any = None) -> Any:
         if self.fold and not (training and self.trainable):
-            folder = getattr(inputs, "_graphquant_fold", None)
+            folder = fold_offer(inputs)
             if folder is not None:
                 params = self._fold_params(inputs)
                 if params is not None:
@@ -403,9 +399,9 @@ class QuantizeWeights(keras.layers.Wrapper):
             if not isinstance(s, dict) or "slot" not in s or "format" not in s:
                 raise ValueError(f"each slot must be a dict with 'slot' and 'format', got {s!r}")
             rnd = check_rounding(s.get("rounding", "nearest"), "rounding")
-            inf = s.get("inference_rounding") or ("nearest" if rnd == "stochastic" else rnd)
+            inf = inference_rounding_for(rnd, s.get("inference_rounding") or None)
             norm.append(
-                {"slot": str(s["slot"]), "format": _fmt(s["format"]), "rounding": rnd,
+                {"slot": str(s["slot"]), "format": format_arg(s["format"]), "rounding": rnd,
                  "inference_rounding": check_rounding(inf, "inference_rounding")}
             )  # fmt: skip
         self.slots = norm
@@ -438,8 +434,7 @@ class QuantizeWeights(keras.layers.Wrapper):
 
     def _round_slot(self, s: Dict[str, Any], w: Any, rounding: str, seed: Any) -> tf.Tensor:
         fmt = s["format"]
-        return per_output_channel(w, fmt, lambda t: quantize_weight(t, fmt, rounding, seed),
-                                  depthwise=self._is_depthwise(s["slot"]))
+        return round_weight(w, fmt, rounding, seed, depthwise=self._is_depthwise(s["slot"]), fused=True)
 
     def rounded_weights(self) -> List[Tuple[str, tf.Tensor, tf.Tensor, Format]]:
         """``(slot, float value, value as inference rounds it, format)`` for each rounded weight
@@ -475,10 +470,7 @@ class QuantizeWeights(keras.layers.Wrapper):
             if slot is not None:
                 # Offer a following FoldingBatchNormalization the folded convolution. If it takes
                 # it, ``y`` has no consumer left and TF prunes it from the function graph.
-                try:
-                    y._graphquant_fold = lambda inv, shift: self._folded(inputs, mapping, slot, inv, shift)
-                except AttributeError:  # pragma: no cover - a tensor type without attributes
-                    pass
+                offer_fold(y, lambda inv, shift: self._folded(inputs, mapping, slot, inv, shift))
         return y
 
     def _folded(self, inputs: Any, mapping: List[Any], slot: str, inv: tf.Tensor, shift: tf.Tensor) -> tf.Tensor:
@@ -535,7 +527,7 @@ class StorageRounding(keras.constraints.Constraint):
     """
 
     def __init__(self, format: Any, rounding: str = "nearest", inner: Any = None, seed: Optional[int] = None):
-        self.format = _fmt(format, "weight_storage")
+        self.format = format_arg(format, "weight_storage")
         if isinstance(self.format, Affine) and self.format.range is None:
             raise ValueError("weight_storage: an Affine storage format needs a range")
         if rounding not in ("nearest", "stochastic"):

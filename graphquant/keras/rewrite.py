@@ -23,22 +23,17 @@ import keras
 
 from ..formats import Affine
 from ..patterns import Registry, View
-from ..plan import Plan, QuantizeConfig, make_plan, may_zero_most_weights, zeroed_weights_warning
+from ..plan import CONFIG_KEYS, Plan, QuantizeConfig, make_plan, may_zero_most_weights, zeroed_weights_warning
 from ._speedups import cached_signatures, gc_paused, recursion_room
 from .clone import Rewriter, count_layers
 from .layers import Quantize, QuantizeWeights
 from .storage import apply_weight_storage
-from .view import _is_sequential, check_model, is_graph_model, keras_view
+from .view import is_sequential, check_model, is_graph_model, keras_view
 
 __all__ = ["quantize_model", "inspect", "plan_model", "apply_weight_storage", "zeroed_weights_warnings"]
 
 log = logging.getLogger(__name__)
 
-_CONFIG_KEYS = (
-    "bits", "format", "range", "rounding", "inference_rounding", "activations", "weights", "weight_bits",
-    "weight_format", "weight_rounding", "include", "exclude", "overrides", "dense", "options",
-    "weight_storage", "storage_rounding", "range_momentum",
-)  # fmt: skip
 
 
 def _config(config: Optional[QuantizeConfig], kwargs: Dict[str, Any]) -> QuantizeConfig:
@@ -113,7 +108,7 @@ def inspect(
     """
     if bits is not None:
         kwargs["bits"] = bits
-    bad = set(kwargs) - set(_CONFIG_KEYS)
+    bad = set(kwargs) - set(CONFIG_KEYS)
     if bad:
         raise TypeError(f"inspect() got unexpected keyword arguments {sorted(bad)}")
     return plan_model(model, config, registry, **kwargs)
@@ -239,7 +234,7 @@ def quantize_model(
     t0 = time.perf_counter()
     check_model(model)
     existing, requant_msg = _existing_rounding(model, allow_requantize)
-    bad = set(options) - set(_CONFIG_KEYS)
+    bad = set(options) - set(CONFIG_KEYS)
     if bad:
         raise TypeError(f"quantize_model() got unexpected keyword arguments {sorted(bad)}")
     tgt = None
@@ -292,9 +287,9 @@ def quantize_model(
         plan.notes.append(msg)
     new._graphquant_plan = plan  # for inspection; not serialized
     if calibration_data is not None:
-        from ..ranges import _calibrate_keras
+        from ..ranges import calibrate_keras
 
-        _calibrate_keras(new, calibration_data, calibration_method, percentile=calibration_percentile,
+        calibrate_keras(new, calibration_data, calibration_method, percentile=calibration_percentile,
                          what="calibration_data", verbose=verbose)  # fmt: skip
     if tgt is not None and tgt.integer_arithmetic:
         from .integer import link_integer
@@ -381,10 +376,10 @@ def _target_notes(plan: Plan, tgt: Any, model: keras.Model, split: List[str]) ->
                           f"{', ...' if len(names) > 4 else ''}): no rounding point; the converter calibrates "
                           "its output itself, or it stays float (export_tflite's report then says the model "
                           "is not fully integer)")
-    if tgt.split_activations and not split and _is_sequential(model):
-        from .split import _to_split
+    if tgt.split_activations and not split and is_sequential(model):
+        from .split import to_split
 
-        kept = [l.name for l in model.layers if _to_split(l)]
+        kept = [l.name for l in model.layers if to_split(l)]
         if kept:
             plan.notes.append(f"target {tgt.name}: a Sequential model keeps the own activation of "
                               f"{', '.join(kept[:4])} inside its layer (one rounding after it; the converter "

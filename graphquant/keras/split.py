@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Tuple
 
 import keras
 
-from .view import _is_functional, iter_calls
+from .view import is_functional, iter_calls
 
 __all__ = ["split_activations", "FUSED_INLINE"]
 
@@ -31,7 +31,8 @@ _SPLIT_LAYERS = ("Conv1D", "Conv2D", "Conv3D", "DepthwiseConv1D", "DepthwiseConv
                  "SeparableConv2D", "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose", "Dense")  # fmt: skip
 
 
-def _to_split(layer: Any) -> bool:
+def to_split(layer: Any) -> bool:
+    """Whether :func:`split_activations` moves ``layer``'s inline activation into a layer of its own."""
     if type(layer).__name__ not in _SPLIT_LAYERS:
         return False
     act = getattr(layer, "activation", None)
@@ -43,10 +44,10 @@ def split_activations(model: Any) -> Tuple[Any, List[str]]:
     the converter does not fuse as its own ``Activation`` layer (see the module docstring), and the names of those
     layers; ``(model, [])`` unchanged when there are none, or when ``model`` is not Functional (a Sequential
     model keeps them: a plan note says so)."""
-    if not _is_functional(model):
+    if not is_functional(model):
         return model, []
     calls = iter_calls(model)
-    todo = [op for _, op, node in calls if not node.is_input and _to_split(op)]
+    todo = [op for _, op, node in calls if not node.is_input and to_split(op)]
     if not todo:
         return model, []
     tensors: Dict[int, Any] = {}
@@ -65,7 +66,7 @@ def split_activations(model: Any) -> Tuple[Any, List[str]]:
         if id(op) not in made:
             if not isinstance(op, keras.layers.Layer):  # a plain keras.ops operation: stateless
                 made[id(op)] = op.__class__.from_config(op.get_config())
-            elif _to_split(op):
+            elif to_split(op):
                 cfg = op.get_config()
                 act = cfg["activation"]
                 cfg["activation"] = "linear"

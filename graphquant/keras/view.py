@@ -22,17 +22,19 @@ def _classes(obj: Any) -> Tuple[str, ...]:
     return tuple(c.__name__ for c in type(obj).__mro__ if c is not object)
 
 
-def _is_sequential(m: Any) -> bool:
+def is_sequential(m: Any) -> bool:
+    """Whether ``m`` is a ``keras.Sequential`` model."""
     return isinstance(m, keras.Sequential)
 
 
-def _is_functional(m: Any) -> bool:
-    return isinstance(m, keras.Model) and hasattr(m, "_nodes_by_depth") and not _is_sequential(m)
+def is_functional(m: Any) -> bool:
+    """Whether ``m`` is a functional Keras model (a graph of layers, not Sequential)."""
+    return isinstance(m, keras.Model) and hasattr(m, "_nodes_by_depth") and not is_sequential(m)
 
 
 def is_graph_model(m: Any) -> bool:
     """A Functional or Sequential model (not subclassed)."""
-    return _is_sequential(m) or _is_functional(m)
+    return is_sequential(m) or is_functional(m)
 
 
 def check_model(model: Any, what: str = "model") -> None:
@@ -48,7 +50,7 @@ def check_model(model: Any, what: str = "model") -> None:
             "outputs)), or export it (model.export(path)) and use graphquant.convert_saved_model, or call "
             "graphquant.keras.Quantize / graphquant.quantize yourself inside its call()."
         )
-    if _is_sequential(model) and not model.built:
+    if is_sequential(model) and not model.built:
         raise ValueError(
             f"{what} {model.name!r} is a Sequential model that is not built; give it an Input "
             "(keras.Input(shape=...)) or call it on data once before quantizing"
@@ -62,7 +64,7 @@ def iter_calls(model: keras.Model) -> List[Tuple[str, Any, Any]]:
     """
     out: List[Tuple[str, Any, Any]] = []
     counts: Dict[int, int] = {}
-    if _is_sequential(model):
+    if is_sequential(model):
         for layer in model.layers:
             out.append((layer.name, layer, None))
         return out
@@ -83,7 +85,7 @@ def keras_view(model: keras.Model) -> View:
     check_model(model)
     nodes: List[Node] = []
     children: Dict[str, View] = {}
-    if _is_sequential(model):
+    if is_sequential(model):
         prev = None
         inp = "input"
         nodes.append(Node(inp, "InputLayer", KERAS, classes=("InputLayer",)))
