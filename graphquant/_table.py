@@ -41,6 +41,11 @@ def fit_width(width: Optional[int]) -> Iterator[None]:
         _WIDTH.reset(token)
 
 
+def table_width() -> Optional[int]:
+    """The width tables are fitted to inside :func:`fit_width` (``None``: their natural width)."""
+    return _WIDTH.get()
+
+
 def cut_middle(text: str, width: int) -> str:
     """``text`` in at most ``width`` characters: its middle replaced by "…" when too long."""
     if len(text) <= width:
@@ -84,7 +89,7 @@ def render_table(
     widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
     if max_width is not None:
         widths = [min(w, max_width) for w in widths]
-    limit = width if width is not None else _WIDTH.get()
+    limit = width if width is not None else table_width()
     if limit is not None:
         widths = _fitted(widths, limit)
 

@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Simulate reduced numeric precision inside TensorFlow/Keras models.",
     )
     parser.add_argument("--version", action="version", version=f"graphquant {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more; plan tables also name each SavedModel scope's full function name")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("convert", help="convert a SavedModel (or a .keras/.h5 file)")
@@ -250,6 +250,14 @@ def _fit_tables(cmd: Any) -> Any:
     return run
 
 
+def _plan_table(plan: Any, verbose: bool) -> str:
+    """The plan's table; for a graph plan, the line naming each scope's full function name
+    (``__inference___call___5312``) only with ``--verbose``."""
+    from .graph.planning import GraphPlan
+
+    return plan.table(legend=verbose) if isinstance(plan, GraphPlan) else plan.table()
+
+
 def _write_report(path: Optional[Path], data: Dict[str, Any]) -> None:
     if path is not None:
         from .outputs import write_json_atomic
@@ -270,7 +278,7 @@ def _cmd_convert(ns: argparse.Namespace) -> int:
     if "calibration_data" in kw:
         kw["calibration_data"] = _load_calibration(kw["calibration_data"])
     report = convert_saved_model(src, ns.dst, overwrite=ns.overwrite, verbose=False if ns.quiet else None, **kw)
-    print(report.plan.table())
+    print(_plan_table(report.plan, ns.verbose))
     print(report)
     for w in report.warnings:
         print(f"warning: {w}", file=sys.stderr)
@@ -351,7 +359,7 @@ def _cmd_inspect(ns: argparse.Namespace) -> int:
     if ns.json:
         print(plan.to_json(indent=2))
     else:
-        print(plan.table())
+        print(_plan_table(plan, ns.verbose))
         if not plan.targets:
             print(f"warning: {ns.src}: no convolution found", file=sys.stderr)
     return 0

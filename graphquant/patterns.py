@@ -509,11 +509,6 @@ NORM = Matcher(
 )
 
 
-def _activation_layer_ok(node: Node) -> bool:
-    # Activation("linear") is a no-op; anything else is an activation.
-    return True
-
-
 #: An element-wise activation.
 ACTIVATION = Matcher(
     "activation",

@@ -47,7 +47,7 @@ def test_inspect_and_convert(tiny, tmp_path):
     fname = plan["points"][0]["scope"][0]
     assert fname.startswith("__inference_serve_")  # the JSON names the real function
     # the table names the function by its base name, and says once which function that is
-    p = run("inspect", str(tiny), "--bits", "8")
+    p = run("-v", "inspect", str(tiny), "--bits", "8")
     assert p.returncode == 0, p.stderr
     row = p.stdout.splitlines()[2].split()
     assert row[:3] == ["0", "serve/Conv2D", "Conv2D"]
@@ -58,6 +58,7 @@ def test_inspect_and_convert(tiny, tmp_path):
             "--json", str(tmp_path / "r.json"))
     assert p.returncode == 0, p.stderr
     assert "1 convolutions, 1 graphquant nodes, 1 weights pre-rounded" in p.stdout
+    assert "serve/Conv2D" in p.stdout and "__inference_" not in p.stdout  # the full function name only with -v
     assert json.loads((tmp_path / "r.json").read_text())["inserted"] == 1
     y = tf.saved_model.load(str(tmp_path / "q")).signatures["serving_default"](x=tf.ones([1, 6, 6, 1]))["y"]
     assert y.shape == (1, 6, 6, 2)
@@ -337,3 +338,43 @@ def test_tables_fit_the_terminal(conv_dense_file, capsys, monkeypatch):
     assert all(len(l) <= 80 for l in narrow[:3]), narrow
     layer = narrow[2].split()[1]  # both ends of the name kept
     assert layer.startswith("block") and layer.endswith("ndeed") and "…" in layer and len(layer) < 30
+
+
+@pytest.fixture(scope="module")
+def long_name_sm(tmp_path_factory):
+    """A SavedModel whose convolution has a long node name, inside the function ``__inference_serve_<n>``."""
+
+    class LongName(tf.Module):
+        def __init__(self):
+            self.w = tf.Variable(np.random.RandomState(0).normal(size=(3, 3, 1, 2)).astype("float32"))
+
+        @tf.function(input_signature=[tf.TensorSpec([1, 6, 6, 1], tf.float32, name="x")])
+        def serve(self, x):
+            y = tf.nn.conv2d(x, self.w, 1, "SAME", name="block_one_expand_conv_with_a_very_long_name_indeed")
+            return {"y": tf.nn.relu(y)}
+
+    path = tmp_path_factory.mktemp("cli_long") / "sm"
+    m = LongName()
+    tf.saved_model.save(m, str(path), signatures={"serving_default": m.serve})
+    return path
+
+
+def test_saved_model_table_fits_the_terminal_and_names_functions_only_when_verbose(long_name_sm, capsys, monkeypatch):
+    """graphquant inspect on a SavedModel: in a terminal of 80 columns the table fits (the long layer path cut
+    in the middle); piped, the layer column is whole. The function scope is shown by its short name; its full
+    name (``__inference_serve_<n>``) appears only with --verbose, on the one line mapping the short name to it."""
+    from graphquant.cli import main
+
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main(["inspect", str(long_name_sm), "--bits", "8", "--weights"]) == 0
+    narrow = capsys.readouterr().out.splitlines()
+    assert all(len(l) <= 80 for l in narrow[:4]), narrow
+    layer = narrow[2].split()[1]
+    assert layer.startswith("serve") and layer.endswith("deed") and "…" in layer  # both ends kept
+    assert "__inference_" not in "\n".join(narrow)
+    monkeypatch.delenv("COLUMNS")
+    assert main(["--verbose", "inspect", str(long_name_sm), "--bits", "8", "--weights"]) == 0
+    wide = capsys.readouterr().out.splitlines()
+    assert wide[2].split()[1] == "serve/block_one_expand_conv_with_a_very_long_name_indeed"
+    (legend,) = [l for l in wide if "__inference_" in l]
+    assert legend.startswith("scopes: serve = __inference_serve_")

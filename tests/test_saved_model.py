@@ -11,7 +11,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 import graphquant.graph as gg
-from graphquant.graph.view import CONV_OPS
+from graphquant.patterns import CONV_OPS
 
 
 class ConvModule(tf.Module):

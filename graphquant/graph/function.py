@@ -14,7 +14,8 @@ from ..ranges import calibration_batches, check_inputs
 from ..calibration import progress
 from .calibrate import RangeCollector, insert_observers, needs_calibration
 from .liveness import check_live
-from .planning import apply_plan, plan_graph_def
+from .apply import apply_plan
+from .planning import plan_graph_def
 from .rewrite import follow_redirects, rounding_nodes
 
 log = logging.getLogger(__name__)

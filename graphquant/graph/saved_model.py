@@ -30,7 +30,8 @@ from ..weights import round_weight_array
 from .calibrate import RangeCollector, insert_observers, needs_calibration
 from .function import config_from_kwargs
 from .liveness import _called, check_live, tensor_node
-from .planning import apply_plan, plan_graph_def
+from .apply import apply_plan
+from .planning import plan_graph_def
 from .rewrite import follow_redirects, rounding_nodes
 
 log = logging.getLogger(__name__)
