@@ -292,6 +292,34 @@ def test_short_scope_names_unique():
     assert short["__inference_block_3"] != short["block_3"]
 
 
+def test_graph_view_is_the_neutral_view(module_sm):
+    """graph_view reads a GraphDef straight into patterns.View: the top level with one child view per library
+    function (those asked to be skipped left out), nodes named inside their function, a function's arguments
+    not nodes, its return values the consumer "<return>", variable reads flagged as parameters."""
+    from graphquant.graph.view import graph_view
+    from graphquant.patterns import GRAPH, View
+
+    sm = saved_model_pb2.SavedModel()
+    sm.ParseFromString((Path(module_sm) / "saved_model.pb").read_bytes())
+    gd = sm.meta_graphs[0].graph_def
+    functions = [f.signature.name for f in gd.library.function]
+    skip = [f for f in functions if f.startswith("__inference__traced_save")]
+    view = graph_view(gd, skip_functions=skip)
+    assert isinstance(view, View) and view.name == "graph" and len(skip) == 1
+    assert set(view.children) == set(functions) - set(skip)
+    (fname,) = [f for f in functions if f.startswith("__inference_serve_")]
+    serve = view.children[fname]
+    assert serve.name == fname and all(n.domain == GRAPH for n in serve)
+    conv = serve["Conv2D"]
+    assert conv.inputs == ["image", "Conv2D/ReadVariableOp"] and "image" not in serve
+    assert conv.attrs["parameter_inputs"] == [False, True] and not conv.attrs["parameter"]
+    assert serve["Conv2D/ReadVariableOp"].attrs["parameter"] and serve["Conv2D/ReadVariableOp"].consumers == ["Conv2D"]
+    assert serve["Identity"].consumers == ["<return>"]
+    assert [n.name for n in serve.producers("BiasAdd")] == ["Conv2D", "BiasAdd/ReadVariableOp"]
+    with pytest.raises(TypeError, match="graph_def"):
+        graph_view(fname)
+
+
 def test_inspect_table_short_scopes(keras_sm):
     src, n_conv = keras_sm
     plan = gg.inspect_saved_model(src, bits=8, weights=True)
