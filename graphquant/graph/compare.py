@@ -35,12 +35,12 @@ def checkpoint_weight_errors(src: Path, dst: Path) -> List[WeightError]:
     prefix = lambda p: str(p / "variables" / "variables")
     if not (src / "variables" / "variables.index").is_file() or not (dst / "variables" / "variables.index").is_file():
         return []
-    from .saved_model import _load_object_keys, read_saved_model
+    from .saved_model import load_object_keys, read_saved_model
 
     names: Dict[str, str] = {}  # checkpoint key -> the variable's own name (e.g. "c1/kernel"), when recorded
     try:
         og = read_saved_model(src).meta_graphs[0].object_graph_def
-        for i, key in _load_object_keys(src).items():
+        for i, key in load_object_keys(src).items():
             if i < len(og.nodes) and og.nodes[i].WhichOneof("kind") == "variable" and og.nodes[i].variable.name:
                 names[key] = og.nodes[i].variable.name
     except Exception:  # noqa: BLE001 - names are a convenience; the keys still say which variable
