@@ -163,7 +163,8 @@ def test_no_convolution_warns():
     def double(x):
         return x * 2.0
 
-    with pytest.warns(UserWarning, match="no convolution matched the quantization patterns"):
+    with pytest.warns(UserWarning, match="no convolution matched the quantization patterns") as rec:
         qd = gg.quantize_function(double, bits=8)
+    assert [w.filename for w in rec if "no convolution" in str(w.message)] == [__file__]  # at the caller
     assert not qd.inserted
     np.testing.assert_array_equal(qd(np.ones((1, 4), "float32")).numpy(), np.full((1, 4), 2.0))

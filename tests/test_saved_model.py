@@ -210,7 +210,7 @@ def test_no_convolution_is_a_user_warning_in_the_report(tmp_path):
     with pytest.warns(UserWarning, match="no convolution matched the quantization patterns") as rec:
         rep = gg.convert_saved_model(tmp_path / "noconv", tmp_path / "o", bits=8)
     msg = no_match_message(str(tmp_path / "noconv"), "the model is copied unchanged")
-    assert [str(w.message) for w in rec if "no convolution" in str(w.message)] == [msg]
+    assert [(str(w.message), w.filename) for w in rec if "no convolution" in str(w.message)] == [(msg, __file__)]
     assert rep.warnings == [msg]
 
 

@@ -734,20 +734,8 @@ def convert_saved_model(
                      registry, seed)
     fingerprint = outputs.fingerprint_tree(src_p)
     warned: List[str] = []
-    existing = sum(len(rounding_nodes(mg.graph_def)) for mg in sm.meta_graphs)
-    if existing:
-        _requantize_check(f"{src_p}: already quantized ({existing} graphquant rounding nodes)", allow_requantize, warned)
-    plans = _plan_meta_graphs(sm, cfg, registry, src_p)
-    plan = _combine(plans, sm)
-    if existing:
-        plan.notes.append(f"requantized: the source already had {existing} graphquant rounding nodes; a second rounding is stacked")
+    plans, plan, existing = _plan_conversion(sm, src_p, cfg, registry, allow_requantize, warned)
     plan.check_calibration(calibration_data, calibration_method, calibration_percentile)
-    if not plan.targets:
-        msg = no_match_message(str(src_p), "the model is copied unchanged")
-        warnings.warn(msg, UserWarning, stacklevel=2)
-        log.warning("%s", msg)
-        warned.append(msg)
-
     dst_p.parent.mkdir(parents=True, exist_ok=True)
     outputs.remove_stale_tmp(dst_p.parent)  # left by a conversion that was killed
     tmp_root = outputs.make_tmp_dir(dst_p)
@@ -784,6 +772,26 @@ def convert_saved_model(
     )
     log.info("%s", report)
     return report
+
+
+def _plan_conversion(sm, src: Path, cfg: QuantizeConfig, registry: Optional[Registry], allow_requantize: bool,
+                     warned: List[str]) -> Tuple[List[Plan], Plan, int]:  # fmt: skip
+    """The plan of each meta graph, their combination, and how many graphquant rounding nodes the source
+    already has (refused unless ``allow_requantize``). No convolution matched is a ``UserWarning`` at
+    ``convert_saved_model``'s caller, logged and added to ``warned``, like every warning of a conversion."""
+    existing = sum(len(rounding_nodes(mg.graph_def)) for mg in sm.meta_graphs)
+    if existing:
+        _requantize_check(f"{src}: already quantized ({existing} graphquant rounding nodes)", allow_requantize, warned)
+    plans = _plan_meta_graphs(sm, cfg, registry, src)
+    plan = _combine(plans, sm)
+    if existing:
+        plan.notes.append(f"requantized: the source already had {existing} graphquant rounding nodes; a second rounding is stacked")
+    if not plan.targets:
+        msg = no_match_message(str(src), "the model is copied unchanged")
+        warnings.warn(msg, UserWarning, stacklevel=3)
+        log.warning("%s", msg)
+        warned.append(msg)
+    return plans, plan, existing
 
 
 @dataclass
