@@ -16,12 +16,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..report import CompareReport, Stats, WeightError, error_sums, output_error, point_error, weight_error
 from ..types import DataLike
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only
+    from tensorflow.core.protobuf.saved_model_pb2 import SavedModel
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +182,7 @@ class _GraphPoint:
     rounding: Optional[str] = None
 
 
-def q_nodes(sm: Any) -> List[_GraphPoint]:
+def q_nodes(sm: SavedModel) -> List[_GraphPoint]:
     """Every ``graphquant/q...`` activation node of a converted SavedModel."""
     from .rewrite import ROUNDING_ATTR
     from .view import parse_input

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple, Union
 
 import tensorflow as tf
 
@@ -178,7 +178,7 @@ def _run_flat(fn, cf, batch) -> None:
 
 
 def quantize_function(
-    fn: Any,
+    fn: Union[tf.types.experimental.PolymorphicFunction, tf.types.experimental.ConcreteFunction],
     bits: Optional[int] = None,
     *,
     format: Optional[FormatLike] = None,

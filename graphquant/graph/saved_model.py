@@ -17,7 +17,7 @@ import time
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Set, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple, Union
 
 from google.protobuf.message import DecodeError
 
@@ -34,6 +34,9 @@ from .function import config_from_kwargs
 from .liveness import called_functions, check_live, tensor_node
 from .planning import apply_plan, plan_graph_def
 from .rewrite import follow_redirects, rounding_nodes
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only
+    from tensorflow.core.protobuf.saved_model_pb2 import SavedModel
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +138,7 @@ def is_saved_model(path: PathLike) -> bool:
     return p.is_dir() and ((p / "saved_model.pb").is_file() or (p / "saved_model.pbtxt").is_file())
 
 
-def read_saved_model(path: PathLike):
+def read_saved_model(path: PathLike) -> SavedModel:
     """Parse ``path/saved_model.pb``; raise :class:`SavedModelError` naming the problem."""
     from tensorflow.core.protobuf import saved_model_pb2
 
