@@ -73,8 +73,18 @@ def _import(graph_def, cf, redirects: Optional[Dict[str, str]] = None) -> Any:
     return wrapped.prune(feeds, fetches)
 
 
-def _rename_edited(graph_def, names) -> None:
-    """Give edited library functions new names (and update every reference to them).
+def _library_copy(graph_def) -> Dict[str, Any]:
+    """A copy of each library function of ``graph_def`` by name (what :func:`_rename_edited` compares with)."""
+    out = {}
+    for f in graph_def.library.function:
+        out[f.signature.name] = type(f)()
+        out[f.signature.name].CopyFrom(f)
+    return out
+
+
+def _rename_edited(graph_def, before: Dict[str, Any]) -> None:
+    """Give the library functions whose body differs from ``before`` (name -> FunctionDef, the
+    unedited library) new names, and update every reference to them.
 
     The process may already hold a function of the same name with the
     unedited body (e.g. rewriting a function that was itself rewritten), and
@@ -84,11 +94,12 @@ def _rename_edited(graph_def, names) -> None:
 
     from .rewrite import rename_functions
 
-    lib = {f.signature.name: f for f in graph_def.library.function}
     mapping = {}
-    for name in names:
-        digest = hashlib.sha1(lib[name].SerializeToString(deterministic=True)).hexdigest()[:10]
-        mapping[name] = f"{name}_graphquant_{digest}"
+    for f in graph_def.library.function:
+        name = f.signature.name
+        if name in before and f != before[name]:
+            digest = hashlib.sha1(f.SerializeToString(deterministic=True)).hexdigest()[:10]
+            mapping[name] = f"{name}_graphquant_{digest}"
     if not mapping:
         return
     for nd in graph_def.node:
@@ -293,9 +304,7 @@ def _calibrate(cf: Any, gd: Any, plan: Plan, data: Any, method: str, percentile:
     insert_observers(obs, plan, collector, obs_redirects)
     # functions holding an observer, or passing its variables into an XLA body, are edited:
     # new names (the process holds the originals)
-    before = {f.signature.name: f for f in gd.library.function}
-    _rename_edited(obs, [f.signature.name for f in obs.library.function
-                         if f.signature.name in before and f != before[f.signature.name]])  # fmt: skip
+    _rename_edited(obs, {f.signature.name: f for f in gd.library.function})
     runner = _import(obs, cf, obs_redirects)
     try:
         batches = calibration_batches(data, check=lambda b: _check_flat(cf, b))
@@ -310,10 +319,11 @@ def _apply(cf: Any, gd: Any, plan: Plan, ranges: Dict[str, Tuple[float, float]],
            fname: str) -> Tuple[Any, list]:  # fmt: skip
     """Edit ``gd`` by ``plan`` (refusing a rounding that reaches no output) and import it as a function
     with ``cf``'s captures; returns that function and the inserted node names."""
+    before = _library_copy(gd)
     edits = apply_plan(gd, plan, ranges=ranges, seed=seed)
     redirects = edits["editor"].redirects
     check_live(gd, edits["inserted_at"], model=f"quantize_function({fname})",
                outputs=[follow_redirects(redirects, t.name) for t in cf.outputs],
                control_outputs=[op.name for op in cf.graph.control_outputs])
-    _rename_edited(gd, [name for name in edits["editor"]._scopes if name])
+    _rename_edited(gd, before)
     return _import(gd, cf, redirects), edits["inserted"]
