@@ -361,7 +361,9 @@ def _cmd_inspect(ns: argparse.Namespace) -> int:
     else:
         print(_plan_table(plan, ns.verbose))
         if not plan.targets:
-            print(f"warning: {ns.src}: no convolution found", file=sys.stderr)
+            from .plan import no_match_message
+
+            print(f"warning: {no_match_message(ns.src, 'nothing would be rounded')}", file=sys.stderr)
     return 0
 
 

@@ -727,3 +727,36 @@ def _plan_into(plan: Plan, view: View, config: QuantizeConfig, registry: Registr
                 )
     for name, child in view.children.items():
         _plan_into(plan, child, config, registry, scope + (name,))
+
+
+# --------------------------------------------------------------------------- front ends
+def resolve_config(config: Optional[QuantizeConfig], options: Mapping[str, Any]) -> QuantizeConfig:
+    """The :class:`QuantizeConfig` of a front-end call (``quantize_model``, ``inspect``,
+    ``convert_saved_model``, ``inspect_saved_model``, ``quantize_function``): a prepared
+    ``config`` or the keyword ``options`` the caller gave, not both.
+
+    An option at :meth:`QuantizeConfig.create`'s default (``rounding="nearest"``,
+    ``bits=None``, ...) counts as not given, so every front end has the same defaults:
+    neither ``bits`` nor ``format`` is 8-bit affine.
+
+    Raises:
+        TypeError: ``config`` is not a :class:`QuantizeConfig`.
+        ValueError: ``config`` and options both given (the message names the options), or an
+            invalid option (from :meth:`QuantizeConfig.create`).
+    """
+    defaults = {k: p.default for k, p in inspect.signature(QuantizeConfig.create).parameters.items()}
+    given = {k: v for k, v in options.items()
+             if k not in defaults or not (v is defaults[k] or (type(v) is type(defaults[k]) and v == defaults[k]))}
+    if config is not None:
+        if not isinstance(config, QuantizeConfig):
+            raise TypeError(f"config must be a graphquant.QuantizeConfig, got {type(config).__name__}")
+        if given:
+            raise ValueError(f"give config= or keyword options, not both (got {sorted(given)})")
+        return config
+    return QuantizeConfig.create(**given)
+
+
+def no_match_message(what: str, result: str) -> str:
+    """The warning every front end gives when no convolution matched the patterns (nothing is
+    rounded): ``what`` names the model or function, ``result`` says what is returned or written."""
+    return f"{what}: no convolution matched the quantization patterns; {result}"

@@ -134,3 +134,37 @@ def test_depthwise_multiplier_in_a_saved_model_checkpoint(tmp_path):
     got = tf.saved_model.load(str(tmp_path / "dst")).signatures["serving_default"](x=tf.constant(X))["z"].numpy()
     want = tf.nn.depthwise_conv2d(X, _per_output_channel_rounded(k), [1, 1, 1, 1], "SAME").numpy()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_default_bits_and_config_like_quantize_model():
+    """Issue 16: no bits/format is bits=8 (as in quantize_model); config= takes a QuantizeConfig."""
+    from graphquant.plan import QuantizeConfig
+
+    f, _ = _make()
+    q8 = gg.quantize_function(f, bits=8)
+    q0 = gg.quantize_function(f)
+    qc = gg.quantize_function(f, config=QuantizeConfig.create(8))
+    assert q0.plan.to_dict() == q8.plan.to_dict() == qc.plan.to_dict()
+    ref = q8(X)
+    for q in (q0, qc):
+        out = q(X)
+        for k in ref:
+            np.testing.assert_array_equal(out[k].numpy(), ref[k].numpy())
+    e4 = gg.quantize_function(f, config=QuantizeConfig.create(format="e4m3"))
+    assert {str(p.format) for p in e4.plan.activations} == {"e4m3"}
+    with pytest.raises(TypeError, match="config must be a graphquant.QuantizeConfig, got dict"):
+        gg.quantize_function(f, config={"bits": 8})
+    with pytest.raises(ValueError, match=r"config= or keyword options, not both \(got \['bits'\]\)"):
+        gg.quantize_function(f, bits=4, config=QuantizeConfig.create(8))
+
+
+def test_no_convolution_warns():
+    @tf.function(input_signature=[tf.TensorSpec([None, 4], tf.float32)])
+    def double(x):
+        return x * 2.0
+
+    with pytest.warns(UserWarning, match="no convolution matched the quantization patterns") as rec:
+        qd = gg.quantize_function(double, bits=8)
+    assert [w.filename for w in rec if "no convolution" in str(w.message)] == [__file__]  # at the caller
+    assert not qd.inserted
+    np.testing.assert_array_equal(qd(np.ones((1, 4), "float32")).numpy(), np.full((1, 4), 2.0))

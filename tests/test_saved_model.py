@@ -202,6 +202,45 @@ def test_no_convolution_warns_and_copies(tmp_path, caplog):
     np.testing.assert_array_equal(y.numpy(), np.full((1, 4), 2.0))
 
 
+def test_no_convolution_is_a_user_warning_in_the_report(tmp_path):
+    from graphquant.plan import no_match_message
+
+    m = NoConv()
+    tf.saved_model.save(m, str(tmp_path / "noconv"), signatures=m.serve)
+    with pytest.warns(UserWarning, match="no convolution matched the quantization patterns") as rec:
+        rep = gg.convert_saved_model(tmp_path / "noconv", tmp_path / "o", bits=8)
+    msg = no_match_message(str(tmp_path / "noconv"), "the model is copied unchanged")
+    assert [(str(w.message), w.filename) for w in rec if "no convolution" in str(w.message)] == [(msg, __file__)]
+    assert rep.warnings == [msg]
+
+
+def test_default_bits_and_config_like_quantize_model(module_sm, tmp_path):
+    """Issue 16: no bits/format is bits=8 (as in quantize_model); config= takes a QuantizeConfig."""
+    from graphquant.outputs import read_manifest
+    from graphquant.plan import QuantizeConfig
+
+    r8 = gg.convert_saved_model(module_sm, tmp_path / "b8", bits=8)
+    r0 = gg.convert_saved_model(module_sm, tmp_path / "none")
+    assert r0.plan.to_dict() == r8.plan.to_dict() and r0.inserted == r8.inserted == 4
+    assert read_manifest(tmp_path / "none")["options"] == read_manifest(tmp_path / "b8")["options"]
+    a = tf.saved_model.load(str(tmp_path / "b8")).signatures["serving_default"](image=tf.constant(X))
+    b = tf.saved_model.load(str(tmp_path / "none")).signatures["serving_default"](image=tf.constant(X))
+    for k in a:
+        np.testing.assert_array_equal(a[k].numpy(), b[k].numpy())
+    assert gg.inspect_saved_model(module_sm).to_dict() == gg.inspect_saved_model(module_sm, bits=8).to_dict()
+    cfg = QuantizeConfig.create(format="e4m3", weights=True)
+    plan = gg.inspect_saved_model(module_sm, config=cfg)
+    assert plan.config is cfg and {str(p.format) for p in plan.activations} == {"e4m3"}
+    rc = gg.convert_saved_model(module_sm, tmp_path / "cfg", config=cfg)
+    assert rc.plan.to_dict() == plan.to_dict() and rc.prerounded > 0
+    for fn in (gg.inspect_saved_model, lambda p, **kw: gg.convert_saved_model(p, tmp_path / "bad", **kw)):
+        with pytest.raises(TypeError, match="config must be a graphquant.QuantizeConfig, got str"):
+            fn(module_sm, config="e4m3")
+        with pytest.raises(ValueError, match="config= or keyword options, not both"):
+            fn(module_sm, config=cfg, bits=8)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_unsupported_dtype(tmp_path):
     class IntConv(tf.Module):
         @tf.function(input_signature=[tf.TensorSpec([1, 4, 4, 1], tf.int32)])

@@ -14,13 +14,17 @@ The observed graph is only ever run here, never saved.
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from tensorflow.core.framework import graph_pb2, node_def_pb2
 
 from .. import calibration as engine
 from ..plan import Plan
 from .planning import scope_name
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only
+    from ..formats import Format
+    from .rewrite import GraphEditor
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +49,11 @@ class RangeCollector:
         self.method = method
         self.percentile = float(percentile)
         self.observers: Dict[str, engine.Observer] = {}
-        self.formats: Dict[str, Any] = {}
+        self.formats: Dict[str, Optional[Format]] = {}
 
-    def observer(self, path: str, fmt: Any = None) -> engine.Observer:
+    def observer(self, path: str, fmt: Optional[Format] = None) -> engine.Observer:
+        """The observer of the tensor at ``path`` (made at the first call; ``fmt``: the point's format,
+        which bounds the range the method may choose)."""
         if path not in self.observers:
             self.observers[path] = engine.Observer(path, histogram=self.method != "minmax")
             self.formats[path] = fmt
@@ -66,7 +72,7 @@ class RangeCollector:
         engine.release_all(list(self.observers.values()))
 
 
-def splice_observer(ed: Any, sc: Any, ref: str, dtype: int, observer: engine.Observer, name: str) -> Any:
+def splice_observer(ed: GraphEditor, sc: Any, ref: str, dtype: int, observer: engine.Observer, name: str) -> Any:
     """Add a call ``observer(ref, *handles)`` to scope ``sc`` of editor ``ed`` (handles of the
     observer's variables, see :meth:`GraphEditor.resource_handle`: passed in as arguments where
     XLA compiles the scope); return the call node (output 0 is ``ref``'s value)."""

@@ -16,11 +16,15 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..report import CompareReport, Stats, WeightError, error_sums, output_error, point_error, weight_error
+from ..types import DataLike
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only
+    from tensorflow.core.protobuf.saved_model_pb2 import SavedModel
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +39,12 @@ def checkpoint_weight_errors(src: Path, dst: Path) -> List[WeightError]:
     prefix = lambda p: str(p / "variables" / "variables")
     if not (src / "variables" / "variables.index").is_file() or not (dst / "variables" / "variables.index").is_file():
         return []
-    from .saved_model import _load_object_keys, read_saved_model
+    from .saved_model import load_object_keys, read_saved_model
 
     names: Dict[str, str] = {}  # checkpoint key -> the variable's own name (e.g. "c1/kernel"), when recorded
     try:
         og = read_saved_model(src).meta_graphs[0].object_graph_def
-        for i, key in _load_object_keys(src).items():
+        for i, key in load_object_keys(src).items():
             if i < len(og.nodes) and og.nodes[i].WhichOneof("kind") == "variable" and og.nodes[i].variable.name:
                 names[key] = og.nodes[i].variable.name
     except Exception:  # noqa: BLE001 - names are a convenience; the keys still say which variable
@@ -178,7 +182,7 @@ class _GraphPoint:
     rounding: Optional[str] = None
 
 
-def q_nodes(sm: Any) -> List[_GraphPoint]:
+def q_nodes(sm: SavedModel) -> List[_GraphPoint]:
     """Every ``graphquant/q...`` activation node of a converted SavedModel."""
     from .rewrite import ROUNDING_ATTR
     from .view import parse_input
@@ -330,8 +334,13 @@ def _stash_dtype(fn: Any, shared_name: str) -> Any:
     return None
 
 
-def compare_saved_models(src: Path, dst: Path, data: Any, signature: str, batch_size: int,
+def compare_saved_models(src: Path, dst: Path, data: DataLike, signature: str, batch_size: int,
                           steps: Optional[int], verbose: Optional[bool] = None) -> CompareReport:  # fmt: skip
+    """The per-point error report of SavedModel ``dst`` (converted from ``src``) on ``data`` fed to
+    ``signature`` of both (the back end of :func:`graphquant.compare` for SavedModels)."""
+    import tensorflow as tf
+
+    from ..calibration import progress
     from .saved_model import read_saved_model
 
     t0 = time.perf_counter()
@@ -340,56 +349,25 @@ def compare_saved_models(src: Path, dst: Path, data: Any, signature: str, batch_
     notes: List[str] = []
     if not points:
         notes.append(f"{dst} has no graphquant activation node (graphquant/q...)")
-    import tensorflow as tf
-
-    from ..calibration import progress
-
     obs = _GraphObservers()
     tmp = Path(tempfile.mkdtemp(prefix=".graphquant-compare-"))
     handles: List[Dict[str, Any]] = []
     try:
-        obs_f, missing = _observed_copy(sm_f, points, obs, quantized=False)
-        with_ref = {p.key for p in points} - set(missing)
-        obs_q, _ = _observed_copy(sm_q, points, obs, quantized=True, has_ref=with_ref)
-        if missing:
-            notes.append(f"{len(missing)} point(s) have no counterpart in {src}; compared against the rounding's input")
-        f_loaded = _load_observed(obs_f, src, tmp, "float")
-        q_loaded = _load_observed(obs_q, dst, tmp, "quantized")
-        for what, loaded, path in (("model", f_loaded, src), ("quantized", q_loaded, dst)):
-            if signature not in loaded.signatures:
-                raise ValueError(f"signature: {path} has no signature {signature!r} (has {sorted(loaded.signatures)})")
-        f_fn, q_fn = f_loaded.signatures[signature], q_loaded.signatures[signature]
-        obs.rebind("float", [f_fn.graph.as_graph_def()])
-        obs.rebind("quantized", [q_fn.graph.as_graph_def()])
-        specs = f_fn.structured_input_signature[1]
+        loaded, with_ref = _load_observed_pair(sm_f, sm_q, src, dst, points, obs, tmp, notes)
+        f_fn, q_fn = _signature_pair(loaded, (src, dst), signature, obs)
         dtypes = _observer_variables(obs, points, with_ref, f_fn, handles)
+        run = _PointRuns(points, with_ref, handles, dtypes, notes)
         ostats: Dict[str, Stats] = {}
         samples = batches = 0
-        counts_f = [0] * len(points)
-        counts_q = [0] * len(points)
-        bad = set()
-        for feed in progress(_feeds(data, specs, batch_size, steps), "comparing", verbose):
+        for feed in progress(_feeds(data, f_fn.structured_input_signature[1], batch_size, steps), "comparing", verbose):
             f_out = f_fn(**feed)
-            runs_f: List[Optional[int]] = [None] * len(points)  # runs of each point in the float model
-            for i, p in enumerate(points):
-                if p.key in with_ref:
-                    c = int(tf.raw_ops.ReadVariableOp(resource=handles[i]["cnt"], dtype=tf.int64))
-                    if c > counts_f[i]:  # the float model ran the point: hand its tensor over (on the device)
-                        ref = tf.raw_ops.ReadVariableOp(resource=handles[i]["ref_f"], dtype=dtypes[i])
-                        tf.raw_ops.AssignVariableOp(resource=handles[i]["ref_q"], value=ref)
-                    runs_f[i], counts_f[i] = c - counts_f[i], c
+            run.after_float()
             try:
                 q_out = q_fn(**feed)
             except tf.errors.InvalidArgumentError as e:
                 raise ValueError("shape mismatch between the float and the quantized tensor at a rounding point "
                                  f"({str(e).splitlines()[0]})") from None  # fmt: skip
-            for i, p in enumerate(points):
-                c = int(tf.raw_ops.ReadVariableOp(resource=handles[i]["qcnt"], dtype=tf.int64))
-                dq, counts_q[i] = c - counts_q[i], c
-                dc = runs_f[i]
-                if dc is not None and dq and dc != dq:
-                    notes.append(f"{p.qnode}: ran a different number of times in the two models; skipped")
-                    bad.add(p.key)
+            run.after_quantized()
             samples += int(next(iter(feed.values())).shape[0])
             batches += 1
             for k in f_out:
@@ -397,15 +375,8 @@ def compare_saved_models(src: Path, dst: Path, data: Any, signature: str, batch_
                     ostats.setdefault(k, Stats()).add(error_sums(f_out[k], q_out[k]).numpy())
         if batches == 0:
             raise ValueError("data is empty: no batch to compare on")
-        stats = {}
-        for i, p in enumerate(points):
-            if p.key in bad or not counts_q[i]:
-                continue
-            st = Stats()
-            st.add(tf.raw_ops.ReadVariableOp(resource=handles[i]["sums"], dtype=tf.float64).numpy(), local=True,
-                   clip_known=p.range is not None)  # fmt: skip
-            stats[p.key] = st
-        del f_loaded, q_loaded, f_fn, q_fn
+        stats = run.stats()
+        del loaded, f_fn, q_fn
     finally:
         for h in handles:
             for v in h.values():
@@ -415,6 +386,85 @@ def compare_saved_models(src: Path, dst: Path, data: Any, signature: str, batch_
     outputs = [output_error(k, s) for k, s in ostats.items()]
     return CompareReport(report_points, outputs, samples, batches, time.perf_counter() - t0, "saved_model",
                          str(src), str(dst), list(dict.fromkeys(notes)), checkpoint_weight_errors(src, dst))  # fmt: skip
+
+
+def _load_observed_pair(sm_f: Any, sm_q: Any, src: Path, dst: Path, points: List[_GraphPoint], obs: _GraphObservers,
+                        tmp: Path, notes: List[str]) -> Tuple[Tuple[Any, Any], set]:  # fmt: skip
+    """Both SavedModels with their observers spliced in, loaded (float, quantized); and the keys of the
+    points whose source the float model has (the others compare against the rounding's own input)."""
+    obs_f, missing = _observed_copy(sm_f, points, obs, quantized=False)
+    with_ref = {p.key for p in points} - set(missing)
+    obs_q, _ = _observed_copy(sm_q, points, obs, quantized=True, has_ref=with_ref)
+    if missing:
+        notes.append(f"{len(missing)} point(s) have no counterpart in {src}; compared against the rounding's input")
+    return (_load_observed(obs_f, src, tmp, "float"), _load_observed(obs_q, dst, tmp, "quantized")), with_ref
+
+
+def _signature_pair(loaded: Tuple[Any, Any], paths: Tuple[Path, Path], signature: str,
+                    obs: _GraphObservers) -> Tuple[Any, Any]:  # fmt: skip
+    """``signature`` of the loaded float and quantized models (a ``ValueError`` naming the model that lacks
+    it); the observers learn each side's variable names."""
+    for loaded_model, path in zip(loaded, paths):
+        if signature not in loaded_model.signatures:
+            raise ValueError(f"signature: {path} has no signature {signature!r} (has {sorted(loaded_model.signatures)})")
+    f_fn, q_fn = loaded[0].signatures[signature], loaded[1].signatures[signature]
+    obs.rebind("float", [f_fn.graph.as_graph_def()])
+    obs.rebind("quantized", [q_fn.graph.as_graph_def()])
+    return f_fn, q_fn
+
+
+class _PointRuns:
+    """How often each model ran each point so far, batch by batch: after a float run the float tensor
+    of each point that ran is handed to the quantized model (on the device); a point the two models
+    ran a different number of times in a batch is left out (noted)."""
+
+    def __init__(self, points: List[_GraphPoint], with_ref: set, handles: List[Dict[str, Any]],
+                 dtypes: Dict[int, Any], notes: List[str]) -> None:  # fmt: skip
+        self.points, self.with_ref, self.handles, self.dtypes, self.notes = points, with_ref, handles, dtypes, notes
+        self.counts_f = [0] * len(points)
+        self.counts_q = [0] * len(points)
+        self.runs_f: List[Optional[int]] = [None] * len(points)
+        self.bad: set = set()
+
+    def _count(self, i: int, key: str) -> int:
+        import tensorflow as tf
+
+        return int(tf.raw_ops.ReadVariableOp(resource=self.handles[i][key], dtype=tf.int64))
+
+    def after_float(self) -> None:
+        import tensorflow as tf
+
+        self.runs_f = [None] * len(self.points)  # runs of each point in the float model in this batch
+        for i, p in enumerate(self.points):
+            if p.key in self.with_ref:
+                c = self._count(i, "cnt")
+                if c > self.counts_f[i]:  # the float model ran the point: hand its tensor over
+                    ref = tf.raw_ops.ReadVariableOp(resource=self.handles[i]["ref_f"], dtype=self.dtypes[i])
+                    tf.raw_ops.AssignVariableOp(resource=self.handles[i]["ref_q"], value=ref)
+                self.runs_f[i], self.counts_f[i] = c - self.counts_f[i], c
+
+    def after_quantized(self) -> None:
+        for i, p in enumerate(self.points):
+            c = self._count(i, "qcnt")
+            dq, self.counts_q[i] = c - self.counts_q[i], c
+            dc = self.runs_f[i]
+            if dc is not None and dq and dc != dq:
+                self.notes.append(f"{p.qnode}: ran a different number of times in the two models; skipped")
+                self.bad.add(p.key)
+
+    def stats(self) -> Dict[str, Stats]:
+        """The accumulated error statistics of every point the quantized model ran (and not left out)."""
+        import tensorflow as tf
+
+        stats = {}
+        for i, p in enumerate(self.points):
+            if p.key in self.bad or not self.counts_q[i]:
+                continue
+            st = Stats()
+            st.add(tf.raw_ops.ReadVariableOp(resource=self.handles[i]["sums"], dtype=tf.float64).numpy(), local=True,
+                   clip_known=p.range is not None)  # fmt: skip
+            stats[p.key] = st
+        return stats
 
 
 def _observer_variables(obs: _GraphObservers, points: List[_GraphPoint], with_ref: set, f_fn: Any,

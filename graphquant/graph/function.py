@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Dict, Optional, Tuple
+import warnings
+from typing import Any, Dict, Optional, Tuple, Union
 
 import tensorflow as tf
 
 from ..patterns import Registry
-from ..plan import Plan, QuantizeConfig
+from ..types import DataLike, FormatLike
+from ..plan import Plan, QuantizeConfig, no_match_message, resolve_config
 from ..ranges import calibration_batches, check_inputs
 from ..calibration import progress
 from .calibrate import RangeCollector, insert_observers, needs_calibration
@@ -25,16 +27,18 @@ __all__ = ["quantize_function", "QuantizedFunction", "config_from_kwargs"]
 
 def config_from_kwargs(
     bits: Optional[int] = None,
-    format: Any = None,
+    format: Optional[FormatLike] = None,
     rounding: str = "nearest",
     range: Optional[Tuple[float, float]] = None,
     weights: Optional[bool] = None,
-    **kwargs: Any,
+    config: Optional[QuantizeConfig] = None,
+    **options: Any,
 ) -> QuantizeConfig:
-    """A :class:`~graphquant.plan.QuantizeConfig` from the user-facing keywords."""
-    if format is None and bits is None:
-        raise ValueError("give bits= or format= (e.g. bits=8, or format='e4m3')")
-    return QuantizeConfig.create(bits, format=format, range=range, rounding=rounding, weights=weights, **kwargs)
+    """The :class:`~graphquant.plan.QuantizeConfig` of a graph front-end call: ``config`` or the
+    keywords, not both (:func:`graphquant.plan.resolve_config`); neither ``bits`` nor ``format``
+    is 8-bit affine, as in ``quantize_model``."""
+    given = dict(options, bits=bits, format=format, rounding=rounding, range=range, weights=weights)
+    return resolve_config(config, given)
 
 
 def _concrete(fn: Any) -> Any:
@@ -70,8 +74,18 @@ def _import(graph_def, cf, redirects: Optional[Dict[str, str]] = None) -> Any:
     return wrapped.prune(feeds, fetches)
 
 
-def _rename_edited(graph_def, names) -> None:
-    """Give edited library functions new names (and update every reference to them).
+def _library_copy(graph_def) -> Dict[str, Any]:
+    """A copy of each library function of ``graph_def`` by name (what :func:`_rename_edited` compares with)."""
+    out = {}
+    for f in graph_def.library.function:
+        out[f.signature.name] = type(f)()
+        out[f.signature.name].CopyFrom(f)
+    return out
+
+
+def _rename_edited(graph_def, before: Dict[str, Any]) -> None:
+    """Give the library functions whose body differs from ``before`` (name -> FunctionDef, the
+    unedited library) new names, and update every reference to them.
 
     The process may already hold a function of the same name with the
     unedited body (e.g. rewriting a function that was itself rewritten), and
@@ -81,11 +95,12 @@ def _rename_edited(graph_def, names) -> None:
 
     from .rewrite import rename_functions
 
-    lib = {f.signature.name: f for f in graph_def.library.function}
     mapping = {}
-    for name in names:
-        digest = hashlib.sha1(lib[name].SerializeToString(deterministic=True)).hexdigest()[:10]
-        mapping[name] = f"{name}_graphquant_{digest}"
+    for f in graph_def.library.function:
+        name = f.signature.name
+        if name in before and f != before[name]:
+            digest = hashlib.sha1(f.SerializeToString(deterministic=True)).hexdigest()[:10]
+            mapping[name] = f"{name}_graphquant_{digest}"
     if not mapping:
         return
     for nd in graph_def.node:
@@ -175,21 +190,22 @@ def _run_flat(fn, cf, batch) -> None:
 
 
 def quantize_function(
-    fn: Any,
+    fn: Union[tf.types.experimental.PolymorphicFunction, tf.types.experimental.ConcreteFunction],
     bits: Optional[int] = None,
     *,
-    format: Any = None,
+    format: Optional[FormatLike] = None,
     rounding: str = "nearest",
     range: Optional[Tuple[float, float]] = None,
     weights: Optional[bool] = None,
-    calibration_data: Any = None,
+    calibration_data: Optional[DataLike] = None,
     calibration_method: str = "minmax",
     calibration_percentile: float = 99.99,
     verbose: Optional[bool] = None,
+    config: Optional[QuantizeConfig] = None,
     registry: Optional[Registry] = None,
     seed: Optional[int] = None,
     allow_requantize: bool = False,
-    **config: Any,
+    **options: Any,
 ) -> QuantizedFunction:
     """Rewrite a TensorFlow function so values are rounded after every convolution group.
 
@@ -199,27 +215,32 @@ def quantize_function(
     Args:
         fn: a ``tf.function`` with an ``input_signature``, or a ``ConcreteFunction``.
         bits, format, range, rounding, weights: as in ``quantize_model``:
-            ``bits`` alone is 8-bit affine with ranges from ``calibration_data``
+            ``bits`` alone is affine with ranges from ``calibration_data``
             (without it, each batch's own min/max: a dynamic range);
             ``bits`` + ``range`` is fixed point; float formats need no range.
+            Neither ``bits`` nor ``format``: ``bits=8``, as in ``quantize_model``.
         calibration_data: batches fed to ``fn`` to set the affine ranges.
         calibration_method: ``"minmax"``, ``"percentile"``, ``"mse"`` or
             ``"entropy"`` (see :mod:`graphquant.calibration`).
         calibration_percentile: ``p`` of ``"percentile"``, in (50, 100] (default 99.99).
         verbose: a progress bar while calibrating (``None``: when stderr is a
             terminal and calibration runs longer than a second).
+        config: a prepared :class:`~graphquant.plan.QuantizeConfig` (instead of
+            the keyword options; giving both is a ``ValueError``).
         registry: the pattern registry (default: the shared default).
         seed: op-level seed for stochastic rounding.
         allow_requantize: rewrite a function that already holds graphquant
             rounding nodes (e.g. a :class:`QuantizedFunction`'s), stacking a
             second rounding; logged, and noted in the plan. Without it such a
             function is a ``ValueError``.
-        **config: further :class:`~graphquant.plan.QuantizeConfig` keywords
+        **options: further :class:`~graphquant.plan.QuantizeConfig` keywords
             (``include``, ``exclude``, ``overrides``, ``weight_bits``, ...).
 
     Returns:
         A :class:`QuantizedFunction`, callable with the original input
-        signature and returning the original output structure.
+        signature and returning the original output structure. When no
+        convolution matches, a ``UserWarning`` (and the log) says so and the
+        function computes what ``fn`` computes.
 
     Limits: the graph is re-imported, so variables the function captures are
     shared with the original (assignments to them show in both; weights of
@@ -230,57 +251,80 @@ def quantize_function(
     call (there is no ``training`` flag in a plain function).
 
     Raises:
-        TypeError / ValueError naming the argument; ValueError when ``fn`` is
+        TypeError / ValueError naming the argument (``config`` not a
+        ``QuantizeConfig`` is a ``TypeError``); ValueError when ``fn`` is
         already quantized (see ``allow_requantize``) or when an inserted
         rounding would reach no output of the function.
     """
     t0 = time.perf_counter()
-    cfg = config_from_kwargs(bits, format, rounding, range, weights, **config)
+    cfg = config_from_kwargs(bits, format, rounding, range, weights, config, **options)
     cf = _concrete(fn)
     gd = cf.graph.as_graph_def()
-    if not isinstance(allow_requantize, bool):
-        raise TypeError(f"allow_requantize must be a bool, got {allow_requantize!r}")
-    existing = len(rounding_nodes(gd))
     fname = cf.name.decode() if isinstance(cf.name, bytes) else str(cf.name)
-    what = f"quantize_function: {fname} is already quantized ({existing} graphquant rounding nodes)"
-    if existing and not allow_requantize:
-        raise ValueError(f"{what}; pass allow_requantize=True to stack a second rounding")
-    if existing:
-        log.warning("%s: stacking a second rounding (allow_requantize=True)", what)
+    existing = _existing_rounding(gd, fname, allow_requantize)
     plan, _ = plan_graph_def(gd, cfg, registry)
     if existing:
         plan.notes.append(f"requantized: the function already had {existing} graphquant rounding nodes; a second rounding is stacked")
     plan.check_calibration(calibration_data, calibration_method, calibration_percentile)
     if not plan.targets:
-        log.warning("quantize_function: no convolution found; the function is returned unchanged")
-    ranges = {}
+        msg = no_match_message(f"function {fname!r}", "the function is returned unchanged")
+        warnings.warn(msg, UserWarning, stacklevel=2)
+        log.warning("%s", msg)
+    ranges: Dict[str, Tuple[float, float]] = {}
     need = needs_calibration(plan)
     if need and calibration_data is not None:
-        collector = RangeCollector(calibration_method, calibration_percentile)
-        obs = tf.compat.v1.GraphDef()
-        obs.CopyFrom(gd)
-        obs_redirects: Dict[str, str] = {}
-        insert_observers(obs, plan, collector, obs_redirects)
-        # functions holding an observer, or passing its variables into an XLA body, are edited:
-        # new names (the process holds the originals)
-        before = {f.signature.name: f for f in gd.library.function}
-        _rename_edited(obs, [f.signature.name for f in obs.library.function
-                             if f.signature.name in before and f != before[f.signature.name]])  # fmt: skip
-        runner = _import(obs, cf, obs_redirects)
-        try:
-            batches = calibration_batches(calibration_data, check=lambda b: _check_flat(cf, b))
-            for batch in progress(batches, "calibrating", verbose):
-                _run_flat(runner, cf, batch)
-            ranges = collector.ranges()
-        finally:
-            collector.release()
+        ranges = _calibrate(cf, gd, plan, calibration_data, calibration_method, calibration_percentile, verbose)
     elif need:
         plan.notes.append("no calibration_data: affine ranges are each batch's own min/max (dynamic)")
+    pruned, inserted = _apply(cf, gd, plan, ranges, seed, fname)
+    return QuantizedFunction(cf, pruned, plan, inserted, ranges, time.perf_counter() - t0)
+
+
+def _existing_rounding(gd: Any, fname: str, allow_requantize: bool) -> int:
+    """How many graphquant rounding nodes the function's graph already has; raises unless ``allow_requantize``
+    (then logged)."""
+    if not isinstance(allow_requantize, bool):
+        raise TypeError(f"allow_requantize must be a bool, got {allow_requantize!r}")
+    existing = len(rounding_nodes(gd))
+    what = f"quantize_function: {fname} is already quantized ({existing} graphquant rounding nodes)"
+    if existing and not allow_requantize:
+        raise ValueError(f"{what}; pass allow_requantize=True to stack a second rounding")
+    if existing:
+        log.warning("%s: stacking a second rounding (allow_requantize=True)", what)
+    return existing
+
+
+def _calibrate(cf: Any, gd: Any, plan: Plan, data: Any, method: str, percentile: float,
+               verbose: Optional[bool]) -> Dict[str, Tuple[float, float]]:  # fmt: skip
+    """The activation ranges of ``plan``'s learned points: ``data`` run through a copy of the
+    function with observers spliced in (``gd`` is not changed)."""
+    collector = RangeCollector(method, percentile)
+    obs = tf.compat.v1.GraphDef()
+    obs.CopyFrom(gd)
+    obs_redirects: Dict[str, str] = {}
+    insert_observers(obs, plan, collector, obs_redirects)
+    # functions holding an observer, or passing its variables into an XLA body, are edited:
+    # new names (the process holds the originals)
+    _rename_edited(obs, {f.signature.name: f for f in gd.library.function})
+    runner = _import(obs, cf, obs_redirects)
+    try:
+        batches = calibration_batches(data, check=lambda b: _check_flat(cf, b))
+        for batch in progress(batches, "calibrating", verbose):
+            _run_flat(runner, cf, batch)
+        return collector.ranges()
+    finally:
+        collector.release()
+
+
+def _apply(cf: Any, gd: Any, plan: Plan, ranges: Dict[str, Tuple[float, float]], seed: Optional[int],
+           fname: str) -> Tuple[Any, list]:  # fmt: skip
+    """Edit ``gd`` by ``plan`` (refusing a rounding that reaches no output) and import it as a function
+    with ``cf``'s captures; returns that function and the inserted node names."""
+    before = _library_copy(gd)
     edits = apply_plan(gd, plan, ranges=ranges, seed=seed)
     redirects = edits["editor"].redirects
     check_live(gd, edits["inserted_at"], model=f"quantize_function({fname})",
                outputs=[follow_redirects(redirects, t.name) for t in cf.outputs],
                control_outputs=[op.name for op in cf.graph.control_outputs])
-    _rename_edited(gd, [name for name in edits["editor"]._scopes if name])
-    pruned = _import(gd, cf, redirects)
-    return QuantizedFunction(cf, pruned, plan, edits["inserted"], ranges, time.perf_counter() - t0)
+    _rename_edited(gd, before)
+    return _import(gd, cf, redirects), edits["inserted"]

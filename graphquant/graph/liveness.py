@@ -17,7 +17,7 @@ value (and control return) of that function a root.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from tensorflow.core.framework import graph_pb2
 
@@ -34,7 +34,9 @@ def tensor_node(ref: str, in_function: bool = False) -> Optional[str]:
     return head if head and port.isdigit() else ref
 
 
-def _called(nd, library: Dict[str, object]) -> List[str]:
+def called_functions(nd: Any, library: Mapping[str, object]) -> List[str]:
+    """Names of the ``library`` functions node ``nd`` calls: as its op, or in a function attribute
+    (``f`` of a ``PartitionedCall``, the branches of ``If``/``While``, ...)."""
     out = []
     if nd.op in library:
         out.append(nd.op)
@@ -106,7 +108,7 @@ def dead_insertions(
             continue
         for ref in nd.input:
             push(scope, tensor_node(ref, bool(scope)))
-        for fname in _called(nd, library):
+        for fname in called_functions(nd, library):
             enter(fname)
     return [(s, n) for s, n in inserted if (s, n) not in live]
 

@@ -14,25 +14,30 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Set, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Set, Tuple, Union
 
 from google.protobuf.message import DecodeError
 
 from .. import outputs
 from ..patterns import DEPTHWISE_OPS, Registry
-from ..plan import Plan, QuantizeConfig, zeroed_weights_warning
+from ..types import DataLike, FormatLike
+from ..plan import InsertionPoint, Plan, QuantizeConfig, no_match_message, zeroed_weights_warning
 from ..ranges import calibration_batches, check_inputs, inputs_str
 from .. import calibration as engine
 from ..calibration import progress
 from ..weights import round_weight_array
 from .calibrate import RangeCollector, insert_observers, needs_calibration
 from .function import config_from_kwargs
-from .liveness import _called, check_live, tensor_node
 from .apply import apply_plan
+from .liveness import called_functions, check_live, tensor_node
 from .planning import plan_graph_def
 from .rewrite import follow_redirects, rounding_nodes
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only
+    from tensorflow.core.protobuf.saved_model_pb2 import SavedModel
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +139,7 @@ def is_saved_model(path: PathLike) -> bool:
     return p.is_dir() and ((p / "saved_model.pb").is_file() or (p / "saved_model.pbtxt").is_file())
 
 
-def read_saved_model(path: PathLike):
+def read_saved_model(path: PathLike) -> SavedModel:
     """Parse ``path/saved_model.pb``; raise :class:`SavedModelError` naming the problem."""
     from tensorflow.core.protobuf import saved_model_pb2
 
@@ -235,7 +240,7 @@ def _signature_functions(mg) -> Set[str]:
             continue
         seen_nodes.add(name)
         nd = top[name]
-        called.update(_called(nd, library))
+        called.update(called_functions(nd, library))
         for ref in nd.input:
             src = ref.lstrip("^").split(":", 1)[0]
             if src in top:
@@ -243,7 +248,7 @@ def _signature_functions(mg) -> Set[str]:
     todo = list(called)
     while todo:
         for nd in library[todo.pop()].node_def:
-            for f in _called(nd, library):
+            for f in called_functions(nd, library):
                 if f not in called:
                     called.add(f)
                     todo.append(f)
@@ -314,21 +319,22 @@ def inspect_saved_model(
     path: PathLike,
     bits: Optional[int] = None,
     *,
-    format: Any = None,
+    format: Optional[FormatLike] = None,
     rounding: str = "nearest",
     range: Optional[Tuple[float, float]] = None,
     weights: Optional[bool] = None,
+    config: Optional[QuantizeConfig] = None,
     registry: Optional[Registry] = None,
-    **config: Any,
+    **options: Any,
 ) -> Plan:
     """The insertion plan for a SavedModel, without writing anything.
 
     ``print(plan)`` shows the table; ``plan.to_dict()`` the data. Arguments as
-    in :func:`convert_saved_model` (neither ``bits`` nor ``format``: ``bits=8``).
+    in :func:`convert_saved_model` (neither ``bits`` nor ``format``: ``bits=8``;
+    ``config``: a prepared :class:`~graphquant.plan.QuantizeConfig` instead of
+    the keyword options).
     """
-    if format is None and bits is None:
-        bits = 8
-    cfg = config_from_kwargs(bits, format, rounding, range, weights, **config)
+    cfg = config_from_kwargs(bits, format, rounding, range, weights, config, **options)
     sm = read_saved_model(path)
     return _plan_saved_model(sm, cfg, registry, Path(path))
 
@@ -428,21 +434,29 @@ def _verify_output(work: Path, src: Path, sm) -> None:
 def options_record(
     bits: Optional[int] = None,
     *,
-    format: Any = None,
+    format: Optional[FormatLike] = None,
     rounding: str = "nearest",
     range: Optional[Tuple[float, float]] = None,
     weights: Optional[bool] = None,
-    calibration_data: Any = None,
+    calibration_data: Optional[DataLike] = None,
     calibration_signature: str = "serving_default",
     calibration_method: str = "minmax",
     calibration_percentile: float = 99.99,
+    config: Optional[QuantizeConfig] = None,
     registry: Optional[Registry] = None,
     seed: Optional[int] = None,
     allow_requantize: bool = False,
-    **config: Any,
+    **options: Any,
 ) -> Dict[str, Any]:
     """What a conversion with these keywords records in its manifest (and a rerun compares)."""
-    cfg = config_from_kwargs(bits, format, rounding, range, weights, **config)
+    cfg = config_from_kwargs(bits, format, rounding, range, weights, config, **options)
+    return _record(cfg, calibration_data, calibration_signature, calibration_method, calibration_percentile,
+                   registry, seed)
+
+
+def _record(cfg: QuantizeConfig, calibration_data: Any, calibration_signature: str, calibration_method: str,
+            calibration_percentile: float, registry: Optional[Registry], seed: Optional[int]) -> Dict[str, Any]:
+    """The manifest record of a conversion by ``cfg`` (see :func:`options_record`)."""
     return outputs.canonical_options({
         "config": cfg.to_dict(),
         "seed": seed,
@@ -576,7 +590,8 @@ def _tf1_variable_keys(src: Path, mg, read_node: str) -> List[str]:
     return [key] if key in saved else []
 
 
-def _load_object_keys(src: Path) -> Dict[int, str]:
+def load_object_keys(src: Path) -> Dict[int, str]:
+    """Checkpoint key of each variable of ``src``'s object graph, by object-graph node id."""
     import tensorflow as tf
     from tensorflow.core.protobuf import trackable_object_graph_pb2
 
@@ -633,20 +648,21 @@ def convert_saved_model(
     dst: PathLike,
     bits: Optional[int] = None,
     *,
-    format: Any = None,
+    format: Optional[FormatLike] = None,
     rounding: str = "nearest",
     range: Optional[Tuple[float, float]] = None,
     weights: Optional[bool] = None,
-    calibration_data: Any = None,
+    calibration_data: Optional[DataLike] = None,
     calibration_signature: str = "serving_default",
     calibration_method: str = "minmax",
     calibration_percentile: float = 99.99,
     overwrite: bool = False,
     verbose: Optional[bool] = None,
+    config: Optional[QuantizeConfig] = None,
     registry: Optional[Registry] = None,
     seed: Optional[int] = None,
     allow_requantize: bool = False,
-    **config: Any,
+    **options: Any,
 ) -> ConversionReport:
     """Convert a SavedModel: rounding after every convolution group, written to ``dst``.
 
@@ -665,8 +681,10 @@ def convert_saved_model(
             fingerprint of its files, the options and the counts.
         bits, format, range, rounding, weights: as in ``quantize_model``.
             ``bits`` alone means affine ranges from ``calibration_data`` (or,
-            without data, each batch's own min/max at run time). A SavedModel
-            has no ``training`` flag: ``rounding`` is applied at every call.
+            without data, each batch's own min/max at run time); neither
+            ``bits`` nor ``format``: ``bits=8``, as in ``quantize_model``. A
+            SavedModel has no ``training`` flag: ``rounding`` is applied at
+            every call.
         calibration_data: a numpy array (single-input signature), a dict of
             arrays keyed by the signature's input names, a ``tf.data.Dataset``
             or an iterable of such batches, fed to ``calibration_signature``.
@@ -678,6 +696,8 @@ def convert_saved_model(
         weights: also round convolution weights. Variables are rounded once
             in the written checkpoint (no run-time cost); constants of a
             frozen graph are rounded in place.
+        config: a prepared :class:`~graphquant.plan.QuantizeConfig` (instead of
+            the keyword options; giving both is a ``ValueError``).
         registry: the pattern registry (default: the shared default).
         seed: seed for stochastic rounding.
         allow_requantize: convert a SavedModel that already holds graphquant
@@ -685,10 +705,13 @@ def convert_saved_model(
             second rounding on the first; logged, and noted in the report's
             ``warnings``, ``requantized`` and plan notes. Without it such a
             source is an error (CLI: ``--force``).
-        **config: further :class:`~graphquant.plan.QuantizeConfig` keywords.
+        **options: further :class:`~graphquant.plan.QuantizeConfig` keywords
+            (``include``, ``exclude``, ``overrides``, ``weight_bits``, ...).
 
     Returns:
         A :class:`ConversionReport` (convolutions found, nodes inserted, seconds).
+        When no convolution matches, a ``UserWarning`` (also logged and in the
+        report's ``warnings``) says so and the model is copied unchanged.
 
     Raises:
         SavedModelError (a ``ValueError``): ``src`` is missing, not a
@@ -699,36 +722,24 @@ def convert_saved_model(
             an earlier output and ``overwrite`` is False.
         OSError: the output could not be written (e.g. no space left);
             nothing is left behind.
-        ValueError / TypeError: an invalid option (the message names it), or
+        ValueError / TypeError: an invalid option (the message names it; a
+            ``config`` that is not a ``QuantizeConfig`` is a ``TypeError``), or
             an unsupported dtype at a convolution.
     """
     t0 = time.perf_counter()
-    cfg = config_from_kwargs(bits, format, rounding, range, weights, **config)
+    cfg = config_from_kwargs(bits, format, rounding, range, weights, config, **options)
     src_p, dst_p = Path(src), Path(dst)
     sm = read_saved_model(src_p)
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
     _check_destination(src_p, dst_p, overwrite)
     _check_source(src_p)
-    record = options_record(bits, format=format, rounding=rounding, range=range, weights=weights,
-                            calibration_data=calibration_data, calibration_signature=calibration_signature,
-                            calibration_method=calibration_method, calibration_percentile=calibration_percentile,
-                            registry=registry, seed=seed, **config)
+    record = _record(cfg, calibration_data, calibration_signature, calibration_method, calibration_percentile,
+                     registry, seed)
     fingerprint = outputs.fingerprint_tree(src_p)
-    warnings: List[str] = []
-    existing = sum(len(rounding_nodes(mg.graph_def)) for mg in sm.meta_graphs)
-    if existing:
-        _requantize_check(f"{src_p}: already quantized ({existing} graphquant rounding nodes)", allow_requantize, warnings)
-    plans = _plan_meta_graphs(sm, cfg, registry, src_p)
-    plan = _combine(plans, sm)
-    if existing:
-        plan.notes.append(f"requantized: the source already had {existing} graphquant rounding nodes; a second rounding is stacked")
+    warned: List[str] = []
+    plans, plan, existing = _plan_conversion(sm, src_p, cfg, registry, allow_requantize, warned)
     plan.check_calibration(calibration_data, calibration_method, calibration_percentile)
-    if not plan.targets:
-        msg = f"{src_p}: no convolution found; the model is copied unchanged"
-        log.warning(msg)
-        warnings.append(msg)
-
     dst_p.parent.mkdir(parents=True, exist_ok=True)
     outputs.remove_stale_tmp(dst_p.parent)  # left by a conversion that was killed
     tmp_root = outputs.make_tmp_dir(dst_p)
@@ -740,59 +751,10 @@ def convert_saved_model(
                                 verbose, calibration_percentile)  # fmt: skip
         elif need:
             plan.notes.append("no calibration data: affine ranges are each batch's own min/max (dynamic)")
-        has_ckpt = (src_p / "variables" / "variables.index").is_file()
-        inserted, prerounded = 0, 0
-        ckpt_todo: Dict[str, Any] = {}
-        meta_graphs: List[Dict[str, Any]] = []
-        for i, (mg, mplan) in enumerate(zip(sm.meta_graphs, plans)):  # each meta graph with its own plan, once
-            sinks = _sinks(mg.graph_def)
-            try:
-                edits = apply_plan(mg.graph_def, mplan, ranges=ranges, seed=seed, variable_weights="skip" if has_ckpt else "runtime")
-                _redirect_signatures(mg, edits["editor"].redirects)
-                check_live(mg.graph_def, edits["inserted_at"], model=f"meta graph {_tags(mg, i)}",
-                           outputs=_signature_outputs(mg) + sinks, functions=list(mg.object_graph_def.concrete_functions))
-            except ValueError as e:
-                raise SavedModelError(f"{src_p}: {e}") from None
-            off = getattr(mplan, "unreachable", 0)
-            meta_graphs.append({"tags": list(mg.meta_info_def.tags), "convolutions": len(mplan.targets) - off,
-                                "inserted": len(edits["inserted"]), "unreachable_convolutions": off})
-            inserted += len(edits["inserted"])
-            prerounded += len(edits["prerounded"])
-            for msg in edits["warnings"]:
-                log.warning("%s", msg)
-                warnings.append(msg)
-            if edits["variable_weights"]:
-                keys_by_node = _load_object_keys(src_p) if mg.object_graph_def.nodes else {}
-                for scope, read_node, point in edits["variable_weights"]:
-                    if not scope:  # TF1: a top-level variable, saved under its own name
-                        keys = _tf1_variable_keys(src_p, mg, read_node)
-                    else:
-                        fdef = next(f for f in mg.graph_def.library.function if f.signature.name == scope)
-                        rd = next(n for n in fdef.node_def if n.name == read_node)
-                        arg = rd.input[0].split(":", 1)[0]
-                        keys = _variable_checkpoint_keys(mg, scope, arg, keys_by_node)
-                    if not keys:
-                        raise SavedModelError(f"{src_p}: cannot find the variable behind {point.target} in the checkpoint")
-                    for k in keys:
-                        ckpt_todo[k] = point
+        edits = _edit_meta_graphs(sm, plans, src_p, ranges, seed, warned)
         work = tmp_root / "out"
-        zeroed: List[str] = []
-        try:
-            _copy_tree_except(src_p, work, skip=("saved_model.pb", "saved_model.pbtxt", "fingerprint.pb", "variables",
-                                                 outputs.MANIFEST))
-            if ckpt_todo:
-                prerounded += _round_checkpoint(src_p, work, ckpt_todo, seed, zeroed)
-                for msg in zeroed:
-                    log.warning("%s", msg)
-                    warnings.append(msg)
-            elif (src_p / "variables").exists():
-                shutil.copytree(src_p / "variables", work / "variables")
-            (work / "saved_model.pb").write_bytes(sm.SerializeToString())
-            result = {"convolutions": sum(m["convolutions"] for m in meta_graphs), "inserted": inserted,
-                      "prerounded": prerounded}
-            outputs.write_manifest(work, outputs.make_manifest("saved_model", src_p, fingerprint, record, result))
-        except Exception as e:  # noqa: BLE001 - a full disk is one line, not a traceback
-            raise _write_failed(e, dst_p) from None
+        _write_output(sm, src_p, dst_p, work, edits, seed, warned,
+                      outputs.make_manifest("saved_model", src_p, fingerprint, record))
         _verify_output(work, src_p, sm)
         _publish(work, dst_p, tmp_root)
     finally:
@@ -800,17 +762,122 @@ def convert_saved_model(
     report = ConversionReport(
         source=str(src_p),
         destination=str(dst_p),
-        convolutions=sum(m["convolutions"] for m in meta_graphs),
-        inserted=inserted,
-        prerounded=prerounded,
+        convolutions=edits.result["convolutions"],
+        inserted=edits.inserted,
+        prerounded=edits.prerounded,
         seconds=time.perf_counter() - t0,
         signatures=_signature_names(sm),
         plan=plan,
         ranges=ranges,
-        warnings=warnings,
-        meta_graphs=meta_graphs,
+        warnings=warned,
+        meta_graphs=edits.meta_graphs,
         requantized=existing,
-        unreachable_convolutions=sum(m["unreachable_convolutions"] for m in meta_graphs),
+        unreachable_convolutions=sum(m["unreachable_convolutions"] for m in edits.meta_graphs),
     )
     log.info("%s", report)
     return report
+
+
+def _plan_conversion(sm, src: Path, cfg: QuantizeConfig, registry: Optional[Registry], allow_requantize: bool,
+                     warned: List[str]) -> Tuple[List[Plan], Plan, int]:  # fmt: skip
+    """The plan of each meta graph, their combination, and how many graphquant rounding nodes the source
+    already has (refused unless ``allow_requantize``). No convolution matched is a ``UserWarning`` at
+    ``convert_saved_model``'s caller, logged and added to ``warned``, like every warning of a conversion."""
+    existing = sum(len(rounding_nodes(mg.graph_def)) for mg in sm.meta_graphs)
+    if existing:
+        _requantize_check(f"{src}: already quantized ({existing} graphquant rounding nodes)", allow_requantize, warned)
+    plans = _plan_meta_graphs(sm, cfg, registry, src)
+    plan = _combine(plans, sm)
+    if existing:
+        plan.notes.append(f"requantized: the source already had {existing} graphquant rounding nodes; a second rounding is stacked")
+    if not plan.targets:
+        msg = no_match_message(str(src), "the model is copied unchanged")
+        warnings.warn(msg, UserWarning, stacklevel=3)
+        log.warning("%s", msg)
+        warned.append(msg)
+    return plans, plan, existing
+
+
+@dataclass
+class _Edits:
+    """What :func:`_edit_meta_graphs` did to the graphs (and :func:`_write_output` to the checkpoint)."""
+
+    meta_graphs: List[Dict[str, Any]] = field(default_factory=list)  # ConversionReport.meta_graphs
+    inserted: int = 0
+    prerounded: int = 0  # weight tensors rounded once: constants in place, then checkpoint variables
+    checkpoint: Dict[str, InsertionPoint] = field(default_factory=dict)  # checkpoint key -> its weight point
+
+    @property
+    def result(self) -> Dict[str, int]:
+        """The counts the manifest records."""
+        return {"convolutions": sum(m["convolutions"] for m in self.meta_graphs), "inserted": self.inserted,
+                "prerounded": self.prerounded}
+
+
+def _edit_meta_graphs(sm, plans: List[Plan], src: Path, ranges: Dict[str, Tuple[float, float]], seed: Optional[int],
+                      warned: List[str]) -> _Edits:  # fmt: skip
+    """Apply each meta graph's plan to it in place (each once; a dead insertion is a
+    :class:`SavedModelError`); weights held in variables are collected for the checkpoint."""
+    has_ckpt = (src / "variables" / "variables.index").is_file()
+    out = _Edits()
+    for i, (mg, mplan) in enumerate(zip(sm.meta_graphs, plans)):
+        sinks = _sinks(mg.graph_def)
+        try:
+            edits = apply_plan(mg.graph_def, mplan, ranges=ranges, seed=seed, variable_weights="skip" if has_ckpt else "runtime")
+            _redirect_signatures(mg, edits["editor"].redirects)
+            check_live(mg.graph_def, edits["inserted_at"], model=f"meta graph {_tags(mg, i)}",
+                       outputs=_signature_outputs(mg) + sinks, functions=list(mg.object_graph_def.concrete_functions))
+        except ValueError as e:
+            raise SavedModelError(f"{src}: {e}") from None
+        off = getattr(mplan, "unreachable", 0)
+        out.meta_graphs.append({"tags": list(mg.meta_info_def.tags), "convolutions": len(mplan.targets) - off,
+                                "inserted": len(edits["inserted"]), "unreachable_convolutions": off})
+        out.inserted += len(edits["inserted"])
+        out.prerounded += len(edits["prerounded"])
+        for msg in edits["warnings"]:
+            log.warning("%s", msg)
+            warned.append(msg)
+        if edits["variable_weights"]:
+            out.checkpoint.update(_checkpoint_weights(src, mg, edits["variable_weights"]))
+    return out
+
+
+def _checkpoint_weights(src: Path, mg, variable_weights: List[Tuple[str, str, InsertionPoint]]) -> Dict[str, InsertionPoint]:
+    """Checkpoint key -> weight point for the variables behind a meta graph's ``(scope, read node, point)``."""
+    keys_by_node = load_object_keys(src) if mg.object_graph_def.nodes else {}
+    todo: Dict[str, InsertionPoint] = {}
+    for scope, read_node, point in variable_weights:
+        if not scope:  # TF1: a top-level variable, saved under its own name
+            keys = _tf1_variable_keys(src, mg, read_node)
+        else:
+            fdef = next(f for f in mg.graph_def.library.function if f.signature.name == scope)
+            rd = next(n for n in fdef.node_def if n.name == read_node)
+            arg = rd.input[0].split(":", 1)[0]
+            keys = _variable_checkpoint_keys(mg, scope, arg, keys_by_node)
+        if not keys:
+            raise SavedModelError(f"{src}: cannot find the variable behind {point.target} in the checkpoint")
+        for k in keys:
+            todo[k] = point
+    return todo
+
+
+def _write_output(sm, src: Path, dst: Path, work: Path, edits: _Edits, seed: Optional[int], warned: List[str],
+                  manifest: Dict[str, Any]) -> None:  # fmt: skip
+    """Write the converted SavedModel into ``work``: the source's other files, the checkpoint (its
+    planned weights rounded, added to ``edits.prerounded``), ``saved_model.pb`` and the manifest with
+    the counts. A failed write is one line (:func:`_write_failed`)."""
+    try:
+        _copy_tree_except(src, work, skip=("saved_model.pb", "saved_model.pbtxt", "fingerprint.pb", "variables",
+                                           outputs.MANIFEST))
+        if edits.checkpoint:
+            zeroed: List[str] = []
+            edits.prerounded += _round_checkpoint(src, work, edits.checkpoint, seed, zeroed)
+            for msg in zeroed:
+                log.warning("%s", msg)
+                warned.append(msg)
+        elif (src / "variables").exists():
+            shutil.copytree(src / "variables", work / "variables")
+        (work / "saved_model.pb").write_bytes(sm.SerializeToString())
+        outputs.write_manifest(work, dict(manifest, result=edits.result))
+    except Exception as e:  # noqa: BLE001 - a full disk is one line, not a traceback
+        raise _write_failed(e, dst) from None

@@ -23,7 +23,8 @@ import keras
 
 from ..formats import Affine
 from ..patterns import Registry, View
-from ..plan import CONFIG_KEYS, Plan, QuantizeConfig, make_plan, may_zero_most_weights, zeroed_weights_warning
+from ..plan import (CONFIG_KEYS, Plan, QuantizeConfig, make_plan, may_zero_most_weights, no_match_message, resolve_config,
+                    zeroed_weights_warning)
 from ._speedups import cached_signatures, gc_paused, recursion_room
 from .clone import Rewriter, count_layers
 from .layers import Quantize, QuantizeWeights
@@ -36,22 +37,12 @@ log = logging.getLogger(__name__)
 
 
 
-def _config(config: Optional[QuantizeConfig], kwargs: Dict[str, Any]) -> QuantizeConfig:
-    if config is not None:
-        if not isinstance(config, QuantizeConfig):
-            raise TypeError(f"config must be a graphquant.QuantizeConfig, got {type(config).__name__}")
-        if kwargs:
-            raise ValueError(f"give config= or keyword options, not both (got {sorted(kwargs)})")
-        return config
-    return QuantizeConfig.create(**kwargs)
-
-
 def plan_model(
     model: keras.Model, config: Optional[QuantizeConfig] = None, registry: Optional[Registry] = None, **kwargs: Any
 ) -> Plan:
     """The :class:`Plan` for ``model`` (nothing is changed)."""
     check_model(model)
-    return _make_keras_plan(model, _config(config, kwargs), registry)
+    return _make_keras_plan(model, resolve_config(config, kwargs), registry)
 
 
 def _make_keras_plan(model: keras.Model, cfg: QuantizeConfig, registry: Optional[Registry]) -> Plan:
@@ -259,7 +250,7 @@ def quantize_model(
     )  # fmt: skip
     if config is not None and kw:
         raise ValueError(f"give config= or keyword options, not both (got {sorted(kw)})")
-    cfg = _config(config, kw)
+    cfg = resolve_config(config, kw)
     split: List[str] = []
     if tgt is not None and tgt.split_activations:
         from .split import split_activations
@@ -409,7 +400,7 @@ def _warn_about_plan(plan: Plan, model: keras.Model, existing: int, requant_msg:
         warnings.warn(msg, UserWarning, stacklevel=3)
         log.warning(msg)
     if not plan.points:
-        msg = f"model {model.name!r} has no layer matching the quantization patterns (no convolution); returning a plain copy"
+        msg = no_match_message(f"model {model.name!r}", "returning a plain copy")
         warnings.warn(msg, UserWarning, stacklevel=3)
         log.warning(msg)
 
