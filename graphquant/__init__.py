@@ -4,8 +4,8 @@ The user API, importable from here (see the README for a tour):
 
 * numerics: :func:`quantize`, the formats :class:`FixedPoint`, :class:`Affine`,
   :class:`FloatFormat`, :class:`Scaled` (MX, NVFP4) and their base :class:`Format`,
-  :data:`PRESETS`, :data:`SCALED_PRESETS`, :func:`parse_format`,
-  :func:`as_format`, :func:`format_from_dict`, :data:`ROUNDING_MODES`, :func:`representable_range`,
+  :data:`PRESETS`, :data:`SCALED_PRESETS`, :func:`parse_format`, :func:`register_format`
+  (a format of yours by string name), :func:`format_from_dict`, :data:`ROUNDING_MODES`, :func:`representable_range`,
   :func:`set_seed`, :func:`use_xla`;
 * Keras models: :func:`quantize_model` (options: :class:`QuantizeConfig`),
   :func:`inspect`, :func:`calibrate`, :func:`apply_weight_storage`;
@@ -23,7 +23,8 @@ plans in :mod:`graphquant.plan` (``Plan``, ``InsertionPoint``, ``make_plan``),
 the neutral graph of the matcher in :mod:`graphquant.patterns` (``View``,
 ``Node``, ``Match``, ``weight_slots``) and reports next to what makes them
 (``graphquant.compare.CompareReport``, ``graphquant.graph.ConversionReport``,
-``graphquant.tflite.TFLiteReport``, ``graphquant.tflite.TFLiteScales``).
+``graphquant.tflite.TFLiteReport``, ``graphquant.tflite.TFLiteScales``); the
+aliases of the public options' types in :mod:`graphquant.types`.
 
 Importing the package is cheap: each name is imported on first use (PEP 562),
 so ``import graphquant`` and the ``graphquant`` command's ``--help`` do not
@@ -40,7 +41,7 @@ import importlib.abc
 import importlib.util
 import logging
 import sys
-import types
+from types import ModuleType
 from typing import Any, Dict, List
 
 from ._version import __version__
@@ -55,9 +56,9 @@ _EXPORTS: Dict[str, str] = {
     "PRESETS": "formats",
     "SCALED_PRESETS": "formats",
     "Scaled": "formats",
-    "as_format": "formats",
     "format_from_dict": "formats",
     "parse_format": "formats",
+    "register_format": "formats",
     "ROUNDING_MODES": "ops",
     "quantize": "ops",
     "representable_range": "ops",
@@ -113,16 +114,21 @@ _MOVED: Dict[str, str] = {
     "weight_slots": "patterns",
 }
 
+#: importable from here for code written against earlier versions, but not part of the top-level API
+_COMPATIBLE: Dict[str, str] = {
+    "as_format": "formats",  # the format=/bits=/range= resolution the front ends share
+}
+
 __all__ = ["__version__", *sorted(_EXPORTS)]
 
 #: submodules reachable as attributes of the package without importing them first
 _SUBMODULES = ("batch", "calibration", "cli", "compare", "formats", "graph", "keras", "ops", "outputs", "patterns",
-               "plan", "ranges", "rounding", "targets", "tflite")
+               "plan", "ranges", "report", "rounding", "targets", "tflite", "types", "weights")
 
 
 def __getattr__(name: str) -> Any:
     """Import the submodule that defines ``name`` (or is ``name``) on first use (PEP 562); cache the value here."""
-    module = _EXPORTS.get(name)
+    module = _EXPORTS.get(name) or _COMPATIBLE.get(name)
     if module is None and name in _SUBMODULES:  # graphquant.keras etc. after a bare ``import graphquant``
         return importlib.import_module(f".{name}", __name__)
     if module is None:
@@ -138,12 +144,12 @@ def __dir__() -> List[str]:
     return sorted(set(globals()) | set(__all__) | set(_SUBMODULES))
 
 
-class _Package(types.ModuleType):
+class _Package(ModuleType):
     """This package's module type: importing a submodule does not replace the exported name it shares
     (``graphquant.compare`` stays the function when ``graphquant.compare``, the module, is imported)."""
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name in _EXPORTS and isinstance(value, types.ModuleType):
+        if name in _EXPORTS and isinstance(value, ModuleType):
             return  # the import system binding the submodule to its parent: the module stays in sys.modules
         super().__setattr__(name, value)
 
@@ -155,12 +161,14 @@ class _RegisterLayersAfterKeras(importlib.abc.MetaPathFinder):
     """Import ``graphquant.keras`` (which registers graphquant's layers with Keras) once Keras is imported.
 
     A finder at the front of ``sys.meta_path`` that wraps the loaders of
-    ``keras`` and ``tensorflow`` (real specs come from the other finders; the
-    modules keep their own loader as ``__loader__``). TensorFlow imports Keras
-    halfway through its own start-up, when graphquant's layers cannot be
-    defined yet, so the layers are imported when Keras has executed and
-    TensorFlow is not in the middle of its import; then the finder removes
-    itself. A failure to import ``graphquant.keras`` is logged, never raised
+    ``keras``, ``tensorflow`` and graphquant's own submodules (real specs come
+    from the other finders; the modules keep their own loader as
+    ``__loader__``). TensorFlow imports Keras halfway through its own start-up,
+    when graphquant's layers cannot be defined yet, and a graphquant submodule
+    imported first (``import graphquant.ops``) is itself half executed while it
+    imports TensorFlow; so the layers are imported once Keras has executed and
+    none of the watched modules is in the middle of its import; then the finder
+    removes itself. A failure to import ``graphquant.keras`` is logged, never raised
     into the user's ``import keras``.
     """
 
@@ -168,7 +176,8 @@ class _RegisterLayersAfterKeras(importlib.abc.MetaPathFinder):
         self.loading: Dict[str, bool] = {}
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
-        if fullname not in ("keras", "tensorflow") or fullname in sys.modules:
+        watched = fullname in ("keras", "tensorflow") or fullname.startswith(__name__ + ".")
+        if not watched or fullname in sys.modules:
             return None
         for finder in sys.meta_path:
             if finder is self or not hasattr(finder, "find_spec"):

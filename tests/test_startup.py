@@ -104,6 +104,7 @@ def quantized_keras_file(tmp_path_factory):
     "import graphquant; import keras",
     "import keras; import graphquant",
     "import graphquant; import tensorflow as tf; keras = tf.keras",  # TensorFlow imports Keras halfway through
+    "import graphquant.ops; import keras",  # graphquant.ops is half executed while it imports TensorFlow and Keras
 ])  # fmt: skip
 def test_keras_file_loads_after_import_graphquant(quantized_keras_file, imports):
     """README: importing graphquant registers its layers, so a quantized .keras file loads without custom_objects,
