@@ -337,3 +337,18 @@ def test_tables_fit_the_terminal(conv_dense_file, capsys, monkeypatch):
     assert all(len(l) <= 80 for l in narrow[:3]), narrow
     layer = narrow[2].split()[1]  # both ends of the name kept
     assert layer.startswith("block") and layer.endswith("ndeed") and "…" in layer and len(layer) < 30
+
+
+def test_batch_calibration_file_errors_name_the_flag(tmp_path, capsys):
+    """graphquant batch --calibration: a missing or unreadable file is named by its flag, as in convert (not by
+    the library's calibration_data); nothing is written."""
+    from graphquant.cli import main
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "bad.npz").write_bytes(b"not an npz")
+    for name, problem in (("missing.npz", "no such file"), ("bad.npz", "not a readable .npz/.npy file")):
+        path = tmp_path / name
+        assert main(["batch", str(tmp_path / "models"), str(tmp_path / "out"), "--calibration", str(path)]) == 1
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"graphquant batch: error: --calibration: {path}: {problem}"), line
+    assert not (tmp_path / "out").exists()
