@@ -552,10 +552,6 @@ class TFLiteReport:
         return d
 
 
-def _simulate(model: Any, inputs: Sequence[np.ndarray], batch: int = 64) -> List[np.ndarray]:
-    return (model if isinstance(model, _Source) else _Source(model)).simulate(inputs, batch)
-
-
 #: The simulation's kernel set (:data:`graphquant.keras.integer.KERNELS`) for each interpreter kernel set.
 SIMULATED_KERNELS = {"reference": "reference", "default": "xnnpack"}
 
@@ -954,10 +950,9 @@ def _simulated_points(model: Any, xs: List[np.ndarray], kernels: str) -> Tuple[L
     probe = keras.Model(model.inputs, [l.output for l in qlayers])
     integer = _link_target_model(model)
     own = getattr(model, "_gq_kernels", "reference")
-    object.__setattr__(probe, "_gq_kernels", SIMULATED_KERNELS[kernels])  # probe shares model's layers
     try:
-        return qlayers, _simulate(probe, xs)
-    finally:
+        return qlayers, _Source(probe).simulate(xs, kernels=SIMULATED_KERNELS[kernels])
+    finally:  # the probe shares the model's layers: they compute the model's own kernel set again
         if integer:
             from .keras.integer import link_integer
 
