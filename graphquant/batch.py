@@ -35,9 +35,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from . import outputs
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only (dask is an optional dependency)
+    import distributed
 
 log = logging.getLogger(__name__)
 
@@ -371,7 +374,7 @@ def convert_batch(
     max_per_worker: Optional[int] = None,
     max_worker_memory: Optional[float] = None,
     timeout: Optional[float] = None,
-    client: Any = None,
+    client: Optional["distributed.Client"] = None,
     **options: Any,
 ) -> BatchReport:
     """Convert every SavedModel under ``src_root`` into the same layout under ``dst_root``.
