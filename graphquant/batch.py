@@ -35,9 +35,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from . import outputs
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only (dask is an optional dependency)
+    import distributed
 
 log = logging.getLogger(__name__)
 
@@ -371,7 +374,7 @@ def convert_batch(
     max_per_worker: Optional[int] = None,
     max_worker_memory: Optional[float] = None,
     timeout: Optional[float] = None,
-    client: Any = None,
+    client: Optional["distributed.Client"] = None,
     **options: Any,
 ) -> BatchReport:
     """Convert every SavedModel under ``src_root`` into the same layout under ``dst_root``.
@@ -454,48 +457,9 @@ def convert_batch(
     """
     t0 = time.perf_counter()
     src_root, dst_root = Path(src_root), Path(dst_root)
-    if not src_root.is_dir():
-        raise ValueError(f"src_root: {src_root} is not a folder")
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
-    if not isinstance(overwrite, bool):
-        raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
-    if max_per_worker is not None and (isinstance(max_per_worker, bool) or not isinstance(max_per_worker, int)
-                                       or max_per_worker < 1):
-        raise ValueError(f"max_per_worker must be a positive integer or None, got {max_per_worker!r}")
-    for name, value in (("max_worker_memory", max_worker_memory), ("timeout", timeout)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
-            raise ValueError(f"{name} must be a positive number or None, got {value!r}")
-    if client is not None:
-        given = _local_settings(jobs, max_per_worker, max_worker_memory, timeout)
-        if given:
-            raise ValueError(f"{given[0]} is a setting of the local worker pool; with a Dask client the cluster's "
-                             "workers decide (dask worker --nworkers, --memory-limit, --lifetime)")
-        if not callable(getattr(client, "map", None)) or not callable(getattr(client, "submit", None)):
-            raise TypeError(f"client must be a dask.distributed.Client, got {type(client).__name__}")
-    s, d = src_root.resolve(), dst_root.resolve()
-    if d == s or s in d.parents:
-        raise ValueError(f"dst_root {dst_root} is inside the source {src_root}; the source is never modified")
-    if d in s.parents:
-        raise ValueError(f"dst_root {dst_root} contains the source {src_root}")
-    if dst_root.exists() and not dst_root.is_dir():
-        raise ValueError(f"dst_root: {dst_root} exists and is not a folder")
-    # validate options once, here, so a typo fails fast instead of once per model
-    from .graph.saved_model import options_record
-
-    calibration, calibration_path = None, None
-    if options.get("calibration_data") is not None:
-        from .calibration import check_method
-
-        check_method(options.get("calibration_method", "minmax"), options.get("calibration_percentile", 99.99),
-                     percentile_name="calibration_percentile")
-        calibration, calibration_path = _calibration_arrays(options["calibration_data"])
-    record = options_record(**dict(options, calibration_data=calibration))
-    # a root that is itself a SavedModel has its output at dst_root/NAME, never dst_root itself
-    pairs = []
-    for rel in find_saved_models(src_root):
-        key = src_root.resolve().name if rel == Path(".") else rel.as_posix()
-        pairs.append((key, src_root / rel, dst_root / key))
+    _check_arguments(src_root, dst_root, jobs, overwrite, max_per_worker, max_worker_memory, timeout, client)
+    record, calibration, calibration_path = _read_options(options)
+    pairs = _model_pairs(src_root, dst_root)
     report_path = outputs.check_report_path(
         report if report is not None else dst_root / "graphquant-batch.json", "report",
         sources=[src_root], models=[out for _, _, out in pairs],
@@ -503,6 +467,7 @@ def convert_batch(
     result = BatchReport(str(src_root), str(dst_root))
     if not pairs:
         log.warning("no SavedModel found under %s", src_root)
+    execute = _executor(client, jobs, max_per_worker, max_worker_memory, timeout)
     dst_root.mkdir(parents=True, exist_ok=True)
     with outputs.DestinationLock(dst_root), _sigterm_as_interrupt() as interrupts:
         for parent in {report_path.parent, dst_root, *(out.parent for _, _, out in pairs)}:  # left by killed runs
@@ -517,10 +482,7 @@ def convert_batch(
                 opts[CALIBRATION_FILE], tmp = _calibration_reference(
                     calibration, calibration_path, record["calibration_data"], dst_root, write=bool(todo))
                 calibration = None  # the workers read the file; the parent does not keep the arrays
-            if client is not None:
-                _run_dask(client, todo, opts, recorder, interrupts)
-            else:
-                _LocalPool(jobs, max_per_worker, max_worker_memory, timeout, recorder, interrupts).run(todo, opts)
+            execute(todo, opts, recorder, interrupts)
             for parent in {out.parent for _, _, out in pairs}:  # of workers lost mid-model (all others have ended)
                 outputs.remove_stale_tmp(parent)
         finally:
@@ -533,9 +495,93 @@ def convert_batch(
     return result
 
 
-def _local_settings(jobs: int, max_per_worker: Optional[int], max_worker_memory: Optional[float],
-                    timeout: Optional[float]) -> List[str]:
-    """Names of the local-pool settings given (not at their defaults): a Dask client refuses them."""
+def _check_arguments(src_root: Path, dst_root: Path, jobs: int, overwrite: bool, max_per_worker: Optional[int],
+                     max_worker_memory: Optional[float], timeout: Optional[float], client: Any) -> None:
+    """Refuse bad arguments of :func:`convert_batch` (before anything is read or written)."""
+    if not src_root.is_dir():
+        raise ValueError(f"src_root: {src_root} is not a folder")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be a positive integer, got {jobs!r}")
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
+    if max_per_worker is not None and (isinstance(max_per_worker, bool) or not isinstance(max_per_worker, int)
+                                       or max_per_worker < 1):
+        raise ValueError(f"max_per_worker must be a positive integer or None, got {max_per_worker!r}")
+    for name, value in (("max_worker_memory", max_worker_memory), ("timeout", timeout)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+            raise ValueError(f"{name} must be a positive number or None, got {value!r}")
+    if client is not None:
+        given = local_pool_settings(jobs, max_per_worker, max_worker_memory, timeout)
+        if given:
+            raise ValueError(f"{given[0]} is a setting of the local worker pool; with a Dask client the cluster's "
+                             "workers decide (dask worker --nworkers, --memory-limit, --lifetime)")
+        if not callable(getattr(client, "map", None)) or not callable(getattr(client, "submit", None)):
+            raise TypeError(f"client must be a dask.distributed.Client, got {type(client).__name__}")
+    s, d = src_root.resolve(), dst_root.resolve()
+    if d == s or s in d.parents:
+        raise ValueError(f"dst_root {dst_root} is inside the source {src_root}; the source is never modified")
+    if d in s.parents:
+        raise ValueError(f"dst_root {dst_root} contains the source {src_root}")
+    if dst_root.exists() and not dst_root.is_dir():
+        raise ValueError(f"dst_root: {dst_root} exists and is not a folder")
+
+
+def _read_options(options: Dict[str, Any]) -> Tuple[Dict[str, Any], Any, Optional[str]]:
+    """Check the conversion options once, here, so a typo fails fast instead of once per model.
+
+    Returns ``(record, calibration, calibration_path)``: the options as a manifest records them (calibration data
+    by fingerprint), the calibration arrays (``None`` without ``calibration_data``) and the path they were read
+    from (``None`` for arrays given in memory); see :func:`_calibration_arrays`.
+    """
+    from .graph.saved_model import options_record
+
+    calibration, calibration_path = None, None
+    if options.get("calibration_data") is not None:
+        from .calibration import check_method
+
+        check_method(options.get("calibration_method", "minmax"), options.get("calibration_percentile", 99.99),
+                     percentile_name="calibration_percentile")
+        calibration, calibration_path = _calibration_arrays(options["calibration_data"])
+    return options_record(**dict(options, calibration_data=calibration)), calibration, calibration_path
+
+
+def _model_pairs(src_root: Path, dst_root: Path) -> List[Tuple[str, Path, Path]]:
+    """``(key, source, output)`` of every SavedModel under ``src_root``; ``key`` is its relative path.
+
+    A root that is itself a SavedModel has its output at ``dst_root/NAME``, never ``dst_root`` itself.
+    """
+    pairs = []
+    for rel in find_saved_models(src_root):
+        key = src_root.resolve().name if rel == Path(".") else rel.as_posix()
+        pairs.append((key, src_root / rel, dst_root / key))
+    return pairs
+
+
+def _executor(client: Any, jobs: int, max_per_worker: Optional[int], max_worker_memory: Optional[float],
+              timeout: Optional[float]) -> Callable[..., None]:
+    """What runs the models: the Dask ``client``'s cluster, or a pool of ``jobs`` local workers.
+
+    It is called as ``execute(todo, opts, recorder, interrupts)``: the models to convert (``(key, src, dst,
+    reason)``), the workers' options, the :class:`_Recorder` it tells each result and the :class:`_Interrupts`
+    that hold signals back while workers start.
+    """
+    if client is not None:
+        return functools.partial(_run_dask, client)
+
+    def run_local(todo: List[Tuple[str, str, str, str]], opts: Dict[str, Any], recorder: _Recorder,
+                  interrupts: _Interrupts) -> None:
+        _LocalPool(jobs, max_per_worker, max_worker_memory, timeout, recorder, interrupts).run(todo, opts)
+
+    return run_local
+
+
+def local_pool_settings(jobs: int, max_per_worker: Optional[int], max_worker_memory: Optional[float],
+                        timeout: Optional[float]) -> List[str]:
+    """Names of the local-pool settings given (not at their defaults): a Dask client refuses them.
+
+    Package-internal (not in ``__all__``): :func:`convert_batch` and the ``graphquant batch`` command (which names
+    them as flags) refuse them by this one list.
+    """
     values = {"jobs": jobs != 1, "max_per_worker": max_per_worker is not None,
               "max_worker_memory": max_worker_memory is not None, "timeout": timeout is not None}
     return [name for name, given in values.items() if given]

@@ -109,6 +109,7 @@ def _conversion_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``graphquant`` argument parser: one sub-command per job (each added by its ``_add_*`` function)."""
     parser = _Parser(
         prog="graphquant",
         description="Simulate reduced numeric precision inside TensorFlow/Keras models.",
@@ -116,13 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"graphquant {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more; plan tables also name each SavedModel scope's full function name")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for add in (_add_convert, _add_batch, _add_inspect, _add_compare, _add_export_tflite, _add_compare_tflite,
+                _add_example):
+        add(sub)
+    return parser
 
+
+def _add_convert(sub: Any) -> None:
     p = sub.add_parser("convert", help="convert a SavedModel (or a .keras/.h5 file)")
     p.add_argument("src", help="SavedModel folder, or a .keras / .h5 file")
     p.add_argument("dst", help="output folder (or .keras file for Keras input)")
     _conversion_args(p)
     p.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
 
+
+def _add_batch(sub: Any) -> None:
     p = sub.add_parser("batch", help="convert every SavedModel under a folder")
     p.add_argument("src", help="source root (searched at any depth)")
     p.add_argument("dst", help="destination root (same relative layout)")
@@ -138,11 +147,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", metavar="REPORT.json", help="JSON report (default DST/graphquant-batch.json)")
     p.add_argument("--no-progress", dest="quiet", action="store_true", help="no progress bar (as --quiet)")
 
+
+def _add_inspect(sub: Any) -> None:
     p = sub.add_parser("inspect", help="print the insertion points of a model; nothing is written")
     p.add_argument("src", help="SavedModel folder, or a .keras / .h5 file")
     _quant_args(p)
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
+
+def _add_compare(sub: Any) -> None:
     p = sub.add_parser("compare", help="per-layer error of a quantized model against its float source")
     p.add_argument("src", help="the float model: SavedModel folder or .keras file")
     p.add_argument("quantized", help="the quantized model: SavedModel folder or .keras file")
@@ -153,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
+
+def _add_export_tflite(sub: Any) -> None:
     p = sub.add_parser("export-tflite", help="write a fully integer .tflite file from a graphquant-quantized model")
     p.add_argument("src", help="the quantized model: .keras file or a SavedModel folder graphquant converted")
     p.add_argument("dst", help="the .tflite file to write")
@@ -166,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a .tflite file graphquant wrote")
     p.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
 
+
+def _add_compare_tflite(sub: Any) -> None:
     p = sub.add_parser("compare-tflite", help="per-layer: the interpreter's int8 tensors vs the simulation's")
     p.add_argument("quantized", help="the quantized model (.keras file)")
     p.add_argument("tflite", help="the .tflite file")
@@ -173,13 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kernels", default="reference", choices=("reference", "default"))
     p.add_argument("--json", metavar="REPORT.json", help="also write the report as JSON")
 
+
+def _add_example(sub: Any) -> None:
     p = sub.add_parser("example", help="build, export and convert a built-in example model")
     p.add_argument("--out", default="out/example", help="folder for the example's files (default out/example)")
     p.add_argument("--arch", default="MobileNetV2", choices=("MobileNetV2", "ResNet50"), help="keras.applications architecture")
     p.add_argument("--size", type=int, default=96, help="input size (pixels)")
     p.add_argument("--bits", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    return parser
 
 
 def _config(ns: argparse.Namespace) -> Dict[str, Any]:
@@ -369,12 +387,14 @@ def _cmd_inspect(ns: argparse.Namespace) -> int:
 
 @_fit_tables
 def _cmd_batch(ns: argparse.Namespace) -> int:
-    from .batch import _local_settings, convert_batch
+    from .batch import convert_batch, local_pool_settings
 
     kw = _conversion_kwargs(ns)
+    if "calibration_data" in kw:  # checked as every command reads its data files, naming the flag
+        _load_calibration(kw["calibration_data"])  # (the batch reads it again, to fingerprint it for its workers)
     client = None
     if ns.dask:  # refused before connecting
-        given = _local_settings(ns.jobs, ns.max_per_worker, ns.max_worker_memory, ns.timeout)
+        given = local_pool_settings(ns.jobs, ns.max_per_worker, ns.max_worker_memory, ns.timeout)
         if given:
             flag = "--" + given[0].replace("_", "-")
             raise ValueError(f"{flag} is a setting of the local workers; with --dask the cluster's workers decide")

@@ -32,19 +32,27 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from .report import CompareReport, OutputError, PointError, WeightError
+from .types import DataLike
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only
+    import keras
 
 log = logging.getLogger(__name__)
 
 __all__ = ["compare", "CompareReport", "PointError", "OutputError", "WeightError"]
 
 
+#: a model :func:`compare` takes: a Keras model, a ``.keras``/``.h5`` file or a SavedModel folder
+ModelLike = Union["keras.Model", str, "os.PathLike[str]"]
+
+
 def compare(
-    model: Any,
-    quantized: Any,
-    data: Any,
+    model: ModelLike,
+    quantized: ModelLike,
+    data: DataLike,
     *,
     batch_size: int = 32,
     steps: Optional[int] = None,
@@ -76,36 +84,13 @@ def compare(
         TypeError: a model of the wrong kind, or both kinds mixed.
         ValueError: bad paths or data, models that do not match, no data.
     """
-    import keras
-
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if steps is not None and (not isinstance(steps, int) or isinstance(steps, bool) or steps < 1):
         raise ValueError(f"steps must be a positive int or None, got {steps!r}")
     if data is None:
         raise ValueError("data: give the inputs to compare on (an array, a dict of arrays, a dataset or batches)")
-
-    def resolve(m: Any, what: str) -> Any:
-        if isinstance(m, keras.Model):
-            return m
-        if isinstance(m, (str, os.PathLike)):
-            p = Path(m)
-            if not p.exists():
-                raise ValueError(f"{what}: {p}: no such file or directory")
-            if p.is_dir():
-                from .graph.saved_model import is_saved_model
-
-                if not is_saved_model(p):
-                    raise ValueError(f"{what}: {p}: not a SavedModel (no saved_model.pb)")
-                return p
-            if p.suffix in (".keras", ".h5"):
-                from .keras.compare import load_keras_file
-
-                return load_keras_file(p, what)
-            raise ValueError(f"{what}: {p}: expected a SavedModel folder or a .keras/.h5 file")
-        raise TypeError(f"{what} must be a keras.Model, a .keras file or a SavedModel folder, got {type(m).__name__}")
-
-    f, q = resolve(model, "model"), resolve(quantized, "quantized")
+    f, q = _resolve(model, "model"), _resolve(quantized, "quantized")
     if isinstance(f, Path) != isinstance(q, Path):
         raise TypeError("model and quantized must both be Keras models or both be SavedModels")
     if isinstance(f, Path):
@@ -118,3 +103,28 @@ def compare(
         report = compare_keras(f, q, data, batch_size, steps, verbose)
     log.info("compare: %d points, %d samples in %.2fs", len(report.points), report.samples, report.seconds)
     return report
+
+
+def _resolve(m: Any, what: str) -> Any:
+    """The Keras model (a ``.keras``/``.h5`` file loaded) or the SavedModel folder (a ``Path``) that ``m`` names;
+    ``what`` names the argument in errors."""
+    import keras
+
+    if isinstance(m, keras.Model):
+        return m
+    if isinstance(m, (str, os.PathLike)):
+        p = Path(m)
+        if not p.exists():
+            raise ValueError(f"{what}: {p}: no such file or directory")
+        if p.is_dir():
+            from .graph.saved_model import is_saved_model
+
+            if not is_saved_model(p):
+                raise ValueError(f"{what}: {p}: not a SavedModel (no saved_model.pb)")
+            return p
+        if p.suffix in (".keras", ".h5"):
+            from .keras.compare import load_keras_file
+
+            return load_keras_file(p, what)
+        raise ValueError(f"{what}: {p}: expected a SavedModel folder or a .keras/.h5 file")
+    raise TypeError(f"{what} must be a keras.Model, a .keras file or a SavedModel folder, got {type(m).__name__}")

@@ -35,9 +35,12 @@ import tempfile
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterable, List, Mapping, Optional, Union
 
 from ._version import __version__
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only
+    from .types import DataLike
 
 __all__ = [
     "MANIFEST",
@@ -84,7 +87,7 @@ def fingerprint_tree(root: PathLike) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def fingerprint_data(data: Any) -> Optional[str]:
+def fingerprint_data(data: Optional[DataLike]) -> Optional[str]:
     """SHA-256 of calibration data given as arrays (or a dict of arrays); ``None`` for streams.
 
     A ``tf.data.Dataset`` or a generator cannot be fingerprinted without

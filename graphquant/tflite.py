@@ -35,7 +35,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -56,7 +56,18 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+if TYPE_CHECKING:  # pragma: no cover - annotations only
+    import keras
+    import tensorflow as tf
+
 PathLike = Union[str, "os.PathLike[str]"]
+#: a model to export or compare: a Keras model, a ``.keras`` file or (export) a SavedModel folder graphquant converted
+ModelLike = Union["keras.Model", PathLike]
+#: what the interpreter runs: an array (a model with one input) or a list of arrays, one per model input; unlike
+#: :data:`graphquant.types.DataLike`, not a dict or a dataset (the interpreter's inputs are positional)
+ArrayInputs = Union[np.ndarray, Sequence[np.ndarray]]
+#: ``inference_input_type`` / ``inference_output_type``: ``"int8"``, ``"uint8"``, ``"float32"`` or the dtype
+TypeLike = Union[str, "tf.DType", type]
 _MANIFEST_SUFFIX = ".graphquant.json"
 _MANIFEST_KIND = "graphquant-tflite"
 KERNELS = ("reference", "default")
@@ -541,15 +552,11 @@ class TFLiteReport:
         return d
 
 
-def _simulate(model: Any, inputs: Sequence[np.ndarray], batch: int = 64) -> List[np.ndarray]:
-    return (model if isinstance(model, _Source) else _Source(model)).simulate(inputs, batch)
-
-
 #: The simulation's kernel set (:data:`graphquant.keras.integer.KERNELS`) for each interpreter kernel set.
 SIMULATED_KERNELS = {"reference": "reference", "default": "xnnpack"}
 
 
-def agreement(model: Any, tflite: Union[PathLike, bytes], data: Any, kernels: Sequence[str] = KERNELS,
+def agreement(model: Any, tflite: Union[PathLike, bytes], data: ArrayInputs, kernels: Sequence[str] = KERNELS,
               simulated: Optional[str] = None) -> List[OutputAgreement]:
     """Per output and interpreter kernel set: the interpreter's dequantized output against the simulation's.
 
@@ -593,10 +600,6 @@ class _Source:
 
     def __init__(self, model: Any, signature: str = "serving_default"):
         import keras
-        import tensorflow as tf
-        from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
-
-        from .rounding import use_xla
 
         self.keras_model = None
         if isinstance(model, (str, os.PathLike)):
@@ -606,27 +609,7 @@ class _Source:
 
                 model = load_keras_file(p, "model")
             elif p.is_dir():
-                try:
-                    with use_xla(False):
-                        loaded = tf.saved_model.load(os.fspath(p))
-                except Exception as e:
-                    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                    raise ValueError(f"model: {p}: cannot load the SavedModel ({msg})") from None
-                if signature not in loaded.signatures:
-                    raise ValueError(f"model: {p} has no signature {signature!r} (has {sorted(loaded.signatures)})")
-                sig = loaded.signatures[signature]
-                self._loaded = loaded
-                self.name = p.name
-                self.input_names = sorted(sig.structured_input_signature[1])
-                self.n_inputs = len(self.input_names)
-                self.concrete = convert_variables_to_constants_v2(sig)
-                self.weight_bits = None
-
-                def run(*xs):
-                    out = sig(**{k: tf.constant(x, tf.float32) for k, x in zip(self.input_names, xs)})
-                    return [out[k] for k in sorted(out)]
-
-                self._run = run
+                self._load_saved_model(p, signature)
                 return
             else:
                 raise ValueError(f"model: {p}: expected a .keras file or a SavedModel folder")
@@ -640,6 +623,35 @@ class _Source:
         self.weight_bits = _weight_bits(model)
         self._runs: Dict[str, Any] = {}
         self._run = self._keras_run(None)
+
+    def _load_saved_model(self, p: Path, signature: str) -> None:
+        """A converted SavedModel folder: its ``signature`` frozen, and run with its inputs in name order."""
+        import tensorflow as tf
+        from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+        from .rounding import use_xla
+
+        try:
+            with use_xla(False):
+                loaded = tf.saved_model.load(os.fspath(p))
+        except Exception as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"model: {p}: cannot load the SavedModel ({msg})") from None
+        if signature not in loaded.signatures:
+            raise ValueError(f"model: {p} has no signature {signature!r} (has {sorted(loaded.signatures)})")
+        sig = loaded.signatures[signature]
+        self._loaded = loaded
+        self.name = p.name
+        self.input_names = sorted(sig.structured_input_signature[1])
+        self.n_inputs = len(self.input_names)
+        self.concrete = convert_variables_to_constants_v2(sig)
+        self.weight_bits = None
+
+        def run(*xs):
+            out = sig(**{k: tf.constant(x, tf.float32) for k, x in zip(self.input_names, xs)})
+            return [out[k] for k in sorted(out)]
+
+        self._run = run
 
     def _keras_run(self, kernels: Optional[str]):
         """A function running the Keras model at inference with the integer ``kernels`` (traced with them)."""
@@ -701,13 +713,13 @@ def _link_target_model(model: Any) -> bool:
 
 
 def export_tflite(
-    model: Any,
+    model: ModelLike,
     path: PathLike,
-    check_data: Any = None,
+    check_data: Optional[ArrayInputs] = None,
     *,
-    inference_input_type: Any = "int8",
-    inference_output_type: Any = "int8",
-    representative_data: Any = None,
+    inference_input_type: TypeLike = "int8",
+    inference_output_type: TypeLike = "int8",
+    representative_data: Optional[ArrayInputs] = None,
     overwrite: bool = False,
 ) -> TFLiteReport:
     """Convert a graphquant-quantized Keras model into a fully integer ``.tflite`` file.
@@ -738,8 +750,6 @@ def export_tflite(
     Returns:
         A :class:`TFLiteReport` (``print(report)``, ``report.to_dict()``).
     """
-    import tensorflow as tf
-
     _litert()
     if not isinstance(overwrite, bool):
         raise TypeError(f"overwrite must be a bool, got {overwrite!r}")
@@ -752,22 +762,37 @@ def export_tflite(
     check = None if check_data is None else _as_inputs(check_data, n_in)
     rep = check if representative_data is None else _as_inputs(representative_data, n_in)
 
-    concrete = src.concrete
-    n_fq = _fake_quant_count(concrete)
+    n_fq = _fake_quant_count(src.concrete)
     if n_fq == 0:
         raise ValueError(f"model {src.name!r} has no graphquant activation rounding (no FakeQuant op after "
                          "tracing); quantize it with graphquant.quantize_model first")
+    content = _convert(src.concrete, in_t, out_t, rep)
+    _write_atomic(path, content, {"source_model": src.name, "inference_input_type": in_t.name,
+                                  "inference_output_type": out_t.name})  # fmt: skip
+    report = _export_report(os.fspath(path), content, in_t.name, out_t.name, n_fq, rep is not None, src.weight_bits)
+    if check is not None:
+        report.agreement = agreement(src, content, check)
+    return report
+
+
+def _convert(concrete: Any, in_t: Any, out_t: Any, rep: Optional[List[np.ndarray]]) -> bytes:
+    """The ``.tflite`` bytes of ``concrete`` from ``tf.lite.TFLiteConverter``: fully integer (int8 builtins),
+    input/output types ``in_t``/``out_t``; ``rep`` (if given) calibrates the tensors without a graphquant range.
+
+    Raises:
+        ValueError: one line: what to pass when the converter needs data, else the converter's message.
+    """
+    import tensorflow as tf
+
     converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete])
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
     converter.inference_input_type = in_t
     converter.inference_output_type = out_t
-    calibrated = False
     if rep is not None:
         converter.representative_dataset = lambda: _batches(rep)
-        calibrated = True
     try:
-        content = converter.convert()
+        return converter.convert()
     except Exception as e:  # the converter raises several types; name what to do
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "representative_dataset" in msg:
@@ -776,27 +801,28 @@ def export_tflite(
                 "check_data= or representative_data=, or quantize with target='tflite_int8'"
             ) from None
         raise ValueError(f"the TFLite converter failed: {msg}") from None
-    _write_atomic(path, content, {"source_model": src.name, "inference_input_type": in_t.name,
-                                  "inference_output_type": out_t.name})  # fmt: skip
+
+
+def _export_report(path: str, content: bytes, input_type: str, output_type: str, n_fq: int, calibrated: bool,
+                   weight_bits: Optional[int]) -> TFLiteReport:
+    """What the written file is (without the agreement): its ops, which of them compute in float, and a note
+    on weights rounded to fewer than 8 bits (how many distinct values each output channel kept)."""
     interp = load_interpreter(content)
     counts, float_ops = _op_summary(interp)
     report = TFLiteReport(
-        path=os.fspath(path), size=len(content), input_type=in_t.name, output_type=out_t.name,
+        path=path, size=len(content), input_type=input_type, output_type=output_type,
         fully_integer=not float_ops, float_ops=float_ops, ops=counts, graphquant_ranges=n_fq,
         calibrated_by_converter=calibrated,
     )  # fmt: skip
     if float_ops:
         report.notes.append("ops computing in float: " + ", ".join(float_ops))
-    scales = tflite_scales(content)
-    wl = max((o.weight_levels for o in scales.ops), default=0)
-    bits = src.weight_bits
+    bits = weight_bits
     if bits is not None and bits < 8:
+        wl = max((o.weight_levels for o in tflite_scales(content).ops), default=0)
         report.notes.append(
             f"weights were rounded to {bits} bits: stored as int8, at most {wl} distinct values per output "
             f"channel (a {bits}-bit grid has {2 ** bits - 1})"
         )
-    if check is not None:
-        report.agreement = agreement(src, content, check)
     return report
 
 
@@ -869,7 +895,7 @@ def _every_tensor_an_output(tflite: Union[PathLike, bytes]) -> bytes:
     return bytes(flatbuffer_utils.convert_object_to_bytearray(m))
 
 
-def compare_tflite(model: Any, tflite: Union[PathLike, bytes], data: Any, kernels: str = "reference",
+def compare_tflite(model: ModelLike, tflite: Union[PathLike, bytes], data: ArrayInputs, kernels: str = "reference",
                    max_examples: int = 64) -> TFLiteCompareReport:
     """Compare every rounding point of ``model`` (its ``Quantize`` layers) with the interpreter's tensor there.
 
@@ -883,10 +909,6 @@ def compare_tflite(model: Any, tflite: Union[PathLike, bytes], data: Any, kernel
     closest (the converter renames tensors after the ops it fused), and the
     difference is given in LSBs of that tensor's scale.
     """
-    import keras
-
-    from .keras.layers import Quantize
-
     if isinstance(model, (str, os.PathLike)):
         p = Path(model)
         if not (p.is_file() and p.suffix in (".keras", ".h5")):
@@ -898,20 +920,53 @@ def compare_tflite(model: Any, tflite: Union[PathLike, bytes], data: Any, kernel
     if kernels not in KERNELS:
         raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     xs = [x[:max_examples] for x in _as_inputs(data, len(model.inputs))]
-    qlayers = [l for l in model.layers if isinstance(l, Quantize)]
-    probe = keras.Model(model.inputs, [l.output for l in qlayers]) if qlayers else None
-    sims = []
-    if probe is not None:
-        integer = _link_target_model(model)
-        own = getattr(model, "_gq_kernels", "reference")
-        object.__setattr__(probe, "_gq_kernels", SIMULATED_KERNELS[kernels])  # probe shares model's layers
-        try:
-            sims = _simulate(probe, xs)
-        finally:
-            if integer:
-                from .keras.integer import link_integer
+    qlayers, sims = _simulated_points(model, xs, kernels)
+    candidates = _interpreter_tensors(tflite, kernels, xs)
+    report = TFLiteCompareReport(path="<bytes>" if isinstance(tflite, (bytes, bytearray)) else os.fspath(tflite),
+                                 kernels=kernels)  # fmt: skip
+    for layer, sim in zip(qlayers, sims):
+        best = _closest_tensor(sim, candidates)
+        if best is None:
+            report.unmatched.append(layer.name)
+            continue
+        d, lsb, s = best
+        lsb = np.round(lsb, 3)
+        report.rows.append(TensorAgreement(tensor=str(d["name"]), layer=layer.name, scale=float(s),
+                                           max_diff_lsb=float(lsb.max()), mean_diff_lsb=float(lsb.mean()),
+                                           equal_pct=float(np.mean(lsb < 0.5) * 100)))  # fmt: skip
+    return report
 
-                link_integer(model, own)
+
+def _simulated_points(model: Any, xs: List[np.ndarray], kernels: str) -> Tuple[List[Any], List[np.ndarray]]:
+    """The model's ``Quantize`` layers and the simulation's output of each on ``xs``, computed with the integer
+    kernel set matching the interpreter's ``kernels`` (:data:`SIMULATED_KERNELS`; the model's own is restored)."""
+    import keras
+
+    from .keras.layers import Quantize
+
+    qlayers = [l for l in model.layers if isinstance(l, Quantize)]
+    if not qlayers:
+        return qlayers, []
+    probe = keras.Model(model.inputs, [l.output for l in qlayers])
+    integer = _link_target_model(model)
+    own = getattr(model, "_gq_kernels", "reference")
+    try:
+        return qlayers, _Source(probe).simulate(xs, kernels=SIMULATED_KERNELS[kernels])
+    finally:  # the probe shares the model's layers: they compute the model's own kernel set again
+        if integer:
+            from .keras.integer import link_integer
+
+            link_integer(model, own)
+
+
+def _interpreter_tensors(tflite: Union[PathLike, bytes], kernels: str, xs: List[np.ndarray]
+                         ) -> List[Tuple[Dict[str, Any], np.ndarray, float]]:
+    """Run the interpreter (``kernels``) on ``xs`` once; every int8 tensor with a batch axis it can read back, as
+    ``(details, dequantized values, scale)``.
+
+    The reference kernels keep every tensor (``experimental_preserve_all_tensors``); the default kernels (XNNPACK
+    delegate) run a copy of the model whose every op output is a model output (:func:`_every_tensor_an_output`).
+    """
     if kernels == "reference":
         interp = load_interpreter(tflite, kernels, preserve_all_tensors=True)
     else:
@@ -936,23 +991,20 @@ def compare_tflite(model: Any, tflite: Union[PathLike, bytes], data: Any, kernel
         if v.ndim == 0 or v.shape[0] != xs[0].shape[0]:
             continue
         candidates.append((d, (v.astype(np.float64) - z) * s, s))
-    report = TFLiteCompareReport(path="<bytes>" if isinstance(tflite, (bytes, bytearray)) else os.fspath(tflite),
-                                 kernels=kernels)  # fmt: skip
-    for layer, sim in zip(qlayers, sims):
-        best = None
-        for d, deq, s in candidates:
-            if deq.shape != sim.shape:
-                continue
-            lsb = np.abs(deq - sim) / s
-            score = float(lsb.mean())
-            if best is None or score < best[0]:
-                best = (score, d, lsb, s)
-        if best is None:
-            report.unmatched.append(layer.name)
+    return candidates
+
+
+def _closest_tensor(sim: np.ndarray, candidates: List[Tuple[Dict[str, Any], np.ndarray, float]]
+                    ) -> Optional[Tuple[Dict[str, Any], np.ndarray, float]]:
+    """The interpreter tensor of ``sim``'s shape whose dequantized values are closest to it (least mean difference
+    in LSBs; the converter renames tensors after the ops it fused): ``(details, |difference| in LSBs, scale)``,
+    or None when no tensor has that shape."""
+    best = None
+    for d, deq, s in candidates:
+        if deq.shape != sim.shape:
             continue
-        _, d, lsb, s = best
-        lsb = np.round(lsb, 3)
-        report.rows.append(TensorAgreement(tensor=str(d["name"]), layer=layer.name, scale=float(s),
-                                           max_diff_lsb=float(lsb.max()), mean_diff_lsb=float(lsb.mean()),
-                                           equal_pct=float(np.mean(lsb < 0.5) * 100)))  # fmt: skip
-    return report
+        lsb = np.abs(deq - sim) / s
+        score = float(lsb.mean())
+        if best is None or score < best[0]:
+            best = (score, d, lsb, s)
+    return None if best is None else best[1:]

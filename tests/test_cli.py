@@ -378,3 +378,18 @@ def test_saved_model_table_fits_the_terminal_and_names_functions_only_when_verbo
     assert wide[2].split()[1] == "serve/block_one_expand_conv_with_a_very_long_name_indeed"
     (legend,) = [l for l in wide if "__inference_" in l]
     assert legend.startswith("scopes: serve = __inference_serve_")
+
+
+def test_batch_calibration_file_errors_name_the_flag(tmp_path, capsys):
+    """graphquant batch --calibration: a missing or unreadable file is named by its flag, as in convert (not by
+    the library's calibration_data); nothing is written."""
+    from graphquant.cli import main
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "bad.npz").write_bytes(b"not an npz")
+    for name, problem in (("missing.npz", "no such file"), ("bad.npz", "not a readable .npz/.npy file")):
+        path = tmp_path / name
+        assert main(["batch", str(tmp_path / "models"), str(tmp_path / "out"), "--calibration", str(path)]) == 1
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"graphquant batch: error: --calibration: {path}: {problem}"), line
+    assert not (tmp_path / "out").exists()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Dict
+from typing import Any, Callable, Dict
 
 import numpy as np
 
@@ -32,7 +32,7 @@ def _replaceable(path: Path) -> bool:
 
 
 def run_example(out: str = "out/example", arch: str = "MobileNetV2", size: int = 96, bits: int = 8, seed: int = 0,
-                echo=print) -> Dict[str, object]:
+                echo: Callable[[str], Any] = print) -> Dict[str, object]:
     """Build ``keras.applications.<arch>`` with random weights, export, convert, compare.
 
     Writes ``<out>/float`` (the exported SavedModel) and ``<out>/q<bits>``
@@ -40,7 +40,6 @@ def run_example(out: str = "out/example", arch: str = "MobileNetV2", size: int =
     per-layer error table of :func:`graphquant.compare.compare`.
     """
     import keras
-    import tensorflow as tf
 
     from .saved_model import convert_saved_model
 
@@ -51,25 +50,9 @@ def run_example(out: str = "out/example", arch: str = "MobileNetV2", size: int =
             raise FileExistsError(f"{d} exists and is not a SavedModel; choose another --out")
     keras.utils.set_random_seed(seed)
     t0 = time.perf_counter()
-    builder = getattr(keras.applications, arch)
-    kw = dict(alpha=0.35) if arch == "MobileNetV2" else {}
-    model = builder(weights=None, input_shape=(size, size, 3), classes=10, classifier_activation=None, **kw)
-    # random weights leave BatchNormalization at identity; give it data-like statistics
     rng = np.random.RandomState(seed)
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            n = layer.moving_mean.shape[0]
-            layer.moving_mean.assign(rng.normal(0.0, 0.1, n).astype("float32"))
-            layer.moving_variance.assign(rng.uniform(0.5, 2.0, n).astype("float32"))
-    import shutil
-
-    tmp = out_p / ".float.graphquant-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    out_p.mkdir(parents=True, exist_ok=True)
-    model.export(str(tmp), verbose=False)
-    if float_dir.exists():
-        shutil.rmtree(float_dir)
-    tmp.rename(float_dir)
+    model = _build_model(arch, size, rng)
+    _export(model, out_p, float_dir)
     echo(f"exported {arch} ({size}x{size}, random weights) to {float_dir} in {time.perf_counter() - t0:.1f} s")
 
     images = rng.uniform(0.0, 255.0, (16, size, size, 3)).astype("float32")
@@ -79,11 +62,7 @@ def run_example(out: str = "out/example", arch: str = "MobileNetV2", size: int =
     echo(report.plan.table())
     echo(str(report))
 
-    src_fn = tf.saved_model.load(str(float_dir)).signatures["serving_default"]
-    q_fn = tf.saved_model.load(str(q_dir)).signatures["serving_default"]
-    name = next(iter(src_fn.structured_input_signature[1]))
-    y0 = next(iter(src_fn(**{name: tf.constant(test)}).values())).numpy()
-    y1 = next(iter(q_fn(**{name: tf.constant(test)}).values())).numpy()
+    y0, y1 = _serve(float_dir, test), _serve(q_dir, test)
     err = output_error(y0, y1)
     agree = float(np.mean(np.argmax(y0, -1) == np.argmax(y1, -1)))
     echo(
@@ -99,3 +78,41 @@ def run_example(out: str = "out/example", arch: str = "MobileNetV2", size: int =
         echo(f"lowest SQNR: {worst[0].layer} ({worst[0].sqnr_db:.1f} dB)")
     return {"report": report, "error": err, "top1_agreement": agree, "float": str(float_dir), "quantized": str(q_dir),
             "compare": per_layer}
+
+
+def _build_model(arch: str, size: int, rng: np.random.RandomState) -> Any:
+    """``keras.applications.<arch>`` (10 classes, logits) with random weights, its BatchNormalization layers given
+    data-like statistics from ``rng`` (random weights leave them at identity)."""
+    import keras
+
+    builder = getattr(keras.applications, arch)
+    kw = dict(alpha=0.35) if arch == "MobileNetV2" else {}
+    model = builder(weights=None, input_shape=(size, size, 3), classes=10, classifier_activation=None, **kw)
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.moving_mean.shape[0]
+            layer.moving_mean.assign(rng.normal(0.0, 0.1, n).astype("float32"))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, n).astype("float32"))
+    return model
+
+
+def _export(model: Any, out_p: Path, float_dir: Path) -> None:
+    """Export ``model`` as the SavedModel ``float_dir`` (written beside it, then renamed over the old one)."""
+    import shutil
+
+    tmp = out_p / ".float.graphquant-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    out_p.mkdir(parents=True, exist_ok=True)
+    model.export(str(tmp), verbose=False)
+    if float_dir.exists():
+        shutil.rmtree(float_dir)
+    tmp.rename(float_dir)
+
+
+def _serve(path: Path, x: np.ndarray) -> np.ndarray:
+    """The first output of the SavedModel ``path``'s ``serving_default`` signature on ``x`` (its one input)."""
+    import tensorflow as tf
+
+    fn = tf.saved_model.load(str(path)).signatures["serving_default"]
+    name = next(iter(fn.structured_input_signature[1]))
+    return next(iter(fn(**{name: tf.constant(x)}).values())).numpy()
