@@ -207,6 +207,9 @@ class _ThenRegister(importlib.abc.Loader):
     def __init__(self, loader: Any, finder: _RegisterLayersAfterKeras, fullname: str) -> None:
         self.loader, self.finder, self.fullname = loader, finder, fullname
 
+    def __getattr__(self, name: str) -> Any:  # get_code, get_source, ... (runpy for ``python -m graphquant``)
+        return getattr(self.loader, name)
+
     def create_module(self, spec: Any) -> Any:
         return self.loader.create_module(spec)
 
