@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from ..formats import Format
 from ..weights import round_weight
+from .integer_ops import integer_call
 from .layers import format_arg
 
 __all__ = ["FoldedConvBatchNorm", "foldable"]
@@ -110,8 +111,6 @@ class FoldedConvBatchNorm(keras.layers.Layer):
         fmt = self.weight_format
         wq = round_weight(wf, fmt, "nearest", depthwise=depthwise, fused=True)
         if not training and getattr(self, "_gq_integer", None) is not None:  # the runtime's integer kernel
-            from .integer import integer_call
-
             bias = conv.bias.value * inv + shift if conv.use_bias else shift
             y = integer_call(self, conv, inputs, wf, wq, bias, fmt, depthwise)
             if y is not None:

@@ -21,6 +21,7 @@ from ..formats import Affine, Format, check_rounding, format_from_dict, inferenc
 from ..ops import fake_quant, quantize
 from ..rounding import FUSED_ACTIVATIONS, min_max_fn, xla_enabled
 from ..weights import round_weight
+from .integer_ops import integer_call
 
 __all__ = ["Quantize", "QuantizeWeights", "StorageRounding", "FoldingBatchNormalization", "quantize_weight"]
 
@@ -455,8 +456,6 @@ class QuantizeWeights(keras.layers.Wrapper):
             seed = self.seed_generator.next() if rnd == "stochastic" else None
             mapping.append((var, self._round_slot(s, var.value, rnd, seed)))
         if not train and not kwargs and getattr(self, "_gq_integer", None) is not None:  # the runtime's kernel
-            from .integer import integer_call
-
             s = self.slots[0]
             bias = self.layer.bias.value if getattr(self.layer, "use_bias", False) else None
             y = integer_call(self, self.layer, inputs, self._variable("kernel").value, mapping[0][1], bias,
