@@ -15,6 +15,7 @@ import keras
 import numpy as np
 
 from ..report import CompareReport, Stats, WeightError, error_sums, output_error, point_error, weight_error
+from ..types import DataLike
 from .view import is_graph_model, is_sequential, iter_calls, producer_node
 
 __all__ = ["compare_keras", "keras_weight_errors"]
@@ -165,7 +166,7 @@ class _Probes:
         return out
 
 
-def compare_keras(model: Any, quantized: Any, data: Any, batch_size: int, steps: Optional[int],
+def compare_keras(model: Any, quantized: Any, data: DataLike, batch_size: int, steps: Optional[int],
                   verbose: Optional[bool] = None) -> CompareReport:  # fmt: skip
     """:func:`graphquant.compare.compare` for two Keras models (Functional or Sequential)."""
     import tensorflow as tf

@@ -18,6 +18,7 @@ import keras
 import tensorflow as tf
 
 from ..formats import Format
+from ..types import FormatLike
 from ..weights import round_weight
 from .integer_ops import integer_call
 from .layers import format_arg
@@ -52,7 +53,7 @@ class FoldedConvBatchNorm(keras.layers.Layer):
             statistics whenever training), ``0``: from the start.
     """
 
-    def __init__(self, conv: Any, bn: Any, weight_format: Any, freeze_bn_after: Optional[int] = None, **kwargs: Any):
+    def __init__(self, conv: Any, bn: Any, weight_format: FormatLike, freeze_bn_after: Optional[int] = None, **kwargs: Any):
         kwargs.setdefault("name", conv.name if isinstance(conv, keras.layers.Layer) else None)
         super().__init__(**kwargs)
         if isinstance(conv, dict):
