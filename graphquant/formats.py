@@ -29,7 +29,7 @@ import math
 import re
 import struct
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 __all__ = [
     "register_format",
@@ -710,6 +710,41 @@ def parse_format(spec: Union[str, Format, Mapping[str, Any]]) -> Format:
     return _parse_builtin(spec)
 
 
+def _affine_options(opts: List[str]) -> Dict[str, Any]:
+    """``Affine`` keywords from the ``:option`` suffixes of an affine format string."""
+    kw: Dict[str, Any] = {}
+    for o in opts:
+        if o == "narrow":
+            kw["narrow_range"] = True
+        elif o == "symmetric":
+            kw["symmetric"] = True
+        elif o.startswith("axis="):
+            kw["axis"] = int(o[5:])
+        else:
+            raise ValueError(f"unknown option {o!r}")
+    return kw
+
+
+def _float_options(opts: List[str]) -> Dict[str, Any]:
+    """``FloatFormat`` keywords from the ``:option`` suffixes of a float format string (they replace those
+    of the preset or ``e<E>m<M>`` they follow)."""
+    kw: Dict[str, Any] = {}
+    for o in opts:
+        if o in ("fn", "finite", "ieee"):
+            kw["inf_nan"] = o
+        elif o == "nosub":
+            kw["subnormals"] = False
+        elif o == "sat":
+            kw["saturate"] = True
+        elif o == "nosat":
+            kw["saturate"] = False
+        elif o.startswith("bias="):
+            kw["bias"] = int(o[5:])
+        else:
+            raise ValueError(f"unknown option {o!r}")
+    return kw
+
+
 def _parse_builtin(spec: str) -> Format:
     """:func:`parse_format` of a string, built-in spellings only."""
     text = spec.strip().lower().replace(" ", "")
@@ -735,41 +770,18 @@ def _parse_builtin(spec: str) -> Format:
             return FixedPoint(int(m.group(1)), (float(m.group(2)), float(m.group(3))))
         m = _AFFINE_RE.match(head)
         if m:
-            kw: dict = {}
-            for o in opts:
-                if o == "narrow":
-                    kw["narrow_range"] = True
-                elif o == "symmetric":
-                    kw["symmetric"] = True
-                elif o.startswith("axis="):
-                    kw["axis"] = int(o[5:])
-                else:
-                    raise ValueError(f"unknown option {o!r}")
             rng = None if m.group(2) is None else (float(m.group(2)), float(m.group(3)))
-            return Affine(int(m.group(1)), rng, **kw)
+            return Affine(int(m.group(1)), rng, **_affine_options(opts))
         base = PRESETS.get(head)
         m = _FLOAT_RE.match(head)
         if m or base is not None:
-            kw = {}
             if base is not None:
                 kw = dict(base.to_dict())
                 kw.pop("kind")
                 kw["saturate"] = None if base.saturate == (base.inf_nan != "ieee") else base.saturate
             else:
                 kw = {"exponent_bits": int(m.group(1)), "mantissa_bits": int(m.group(2))}
-            for o in opts:
-                if o in ("fn", "finite", "ieee"):
-                    kw["inf_nan"] = o
-                elif o == "nosub":
-                    kw["subnormals"] = False
-                elif o == "sat":
-                    kw["saturate"] = True
-                elif o == "nosat":
-                    kw["saturate"] = False
-                elif o.startswith("bias="):
-                    kw["bias"] = int(o[5:])
-                else:
-                    raise ValueError(f"unknown option {o!r}")
+            kw.update(_float_options(opts))
             return FloatFormat(**kw)
     except (ValueError, TypeError) as e:
         raise ValueError(f"format {spec!r} is not valid: {e}") from None
