@@ -710,36 +710,25 @@ def parse_format(spec: Union[str, Format, Mapping[str, Any]]) -> Format:
     return _parse_builtin(spec)
 
 
-def _affine_options(opts: List[str]) -> Dict[str, Any]:
-    """``Affine`` keywords from the ``:option`` suffixes of an affine format string."""
-    kw: Dict[str, Any] = {}
-    for o in opts:
-        if o == "narrow":
-            kw["narrow_range"] = True
-        elif o == "symmetric":
-            kw["symmetric"] = True
-        elif o.startswith("axis="):
-            kw["axis"] = int(o[5:])
-        else:
-            raise ValueError(f"unknown option {o!r}")
-    return kw
+#: The ``:option`` suffixes of affine and float format strings: a flag -> ``(keyword, value)``, and the
+#: ``name=<int>`` options -> keyword.
+_AFFINE_FLAGS = {"narrow": ("narrow_range", True), "symmetric": ("symmetric", True)}
+_AFFINE_INT_OPTIONS = {"axis": "axis"}
+_FLOAT_FLAGS = {"fn": ("inf_nan", "fn"), "finite": ("inf_nan", "finite"), "ieee": ("inf_nan", "ieee"),
+                "nosub": ("subnormals", False), "sat": ("saturate", True), "nosat": ("saturate", False)}
+_FLOAT_INT_OPTIONS = {"bias": "bias"}
 
 
-def _float_options(opts: List[str]) -> Dict[str, Any]:
-    """``FloatFormat`` keywords from the ``:option`` suffixes of a float format string (they replace those
-    of the preset or ``e<E>m<M>`` they follow)."""
+def _string_options(opts: List[str], flags: Mapping[str, Tuple[str, Any]], ints: Mapping[str, str]) -> Dict[str, Any]:
+    """Format keywords from the ``:option`` suffixes of a format string (later ones win)."""
     kw: Dict[str, Any] = {}
     for o in opts:
-        if o in ("fn", "finite", "ieee"):
-            kw["inf_nan"] = o
-        elif o == "nosub":
-            kw["subnormals"] = False
-        elif o == "sat":
-            kw["saturate"] = True
-        elif o == "nosat":
-            kw["saturate"] = False
-        elif o.startswith("bias="):
-            kw["bias"] = int(o[5:])
+        name, eq, value = o.partition("=")
+        if not eq and o in flags:
+            key, v = flags[o]
+            kw[key] = v
+        elif eq and name in ints:
+            kw[ints[name]] = int(value)
         else:
             raise ValueError(f"unknown option {o!r}")
     return kw
@@ -771,7 +760,7 @@ def _parse_builtin(spec: str) -> Format:
         m = _AFFINE_RE.match(head)
         if m:
             rng = None if m.group(2) is None else (float(m.group(2)), float(m.group(3)))
-            return Affine(int(m.group(1)), rng, **_affine_options(opts))
+            return Affine(int(m.group(1)), rng, **_string_options(opts, _AFFINE_FLAGS, _AFFINE_INT_OPTIONS))
         base = PRESETS.get(head)
         m = _FLOAT_RE.match(head)
         if m or base is not None:
@@ -781,7 +770,7 @@ def _parse_builtin(spec: str) -> Format:
                 kw["saturate"] = None if base.saturate == (base.inf_nan != "ieee") else base.saturate
             else:
                 kw = {"exponent_bits": int(m.group(1)), "mantissa_bits": int(m.group(2))}
-            kw.update(_float_options(opts))
+            kw.update(_string_options(opts, _FLOAT_FLAGS, _FLOAT_INT_OPTIONS))
             return FloatFormat(**kw)
     except (ValueError, TypeError) as e:
         raise ValueError(f"format {spec!r} is not valid: {e}") from None
