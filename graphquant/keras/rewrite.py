@@ -27,6 +27,8 @@ from ..plan import CONFIG_KEYS, Plan, QuantizeConfig, make_plan, may_zero_most_w
 from ..types import DataLike, FormatLike, Selector, Selectors
 from ._speedups import cached_signatures, gc_paused, recursion_room
 from .clone import Rewriter, count_layers
+from .integer import link_integer
+from .integer_ops import check_kernels
 from .layers import Quantize, QuantizeWeights
 from .storage import apply_weight_storage
 from .view import is_sequential, check_model, is_graph_model, keras_view
@@ -327,8 +329,6 @@ def _prepare_inference(new: keras.Model, tgt: Any, kernels: Optional[str], calib
         calibrate_keras(new, calibration_data, calibration_method, percentile=calibration_percentile,
                          what="calibration_data", verbose=verbose)  # fmt: skip
     if tgt is not None and tgt.integer_arithmetic:
-        from .integer import link_integer
-
         n_linked = link_integer(new, kernels or "reference")
         log.info("quantize_model: %d layers compute the runtime's integer kernels (%s) at inference", n_linked,
                  kernels or "reference")
@@ -390,8 +390,6 @@ def _target_formats(tgt: "Target", format: Optional[FormatLike], weights: Option
 def _check_target_options(tgt: Any, kernels: Optional[str], freeze_bn_after: Optional[int]) -> None:
     """``kernels=`` and ``freeze_bn_after=`` only mean something with a target that uses them."""
     if kernels is not None:
-        from .integer_ops import check_kernels
-
         check_kernels(kernels)
         if tgt is None or not tgt.integer_arithmetic:
             raise ValueError("kernels= needs a target that computes integer kernels (target='tflite_int8')")
