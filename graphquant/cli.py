@@ -305,16 +305,9 @@ def _cmd_convert(ns: argparse.Namespace) -> int:
 
 
 def _load_keras(src: Path) -> Any:
-    if not src.is_file():
-        raise ValueError(f"{src}: no such file")
-    import keras
+    from .keras.loading import load_keras_file
 
-    from . import keras as _  # noqa: F401  (registers graphquant's layers for loading quantized files)
-
-    try:
-        return keras.models.load_model(src, safe_mode=True, compile=False)
-    except Exception as e:
-        raise ValueError(f"{src}: cannot load the Keras model ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    return load_keras_file(src)
 
 
 def _convert_keras(src: Path, dst: Path, kw: Dict[str, Any], ns: argparse.Namespace) -> int:

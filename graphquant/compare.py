@@ -123,7 +123,7 @@ def _resolve(m: Any, what: str) -> Any:
                 raise ValueError(f"{what}: {p}: not a SavedModel (no saved_model.pb)")
             return p
         if p.suffix in (".keras", ".h5"):
-            from .keras.compare import load_keras_file
+            from .keras.loading import load_keras_file
 
             return load_keras_file(p, what)
         raise ValueError(f"{what}: {p}: expected a SavedModel folder or a .keras/.h5 file")

@@ -29,7 +29,7 @@ import math
 import re
 import struct
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 __all__ = [
     "register_format",
@@ -710,6 +710,30 @@ def parse_format(spec: Union[str, Format, Mapping[str, Any]]) -> Format:
     return _parse_builtin(spec)
 
 
+#: The ``:option`` suffixes of affine and float format strings: a flag -> ``(keyword, value)``, and the
+#: ``name=<int>`` options -> keyword.
+_AFFINE_FLAGS = {"narrow": ("narrow_range", True), "symmetric": ("symmetric", True)}
+_AFFINE_INT_OPTIONS = {"axis": "axis"}
+_FLOAT_FLAGS = {"fn": ("inf_nan", "fn"), "finite": ("inf_nan", "finite"), "ieee": ("inf_nan", "ieee"),
+                "nosub": ("subnormals", False), "sat": ("saturate", True), "nosat": ("saturate", False)}
+_FLOAT_INT_OPTIONS = {"bias": "bias"}
+
+
+def _string_options(opts: List[str], flags: Mapping[str, Tuple[str, Any]], ints: Mapping[str, str]) -> Dict[str, Any]:
+    """Format keywords from the ``:option`` suffixes of a format string (later ones win)."""
+    kw: Dict[str, Any] = {}
+    for o in opts:
+        name, eq, value = o.partition("=")
+        if not eq and o in flags:
+            key, v = flags[o]
+            kw[key] = v
+        elif eq and name in ints:
+            kw[ints[name]] = int(value)
+        else:
+            raise ValueError(f"unknown option {o!r}")
+    return kw
+
+
 def _parse_builtin(spec: str) -> Format:
     """:func:`parse_format` of a string, built-in spellings only."""
     text = spec.strip().lower().replace(" ", "")
@@ -735,41 +759,18 @@ def _parse_builtin(spec: str) -> Format:
             return FixedPoint(int(m.group(1)), (float(m.group(2)), float(m.group(3))))
         m = _AFFINE_RE.match(head)
         if m:
-            kw: dict = {}
-            for o in opts:
-                if o == "narrow":
-                    kw["narrow_range"] = True
-                elif o == "symmetric":
-                    kw["symmetric"] = True
-                elif o.startswith("axis="):
-                    kw["axis"] = int(o[5:])
-                else:
-                    raise ValueError(f"unknown option {o!r}")
             rng = None if m.group(2) is None else (float(m.group(2)), float(m.group(3)))
-            return Affine(int(m.group(1)), rng, **kw)
+            return Affine(int(m.group(1)), rng, **_string_options(opts, _AFFINE_FLAGS, _AFFINE_INT_OPTIONS))
         base = PRESETS.get(head)
         m = _FLOAT_RE.match(head)
         if m or base is not None:
-            kw = {}
             if base is not None:
                 kw = dict(base.to_dict())
                 kw.pop("kind")
                 kw["saturate"] = None if base.saturate == (base.inf_nan != "ieee") else base.saturate
             else:
                 kw = {"exponent_bits": int(m.group(1)), "mantissa_bits": int(m.group(2))}
-            for o in opts:
-                if o in ("fn", "finite", "ieee"):
-                    kw["inf_nan"] = o
-                elif o == "nosub":
-                    kw["subnormals"] = False
-                elif o == "sat":
-                    kw["saturate"] = True
-                elif o == "nosat":
-                    kw["saturate"] = False
-                elif o.startswith("bias="):
-                    kw["bias"] = int(o[5:])
-                else:
-                    raise ValueError(f"unknown option {o!r}")
+            kw.update(_string_options(opts, _FLOAT_FLAGS, _FLOAT_INT_OPTIONS))
             return FloatFormat(**kw)
     except (ValueError, TypeError) as e:
         raise ValueError(f"format {spec!r} is not valid: {e}") from None

@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from . import rounding as _r
 from .formats import ROUNDING_MODES, Affine, FixedPoint, FloatFormat, Format, Scaled, as_format, check_rounding, parse_format
+from .types import FormatLike
 
 __all__ = ["quantize", "ROUNDING_MODES", "set_seed", "representable_range", "fake_quant", "symmetric_fake_quant"]
 
@@ -150,13 +151,13 @@ def _as_pair(range) -> tuple:
 
 def quantize(
     x: Any,
-    format: Union[str, Format, dict, None] = None,
+    format: Optional[FormatLike] = None,
     rounding: str = "nearest",
     *,
     bits: Optional[int] = None,
     range: Optional[Tuple[Any, Any]] = None,
     seed: SeedLike = None,
-    gradient_format: Union[str, Format, dict, None] = None,
+    gradient_format: Optional[FormatLike] = None,
     gradient_rounding: str = "nearest",
     name: Optional[str] = None,
 ) -> tf.Tensor:
@@ -220,12 +221,7 @@ def quantize(
     """
     fmt, affine_range = _resolve_format(format, bits, range)
     rounding = check_rounding(rounding, "rounding")
-    grad_fmt = None
-    if gradient_format is not None:
-        grad_fmt = parse_format(gradient_format)
-        gradient_rounding = check_rounding(gradient_rounding, "gradient_rounding")
-        if isinstance(grad_fmt, Affine) and grad_fmt.range is None:
-            raise ValueError("gradient_format must have a fixed range (an Affine format without range cannot round gradients)")
+    grad_fmt = _gradient_format(gradient_format, gradient_rounding)
     if isinstance(fmt, Affine) and affine_range is None:
         if fmt.range is None:
             raise ValueError(
@@ -253,6 +249,18 @@ def quantize(
         if y.dtype != in_dtype:
             y = _to_input_dtype(y, in_dtype, fmt)
         return y
+
+
+def _gradient_format(gradient_format: Optional[FormatLike], gradient_rounding: str) -> Optional[Format]:
+    """The parsed ``gradient_format=`` of :func:`quantize` (``None`` for none): a fixed grid, with
+    ``gradient_rounding`` checked."""
+    if gradient_format is None:
+        return None
+    grad_fmt = parse_format(gradient_format)
+    check_rounding(gradient_rounding, "gradient_rounding")
+    if isinstance(grad_fmt, Affine) and grad_fmt.range is None:
+        raise ValueError("gradient_format must have a fixed range (an Affine format without range cannot round gradients)")
+    return grad_fmt
 
 
 #: 16-bit input dtypes: (stored mantissa bits, smallest normal, largest finite value)

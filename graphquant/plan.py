@@ -14,7 +14,7 @@ import inspect
 import json
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from ._table import render_table
 from .formats import (
@@ -31,6 +31,7 @@ from .formats import (
     parse_format,
 )
 from .patterns import DEFAULT_REGISTRY, Node, Registry, View, is_depthwise_weight
+from .types import FormatLike, Selector, Selectors
 
 __all__ = ["QuantizeConfig", "InsertionPoint", "Plan", "make_plan", "ROUNDING_MODES"]
 
@@ -39,10 +40,8 @@ __all__ = ["QuantizeConfig", "InsertionPoint", "Plan", "make_plan", "ROUNDING_MO
 _MODEL_WIDE_KEYS = ("include", "exclude", "overrides", "dense", "options", "weight_storage", "storage_rounding",
                     "range_momentum")
 
-Selector = Union[str, type]
 
-
-def _check_selectors(value: Any, what: str) -> Tuple[Selector, ...]:
+def _check_selectors(value: Optional[Selectors], what: str) -> Tuple[Selector, ...]:
     if value is None:
         return ()
     if isinstance(value, (str, type)):
@@ -193,6 +192,76 @@ def _smallest(fmt: Format) -> float:
     return float("nan")
 
 
+def _check_roundings_and_flags(rounding: str, inference_rounding: Optional[str], weight_rounding: str,
+                               storage_rounding: str, *, activations: Any, dense: Any, weights: Any) -> None:
+    """Check :meth:`QuantizeConfig.create`'s rounding modes and bool flags (errors name the argument)."""
+    check_rounding(rounding, "rounding")
+    if inference_rounding is not None:
+        check_rounding(inference_rounding, "inference_rounding")
+    check_rounding(weight_rounding, "weight_rounding")
+    check_rounding(storage_rounding, "storage_rounding")
+    if storage_rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"storage_rounding must be 'nearest' or 'stochastic', got {storage_rounding!r}")
+    for name, v in (("activations", activations), ("dense", dense)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{name} must be a bool, got {v!r}")
+    if weights is not None and not isinstance(weights, bool):
+        raise TypeError(f"weights must be a bool, got {weights!r}")
+
+
+def _weight_options(weights: Optional[bool], weight_bits: Optional[int],
+                    weight_format: Optional[FormatLike]) -> Tuple[bool, Optional[Format]]:
+    """``(whether weights are rounded, the parsed weight format or None)`` from ``weights=``, ``weight_bits=``
+    and ``weight_format=`` (either of the last two turns weight rounding on; contradictions raise)."""
+    if weights is False and (weight_bits is not None or weight_format is not None):
+        raise ValueError("weight_bits=/weight_format= contradict weights=False")
+    use_weights = bool(weights) or weight_bits is not None or weight_format is not None
+    wfmt = None
+    if weight_format is not None:
+        wfmt = parse_format(weight_format)
+        if weight_bits is not None and getattr(wfmt, "bits", weight_bits) != weight_bits:
+            raise ValueError(f"weight_bits={weight_bits} contradicts weight_format={str(wfmt)!r}")
+    elif weight_bits is not None:
+        Affine(weight_bits)  # validates
+        if isinstance(weight_bits, bool) or not isinstance(weight_bits, int):
+            raise TypeError(f"weight_bits must be an integer, got {weight_bits!r}")
+    return use_weights, wfmt
+
+
+def _storage_format(weight_storage: Optional[FormatLike], storage_rounding: str) -> Optional[Format]:
+    """The parsed ``weight_storage=`` format (``None`` for none): a fixed grid; ``storage_rounding`` other
+    than ``"nearest"`` needs one."""
+    if storage_rounding != "nearest" and weight_storage is None:
+        raise ValueError(f"storage_rounding={storage_rounding!r} needs weight_storage= (the format weights are stored in)")
+    if weight_storage is None:
+        return None
+    storage = parse_format(weight_storage)
+    if isinstance(storage, Affine) and storage.range is None:
+        raise ValueError("weight_storage needs a fixed grid: a FixedPoint, float, or an Affine with a range")
+    return storage
+
+
+def _parse_overrides(overrides: Any) -> List[Tuple[Selector, Optional[Dict[str, Any]]]]:
+    """``overrides=`` as ``[(selector, settings dict or None)]``, selectors and keys checked (the settings'
+    values are checked by :meth:`QuantizeConfig._merge`)."""
+    ov: List[Tuple[Selector, Optional[Dict[str, Any]]]] = []
+    if overrides is None:
+        return ov
+    if not isinstance(overrides, Mapping):
+        raise TypeError(f"overrides must be a dict {{selector: settings}}, got {type(overrides).__name__}")
+    for sel, settings in overrides.items():
+        (sel,) = _check_selectors(sel, "overrides")
+        if settings is not None:
+            if not isinstance(settings, Mapping):
+                raise TypeError(f"overrides[{sel!r}] must be a dict or None, got {settings!r}")
+            bad = set(settings) - set(OVERRIDE_KEYS)
+            if bad:
+                raise ValueError(f"overrides[{sel!r}]: unknown keys {sorted(bad)}; allowed: {OVERRIDE_KEYS}")
+            settings = dict(settings)
+        ov.append((sel, settings))
+    return ov
+
+
 @dataclass(frozen=True)
 class QuantizeConfig:
     """What the user asks for. Build with :meth:`create` (validates the keywords).
@@ -239,21 +308,21 @@ class QuantizeConfig:
         cls,
         bits: Optional[int] = None,
         *,
-        format: Any = None,
+        format: Optional[FormatLike] = None,
         range: Optional[Tuple[float, float]] = None,
         rounding: str = "nearest",
         inference_rounding: Optional[str] = None,
         activations: bool = True,
         weights: Optional[bool] = None,
         weight_bits: Optional[int] = None,
-        weight_format: Any = None,
+        weight_format: Optional[FormatLike] = None,
         weight_rounding: str = "nearest",
-        include: Any = None,
-        exclude: Any = None,
+        include: Optional[Selectors] = None,
+        exclude: Optional[Selectors] = None,
         overrides: Optional[Mapping[Selector, Optional[Mapping[str, Any]]]] = None,
         dense: bool = False,
         options: Iterable[str] = (),
-        weight_storage: Any = None,
+        weight_storage: Optional[FormatLike] = None,
         storage_rounding: str = "nearest",
         range_momentum: float = 0.999,
     ) -> "QuantizeConfig":
@@ -263,34 +332,12 @@ class QuantizeConfig:
             ValueError / TypeError naming the offending argument.
         """
         fmt = _resolve_act_format(format, bits, range)
-        check_rounding(rounding, "rounding")
-        if inference_rounding is not None:
-            check_rounding(inference_rounding, "inference_rounding")
-        check_rounding(weight_rounding, "weight_rounding")
-        check_rounding(storage_rounding, "storage_rounding")
-        if storage_rounding not in ("nearest", "stochastic"):
-            raise ValueError(f"storage_rounding must be 'nearest' or 'stochastic', got {storage_rounding!r}")
-        for name, v in (("activations", activations), ("dense", dense)):
-            if not isinstance(v, bool):
-                raise TypeError(f"{name} must be a bool, got {v!r}")
-        if weights is not None and not isinstance(weights, bool):
-            raise TypeError(f"weights must be a bool, got {weights!r}")
-        if weights is False and (weight_bits is not None or weight_format is not None):
-            raise ValueError("weight_bits=/weight_format= contradict weights=False")
-        use_weights = bool(weights) or weight_bits is not None or weight_format is not None
-        wfmt = None
-        if weight_format is not None:
-            wfmt = parse_format(weight_format)
-            if weight_bits is not None and getattr(wfmt, "bits", weight_bits) != weight_bits:
-                raise ValueError(f"weight_bits={weight_bits} contradicts weight_format={str(wfmt)!r}")
-        elif weight_bits is not None:
-            Affine(weight_bits)  # validates
-            if isinstance(weight_bits, bool) or not isinstance(weight_bits, int):
-                raise TypeError(f"weight_bits must be an integer, got {weight_bits!r}")
+        _check_roundings_and_flags(rounding, inference_rounding, weight_rounding, storage_rounding,
+                                   activations=activations, dense=dense, weights=weights)
+        use_weights, wfmt = _weight_options(weights, weight_bits, weight_format)
         if not activations and not use_weights:
             raise ValueError("activations=False and no weights: nothing to quantize")
-        if storage_rounding != "nearest" and weight_storage is None:
-            raise ValueError(f"storage_rounding={storage_rounding!r} needs weight_storage= (the format weights are stored in)")
+        storage = _storage_format(weight_storage, storage_rounding)
         override_weights = isinstance(overrides, Mapping) and any(
             isinstance(v, Mapping) and any(k.startswith("weight") for k in v) for v in overrides.values()
         )
@@ -299,30 +346,12 @@ class QuantizeConfig:
                 f"weight_rounding={weight_rounding!r} has no weights to round: add weights=True "
                 "(or weight_bits= / weight_format=)"
             )
-        storage = None
-        if weight_storage is not None:
-            storage = parse_format(weight_storage)
-            if isinstance(storage, Affine) and storage.range is None:
-                raise ValueError("weight_storage needs a fixed grid: a FixedPoint, float, or an Affine with a range")
         if not isinstance(range_momentum, (int, float)) or not 0.0 <= float(range_momentum) < 1.0:
             raise ValueError(f"range_momentum must be in [0, 1), got {range_momentum!r}")
         opts = set(options) if not isinstance(options, str) else {options}
         if dense:
             opts.add("dense")
-        ov: List[Tuple[Selector, Optional[Mapping[str, Any]]]] = []
-        if overrides is not None:
-            if not isinstance(overrides, Mapping):
-                raise TypeError(f"overrides must be a dict {{selector: settings}}, got {type(overrides).__name__}")
-            for sel, settings in overrides.items():
-                (sel,) = _check_selectors(sel, "overrides")
-                if settings is not None:
-                    if not isinstance(settings, Mapping):
-                        raise TypeError(f"overrides[{sel!r}] must be a dict or None, got {settings!r}")
-                    bad = set(settings) - set(OVERRIDE_KEYS)
-                    if bad:
-                        raise ValueError(f"overrides[{sel!r}]: unknown keys {sorted(bad)}; allowed: {OVERRIDE_KEYS}")
-                    settings = dict(settings)
-                ov.append((sel, settings))
+        ov = _parse_overrides(overrides)
         cfg = cls(
             format=fmt,
             rounding=rounding,

@@ -13,11 +13,15 @@ Every range includes zero and is at least :data:`MIN_RANGE_WIDTH` wide.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, Iterator, Mapping, Optional, Tuple
 
 import numpy as np
 
 from .calibration import MIN_RANGE_WIDTH  # the engine's rule, re-exported (its users import it from here)
+from .types import DataLike
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only: importing Keras here would slow `import graphquant.ranges`
+    import keras
 
 __all__ = [
     "MinMaxTracker", "PercentileTracker", "calibrate", "iter_batches", "calibration_batches", "check_inputs",
@@ -111,7 +115,8 @@ class PercentileTracker(_EngineTracker):
 
 
 def iter_batches(
-    data: Any, n_inputs: int = 1, batch_size: int = 32, steps: Optional[int] = None, what: str = "calibration data"
+    data: DataLike, n_inputs: int = 1, batch_size: int = 32, steps: Optional[int] = None,
+    what: str = "calibration data"
 ) -> Iterator[Any]:
     """Model inputs from a numpy array / tensor / dict of arrays (batched),
     a ``tf.data.Dataset`` or any iterable of batches (``(x, y)`` pairs keep ``x``).
@@ -194,7 +199,7 @@ def _is_empty(batch: Any) -> bool:
 
 
 def calibration_batches(
-    data: Any,
+    data: DataLike,
     n_inputs: int = 1,
     batch_size: int = 32,
     steps: Optional[int] = None,
@@ -322,8 +327,8 @@ def _keras_check(model: Any, what: str) -> Optional[Callable[[Any], None]]:
 
 
 def calibrate(
-    model: Any,
-    data: Any,
+    model: "keras.Model",
+    data: DataLike,
     method: str = "minmax",
     *,
     percentile: float = 99.99,
@@ -375,7 +380,7 @@ class _Feed:
 
 
 def calibrate_keras(
-    model: Any, data: Any, method: str, *, percentile: float = 99.99, batch_size: int = 32,
+    model: "keras.Model", data: DataLike, method: str, *, percentile: float = 99.99, batch_size: int = 32,
     steps: Optional[int] = None, what: str = "calibration_data", verbose: Optional[bool] = None,
 ) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:  # fmt: skip
     """Calibrate ``model``'s learned-range Quantize layers on ``data`` (their inputs feed engine

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Tuple
 
 import numpy as np
 import tensorflow as tf
@@ -295,7 +295,108 @@ def _scale_pow2(x: tf.Tensor, e: int) -> tf.Tensor:
     return x * _pow2(e, dt)
 
 
+def _round_bits(a: tf.Tensor, x: tf.Tensor, key: Optional[tf.Tensor], d: int, mode: str, positive: tf.Tensor,
+                negative: tf.Tensor) -> tf.Tensor:
+    """The normal range: the magnitude bit pattern ``a`` of ``x`` with its ``d`` low bits dropped by rounding
+    ``mode`` (a carry into the exponent is right: the next binade)."""
+    int_dt = a.dtype
+    if d == 0:
+        return a
+    one = tf.constant(1, int_dt)
+    step_b = tf.constant(1 << d, int_dt)
+    mask = tf.constant((1 << d) - 1, int_dt)
+    r = tf.bitwise.bitwise_and(a, mask)
+    t = a - r
+    nonzero = tf.cast(r != 0, int_dt) * step_b
+    if mode == "nearest":
+        half = tf.constant(1 << (d - 1), int_dt)
+        lsb = tf.bitwise.bitwise_and(tf.bitwise.right_shift(a, tf.constant(d, int_dt)), one)
+        return tf.bitwise.bitwise_and(a + (half - one) + lsb, tf.bitwise.invert(mask))
+    if mode == "nearest_away":
+        half = tf.constant(1 << (d - 1), int_dt)
+        return tf.bitwise.bitwise_and(a + half, tf.bitwise.invert(mask))
+    if mode == "toward_zero":
+        return t
+    if mode == "up":
+        return tf.where(positive, t + nonzero, t)
+    if mode == "down":
+        return tf.where(negative, t + nonzero, t)
+    if mode == "stochastic":
+        rnd = random_bits(x, key)
+        if int_dt == tf.int64:
+            # 32 random bits are plenty: compare the top d bits only when d > 32
+            rnd = tf.cast(rnd, tf.int64)
+            shift = max(d - 32, 0)
+            up = tf.bitwise.right_shift(r, tf.constant(shift, int_dt)) > tf.bitwise.bitwise_and(
+                rnd, tf.constant((1 << min(d, 32)) - 1, int_dt))
+        else:
+            rnd = tf.bitwise.bitwise_and(tf.bitcast(rnd, tf.int32), mask)
+            up = rnd < r
+        return t + tf.cast(up, int_dt) * step_b
+    check_rounding(mode)
+    raise AssertionError(f"rounding mode {mode!r} has no bit rounding")  # pragma: no cover
+
+
+def _round_below_normal(x: tf.Tensor, a: tf.Tensor, sign: tf.Tensor, q: tf.Tensor, rb: tf.Tensor,
+                        key: Optional[tf.Tensor], fmt: FloatFormat, mode: str, sub_exp: int, positive: tf.Tensor,
+                        negative: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+    """``(q, rb)`` with the values below the format's smallest normal rounded on its fixed step
+    ``2**sub_exp`` instead (exact power-of-two scaling): the rounded value and its magnitude bits."""
+    dt, int_dt = x.dtype, a.dtype
+    _, W, _, dt_emin = _FLOAT_LAYOUT[dt]
+    k = _scale_pow2(x, -sub_exp)
+    # TF and XLA on CPU run with denormals-are-zero, so arithmetic on an
+    # input below dt's smallest normal sees 0 (wrong for "up"/"down"/...).
+    # Rebuild k from the bits: such an x is a * 2**(dt_emin - W) exactly.
+    # If that scale is below dt's normals, |k| < 2**-103 and any value of
+    # that sign in (0, 2**-103) rounds the same in every mode.
+    den_exp = max(dt_emin - W - sub_exp, dt_emin)
+    k_den = tf.cast(a, dt) * _pow2(den_exp, dt)
+    k_den = tf.where(negative, -k_den, k_den)
+    k = tf.where(a < tf.constant(1 << W, int_dt), k_den, k)
+    k = _round_coord(k, mode, positive, key)
+    qs = _scale_pow2(k, sub_exp)
+    small = a < tf.constant(_float_bits(2.0**fmt.min_exponent, dt), int_dt)
+    q = tf.where(small, qs, q)
+    rb = tf.where(small, tf.bitwise.bitwise_xor(tf.bitcast(qs, int_dt), sign), rb)
+    return q, rb
+
+
+def _overflow(x: tf.Tensor, a: tf.Tensor, q: tf.Tensor, rb: tf.Tensor, fmt: FloatFormat, mode: str,
+              positive: tf.Tensor, negative: tf.Tensor) -> tf.Tensor:
+    """``q`` with the rounded values beyond the format's largest (magnitude bits ``rb``) and the non-finite
+    inputs (magnitude bits ``a``) made what the format and ``mode`` make of them: the largest value
+    (saturating formats; the directed modes that round toward it), infinity, or NaN."""
+    dt, int_dt = x.dtype, a.dtype
+    inf_b = tf.constant(_float_bits(np.inf, dt), int_dt)
+    max_b = tf.constant(_float_bits(fmt.max_value, dt), int_dt)
+    max_q = tf.where(negative, tf.constant(-fmt.max_value, dt), tf.constant(fmt.max_value, dt))
+    inf_q = tf.where(negative, tf.constant(-np.inf, dt), tf.constant(np.inf, dt))
+    nan_q = tf.constant(np.nan, dt)
+    is_inf_in = tf.equal(a, inf_b)
+    over = tf.logical_and(rb > max_b, tf.logical_not(is_inf_in))
+    if mode == "toward_zero":
+        to_max = over
+    elif mode == "down":
+        to_max = tf.logical_and(over, positive)
+    elif mode == "up":
+        to_max = tf.logical_and(over, negative)
+    else:
+        to_max = tf.zeros_like(over)
+    if fmt.saturate:
+        q = tf.where(tf.logical_or(over, tf.logical_and(is_inf_in, not fmt.has_inf)), max_q, q)
+    else:
+        spill = inf_q if fmt.has_inf else nan_q
+        q = tf.where(to_max, max_q, tf.where(over, spill, q))
+        if not fmt.has_inf:
+            q = tf.where(is_inf_in, nan_q, q)
+    return tf.where(tf.math.is_nan(x), x, q)
+
+
 def _float_kernel(fmt: FloatFormat, mode: str) -> Callable:
+    """``f(x, key)`` rounding a float32/float64 ``x`` onto ``fmt``: on the bit pattern in the normal range
+    (:func:`_round_bits`), on a fixed step below it (:func:`_round_below_normal`, unless ``x``'s own
+    subnormals are the format's), then overflow and non-finite values (:func:`_overflow`)."""
     M = fmt.mantissa_bits
     emin = fmt.min_exponent
     sub_exp = emin - M if fmt.subnormals else emin  # exponent of the grid step below 2**emin
@@ -303,97 +404,17 @@ def _float_kernel(fmt: FloatFormat, mode: str) -> Callable:
     def kernel(x, key):
         dt = x.dtype
         int_dt, W, _, dt_emin = _FLOAT_LAYOUT[dt]
-        d = W - M
-        one = tf.constant(1, int_dt)
         sign_mask = tf.constant(-(2 ** (8 * int_dt.size - 1)), int_dt)  # only the sign bit
         bits = tf.bitcast(x, int_dt)
         sign = tf.bitwise.bitwise_and(bits, sign_mask)
         a = tf.bitwise.bitwise_xor(bits, sign)  # magnitude bits
         negative = tf.not_equal(sign, 0)
         positive = tf.logical_not(negative)
-
-        # --- normal range: drop d low bits of the pattern (carry into the exponent is right)
-        if d == 0:
-            rb = a
-        else:
-            step_b = tf.constant(1 << d, int_dt)
-            mask = tf.constant((1 << d) - 1, int_dt)
-            r = tf.bitwise.bitwise_and(a, mask)
-            t = a - r
-            nonzero = tf.cast(r != 0, int_dt) * step_b
-            if mode == "nearest":
-                half = tf.constant(1 << (d - 1), int_dt)
-                lsb = tf.bitwise.bitwise_and(tf.bitwise.right_shift(a, tf.constant(d, int_dt)), one)
-                rb = tf.bitwise.bitwise_and(a + (half - one) + lsb, tf.bitwise.invert(mask))
-            elif mode == "nearest_away":
-                half = tf.constant(1 << (d - 1), int_dt)
-                rb = tf.bitwise.bitwise_and(a + half, tf.bitwise.invert(mask))
-            elif mode == "toward_zero":
-                rb = t
-            elif mode == "up":
-                rb = tf.where(positive, t + nonzero, t)
-            elif mode == "down":
-                rb = tf.where(negative, t + nonzero, t)
-            elif mode == "stochastic":
-                rnd = random_bits(x, key)
-                if int_dt == tf.int64:
-                    # 32 random bits are plenty: compare the top d bits only when d > 32
-                    rnd = tf.cast(rnd, tf.int64)
-                    shift = max(d - 32, 0)
-                    up = tf.bitwise.right_shift(r, tf.constant(shift, int_dt)) > tf.bitwise.bitwise_and(
-                        rnd, tf.constant((1 << min(d, 32)) - 1, int_dt))
-                else:
-                    rnd = tf.bitwise.bitwise_and(tf.bitcast(rnd, tf.int32), mask)
-                    up = rnd < r
-                rb = t + tf.cast(up, int_dt) * step_b
-            else:
-                check_rounding(mode)
-                raise AssertionError(f"rounding mode {mode!r} has no bit rounding")  # pragma: no cover
+        rb = _round_bits(a, x, key, W - M, mode, positive, negative)
         q = tf.bitcast(tf.bitwise.bitwise_or(rb, sign), dt)
-
-        # --- below the smallest normal: a fixed step 2**sub_exp (exact power-of-two scaling)
-        bit_path_covers_subnormals = fmt.subnormals and emin == dt_emin
-        if not bit_path_covers_subnormals:
-            k = _scale_pow2(x, -sub_exp)
-            # TF and XLA on CPU run with denormals-are-zero, so arithmetic on an
-            # input below dt's smallest normal sees 0 (wrong for "up"/"down"/...).
-            # Rebuild k from the bits: such an x is a * 2**(dt_emin - W) exactly.
-            # If that scale is below dt's normals, |k| < 2**-103 and any value of
-            # that sign in (0, 2**-103) rounds the same in every mode.
-            den_exp = max(dt_emin - W - sub_exp, dt_emin)
-            k_den = tf.cast(a, dt) * _pow2(den_exp, dt)
-            k_den = tf.where(negative, -k_den, k_den)
-            k = tf.where(a < tf.constant(1 << W, int_dt), k_den, k)
-            k = _round_coord(k, mode, positive, key)
-            qs = _scale_pow2(k, sub_exp)
-            small = a < tf.constant(_float_bits(2.0**emin, dt), int_dt)
-            q = tf.where(small, qs, q)
-            rb = tf.where(small, tf.bitwise.bitwise_xor(tf.bitcast(qs, int_dt), sign), rb)
-
-        # --- overflow and non-finite inputs
-        inf_b = tf.constant(_float_bits(np.inf, dt), int_dt)
-        max_b = tf.constant(_float_bits(fmt.max_value, dt), int_dt)
-        max_q = tf.where(negative, tf.constant(-fmt.max_value, dt), tf.constant(fmt.max_value, dt))
-        inf_q = tf.where(negative, tf.constant(-np.inf, dt), tf.constant(np.inf, dt))
-        nan_q = tf.constant(np.nan, dt)
-        is_inf_in = tf.equal(a, inf_b)
-        over = tf.logical_and(rb > max_b, tf.logical_not(is_inf_in))
-        if mode == "toward_zero":
-            to_max = over
-        elif mode == "down":
-            to_max = tf.logical_and(over, positive)
-        elif mode == "up":
-            to_max = tf.logical_and(over, negative)
-        else:
-            to_max = tf.zeros_like(over)
-        if fmt.saturate:
-            q = tf.where(tf.logical_or(over, tf.logical_and(is_inf_in, not fmt.has_inf)), max_q, q)
-        else:
-            spill = inf_q if fmt.has_inf else nan_q
-            q = tf.where(to_max, max_q, tf.where(over, spill, q))
-            if not fmt.has_inf:
-                q = tf.where(is_inf_in, nan_q, q)
-        return tf.where(tf.math.is_nan(x), x, q)
+        if not (fmt.subnormals and emin == dt_emin):  # else the bit path covers the subnormals
+            q, rb = _round_below_normal(x, a, sign, q, rb, key, fmt, mode, sub_exp, positive, negative)
+        return _overflow(x, a, q, rb, fmt, mode, positive, negative)
 
     return kernel
 

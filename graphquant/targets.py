@@ -187,9 +187,9 @@ def uncovered_layers(target: Target, model: Any) -> Dict[str, list]:
     which the export report then says). Empty for a target without ``integer_arithmetic``."""
     if not target.integer_arithmetic:
         return {}
-    from .keras.integer import _SAME_SCALE
+    from .keras.integer import SAME_SCALE_LAYERS
 
-    known = set(_NO_ROUNDING) | set(_SAME_SCALE)
+    known = set(_NO_ROUNDING) | set(SAME_SCALE_LAYERS)
     for p in target.registry.patterns:
         for st in p.steps:
             known |= {c if isinstance(c, str) else c.__name__ for c in st.matcher.layers}

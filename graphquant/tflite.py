@@ -605,7 +605,7 @@ class _Source:
         if isinstance(model, (str, os.PathLike)):
             p = Path(model)
             if p.is_file() and p.suffix in (".keras", ".h5"):
-                from .keras.compare import load_keras_file
+                from .keras.loading import load_keras_file
 
                 model = load_keras_file(p, "model")
             elif p.is_dir():
@@ -913,7 +913,7 @@ def compare_tflite(model: ModelLike, tflite: Union[PathLike, bytes], data: Array
         p = Path(model)
         if not (p.is_file() and p.suffix in (".keras", ".h5")):
             raise ValueError(f"model: {p}: compare_tflite needs the quantized model as a .keras file")
-        from .keras.compare import load_keras_file
+        from .keras.loading import load_keras_file
 
         model = load_keras_file(p, "model")
     _litert()

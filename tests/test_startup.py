@@ -204,12 +204,8 @@ def _report(graph, cycles):
                      for c in cycles)
 
 
-#: cycles closed only by imports inside functions, left for the split of keras/layers.py and keras/integer.py
-#: (the layers call the integer kernel; the integer module's model linking checks the layer classes and reads
-#: layers._EXPORT_INT8_WEIGHTS: issue 16, items 3 and 4); the list may only shrink
-KNOWN_DEFERRED_CYCLES = [
-    ["graphquant.keras.fold", "graphquant.keras.integer", "graphquant.keras.layers"],
-]
+#: cycles closed only by imports inside functions (none left: the list may only shrink)
+KNOWN_DEFERRED_CYCLES: list = []
 
 
 def test_import_graph_has_no_cycles():

@@ -227,7 +227,7 @@ def test_fully_connected_rounds_once():
     """LiteRT's int8 FULLY_CONNECTED rounds acc * M once, ties toward +inf (ruy); conv.h rounds twice."""
     import tensorflow as tf
 
-    from graphquant.keras.integer import _requantize, multiply_by_quantized_multiplier_single_tf
+    from graphquant.keras.integer_ops import _requantize, multiply_by_quantized_multiplier_single_tf
 
     # M = 2**30 * 2**(-1 - 31) = 0.25: 5 * 0.25 = 1.25 -> 1 (double rounding: 2); -6 * 0.25 = -1.5 -> -1 (tie up)
     acc = tf.constant([5, -6, 6, -5], tf.int64)
@@ -243,7 +243,7 @@ def test_float64_requantization_equals_the_integer_kernels():
     ties included, for the shifts where it is used; beyond them the int64 path runs."""
     import tensorflow as tf
 
-    from graphquant.keras.integer import _requantize_f64, multiply_by_quantized_multiplier_single_tf
+    from graphquant.keras.integer_ops import _requantize_f64, multiply_by_quantized_multiplier_single_tf
 
     rng = np.random.RandomState(0)
     for shift in (2, 0, -1, -5, -9, -12, -13):

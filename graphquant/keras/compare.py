@@ -9,16 +9,16 @@ nested models included); one probe model per side runs the batches and
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
 
 from ..report import CompareReport, Stats, WeightError, error_sums, output_error, point_error, weight_error
-from .view import is_graph_model, iter_calls
+from ..types import DataLike
+from .view import is_graph_model, is_sequential, iter_calls, producer_node
 
-__all__ = ["compare_keras", "keras_weight_errors", "load_keras_file"]
+__all__ = ["compare_keras", "keras_weight_errors"]
 
 
 def keras_weight_errors(quantized: Any) -> List[WeightError]:
@@ -38,7 +38,7 @@ def keras_weight_errors(quantized: Any) -> List[WeightError]:
 
 def _graph_of(model: Any) -> Any:
     """The Functional graph behind a model (a built Sequential keeps one in ``_functional``)."""
-    if isinstance(model, keras.Sequential):
+    if is_sequential(model):
         fn = getattr(model, "_functional", None)
         if fn is None:
             raise ValueError(f"Sequential model {model.name!r} is not built; call it on data or give it an Input")
@@ -66,10 +66,9 @@ def _quantize_sites(model: Any, scope: Tuple[str, ...] = ()) -> List[Tuple[Any, 
     for name, node in calls.items():
         op = node.operation
         if isinstance(op, Quantize):
-            hist = node.input_tensors[0]._keras_history
-            src_node = hist.operation._inbound_nodes[hist.node_index]
-            src_name = name_of.get(id(src_node))
-            src_site = None if src_name is None else (scope, src_name, "output", hist.tensor_index)
+            t = node.input_tensors[0]
+            src_name = name_of.get(id(producer_node(t)))
+            src_site = None if src_name is None else (scope, src_name, "output", t._keras_history.tensor_index)
             out.append((op, (scope, name, "io", 0), src_site))
         elif is_graph_model(op):
             out.extend(_quantize_sites(op, scope + (name,)))
@@ -167,7 +166,7 @@ class _Probes:
         return out
 
 
-def compare_keras(model: Any, quantized: Any, data: Any, batch_size: int, steps: Optional[int],
+def compare_keras(model: Any, quantized: Any, data: DataLike, batch_size: int, steps: Optional[int],
                   verbose: Optional[bool] = None) -> CompareReport:  # fmt: skip
     """:func:`graphquant.compare.compare` for two Keras models (Functional or Sequential)."""
     import tensorflow as tf
@@ -219,14 +218,3 @@ def _output_name(t: Any, i: int) -> str:
 def _as_list(v: Any) -> List[Any]:
     return list(keras.tree.flatten(v))
 
-
-def load_keras_file(path: Path, what: str) -> keras.Model:
-    """Load a ``.keras``/``.h5`` model file for comparison (graphquant's layers registered, safe mode, not
-    compiled); a file Keras cannot read raises ``ValueError`` naming the argument ``what``."""
-    from .loading import load_model
-
-    try:
-        return load_model(path, safe_mode=True, compile=False)
-    except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ValueError(f"{what}: {path}: cannot load the Keras model ({msg})") from None

@@ -318,12 +318,9 @@ def _trace(
             del s._outbound_nodes[n_out:]
 
 
-def _view_from_trace(layer, tree, inputs, outputs, left, prefix) -> View:
-
-    attr_of: Dict[int, str] = {}
-    for attr, sub in _children(layer):
-        attr_of.setdefault(id(sub), attr)
-    # keras Nodes reachable from the outputs, depth first (a topological order)
+def _traced_calls(inputs: Any, outputs: Any) -> List[Any]:
+    """The Keras Nodes (calls) between the symbolic ``inputs`` and ``outputs`` of a traced ``call()``,
+    depth first from the outputs: a topological order."""
     order: List[Any] = []
     seen: set = set()
     input_ids = {id(x) for x in inputs}
@@ -342,6 +339,55 @@ def _view_from_trace(layer, tree, inputs, outputs, left, prefix) -> View:
 
     for t in keras.tree.flatten(outputs):
         visit(t)
+    return order
+
+
+def _traced_node(node: Any, k: int, attr: Optional[str], n_calls: int, children: Dict[str, View],
+                 left: List[Tuple[str, str, str]], prefix: str) -> Tuple[str, Tuple[str, ...], Any]:
+    """``(base name, classes, object to swap or None)`` of the ``k``-th call ``node`` of an operation in a
+    traced ``call()`` (``attr``: the custom layer's attribute holding it; ``n_calls``: its calls). Only a layer
+    held as an attribute and called once can be swapped; a convolution that cannot is added to ``left``
+    (why), and a custom sublayer gets its own view in ``children``."""
+    op = node.operation
+    kind = type(op).__name__
+    if not isinstance(op, keras.layers.Layer):
+        base = f"{op.name}()"
+        if kind in _KERAS_CONV_OPS:
+            left.append((prefix + base, kind, "a keras.ops convolution in call(), not a layer: nothing to swap"))
+        return base, (f"op:{kind}",), None
+    if attr is None:
+        base = f"~{op.name}"
+        if _is_conv(op):
+            left.append((prefix + base, kind, "a layer that call() uses but the custom layer does not hold "
+                                              "as an attribute"))
+        return base, (f"unheld:{kind}",), None
+    if n_calls > 1:
+        if k == 0:
+            if _is_conv(op):
+                left.append((prefix + attr, kind, f"called {n_calls} times in call(): a swap would "
+                                                  "change every call"))
+            elif is_custom_layer(op):
+                _everything_float(op, left, f"inside {attr}, which call() calls {n_calls} times",
+                                  prefix + attr + "/")  # fmt: skip
+        return attr, (f"shared:{kind}",), None
+    if is_custom_layer(op):
+        a, kw = node.arguments.args, node.arguments.kwargs
+        sub_left: List[Tuple[str, str, str]] = []
+        children[attr] = _trace(op, a, kw, sub_left, "", top=False)
+        left += [(f"{prefix}{attr}/{p}", kd, r) for p, kd, r in sub_left]
+    elif isinstance(op, keras.Model):
+        _everything_float(op, left, "in a Keras model inside a custom layer", prefix)
+    return attr, _classes(op), op
+
+
+def _view_from_trace(layer, tree, inputs, outputs, left, prefix) -> View:
+    """The view of a custom layer from its ``call()`` traced on symbolic tensors: one node per call
+    (:func:`_traced_node`), named by the attribute holding the layer; the convolutions it holds that the
+    trace never called are added to ``left``."""
+    attr_of: Dict[int, str] = {}
+    for attr, sub in _children(layer):
+        attr_of.setdefault(id(sub), attr)
+    order = _traced_calls(inputs, outputs)
     calls: Dict[int, int] = {}
     for node in order:
         calls[id(node.operation)] = calls.get(id(node.operation), 0) + 1
@@ -350,45 +396,11 @@ def _view_from_trace(layer, tree, inputs, outputs, left, prefix) -> View:
     children: Dict[str, View] = {}
     k_of: Dict[int, int] = {}
     used_names: set = set()
-    called: set = set()
     for node in order:
         op = node.operation
         k = k_of.get(id(op), 0)
         k_of[id(op)] = k + 1
-        called.add(id(op))
-        attr = attr_of.get(id(op))
-        kind = type(op).__name__
-        if not isinstance(op, keras.layers.Layer):
-            base = f"{op.name}()"
-            classes: Tuple[str, ...] = (f"op:{kind}",)
-            obj = None
-            if kind in _KERAS_CONV_OPS:
-                left.append((prefix + base, kind, "a keras.ops convolution in call(), not a layer: nothing to swap"))
-        elif attr is None:
-            base = f"~{op.name}"
-            classes, obj = (f"unheld:{kind}",), None
-            if _is_conv(op):
-                left.append((prefix + base, kind, "a layer that call() uses but the custom layer does not hold "
-                                                  "as an attribute"))
-        elif calls[id(op)] > 1:
-            base = attr
-            classes, obj = (f"shared:{kind}",), None
-            if k == 0:
-                if _is_conv(op):
-                    left.append((prefix + attr, kind, f"called {calls[id(op)]} times in call(): a swap would "
-                                                      "change every call"))
-                elif is_custom_layer(op):
-                    _everything_float(op, left, f"inside {attr}, which call() calls {calls[id(op)]} times",
-                                      prefix + attr + "/")  # fmt: skip
-        else:
-            base, classes, obj = attr, _classes(op), op
-            if is_custom_layer(op):
-                a, kw = node.arguments.args, node.arguments.kwargs
-                sub_left: List[Tuple[str, str, str]] = []
-                children[attr] = _trace(op, a, kw, sub_left, "", top=False)
-                left += [(f"{prefix}{attr}/{p}", kd, r) for p, kd, r in sub_left]
-            elif isinstance(op, keras.Model):
-                _everything_float(op, left, "in a Keras model inside a custom layer", prefix)
+        base, classes, obj = _traced_node(node, k, attr_of.get(id(op)), calls[id(op)], children, left, prefix)
         name = base if k == 0 else f"{base}@{k}"
         while name in used_names:
             name += "_"
@@ -403,9 +415,9 @@ def _view_from_trace(layer, tree, inputs, outputs, left, prefix) -> View:
             if src is not None and src not in ins:
                 ins.append(src)
         attrs = layer_attrs(op) if isinstance(op, keras.layers.Layer) else {}
-        nodes.append(Node(name, kind, KERAS, inputs=ins, attrs=attrs, obj=obj, classes=classes))
+        nodes.append(Node(name, type(op).__name__, KERAS, inputs=ins, attrs=attrs, obj=obj, classes=classes))
     for path, conv in _conv_layers(layer):
-        if id(conv) not in called and "/" not in path and conv.built:  # (unbuilt: never ran, e.g. unused)
+        if id(conv) not in calls and "/" not in path and conv.built:  # (unbuilt: never ran, e.g. unused)
             left.append((prefix + path, type(conv).__name__, "not called when call() runs on symbolic tensors "
                                                              "(unused, or on another branch)"))
     return View(nodes, children, name=layer.name)

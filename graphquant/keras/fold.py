@@ -18,7 +18,9 @@ import keras
 import tensorflow as tf
 
 from ..formats import Format
+from ..types import FormatLike
 from ..weights import round_weight
+from .integer_ops import integer_call
 from .layers import format_arg
 
 __all__ = ["FoldedConvBatchNorm", "foldable"]
@@ -51,7 +53,7 @@ class FoldedConvBatchNorm(keras.layers.Layer):
             statistics whenever training), ``0``: from the start.
     """
 
-    def __init__(self, conv: Any, bn: Any, weight_format: Any, freeze_bn_after: Optional[int] = None, **kwargs: Any):
+    def __init__(self, conv: Any, bn: Any, weight_format: FormatLike, freeze_bn_after: Optional[int] = None, **kwargs: Any):
         kwargs.setdefault("name", conv.name if isinstance(conv, keras.layers.Layer) else None)
         super().__init__(**kwargs)
         if isinstance(conv, dict):
@@ -110,8 +112,6 @@ class FoldedConvBatchNorm(keras.layers.Layer):
         fmt = self.weight_format
         wq = round_weight(wf, fmt, "nearest", depthwise=depthwise, fused=True)
         if not training and getattr(self, "_gq_integer", None) is not None:  # the runtime's integer kernel
-            from .integer import integer_call
-
             bias = conv.bias.value * inv + shift if conv.use_bias else shift
             y = integer_call(self, conv, inputs, wf, wq, bias, fmt, depthwise)
             if y is not None:

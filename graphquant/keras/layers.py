@@ -20,7 +20,9 @@ import tensorflow as tf
 from ..formats import Affine, Format, check_rounding, format_from_dict, inference_rounding_for, parse_format
 from ..ops import fake_quant, quantize
 from ..rounding import FUSED_ACTIVATIONS, min_max_fn, xla_enabled
+from ..types import FormatLike
 from ..weights import round_weight
+from .integer_ops import integer_call
 
 __all__ = ["Quantize", "QuantizeWeights", "StorageRounding", "FoldingBatchNormalization", "quantize_weight"]
 
@@ -102,7 +104,7 @@ class Quantize(keras.layers.Layer):
 
     def __init__(
         self,
-        format: Any = "affine8",
+        format: FormatLike = "affine8",
         rounding: str = "nearest",
         inference_rounding: Optional[str] = None,
         momentum: float = 0.999,
@@ -455,8 +457,6 @@ class QuantizeWeights(keras.layers.Wrapper):
             seed = self.seed_generator.next() if rnd == "stochastic" else None
             mapping.append((var, self._round_slot(s, var.value, rnd, seed)))
         if not train and not kwargs and getattr(self, "_gq_integer", None) is not None:  # the runtime's kernel
-            from .integer import integer_call
-
             s = self.slots[0]
             bias = self.layer.bias.value if getattr(self.layer, "use_bias", False) else None
             y = integer_call(self, self.layer, inputs, self._variable("kernel").value, mapping[0][1], bias,
@@ -526,7 +526,7 @@ class StorageRounding(keras.constraints.Constraint):
         seed: integer seed for stochastic rounding.
     """
 
-    def __init__(self, format: Any, rounding: str = "nearest", inner: Any = None, seed: Optional[int] = None):
+    def __init__(self, format: FormatLike, rounding: str = "nearest", inner: Any = None, seed: Optional[int] = None):
         self.format = format_arg(format, "weight_storage")
         if isinstance(self.format, Affine) and self.format.range is None:
             raise ValueError("weight_storage: an Affine storage format needs a range")

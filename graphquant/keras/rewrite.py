@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import keras
 
@@ -25,11 +25,17 @@ from ..formats import Affine
 from ..patterns import Registry, View
 from ..plan import (CONFIG_KEYS, Plan, QuantizeConfig, make_plan, may_zero_most_weights, no_match_message, resolve_config,
                     zeroed_weights_warning)
+from ..types import DataLike, FormatLike, Selector, Selectors
 from ._speedups import cached_signatures, gc_paused, recursion_room
 from .clone import Rewriter, count_layers
+from .integer import link_integer
+from .integer_ops import check_kernels
 from .layers import Quantize, QuantizeWeights
 from .storage import apply_weight_storage
 from .view import is_sequential, check_model, is_graph_model, keras_view
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..targets import Target
 
 __all__ = ["quantize_model", "inspect", "plan_model", "apply_weight_storage", "zeroed_weights_warnings"]
 
@@ -109,20 +115,20 @@ def quantize_model(
     model: keras.Model,
     bits: Optional[int] = None,
     *,
-    format: Any = None,
+    format: Optional[FormatLike] = None,
     range: Optional[Tuple[float, float]] = None,
     rounding: str = "nearest",
     weights: Optional[bool] = None,
     weight_bits: Optional[int] = None,
-    weight_format: Any = None,
+    weight_format: Optional[FormatLike] = None,
     weight_rounding: str = "nearest",
-    include: Any = None,
-    exclude: Any = None,
-    overrides: Any = None,
+    include: Optional[Selectors] = None,
+    exclude: Optional[Selectors] = None,
+    overrides: Optional[Mapping[Selector, Optional[Mapping[str, Any]]]] = None,
     dense: bool = False,
-    weight_storage: Any = None,
+    weight_storage: Optional[FormatLike] = None,
     storage_rounding: str = "nearest",
-    calibration_data: Any = None,
+    calibration_data: Optional[DataLike] = None,
     calibration_method: str = "minmax",
     calibration_percentile: float = 99.99,
     verbose: Optional[bool] = None,
@@ -131,7 +137,7 @@ def quantize_model(
     fold_batchnorm: bool = True,
     seed: Optional[int] = None,
     allow_requantize: bool = False,
-    target: Any = None,
+    target: Union[str, "Target", None] = None,
     kernels: Optional[str] = None,
     freeze_bn_after: Optional[int] = None,
     **options: Any,
@@ -230,41 +236,21 @@ def quantize_model(
         raise TypeError(f"quantize_model() got unexpected keyword arguments {sorted(bad)}")
     tgt = None
     if target is not None:
-        from ..targets import get_target
-
-        tgt = get_target(target)
-        if registry is not None or config is not None:
-            raise ValueError("give target= or registry=/config=, not both")
-        if bits not in (None, 8) or format is not None or range is not None:
-            raise ValueError(f"target={tgt.name!r} sets the activation format; drop bits=/format=/range=")
+        tgt = _resolve_target(target, registry=registry, config=config, bits=bits, format=format, range=range)
         format, weights, weight_bits, weight_format, overrides = _target_formats(
             tgt, format, weights, weight_bits, weight_format, overrides
         )
         registry = tgt.registry
     _check_target_options(tgt, kernels, freeze_bn_after)
-    kw = _given_options(
-        options, bits=bits, format=format, range=range, weights=weights, weight_bits=weight_bits,
-        weight_format=weight_format, include=include, exclude=exclude, overrides=overrides,
-        weight_storage=weight_storage, rounding=rounding, weight_rounding=weight_rounding,
-        storage_rounding=storage_rounding, dense=dense,
-    )  # fmt: skip
-    if config is not None and kw:
-        raise ValueError(f"give config= or keyword options, not both (got {sorted(kw)})")
+    kw = dict(options, bits=bits, format=format, range=range, weights=weights, weight_bits=weight_bits,
+              weight_format=weight_format, include=include, exclude=exclude, overrides=overrides,
+              weight_storage=weight_storage, rounding=rounding, weight_rounding=weight_rounding,
+              storage_rounding=storage_rounding, dense=dense)  # options at their defaults count as not given
     cfg = resolve_config(config, kw)
-    split: List[str] = []
-    if tgt is not None and tgt.split_activations:
-        from .split import split_activations
-
-        model, split = split_activations(model)
-    plan = _make_keras_plan(model, cfg, registry)
-    if tgt is not None:
-        _target_notes(plan, tgt, model, split)
+    model, plan = _plan_for_target(model, cfg, registry, tgt)
     plan.check_calibration(calibration_data, calibration_method, calibration_percentile)
     _warn_about_plan(plan, model, existing, requant_msg)
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"seed must be an int or None, got {seed!r}")
-    if not isinstance(fold_batchnorm, bool):
-        raise TypeError(f"fold_batchnorm must be a bool, got {fold_batchnorm!r}")
+    _check_copy_options(seed, fold_batchnorm)
     if tgt is not None:
         plan.notes.append(f"target {tgt.name}: {tgt.arithmetic}")
     rw = Rewriter(plan, fold_batchnorm=fold_batchnorm, seed=seed,
@@ -277,33 +263,62 @@ def quantize_model(
         log.warning(msg)
         plan.notes.append(msg)
     new._graphquant_plan = plan  # for inspection; not serialized
+    _prepare_inference(new, tgt, kernels, calibration_data, calibration_method, calibration_percentile, verbose)
+    log.info("quantize_model: %d rounding layers inserted in %.2fs", rw.inserted, time.perf_counter() - t0)
+    return new
+
+
+def _resolve_target(target: Union[str, "Target"], *, registry: Optional[Registry],
+                    config: Optional[QuantizeConfig], bits: Optional[int], format: Optional[FormatLike],
+                    range: Any) -> "Target":
+    """The :class:`graphquant.targets.Target` that ``target=`` names; ``registry=``/``config=`` and an
+    activation format other than its own contradict it."""
+    from ..targets import get_target
+
+    tgt = get_target(target)
+    if registry is not None or config is not None:
+        raise ValueError("give target= or registry=/config=, not both")
+    if bits not in (None, 8) or format is not None or range is not None:
+        raise ValueError(f"target={tgt.name!r} sets the activation format; drop bits=/format=/range=")
+    return tgt
+
+
+def _plan_for_target(model: keras.Model, cfg: QuantizeConfig, registry: Optional[Registry],
+                     tgt: Any) -> Tuple[keras.Model, Plan]:
+    """``(the model to copy, its plan)``: a target that splits activations off their layers first gets a
+    model with them split (:func:`graphquant.keras.split.split_activations`), and notes in the plan."""
+    split: List[str] = []
+    if tgt is not None and tgt.split_activations:
+        from .split import split_activations
+
+        model, split = split_activations(model)
+    plan = _make_keras_plan(model, cfg, registry)
+    if tgt is not None:
+        _target_notes(plan, tgt, model, split)
+    return model, plan
+
+
+def _check_copy_options(seed: Optional[int], fold_batchnorm: bool) -> None:
+    """``seed=`` is an int or None, ``fold_batchnorm=`` a bool."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int or None, got {seed!r}")
+    if not isinstance(fold_batchnorm, bool):
+        raise TypeError(f"fold_batchnorm must be a bool, got {fold_batchnorm!r}")
+
+
+def _prepare_inference(new: keras.Model, tgt: Any, kernels: Optional[str], calibration_data: Any,
+                       calibration_method: str, calibration_percentile: float, verbose: Optional[bool]) -> None:
+    """Calibrate the copy's ranges on ``calibration_data`` (when given), then, for a target that computes the
+    runtime's integer arithmetic, link its layers to the integer kernels."""
     if calibration_data is not None:
         from ..ranges import calibrate_keras
 
         calibrate_keras(new, calibration_data, calibration_method, percentile=calibration_percentile,
                          what="calibration_data", verbose=verbose)  # fmt: skip
     if tgt is not None and tgt.integer_arithmetic:
-        from .integer import link_integer
-
         n_linked = link_integer(new, kernels or "reference")
         log.info("quantize_model: %d layers compute the runtime's integer kernels (%s) at inference", n_linked,
                  kernels or "reference")
-    log.info("quantize_model: %d rounding layers inserted in %.2fs", rw.inserted, time.perf_counter() - t0)
-    return new
-
-
-def _given_options(options: Dict[str, Any], **given: Any) -> Dict[str, Any]:
-    """The :class:`QuantizeConfig` options the caller gave: ``options`` and every keyword that is not at
-    its default (``None``; ``"nearest"`` for the rounding modes, ``False`` for ``dense``)."""
-    defaults = {"rounding": "nearest", "weight_rounding": "nearest", "storage_rounding": "nearest", "dense": False}
-    kw: Dict[str, Any] = dict(options)
-    for k, v in given.items():
-        if k in defaults:
-            if v != defaults[k] or (k == "dense" and v is not False):  # QuantizeConfig.create checks dense is a bool
-                kw[k] = v
-        elif v is not None:
-            kw[k] = v
-    return kw
 
 
 def _existing_rounding(model: keras.Model, allow_requantize: bool) -> Tuple[int, str]:
@@ -319,8 +334,8 @@ def _existing_rounding(model: keras.Model, allow_requantize: bool) -> Tuple[int,
     return existing, requant_msg
 
 
-def _target_formats(tgt: Any, format: Any, weights: Optional[bool], weight_bits: Optional[int], weight_format: Any,
-                    overrides: Any) -> Tuple[Any, Optional[bool], Optional[int], Any, Any]:  # fmt: skip
+def _target_formats(tgt: "Target", format: Optional[FormatLike], weights: Optional[bool], weight_bits: Optional[int],
+                    weight_format: Optional[FormatLike], overrides: Any) -> Tuple[Any, Optional[bool], Optional[int], Any, Any]:  # fmt: skip
     """The activation and weight options a deployment target sets: ``(format, weights, weight_bits,
     weight_format, overrides)``."""
     if tgt.activation_format is not None:
@@ -348,8 +363,6 @@ def _target_formats(tgt: Any, format: Any, weights: Optional[bool], weight_bits:
 def _check_target_options(tgt: Any, kernels: Optional[str], freeze_bn_after: Optional[int]) -> None:
     """``kernels=`` and ``freeze_bn_after=`` only mean something with a target that uses them."""
     if kernels is not None:
-        from .integer import check_kernels
-
         check_kernels(kernels)
         if tgt is None or not tgt.integer_arithmetic:
             raise ValueError("kernels= needs a target that computes integer kernels (target='tflite_int8')")

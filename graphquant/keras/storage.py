@@ -12,12 +12,13 @@ from typing import Any, Dict, Optional, Tuple
 
 import keras
 
+from ..types import FormatLike
 from .layers import StorageRounding
 
 __all__ = ["apply_weight_storage"]
 
 
-def apply_weight_storage(model: keras.Model, format: Any, rounding: str = "nearest", seed: Optional[int] = None) -> int:
+def apply_weight_storage(model: keras.Model, format: FormatLike, rounding: str = "nearest", seed: Optional[int] = None) -> int:
     """Round every trainable float weight of ``model`` onto ``format`` now and after every optimizer update.
 
     Sets a :class:`StorageRounding` constraint on each trainable variable

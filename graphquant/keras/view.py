@@ -15,7 +15,7 @@ import keras
 from ..patterns import KERAS, Node, View
 from .custom import custom_view, is_custom_layer, layer_attrs
 
-__all__ = ["keras_view", "check_model", "iter_calls"]
+__all__ = ["keras_view", "check_model", "iter_calls", "producer_node"]
 
 
 def _classes(obj: Any) -> Tuple[str, ...]:
@@ -80,6 +80,13 @@ def iter_calls(model: keras.Model) -> List[Tuple[str, Any, Any]]:
     return out
 
 
+def producer_node(tensor: Any) -> Any:
+    """The Keras Node (layer call) that produced the symbolic tensor ``tensor``; ``None`` for a tensor without
+    Keras history."""
+    hist = getattr(tensor, "_keras_history", None)
+    return None if hist is None else hist.operation._inbound_nodes[hist.node_index]
+
+
 def keras_view(model: keras.Model) -> View:
     """The neutral view of a Functional or Sequential Keras model (recursive)."""
     check_model(model)
@@ -109,11 +116,7 @@ def keras_view(model: keras.Model) -> View:
     for name, op, node in iter_calls(model):
         inputs = []
         for t in node.input_tensors:
-            hist = getattr(t, "_keras_history", None)
-            if hist is None:
-                continue
-            src = hist.operation._inbound_nodes[hist.node_index]
-            src_name = name_of_node.get(id(src))
+            src_name = name_of_node.get(id(producer_node(t)))
             if src_name is not None and src_name not in inputs:
                 inputs.append(src_name)
         kind = "InputLayer" if node.is_input else type(op).__name__

@@ -1,0 +1,570 @@
+"""The int8 runtime's integer arithmetic at inference, in TensorFlow ops (TFLite/LiteRT reference kernels).
+
+A model quantized with ``target="tflite_int8"`` rounds where the runtime
+rounds, but a float simulation of a convolution group (``conv(x) + b``, then a
+FakeQuant) differs from the integer kernel by one LSB now and then: the
+kernel accumulates ``(q_in - zp_in) * q_w`` in int32 with the bias rounded to
+int32 at scale ``s_in * s_w[c]``, then requantizes with a fixed-point
+multiplier and *two* roundings (gemmlowp's ``SaturatingRoundingDoublingHighMul``
+then ``RoundingDivideByPOT``, both half away from zero), and deep nets amplify
+those single LSBs. This module holds that arithmetic: :func:`integer_call`, the
+kernel a linked convolution / depthwise / Dense layer runs instead of its float
+call, and the ``call`` replacements of the ops without weights (ADD, MEAN,
+AVERAGE_POOL_2D, CONCATENATION, LOGISTIC, MUL, the model input's QUANTIZE;
+:func:`op_kernel`). Which layers run them is decided by
+:func:`graphquant.keras.integer.link_integer`. With ``training=False`` a linked
+layer computes exactly what the reference kernels (``tensorflow/lite/kernels/internal/reference/
+integer_ops/conv.h``, ``depthwise_conv.h``, ``fully_connected.h`` with
+``common.h``'s ``MultiplyByQuantizedMultiplier`` and
+``quantization_util.cc``'s ``QuantizeMultiplier``) compute, and returns the
+dequantized result as float32 (the group's ReLU/ReLU6 and rounding layer then
+leave it unchanged, and reproduce the fused activation's clamp). While
+training the layers stay float with straight-through rounding (differentiable).
+
+``link_integer(model, kernels="xnnpack")`` (or ``quantize_model(..., kernels="xnnpack")``) computes instead
+what the default interpreter runs, the XNNPACK delegate (``src/operators/convolution-nhwc.c``,
+``src/microparams-init.c``, the ``qs8-qc8w-gemm``/``-dwconv`` ``minmax_fp32`` microkernels, ``qs8-vadd``,
+``reduce-nd.c``): conv / depthwise / FULLY_CONNECTED requantize as
+``rint(float32(acc) * float32(s_in * s_w[c] / s_out)) + zp`` (float32 arithmetic, ties to even), ADD with
+20-bit multipliers ``lrintf(s_i / s_out * 2**shift)`` and an arithmetic right shift, MEAN as
+``nearbyint(float32(sum q) * inv + zp')`` in float32. Measured equal on every element of the digits CNN, a
+ResNet-style net and MobileNetV2 (the reference arithmetic is up to 50 output LSB off on MobileNetV2: single
+LSB differences at the first layers that the network amplifies). AVERAGE_POOL_2D and the int8 -> int8 QUANTIZE
+of a Concatenate input keep the reference arithmetic under ``"xnnpack"`` (not measured against XNNPACK).
+
+The accumulation runs as a float32 convolution of integer-valued tensors:
+exact while every partial sum stays below 2**24 in magnitude (int8 x int8
+products of up to 32,385; typical layers stay far below).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Tuple
+
+import keras
+import tensorflow as tf
+
+from ..formats import Affine
+from ..weights import exporting_int8, weight_range
+
+__all__ = ["KERNELS", "check_kernels", "integer_call", "qparams", "quantize_input_tf", "quantize_multiplier_tf",
+           "multiply_by_quantized_multiplier_tf", "multiply_by_quantized_multiplier_single_tf", "logistic_int8_tf"]
+
+
+#: The kernel sets the simulation reproduces: ``"reference"``, LiteRT's reference kernels (``BUILTIN_REF``);
+#: ``"xnnpack"``, the default op resolver's XNNPACK delegate (the kernels a default ``Interpreter`` runs).
+KERNELS = ("reference", "xnnpack")
+
+
+def check_kernels(kernels: Any, what: str = "kernels") -> str:
+    """``kernels`` if it names a kernel set of :data:`KERNELS`, else a ValueError naming ``what``."""
+    if not isinstance(kernels, str) or kernels not in KERNELS:
+        raise ValueError(f"{what} must be one of {KERNELS}, got {kernels!r}")
+    return kernels
+
+
+def _kernels_of(layer: Any) -> str:
+    return getattr(layer, "_gq_kernels", "reference")
+
+
+def _round_away(x: tf.Tensor) -> tf.Tensor:
+    """``std::round``: half away from zero."""
+    return tf.sign(x) * tf.floor(tf.abs(x) + 0.5)
+
+
+def _scale_owner(q: Any) -> Any:
+    """The rounding point whose range the converter gives ``q``: a Concatenate's output point for a point whose
+    only consumer is that Concatenate and whose producer is a weight layer (CONCATENATION needs one scale: the
+    converter has the conv/depthwise/FC requantize straight to it; measured). Not a chain: a Concatenate's own
+    output point keeps its range and is requantized into a Concatenate it feeds (also measured)."""
+    f = getattr(q, "_gq_scale_of", None)
+    return q if f is None else f()
+
+
+def qparams(q: Any) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """``(scale as stored (float32, as float64), scale in float64, zero point)`` of an int8 rounding point.
+
+    As the converter derives them from the FakeQuant range (MLIR's
+    ``getNudgedScaleAndZeroPoint``: ``scale = (max - min) / 255`` in double,
+    zero point ``round(-128 - min / scale)`` clamped to ``[-128, 127]``); those of the Concatenate it
+    feeds for a point that shares that scale (:func:`_scale_owner`).
+    """
+    st = tf.cast(_scale_owner(q).range.value, tf.float64)
+    lo, hi = st[0], st[1]
+    s64 = (hi - lo) / 255.0
+    zp = tf.clip_by_value(_round_away(-128.0 - lo / s64), -128.0, 127.0)
+    return tf.cast(tf.cast(s64, tf.float32), tf.float64), s64, zp
+
+
+def quantize_multiplier_tf(m: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+    """TFLite's ``QuantizeMultiplier`` on a float64 tensor: int64 mantissa in ``[2**30, 2**31)`` and shift."""
+    e = tf.floor(tf.math.log(m) / tf.math.log(tf.constant(2.0, tf.float64))) + 1.0
+    q = m / tf.pow(tf.constant(2.0, tf.float64), e)
+    # log2 may be off by one at powers of two: bring q into [0.5, 1) exactly (scaling by 2 is exact)
+    e = tf.where(q >= 1.0, e + 1.0, tf.where(q < 0.5, e - 1.0, e))
+    q = m / tf.pow(tf.constant(2.0, tf.float64), e)
+    qf = _round_away(q * 2.0**31)
+    e = tf.where(qf >= 2.0**31, e + 1.0, e)
+    qf = tf.where(qf >= 2.0**31, qf / 2.0, qf)
+    return tf.cast(qf, tf.int64), tf.cast(e, tf.int64)
+
+
+def _srdhm(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    """gemmlowp's ``SaturatingRoundingDoublingHighMul`` (int64 tensors holding int32 values)."""
+    ab = a * b
+    nudge = tf.where(ab >= 0, tf.constant(1 << 30, tf.int64), tf.constant(1 - (1 << 30), tf.int64))
+    return tf.truncatediv(ab + nudge, tf.constant(1 << 31, tf.int64))
+
+
+def _rdbypot(x: tf.Tensor, exponent: tf.Tensor) -> tf.Tensor:
+    """gemmlowp's ``RoundingDivideByPOT`` (half away from zero)."""
+    one = tf.constant(1, tf.int64)
+    mask = tf.bitwise.left_shift(one, exponent) - 1
+    remainder = tf.bitwise.bitwise_and(x, mask)
+    threshold = tf.bitwise.right_shift(mask, one) + tf.cast(x < 0, tf.int64)
+    return tf.bitwise.right_shift(x, exponent) + tf.cast(remainder > threshold, tf.int64)
+
+
+def multiply_by_quantized_multiplier_tf(acc: tf.Tensor, mantissa: tf.Tensor, shift: tf.Tensor) -> tf.Tensor:
+    """TFLite's ``MultiplyByQuantizedMultiplier`` (double rounding), int64 tensors; broadcasts."""
+    left = tf.maximum(shift, 0)
+    right = tf.maximum(-shift, 0)
+    x = acc * tf.bitwise.left_shift(tf.constant(1, tf.int64), left)
+    return _rdbypot(_srdhm(x, mantissa), right)
+
+
+def multiply_by_quantized_multiplier_single_tf(acc: tf.Tensor, mantissa: tf.Tensor, shift: tf.Tensor) -> tf.Tensor:
+    """The *single-rounding* ``MultiplyByQuantizedMultiplier`` (ruy's, and ``common.h`` built with
+    ``TFLITE_SINGLE_ROUNDING``): ``(acc * mantissa + 2**(30 - shift)) >> (31 - shift)``, ties toward +inf.
+    The int8 FULLY_CONNECTED kernel of LiteRT's reference op set rounds this way (measured: the double
+    rounding of conv.h is 1 LSB off on ~0.4 % of its outputs, this one on none); int64 tensors."""
+    total = 31 - shift
+    one = tf.constant(1, tf.int64)
+    return tf.bitwise.right_shift(acc * mantissa + tf.bitwise.left_shift(one, total - 1), total)
+
+
+def _requantize_f64(acc: tf.Tensor, mantissa: tf.Tensor, shift: tf.Tensor, single: bool) -> tf.Tensor:
+    """``MultiplyByQuantizedMultiplier`` in float64, exact on every result that survives the int8 clamp.
+
+    ``acc`` float64 holding integers (``|acc| < 2**31``). Double rounding: gemmlowp's
+    ``SaturatingRoundingDoublingHighMul`` is ``floor(x + 1/2)`` for ``x = acc * 2**left * mantissa / 2**31``
+    (its nudge of ``1 - 2**30`` for negative products and the truncating division make ties go toward +inf),
+    and ``x`` is a multiple of ``2**-31``: exactly representable while ``|x| < 2**21``; then
+    ``RoundingDivideByPOT`` is ``round half away from zero`` of ``y / 2**right``, exact. A larger ``|x|``
+    (error at most 1 in ``y``) gives ``|result| >= 2**(21 - right) - 1``, clamped to the same int8 value
+    when ``right <= 12``. Single rounding: ``floor(acc * mantissa / 2**(31 - shift) + 1/2)``, exact while
+    ``|result| < 2**(22 + shift)``, clamped alike when ``shift >= -13``. The caller checks those bounds
+    (:func:`_requantize`)."""
+    m = tf.cast(mantissa, tf.float64)
+    sh = tf.cast(shift, tf.float64)
+    two = tf.constant(2.0, tf.float64)
+    if single:
+        return tf.floor(acc * (m * tf.pow(two, sh - 31.0)) + 0.5)
+    y = tf.floor(acc * (m * tf.pow(two, tf.maximum(sh, 0.0) - 31.0)) + 0.5)
+    return tf.sign(y) * tf.floor(tf.abs(y) * tf.pow(two, tf.minimum(sh, 0.0)) + 0.5)
+
+
+def _requantize(acc: tf.Tensor, mantissa: tf.Tensor, shift: tf.Tensor, single: bool = False) -> tf.Tensor:
+    """``MultiplyByQuantizedMultiplier`` (double rounding, or ``single``) of the float64 integers ``acc``,
+    as float64: the cheap float64 form where it is exact (:func:`_requantize_f64`), else int64."""
+    bound = -13 if single else -12
+    exact = tf.reduce_min(shift) >= bound
+
+    def fast() -> tf.Tensor:
+        return _requantize_f64(acc, mantissa, shift, single)
+
+    def slow() -> tf.Tensor:
+        fn = multiply_by_quantized_multiplier_single_tf if single else multiply_by_quantized_multiplier_tf
+        return tf.cast(fn(tf.cast(acc, tf.int64), mantissa, shift), tf.float64)
+
+    return tf.cond(exact, fast, slow)
+
+
+def weight_scale_max(w: tf.Tensor, fmt: Affine, depthwise: bool) -> tf.Tensor:
+    """``max |w|`` per output channel in output-channel order (a scalar for a per-tensor format):
+    the symmetric weight range (:func:`graphquant.weights.weight_range`); a depthwise kernel
+    ``(..., in_channels, multiplier)`` is seen as ``(taps, in_channels * multiplier)``."""
+    sym = dataclasses.replace(fmt, symmetric=True)
+    if fmt.axis is not None and depthwise:
+        w = tf.reshape(w, [-1, int(w.shape[-2]) * int(w.shape[-1])])
+        sym = dataclasses.replace(sym, axis=-1)
+    return weight_range(w, sym)[1]
+
+
+def integer_call(layer: Any, inner: Any, inputs: tf.Tensor, w_float: tf.Tensor, w_rounded: tf.Tensor,
+                 bias: Optional[tf.Tensor], fmt: Affine, depthwise: bool) -> Optional[tf.Tensor]:
+    """The reference kernel's output of ``inner`` (conv / depthwise / dense), dequantized, as float32.
+
+    ``w_float``: the weights before rounding (their per-channel ``max |w|``
+    gives the converter's weight scale); ``w_rounded``: on the weight grid;
+    ``bias``: the float bias (folded), or ``None``. ``None`` while the rounding
+    points are being calibrated or the model is traced for the TFLite
+    converter (the caller then runs the float path).
+    """
+
+    in_q, out_q = layer._gq_integer()
+    if in_q.calibrating or out_q.calibrating or exporting_int8():
+        return None  # being calibrated, or traced for the converter: the float path
+    s_in, s_in64, _ = qparams(in_q)
+    s_out, _, zp_out = qparams(out_q)
+    levels = float(2 ** (fmt.bits - 1) - 1)
+    m = tf.cast(weight_scale_max(w_float, fmt, depthwise), tf.float64)
+    s_w64 = m / levels  # = (m - (-m)) / (2 * levels): the FakeQuant range (-m, m), narrow range
+    s_w = tf.cast(tf.cast(s_w64, tf.float32), tf.float64)
+    # the input is (q - zp) * s_in up to float32 rounding (|q - zp| <= 255): float32 recovers q - zp exactly
+    x_int = tf.round(tf.cast(inputs, tf.float32) * tf.cast(1.0 / s_in64, tf.float32))
+    shape = w_rounded.shape
+    if depthwise:
+        s_w_k = tf.reshape(s_w, shape[-2:])
+    elif fmt.axis is None:
+        s_w_k = s_w
+    else:
+        s_w_k = s_w  # last axis = output channels (Conv, Dense)
+    w_int = tf.cast(_round_away(tf.cast(w_rounded, tf.float64) / s_w_k), tf.float32)
+    mapping = [(inner.kernel, w_int)]
+    if getattr(inner, "use_bias", False) and inner.bias is not None:
+        mapping.append((inner.bias, tf.zeros_like(inner.bias.value)))
+    act = inner.activation
+    inner.activation = keras.activations.linear  # the clamp happens below, on the integers
+    try:
+        with keras.StatelessScope(state_mapping=mapping):
+            acc = inner.call(x_int)
+    finally:
+        inner.activation = act
+    b_int = tf.zeros([], tf.float64)
+    if bias is not None:
+        b_int = _round_away(tf.cast(bias, tf.float64) / (s_in64 * s_w64))  # the int32 bias
+    lo = 0.0 if getattr(act, "__name__", "linear") == "relu" else -128.0 - zp_out
+    if _kernels_of(layer) == "xnnpack":
+        # XNNPACK's requantization scale, in float32 as its operator computes it (s_in * s_w[c] / s_out)
+        f32 = tf.float32
+        scale = tf.cast(s_in, f32) * tf.cast(s_w, f32) / tf.cast(s_out, f32)
+        out = _xnnpack_output(acc, b_int, scale, lo, 127.0 - zp_out, tf.cast(s_out, f32))
+        if not tf.executing_eagerly():
+            out.set_shape(acc.shape)
+        return out
+    mult, shift = quantize_multiplier_tf(s_in * s_w / s_out)
+    # LiteRT's int8 FULLY_CONNECTED rounds once (ruy's MultiplyByQuantizedMultiplier), conv/depthwise twice
+    out = _requantize_output(acc, b_int, mult, shift, lo, 127.0 - zp_out, tf.cast(s_out, tf.float32),
+                             single=type(inner).__name__ == "Dense")  # fmt: skip
+    if not tf.executing_eagerly():
+        out.set_shape(acc.shape)  # (a reduce_retracing function's output has relaxed dimensions)
+    return out
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
+def _requantize_output(acc: tf.Tensor, b_int: tf.Tensor, mult: tf.Tensor, shift: tf.Tensor, lo: tf.Tensor,
+                       hi: tf.Tensor, s_out: tf.Tensor, single: bool) -> tf.Tensor:
+    """int32 accumulator (float32 integers) + int32 bias -> requantized, clamped to ``[lo, hi]`` (``q - zp``),
+    dequantized (float32). One XLA cluster: a dozen elementwise float64 ops fused into one pass over the
+    tensor (about 4x cheaper than running them one by one); XLA keeps IEEE semantics (no fast math)."""
+    out = _requantize(tf.cast(acc, tf.float64) + b_int, mult, shift, single)
+    return tf.cast(tf.clip_by_value(out, lo, hi), tf.float32) * s_out
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
+def _xnnpack_output(acc: tf.Tensor, b_int: tf.Tensor, scale: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor,
+                    s_out: tf.Tensor) -> tf.Tensor:
+    """XNNPACK's ``fp32`` requantization of a qs8 conv / depthwise / fully connected (``qs8-qc8w-gemm``,
+    ``qs8-qc8w-dwconv`` ``minmax_fp32`` microkernels): the int32 accumulator (with the int32 bias) converted to
+    float32, times the float32 scale (one float32 rounding), rounded to nearest *even* (``cvtps``/``lrintf``/
+    magic bias), plus the zero point, clamped to the fused activation's range; dequantized (float32)."""
+    acc32 = tf.cast(tf.cast(acc, tf.float64) + b_int, tf.float32)  # int32 -> float32: round to nearest even
+    out = tf.round(acc32 * scale)  # tf.round: half to even
+    return tf.clip_by_value(out, tf.cast(lo, tf.float32), tf.cast(hi, tf.float32)) * s_out
+
+
+# --------------------------------------------------------------------------- ADD, MEAN (no weights)
+def _training_now() -> bool:
+    from keras.src.backend.common import global_state
+
+    ctx = global_state.get_global_attribute("current_call_ctx")
+    value = None if ctx is None else ctx.get_value("training")
+    return bool(value) if value is not None else False
+
+
+def _int_add(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+    """TFLite's reference int8 ADD (``integer_ops/add.h``): inputs shifted left by 20, each scaled by
+    ``s_i / (2 max(s_1, s_2))``, summed, scaled by ``2 max(s_1, s_2) / (2**20 s_out)``, zero point, clamp."""
+
+    qs = layer._gq_integer()
+    if _training_now() or exporting_int8() or any(q.calibrating for q in qs):
+        return orig(inputs, *args, **kwargs)
+    (s1, _, _), (s2, _, _), (so, _, zo) = (qparams(q) for q in qs)
+    arith = _xnnpack_add_arith if _kernels_of(layer) == "xnnpack" else _add_arith
+    out = arith(inputs[0], inputs[1], s1, s2, so, zo)
+    if not tf.executing_eagerly():
+        out.set_shape(inputs[0].shape)
+    return out
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
+def _add_arith(x1: tf.Tensor, x2: tf.Tensor, s1: tf.Tensor, s2: tf.Tensor, so: tf.Tensor, zo: tf.Tensor) -> tf.Tensor:
+    """The reference int8 ADD's integer arithmetic (see :func:`_int_add`), one XLA cluster."""
+    twice_max = 2.0 * tf.maximum(s1, s2)
+    shift = 20
+    ints = []
+    for x, s in zip((x1, x2), (s1, s2)):
+        q_minus_z = tf.cast(_round_away(tf.cast(x, tf.float64) / s), tf.int64)  # q - zp: the offset applied
+        m, sh = quantize_multiplier_tf(s / twice_max)
+        ints.append(multiply_by_quantized_multiplier_tf(q_minus_z * (1 << shift), m, sh))
+    m, sh = quantize_multiplier_tf(twice_max / (float(1 << shift) * so))
+    out = multiply_by_quantized_multiplier_tf(ints[0] + ints[1], m, sh) + tf.cast(zo, tf.int64)
+    out = tf.clip_by_value(tf.cast(out, tf.float64), -128.0, 127.0)
+    return tf.cast((out - zo) * so, tf.float32)
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
+def _xnnpack_add_arith(x1: tf.Tensor, x2: tf.Tensor, s1: tf.Tensor, s2: tf.Tensor, so: tf.Tensor,
+                       zo: tf.Tensor) -> tf.Tensor:
+    """XNNPACK's qs8 ADD (``xnn_init_qs8_add_minmax_scalar_params``, ``qs8-vadd`` microkernels): float32
+    ratios ``r_i = s_i / s_out``; ``shift = 20 - exponent(max r_i)``; multipliers ``lrintf(r_i * 2**shift)``
+    (below ``2**21``); ``out = ((q1 - zp1) m1 + (q2 - zp2) m2 + 2**(shift-1)) >> shift`` (arithmetic shift:
+    ties toward +inf), plus the zero point, clamped; one XLA cluster."""
+    f32 = tf.float32
+    r1, r2 = tf.cast(s1, f32) / tf.cast(so, f32), tf.cast(s2, f32) / tf.cast(so, f32)
+    # exponent of the larger ratio, exactly (frexp-free: the float32 bits)
+    bits = tf.bitwise.right_shift(tf.bitcast(tf.maximum(r1, r2), tf.int32), 23)
+    shift = tf.cast(20 - (bits - 127), tf.int64)
+    pot = tf.pow(tf.constant(2.0, tf.float64), tf.cast(shift, tf.float64))
+    acc = tf.bitwise.left_shift(tf.constant(1, tf.int64), shift - 1)
+    for x, s, r in zip((x1, x2), (s1, s2), (r1, r2)):
+        mult = tf.cast(tf.round(tf.cast(r, tf.float64) * pot), tf.int64)  # exact scaling; lrintf: half to even
+        acc += tf.cast(_round_away(tf.cast(x, tf.float64) / s), tf.int64) * mult  # (q - zp) * m
+    out = tf.bitwise.right_shift(acc, shift) + tf.cast(zo, tf.int64)
+    out = tf.clip_by_value(tf.cast(out, tf.float64), -128.0, 127.0)
+    return tf.cast((out - zo) * so, tf.float32)
+
+
+def _int_mean(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+    """TFLite's reference int8 MEAN over height and width (``reference/reduce.h`` ``QuantizedMeanOrSum``):
+    the sum of ``q - zp_in``, requantized with the multiplier of ``s_in / s_out`` whose mantissa is shifted
+    left by ``floor(log2(count))`` and divided by the count (int64, truncating), plus ``zp_out``, clamped."""
+
+    qs = layer._gq_integer()
+    if _training_now() or exporting_int8() or any(q.calibrating for q in qs):
+        return orig(inputs, *args, **kwargs)
+    (si, _, zi), (so, _, zo) = (qparams(q) for q in qs)
+    x = tf.cast(_round_away(tf.cast(inputs, tf.float64) / si), tf.int64)
+    axes = list(range(1, x.shape.rank - 1))
+    n = 1
+    for a in axes:
+        n *= int(x.shape[a])
+    acc = tf.reduce_sum(x, axis=axes, keepdims=bool(getattr(layer, "keepdims", False)))
+    if _kernels_of(layer) == "xnnpack":
+        # XNNPACK's qs8 MEAN (reduce-nd.c, xnn_init_qs8_reduce_scalar_params, the reference int32 -> qs8
+        # convert): the int32 sum of the raw values q, then nearbyint(float(sum) * inv + zp') with, in float32,
+        # inv = (s_in / s_out) * (1 / count) and zp' = zp_out - (count * zp_in) * inv; clamped
+        f32 = tf.float32
+        inv = (tf.cast(si, f32) / tf.cast(so, f32)) * (tf.constant(1.0, f32) / float(n))
+        zpp = tf.cast(zo, f32) - tf.cast(n * tf.cast(zi, tf.int64), f32) * inv
+        raw_sum = tf.cast(acc + n * tf.cast(zi, tf.int64), f32)  # the sum of the raw int8 values
+        out = tf.clip_by_value(tf.cast(tf.round(raw_sum * inv + zpp), tf.float64), -128.0, 127.0)
+        return tf.cast((out - zo) * so, tf.float32)
+    m, sh = quantize_multiplier_tf(si / so)
+    # reference_ops::QuantizedMeanOrSum: 1/count folded into the multiplier (int64 division truncates)
+    pot = tf.minimum(tf.constant(min(n.bit_length() - 1, 32), tf.int64), 31 + sh)
+    m = tf.truncatediv(tf.bitwise.left_shift(m, pot), tf.constant(n, tf.int64))
+    acc = multiply_by_quantized_multiplier_tf(acc, m, sh - pot)
+    out = tf.clip_by_value(tf.cast(acc + tf.cast(zo, tf.int64), tf.float64), -128.0, 127.0)
+    return tf.cast((out - zo) * so, tf.float32)
+
+
+def _int_avg_pool(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+    """TFLite's int8 AVERAGE_POOL_2D (``reference/integer_ops/pooling.h``), then the int8 -> int8 QUANTIZE the
+    converter inserts when the output's rounding point has a range of its own (``reference/requantize.h``).
+
+    AVERAGE_POOL_2D keeps its input's scale and zero point: per window, the sum of the raw int8 values over the
+    elements inside the input (``SAME`` padding counts fewer), divided by that count rounding half away from
+    zero (``(acc +- count / 2) / count``, C division). The requantization: ``MultiplyByQuantizedMultiplier(q -
+    zp_in, M, shift) + zp_out`` with ``M = s_in / s_out`` (float32 scales, in double), clamped."""
+
+    qs = layer._gq_integer()
+    if _training_now() or exporting_int8() or any(q.calibrating for q in qs):
+        return orig(inputs, *args, **kwargs)
+    (si, _, zi), (so, _, zo) = (qparams(q) for q in qs)
+    q_in = _round_away(tf.cast(inputs, tf.float64) / si) + zi  # the raw int8 values
+    ph, pw = layer.pool_size
+    sh, sw = layer.strides
+    pad = layer.padding.upper()
+    channels = int(inputs.shape[-1])
+    ones = tf.ones([ph, pw, channels, 1], tf.float32)
+    # window sums of integers below 2**24 in magnitude: exact in float32
+    acc = tf.nn.depthwise_conv2d(tf.cast(q_in, tf.float32), ones, [1, sh, sw, 1], pad)
+    count = tf.nn.depthwise_conv2d(tf.ones_like(q_in[:1, :, :, :1], tf.float32), ones[:, :, :1], [1, sh, sw, 1], pad)
+    acc, count = tf.cast(acc, tf.int64), tf.cast(count, tf.int64)
+    avg = tf.sign(acc) * tf.math.floordiv(tf.abs(acc) + count // 2, count)
+    avg = tf.clip_by_value(avg, -128, 127)
+    m, shift = quantize_multiplier_tf(si / so)
+    out = multiply_by_quantized_multiplier_tf(avg - tf.cast(zi, tf.int64), m, shift) + tf.cast(zo, tf.int64)
+    out = tf.clip_by_value(tf.cast(out, tf.float64), -128.0, 127.0)
+    out = tf.cast((out - zo) * so, tf.float32)
+    if not tf.executing_eagerly():
+        out.set_shape(layer.compute_output_shape(inputs.shape))
+    return out
+
+
+def quantize_input_tf(x: Any, scale: Any, zero_point: Any, qmin: float = -128.0, qmax: float = 127.0) -> tf.Tensor:
+    """TFLite's QUANTIZE of a float tensor to int8 (``reference/quantize.h`` ``AffineQuantize``, and the
+    optimized kernel's scalar path): ``clamp(std::round(x / float(scale)) + zp, qmin, qmax)``; the division in
+    float32, ``std::round`` (half away from zero) applied exactly (in float64: ``|v| + 0.5`` in float32 rounds
+    0.49999997 up). Returns ``q - zp`` as float64."""
+    v = tf.cast(tf.cast(x, tf.float32) / tf.cast(scale, tf.float32), tf.float64)
+    zp = tf.cast(zero_point, tf.float64)
+    return tf.clip_by_value(_round_away(v) + zp, qmin, qmax) - zp
+
+
+def int_quantize(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+    """A rounding point on the runtime's grid (scale and zero point of :func:`qparams`), rounding as its QUANTIZE
+    does (:func:`quantize_input_tf`), instead of TensorFlow's FakeQuant arithmetic (nudged minimum,
+    ``floor((x - nudged_min) / scale + 1/2)``, a float32 scale computed in float32): they differ by one LSB on
+    a few elements, which deep nets amplify. Used at the model input, and at points that take a Concatenate's
+    scale (:func:`_scale_owner`) and that Concatenate's output."""
+
+    training = kwargs.get("training")
+    train = bool(training) if training is not None else _training_now()
+    if train or exporting_int8() or layer.calibrating:  # (inference rounds y, not pre_activation)
+        return orig(inputs, *args, **kwargs)
+    s, _, zp = qparams(layer)
+    out = tf.cast(quantize_input_tf(inputs, s, zp) * s, tf.float32)
+    if not tf.executing_eagerly():
+        out.set_shape(inputs.shape)
+    return out
+
+
+def int_concat(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+    """TFLite's int8 CONCATENATION as the converter emits it: one scale for inputs and output. An input whose
+    rounding point feeds only the Concatenate already has that scale (its producer requantizes to it,
+    :func:`_scale_owner`); any other input goes through an int8 -> int8 QUANTIZE (``reference/requantize.h``:
+    ``MultiplyByQuantizedMultiplier(q - zp_in, M, shift) + zp_out`` with ``M = s_in / s_out``, clamped)."""
+
+    qs = layer._gq_integer()
+    if _training_now() or exporting_int8() or any(q.calibrating for q in qs):
+        return orig(inputs, *args, **kwargs)
+    ups, out_q = qs[:-1], qs[-1]
+    so, _, zo = qparams(out_q)
+    parts = []
+    for x, u in zip(inputs, ups):
+        if _scale_owner(u) is out_q:
+            parts.append(x)
+            continue
+        si, _, zi = qparams(u)
+        v = tf.cast(_round_away(tf.cast(x, tf.float64) / si), tf.int64)  # q - zp_in
+        m, shift = quantize_multiplier_tf(si / so)
+        o = multiply_by_quantized_multiplier_tf(v, m, shift) + tf.cast(zo, tf.int64)
+        o = tf.clip_by_value(tf.cast(o, tf.float64), -128.0, 127.0)
+        part = tf.cast((o - zo) * so, tf.float32)
+        if not tf.executing_eagerly():
+            part.set_shape(x.shape)
+        parts.append(part)
+    return orig(parts, *args, **kwargs)
+
+
+
+# --------------------------------------------------------------------------- LOGISTIC, swish, MUL
+#: Keras activation names (``Activation(...)``) the converter emits as LOGISTIC / LOGISTIC then MUL.
+LOGISTIC_ACTIVATIONS = ("sigmoid",)
+SWISH_ACTIVATIONS = ("silu", "swish")
+
+
+def _requantize_int8(v: tf.Tensor, si: tf.Tensor, so: tf.Tensor, zo: tf.Tensor) -> tf.Tensor:
+    """The int8 -> int8 QUANTIZE (``reference/requantize.h``) of ``v = q - zp_in`` (int64) at scale ``si`` to
+    ``(so, zo)``: ``MultiplyByQuantizedMultiplier(v, M, shift) + zo`` with ``M = si / so``, clamped; returns
+    ``q_out - zo`` as float64."""
+    m, shift = quantize_multiplier_tf(si / so)
+    o = multiply_by_quantized_multiplier_tf(v, m, shift) + tf.cast(zo, tf.int64)
+    return tf.clip_by_value(tf.cast(o, tf.float64), -128.0, 127.0) - zo
+
+
+def logistic_int8_tf(v: tf.Tensor, s_in: tf.Tensor) -> tf.Tensor:
+    """LiteRT's int8 LOGISTIC (reference and optimized kernels alike: the lookup table ``SigmoidPrepare`` fills
+    with ``LUTPopulateInt8``): for ``v = q - zp_in`` (int64), ``clamp(TfLiteRound(1.0f / (1.0f + expf(-s_in *
+    v)) * 256.0f) - 128, -128, 127)``, every step in float32 (``s_in`` the stored float32 scale). Returns the
+    output ``q + 128`` (output scale 1/256, zero point -128) as int64."""
+    d = tf.cast(s_in, tf.float32) * tf.cast(v, tf.float32)
+    t = tf.constant(1.0, tf.float32) / (tf.constant(1.0, tf.float32) + tf.exp(-d))
+    r = _round_away(tf.cast(t * tf.constant(256.0, tf.float32), tf.float64))
+    return tf.cast(tf.clip_by_value(r - 128.0, -128.0, 127.0) + 128.0, tf.int64)
+
+
+def _mul_int8(v1: tf.Tensor, v2: tf.Tensor, s1: tf.Tensor, s2: tf.Tensor, so: tf.Tensor, zo: tf.Tensor) -> tf.Tensor:
+    """TFLite's reference int8 MUL (``integer_ops/mul.h`` ``MulElementwise``, broadcasting as
+    ``BroadcastMul6DSlow``): ``MultiplyByQuantizedMultiplier((q1 - zp1) * (q2 - zp2), M, shift) + zo`` with
+    ``M = s1 * s2 / so`` (float32 scales, in double), clamped; ``v1, v2`` int64 ``q - zp``. Returns
+    ``(q_out - zo) * so`` as float32."""
+    m, shift = quantize_multiplier_tf(s1 * s2 / so)
+    o = multiply_by_quantized_multiplier_tf(v1 * v2, m, shift) + tf.cast(zo, tf.int64)
+    o = tf.clip_by_value(tf.cast(o, tf.float64), -128.0, 127.0)
+    return tf.cast((o - zo) * so, tf.float32)
+
+
+def _q_minus_zp(x: Any, s: tf.Tensor) -> tf.Tensor:
+    """``q - zp`` (int64) of a tensor on a rounding point's grid (scale ``s``)."""
+    return tf.cast(_round_away(tf.cast(x, tf.float64) / s), tf.int64)
+
+
+def _int_activation(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+    """``Activation("sigmoid")``: LOGISTIC (:func:`logistic_int8_tf`) then the converter's int8 -> int8 QUANTIZE
+    to the point's range (none when that range is LOGISTIC's own ``[0, 255/256]``). ``Activation("swish")``:
+    the converter's LOGISTIC then MUL of the input by it (:func:`_mul_int8`). While training, the sigmoid is
+    rounded to LOGISTIC's output grid (multiples of 1/256) with a straight-through gradient."""
+
+    qs = layer._gq_integer()
+    if exporting_int8() or any(q.calibrating for q in qs):
+        return orig(inputs, *args, **kwargs)
+    if _training_now():  # QAT: LOGISTIC's output grid (1/256) with a straight-through gradient
+        x = tf.convert_to_tensor(inputs)
+        sig = tf.sigmoid(x)
+        sig_q = tf.clip_by_value(_round_away(sig * 256.0), 0.0, 255.0) / 256.0
+        sig = sig + tf.stop_gradient(sig_q - sig)
+        return x * sig if getattr(layer.activation, "__name__", "") in SWISH_ACTIVATIONS else sig
+    (si, _, _), (so, _, zo) = (qparams(q) for q in qs)
+    v = _q_minus_zp(inputs, si)
+    sig = logistic_int8_tf(v, si)  # q + 128 at scale 1/256
+    s_sig = tf.constant(1.0 / 256.0, tf.float64)
+    if getattr(layer.activation, "__name__", "") in SWISH_ACTIVATIONS:
+        out = _mul_int8(v, sig, si, s_sig, so, zo)
+    else:
+        same = tf.logical_and(tf.equal(tf.cast(so, tf.float32), 1.0 / 256.0), tf.equal(zo, -128.0))
+        o = tf.where(same, tf.cast(sig, tf.float64) - 128.0 - zo, _requantize_int8(sig, s_sig, so, zo))
+        out = tf.cast(o * so, tf.float32)
+    if not tf.executing_eagerly():
+        out.set_shape(inputs.shape)
+    return out
+
+
+def _int_mul(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+    """A two-input ``Multiply`` as TFLite's reference int8 MUL (:func:`_mul_int8`), broadcasting."""
+
+    qs = layer._gq_integer()
+    if _training_now() or exporting_int8() or any(q.calibrating for q in qs):
+        return orig(inputs, *args, **kwargs)
+    (s1, _, _), (s2, _, _), (so, _, zo) = (qparams(q) for q in qs)
+    out = _mul_int8(_q_minus_zp(inputs[0], s1), _q_minus_zp(inputs[1], s2), s1, s2, so, zo)
+    if not tf.executing_eagerly():
+        out.set_shape(layer.compute_output_shape([tuple(t.shape) for t in inputs]))
+    return out
+
+
+
+
+def op_kernel(layer: Any, ins: Any) -> Optional[Callable[..., Any]]:
+    """The integer ``call`` replacement (``impl(layer, orig_call, inputs, *args, **kwargs)``) of an op layer
+    without weights called on the input tensors ``ins``: a two-input Add, a GlobalAveragePooling2D or
+    AveragePooling2D of known sizes, an Activation (sigmoid, swish) or a two-input Multiply; ``None`` for any
+    other layer (a Concatenate takes :func:`int_concat`, the model input's rounding point
+    :func:`int_quantize`)."""
+    name = type(layer).__name__
+    if name == "Add" and len(ins) == 2:
+        return _int_add
+    if name == "GlobalAveragePooling2D" and len(ins) == 1 and ins[0].shape[1] and ins[0].shape[2]:
+        return _int_mean
+    if name == "AveragePooling2D" and len(ins) == 1 and ins[0].shape[-1]:
+        return _int_avg_pool
+    if name == "Activation" and len(ins) == 1:
+        act = getattr(layer.activation, "__name__", "")
+        return _int_activation if act in LOGISTIC_ACTIVATIONS + SWISH_ACTIVATIONS else None
+    if name == "Multiply" and len(ins) == 2:
+        return _int_mul
+    return None
