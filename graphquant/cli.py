@@ -9,6 +9,7 @@ import argparse
 import functools
 import json
 import logging
+import warnings
 import os
 import sys
 import time
@@ -18,7 +19,6 @@ from typing import Any, Dict, Optional, Sequence
 from ._table import fit_width, terminal_width
 from ._version import __version__
 
-log = logging.getLogger("graphquant")
 
 ROUNDING = ("nearest", "nearest_away", "toward_zero", "down", "up", "stochastic")
 
@@ -299,6 +299,8 @@ def _cmd_convert(ns: argparse.Namespace) -> int:
     print(_plan_table(report.plan, ns.verbose))
     print(report)
     for w in report.warnings:
+        if w in _LOGGED:
+            continue  # already on stderr as a WARNING line
         print(f"warning: {w}", file=sys.stderr)
     _write_report(json_path, report.to_dict())
     return 0
@@ -483,6 +485,17 @@ def _cmd_example(ns: argparse.Namespace) -> int:
     return 0
 
 
+#: messages logged as warnings during this command (each warning reaches stderr once)
+_LOGGED: set = set()
+
+
+class _RememberWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            _LOGGED.add(record.getMessage())
+        return True
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``graphquant`` console script and of ``python -m graphquant``.
 
@@ -503,8 +516,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "convert": _cmd_convert, "batch": _cmd_batch, "inspect": _cmd_inspect, "compare": _cmd_compare,
         "example": _cmd_example, "export-tflite": _cmd_export_tflite, "compare-tflite": _cmd_compare_tflite,
     }  # fmt: skip
+    remember = _RememberWarnings()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(remember)
+    _LOGGED.clear()
     try:
-        return handlers[ns.command](ns)
+        with warnings.catch_warnings():
+            # the library both warns (for Python callers) and logs each warning; the command shows the log line
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"graphquant(\.|$)")
+            return handlers[ns.command](ns)
     except (ValueError, TypeError, OSError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"graphquant {ns.command}: error: {msg}", file=sys.stderr)
@@ -514,6 +534,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
         print("graphquant: terminated" if isinstance(e, Terminated) else "graphquant: interrupted", file=sys.stderr)
         return 143 if isinstance(e, Terminated) else 130
+    finally:
+        for handler in logging.getLogger().handlers:
+            handler.removeFilter(remember)
 
 
 if __name__ == "__main__":  # pragma: no cover

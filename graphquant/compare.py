@@ -32,21 +32,14 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, Union
+from typing import Any, Optional
 
 from .report import CompareReport, OutputError, PointError, WeightError
-from .types import DataLike
-
-if TYPE_CHECKING:  # pragma: no cover - annotations only
-    import keras
+from .types import DataLike, ModelLike
 
 log = logging.getLogger(__name__)
 
 __all__ = ["compare", "CompareReport", "PointError", "OutputError", "WeightError"]
-
-
-#: a model :func:`compare` takes: a Keras model, a ``.keras``/``.h5`` file or a SavedModel folder
-ModelLike = Union["keras.Model", str, "os.PathLike[str]"]
 
 
 def compare(

@@ -41,6 +41,7 @@ import numpy as np
 
 from ._table import render_table
 from ._version import __version__
+from .types import ModelLike, PathLike
 
 __all__ = [
     "TFLiteReport",
@@ -57,12 +58,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # pragma: no cover - annotations only
-    import keras
     import tensorflow as tf
 
-PathLike = Union[str, "os.PathLike[str]"]
-#: a model to export or compare: a Keras model, a ``.keras`` file or (export) a SavedModel folder graphquant converted
-ModelLike = Union["keras.Model", PathLike]
 #: what the interpreter runs: an array (a model with one input) or a list of arrays, one per model input; unlike
 #: :data:`graphquant.types.DataLike`, not a dict or a dataset (the interpreter's inputs are positional)
 ArrayInputs = Union[np.ndarray, Sequence[np.ndarray]]
@@ -658,12 +655,13 @@ class _Source:
         import tensorflow as tf
 
         from .keras.integer import link_integer
+        from .keras.integer_ops import kernels_of
 
         model = self.keras_model
         fn = tf.function(lambda *xs: model(xs[0] if len(xs) == 1 else list(xs), training=False))
         if kernels is None or not self.integer:
             return lambda *xs: tf.nest.flatten(fn(*[tf.constant(x, tf.float32) for x in xs]))
-        own = getattr(model, "_gq_kernels", "reference")
+        own = kernels_of(model)
 
         def run(*xs):
             link_integer(model, kernels)  # the choice is read while tracing: traced once per kernel set
@@ -678,7 +676,9 @@ class _Source:
         """The kernel set :meth:`simulate` computes for ``kernels`` (None: no integer kernels, or a SavedModel)."""
         if self.keras_model is None or not self.integer:
             return None
-        return kernels or getattr(self.keras_model, "_gq_kernels", "reference")
+        from .keras.integer_ops import kernels_of
+
+        return kernels or kernels_of(self.keras_model)
 
     def simulate(self, inputs: Sequence[np.ndarray], batch: int = 64, kernels: Optional[str] = None
                  ) -> List[np.ndarray]:
@@ -942,6 +942,7 @@ def _simulated_points(model: Any, xs: List[np.ndarray], kernels: str) -> Tuple[L
     kernel set matching the interpreter's ``kernels`` (:data:`SIMULATED_KERNELS`; the model's own is restored)."""
     import keras
 
+    from .keras.integer_ops import kernels_of
     from .keras.layers import Quantize
 
     qlayers = [l for l in model.layers if isinstance(l, Quantize)]
@@ -949,7 +950,7 @@ def _simulated_points(model: Any, xs: List[np.ndarray], kernels: str) -> Tuple[L
         return qlayers, []
     probe = keras.Model(model.inputs, [l.output for l in qlayers])
     integer = _link_target_model(model)
-    own = getattr(model, "_gq_kernels", "reference")
+    own = kernels_of(model)
     try:
         return qlayers, _Source(probe).simulate(xs, kernels=SIMULATED_KERNELS[kernels])
     finally:  # the probe shares the model's layers: they compute the model's own kernel set again

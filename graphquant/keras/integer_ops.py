@@ -64,7 +64,9 @@ def check_kernels(kernels: Any, what: str = "kernels") -> str:
     return kernels
 
 
-def _kernels_of(layer: Any) -> str:
+def kernels_of(layer: Any) -> str:
+    """The kernel set a linked layer or model simulates (:func:`graphquant.keras.integer.link_integer`
+    records it); ``"reference"`` if none was recorded."""
     return getattr(layer, "_gq_kernels", "reference")
 
 
@@ -236,7 +238,7 @@ def integer_call(layer: Any, inner: Any, inputs: tf.Tensor, w_float: tf.Tensor, 
     if bias is not None:
         b_int = _round_away(tf.cast(bias, tf.float64) / (s_in64 * s_w64))  # the int32 bias
     lo = 0.0 if getattr(act, "__name__", "linear") == "relu" else -128.0 - zp_out
-    if _kernels_of(layer) == "xnnpack":
+    if kernels_of(layer) == "xnnpack":
         # XNNPACK's requantization scale, in float32 as its operator computes it (s_in * s_w[c] / s_out)
         f32 = tf.float32
         scale = tf.cast(s_in, f32) * tf.cast(s_w, f32) / tf.cast(s_out, f32)
@@ -292,7 +294,7 @@ def _int_add(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> A
     if _training_now() or exporting_int8() or any(q.calibrating for q in qs):
         return orig(inputs, *args, **kwargs)
     (s1, _, _), (s2, _, _), (so, _, zo) = (qparams(q) for q in qs)
-    arith = _xnnpack_add_arith if _kernels_of(layer) == "xnnpack" else _add_arith
+    arith = _xnnpack_add_arith if kernels_of(layer) == "xnnpack" else _add_arith
     out = arith(inputs[0], inputs[1], s1, s2, so, zo)
     if not tf.executing_eagerly():
         out.set_shape(inputs[0].shape)
@@ -352,7 +354,7 @@ def _int_mean(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> 
     for a in axes:
         n *= int(x.shape[a])
     acc = tf.reduce_sum(x, axis=axes, keepdims=bool(getattr(layer, "keepdims", False)))
-    if _kernels_of(layer) == "xnnpack":
+    if kernels_of(layer) == "xnnpack":
         # XNNPACK's qs8 MEAN (reduce-nd.c, xnn_init_qs8_reduce_scalar_params, the reference int32 -> qs8
         # convert): the int32 sum of the raw values q, then nearbyint(float(sum) * inv + zp') with, in float32,
         # inv = (s_in / s_out) * (1 / count) and zp' = zp_out - (count * zp_in) * inv; clamped
