@@ -500,6 +500,11 @@ class QuantizeWeights(keras.layers.Wrapper):
     def compute_output_shape(self, input_shape: Any) -> Any:
         return self.layer.compute_output_shape(input_shape)
 
+    def compute_output_spec(self, *args: Any, **kwargs: Any) -> Any:
+        # the wrapped layer's own rule: its compute_output_shape if it has one, else Keras traces its call
+        # (a custom layer without compute_output_shape builds in a model, so it must build wrapped too)
+        return self.layer.compute_output_spec(*args, **kwargs)
+
     def compute_mask(self, inputs: Any, mask: Any = None) -> Any:
         return self.layer.compute_mask(inputs, mask)
 
