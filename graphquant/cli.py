@@ -478,10 +478,11 @@ def _cmd_compare_tflite(ns: argparse.Namespace) -> int:
     return 0
 
 
+@_fit_tables
 def _cmd_example(ns: argparse.Namespace) -> int:
     from .graph.example import run_example
 
-    run_example(out=ns.out, arch=ns.arch, size=ns.size, bits=ns.bits, seed=ns.seed)
+    run_example(out=ns.out, arch=ns.arch, size=ns.size, bits=ns.bits, seed=ns.seed, verbose=ns.verbose)
     return 0
 
 

@@ -32,11 +32,12 @@ def _replaceable(path: Path) -> bool:
 
 
 def run_example(out: str = "out/example", arch: str = "MobileNetV2", size: int = 96, bits: int = 8, seed: int = 0,
-                echo: Callable[[str], Any] = print) -> Dict[str, object]:
+                echo: Callable[[str], Any] = print, verbose: bool = False) -> Dict[str, object]:
     """Build ``keras.applications.<arch>`` with random weights, export, convert, compare.
 
     Writes ``<out>/float`` (the exported SavedModel) and ``<out>/q<bits>``
-    (the converted one); prints the insertion table, the output error and the
+    (the converted one); prints the insertion table (with ``verbose``, also the
+    line naming each scope's TensorFlow function), the output error and the
     per-layer error table of :func:`graphquant.compare.compare`.
     """
     import keras
@@ -59,7 +60,7 @@ def run_example(out: str = "out/example", arch: str = "MobileNetV2", size: int =
     images = keras.applications.imagenet_utils.preprocess_input(images, mode="tf")
     calib, test = images[:8], images[8:]
     report = convert_saved_model(float_dir, q_dir, bits=bits, calibration_data=calib, overwrite=True)
-    echo(report.plan.table())
+    echo(report.plan.table(legend=verbose))
     echo(str(report))
 
     y0, y1 = _serve(float_dir, test), _serve(q_dir, test)
