@@ -308,7 +308,7 @@ def _simulated_weight_scales(q, x, monkeypatch):
     return got
 
 
-@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+@pytest.mark.parametrize("bits", [8, 4, 3])
 def test_weight_scales_are_the_stored_ones(tmp_path, data, target_export, monkeypatch, bits):
     """The per-channel weight scales of the simulation equal the converter's stored float32 scales bit for bit.
     Regression (4 bits): the export traced the 4-bit step as ``max|w| / 7`` and the simulation used
