@@ -23,7 +23,7 @@ import tensorflow as tf
 from .formats import Affine, Format
 from .ops import fake_quant, per_output_channel, quantize, symmetric_fake_quant
 
-__all__ = ["weight_range", "round_weight", "round_weight_array", "int8_export", "exporting_int8"]
+__all__ = ["weight_range", "round_weight", "round_weight_array", "int8_export", "exporting_int8", "int8_export_max"]
 
 # Set while graphquant.tflite traces a model for the converter (see :func:`int8_export`).
 _INT8_EXPORT = [False]
@@ -76,11 +76,27 @@ def _fast_symmetric(fmt: Affine, w: tf.Tensor, rounding: str) -> bool:
     return fmt.symmetric and rounding == "nearest" and fmt.bits <= 16 and w.dtype == tf.float32 and w.shape.rank is not None
 
 
+def int8_export_max(m: Any, bits: int) -> tf.Tensor:
+    """``hi`` of the 8-bit FakeQuant range ``(-hi, hi)`` (narrow range, 127 steps) that the TFLite export
+    traces for a symmetric ``bits``-bit weight (``bits < 8``) with ``max |w| = m`` (float32, per channel):
+    ``127 * step`` with the ``bits``-bit step ``m * float32(1 / (2**(bits-1) - 1))``, all in float32.
+
+    A multiplication by the float32 reciprocal, not ``m / 7``: the converter's TF-dialect canonicalizer
+    rewrites ``tf.RealDiv(x, const)`` into ``tf.Mul(x, reciprocal(const))`` before it folds the range
+    (``RealDivOp::getCanonicalizationPatterns``, ``RealDivWithConstDivisor``), so a traced ``m / 7`` was
+    stored as ``m * float32(1/7)``: one or two float32 ulps off ``float32(m / 7)`` on about half the
+    channels (measured on the digits CNN). Traced as a multiplication, TensorFlow and the converter compute
+    the same value, and the simulation (:func:`graphquant.keras.integer_ops.integer_call`) uses this function.
+    """
+    recip = np.float32(1.0) / np.float32(2 ** (bits - 1) - 1)  # IEEE float32 division, as the converter folds it
+    step = tf.cast(m, tf.float32) * tf.constant(recip, tf.float32)
+    return tf.constant(127.0, tf.float32) * step
+
+
 def _as_int8_grid(w: tf.Tensor, fmt: Affine) -> tf.Tensor:
-    lo, hi = weight_range(w, fmt)
-    step = hi / (2 ** (fmt.bits - 1) - 1)
+    hi = int8_export_max(weight_range(w, fmt)[1], fmt.bits)
     f8 = Affine(8, symmetric=True, narrow_range=True, axis=fmt.axis)
-    return fake_quant(w, f8, -127.0 * step, 127.0 * step)  # TF's FakeQuant under use_xla(False)
+    return fake_quant(w, f8, -hi, hi)  # TF's FakeQuant under use_xla(False)
 
 
 def _round_own_range(w: Any, fmt: Format, rounding: str, seed: Any, fused: bool) -> tf.Tensor:

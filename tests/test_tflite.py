@@ -290,6 +290,44 @@ def test_four_bit_weights_report_the_grid(tmp_path, data):
     assert report.exact("reference") and report.exact("default"), str(report)
 
 
+def _simulated_weight_scales(q, x, monkeypatch):
+    """The float32 weight scales the simulation's integer kernels use, per weight layer in call order (recorded
+    from :func:`graphquant.keras.integer_ops.weight_scales`, the real function, while ``q`` runs once)."""
+    from graphquant.keras import integer_ops
+
+    real, got = integer_ops.weight_scales, []
+
+    def record(*args, **kwargs):
+        s_w, s_w64 = real(*args, **kwargs)
+        got.append(np.atleast_1d(np.asarray(s_w, np.float64).astype(np.float32)))
+        return s_w, s_w64
+
+    monkeypatch.setattr(integer_ops, "weight_scales", record)
+    q(x[:2], training=False)
+    monkeypatch.undo()
+    return got
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3])
+def test_weight_scales_are_the_stored_ones(tmp_path, data, target_export, monkeypatch, bits):
+    """The per-channel weight scales of the simulation equal the converter's stored float32 scales bit for bit.
+    Regression (4 bits): the export traced the 4-bit step as ``max|w| / 7`` and the simulation used
+    ``float32(max|w| / 7)``, but the converter canonicalizes a division by a constant into a multiplication by
+    its float32 reciprocal (``m * float32(1/7)``): one or two ulps above on about half the channels, and 1 LSB
+    off outputs of the digits CNN now and then."""
+    if bits == 8:
+        q, path, _ = target_export
+    else:
+        q = gq.quantize_model(_model(), target="tflite_int8", weight_bits=bits, calibration_data=data)
+        path = tmp_path / f"m{bits}.tflite"
+        gq.export_tflite(q, path, representative_data=data[:16])
+    stored = [np.asarray(o.weight_scales, np.float32) for o in gq.tflite_scales(path).ops]
+    sim = _simulated_weight_scales(q, data, monkeypatch)
+    assert [len(s) for s in sim] == [len(s) for s in stored] == [8, 8, 8, 1]
+    for i, (a, b) in enumerate(zip(sim, stored)):
+        np.testing.assert_array_equal(a.view(np.int32), b.view(np.int32), err_msg=f"weight op {i} ({bits} bits)")
+
+
 def test_freeze_bn_after_switches_to_moving_statistics(data):
     q = gq.quantize_model(_model(), target="tflite_int8", calibration_data=data, freeze_bn_after=2)
     layer = next(l for l in q.layers if isinstance(l, gq.keras.FoldedConvBatchNorm))

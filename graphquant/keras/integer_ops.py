@@ -46,7 +46,7 @@ import keras
 import tensorflow as tf
 
 from ..formats import Affine
-from ..weights import exporting_int8, weight_range
+from ..weights import exporting_int8, int8_export_max, weight_range
 
 __all__ = ["KERNELS", "check_kernels", "integer_call", "qparams", "quantize_input_tf", "quantize_multiplier_tf",
            "multiply_by_quantized_multiplier_tf", "multiply_by_quantized_multiplier_single_tf", "logistic_int8_tf"]
@@ -194,6 +194,20 @@ def weight_scale_max(w: tf.Tensor, fmt: Affine, depthwise: bool) -> tf.Tensor:
     return weight_range(w, sym)[1]
 
 
+def weight_scales(w: tf.Tensor, fmt: Affine, depthwise: bool) -> Tuple[tf.Tensor, tf.Tensor]:
+    """``(scale as stored (float32, as float64), scale in float64)`` per output channel of a symmetric weight
+    (:func:`weight_scale_max` order), as the converter derives them from the weight's FakeQuant range
+    ``(-hi, hi)`` (narrow range): ``(hi - (-hi)) / 254`` in double. ``hi = max |w|`` for 8 bits; fewer bits
+    are exported as an 8-bit FakeQuant on the same grid with ``hi`` of
+    :func:`graphquant.weights.int8_export_max` (float32 arithmetic, as the converter folds it)."""
+    m = weight_scale_max(w, fmt, depthwise)
+    if fmt.bits < 8:
+        s64 = tf.cast(int8_export_max(m, fmt.bits), tf.float64) / 127.0
+    else:  # = (m - (-m)) / (2 * levels): the FakeQuant range (-m, m), narrow range
+        s64 = tf.cast(m, tf.float64) / float(2 ** (fmt.bits - 1) - 1)
+    return tf.cast(tf.cast(s64, tf.float32), tf.float64), s64
+
+
 def integer_call(layer: Any, inner: Any, inputs: tf.Tensor, w_float: tf.Tensor, w_rounded: tf.Tensor,
                  bias: Optional[tf.Tensor], fmt: Affine, depthwise: bool) -> Optional[tf.Tensor]:
     """The reference kernel's output of ``inner`` (conv / depthwise / dense), dequantized, as float32.
@@ -210,10 +224,7 @@ def integer_call(layer: Any, inner: Any, inputs: tf.Tensor, w_float: tf.Tensor, 
         return None  # being calibrated, or traced for the converter: the float path
     s_in, s_in64, _ = qparams(in_q)
     s_out, _, zp_out = qparams(out_q)
-    levels = float(2 ** (fmt.bits - 1) - 1)
-    m = tf.cast(weight_scale_max(w_float, fmt, depthwise), tf.float64)
-    s_w64 = m / levels  # = (m - (-m)) / (2 * levels): the FakeQuant range (-m, m), narrow range
-    s_w = tf.cast(tf.cast(s_w64, tf.float32), tf.float64)
+    s_w, s_w64 = weight_scales(w_float, fmt, depthwise)
     # the input is (q - zp) * s_in up to float32 rounding (|q - zp| <= 255): float32 recovers q - zp exactly
     x_int = tf.round(tf.cast(inputs, tf.float32) * tf.cast(1.0 / s_in64, tf.float32))
     shape = w_rounded.shape
