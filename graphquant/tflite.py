@@ -700,8 +700,7 @@ class _Source:
 
 def _link_target_model(model: Any) -> bool:
     """A model quantized with ``target="tflite_int8"`` (it rounds its input) computes the runtime's integer
-    kernels at inference (links are not saved in a ``.keras`` file: made again here, with the model's kernel
-    set); whether it is such a model."""
+    kernels at inference (linked again here, with the model's kernel set: idempotent); whether it is such a model."""
     from .keras.integer import eligible_quantize, link_integer
 
     for x in model.inputs:

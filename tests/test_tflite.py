@@ -343,17 +343,29 @@ def test_freeze_bn_after_switches_to_moving_statistics(data):
 
 
 def test_target_model_round_trips_and_trains(tmp_path, data):
-    q = gq.quantize_model(_model(), target="tflite_int8", calibration_data=data)
+    from graphquant.keras.integer import link_integer
+    from graphquant.keras.integer_ops import kernels_of
+
+    q = gq.quantize_model(_model(), target="tflite_int8", calibration_data=data, kernels="xnnpack")
     q.compile(optimizer="adam", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     q.fit(data, np.arange(len(data)) % 10, epochs=1, batch_size=32, verbose=0)
     p = tmp_path / "q.keras"
     q.save(p)
     back = keras.models.load_model(p)
-    # the links to the integer kernels are not in the file: made again (export_tflite does it itself)
-    from graphquant.keras.integer import link_integer
-
-    assert link_integer(back) == link_integer(q) == 7  # input, 3 conv groups, ADD, MEAN, Dense
+    # the file records the kernel set on the input's rounding layer: loading links the integer kernels again
+    linked = [layer.name for layer in back.layers if getattr(layer, "_gq_integer", None) is not None]
+    assert len(linked) == 6  # 3 conv groups, ADD, MEAN, Dense
+    assert linked == [layer.name for layer in q.layers if getattr(layer, "_gq_integer", None) is not None]
+    assert {kernels_of(layer) for layer in back.layers if layer.name in linked} == {"xnnpack"}
     np.testing.assert_array_equal(back.predict(data[:8], verbose=0), q.predict(data[:8], verbose=0))
+    assert link_integer(back) == link_integer(q) == 7  # and the input's QUANTIZE; idempotent
+    assert kernels_of(back) == "xnnpack"
+    link_integer(back, "reference")  # switching the set is recorded too
+    back.save(tmp_path / "r.keras")
+    again = keras.models.load_model(tmp_path / "r.keras")
+    assert {kernels_of(layer) for layer in again.layers if layer.name in linked} == {"reference"}
+    with pytest.raises(ValueError, match="integer_kernels must be one of"):
+        gq.keras.Quantize(integer_kernels="fast")
 
 
 def test_export_refuses_foreign_files_and_errors(tmp_path, data, target_export):

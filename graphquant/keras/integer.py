@@ -19,7 +19,7 @@ from ..formats import Affine
 from .fold import FoldedConvBatchNorm
 from .integer_ops import (KERNELS, check_kernels, int_concat, int_quantize, multiply_by_quantized_multiplier_tf,
                           op_kernel, qparams, quantize_input_tf, quantize_multiplier_tf)
-from .layers import Quantize, QuantizeWeights
+from .layers import ON_LOADED, Quantize, QuantizeWeights
 
 __all__ = ["link_integer", "KERNELS", "qparams", "quantize_input_tf", "quantize_multiplier_tf",
            "multiply_by_quantized_multiplier_tf"]
@@ -77,31 +77,43 @@ def _downstream_quantize(layer: Any) -> Optional[Any]:
 
 def link_integer(model: Any, kernels: Optional[str] = None) -> int:
     """Link the weight layers of a ``tflite_int8`` model to the rounding points around them (see the module
-    docstring); returns how many were linked. Idempotent; a model loaded from a ``.keras`` file needs it again
-    (:func:`graphquant.export_tflite` and :func:`graphquant.quantize_model` call it).
+    docstring); returns how many were linked. Idempotent. The kernel set is recorded on the model input's
+    rounding layer (:class:`~graphquant.keras.Quantize` ``integer_kernels``), which a ``.keras`` file saves:
+    ``keras.models.load_model`` links the loaded model again with it.
 
     Args:
         model: a Keras model quantized with ``target="tflite_int8"``.
         kernels: the kernel set whose arithmetic inference computes: ``"reference"`` (LiteRT's reference
             kernels) or ``"xnnpack"`` (the default interpreter's XNNPACK delegate); ``None`` keeps the
-            model's current choice (``"reference"`` at first). Not saved in a ``.keras`` file.
+            model's current choice (the one its file recorded for a loaded model; ``"reference"`` at first).
     """
     before = getattr(model, "_gq_kernels", None)
-    kernels = (before or "reference") if kernels is None else check_kernels(kernels)
+    if kernels is None:
+        recorded = [layer.integer_kernels for layer in model.layers
+                    if isinstance(layer, Quantize) and layer.integer_kernels is not None]  # fmt: skip
+        kernels = before or (recorded[0] if recorded else "reference")
+    kernels = check_kernels(kernels)
     object.__setattr__(model, "_gq_kernels", kernels)
     if before is not None and before != kernels:  # fit/evaluate/predict traced the other kernels: trace again
         for attr in ("predict_function", "test_function", "train_function"):
             if getattr(model, attr, None) is not None:
                 setattr(model, attr, None)
+    return _link_layers(model.layers, kernels)
+
+
+def _link_layers(layers: Any, kernels: str) -> int:
     n = 0
-    for layer in model.layers:
+    for layer in layers:
         object.__setattr__(layer, "_gq_kernels", kernels)
         if isinstance(layer, FoldedConvBatchNorm):
             inner = layer.conv
         elif isinstance(layer, QuantizeWeights) and [s["slot"] for s in layer.slots] == ["kernel"]:
             inner = layer.layer
         else:
-            n += _link_op(layer)
+            linked = _link_op(layer)
+            if linked and isinstance(layer, Quantize):  # the model input's rounding point: records the set
+                layer.integer_kernels = kernels
+            n += linked
             continue
         act = getattr(inner, "activation", None)
         if (type(inner).__name__ not in _LINKED_LAYERS or getattr(act, "__name__", "linear") not in ("linear", "relu")
@@ -116,6 +128,28 @@ def link_integer(model: Any, kernels: Optional[str] = None) -> int:
         n += 1
     return n
 
+
+def _reachable(layer: Any) -> list:
+    """The layers downstream of ``layer`` (itself included), each once, in breadth-first order."""
+    seen, order, queue = set(), [], [layer]
+    while queue:
+        op = queue.pop(0)
+        if id(op) in seen:
+            continue
+        seen.add(id(op))
+        order.append(op)
+        queue.extend(node.operation for node in op._outbound_nodes)
+    return order
+
+
+def _relink_loaded(q: Any) -> None:
+    """:data:`graphquant.keras.layers.ON_LOADED`: a loaded ``tflite_int8`` model's input rounding layer ``q``
+    links the layers downstream of it with the kernel set its config recorded (a model never holds its
+    layers' links in its own config)."""
+    _link_layers(_reachable(q), q.integer_kernels)
+
+
+ON_LOADED.append(_relink_loaded)
 
 
 def _override_call(layer: Any, impl: Any) -> None:

@@ -11,7 +11,7 @@ import contextlib
 import contextvars
 import logging
 import random
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import keras
 import numpy as np
@@ -22,9 +22,15 @@ from ..ops import fake_quant, quantize
 from ..rounding import FUSED_ACTIVATIONS, min_max_fn, xla_enabled
 from ..types import FormatLike
 from ..weights import round_weight
-from .integer_ops import integer_call
+from .integer_ops import check_kernels, integer_call
 
 __all__ = ["Quantize", "QuantizeWeights", "StorageRounding", "FoldingBatchNormalization", "quantize_weight"]
+
+#: Called with a :class:`Quantize` layer whose config recorded ``integer_kernels`` (the rounding point of a
+#: ``tflite_int8`` model's input) once its model is loaded: the graph is complete and the layer's variables are
+#: restored. :mod:`graphquant.keras.integer` registers the re-linking of the runtime's integer kernels here
+#: (that module imports this one, so this one cannot call it).
+ON_LOADED: List[Callable[[Any], None]] = []
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +104,12 @@ class Quantize(keras.layers.Layer):
             (its output is not used). At inference, and on every other path,
             it rounds ``y`` as usual. ``quantize_model`` sets this up for
             groups that end in such an activation.
+        integer_kernels: set by :func:`graphquant.keras.integer.link_integer` on
+            the rounding point of a ``tflite_int8`` model's input: the kernel
+            set (``"reference"`` or ``"xnnpack"``) the model computes at
+            inference. It is saved in the config, so a model loaded from a
+            ``.keras`` file (``keras.models.load_model``) links its integer
+            kernels again, with the same set.
 
     Masks pass through unchanged. The output has the input's shape and dtype.
     """
@@ -110,9 +122,11 @@ class Quantize(keras.layers.Layer):
         momentum: float = 0.999,
         seed: Optional[int] = None,
         fused_activation: Optional[str] = None,
+        integer_kernels: Optional[str] = None,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
+        self.integer_kernels = None if integer_kernels is None else check_kernels(integer_kernels, "integer_kernels")
         if fused_activation is not None and fused_activation not in FUSED_ACTIVATIONS:
             raise ValueError(
                 f"fused_activation must be one of {sorted(FUSED_ACTIVATIONS)} or None, got {fused_activation!r}"
@@ -250,7 +264,15 @@ class Quantize(keras.layers.Layer):
         )
         if self.fused_activation is not None:
             cfg["fused_activation"] = self.fused_activation
+        if self.integer_kernels is not None:
+            cfg["integer_kernels"] = self.integer_kernels
         return cfg
+
+    def load_own_variables(self, store: Any) -> None:
+        super().load_own_variables(store)
+        if self.integer_kernels is not None:  # a tflite_int8 model's input, loaded: link its kernels again
+            for hook in ON_LOADED:
+                hook(self)
 
 
 def quantize_weight(w: Any, fmt: Format, rounding: str = "nearest", seed: Any = None) -> tf.Tensor:
