@@ -99,8 +99,20 @@ _E_MAX = 127
 #: per-tensor histograms take at most about this many values per example of a batch: a
 #: strided sample (stride a prime that does not divide the channel count, so every channel
 #: is sampled alike); min, max and counts always see every value
-HISTOGRAM_SAMPLE = 1 << 14
-_PRIMES = [p for p in range(2, 4096) if all(p % d for d in range(2, int(p**0.5) + 1))]
+HISTOGRAM_SAMPLE = 1 << 12
+
+
+def _primes_below(n: int) -> list:
+    sieve = np.ones(n, bool)
+    sieve[:2] = False
+    for p in range(2, int(n**0.5) + 1):
+        if sieve[p]:
+            sieve[p * p::p] = False
+    return np.flatnonzero(sieve).tolist()
+
+
+#: candidate strides: examples up to about ``2**16 * HISTOGRAM_SAMPLE`` values get a prime stride
+_PRIMES = _primes_below(1 << 16)
 
 _counter = itertools.count()
 
@@ -284,7 +296,8 @@ class Observer:
             m = max(abs(mm[0, 0]), abs(mm[1, 0]))
             e = _E_MIN if not np.isfinite(m) or m == 0 else min(max(math.ceil(math.log2(m)), _E_MIN), _E_MAX)
             e = e + 1 if 2.0**e < m else e  # guard log2 rounding
-            hist, exp = _merge_rows(self._read("rows").numpy(), e)[None, :], np.array([e])
+            index, rows = _used_rows(self._read("rows"))
+            hist, exp = _merge_rows(rows, e, index)[None, :], np.array([e])
         elif self.histogram:
             hist = self._read("hist").numpy()
             exp = self._read("exp").numpy()
@@ -432,15 +445,26 @@ def _update_histogram(v: Any, lo: Any, hi: Any, c: int, read: Any, assign: Any) 
     return [assign("exp", e_new), assign("hist", hist)]
 
 
-def _merge_rows(rows: np.ndarray, e: int) -> np.ndarray:
+def _merge_rows(rows: np.ndarray, e: int, index: Optional[np.ndarray] = None) -> np.ndarray:
     """The histogram over ``[-2**e, 2**e]`` of per-exponent rows (row ``r`` binned over
-    ``[-2**(r + _E_MIN), 2**(r + _E_MIN)]``, ``r + _E_MIN <= e``): bins merged ``2**d`` into one."""
+    ``[-2**(r + _E_MIN), 2**(r + _E_MIN)]``, ``r + _E_MIN <= e``): bins merged ``2**d`` into one.
+    ``index``: the row number ``r`` of each of ``rows`` (default: their position)."""
     out = np.zeros(NUM_BINS, np.int64)
     j = np.arange(NUM_BINS) - _HALF
-    for r in np.flatnonzero(rows.any(axis=1)):
-        d = min(max(e - (int(r) + _E_MIN), 0), _LOG2_HALF + 1)
-        np.add.at(out, np.floor_divide(j, 1 << d) + _HALF, rows[r])
+    index = np.arange(len(rows)) if index is None else index
+    for k in np.flatnonzero(rows.any(axis=1)):
+        d = min(max(e - (int(index[k]) + _E_MIN), 0), _LOG2_HALF + 1)
+        np.add.at(out, np.floor_divide(j, 1 << d) + _HALF, rows[k])
     return out
+
+
+def _used_rows(rows: Any) -> Tuple[np.ndarray, np.ndarray]:
+    """``(row numbers, rows)`` of the rows of the ``rows`` tensor that hold a count: the few exponents the
+    batches had, read back instead of the whole table (192 rows of int64 bins per point)."""
+    import tensorflow as tf
+
+    used = tf.reshape(tf.where(tf.reduce_any(tf.not_equal(rows, 0), axis=1)), [-1])
+    return used.numpy(), tf.gather(rows, used).numpy()
 
 
 # --------------------------------------------------------------------------- statistics -> ranges
