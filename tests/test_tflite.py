@@ -659,6 +659,55 @@ def test_xnnpack_quantize_after_logistic(out_range):
     assert np.sum(ref != y) > 0
 
 
+
+@pytest.mark.parametrize("ranges", [((-3.2235487, 3.5450425), (-3.9251642, 3.297055), (-4.768876, 6.683175)),
+                                    ((-2.0316, 3.6212), (-3.8728, 1.842), (-6.7504, 5.1734))])  # fmt: skip
+def test_mul_kernels_on_every_input_pair(ranges):
+    """An int8 MUL on all 65,536 input pairs: the reference kernels equal ``_mul_int8`` (its multiplier
+    ``s1 * s2 / s_out`` computed in float32, as ``mul.cc`` does; with the first ranges a multiplier computed in
+    double is off on a few pairs), the default interpreter (XNNPACK) equals ``_xnnpack_mul``, and the two kernel
+    sets differ on hundreds of pairs."""
+    import tensorflow as tf
+
+    from graphquant.keras.integer_ops import _mul_int8, _xnnpack_mul
+    from graphquant.tflite import load_interpreter
+
+    ra, rb, ro = ranges
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 65536], tf.float32)] * 2)
+    def fn(x, y):
+        x = tf.quantization.fake_quant_with_min_max_args(x, *ra)
+        y = tf.quantization.fake_quant_with_min_max_args(y, *rb)
+        return tf.quantization.fake_quant_with_min_max_args(x * y, *ro)
+
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.inference_input_type = conv.inference_output_type = tf.int8
+    content = conv.convert()
+    a, b = np.repeat(np.arange(-128, 128), 256), np.tile(np.arange(-128, 128), 256)
+    out = {}
+    for kernels in ("reference", "default"):
+        it = load_interpreter(content, kernels)
+        it.allocate_tensors()
+        d_a, d_b = sorted(it.get_input_details(), key=lambda d: d["name"])
+        d_o = it.get_output_details()[0]
+        it.set_tensor(d_a["index"], a[None].astype(np.int8))
+        it.set_tensor(d_b["index"], b[None].astype(np.int8))
+        it.invoke()
+        out[kernels] = it.get_tensor(d_o["index"])[0].astype(np.int64)
+        assert [o["op_name"] for o in it._get_ops_details()][0] == "MUL"
+    (sa, za), (sb, zb), (so, zo) = d_a["quantization"], d_b["quantization"], d_o["quantization"]
+    va, vb = a - za, b - zb
+    args = (np.float64(sa), np.float64(sb), np.float64(so), np.float64(zo))
+    for fn_, kernels in ((_mul_int8, "reference"), (_xnnpack_mul, "default")):
+        sim = np.round(fn_(va, vb, *args).numpy().astype(np.float64) / np.float32(so)) + zo
+        np.testing.assert_array_equal(sim, out[kernels])
+    assert np.sum(out["reference"] != out["default"]) > 100
+    if ranges[0] == (-3.2235487, 3.5450425):
+        m, sh = quantize_multiplier(float(np.float64(np.float32(sa)) * np.float32(sb) / np.float32(so)))
+        f64 = np.clip(multiply_by_quantized_multiplier(va * vb, m, sh) + zo, -128, 127)
+        assert 0 < np.sum(f64 != out["reference"]) < 20
+
 def test_split_activations_is_the_same_model():
     """split_activations rebuilds a conv with its own sigmoid as conv (linear) -> Activation("sigmoid"): the same
     outputs and weights; the source model is untouched; ReLU (fused by the converter) is not split."""

@@ -504,9 +504,12 @@ def logistic_int8_tf(v: tf.Tensor, s_in: tf.Tensor) -> tf.Tensor:
 def _mul_int8(v1: tf.Tensor, v2: tf.Tensor, s1: tf.Tensor, s2: tf.Tensor, so: tf.Tensor, zo: tf.Tensor) -> tf.Tensor:
     """TFLite's reference int8 MUL (``integer_ops/mul.h`` ``MulElementwise``, broadcasting as
     ``BroadcastMul6DSlow``): ``MultiplyByQuantizedMultiplier((q1 - zp1) * (q2 - zp2), M, shift) + zo`` with
-    ``M = s1 * s2 / so`` (float32 scales, in double), clamped; ``v1, v2`` int64 ``q - zp``. Returns
-    ``(q_out - zo) * so`` as float32."""
-    m, shift = quantize_multiplier_tf(s1 * s2 / so)
+    ``M = s1 * s2 / so`` computed in *float32* (``mul.cc``'s ``double real_multiplier = input1->params.scale *
+    input2->params.scale / output->params.scale``: float operands, so float arithmetic, then widened; in double
+    the multiplier was 1 LSB off on one element of an EfficientNetB0 MUL, measured), clamped; ``v1, v2`` int64
+    ``q - zp``. Returns ``(q_out - zo) * so`` as float32."""
+    f32 = tf.float32
+    m, shift = quantize_multiplier_tf(tf.cast((tf.cast(s1, f32) * tf.cast(s2, f32)) / tf.cast(so, f32), tf.float64))
     o = multiply_by_quantized_multiplier_tf(v1 * v2, m, shift) + tf.cast(zo, tf.int64)
     o = tf.clip_by_value(tf.cast(o, tf.float64), -128.0, 127.0)
     return tf.cast((o - zo) * so, tf.float32)
