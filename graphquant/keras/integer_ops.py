@@ -409,10 +409,8 @@ def _int_avg_pool(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any)
     acc, count = tf.cast(acc, tf.int64), tf.cast(count, tf.int64)
     avg = tf.sign(acc) * tf.math.floordiv(tf.abs(acc) + count // 2, count)
     avg = tf.clip_by_value(avg, -128, 127)
-    m, shift = quantize_multiplier_tf(si / so)
-    out = multiply_by_quantized_multiplier_tf(avg - tf.cast(zi, tf.int64), m, shift) + tf.cast(zo, tf.int64)
-    out = tf.clip_by_value(tf.cast(out, tf.float64), -128.0, 127.0)
-    out = tf.cast((out - zo) * so, tf.float32)
+    requantize = _xnnpack_requantize_int8 if kernels_of(layer) == "xnnpack" else _requantize_int8
+    out = tf.cast(requantize(avg - tf.cast(zi, tf.int64), si, so, zo) * so, tf.float32)
     if not tf.executing_eagerly():
         out.set_shape(layer.compute_output_shape(inputs.shape))
     return out
@@ -464,10 +462,8 @@ def int_concat(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) ->
             continue
         si, _, zi = qparams(u)
         v = tf.cast(_round_away(tf.cast(x, tf.float64) / si), tf.int64)  # q - zp_in
-        m, shift = quantize_multiplier_tf(si / so)
-        o = multiply_by_quantized_multiplier_tf(v, m, shift) + tf.cast(zo, tf.int64)
-        o = tf.clip_by_value(tf.cast(o, tf.float64), -128.0, 127.0)
-        part = tf.cast((o - zo) * so, tf.float32)
+        requantize = _xnnpack_requantize_int8 if kernels_of(layer) == "xnnpack" else _requantize_int8
+        part = tf.cast(requantize(v, si, so, zo) * so, tf.float32)
         if not tf.executing_eagerly():
             part.set_shape(x.shape)
         parts.append(part)
@@ -538,12 +534,17 @@ def _xnnpack_requantize_int8(v: tf.Tensor, si: tf.Tensor, so: tf.Tensor, zo: tf.
     ``out = ((q - zp_in) * m + 128) >> 8`` (arithmetic shift: ties toward +inf) ``+ zp_out``, clamped (the AVX2
     kernel's ``mulhrs`` of ``(zp_in - q) << 7`` by ``-m`` is the same integer). ``v = q - zp_in`` (int64); returns
     ``q_out - zp_out`` as float64. Measured equal to the delegate on a LOGISTIC -> QUANTIZE at eight output
-    ranges (the reference kernels' ``MultiplyByQuantizedMultiplier`` was off on up to a third of the elements)."""
+    ranges (the reference kernels' ``MultiplyByQuantizedMultiplier`` was off on up to a third of the elements).
+    A ratio ``s_in / s_out`` outside ``[2**-8, 2**7)`` (float32) is left to LiteRT's own QUANTIZE kernel by the
+    delegate (measured below 2**-8: the reference arithmetic, :func:`_requantize_int8`, is exact there; the
+    upper bound is XNNPACK's, not measured)."""
     f32 = tf.float32
     ratio = tf.cast(si, f32) / tf.cast(so, f32)
     m = tf.cast(tf.round(tf.constant(256.0, f32) * ratio), tf.int64)  # exact scaling; lrintf: half to even
     o = tf.bitwise.right_shift(v * m + 128, tf.constant(8, tf.int64)) + tf.cast(zo, tf.int64)
-    return tf.clip_by_value(tf.cast(o, tf.float64), -128.0, 127.0) - zo
+    xnn = tf.clip_by_value(tf.cast(o, tf.float64), -128.0, 127.0) - zo
+    taken = tf.logical_and(ratio >= 2.0**-8, ratio < 2.0**7)
+    return tf.where(taken, xnn, _requantize_int8(v, si, so, zo))
 
 
 def _xnnpack_mul(v1: tf.Tensor, v2: tf.Tensor, s1: tf.Tensor, s2: tf.Tensor, so: tf.Tensor, zo: tf.Tensor
