@@ -24,13 +24,17 @@ training the layers stay float with straight-through rounding (differentiable).
 ``link_integer(model, kernels="xnnpack")`` (or ``quantize_model(..., kernels="xnnpack")``) computes instead
 what the default interpreter runs, the XNNPACK delegate (``src/operators/convolution-nhwc.c``,
 ``src/microparams-init.c``, the ``qs8-qc8w-gemm``/``-dwconv`` ``minmax_fp32`` microkernels, ``qs8-vadd``,
-``reduce-nd.c``): conv / depthwise / FULLY_CONNECTED requantize as
-``rint(float32(acc) * float32(s_in * s_w[c] / s_out)) + zp`` (float32 arithmetic, ties to even), ADD with
-20-bit multipliers ``lrintf(s_i / s_out * 2**shift)`` and an arithmetic right shift, MEAN as
-``nearbyint(float32(sum q) * inv + zp')`` in float32. Measured equal on every element of the digits CNN, a
-ResNet-style net and MobileNetV2 (the reference arithmetic is up to 50 output LSB off on MobileNetV2: single
-LSB differences at the first layers that the network amplifies). AVERAGE_POOL_2D and the int8 -> int8 QUANTIZE
-of a Concatenate input keep the reference arithmetic under ``"xnnpack"`` (not measured against XNNPACK).
+``reduce-nd.c``, ``qs8-vmul``, ``qs8-vcvt``, ``unary-elementwise-nc.c``): conv / depthwise / FULLY_CONNECTED
+requantize as ``rint(float32(acc) * float32(s_in * s_w[c] / s_out)) + zp`` (float32 arithmetic, ties to even),
+ADD with 20-bit multipliers ``lrintf(s_i / s_out * 2**shift)`` and an arithmetic right shift, MEAN as
+``nearbyint(float32(sum q) * inv + zp')`` in float32, MUL as ``rint(float32((q1 - zp1)(q2 - zp2)) *
+float32(s1 * s2 / s_out)) + zp``, LOGISTIC through a table XNNPACK fills from a double ``exp`` (ties to even;
+:func:`_xnnpack_logistic`), the int8 -> int8 QUANTIZE (after a sigmoid, into a Concatenate, after
+AVERAGE_POOL_2D) with an 8-bit multiplier ``lrintf(256 s_in / s_out)`` and ``>> 8``. Measured equal on every
+element of the digits CNN, a ResNet-style net, MobileNetV2 and EfficientNetB0 (swish = LOGISTIC then MUL,
+squeeze-and-excitation; 90 output LSB off before LOGISTIC, MUL and QUANTIZE were modelled); the reference
+arithmetic is up to 50 output LSB off on MobileNetV2 and 70 on EfficientNetB0 (single LSB differences that
+the network amplifies). AVERAGE_POOL_2D itself is not delegated (LiteRT's kernel, the reference arithmetic).
 
 The accumulation runs as a float32 convolution of integer-valued tensors:
 exact while every partial sum stays below 2**24 in magnitude (int8 x int8
@@ -391,7 +395,8 @@ def _int_avg_pool(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any)
     AVERAGE_POOL_2D keeps its input's scale and zero point: per window, the sum of the raw int8 values over the
     elements inside the input (``SAME`` padding counts fewer), divided by that count rounding half away from
     zero (``(acc +- count / 2) / count``, C division). The requantization: ``MultiplyByQuantizedMultiplier(q -
-    zp_in, M, shift) + zp_out`` with ``M = s_in / s_out`` (float32 scales, in double), clamped."""
+    zp_in, M, shift) + zp_out`` with ``M = s_in / s_out`` (float32 scales, in double), clamped; under ``"xnnpack"``
+    XNNPACK's (:func:`_xnnpack_requantize_int8`: the delegate takes that QUANTIZE, not AVERAGE_POOL_2D)."""
 
     qs = layer._gq_integer()
     if _training_now() or exporting_int8() or any(q.calibrating for q in qs):
@@ -448,7 +453,8 @@ def int_concat(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) ->
     """TFLite's int8 CONCATENATION as the converter emits it: one scale for inputs and output. An input whose
     rounding point feeds only the Concatenate already has that scale (its producer requantizes to it,
     :func:`_scale_owner`); any other input goes through an int8 -> int8 QUANTIZE (``reference/requantize.h``:
-    ``MultiplyByQuantizedMultiplier(q - zp_in, M, shift) + zp_out`` with ``M = s_in / s_out``, clamped)."""
+    ``MultiplyByQuantizedMultiplier(q - zp_in, M, shift) + zp_out`` with ``M = s_in / s_out``, clamped; under
+    ``"xnnpack"`` XNNPACK's, :func:`_xnnpack_requantize_int8`)."""
 
     qs = layer._gq_integer()
     if _training_now() or exporting_int8() or any(q.calibrating for q in qs):
@@ -571,7 +577,8 @@ def _q_minus_zp(x: Any, s: tf.Tensor) -> tf.Tensor:
 def _int_activation(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
     """``Activation("sigmoid")``: LOGISTIC (:func:`logistic_int8_tf`) then the converter's int8 -> int8 QUANTIZE
     to the point's range (none when that range is LOGISTIC's own ``[0, 255/256]``). ``Activation("swish")``:
-    the converter's LOGISTIC then MUL of the input by it (:func:`_mul_int8`). While training, the sigmoid is
+    the converter's LOGISTIC then MUL of the input by it (:func:`_mul_int8`). Under ``"xnnpack"``:
+    :func:`_xnnpack_logistic`, :func:`_xnnpack_requantize_int8`, :func:`_xnnpack_mul`. While training, the sigmoid is
     rounded to LOGISTIC's output grid (multiples of 1/256) with a straight-through gradient."""
 
     qs = layer._gq_integer()
@@ -601,7 +608,8 @@ def _int_activation(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: An
 
 
 def _int_mul(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-    """A two-input ``Multiply`` as TFLite's reference int8 MUL (:func:`_mul_int8`), broadcasting."""
+    """A two-input ``Multiply`` as TFLite's reference int8 MUL (:func:`_mul_int8`), or XNNPACK's
+    (:func:`_xnnpack_mul`) under ``"xnnpack"``; broadcasting."""
 
     qs = layer._gq_integer()
     if _training_now() or exporting_int8() or any(q.calibrating for q in qs):
