@@ -474,9 +474,10 @@ def test_average_pool_is_the_runtimes(tmp_path):
     path = tmp_path / "ap.tflite"
     report = gq.export_tflite(q, path, check_data=data)
     assert report.ops.get("AVERAGE_POOL_2D") == 2 and report.fully_integer, str(report)
-    rep = gq.compare_tflite(q, path, data)
-    assert all(r.max_diff_lsb == 0 for r in rep.rows), str(rep)
-    assert report.exact("reference"), str(report)
+    for kernels in ("reference", "default"):  # default: the QUANTIZEs are XNNPACK's (8-bit multiplier)
+        rep = gq.compare_tflite(q, path, data, kernels=kernels)
+        assert all(r.max_diff_lsb == 0 for r in rep.rows), str(rep)
+        assert report.exact(kernels), str(report)
 
 
 @pytest.mark.parametrize("shared_input", [False, True])
@@ -500,9 +501,10 @@ def test_concatenate_shares_one_scale(tmp_path, shared_input):
     report = gq.export_tflite(q, path, check_data=data)
     assert report.fully_integer, str(report)
     assert ("QUANTIZE" in report.ops) == shared_input, report.ops  # the converter's requantization of `a`
-    rep = gq.compare_tflite(q, path, data)
-    assert all(r.max_diff_lsb == 0 for r in rep.rows), str(rep)
-    assert report.exact("reference"), str(report)
+    for kernels in ("reference", "default"):  # default: XNNPACK's QUANTIZE (8-bit multiplier)
+        rep = gq.compare_tflite(q, path, data, kernels=kernels)
+        assert all(r.max_diff_lsb == 0 for r in rep.rows), str(rep)
+        assert report.exact(kernels), str(report)
 
 
 def test_nested_concatenate_and_max_pool(tmp_path):
@@ -535,6 +537,9 @@ def test_nested_concatenate_and_max_pool(tmp_path):
     assert rows["cc_quant"].scale == rows["cat2_quant"].scale == pytest.approx((hi2 - lo2) / 255, rel=1e-6)
     assert all(r.max_diff_lsb == 0 for r in rep.rows), str(rep)
     assert report.exact("reference"), str(report)
+    rep = gq.compare_tflite(q, path, data, kernels="default")  # XNNPACK's QUANTIZEs (8-bit multiplier)
+    assert all(r.max_diff_lsb == 0 for r in rep.rows), str(rep)
+    assert report.exact("default"), str(report)
 
 
 def _se_block(kind, seed=11):
@@ -572,13 +577,15 @@ def _se_block(kind, seed=11):
     ("sigmoid", "LOGISTIC", ["c2_quant", "c2_activation_quant"]),
     ("se_multiply", "MUL", ["mul_quant"]),
 ])  # fmt: skip
-def test_efficientnet_ops_equal_the_reference_kernels(tmp_path, kind, op, points):
+def test_efficientnet_ops_equal_both_kernel_sets(tmp_path, kind, op, points):
     """EfficientNet's ops at the runtime's rounding points, in its integer arithmetic: swish converts to LOGISTIC
     (output scale 1/256, zero point -128; LiteRT fills a float32 lookup table) then MUL, so the conv before it
     rounds its own output (was: the converter calibrated that tensor itself, and the swish ran in float); a conv's
     own sigmoid/silu is split into a layer after a rounding point, as the converter emits it; Multiply (broadcast,
     squeeze-and-excitation) is the reference MUL. Every tensor and output element equals the reference kernels'
-    (was 1-3 LSB)."""
+    (was 1-3 LSB). With kernels="xnnpack" every tensor and output element equals the default interpreter's
+    (XNNPACK delegate: LOGISTIC's table from a double exp rounded to even, MUL requantized in float32, the
+    int8 -> int8 QUANTIZE with an 8-bit multiplier), where the reference arithmetic is off by 1-2 LSB."""
     m = _se_block(kind)
     data = np.random.RandomState(12).randn(64, 8, 8, 3).astype("float32")
     q = gq.quantize_model(m, target="tflite_int8", calibration_data=data)
@@ -587,12 +594,141 @@ def test_efficientnet_ops_equal_the_reference_kernels(tmp_path, kind, op, points
     path = tmp_path / f"{kind}.tflite"
     report = gq.export_tflite(q, path, check_data=data)
     assert report.fully_integer and report.ops.get(op), str(report)
-    rep = gq.compare_tflite(q, path, data)
-    rows = {r.layer: r for r in rep.rows}
-    assert set(points) <= set(rows), str(rep)
-    assert all(r.max_diff_lsb == 0 for r in rep.rows), str(rep)
-    assert report.exact("reference"), str(report)
+    for kernels in ("reference", "default"):
+        rep = gq.compare_tflite(q, path, data, kernels=kernels)
+        rows = {r.layer: r for r in rep.rows}
+        assert set(points) <= set(rows), str(rep)
+        assert all(r.max_diff_lsb == 0 for r in rep.rows), str(rep)
+        assert report.exact(kernels), str(report)
+    if kind != "sigmoid":  # the reference arithmetic is off the delegate's outputs (sigmoid: equal on this data)
+        far = gq.tflite.agreement(q, path, data, kernels=("default",), simulated="reference")[0]
+        assert far.max_diff_lsb > 0, str(far)
 
+
+def _logistic_quantize_model(in_range, out_range, n=256):
+    """A ``.tflite`` with one int8 LOGISTIC (input FakeQuant range ``in_range``), then, when ``out_range`` is not
+    LOGISTIC's own ``(0, 255/256)``, the converter's int8 -> int8 QUANTIZE to it."""
+    import tensorflow as tf
+
+    @tf.function(input_signature=[tf.TensorSpec([1, n], tf.float32)])
+    def fn(x):
+        x = tf.quantization.fake_quant_with_min_max_args(x, *in_range, num_bits=8)
+        return tf.quantization.fake_quant_with_min_max_args(tf.sigmoid(x), *out_range, num_bits=8)
+
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.inference_input_type = conv.inference_output_type = tf.int8
+    return conv.convert()
+
+
+def _run_int8(content, kernels, q_in):
+    from graphquant.tflite import load_interpreter
+
+    it = load_interpreter(content, kernels)
+    it.allocate_tensors()
+    d_in, d_out = it.get_input_details()[0], it.get_output_details()[0]
+    it.set_tensor(d_in["index"], q_in[None].astype(np.int8))
+    it.invoke()
+    ops = {o["op_name"] for o in it._get_ops_details()}
+    return it.get_tensor(d_out["index"])[0].astype(np.int64), d_in["quantization"], d_out["quantization"], ops
+
+
+@pytest.mark.parametrize("scale,zp", [(0.0190216806, 19), (0.27810356, 34), (0.0652828664, -2),
+                                      (0.0445631072, 36)])  # fmt: skip
+def test_xnnpack_logistic_table(scale, zp):
+    """The default interpreter's int8 LOGISTIC (XNNPACK delegate) on all 256 inputs equals
+    ``_xnnpack_logistic``: at these input scales its table differs from the reference kernels' by 1-2 entries
+    (ties and float32 expf against a double exp), and the reference kernels' output equals ``logistic_int8_tf``
+    there."""
+    from graphquant.keras.integer_ops import _xnnpack_logistic, logistic_int8_tf
+
+    content = _logistic_quantize_model(((-128 - zp) * scale, (127 - zp) * scale), (0.0, 255.0 / 256.0))
+    q = np.arange(-128, 128)
+    got = {}
+    for kernels in ("reference", "default"):
+        got[kernels], (s_in, z_in), (s_out, z_out), ops = _run_int8(content, kernels, q)
+        assert (s_out, z_out) == (1.0 / 256.0, -128) and "LOGISTIC" in ops
+    assert "DELEGATE" in ops  # the default interpreter: LOGISTIC taken by XNNPACK
+    v = q - z_in
+    xnn = _xnnpack_logistic(v, np.float64(s_in)).numpy() - 128
+    ref = logistic_int8_tf(v, np.float64(s_in)).numpy() - 128
+    np.testing.assert_array_equal(xnn, got["default"])
+    np.testing.assert_array_equal(ref, got["reference"])
+    assert np.sum(xnn != ref) > 0  # the two tables differ at this scale
+
+
+@pytest.mark.parametrize("out_range", [(-0.1, 1.3), (-0.25, 0.9), (0.0, 1.0), (-0.3 / 1.1, 255.0 / 1.1),
+                                       (-0.5, 300.0)])  # fmt: skip
+def test_xnnpack_quantize_after_logistic(out_range):
+    """The int8 -> int8 QUANTIZE the converter puts after LOGISTIC when the sigmoid's range is not (0, 255/256):
+    the default interpreter (XNNPACK's qs8 convert, an 8-bit multiplier) equals ``_xnnpack_requantize_int8``
+    on every LOGISTIC output value; the reference kernels' arithmetic (``_requantize_int8``) differs. Below a
+    scale ratio of 2**-8 (the last range) the delegate leaves QUANTIZE to LiteRT: the reference arithmetic."""
+    from graphquant.keras.integer_ops import _requantize_int8, _xnnpack_logistic, _xnnpack_requantize_int8
+
+    q = np.tile(np.arange(-128, 128), 4)
+    content = _logistic_quantize_model((-12.0, 12.0), out_range, n=q.size)
+    y, (s_in, z_in), (s_out, z_out), ops = _run_int8(content, "default", q)
+    assert {"LOGISTIC", "QUANTIZE", "DELEGATE"} <= ops
+    sig = _xnnpack_logistic(q - z_in, np.float64(s_in))  # q + 128 at scale 1/256
+    s_sig = np.float64(1.0 / 256.0)
+    xnn = _xnnpack_requantize_int8(sig, s_sig, np.float64(s_out), np.float64(z_out)).numpy() + z_out
+    np.testing.assert_array_equal(xnn, y)
+    ref = _requantize_int8(sig, s_sig, np.float64(s_out), np.float64(z_out)).numpy() + z_out
+    if np.float32(s_sig) / np.float32(s_out) >= 2.0**-8:
+        assert np.sum(ref != y) > 0
+    else:
+        np.testing.assert_array_equal(ref, y)
+
+
+
+@pytest.mark.parametrize("ranges", [((-3.2235487, 3.5450425), (-3.9251642, 3.297055), (-4.768876, 6.683175)),
+                                    ((-2.0316, 3.6212), (-3.8728, 1.842), (-6.7504, 5.1734))])  # fmt: skip
+def test_mul_kernels_on_every_input_pair(ranges):
+    """An int8 MUL on all 65,536 input pairs: the reference kernels equal ``_mul_int8`` (its multiplier
+    ``s1 * s2 / s_out`` computed in float32, as ``mul.cc`` does; with the first ranges a multiplier computed in
+    double is off on a few pairs), the default interpreter (XNNPACK) equals ``_xnnpack_mul``, and the two kernel
+    sets differ on hundreds of pairs."""
+    import tensorflow as tf
+
+    from graphquant.keras.integer_ops import _mul_int8, _xnnpack_mul
+    from graphquant.tflite import load_interpreter
+
+    ra, rb, ro = ranges
+
+    @tf.function(input_signature=[tf.TensorSpec([1, 65536], tf.float32)] * 2)
+    def fn(x, y):
+        x = tf.quantization.fake_quant_with_min_max_args(x, *ra)
+        y = tf.quantization.fake_quant_with_min_max_args(y, *rb)
+        return tf.quantization.fake_quant_with_min_max_args(x * y, *ro)
+
+    conv = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()], fn)
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.inference_input_type = conv.inference_output_type = tf.int8
+    content = conv.convert()
+    a, b = np.repeat(np.arange(-128, 128), 256), np.tile(np.arange(-128, 128), 256)
+    out = {}
+    for kernels in ("reference", "default"):
+        it = load_interpreter(content, kernels)
+        it.allocate_tensors()
+        d_a, d_b = sorted(it.get_input_details(), key=lambda d: d["name"])
+        d_o = it.get_output_details()[0]
+        it.set_tensor(d_a["index"], a[None].astype(np.int8))
+        it.set_tensor(d_b["index"], b[None].astype(np.int8))
+        it.invoke()
+        out[kernels] = it.get_tensor(d_o["index"])[0].astype(np.int64)
+        assert [o["op_name"] for o in it._get_ops_details()][0] == "MUL"
+    (sa, za), (sb, zb), (so, zo) = d_a["quantization"], d_b["quantization"], d_o["quantization"]
+    va, vb = a - za, b - zb
+    args = (np.float64(sa), np.float64(sb), np.float64(so), np.float64(zo))
+    for fn_, kernels in ((_mul_int8, "reference"), (_xnnpack_mul, "default")):
+        sim = np.round(fn_(va, vb, *args).numpy().astype(np.float64) / np.float32(so)) + zo
+        np.testing.assert_array_equal(sim, out[kernels])
+    assert np.sum(out["reference"] != out["default"]) > 100
+    if ranges[0] == (-3.2235487, 3.5450425):
+        m, sh = quantize_multiplier(float(np.float64(np.float32(sa)) * np.float32(sb) / np.float32(so)))
+        f64 = np.clip(multiply_by_quantized_multiplier(va * vb, m, sh) + zo, -128, 127)
+        assert 0 < np.sum(f64 != out["reference"]) < 20
 
 def test_split_activations_is_the_same_model():
     """split_activations rebuilds a conv with its own sigmoid as conv (linear) -> Activation("sigmoid"): the same

@@ -24,13 +24,17 @@ training the layers stay float with straight-through rounding (differentiable).
 ``link_integer(model, kernels="xnnpack")`` (or ``quantize_model(..., kernels="xnnpack")``) computes instead
 what the default interpreter runs, the XNNPACK delegate (``src/operators/convolution-nhwc.c``,
 ``src/microparams-init.c``, the ``qs8-qc8w-gemm``/``-dwconv`` ``minmax_fp32`` microkernels, ``qs8-vadd``,
-``reduce-nd.c``): conv / depthwise / FULLY_CONNECTED requantize as
-``rint(float32(acc) * float32(s_in * s_w[c] / s_out)) + zp`` (float32 arithmetic, ties to even), ADD with
-20-bit multipliers ``lrintf(s_i / s_out * 2**shift)`` and an arithmetic right shift, MEAN as
-``nearbyint(float32(sum q) * inv + zp')`` in float32. Measured equal on every element of the digits CNN, a
-ResNet-style net and MobileNetV2 (the reference arithmetic is up to 50 output LSB off on MobileNetV2: single
-LSB differences at the first layers that the network amplifies). AVERAGE_POOL_2D and the int8 -> int8 QUANTIZE
-of a Concatenate input keep the reference arithmetic under ``"xnnpack"`` (not measured against XNNPACK).
+``reduce-nd.c``, ``qs8-vmul``, ``qs8-vcvt``, ``unary-elementwise-nc.c``): conv / depthwise / FULLY_CONNECTED
+requantize as ``rint(float32(acc) * float32(s_in * s_w[c] / s_out)) + zp`` (float32 arithmetic, ties to even),
+ADD with 20-bit multipliers ``lrintf(s_i / s_out * 2**shift)`` and an arithmetic right shift, MEAN as
+``nearbyint(float32(sum q) * inv + zp')`` in float32, MUL as ``rint(float32((q1 - zp1)(q2 - zp2)) *
+float32(s1 * s2 / s_out)) + zp``, LOGISTIC through a table XNNPACK fills from a double ``exp`` (ties to even;
+:func:`_xnnpack_logistic`), the int8 -> int8 QUANTIZE (after a sigmoid, into a Concatenate, after
+AVERAGE_POOL_2D) with an 8-bit multiplier ``lrintf(256 s_in / s_out)`` and ``>> 8``. Measured equal on every
+element of the digits CNN, a ResNet-style net, MobileNetV2 and EfficientNetB0 (swish = LOGISTIC then MUL,
+squeeze-and-excitation; 90 output LSB off before LOGISTIC, MUL and QUANTIZE were modelled); the reference
+arithmetic is up to 50 output LSB off on MobileNetV2 and 70 on EfficientNetB0 (single LSB differences that
+the network amplifies). AVERAGE_POOL_2D itself is not delegated (LiteRT's kernel, the reference arithmetic).
 
 The accumulation runs as a float32 convolution of integer-valued tensors:
 exact while every partial sum stays below 2**24 in magnitude (int8 x int8
@@ -391,7 +395,8 @@ def _int_avg_pool(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any)
     AVERAGE_POOL_2D keeps its input's scale and zero point: per window, the sum of the raw int8 values over the
     elements inside the input (``SAME`` padding counts fewer), divided by that count rounding half away from
     zero (``(acc +- count / 2) / count``, C division). The requantization: ``MultiplyByQuantizedMultiplier(q -
-    zp_in, M, shift) + zp_out`` with ``M = s_in / s_out`` (float32 scales, in double), clamped."""
+    zp_in, M, shift) + zp_out`` with ``M = s_in / s_out`` (float32 scales, in double), clamped; under ``"xnnpack"``
+    XNNPACK's (:func:`_xnnpack_requantize_int8`: the delegate takes that QUANTIZE, not AVERAGE_POOL_2D)."""
 
     qs = layer._gq_integer()
     if _training_now() or exporting_int8() or any(q.calibrating for q in qs):
@@ -409,10 +414,8 @@ def _int_avg_pool(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any)
     acc, count = tf.cast(acc, tf.int64), tf.cast(count, tf.int64)
     avg = tf.sign(acc) * tf.math.floordiv(tf.abs(acc) + count // 2, count)
     avg = tf.clip_by_value(avg, -128, 127)
-    m, shift = quantize_multiplier_tf(si / so)
-    out = multiply_by_quantized_multiplier_tf(avg - tf.cast(zi, tf.int64), m, shift) + tf.cast(zo, tf.int64)
-    out = tf.clip_by_value(tf.cast(out, tf.float64), -128.0, 127.0)
-    out = tf.cast((out - zo) * so, tf.float32)
+    requantize = _xnnpack_requantize_int8 if kernels_of(layer) == "xnnpack" else _requantize_int8
+    out = tf.cast(requantize(avg - tf.cast(zi, tf.int64), si, so, zo) * so, tf.float32)
     if not tf.executing_eagerly():
         out.set_shape(layer.compute_output_shape(inputs.shape))
     return out
@@ -450,7 +453,8 @@ def int_concat(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) ->
     """TFLite's int8 CONCATENATION as the converter emits it: one scale for inputs and output. An input whose
     rounding point feeds only the Concatenate already has that scale (its producer requantizes to it,
     :func:`_scale_owner`); any other input goes through an int8 -> int8 QUANTIZE (``reference/requantize.h``:
-    ``MultiplyByQuantizedMultiplier(q - zp_in, M, shift) + zp_out`` with ``M = s_in / s_out``, clamped)."""
+    ``MultiplyByQuantizedMultiplier(q - zp_in, M, shift) + zp_out`` with ``M = s_in / s_out``, clamped; under
+    ``"xnnpack"`` XNNPACK's, :func:`_xnnpack_requantize_int8`)."""
 
     qs = layer._gq_integer()
     if _training_now() or exporting_int8() or any(q.calibrating for q in qs):
@@ -464,10 +468,8 @@ def int_concat(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) ->
             continue
         si, _, zi = qparams(u)
         v = tf.cast(_round_away(tf.cast(x, tf.float64) / si), tf.int64)  # q - zp_in
-        m, shift = quantize_multiplier_tf(si / so)
-        o = multiply_by_quantized_multiplier_tf(v, m, shift) + tf.cast(zo, tf.int64)
-        o = tf.clip_by_value(tf.cast(o, tf.float64), -128.0, 127.0)
-        part = tf.cast((o - zo) * so, tf.float32)
+        requantize = _xnnpack_requantize_int8 if kernels_of(layer) == "xnnpack" else _requantize_int8
+        part = tf.cast(requantize(v, si, so, zo) * so, tf.float32)
         if not tf.executing_eagerly():
             part.set_shape(x.shape)
         parts.append(part)
@@ -504,10 +506,65 @@ def logistic_int8_tf(v: tf.Tensor, s_in: tf.Tensor) -> tf.Tensor:
 def _mul_int8(v1: tf.Tensor, v2: tf.Tensor, s1: tf.Tensor, s2: tf.Tensor, so: tf.Tensor, zo: tf.Tensor) -> tf.Tensor:
     """TFLite's reference int8 MUL (``integer_ops/mul.h`` ``MulElementwise``, broadcasting as
     ``BroadcastMul6DSlow``): ``MultiplyByQuantizedMultiplier((q1 - zp1) * (q2 - zp2), M, shift) + zo`` with
-    ``M = s1 * s2 / so`` (float32 scales, in double), clamped; ``v1, v2`` int64 ``q - zp``. Returns
-    ``(q_out - zo) * so`` as float32."""
-    m, shift = quantize_multiplier_tf(s1 * s2 / so)
+    ``M = s1 * s2 / so`` computed in *float32* (``mul.cc``'s ``double real_multiplier = input1->params.scale *
+    input2->params.scale / output->params.scale``: float operands, so float arithmetic, then widened; in double
+    the multiplier was 1 LSB off on one element of an EfficientNetB0 MUL, measured), clamped; ``v1, v2`` int64
+    ``q - zp``. Returns ``(q_out - zo) * so`` as float32."""
+    f32 = tf.float32
+    m, shift = quantize_multiplier_tf(tf.cast((tf.cast(s1, f32) * tf.cast(s2, f32)) / tf.cast(so, f32), tf.float64))
     o = multiply_by_quantized_multiplier_tf(v1 * v2, m, shift) + tf.cast(zo, tf.int64)
+    o = tf.clip_by_value(tf.cast(o, tf.float64), -128.0, 127.0)
+    return tf.cast((o - zo) * so, tf.float32)
+
+
+def _xnnpack_logistic(v: tf.Tensor, s_in: tf.Tensor) -> tf.Tensor:
+    """XNNPACK's qs8 sigmoid (``unary-elementwise-nc.c``: no qs8 sigmoid microkernel, so a 256-entry lookup table
+    filled by the reference unary kernel, ``src/reference/unary-elementwise.cc``): ``x = (float(q) - zp_in) *
+    s_in`` in float32; ``e = exp(double(x))``, ``sigmoid = float(e / (1 + e))`` (1 above ``x = 100``, 0 below
+    -100); ``nearbyint(sigmoid * (1.0f / s_out) + zp_out)`` (ties to even), clamped, with LOGISTIC's output
+    ``s_out = 1/256``, ``zp_out = -128``. ``v = q - zp_in`` (int64). Returns the output ``q + 128`` as int64.
+    Measured equal to the delegate's LOGISTIC on all 256 inputs at ten input scales where the reference
+    kernels' table (float32 ``expf``, ties away from zero) differs from it by one LSB on one or two entries."""
+    f32 = tf.float32
+    x = tf.cast(v, f32) * tf.cast(s_in, f32)  # (float(q) - float(zp)) is the exact integer v
+    e = tf.exp(tf.cast(x, tf.float64))
+    sig = tf.cast(e / (1.0 + e), f32)
+    sig = tf.where(x > 100.0, tf.ones_like(sig), tf.where(x < -100.0, tf.zeros_like(sig), sig))
+    out = tf.round(sig * tf.constant(256.0, f32) + tf.constant(-128.0, f32))  # float32 ops; tf.round: half to even
+    return tf.cast(tf.clip_by_value(out, -128.0, 127.0), tf.int64) + 128
+
+
+def _xnnpack_requantize_int8(v: tf.Tensor, si: tf.Tensor, so: tf.Tensor, zo: tf.Tensor) -> tf.Tensor:
+    """XNNPACK's qs8 -> qs8 convert (the delegate's int8 -> int8 QUANTIZE; ``xnn_init_qs8_cvt_scalar_params``,
+    ``qs8-vcvt`` microkernels): an 8-bit fixed-point multiplier ``m = lrintf(256.0f * (s_in / s_out))`` (float32),
+    ``out = ((q - zp_in) * m + 128) >> 8`` (arithmetic shift: ties toward +inf) ``+ zp_out``, clamped (the AVX2
+    kernel's ``mulhrs`` of ``(zp_in - q) << 7`` by ``-m`` is the same integer). ``v = q - zp_in`` (int64); returns
+    ``q_out - zp_out`` as float64. Measured equal to the delegate on a LOGISTIC -> QUANTIZE at eight output
+    ranges (the reference kernels' ``MultiplyByQuantizedMultiplier`` was off on up to a third of the elements).
+    A ratio ``s_in / s_out`` outside ``[2**-8, 2**7)`` (float32) is left to LiteRT's own QUANTIZE kernel by the
+    delegate (measured below 2**-8: the reference arithmetic, :func:`_requantize_int8`, is exact there; the
+    upper bound is XNNPACK's, not measured)."""
+    f32 = tf.float32
+    ratio = tf.cast(si, f32) / tf.cast(so, f32)
+    m = tf.cast(tf.round(tf.constant(256.0, f32) * ratio), tf.int64)  # exact scaling; lrintf: half to even
+    o = tf.bitwise.right_shift(v * m + 128, tf.constant(8, tf.int64)) + tf.cast(zo, tf.int64)
+    xnn = tf.clip_by_value(tf.cast(o, tf.float64), -128.0, 127.0) - zo
+    taken = tf.logical_and(ratio >= 2.0**-8, ratio < 2.0**7)
+    return tf.where(taken, xnn, _requantize_int8(v, si, so, zo))
+
+
+def _xnnpack_mul(v1: tf.Tensor, v2: tf.Tensor, s1: tf.Tensor, s2: tf.Tensor, so: tf.Tensor, zo: tf.Tensor
+                 ) -> tf.Tensor:
+    """XNNPACK's qs8 MUL (``xnn_init_qs8_mul_minmax_scalar_params``, the ``qs8-vmul``/``qs8-vmulc``
+    ``minmax_fp32`` microkernels, x86): ``scale = (s1 * s2) / s_out`` in float32, ``acc = (q1 - zp1) * (q2 -
+    zp2)`` (int32), ``out = rint(float(acc) * scale) + zp_out`` (ties to even: magic bias / ``cvtps``), clamped;
+    broadcasting. ``v1, v2`` int64 ``q - zp``. Returns ``(q_out - zo) * so`` as float32. Measured equal to the
+    delegate's MUL on every element of a swish and a squeeze-and-excitation Multiply (the reference arithmetic
+    was 1 LSB off on 1.4 % and 0.3 % of them)."""
+    f32 = tf.float32
+    scale = (tf.cast(s1, f32) * tf.cast(s2, f32)) / tf.cast(so, f32)
+    acc = tf.cast(v1 * v2, f32)  # |acc| <= 255 * 255: exact
+    o = tf.round(acc * scale) + tf.cast(zo, f32)
     o = tf.clip_by_value(tf.cast(o, tf.float64), -128.0, 127.0)
     return tf.cast((o - zo) * so, tf.float32)
 
@@ -520,7 +577,8 @@ def _q_minus_zp(x: Any, s: tf.Tensor) -> tf.Tensor:
 def _int_activation(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
     """``Activation("sigmoid")``: LOGISTIC (:func:`logistic_int8_tf`) then the converter's int8 -> int8 QUANTIZE
     to the point's range (none when that range is LOGISTIC's own ``[0, 255/256]``). ``Activation("swish")``:
-    the converter's LOGISTIC then MUL of the input by it (:func:`_mul_int8`). While training, the sigmoid is
+    the converter's LOGISTIC then MUL of the input by it (:func:`_mul_int8`). Under ``"xnnpack"``:
+    :func:`_xnnpack_logistic`, :func:`_xnnpack_requantize_int8`, :func:`_xnnpack_mul`. While training, the sigmoid is
     rounded to LOGISTIC's output grid (multiples of 1/256) with a straight-through gradient."""
 
     qs = layer._gq_integer()
@@ -533,14 +591,16 @@ def _int_activation(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: An
         sig = sig + tf.stop_gradient(sig_q - sig)
         return x * sig if getattr(layer.activation, "__name__", "") in SWISH_ACTIVATIONS else sig
     (si, _, _), (so, _, zo) = (qparams(q) for q in qs)
+    xnn = kernels_of(layer) == "xnnpack"
     v = _q_minus_zp(inputs, si)
-    sig = logistic_int8_tf(v, si)  # q + 128 at scale 1/256
+    sig = (_xnnpack_logistic if xnn else logistic_int8_tf)(v, si)  # q + 128 at scale 1/256
     s_sig = tf.constant(1.0 / 256.0, tf.float64)
     if getattr(layer.activation, "__name__", "") in SWISH_ACTIVATIONS:
-        out = _mul_int8(v, sig, si, s_sig, so, zo)
+        out = (_xnnpack_mul if xnn else _mul_int8)(v, sig, si, s_sig, so, zo)
     else:
         same = tf.logical_and(tf.equal(tf.cast(so, tf.float32), 1.0 / 256.0), tf.equal(zo, -128.0))
-        o = tf.where(same, tf.cast(sig, tf.float64) - 128.0 - zo, _requantize_int8(sig, s_sig, so, zo))
+        requantize = _xnnpack_requantize_int8 if xnn else _requantize_int8
+        o = tf.where(same, tf.cast(sig, tf.float64) - 128.0 - zo, requantize(sig, s_sig, so, zo))
         out = tf.cast(o * so, tf.float32)
     if not tf.executing_eagerly():
         out.set_shape(inputs.shape)
@@ -548,13 +608,15 @@ def _int_activation(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: An
 
 
 def _int_mul(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
-    """A two-input ``Multiply`` as TFLite's reference int8 MUL (:func:`_mul_int8`), broadcasting."""
+    """A two-input ``Multiply`` as TFLite's reference int8 MUL (:func:`_mul_int8`), or XNNPACK's
+    (:func:`_xnnpack_mul`) under ``"xnnpack"``; broadcasting."""
 
     qs = layer._gq_integer()
     if _training_now() or exporting_int8() or any(q.calibrating for q in qs):
         return orig(inputs, *args, **kwargs)
     (s1, _, _), (s2, _, _), (so, _, zo) = (qparams(q) for q in qs)
-    out = _mul_int8(_q_minus_zp(inputs[0], s1), _q_minus_zp(inputs[1], s2), s1, s2, so, zo)
+    mul = _xnnpack_mul if kernels_of(layer) == "xnnpack" else _mul_int8
+    out = mul(_q_minus_zp(inputs[0], s1), _q_minus_zp(inputs[1], s2), s1, s2, so, zo)
     if not tf.executing_eagerly():
         out.set_shape(layer.compute_output_shape([tuple(t.shape) for t in inputs]))
     return out
