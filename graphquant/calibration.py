@@ -296,8 +296,7 @@ class Observer:
             m = max(abs(mm[0, 0]), abs(mm[1, 0]))
             e = _E_MIN if not np.isfinite(m) or m == 0 else min(max(math.ceil(math.log2(m)), _E_MIN), _E_MAX)
             e = e + 1 if 2.0**e < m else e  # guard log2 rounding
-            index, rows = _used_rows(self._read("rows"))
-            hist, exp = _merge_rows(rows, e, index)[None, :], np.array([e])
+            hist, exp = _merge_rows(*_used_rows(self._read("rows")), e)[None, :], np.array([e])
         elif self.histogram:
             hist = self._read("hist").numpy()
             exp = self._read("exp").numpy()
@@ -445,16 +444,14 @@ def _update_histogram(v: Any, lo: Any, hi: Any, c: int, read: Any, assign: Any) 
     return [assign("exp", e_new), assign("hist", hist)]
 
 
-def _merge_rows(rows: np.ndarray, e: int, index: Optional[np.ndarray] = None) -> np.ndarray:
-    """The histogram over ``[-2**e, 2**e]`` of per-exponent rows (row ``r`` binned over
-    ``[-2**(r + _E_MIN), 2**(r + _E_MIN)]``, ``r + _E_MIN <= e``): bins merged ``2**d`` into one.
-    ``index``: the row number ``r`` of each of ``rows`` (default: their position)."""
+def _merge_rows(index: np.ndarray, rows: np.ndarray, e: int) -> np.ndarray:
+    """The histogram over ``[-2**e, 2**e]`` of per-exponent rows (:func:`_used_rows`: row number ``r`` binned
+    over ``[-2**(r + _E_MIN), 2**(r + _E_MIN)]``, ``r + _E_MIN <= e``): bins merged ``2**d`` into one."""
     out = np.zeros(NUM_BINS, np.int64)
     j = np.arange(NUM_BINS) - _HALF
-    index = np.arange(len(rows)) if index is None else index
-    for k in np.flatnonzero(rows.any(axis=1)):
-        d = min(max(e - (int(index[k]) + _E_MIN), 0), _LOG2_HALF + 1)
-        np.add.at(out, np.floor_divide(j, 1 << d) + _HALF, rows[k])
+    for r, row in zip(index, rows):
+        d = min(max(e - (int(r) + _E_MIN), 0), _LOG2_HALF + 1)
+        np.add.at(out, np.floor_divide(j, 1 << d) + _HALF, row)
     return out
 
 
