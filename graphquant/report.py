@@ -113,29 +113,38 @@ class Stats:
 
 def error_sums(ref: Any, out: Any, inp: Any = None, rng: Any = None, axis: Optional[int] = None) -> Any:
     """The sums :meth:`Stats.update` keeps, of one batch, in TensorFlow (float64): a vector of 12
-    numbers, so only these leave the graph (never the tensors)."""
+    numbers, so only these leave the graph (never the tensors).
+
+    Each sum of squares is one reduction (``EuclideanNorm``, squared), without a mask: a non-finite
+    value makes the error sums non-finite, and they are then reported as ``bad`` (the error is
+    infinite, as :meth:`Stats.update` makes it). Every reported number is the one the masked sums
+    would give: the error is finite only where every ``out - ref`` is, hence every ``ref`` (``inf -
+    inf`` and ``x - nan`` are not finite), so the signal sum is then the same; likewise for ``inp``."""
     import tensorflow as tf
 
     f64 = tf.float64
     ref, out = tf.cast(ref, f64), tf.cast(out, f64)
     zero = tf.constant(0.0, f64)
-    d = out - ref
-    fin = tf.math.is_finite(d)
+
+    def sum_sq(x: Any) -> Any:
+        return tf.square(tf.math.reduce_euclidean_norm(x))
+
+    def finite_or_bad(total: Any) -> Tuple[Any, Any]:
+        ok = tf.math.is_finite(total)
+        return tf.where(ok, total, zero), tf.cast(tf.logical_not(ok), f64)
+
     n = tf.cast(tf.size(ref), f64)
-    sig = tf.reduce_sum(tf.where(tf.math.is_finite(ref), tf.square(ref), zero))
-    err = tf.reduce_sum(tf.where(fin, tf.square(d), zero))
-    bad = tf.cast(tf.logical_not(tf.reduce_all(fin)), f64)
+    d = out - ref
+    sig = sum_sq(ref)
+    err, bad = finite_or_bad(sum_sq(d))
     ad = tf.abs(d)
     ab = tf.reduce_sum(ad)
     mx = tf.reduce_max(ad) if d.shape.num_elements() != 0 else zero
     local_sig = local_err = clipped = bad_local = zero
     if inp is not None:
         inp = tf.cast(inp, f64)
-        local_sig = tf.reduce_sum(tf.where(tf.math.is_finite(inp), tf.square(inp), zero))
-        dl = out - inp
-        fl = tf.math.is_finite(dl)
-        local_err = tf.reduce_sum(tf.where(fl, tf.square(dl), zero))
-        bad_local = tf.cast(tf.logical_not(tf.reduce_all(fl)), f64)
+        local_sig = sum_sq(inp)
+        local_err, bad_local = finite_or_bad(sum_sq(out - inp))
         if rng is not None:
             lo, hi = (np.asarray(r, np.float64) for r in rng)
             if axis is not None and lo.ndim == 1 and lo.size > 1:

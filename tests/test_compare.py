@@ -335,3 +335,61 @@ def test_weight_rounding_error_per_layer_keras_and_saved_model(cnn, saved, tmp_p
     assert by_zeroed == pytest.approx(want)
     assert "wiped out" in str(srep)
     assert sorted(w.layer for w in srep.weights) == [f"{k}/kernel" for k in kernels]  # the variables' own names
+
+
+# --------------------------------------------------------------------------- non-finite values
+def test_error_sums_against_the_numpy_sums():
+    """The in-graph sums give every number :meth:`Stats.update`'s numpy ones give, finite or not."""
+    from graphquant.report import Stats, error_sums
+
+    rng = np.random.RandomState(5)
+    ref = rng.normal(size=(4, 6, 6, 3)).astype("float32")
+    inp = (ref + rng.normal(scale=0.1, size=ref.shape)).astype("float32")
+    out = np.clip(np.round(inp * 8) / 8, -1.5, 1.5).astype("float32")
+    bad_ref, bad_inp, bad_out = ref.copy(), inp.copy(), out.copy()
+    bad_ref[1, 2, 3, 0], bad_inp[2, 0, 0, 1], bad_out[3, 1, 1, 2] = np.inf, np.nan, -np.inf
+    for r, i, o in ((ref, inp, out), (bad_ref, inp, out), (ref, bad_inp, out), (ref, inp, bad_out)):
+        oracle, got = Stats(), Stats()
+        oracle.update(r, o, i, rng=(-1.5, 1.5))
+        got.add(error_sums(tf.constant(r), tf.constant(o), inp=tf.constant(i), rng=(-1.5, 1.5)).numpy(), local=True)
+        fields = ["n", "err", "abs", "max", "local_err", "clipped", "sqnr_db", "local_sqnr_db"]
+        fields += ["sig"] if math.isfinite(oracle.err) else []  # (unused once the error is infinite)
+        fields += ["local_sig"] if math.isfinite(oracle.local_err) else []
+        for field in fields:
+            assert getattr(got, field) == pytest.approx(getattr(oracle, field), rel=1e-12, nan_ok=True), field
+        assert math.isfinite(got.err) == (r is ref and o is out) and math.isfinite(got.local_err) == (i is inp and o is out)
+
+
+def _one_conv() -> keras.Model:
+    keras.utils.set_random_seed(1)
+    x = keras.Input((8, 8, 1), name="image")  # no activation: a fused ReLU would map NaN to 0 on oneDNN
+    return keras.Model(x, keras.layers.Conv2D(4, 3, padding="same", name="c")(x), name="one_conv")
+
+
+def test_compare_with_non_finite_values_on_both_paths(tmp_path):
+    """A NaN in one batch: the report is the numpy sums' on the Keras path, and the same on the
+    SavedModel path; the batch without it alone gives a finite error."""
+    from graphquant.report import Stats
+
+    m = _one_conv()
+    data = DATA.copy()
+    data[25, 3, 3, 0] = np.nan  # in the second batch of 20
+    q = quantize_model(m, bits=8, calibration_data=DATA)
+    rep = compare(m, q, data, batch_size=20)
+    ql = [l for l in _all_layers(q) if isinstance(l, Quantize)][0]
+    inp, out = keras.Model(q.input, [ql.input, ql.output]).predict(data, batch_size=20, verbose=0)
+    ref = m.predict(data, batch_size=20, verbose=0)
+    assert np.isnan(ref).sum() == 9 * 4 and np.isfinite(inp[:20]).all()  # 3x3 pixels, 4 channels
+    lo, hi = ql.get_range()
+    oracle = Stats()
+    for i in range(0, len(data), 20):
+        oracle.update(ref[i : i + 20], out[i : i + 20], inp[i : i + 20], rng=(np.asarray(lo), np.asarray(hi)))
+    p = rep.points[0]
+    assert p.sqnr_db == oracle.sqnr_db == -math.inf and p.local_sqnr_db == oracle.local_sqnr_db == -math.inf
+    assert p.clipped == pytest.approx(oracle.clipped / oracle.n, abs=1e-12) and p.size == oracle.n
+    finite = compare(m, q, data[:20], batch_size=20)  # the same model on the finite batch alone
+    assert math.isfinite(finite.points[0].sqnr_db)
+    m.export(str(tmp_path / "f"), verbose=False)
+    convert_saved_model(tmp_path / "f", tmp_path / "q", bits=8, calibration_data=DATA)
+    s = compare(tmp_path / "f", tmp_path / "q", data, batch_size=20)
+    assert s.points[0].sqnr_db == -math.inf and s.points[0].size == oracle.n
