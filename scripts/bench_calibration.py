@@ -6,10 +6,13 @@ seed) and each method, prints the time of
 * Keras: ``graphquant.calibrate`` on a ``quantize_model(bits=8)`` copy over N
   batches, against a fresh ``tf.function`` of the float model over the same
   batches (both include their first-call tracing);
-* SavedModel: ``convert_saved_model(bits=8, calibration_data=...)`` minus the
-  same conversion without calibration data (= loading the observed copy and
-  running it), against loading the float SavedModel and running its signature
-  over the same batches;
+* SavedModel: the time ``convert_saved_model(bits=8, calibration_data=...)``
+  spends calibrating (``graphquant.graph.saved_model._calibrate``, timed from
+  here: inserting the observers, writing and loading the observed copy, running
+  it over the batches, reading the ranges), against loading the float SavedModel
+  and running its signature over the same batches; ``--subtract`` instead takes
+  that conversion minus the same conversion without calibration data (noisier:
+  the difference of two multi-second runs);
 * ``compare`` (Keras models) against the two models' inference;
 
 and the ratios: each the best of ``--repeat`` alternating runs of the reference and the
@@ -55,12 +58,35 @@ def _time(fn) -> float:
 
 
 def _pair(reference, measured) -> tuple:
-    """Best of REPEAT alternating runs of each (the shared machine's bursts hit one run, rarely all)."""
+    """Best of REPEAT alternating runs of each (the shared machine's bursts hit one run, rarely all);
+    ``measured`` may return its own time (a float), else its call is timed."""
     a, b = [], []
     for _ in range(REPEAT):
         a.append(_time(reference))
-        b.append(_time(measured))
+        t0 = time.perf_counter()
+        got = measured()
+        b.append(got if isinstance(got, float) else time.perf_counter() - t0)
     return min(a), min(b)
+
+
+class _timing:
+    """Time the calls of ``module.name`` until :meth:`undo`."""
+
+    def __init__(self, module, name):
+        self.module, self.name, self.seconds = module, name, 0.0
+        self.orig = getattr(module, name)
+
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return self.orig(*a, **k)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        setattr(module, name, timed)
+
+    def undo(self):
+        setattr(self.module, self.name, self.orig)
 
 
 def _steady(model, batches, methods, name) -> None:
@@ -107,6 +133,8 @@ def main(argv=None) -> int:
                     help="alternate each reference and measured run this many times, keep the best of each")
     ap.add_argument("--skip-graph", action="store_true", help="only the Keras path")
     ap.add_argument("--skip-compare", action="store_true")
+    ap.add_argument("--subtract", action="store_true",
+                    help="SavedModel: conversion with calibration minus without, not the calibration step itself")
     ap.add_argument("--steady", action="store_true",
                     help="also the Keras path's steady state: per-batch time once traced (tracing excluded)")
     args = ap.parse_args(argv)
@@ -118,6 +146,7 @@ def main(argv=None) -> int:
 
     import graphquant as gq
     import graphquant.graph as gg
+    import graphquant.graph.saved_model as gsm
 
     rng = np.random.RandomState(0)
     data = rng.uniform(-1, 1, size=(args.batches * args.batch_size, args.size, args.size, 3)).astype("float32")
@@ -150,11 +179,22 @@ def main(argv=None) -> int:
                     for b in batches:
                         [v.numpy() for v in fn(**{key: tf.constant(b)}).values()]
 
-                t_plain = min(_time(lambda: gg.convert_saved_model(saved, tmp / "q0", bits=8, overwrite=True))
-                              for _ in range(REPEAT))  # fmt: skip
+                t_plain = 0.0
+                if args.subtract:
+                    t_plain = min(_time(lambda: gg.convert_saved_model(saved, tmp / "q0", bits=8, overwrite=True))
+                                  for _ in range(REPEAT))  # fmt: skip
                 for method in methods:
-                    t_inf, t_conv = _pair(graph_inference, lambda: gg.convert_saved_model(
-                        saved, tmp / "q1", bits=8, overwrite=True, calibration_data=batches, calibration_method=method))
+                    def convert(method=method):
+                        spent = _timing(gsm, "_calibrate")
+                        try:
+                            t = _time(lambda: gg.convert_saved_model(saved, tmp / "q1", bits=8, overwrite=True,
+                                                                     calibration_data=batches,
+                                                                     calibration_method=method))  # fmt: skip
+                        finally:
+                            spent.undo()
+                        return t if args.subtract else spent.seconds
+
+                    t_inf, t_conv = _pair(graph_inference, convert)
                     t_cal = t_conv - t_plain
                     print(f"{name:<12} {'savedmodel':<11} {method:<11} {t_inf:>11.2f} {t_cal:>9.2f} {t_cal / t_inf:>6.2f}",
                           flush=True)  # fmt: skip
