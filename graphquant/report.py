@@ -115,7 +115,7 @@ def error_sums(ref: Any, out: Any, inp: Any = None, rng: Any = None, axis: Optio
     """The sums :meth:`Stats.update` keeps, of one batch, in TensorFlow (float64): a vector of 12
     numbers, so only these leave the graph (never the tensors).
 
-    Each sum of squares is one reduction (``EuclideanNorm``, squared), without a mask: a non-finite
+    Each sum of squares is a plain ``reduce_sum(square(x))``, without a mask: a non-finite
     value makes the error sums non-finite, and they are then reported as ``bad`` (the error is
     infinite, as :meth:`Stats.update` makes it). Every reported number is the one the masked sums
     would give: the error is finite only where every ``out - ref`` is, hence every ``ref`` (``inf -
@@ -126,8 +126,8 @@ def error_sums(ref: Any, out: Any, inp: Any = None, rng: Any = None, axis: Optio
     ref, out = tf.cast(ref, f64), tf.cast(out, f64)
     zero = tf.constant(0.0, f64)
 
-    def sum_sq(x: Any) -> Any:
-        return tf.square(tf.math.reduce_euclidean_norm(x))
+    def sum_sq(x: Any) -> Any:  # (not EuclideanNorm: XLA has no kernel for it, and observers run in XLA functions)
+        return tf.reduce_sum(tf.square(x))
 
     def finite_or_bad(total: Any) -> Tuple[Any, Any]:
         ok = tf.math.is_finite(total)
