@@ -117,6 +117,39 @@ _PRIMES = _primes_below(1 << 16)
 _counter = itertools.count()
 
 
+def no_grappler_config() -> bytes:
+    """A serialized ``ConfigProto`` with Grappler off: the ``config_proto`` of observer function calls
+    and of the calibration passes (:func:`call_unoptimized`)."""
+    from tensorflow.core.protobuf import config_pb2
+
+    cfg = config_pb2.ConfigProto()
+    cfg.graph_options.rewrite_options.disable_meta_optimizer = True
+    return cfg.SerializeToString()
+
+
+def call_unoptimized(fn: Any, *args: Any, **kwargs: Any) -> list:
+    """Run the concrete function ``fn`` on ``args``/``kwargs`` with Grappler off; its flat outputs.
+
+    A calibration pass runs its graph over a few batches, where Grappler's optimization of the
+    whole model with its observers costs more than it saves: on MobileNetV2 (52 points, 8
+    batches) it was most of the pass's first call, and the steady time per batch is the same
+    without it. The statistics do not depend on it (the same ops run, unfused). Falls back to a
+    plain call where the flat inputs do not match ``fn``'s.
+    """
+    import tensorflow as tf
+
+    flat = [tf.convert_to_tensor(t) for t in tf.nest.flatten((args, kwargs), expand_composites=True)]
+    captured = list(fn.captured_inputs)
+    params = fn.inputs[: len(fn.inputs) - len(captured)]
+    if len(flat) != len(params) or any(t.dtype != p.dtype or not p.shape.is_compatible_with(t.shape)
+                                       for t, p in zip(flat, params)):  # fmt: skip
+        out = fn(*args, **kwargs)
+        return tf.nest.flatten(out, expand_composites=True)
+    fn.add_to_graph()
+    return tf.raw_ops.StatefulPartitionedCall(args=flat + captured, Tout=[t.dtype for t in fn.outputs], f=fn,
+                                              config_proto=no_grappler_config())  # fmt: skip
+
+
 def check_method(method: Any, percentile: Any = 99.99, what: str = "calibration_method",
                  percentile_name: str = "percentile") -> None:  # fmt: skip
     """Raise ``ValueError`` for an unknown method name or a bad percentile."""
@@ -239,19 +272,20 @@ class Observer:
         """The observer's variables, in the order :meth:`function_def`'s function takes their handles."""
         return tuple(self._specs)
 
-    def _generic(self, dtype: Any, rank: Optional[int] = None) -> Any:
-        """The update as a ``tf.function(x, *handles) -> x``, shared by every observer of the same kind."""
+    def _generic(self, dtype: Any, rank: Optional[int] = None, xla: bool = False) -> Any:
+        """The update as a ``tf.function(x, *handles) -> x``, shared by every observer of the same kind
+        (``xla``: the variant XLA compiles, see :meth:`update`)."""
         import tensorflow as tf
 
         rank = rank if self.axis is not None else None
-        key = (tf.as_dtype(dtype), self.axis, self.channels, self.histogram, rank)
+        key = (tf.as_dtype(dtype), self.axis, self.channels, self.histogram, rank, bool(xla))
         fn = _GENERIC.get(key)
         if fn is None:
             specs = dict(self._specs)
 
             def update(x, *handles):
                 return _update_ops(x, dict(zip(specs, handles)), specs, self.axis, self.channels, self.histogram,
-                                   self.point)  # fmt: skip
+                                   self.point, xla)  # fmt: skip
 
             fn = tf.function(update, autograph=False, experimental_attributes={"_noinline": True}).get_concrete_function(
                 tf.TensorSpec(None if rank is None else [None] * rank, key[0]),
@@ -260,11 +294,13 @@ class Observer:
             _GENERIC[key] = fn
         return fn
 
-    def update(self, x: Any) -> Any:
+    def update(self, x: Any, xla: bool = False) -> Any:
         """Fold ``x`` into the statistics; returns ``x``.
 
         Pure TensorFlow ops (reductions, a bincount) in one library function shared by
-        the observers of the same kind: traceable in any graph.
+        the observers of the same kind: traceable in any graph. ``xla=True`` where XLA will
+        compile the caller: the update then skips its masked pass with a ``tf.cond`` (what XLA
+        compiles) instead of a Switch/Merge pair (cheaper to instantiate, not compilable).
         """
         import tensorflow as tf
 
@@ -273,14 +309,18 @@ class Observer:
             n = x.shape[self.axis % x.shape.rank]
             if n is not None and n != self.channels:
                 raise ValueError(f"{self.point!r}: axis {self.axis} has {n} channels, the observer {self.channels}")
-        fn = self._generic(x.dtype, x.shape.rank)
-        return fn(x, *[self._handle(k) for k in self._specs])
+        fn = self._generic(x.dtype, x.shape.rank, xla)
+        fn.add_to_graph()
+        (out,) = tf.raw_ops.StatefulPartitionedCall(args=[x] + [self._handle(k) for k in self._specs],
+                                                    Tout=[x.dtype], f=fn, config_proto=no_grappler_config())  # fmt: skip
+        return out
 
-    def function_def(self, dtype: Any) -> Tuple[str, list]:
+    def function_def(self, dtype: Any, xla: bool = False) -> Tuple[str, list]:
         """``(name, FunctionDefs)``: the library function ``(x, *handles) -> x`` that updates the
         statistics (handles of :attr:`keys`' variables, by :meth:`shared_name`), for splicing
-        into a graph; the first FunctionDef is the function itself."""
-        cf = self._generic(dtype)
+        into a graph (``xla``: into a body XLA compiles, see :meth:`update`); the first
+        FunctionDef is the function itself."""
+        cf = self._generic(dtype, xla=xla)
         if cf.graph.captures:
             raise ValueError("internal: the observer captured a tensor")
         name = cf.function_def.signature.name
@@ -318,7 +358,7 @@ _GENERIC: Dict[Any, Any] = {}
 
 
 def _update_ops(x: Any, handles: Dict[str, Any], specs: Dict[str, Any], axis: Optional[int], c: int,
-                histogram: bool, point: str) -> Any:  # fmt: skip
+                histogram: bool, point: str, xla: bool = False) -> Any:  # fmt: skip
     import tensorflow as tf
 
     def read(k):
@@ -345,7 +385,7 @@ def _update_ops(x: Any, handles: Dict[str, Any], specs: Dict[str, Any], axis: Op
         fmin, fmax = tf.reduce_min(v, axis=0), tf.reduce_max(v, axis=0)
         all_finite = tf.reduce_all(tf.math.is_finite(fmin) & tf.math.is_finite(fmax))
 
-        def masked():
+        def masked(v):
             finite = tf.math.is_finite(v)
             return (
                 tf.reduce_min(tf.where(finite, v, np.inf), axis=0),
@@ -353,7 +393,16 @@ def _update_ops(x: Any, handles: Dict[str, Any], specs: Dict[str, Any], axis: Op
                 tf.reduce_sum(tf.cast(tf.logical_not(finite), tf.int64), axis=0),
             )
 
-        bmin, bmax, nonfinite = tf.cond(all_finite, lambda: (fmin, fmax, tf.zeros([c], tf.int64)), masked)
+        if xla:
+            bmin, bmax, nonfinite = tf.cond(all_finite, lambda: (fmin, fmax, tf.zeros([c], tf.int64)),
+                                            lambda: masked(v))  # fmt: skip
+        else:
+            # a Switch/Merge pair rather than a tf.cond, whose two branch functions every call
+            # site instantiates at the model's first call (on MobileNetV2's 52 points that was
+            # most of what the observers added to it); XLA does not compile Switch/Merge
+            v_bad, _ = tf.raw_ops.Switch(data=v, pred=all_finite)
+            ok = [tf.raw_ops.Switch(data=t, pred=all_finite)[1] for t in (fmin, fmax, tf.zeros([c], tf.int64))]
+            bmin, bmax, nonfinite = [tf.raw_ops.Merge(inputs=[a, b]).output for a, b in zip(masked(v_bad), ok)]
         # in-place updates that lock the variable (scatter min/max, assign-add), not read-then-assign:
         # two calls running at once (a function called twice in one step) both count
         tf.raw_ops.ResourceScatterMin(resource=handles["minmax"], indices=tf.constant([0]), updates=bmin[None])

@@ -412,7 +412,7 @@ def calibrate_keras(
         batches = calibration_batches(data, len(model.inputs or [None]), batch_size, steps, what, _keras_check(model, what))
         with unfolded():  # observe what eager inference computes, with fold_batchnorm on or off
             for batch in engine.progress(batches, "calibrating", verbose):
-                step(batch)
+                engine.call_unoptimized(step.get_concrete_function(batch), batch)
                 n += 1
         out = engine.ranges_of(observers, method, {l.name: l.format for l in layers}, percentile, what)
     finally:

@@ -78,7 +78,7 @@ def splice_observer(ed: GraphEditor, sc: Any, ref: str, dtype: int, observer: en
     XLA compiles the scope); return the call node (output 0 is ``ref``'s value)."""
     from tensorflow.core.framework import types_pb2
 
-    fname, fdefs = observer.function_def(dtype)
+    fname, fdefs = observer.function_def(dtype, xla=ed.compiled(sc.name))
     lib_name = ed.add_functions(fdefs, fname)
     base = sc.unique(name)
     inputs = [ref]
@@ -90,7 +90,7 @@ def splice_observer(ed: GraphEditor, sc: Any, ref: str, dtype: int, observer: en
     nd.attr["Tout"].list.type.append(dtype)
     nd.attr["f"].func.name = lib_name
     nd.attr["config"].s = b""
-    nd.attr["config_proto"].s = b""
+    nd.attr["config_proto"].s = engine.no_grappler_config()
     nd.attr["executor_type"].s = b""
     return sc.add(nd)
 

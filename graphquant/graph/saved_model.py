@@ -521,7 +521,8 @@ def _calibrate(sm, src: Path, plans: List[Plan], data: Any, signature: str, meth
 
         batches = calibration_batches(data, check=lambda b: check_inputs(feed_of(b), specs))
         for batch in progress(batches, "calibrating", verbose):
-            fn(**{k: tf.convert_to_tensor(v, dtype=kw_specs[k].dtype) for k, v in feed_of(batch).items()})
+            engine.call_unoptimized(fn, **{k: tf.convert_to_tensor(v, dtype=kw_specs[k].dtype)
+                                           for k, v in feed_of(batch).items()})  # fmt: skip
         del loaded, fn
         return collector.ranges()
     finally:
