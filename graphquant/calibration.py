@@ -34,6 +34,10 @@ running at once (a function called twice in one step) both count:
   its exponent grows with the data (old bins merged in the graph; a
   read-modify-write, so per-channel calls of one observer must not overlap).
 
+The calibration passes run their graph with Grappler off (:func:`call_unoptimized`): over a
+few batches, optimizing the model and every call site's copy of the observer costs more
+than it saves. The same ops run either way, so the statistics do not depend on it.
+
 Methods (:data:`METHODS`), each a function of the statistics and the target format:
 
 * ``"minmax"``: the exact min and max of the finite values seen.

@@ -264,6 +264,13 @@ def five(tmp_path_factory):
 def test_sigterm_is_handled_like_ctrl_c(five, tmp_path):
     out, report = tmp_path / "out", tmp_path / "r.json"
     proc, kids = _start_batch(five, out, report)
+    deadline = time.monotonic() + 240
+    # a model under way (its temporary output, or one published): a worker that has started but not yet
+    # been handed a model (a full CI machine) would leave nothing to interrupt
+    while time.monotonic() < deadline and proc.poll() is None and not (
+        out.is_dir() and any(outputs.TMP_MARK in p.name or not p.name.startswith(".") for p in out.iterdir())
+    ):
+        time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err
