@@ -98,12 +98,18 @@ def _steady(model, batches, methods, name) -> None:
     from graphquant.keras.layers import Quantize
     from graphquant.ranges import _all_layers, _Feed
 
-    def per_batch(f):
-        f(batches[0]).numpy()  # traced here, not timed
+    def per_batch(f, unoptimized=False):
+        cf = f.get_concrete_function(batches[0])  # traced here, not timed
+        if unoptimized:  # as the calibration runs it (graphquant.calibration.call_unoptimized: Grappler off)
+            def call(b):
+                return engine.call_unoptimized(cf, b)[0]
+        else:
+            call = cf
+        call(batches[0]).numpy()
 
         def run():
             for b in batches:
-                f(b).numpy()
+                call(b).numpy()
 
         return min(_time(run) for _ in range(REPEAT)) / len(batches)
 
@@ -114,7 +120,7 @@ def _steady(model, batches, methods, name) -> None:
         observers = [engine.Observer(l.name, histogram=method != "minmax") for l in layers]
         for l, o in zip(layers, observers):
             l.observe_with(_Feed(o))
-        t_cal = per_batch(tf.function(lambda b: q(b, training=False)))
+        t_cal = per_batch(tf.function(lambda b: q(b, training=False)), unoptimized=True)
         for l in layers:
             l.observe_with(None)
         engine.release_all(observers)
