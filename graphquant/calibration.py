@@ -26,10 +26,13 @@ running at once (a function called twice in one step) both count:
   one pass gives the histogram a second pass over the final range would,
   whatever the order of the batches. Per tensor, each batch is binned at its
   own exponent and added (scatter-add, race-free) to that exponent's row; the
-  rows are merged when read. The histogram takes a strided sample of each
-  batch, about :data:`HISTOGRAM_SAMPLE` values per example (the stride a prime
-  that does not divide the channel count, so every channel is sampled alike;
-  the same sample on every front end): binning every value costs more than the
+  rows are merged when read. The histogram takes a sample of each batch, about
+  :data:`HISTOGRAM_SAMPLE` values per example, in whole positions (every value
+  of the last axis at one position: every channel is sampled alike, and the
+  sample reads one run of memory per position instead of one cache line per
+  value), the first of every ``stride`` positions, the stride a prime that does
+  not divide the width (the next-to-last axis), so the sampled columns rotate;
+  the same sample on every front end. Binning every value costs more than the
   model's own inference on CPU. Per channel the histogram takes every value and
   its exponent grows with the data (old bins merged in the graph; a
   read-modify-write, so per-channel calls of one observer must not overlap).
@@ -98,11 +101,13 @@ MSE_CANDIDATES = 200
 
 #: smallest histogram exponent: data below ``2**_E_MIN`` in magnitude all falls in the two central bins
 _E_MIN = -64
-_E_MAX = 127
+#: largest: every finite float32 is below ``2**128`` in magnitude
+_E_MAX = 128
 
-#: per-tensor histograms take at most about this many values per example of a batch: a
-#: strided sample (stride a prime that does not divide the channel count, so every channel
-#: is sampled alike); min, max and counts always see every value
+#: per-tensor histograms take about this many values per example of a batch: a sample of
+#: whole positions (all channels of one position), one in every ``stride`` positions, the
+#: stride the first prime ``>= ceil(values per example / HISTOGRAM_SAMPLE)`` that does not
+#: divide the width (the next-to-last axis); min, max and counts always see every value
 HISTOGRAM_SAMPLE = 1 << 12
 
 
@@ -178,11 +183,9 @@ def _ceil_log2(m: Any) -> Any:
     """``ceil(log2(m))`` (int32, exact) for finite float32 ``m >= 0``, clamped to ``[_E_MIN, _E_MAX]``."""
     import tensorflow as tf
 
-    bits = tf.bitcast(m, tf.int32)
-    ex = tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits, 23), 0xFF)
-    mant = tf.bitwise.bitwise_and(bits, 0x7FFFFF)
-    e = ex - 127 + tf.cast(mant != 0, tf.int32)
-    e = tf.where(ex == 0, tf.constant(_E_MIN, tf.int32), e)  # zero and subnormals
+    # adding a mantissa of all ones carries into the exponent unless the mantissa is zero
+    # (m a power of two); zero and subnormals come out at -127 or -126, below _E_MIN
+    e = tf.bitwise.right_shift(tf.bitcast(m, tf.int32) + 0x7FFFFF, 23) - 127
     return tf.clip_by_value(e, _E_MIN, _E_MAX)
 
 
@@ -216,22 +219,12 @@ class Observer:
             "counts": (tf.int64, [2, c]),  # values seen, non-finite values
         }
         if self.histogram and axis is None:  # one row per batch exponent, merged when read
-            self._specs["rows"] = (tf.int64, [_E_MAX - _E_MIN + 1, NUM_BINS])
+            self._specs["rows"] = (tf.int64, [_E_MAX - _E_MIN + 1, NUM_BINS + 1])  # + the value 2**e
         elif self.histogram:
             self._specs["exp"] = (tf.int32, [c])
             self._specs["hist"] = (tf.int64, [c, NUM_BINS])
-        init = {
-            "minmax": tf.stack([tf.fill([c], np.inf), tf.fill([c], -np.inf)]),
-            "counts": tf.zeros([2, c], tf.int64),
-            "exp": tf.fill([c], _E_MIN),
-            "hist": tf.zeros([c, NUM_BINS], tf.int64),
-            "rows": tf.zeros([_E_MAX - _E_MIN + 1, NUM_BINS], tf.int64),
-        }
-        init = {k: v for k, v in init.items() if k in self._specs}
-        self._init = init
         self._suffix = ""
         self._initialise()
-        self._functions: Dict[Any, Any] = {}
 
     @property
     def prefix(self) -> str:
@@ -241,8 +234,8 @@ class Observer:
     def _initialise(self) -> None:
         import tensorflow as tf
 
-        for k, (dtype, _) in self._specs.items():
-            tf.raw_ops.AssignVariableOp(resource=self._handle(k), value=tf.cast(self._init[k], dtype))
+        for k in self._specs:
+            tf.raw_ops.AssignVariableOp(resource=self._handle(k), value=_initial_value(k, self.channels))
 
     def rebind(self, suffix: str) -> None:
         """Use the variables named with ``suffix`` appended (what ``tf.saved_model.load`` does to
@@ -287,12 +280,13 @@ class Observer:
         if fn is None:
             specs = dict(self._specs)
 
-            def update(x, *handles):
-                return _update_ops(x, dict(zip(specs, handles)), specs, self.axis, self.channels, self.histogram,
-                                   self.point, xla)  # fmt: skip
+            def update(x, sample, *handles):
+                return _update_ops(x, sample, dict(zip(specs, handles)), specs, self.axis, self.channels,
+                                   self.histogram, self.point, xla)  # fmt: skip
 
             fn = tf.function(update, autograph=False, experimental_attributes={"_noinline": True}).get_concrete_function(
                 tf.TensorSpec(None if rank is None else [None] * rank, key[0]),
+                tf.TensorSpec([2], tf.int32),
                 *[tf.TensorSpec([], tf.resource) for _ in specs],
             )
             _GENERIC[key] = fn
@@ -315,21 +309,18 @@ class Observer:
                 raise ValueError(f"{self.point!r}: axis {self.axis} has {n} channels, the observer {self.channels}")
         fn = self._generic(x.dtype, x.shape.rank, xla)
         fn.add_to_graph()
-        (out,) = tf.raw_ops.StatefulPartitionedCall(args=[x] + [self._handle(k) for k in self._specs],
-                                                    Tout=[x.dtype], f=fn, config_proto=no_grappler_config())  # fmt: skip
-        return out
+        args = [x, sample_spec(x)] + [self._handle(k) for k in self._specs]
+        if tf.executing_eagerly():
+            (out,) = tf.raw_ops.StatefulPartitionedCall(args=args, Tout=[x.dtype], f=fn, config_proto=no_grappler_config())
+            return out
+        return _call_without_shape_inference(fn, args, x)
 
     def function_def(self, dtype: Any, xla: bool = False) -> Tuple[str, list]:
-        """``(name, FunctionDefs)``: the library function ``(x, *handles) -> x`` that updates the
-        statistics (handles of :attr:`keys`' variables, by :meth:`shared_name`), for splicing
-        into a graph (``xla``: into a body XLA compiles, see :meth:`update`); the first
-        FunctionDef is the function itself."""
-        cf = self._generic(dtype, xla=xla)
-        if cf.graph.captures:
-            raise ValueError("internal: the observer captured a tensor")
-        name = cf.function_def.signature.name
-        lib = [f for f in cf.graph.as_graph_def().library.function if f.signature.name != name]
-        return name, [cf.function_def] + lib
+        """``(name, FunctionDefs)``: the library function ``(x, sample, *handles) -> x`` that updates
+        the statistics (``sample``: :func:`sample_spec` of ``x``; handles of :attr:`keys`'
+        variables, by :meth:`shared_name`), for splicing into a graph (``xla``: into a body XLA
+        compiles, see :meth:`update`); the first FunctionDef is the function itself."""
+        return _function_defs(self._generic(dtype, xla=xla))
 
     def stats(self) -> "PointStats":
         """The statistics so far, as numpy arrays."""
@@ -361,7 +352,134 @@ class Observer:
 _GENERIC: Dict[Any, Any] = {}
 
 
-def _update_ops(x: Any, handles: Dict[str, Any], specs: Dict[str, Any], axis: Optional[int], c: int,
+def _call_without_shape_inference(fn: Any, args: list, x: Any) -> Any:
+    """``fn(*args)`` (returning ``x``'s value) as a StatefulPartitionedCall node of the current graph,
+    Grappler off, that the graph's shape refiner does not descend into (what inferring the shapes
+    through the observer's body cost at every call site: 2 ms each, most of the time the
+    observers added to tracing a model); its output has ``x``'s static shape."""
+    import tensorflow as tf
+    from tensorflow.core.framework import attr_value_pb2
+
+    types = attr_value_pb2.AttrValue.ListValue
+    attrs = {
+        "Tin": attr_value_pb2.AttrValue(list=types(type=[a.dtype.as_datatype_enum for a in args])),
+        "Tout": attr_value_pb2.AttrValue(list=types(type=[x.dtype.as_datatype_enum])),
+        "f": attr_value_pb2.AttrValue(func=attr_value_pb2.NameAttrList(name=fn.name)),
+        "config_proto": attr_value_pb2.AttrValue(s=no_grappler_config()),
+        "executor_type": attr_value_pb2.AttrValue(s=b""),
+        NO_CALL_SHAPE_INFERENCE: attr_value_pb2.AttrValue(b=True),
+    }
+    op = tf.compat.v1.get_default_graph().create_op("StatefulPartitionedCall", args, [x.dtype],
+                                                    name="StatefulPartitionedCall", attrs=attrs)  # fmt: skip
+    out = op.outputs[0]
+    out.set_shape(x.shape)
+    return out
+
+
+#: the node attribute that keeps TensorFlow's shape refiner out of a function call's body
+NO_CALL_SHAPE_INFERENCE = "_disable_call_shape_inference"
+
+
+def _function_defs(cf: Any) -> Tuple[str, list]:
+    """``(name, FunctionDefs)`` of the concrete function ``cf``, itself first, for splicing."""
+    if cf.graph.captures:
+        raise ValueError("internal: the observer captured a tensor")
+    name = cf.function_def.signature.name
+    lib = [f for f in cf.graph.as_graph_def().library.function if f.signature.name != name]
+    return name, [cf.function_def] + lib
+
+
+def sample_spec(x: Any) -> Any:
+    """``[stride, channels]`` (int32) of the per-tensor histogram's sample of ``x`` (see
+    :data:`HISTOGRAM_SAMPLE`): a constant where ``x``'s shape past the batch is known (the
+    observer's body then holds no shape arithmetic: every call site instantiates the body,
+    and its size was most of what the observers added to a model's first call), else
+    computed from ``tf.shape(x)`` by the same rule (:func:`_sample_spec_ops`)."""
+    import tensorflow as tf
+
+    static = static_sample_spec(x.shape)
+    if static is not None:
+        return tf.constant(static, tf.int32)
+    return _sample_spec_ops(tf.shape(x))
+
+
+def static_sample_spec(shape: Any) -> Optional[Tuple[int, int]]:
+    """:func:`sample_spec` of a tensor of static shape ``shape`` (a ``TensorShape`` or a list, the
+    batch may be unknown), or ``None`` where it depends on unknown sizes."""
+    import tensorflow as tf
+
+    shape = tf.TensorShape(shape)
+    if shape.rank is None:
+        return None
+    dims = shape.as_list()
+    if not dims:
+        return (1, 1)
+    if any(d is None for d in dims[1:]):
+        return None
+    want = (int(np.prod(dims[1:], dtype=np.int64)) + HISTOGRAM_SAMPLE - 1) // HISTOGRAM_SAMPLE
+    if want <= 1:
+        return (1, 1)
+    width = dims[-2] if len(dims) >= 2 else 1
+    if width is None:
+        return None
+    width = max(width, 1)
+    stride = next((p for p in _PRIMES if p >= want and width % p != 0), want)
+    return (int(stride), max(dims[-1], 1))
+
+
+def _sample_spec_ops(shape: Any) -> Any:
+    """:func:`sample_spec` computed in TensorFlow from the shape tensor ``shape``: the stride is the first
+    prime ``>= ceil(values per example / HISTOGRAM_SAMPLE)`` that does not divide the width (the
+    next-to-last axis), the channels the size of the last axis (1 when the stride is 1)."""
+    import tensorflow as tf
+
+    batch = tf.maximum(tf.reduce_prod(shape[:1]), 1)  # 1 for a scalar
+    channels = tf.maximum(tf.reduce_prod(shape[-1:]), 1)
+    width = tf.maximum(tf.reduce_prod(shape[-2:-1]), 1)
+    want = (tf.reduce_prod(shape) // batch + HISTOGRAM_SAMPLE - 1) // HISTOGRAM_SAMPLE
+    primes = tf.constant(_PRIMES, tf.int32)
+    ok = (primes >= want) & (tf.math.floormod(width, primes) != 0)
+    prime = tf.gather(primes, tf.argmax(tf.cast(ok, tf.int32), output_type=tf.int32))
+    stride = tf.where(want <= 1, 1, tf.where(tf.reduce_any(ok), prime, want))
+    return tf.stack([stride, tf.where(stride == 1, 1, channels)])
+
+
+def sample_spec_function_def(dtype: Any) -> Tuple[str, list]:
+    """``(name, FunctionDefs)`` of the library function ``x -> sample_spec(x)`` (int32 ``[2]``),
+    for splicing where a graph does not tell ``x``'s shape."""
+    import tensorflow as tf
+
+    key = ("sample_spec", tf.as_dtype(dtype))
+    fn = _GENERIC.get(key)
+    if fn is None:
+        fn = _GENERIC[key] = tf.function(lambda x: _sample_spec_ops(tf.shape(x)), autograph=False).get_concrete_function(
+            tf.TensorSpec(None, dtype))
+    return _function_defs(fn)
+
+
+_INITIAL: Dict[Any, Any] = {}
+
+
+def _initial_value(key: str, c: int) -> Any:
+    """The initial value of an observer's variable ``key`` with ``c`` channels (one tensor per
+    kind, shared: a variable that is updated copies it first, as TensorFlow does for any
+    buffer it does not own alone)."""
+    import tensorflow as tf
+
+    t = _INITIAL.get((key, c))
+    if t is None:
+        value = {
+            "minmax": lambda: np.stack([np.full(c, np.inf, np.float32), np.full(c, -np.inf, np.float32)]),
+            "counts": lambda: np.zeros([2, c], np.int64),
+            "exp": lambda: np.full(c, _E_MIN, np.int32),
+            "hist": lambda: np.zeros([c, NUM_BINS], np.int64),
+            "rows": lambda: np.zeros([_E_MAX - _E_MIN + 1, NUM_BINS + 1], np.int64),
+        }[key]()
+        t = _INITIAL[(key, c)] = tf.constant(value)
+    return t
+
+
+def _update_ops(x: Any, sample: Any, handles: Dict[str, Any], specs: Dict[str, Any], axis: Optional[int], c: int,
                 histogram: bool, point: str, xla: bool = False) -> Any:  # fmt: skip
     import tensorflow as tf
 
@@ -413,13 +531,21 @@ def _update_ops(x: Any, handles: Dict[str, Any], specs: Dict[str, Any], axis: Op
         tf.raw_ops.ResourceScatterMax(resource=handles["minmax"], indices=tf.constant([1]), updates=bmax[None])
         tf.raw_ops.AssignAddVariableOp(resource=handles["counts"], value=tf.stack([seen, nonfinite]))
         if histogram and axis is None:
-            # a strided sample (HISTOGRAM_SAMPLE), binned at this batch's own exponent and added
-            # to that exponent's row (a scatter-add: concurrent calls both count); the rows are
-            # merged into the final range's bins when read (exact, powers of two)
-            h = tf.strided_slice(tf.reshape(v, [-1]), [0], [tf.size(v)], tf.reshape(_sample_stride(x), [1]))
+            # a sample (HISTOGRAM_SAMPLE), binned at this batch's own exponent and added to that
+            # exponent's row (a scatter-add: concurrent calls both count); the rows are merged
+            # into the final range's bins when read (exact, powers of two)
+            # (where XLA compiles the update, the spec comes from x's shape, which XLA folds: passed in
+            # as an argument, one of two calls of a nested XLA function lost its updates)
+            h = _sample(tf.reshape(v, [-1]), _sample_spec_ops(tf.shape(x)) if xla else sample)
             m = tf.maximum(tf.abs(bmin), tf.abs(bmax))
             e = _ceil_log2(tf.where(tf.math.is_finite(m), m, 0.0))[0]
-            counts = _bincount(_bin_index(h, e), NUM_BINS)
+            if xla:
+                index = _tensor_bin_index(h, e, finite=False)
+            else:  # the masked binning only for a batch with a non-finite value (Switch/Merge, as above)
+                h_bad, h_ok = tf.raw_ops.Switch(data=h, pred=all_finite)
+                index = tf.raw_ops.Merge(inputs=[_tensor_bin_index(h_bad, e, finite=False),
+                                                 _tensor_bin_index(h_ok, e, finite=True)]).output  # fmt: skip
+            counts = _bincount(index, NUM_BINS + 1)
             tf.raw_ops.ResourceScatterAdd(resource=handles["rows"], indices=tf.reshape(e - _E_MIN, [1]),
                                           updates=counts[None])  # fmt: skip
         elif histogram:
@@ -432,20 +558,35 @@ def _update_ops(x: Any, handles: Dict[str, Any], specs: Dict[str, Any], axis: Op
         return tf.identity(x)
 
 
-def _sample_stride(x: Any) -> Any:
-    """The stride of the per-tensor histogram's sample of ``x`` (1: every value): about
-    ``size / batch / HISTOGRAM_SAMPLE``, raised to the next prime that does not divide the
-    channel (last) dimension."""
+def _sample(flat: Any, spec: Any) -> Any:
+    """The per-tensor histogram's sample of the flattened tensor ``flat`` (``spec``: its
+    :func:`sample_spec`): whole positions (``channels`` values, contiguous in memory), the first
+    of each complete group of ``stride`` positions (the stride at most the number of positions;
+    every value when it is 1). A reshape and a slice: one run of memory per position (a strided
+    slice of single values touches a cache line per value, as costly as reading the whole tensor)."""
     import tensorflow as tf
 
-    shape = tf.shape(x)
-    batch = tf.maximum(tf.reduce_prod(shape[:1]), 1)  # 1 for a scalar
-    channels = tf.maximum(tf.reduce_prod(shape[-1:]), 1)
-    want = (tf.size(x) // batch + HISTOGRAM_SAMPLE - 1) // HISTOGRAM_SAMPLE
-    primes = tf.constant(_PRIMES, tf.int32)
-    ok = (primes >= want) & (tf.math.floormod(channels, primes) != 0)
-    prime = tf.gather(primes, tf.argmax(tf.cast(ok, tf.int32), output_type=tf.int32))
-    return tf.where(want <= 1, 1, tf.where(tf.reduce_any(ok), prime, want))
+    channels = spec[1]
+    positions = tf.size(flat) // channels
+    stride = tf.minimum(spec[0], tf.maximum(positions, 1))
+    rows = positions // stride
+    run = stride * channels
+    grouped = tf.reshape(flat[: rows * run], tf.stack([rows, run]))
+    return tf.reshape(tf.slice(grouped, [0, 0], tf.stack([rows, channels])), [-1])
+
+
+def _tensor_bin_index(h: Any, e: Any, finite: bool) -> Any:
+    """Bin of each value of the 1-D sample ``h`` over ``[-2**e, 2**e]`` (``|h| <= 2**e``, scalar
+    ``e``): ``floor(h * 2**(log2(half) - e)) + half``, exact (a power-of-two scaling and
+    integers); the value ``2**e`` itself gets index ``NUM_BINS`` (folded into the last bin when
+    read). ``finite=False``: non-finite values get ``NUM_BINS + 1`` (dropped by the bincount)."""
+    import tensorflow as tf
+
+    if finite:
+        return tf.cast(tf.floor(h * _pow2(_LOG2_HALF - e)) + _HALF, tf.int32)
+    ok = tf.math.is_finite(h)
+    b = tf.cast(tf.floor(tf.where(ok, h, 0.0) * _pow2(_LOG2_HALF - e)) + _HALF, tf.int32)
+    return tf.where(ok, b, NUM_BINS + 1)
 
 
 def _bincount(arr: Any, size: int) -> Any:
@@ -499,22 +640,23 @@ def _update_histogram(v: Any, lo: Any, hi: Any, c: int, read: Any, assign: Any) 
 
 def _merge_rows(index: np.ndarray, rows: np.ndarray, e: int) -> np.ndarray:
     """The histogram over ``[-2**e, 2**e]`` of per-exponent rows (:func:`_used_rows`: row number ``r`` binned
-    over ``[-2**(r + _E_MIN), 2**(r + _E_MIN)]``, ``r + _E_MIN <= e``): bins merged ``2**d`` into one."""
-    out = np.zeros(NUM_BINS, np.int64)
-    j = np.arange(NUM_BINS) - _HALF
+    over ``[-2**(r + _E_MIN), 2**(r + _E_MIN)]``, ``r + _E_MIN <= e``, its extra last bin the count of the
+    value ``2**(r + _E_MIN)`` itself): bins merged ``2**d`` into one."""
+    out = np.zeros(NUM_BINS + 1, np.int64)
+    j = np.arange(NUM_BINS + 1) - _HALF
     for r, row in zip(index, rows):
         d = min(max(e - (int(r) + _E_MIN), 0), _LOG2_HALF + 1)
         np.add.at(out, np.floor_divide(j, 1 << d) + _HALF, row)
-    return out
+    out[NUM_BINS - 1] += out[NUM_BINS]  # 2**e: the last bin holds its upper edge
+    return out[:NUM_BINS]
 
 
 def _used_rows(rows: Any) -> Tuple[np.ndarray, np.ndarray]:
     """``(row numbers, rows)`` of the rows of the ``rows`` tensor that hold a count: the few exponents the
-    batches had, read back instead of the whole table (192 rows of int64 bins per point)."""
-    import tensorflow as tf
-
-    used = tf.reshape(tf.where(tf.reduce_any(tf.not_equal(rows, 0), axis=1)), [-1])
-    return used.numpy(), tf.gather(rows, used).numpy()
+    batches had (of a table of a row per exponent)."""
+    rows = rows.numpy()
+    used = np.flatnonzero(rows.any(axis=1))
+    return used, rows[used]
 
 
 # --------------------------------------------------------------------------- statistics -> ranges

@@ -50,6 +50,25 @@ def test_histogram_is_exact_whatever_the_batch_order():
         np.testing.assert_array_equal(s.hist[0], ref)
 
 
+def test_histogram_bin_edges_and_float32_extremes():
+    """Values on bin edges, at exactly 2**e (the last bin's closed edge) and at float32's extremes
+    (exponent 128) land where numpy puts them, through the merge of every batch's exponent."""
+    big = np.finfo(np.float32).max
+    batches = [np.array(b, "float32") for b in (
+        [1.0, -1.0, 0.5, -0.5, 2.0**-10, -(2.0**-10), 0.0, -0.0, 2.0**-40, -(2.0**-40)],
+        [4.0, -3.0, 2.0, 3.0 - 2.0**-8, -(2.0**-9)],
+        [2.0**-70, -(2.0**-70)],  # below 2**_E_MIN: the two central bins
+    )]  # fmt: skip
+    x = np.concatenate(batches)
+    for extra in ([], [np.array([big, -big, 1e30], "float32")]):
+        s = _observe(batches + extra)
+        data = np.concatenate([x] + extra).astype(np.float64)
+        e = int(s.exp[0])
+        assert e == (128 if extra else 2)
+        ref, _ = np.histogram(data, bins=cal.NUM_BINS, range=(-(2.0**e), 2.0**e))
+        np.testing.assert_array_equal(s.hist[0], ref)
+
+
 def test_per_channel_statistics():
     x = RNG.normal(size=(60, 50, 3)).astype("float32") * np.array([1.0, 10.0, 0.1], "float32")
     s = _observe([x[:3], x[3:]], axis=-1, channels=3)
@@ -67,29 +86,37 @@ def test_per_channel_statistics():
         _observe([x], axis=1, channels=5)
 
 
-def _sample_stride(example_size, channels):
+def _sample_stride(example_size, width):
     """The documented rule, independently: the first prime >= ceil(size / HISTOGRAM_SAMPLE)
-    that does not divide the channel count (1 when no sampling is needed)."""
+    that does not divide the width, the next-to-last axis (1 when no sampling is needed)."""
     want = -(-example_size // cal.HISTOGRAM_SAMPLE)
     if want <= 1:
         return 1
     k = want
-    while any(k % d == 0 for d in range(2, int(k**0.5) + 1)) or channels % k == 0:
+    while any(k % d == 0 for d in range(2, int(k**0.5) + 1)) or width % k == 0:
         k += 1
     return k
 
 
+def _sample(x, k):
+    """The documented sample, independently: whole positions (the last axis), the first of every
+    complete group of ``k`` positions."""
+    pos = x.reshape(-1, x.shape[-1])
+    return pos[: len(pos) // k * k : k].reshape(-1)
+
+
 def test_per_tensor_histogram_samples_every_channel_alike():
-    """Large examples: the histogram holds a strided sample; min/max/counts see every value."""
+    """Large examples: the histogram holds a sample of whole positions; min/max/counts see every value."""
     x = RNG.normal(size=(3, 40, 40, 24)).astype("float32")  # 38,400 values per example
-    x[..., 5] = 3.0  # one channel apart: a stride dividing 24 (2 or 3) would never see it
-    x[0, 0, 0, 1] = 1000.0  # off the sample (flat index 1): still the exact max
-    x[2, 1, 1, 7] = np.nan
-    k = _sample_stride(40 * 40 * 24, 24)
-    assert k == 11  # ceil(38400 / 4096) = 10, and 11 is the first prime from there not dividing 24
+    x[..., 5] = 3.0  # one channel apart: in the sample as often as every other channel
+    x[0, 0, 1, 1] = 1000.0  # off the sample (position 1): still the exact max
+    x[2, 0, 0, 7] = np.nan  # in the sample: dropped from the histogram, counted
+    k = _sample_stride(40 * 40 * 24, 40)
+    assert k == 11  # ceil(38400 / 4096) = 10, and 11 is the first prime from there not dividing the width 40
     s = _observe([x[:2], x[2:]])
     assert (s.lo[0], s.hi[0]) == (np.nanmin(x), 1000.0) and s.seen == x.size and s.nonfinite == 1
-    sample = np.concatenate([x[:2].reshape(-1)[::k], x[2:].reshape(-1)[::k]])
+    sample = np.concatenate([_sample(x[:2], k), _sample(x[2:], k)])
+    assert sample.size == (3200 // 11 + 1600 // 11) * 24 and np.isnan(sample).sum() == 1
     fin = sample[np.isfinite(sample)].astype(np.float64)
     e = int(s.exp[0])
     assert e == 10  # the range covers the exact max, not only the sample's
@@ -247,7 +274,7 @@ def test_sampled_histograms_are_the_same_on_both_paths(tmp_path, method):
     keras.utils.set_random_seed(3)
     x = keras.Input((40, 40, 3), name="x")
     m = keras.Model(x, keras.layers.Conv2D(12, 3, padding="same", name="wide")(x))
-    assert _sample_stride(40 * 40 * 12, 12) == 5  # sampled
+    assert _sample_stride(40 * 40 * 12, 40) == 7  # sampled (5 divides the width)
     m.export(str(tmp_path / "wide"), verbose=False)
     data = np.random.RandomState(4).standard_cauchy(size=(6, 40, 40, 3)).astype("float32")
     q = gq.quantize_model(m, bits=8, calibration_data=data, calibration_method=method)
@@ -443,7 +470,7 @@ def test_observer_compiled_by_xla_counts_like_the_plain_one():
             o = cal.Observer("p", axis=axis, channels=4, histogram=True)
             try:
                 fn = o._generic(tf.float32, 4, xla=jit)
-                step = tf.function(lambda x, *h: fn(x * 1.0, *h), jit_compile=jit)
+                step = tf.function(lambda x, *h: fn(x * 1.0, cal.sample_spec(x), *h), jit_compile=jit)
                 for b in data:
                     step(tf.constant(b), *[o._handle(k) for k in o.keys])
                 stats.append(o.stats())

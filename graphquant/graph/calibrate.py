@@ -72,27 +72,56 @@ class RangeCollector:
         engine.release_all(list(self.observers.values()))
 
 
-def splice_observer(ed: GraphEditor, sc: Any, ref: str, dtype: int, observer: engine.Observer, name: str) -> Any:
-    """Add a call ``observer(ref, *handles)`` to scope ``sc`` of editor ``ed`` (handles of the
-    observer's variables, see :meth:`GraphEditor.resource_handle`: passed in as arguments where
-    XLA compiles the scope); return the call node (output 0 is ``ref``'s value)."""
+def splice_observer(ed: GraphEditor, sc: Any, ref: str, dtype: int, observer: engine.Observer, name: str,
+                    shape: Optional[List[Optional[int]]] = None) -> Any:  # fmt: skip
+    """Add a call ``observer(ref, sample, *handles)`` to scope ``sc`` of editor ``ed`` (``sample``: the
+    :func:`~graphquant.calibration.sample_spec` of ``ref``, a constant where its static ``shape``
+    tells it, else computed by a spliced call; handles of the observer's variables, see
+    :meth:`GraphEditor.resource_handle`: passed in as arguments where XLA compiles the scope);
+    return the call node (output 0 is ``ref``'s value)."""
     from tensorflow.core.framework import types_pb2
 
     fname, fdefs = observer.function_def(dtype, xla=ed.compiled(sc.name))
     lib_name = ed.add_functions(fdefs, fname)
     base = sc.unique(name)
-    inputs = [ref]
+    inputs = [ref, _splice_sample_spec(ed, sc, ref, dtype, shape, base)]
     for key, (vdtype, shape) in observer.variable_specs().items():
         inputs.append(ed.resource_handle(sc.name, observer.shared_name(key), vdtype.as_datatype_enum, shape,
                                          f"{base}/{key}"))  # fmt: skip
     nd = node_def_pb2.NodeDef(name=base, op="StatefulPartitionedCall", input=inputs)
-    nd.attr["Tin"].list.type.extend([dtype] + [types_pb2.DT_RESOURCE] * (len(inputs) - 1))
+    nd.attr["Tin"].list.type.extend([dtype, types_pb2.DT_INT32] + [types_pb2.DT_RESOURCE] * (len(inputs) - 2))
     nd.attr["Tout"].list.type.append(dtype)
     nd.attr["f"].func.name = lib_name
     nd.attr["config"].s = b""
     nd.attr["config_proto"].s = engine.no_grappler_config()
     nd.attr["executor_type"].s = b""
+    nd.attr[engine.NO_CALL_SHAPE_INFERENCE].b = True  # importing the graph does not infer shapes through the body
     return sc.add(nd)
+
+
+def _splice_sample_spec(ed: GraphEditor, sc: Any, ref: str, dtype: int, shape: Optional[List[Optional[int]]],
+                        base: str) -> str:  # fmt: skip
+    """The input ``sample`` of an observer call on ``ref``: a Const node where ``shape`` tells it, else a
+    call of :func:`~graphquant.calibration.sample_spec_function_def`; returns its output."""
+    import numpy as np
+    import tensorflow as tf
+    from tensorflow.core.framework import types_pb2
+
+    static = None if shape is None else engine.static_sample_spec(shape)
+    if static is not None:
+        nd = node_def_pb2.NodeDef(name=sc.unique(f"{base}/sample"), op="Const")
+        nd.attr["dtype"].type = types_pb2.DT_INT32
+        nd.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(np.array(static, np.int32)))
+        return sc.ref(sc.add(nd), 0)
+    fname, fdefs = engine.sample_spec_function_def(tf.dtypes.as_dtype(dtype))
+    nd = node_def_pb2.NodeDef(name=sc.unique(f"{base}/sample"), op="PartitionedCall", input=[ref])
+    nd.attr["Tin"].list.type.append(dtype)
+    nd.attr["Tout"].list.type.append(types_pb2.DT_INT32)
+    nd.attr["f"].func.name = ed.add_functions(fdefs, fname)
+    nd.attr["config"].s = b""
+    nd.attr["config_proto"].s = engine.no_grappler_config()
+    nd.attr["executor_type"].s = b""
+    return sc.ref(sc.add(nd), 0)
 
 
 def insert_observers(graph_def: graph_pb2.GraphDef, plan: Plan, collector: RangeCollector,
@@ -102,7 +131,7 @@ def insert_observers(graph_def: graph_pb2.GraphDef, plan: Plan, collector: Range
     ``redirects``, when given, is updated with the top-level tensors now read
     through an observer (see :meth:`GraphEditor.redirect`).
     """
-    from .rewrite import GraphEditor
+    from .rewrite import GraphEditor, static_shape
 
     ed = GraphEditor(graph_def)
     todo = set(needs_calibration(plan))
@@ -113,8 +142,9 @@ def insert_observers(graph_def: graph_pb2.GraphDef, plan: Plan, collector: Range
         sc = ed.scope(scope_name(p))
         dtype = sc.out_dtype(p.after)
         new = splice_observer(ed, sc, sc.ref(sc.by_name[p.after], 0), dtype, collector.observer(p.path, p.format),
-                              f"graphquant/observe{n}")  # fmt: skip
-        sc.rewire(sc.aliases(p.after), sc.ref(new, 0), skip={new.name})
+                              f"graphquant/observe{n}", static_shape(sc, p.after))  # fmt: skip
+        sc.rewire(sc.aliases(p.after), sc.ref(new, 0),  # not the call's own inputs (its sample spec reads p.after too)
+                  skip={new.name} | {k for k in sc.by_name if k.startswith(new.name + "/")})
         n += 1
     if redirects is not None:
         redirects.update(ed.redirects)

@@ -471,7 +471,7 @@ class GraphEditor:
         else:
             shape = None
             if ins.target == "weights":
-                shape = _static_shape(sc, ins.node)
+                shape = static_shape(sc, ins.node)
                 if shape is None:
                     cons_op = sc.by_name[ins.consumer].op if ins.consumer in sc.by_name else ""
                     rank = 5 if "3D" in cons_op else 2 if "MatMul" in cons_op else 4
@@ -533,7 +533,8 @@ def _record(nd: node_def_pb2.NodeDef, ins: Insertion, fq_range: Optional[Tuple[f
     nd.attr[ROUNDING_ATTR].s = str(ins.rounding).encode()
 
 
-def _static_shape(sc: _Scope, node: str):
+def static_shape(sc: _Scope, node: str) -> Optional[List[Optional[int]]]:
+    """The static shape of output 0 of ``node`` in scope ``sc`` (a Const's, or its ``_output_shapes``), or ``None``."""
     nd = sc.by_name.get(node)
     if nd is None:
         return None
