@@ -501,7 +501,8 @@ def _update_ops(x: Any, sample: Any, handles: Dict[str, Any], specs: Dict[str, A
             if ax != rank - 1:
                 v = tf.transpose(v, [i for i in range(rank) if i != ax] + [ax])
             v = tf.reshape(v, [-1, c])
-        seen = tf.fill([c], tf.cast(tf.shape(v)[0], tf.int64))
+        # (written for few graph nodes: every call site instantiates this body at the first call)
+        seen = tf.fill([c], tf.size(v, out_type=tf.int64) // c) if c > 1 else tf.reshape(tf.size(v, out_type=tf.int64), [1])
         # two plain reductions (they propagate NaN): when both are finite every value is,
         # and the masked reductions below (several passes over the tensor) are skipped
         fmin, fmax = tf.reduce_min(v, axis=0), tf.reduce_max(v, axis=0)
@@ -523,12 +524,13 @@ def _update_ops(x: Any, sample: Any, handles: Dict[str, Any], specs: Dict[str, A
             # site instantiates at the model's first call (on MobileNetV2's 52 points that was
             # most of what the observers added to it); XLA does not compile Switch/Merge
             v_bad, _ = tf.raw_ops.Switch(data=v, pred=all_finite)
-            ok = [tf.raw_ops.Switch(data=t, pred=all_finite)[1] for t in (fmin, fmax, tf.zeros([c], tf.int64))]
+            ok = [tf.raw_ops.Switch(data=t, pred=all_finite)[1] for t in (fmin, fmax, tf.constant([0] * c, tf.int64))]
             bmin, bmax, nonfinite = [tf.raw_ops.Merge(inputs=[a, b]).output for a, b in zip(masked(v_bad), ok)]
         # in-place updates that lock the variable (scatter min/max, assign-add), not read-then-assign:
         # two calls running at once (a function called twice in one step) both count
-        tf.raw_ops.ResourceScatterMin(resource=handles["minmax"], indices=tf.constant([0]), updates=bmin[None])
-        tf.raw_ops.ResourceScatterMax(resource=handles["minmax"], indices=tf.constant([1]), updates=bmax[None])
+        row = tf.constant([1, c])
+        tf.raw_ops.ResourceScatterMin(resource=handles["minmax"], indices=tf.constant([0]), updates=tf.reshape(bmin, row))
+        tf.raw_ops.ResourceScatterMax(resource=handles["minmax"], indices=tf.constant([1]), updates=tf.reshape(bmax, row))
         tf.raw_ops.AssignAddVariableOp(resource=handles["counts"], value=tf.stack([seen, nonfinite]))
         if histogram and axis is None:
             # a sample (HISTOGRAM_SAMPLE), binned at this batch's own exponent and added to that
@@ -538,16 +540,17 @@ def _update_ops(x: Any, sample: Any, handles: Dict[str, Any], specs: Dict[str, A
             # as an argument, one of two calls of a nested XLA function lost its updates)
             h = _sample(tf.reshape(v, [-1]), _sample_spec_ops(tf.shape(x)) if xla else sample)
             m = tf.maximum(tf.abs(bmin), tf.abs(bmax))
-            e = _ceil_log2(tf.where(tf.math.is_finite(m), m, 0.0))[0]
+            e = tf.reshape(_ceil_log2(tf.where(tf.math.is_finite(m), m, 0.0)), [])
+            scale = _pow2(_LOG2_HALF - e)
             if xla:
-                index = _tensor_bin_index(h, e, finite=False)
+                index = _tensor_bin_index(h, scale, finite=False)
             else:  # the masked binning only for a batch with a non-finite value (Switch/Merge, as above)
                 h_bad, h_ok = tf.raw_ops.Switch(data=h, pred=all_finite)
-                index = tf.raw_ops.Merge(inputs=[_tensor_bin_index(h_bad, e, finite=False),
-                                                 _tensor_bin_index(h_ok, e, finite=True)]).output  # fmt: skip
+                index = tf.raw_ops.Merge(inputs=[_tensor_bin_index(h_bad, scale, finite=False),
+                                                 _tensor_bin_index(h_ok, scale, finite=True)]).output  # fmt: skip
             counts = _bincount(index, NUM_BINS + 1)
             tf.raw_ops.ResourceScatterAdd(resource=handles["rows"], indices=tf.reshape(e - _E_MIN, [1]),
-                                          updates=counts[None])  # fmt: skip
+                                          updates=tf.reshape(counts, [1, NUM_BINS + 1]))  # fmt: skip
         elif histogram:
             # (re-binning as the range grows is a read-modify-write: per-channel calls must not overlap)
             mm = read("minmax")
@@ -566,26 +569,27 @@ def _sample(flat: Any, spec: Any) -> Any:
     slice of single values touches a cache line per value, as costly as reading the whole tensor)."""
     import tensorflow as tf
 
-    channels = spec[1]
+    stride, channels = tf.unstack(spec)
     positions = tf.size(flat) // channels
-    stride = tf.minimum(spec[0], tf.maximum(positions, 1))
+    stride = tf.minimum(stride, tf.maximum(positions, 1))
     rows = positions // stride
     run = stride * channels
-    grouped = tf.reshape(flat[: rows * run], tf.stack([rows, run]))
+    grouped = tf.reshape(tf.slice(flat, [0], tf.reshape(rows * run, [1])), tf.stack([rows, run]))
     return tf.reshape(tf.slice(grouped, [0, 0], tf.stack([rows, channels])), [-1])
 
 
-def _tensor_bin_index(h: Any, e: Any, finite: bool) -> Any:
-    """Bin of each value of the 1-D sample ``h`` over ``[-2**e, 2**e]`` (``|h| <= 2**e``, scalar
-    ``e``): ``floor(h * 2**(log2(half) - e)) + half``, exact (a power-of-two scaling and
-    integers); the value ``2**e`` itself gets index ``NUM_BINS`` (folded into the last bin when
-    read). ``finite=False``: non-finite values get ``NUM_BINS + 1`` (dropped by the bincount)."""
+def _tensor_bin_index(h: Any, scale: Any, finite: bool) -> Any:
+    """Bin of each value of the 1-D sample ``h`` over ``[-2**e, 2**e]`` (``|h| <= 2**e``, ``scale``
+    the scalar ``2**(log2(half) - e)``): ``floor(h * scale) + half``, exact (a power-of-two
+    scaling and integers); the value ``2**e`` itself gets index ``NUM_BINS`` (folded into the
+    last bin when read). ``finite=False``: non-finite values get ``NUM_BINS + 1`` (dropped by
+    the bincount)."""
     import tensorflow as tf
 
     if finite:
-        return tf.cast(tf.floor(h * _pow2(_LOG2_HALF - e)) + _HALF, tf.int32)
+        return tf.cast(tf.floor(h * scale) + _HALF, tf.int32)
     ok = tf.math.is_finite(h)
-    b = tf.cast(tf.floor(tf.where(ok, h, 0.0) * _pow2(_LOG2_HALF - e)) + _HALF, tf.int32)
+    b = tf.cast(tf.floor(tf.where(ok, h, 0.0) * scale) + _HALF, tf.int32)
     return tf.where(ok, b, NUM_BINS + 1)
 
 
