@@ -50,6 +50,25 @@ def test_histogram_is_exact_whatever_the_batch_order():
         np.testing.assert_array_equal(s.hist[0], ref)
 
 
+@pytest.mark.parametrize("shape", [(), (7,), (5, 9000), (3, 40, 40, 24), (2, 40, 40, 12), (2, 7, 7, 1280), (1, 3, 5000),
+                                   (4, 64, 64, 3), (0, 128, 128, 8), (2, 1, 30030, 2)])
+def test_sample_spec_constant_and_computed_agree(shape):
+    """The sample's [stride, channels] as a constant from the static shape (Keras, graphs with known shapes)
+    and as computed from the shape tensor (graphs without) are the same, and follow the documented rule."""
+    computed = cal._sample_spec_ops(tf.constant(shape, tf.int32)).numpy().tolist()
+    static = cal.static_sample_spec([None, *shape[1:]] if shape else shape)
+    if static is None:  # the width is the batch (rank 2, sampled): known only with the batch
+        assert len(shape) == 2
+        static = cal.static_sample_spec(shape)
+    if shape and shape[0] == 0:  # an empty batch samples nothing either way
+        return
+    assert list(static) == computed
+    per_example = int(np.prod(shape[1:], dtype=np.int64)) if shape else 1
+    width = shape[-2] if len(shape) >= 2 else 1
+    k = _sample_stride(per_example, width)
+    assert computed == ([1, 1] if k == 1 else [k, shape[-1]])
+
+
 def test_histogram_bin_edges_and_float32_extremes():
     """Values on bin edges, at exactly 2**e (the last bin's closed edge) and at float32's extremes
     (exponent 128) land where numpy puts them, through the merge of every batch's exponent."""
