@@ -265,6 +265,11 @@ class Observer:
         return dict(self._specs)
 
     @property
+    def samples(self) -> bool:
+        """Whether the update reads its ``sample`` argument (a per-tensor histogram; see :func:`sample_spec`)."""
+        return self.histogram and self.axis is None
+
+    @property
     def keys(self) -> Tuple[str, ...]:
         """The observer's variables, in the order :meth:`function_def`'s function takes their handles."""
         return tuple(self._specs)
@@ -309,7 +314,8 @@ class Observer:
                 raise ValueError(f"{self.point!r}: axis {self.axis} has {n} channels, the observer {self.channels}")
         fn = self._generic(x.dtype, x.shape.rank, xla)
         fn.add_to_graph()
-        args = [x, sample_spec(x)] + [self._handle(k) for k in self._specs]
+        sample = sample_spec(x) if self.samples else tf.constant([1, 1])
+        args = [x, sample] + [self._handle(k) for k in self._specs]
         if tf.executing_eagerly():
             (out,) = tf.raw_ops.StatefulPartitionedCall(args=args, Tout=[x.dtype], f=fn, config_proto=no_grappler_config())
             return out

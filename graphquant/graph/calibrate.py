@@ -84,7 +84,7 @@ def splice_observer(ed: GraphEditor, sc: Any, ref: str, dtype: int, observer: en
     fname, fdefs = observer.function_def(dtype, xla=ed.compiled(sc.name))
     lib_name = ed.add_functions(fdefs, fname)
     base = sc.unique(name)
-    inputs = [ref, _splice_sample_spec(ed, sc, ref, dtype, shape, base)]
+    inputs = [ref, _splice_sample_spec(ed, sc, ref, dtype, shape if observer.samples else [], base)]
     for key, (vdtype, shape) in observer.variable_specs().items():
         inputs.append(ed.resource_handle(sc.name, observer.shared_name(key), vdtype.as_datatype_enum, shape,
                                          f"{base}/{key}"))  # fmt: skip
@@ -101,8 +101,9 @@ def splice_observer(ed: GraphEditor, sc: Any, ref: str, dtype: int, observer: en
 
 def _splice_sample_spec(ed: GraphEditor, sc: Any, ref: str, dtype: int, shape: Optional[List[Optional[int]]],
                         base: str) -> str:  # fmt: skip
-    """The input ``sample`` of an observer call on ``ref``: a Const node where ``shape`` tells it, else a
-    call of :func:`~graphquant.calibration.sample_spec_function_def`; returns its output."""
+    """The input ``sample`` of an observer call on ``ref``: a Const node where ``shape`` tells it (``[]``,
+    a scalar's, where the observer does not sample), else a call of
+    :func:`~graphquant.calibration.sample_spec_function_def`; returns its output."""
     import numpy as np
     import tensorflow as tf
     from tensorflow.core.framework import types_pb2
