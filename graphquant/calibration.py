@@ -326,7 +326,7 @@ class Observer:
         the statistics (``sample``: :func:`sample_spec` of ``x``; handles of :attr:`keys`'
         variables, by :meth:`shared_name`), for splicing into a graph (``xla``: into a body XLA
         compiles, see :meth:`update`); the first FunctionDef is the function itself."""
-        return _function_defs(self._generic(dtype, xla=xla))
+        return function_defs(self._generic(dtype, xla=xla))
 
     def stats(self) -> "PointStats":
         """The statistics so far, as numpy arrays."""
@@ -386,10 +386,11 @@ def _call_without_shape_inference(fn: Any, args: list, x: Any) -> Any:
 NO_CALL_SHAPE_INFERENCE = "_disable_call_shape_inference"
 
 
-def _function_defs(cf: Any) -> Tuple[str, list]:
-    """``(name, FunctionDefs)`` of the concrete function ``cf``, itself first, for splicing."""
+def function_defs(cf: Any) -> Tuple[str, list]:
+    """``(name, FunctionDefs)`` of the concrete function ``cf``, itself first, for splicing into a
+    graph (it must capture nothing: spliced, it takes every input as an argument)."""
     if cf.graph.captures:
-        raise ValueError("internal: the observer captured a tensor")
+        raise ValueError(f"internal: {cf.name} captured a tensor")
     name = cf.function_def.signature.name
     lib = [f for f in cf.graph.as_graph_def().library.function if f.signature.name != name]
     return name, [cf.function_def] + lib
@@ -460,7 +461,7 @@ def sample_spec_function_def(dtype: Any) -> Tuple[str, list]:
     if fn is None:
         fn = _GENERIC[key] = tf.function(lambda x: _sample_spec_ops(tf.shape(x)), autograph=False).get_concrete_function(
             tf.TensorSpec(None, dtype))
-    return _function_defs(fn)
+    return function_defs(fn)
 
 
 _INITIAL: Dict[Any, Any] = {}

@@ -133,9 +133,10 @@ class _GraphObservers:
         :meth:`~graphquant.graph.rewrite.GraphEditor.resource_handle` (arguments inside XLA bodies)."""
         from tensorflow.core.framework import node_def_pb2, types_pb2
 
-        fname = cf.function_def.signature.name
-        lib = [f for f in cf.graph.as_graph_def().library.function if f.signature.name != fname]
-        lib_name = ed.add_functions([cf.function_def] + lib, fname)
+        from .. import calibration
+
+        fname, fdefs = calibration.function_defs(cf)
+        lib_name = ed.add_functions(fdefs, fname)
         base = sc.unique(name)
         refs = list(inputs)
         for k, (shared, dtype, shape) in enumerate(handles):
