@@ -88,15 +88,22 @@ def splice_observer(ed: GraphEditor, sc: Any, ref: str, dtype: int, observer: en
     for key, (vdtype, shape) in observer.variable_specs().items():
         inputs.append(ed.resource_handle(sc.name, observer.shared_name(key), vdtype.as_datatype_enum, shape,
                                          f"{base}/{key}"))  # fmt: skip
-    nd = node_def_pb2.NodeDef(name=base, op="StatefulPartitionedCall", input=inputs)
-    nd.attr["Tin"].list.type.extend([dtype, types_pb2.DT_INT32] + [types_pb2.DT_RESOURCE] * (len(inputs) - 2))
-    nd.attr["Tout"].list.type.append(dtype)
-    nd.attr["f"].func.name = lib_name
+    nd = _call_node(base, "StatefulPartitionedCall", inputs,
+                    [dtype, types_pb2.DT_INT32] + [types_pb2.DT_RESOURCE] * (len(inputs) - 2), dtype, lib_name)
+    nd.attr[engine.NO_CALL_SHAPE_INFERENCE].b = True  # importing the graph does not infer shapes through the body
+    return sc.add(nd)
+
+
+def _call_node(name: str, op: str, inputs: List[str], tin: List[int], tout: int, fname: str) -> Any:
+    """A NodeDef calling library function ``fname`` (one output of type ``tout``) with Grappler off."""
+    nd = node_def_pb2.NodeDef(name=name, op=op, input=inputs)
+    nd.attr["Tin"].list.type.extend(tin)
+    nd.attr["Tout"].list.type.append(tout)
+    nd.attr["f"].func.name = fname
     nd.attr["config"].s = b""
     nd.attr["config_proto"].s = engine.no_grappler_config()
     nd.attr["executor_type"].s = b""
-    nd.attr[engine.NO_CALL_SHAPE_INFERENCE].b = True  # importing the graph does not infer shapes through the body
-    return sc.add(nd)
+    return nd
 
 
 def _splice_sample_spec(ed: GraphEditor, sc: Any, ref: str, dtype: int, shape: Optional[List[Optional[int]]],
@@ -115,13 +122,8 @@ def _splice_sample_spec(ed: GraphEditor, sc: Any, ref: str, dtype: int, shape: O
         nd.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(np.array(static, np.int32)))
         return sc.ref(sc.add(nd), 0)
     fname, fdefs = engine.sample_spec_function_def(tf.dtypes.as_dtype(dtype))
-    nd = node_def_pb2.NodeDef(name=sc.unique(f"{base}/sample"), op="PartitionedCall", input=[ref])
-    nd.attr["Tin"].list.type.append(dtype)
-    nd.attr["Tout"].list.type.append(types_pb2.DT_INT32)
-    nd.attr["f"].func.name = ed.add_functions(fdefs, fname)
-    nd.attr["config"].s = b""
-    nd.attr["config_proto"].s = engine.no_grappler_config()
-    nd.attr["executor_type"].s = b""
+    nd = _call_node(sc.unique(f"{base}/sample"), "PartitionedCall", [ref], [dtype], types_pb2.DT_INT32,
+                    ed.add_functions(fdefs, fname))  # fmt: skip
     return sc.ref(sc.add(nd), 0)
 
 
