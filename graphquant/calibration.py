@@ -125,6 +125,10 @@ _PRIMES = _primes_below(1 << 16)
 
 _counter = itertools.count()
 
+#: the shared name TensorFlow reserves for anonymous resources (``ResourceHandle::ANONYMOUS_NAME``):
+#: a VarHandleOp run eagerly with it makes a new variable, owned by the handle it returns
+_ANONYMOUS = "cd2c89b7-88b7-44c8-ad83-06c2a9158347"
+
 
 def no_grappler_config() -> bytes:
     """A serialized ``ConfigProto`` with Grappler off: the ``config_proto`` of observer function calls
@@ -192,26 +196,32 @@ def _ceil_log2(m: Any) -> Any:
 class Observer:
     """The running statistics of one calibrated point, kept in TensorFlow resource variables.
 
-    The variables have process-unique shared names, so the update can be
-    traced anywhere -- eagerly, in a ``tf.function`` (the Keras front end) or
-    as a library function called from an imported or loaded graph (the graph
-    front ends) -- and always updates the same state. Only
-    :meth:`stats` reads them back (once, at the end).
+    :meth:`update` runs eagerly or traced in a ``tf.function`` (the Keras front end: the
+    function captures the variables' handles). With ``shared=True`` the variables
+    also have process-unique shared names, so a graph can refer to them by name: the
+    update as a library function (:meth:`function_def`) spliced into an imported or
+    loaded graph (the graph front ends) updates the same state. Only :meth:`stats`
+    reads them back (once, at the end).
 
     Args:
         point: the point's name (used in errors and logs).
         axis: channel axis for per-channel statistics, or ``None``.
         channels: the size of that axis (1 per tensor).
         histogram: keep a histogram (needed by every method but ``"minmax"``).
+        shared: name the variables (:meth:`shared_name`), created at the first :meth:`initialise`,
+            :meth:`rebind`, :meth:`update` or :meth:`stats`; otherwise they are anonymous (cheaper
+            to create) and created now.
     """
 
-    def __init__(self, point: str, axis: Optional[int] = None, channels: int = 1, histogram: bool = True):
+    def __init__(self, point: str, axis: Optional[int] = None, channels: int = 1, histogram: bool = True,
+                 shared: bool = False):  # fmt: skip
         import tensorflow as tf
 
         self.point = point
         self.axis = axis
         self.channels = int(channels) if axis is not None else 1
         self.histogram = bool(histogram)
+        self.shared = bool(shared)
         self._prefix = f"graphquant_calibration_{os.getpid()}_{next(_counter)}"
         c = self.channels
         self._specs = {
@@ -219,12 +229,15 @@ class Observer:
             "counts": (tf.int64, [2, c]),  # values seen, non-finite values
         }
         if self.histogram and axis is None:  # one row per batch exponent, merged when read
-            self._specs["rows"] = (tf.int64, [_E_MAX - _E_MIN + 1, NUM_BINS + 1])  # + the value 2**e
+            # + the value 2**e, + the number of batches binned in the row (which rows to read)
+            self._specs["rows"] = (tf.int64, [_E_MAX - _E_MIN + 1, NUM_BINS + 2])
         elif self.histogram:
             self._specs["exp"] = (tf.int32, [c])
             self._specs["hist"] = (tf.int64, [c, NUM_BINS])
         self._suffix = ""
-        self._initialise()
+        self._handles: Dict[str, Any] = {}
+        if not self.shared:
+            self._initialise()
 
     @property
     def prefix(self) -> str:
@@ -232,24 +245,43 @@ class Observer:
         return self._prefix
 
     def _initialise(self) -> None:
+        """Create the variables with their initial values; keep their (eager) handles."""
         import tensorflow as tf
 
-        for k in self._specs:
-            tf.raw_ops.AssignVariableOp(resource=self._handle(k), value=_initial_value(k, self.channels))
+        # an anonymous variable lives as long as its handle; a named one (``shared``) until released.
+        # (Eagerly, a VarHandleOp with a new shared name costs 0.5 ms: TensorFlow instantiates a
+        # kernel for each new attribute value. An anonymous one reuses one kernel: 0.03 ms.)
+        with tf.init_scope():  # eagerly, also when first asked for while a function is traced
+            for k, (dtype, shape) in self._specs.items():
+                name = self.shared_name(k) if self.shared else _ANONYMOUS
+                h = tf.raw_ops.VarHandleOp(dtype=dtype, shape=shape, shared_name=name, container="")
+                tf.raw_ops.AssignVariableOp(resource=h, value=_initial_value(k, self.channels))
+                self._handles[k] = h
+
+    def initialise(self) -> None:
+        """Create a ``shared`` observer's variables under their :meth:`shared_name` (done at the first
+        :meth:`update`, :meth:`stats` or :meth:`rebind`): before a graph that refers to them by name runs."""
+        if not self._handles:
+            self._initialise()
 
     def rebind(self, suffix: str) -> None:
         """Use the variables named with ``suffix`` appended (what ``tf.saved_model.load`` does to
         the shared names in the functions it loads); they are initialised now."""
-        if suffix != self._suffix:
+        self._require_shared("rebind")
+        if suffix != self._suffix or not self._handles:
             self.release()
             self._suffix = suffix
             self._initialise()
 
-    def _handle(self, key: str) -> Any:
-        import tensorflow as tf
+    def _require_shared(self, what: str) -> None:
+        if not self.shared:
+            raise ValueError(f"{self.point!r}: {what} needs an observer made with shared=True "
+                             f"(its variables have no name a graph can refer to)")  # fmt: skip
 
-        dtype, shape = self._specs[key]
-        return tf.raw_ops.VarHandleOp(dtype=dtype, shape=shape, shared_name=self.shared_name(key), container="")
+    def _handle(self, key: str) -> Any:
+        """The (eager) handle of variable ``key`` (creating a ``shared`` observer's variables first)."""
+        self.initialise()
+        return self._handles[key]
 
     def _read(self, key: str) -> Any:
         import tensorflow as tf
@@ -257,7 +289,8 @@ class Observer:
         return tf.raw_ops.ReadVariableOp(resource=self._handle(key), dtype=self._specs[key][0])
 
     def shared_name(self, key: str) -> str:
-        """The shared name of variable ``key`` (as the current graph sees it)."""
+        """The shared name of variable ``key`` (as the current graph sees it; ``shared`` observers only)."""
+        self._require_shared("a shared name")
         return f"{self._prefix}/{key}{self._suffix}"
 
     def variable_specs(self) -> Dict[str, Tuple[Any, Any]]:
@@ -337,7 +370,8 @@ class Observer:
             m = max(abs(mm[0, 0]), abs(mm[1, 0]))
             e = _E_MIN if not np.isfinite(m) or m == 0 else min(max(math.ceil(math.log2(m)), _E_MIN), _E_MAX)
             e = e + 1 if 2.0**e < m else e  # guard log2 rounding
-            hist, exp = _merge_rows(*_used_rows(self._read("rows")), e)[None, :], np.array([e])
+            used = _used_rows(self._handle("rows"))
+            hist, exp = _merge_rows(*used, e)[None, :], np.array([e])
         elif self.histogram:
             hist = self._read("hist").numpy()
             exp = self._read("exp").numpy()
@@ -345,12 +379,15 @@ class Observer:
                           self.axis)  # fmt: skip
 
     def release(self) -> None:
-        """Free the variables (the observer is unusable afterwards)."""
+        """Free the variables (an anonymous one once no traced function holds its handle either)."""
         import tensorflow as tf
 
-        for k in self._specs:
+        handles, self._handles = self._handles, {}
+        if not self.shared:
+            return
+        for h in handles.values():
             try:
-                tf.raw_ops.DestroyResourceOp(resource=self._handle(k), ignore_lookup_error=True)
+                tf.raw_ops.DestroyResourceOp(resource=h, ignore_lookup_error=True)
             except Exception:  # pragma: no cover - best effort
                 pass
 
@@ -480,7 +517,7 @@ def _initial_value(key: str, c: int) -> Any:
             "counts": lambda: np.zeros([2, c], np.int64),
             "exp": lambda: np.full(c, _E_MIN, np.int32),
             "hist": lambda: np.zeros([c, NUM_BINS], np.int64),
-            "rows": lambda: np.zeros([_E_MAX - _E_MIN + 1, NUM_BINS + 1], np.int64),
+            "rows": lambda: np.zeros([_E_MAX - _E_MIN + 1, NUM_BINS + 2], np.int64),
         }[key]()
         t = _INITIAL[(key, c)] = tf.constant(value)
     return t
@@ -555,9 +592,9 @@ def _update_ops(x: Any, sample: Any, handles: Dict[str, Any], specs: Dict[str, A
                 h_bad, h_ok = tf.raw_ops.Switch(data=h, pred=all_finite)
                 index = tf.raw_ops.Merge(inputs=[_tensor_bin_index(h_bad, scale, finite=False),
                                                  _tensor_bin_index(h_ok, scale, finite=True)]).output  # fmt: skip
-            counts = _bincount(index, NUM_BINS + 1)
+            counts = tf.concat([_bincount(index, NUM_BINS + 1), tf.constant([1], tf.int64)], 0)  # + this batch
             tf.raw_ops.ResourceScatterAdd(resource=handles["rows"], indices=tf.reshape(e - _E_MIN, [1]),
-                                          updates=tf.reshape(counts, [1, NUM_BINS + 1]))  # fmt: skip
+                                          updates=tf.reshape(counts, [1, NUM_BINS + 2]))  # fmt: skip
         elif histogram:
             # (re-binning as the range grows is a read-modify-write: per-channel calls must not overlap)
             mm = read("minmax")
@@ -663,11 +700,21 @@ def _merge_rows(index: np.ndarray, rows: np.ndarray, e: int) -> np.ndarray:
 
 
 def _used_rows(rows: Any) -> Tuple[np.ndarray, np.ndarray]:
-    """``(row numbers, rows)`` of the rows of the ``rows`` tensor that hold a count: the few exponents the
-    batches had (of a table of a row per exponent)."""
-    rows = rows.numpy()
-    used = np.flatnonzero(rows.any(axis=1))
-    return used, rows[used]
+    """``(row numbers, rows)`` of the rows of the resource variable ``rows`` (a row per exponent, its last
+    column the number of batches binned in it) that binned a batch: the few exponents the batches
+    had; the rows without that column. Only that column and those rows are read (gathers: reading
+    the whole table copies 3 MB per point, as TensorFlow does for a variable updated by scatter ops)."""
+    import tensorflow as tf
+
+    used = np.flatnonzero(tf.raw_ops.ResourceGatherNd(resource=rows, indices=_LAST_COLUMN, dtype=tf.int64).numpy())
+    if not len(used):
+        return used, np.zeros([0, NUM_BINS + 1], np.int64)
+    table = tf.raw_ops.ResourceGather(resource=rows, indices=used.astype(np.int32), dtype=tf.int64).numpy()
+    return used, table[:, : NUM_BINS + 1]
+
+
+#: the indices of the row table's last column (its batch counts), for a gather
+_LAST_COLUMN = np.stack([np.arange(_E_MAX - _E_MIN + 1), np.full(_E_MAX - _E_MIN + 1, NUM_BINS + 1)], 1).astype(np.int32)
 
 
 # --------------------------------------------------------------------------- statistics -> ranges

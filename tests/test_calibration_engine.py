@@ -50,6 +50,64 @@ def test_histogram_is_exact_whatever_the_batch_order():
         np.testing.assert_array_equal(s.hist[0], ref)
 
 
+def test_row_table_counts_the_batches_each_exponent_binned():
+    """The per-tensor histogram's rows: one per batch exponent, its last column counting the batches binned
+    in it, which is how the read finds the few rows to gather; the rows hold every sampled value."""
+    scales = (1.5, 1.25, 300.0, 1.5)  # exponents 1, 1, 9 (whatever the draw: |x| <= 1.5 * 1 < 2), 1
+    batches = [np.clip(RNG.normal(size=(4, 300)), -1, 1).astype("float32") * s for s in scales]
+    o = cal.Observer("p")
+    try:
+        f = tf.function(lambda x: o.update(x))
+        for b in batches:
+            f(tf.constant(b))
+        exps = [int(np.ceil(np.log2(np.abs(b).max()))) for b in batches]
+        column = tf.raw_ops.ResourceGatherNd(resource=o._handle("rows"), indices=cal._LAST_COLUMN, dtype=tf.int64).numpy()
+        expected = np.zeros_like(column)
+        for e in exps:
+            expected[e - cal._E_MIN] += 1
+        np.testing.assert_array_equal(column, expected)
+        used, rows = cal._used_rows(o._handle("rows"))
+        assert used.tolist() == sorted({e - cal._E_MIN for e in exps})
+        assert rows.shape == (len(used), cal.NUM_BINS + 1) and rows.sum() == sum(b.size for b in batches)
+        s = o.stats()
+        assert s.seen == sum(b.size for b in batches) and s.hist.sum() == s.seen
+    finally:
+        o.release()
+
+
+def test_anonymous_and_shared_observers():
+    """An observer's variables are anonymous (a traced function captures their handles) unless ``shared``:
+    then they have names a graph refers to, created only when first needed (a loaded SavedModel's observers
+    are created under the names the load gives them, not twice)."""
+    anon = cal.Observer("p")
+    with pytest.raises(ValueError, match="'p'.*shared=True"):
+        anon.shared_name("minmax")
+    with pytest.raises(ValueError, match="shared=True"):
+        anon.rebind("_load_1")
+    named = cal.Observer("q", shared=True)
+
+    def exists(name, dtype):
+        h = tf.raw_ops.VarHandleOp(dtype=dtype, shape=None, shared_name=name, container="")
+        return bool(tf.raw_ops.VarIsInitializedOp(resource=h))
+
+    try:
+        assert not exists(named.shared_name("minmax"), tf.float32)  # not created yet
+        named.initialise()
+        assert exists(named.shared_name("minmax"), tf.float32) and exists(named.shared_name("rows"), tf.int64)
+        named.rebind("_load_7")
+        assert named.shared_name("minmax").endswith("/minmax_load_7")
+        assert exists(named.shared_name("minmax"), tf.float32)
+        assert not exists(named.shared_name("minmax")[: -len("_load_7")], tf.float32)  # the first ones freed
+        for o in (anon, named):
+            o.update(tf.constant([[-2.0, 3.0]]))
+            s = o.stats()
+            assert (s.lo[0], s.hi[0], s.seen) == (-2.0, 3.0, 2)
+    finally:
+        anon.release()
+        named.release()
+    assert not exists(named.shared_name("minmax"), tf.float32)
+
+
 @pytest.mark.parametrize("shape", [(), (7,), (5, 9000), (3, 40, 40, 24), (2, 40, 40, 12), (2, 7, 7, 1280), (1, 3, 5000),
                                    (4, 64, 64, 3), (0, 128, 128, 8), (2, 1, 30030, 2)])
 def test_sample_spec_constant_and_computed_agree(shape):

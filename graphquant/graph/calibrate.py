@@ -55,9 +55,15 @@ class RangeCollector:
         """The observer of the tensor at ``path`` (made at the first call; ``fmt``: the point's format,
         which bounds the range the method may choose)."""
         if path not in self.observers:
-            self.observers[path] = engine.Observer(path, histogram=self.method != "minmax")
+            self.observers[path] = engine.Observer(path, histogram=self.method != "minmax", shared=True)
             self.formats[path] = fmt
         return self.observers[path]
+
+    def initialise(self) -> None:
+        """Create the observers' variables: before a graph they are spliced into runs (a loaded
+        SavedModel's are created by :func:`~graphquant.calibration.rebind_loaded` instead)."""
+        for o in self.observers.values():
+            o.initialise()
 
     def ranges(self, what: str = "calibration_data") -> Dict[str, Tuple[float, float]]:
         """``{path: (lo, hi)}``, widened to include 0 and to at least ``MIN_RANGE_WIDTH``.

@@ -308,6 +308,7 @@ def _calibrate(cf: Any, gd: Any, plan: Plan, data: Any, method: str, percentile:
     _rename_edited(obs, {f.signature.name: f for f in gd.library.function})
     runner = _import(obs, cf, obs_redirects)
     try:
+        collector.initialise()
         batches = calibration_batches(data, check=lambda b: _check_flat(cf, b))
         for batch in progress(batches, "calibrating", verbose):
             _run_flat(runner, cf, batch)
