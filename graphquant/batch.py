@@ -824,6 +824,7 @@ def _run_dask(client: Any, todo: List[Tuple[str, str, str, str]], opts: Dict[str
                              [opts] * len(todo), key=list(keys), pure=False)
         for key, _, _, _ in todo:
             recorder.started(key)
+    released: set = set()
     try:
         for future in as_completed(futures):
             try:
@@ -834,5 +835,10 @@ def _run_dask(client: Any, todo: List[Tuple[str, str, str, str]], opts: Dict[str
                 msg = str(e).splitlines()[0] if str(e) else ""
                 rec = {"status": "failed", "error": f"Dask task failed ({type(e).__name__}: {msg})", "seconds": 0.0}
             recorder.finished(keys[future.key], rec)
+            # forget it at once: the scheduler recomputes a result it still holds for a client
+            # when the worker keeping it dies, and that second run of the model would still be
+            # writing its output after the batch returned
+            future.release()
+            released.add(future.key)
     finally:
-        client.cancel([f for f in futures if not f.done()])
+        client.cancel([f for f in futures if f.key not in released and not f.done()])
