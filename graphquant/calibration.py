@@ -753,10 +753,6 @@ def _grid(fmt: Any) -> Tuple[int, bool, bool]:
     raise TypeError(f"calibration needs a FixedPoint or Affine format, got {fmt!r}")
 
 
-def _centres(width: float) -> np.ndarray:
-    return (np.arange(NUM_BINS) - _HALF + 0.5) * width
-
-
 def percentile_range(h: np.ndarray, width: float, lo: float, hi: float, p: float) -> Tuple[float, float]:
     """``(100 - p, p)`` percentiles of histogram ``h`` (bins of ``width`` from ``-NUM_BINS/2 * width``),
     linearly interpolated inside a bin, clamped to ``[lo, hi]``."""
@@ -784,18 +780,24 @@ def mse_range(h: np.ndarray, width: float, lo: float, hi: float, fmt: Any) -> Tu
     if symmetric:
         m = max(-lo, hi)
         lo, hi = -m, m
-    x = _centres(width)
-    nz = h > 0
-    x, w = x[nz], h[nz].astype(np.float64)
-    a = np.arange(1, MSE_CANDIDATES + 1, dtype=np.float64)[:, None] / MSE_CANDIDATES
+    # every candidate at once from prefix sums over the non-empty bins (centres x ascending, counts w):
+    # below c_lo the clipping error is sum w (x - c_lo)**2 = WX2 - 2 c_lo WX + c_lo**2 W over those
+    # bins, likewise above the top; every value inside adds step**2 / 12
+    nz = np.flatnonzero(h)
+    x = (nz - _HALF + 0.5) * width
+    w = h[nz].astype(np.float64)
+    W, WX, WX2 = (np.concatenate([[0.0], np.cumsum(t)]) for t in (w, w * x, w * x * x))
+    a = np.arange(1, MSE_CANDIDATES + 1, dtype=np.float64) / MSE_CANDIDATES
     c_lo, c_hi = a * lo, a * hi
     step = (c_hi - c_lo) / steps
     top = c_hi - step if fixed else c_hi  # a fixed-point grid stops one step below hi
-    clipped = np.clip(x[None, :], c_lo, top)
-    inside = (x[None, :] >= c_lo) & (x[None, :] <= top)
-    err = np.sum(w * ((x[None, :] - clipped) ** 2 + np.where(inside, step**2 / 12.0, 0.0)), axis=1)
+    i = np.searchsorted(x, c_lo, side="left")  # bins [0, i) lie below c_lo
+    j = np.maximum(np.searchsorted(x, top, side="right"), i)  # bins [j, n) above the top
+    below = WX2[i] - 2 * c_lo * WX[i] + c_lo**2 * W[i]
+    above = (WX2[-1] - WX2[j]) - 2 * top * (WX[-1] - WX[j]) + top**2 * (W[-1] - W[j])
+    err = below + above + (W[j] - W[i]) * step**2 / 12.0
     best = int(np.argmin(err))
-    return float(c_lo[best, 0]), float(c_hi[best, 0])
+    return float(c_lo[best]), float(c_hi[best])
 
 
 def _kl_threshold(bins: np.ndarray, levels: int) -> int:

@@ -250,6 +250,42 @@ def test_mse_matches_a_brute_force_search_on_the_data(fmt):
         assert hi < 0.5 * x.max() and err(lo, hi) < 0.5 * err(0.0, float(x.max()))
 
 
+def _mse_by_definition(h, width, lo, hi, fmt):
+    """The "mse" search written out: every candidate range against every bin centre."""
+    steps, symmetric, fixed = cal._grid(fmt)
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if symmetric:
+        lo, hi = -max(-lo, hi), max(-lo, hi)
+    x = (np.arange(cal.NUM_BINS) - cal.NUM_BINS // 2 + 0.5) * width
+    nz = h > 0
+    x, w = x[nz], h[nz].astype(np.float64)
+    a = np.arange(1, cal.MSE_CANDIDATES + 1)[:, None] / cal.MSE_CANDIDATES
+    c_lo, c_hi = a * lo, a * hi
+    step = (c_hi - c_lo) / steps
+    top = c_hi - step if fixed else c_hi
+    inside = (x[None, :] >= c_lo) & (x[None, :] <= top)
+    err = np.sum(w * ((x[None, :] - np.clip(x[None, :], c_lo, top)) ** 2 + np.where(inside, step**2 / 12, 0.0)), axis=1)
+    best = int(np.argmin(err))
+    return float(c_lo[best, 0]), float(c_hi[best, 0])
+
+
+def test_mse_range_is_the_search_by_definition():
+    """``mse_range`` (prefix sums over the bins) picks the same candidate as evaluating every candidate on
+    every bin, on histograms of every kind of data and for fixed-point, affine and narrow-range grids."""
+    rng = np.random.default_rng(1)
+    fmts = [Affine(8), Affine(4), Affine(8, narrow_range=True), FixedPoint(8, range=(0.0, 1.0)), FixedPoint(3, range=(0.0, 1.0))]
+    for trial in range(60):
+        size = int(rng.integers(10, 50000))
+        x = [rng.standard_t(3, size), np.abs(rng.standard_t(2, size)), rng.normal(size=size) * 50,
+             np.clip(rng.normal(size=size), 0, 6), -np.abs(rng.normal(size=size))][trial % 5].astype(np.float32)  # fmt: skip
+        e = int(np.ceil(np.log2(np.abs(x).max())))
+        h, _ = np.histogram(x.astype(np.float64), bins=cal.NUM_BINS, range=(-(2.0**e), 2.0**e))
+        width = 2.0 ** (e + 1) / cal.NUM_BINS
+        for fmt in fmts:
+            args = (h, width, float(x.min()), float(x.max()), fmt)
+            assert cal.mse_range(*args) == _mse_by_definition(*args), (trial, fmt)
+
+
 def _trt_entropy(x, levels, bins=cal.NUM_BINS // 2):
     """TensorRT's procedure written out directly: histogram of |x| on [0, 2**e], one candidate at a time."""
     a = np.abs(x[np.isfinite(x)]).astype(np.float64)
