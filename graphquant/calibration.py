@@ -25,8 +25,9 @@ running at once (a function called twice in one step) both count:
   Bins at exponents ``e' < e`` nest exactly in these (``2**(e-e')`` into one), so
   one pass gives the histogram a second pass over the final range would,
   whatever the order of the batches. Per tensor, each batch is binned at its
-  own exponent and added (scatter-add, race-free) to that exponent's row; the
-  rows are merged when read. The histogram takes a sample of each batch, about
+  own exponent and added (scatter-add, race-free) to that exponent's row, whose
+  last column counts the batches binned in it; only those rows are read, and
+  merged. The histogram takes a sample of each batch, about
   :data:`HISTOGRAM_SAMPLE` values per example, in whole positions (every value
   of the last axis at one position: every channel is sampled alike, and the
   sample reads one run of memory per position instead of one cache line per
