@@ -225,16 +225,16 @@ class Observer:
         self.shared = bool(shared)
         self._prefix = f"graphquant_calibration_{os.getpid()}_{next(_counter)}"
         c = self.channels
-        self._specs = {
-            "minmax": (tf.float32, [2, c]),
-            "counts": (tf.int64, [2, c]),  # values seen, non-finite values
-        }
-        if self.histogram and axis is None:  # one row per batch exponent, merged when read
-            # + the value 2**e, + the number of batches binned in the row (which rows to read)
-            self._specs["rows"] = (tf.int64, [_E_MAX - _E_MIN + 1, NUM_BINS + 2])
-        elif self.histogram:
-            self._specs["exp"] = (tf.int32, [c])
-            self._specs["hist"] = (tf.int64, [c, NUM_BINS])
+        if axis is None:  # per tensor: one table (see _table_shape), one variable to create, name and pass
+            self._specs = {"table": (tf.int64, list(_table_shape(self.histogram)))}
+        else:
+            self._specs = {
+                "minmax": (tf.float32, [2, c]),
+                "counts": (tf.int64, [2, c]),  # values seen, non-finite values
+            }
+            if self.histogram:
+                self._specs["exp"] = (tf.int32, [c])
+                self._specs["hist"] = (tf.int64, [c, NUM_BINS])
         self._suffix = ""
         self._handles: Dict[str, Any] = {}
         if not self.shared:
@@ -256,7 +256,7 @@ class Observer:
             for k, (dtype, shape) in self._specs.items():
                 name = self.shared_name(k) if self.shared else _ANONYMOUS
                 h = tf.raw_ops.VarHandleOp(dtype=dtype, shape=shape, shared_name=name, container="")
-                tf.raw_ops.AssignVariableOp(resource=h, value=_initial_value(k, self.channels))
+                tf.raw_ops.AssignVariableOp(resource=h, value=_initial_value(k, self.channels, self.histogram))
                 self._handles[k] = h
 
     def initialise(self) -> None:
@@ -364,16 +364,24 @@ class Observer:
 
     def stats(self) -> "PointStats":
         """The statistics so far, as numpy arrays."""
+        import tensorflow as tf
+
+        hist = exp = None
+        if "table" in self._specs:
+            r = _table_shape(self.histogram)[0] - 3
+            table = self._handle("table")
+            tail = tf.raw_ops.ResourceGather(resource=table, indices=[r, r + 1, r + 2], dtype=tf.int64).numpy()
+            counts = tail[0, :2, None]
+            mm = _from_order_key(tail[1:, :1]).astype(np.float64)
+            if self.histogram:
+                m = max(abs(mm[0, 0]), abs(mm[1, 0]))
+                e = _E_MIN if not np.isfinite(m) or m == 0 else min(max(math.ceil(math.log2(m)), _E_MIN), _E_MAX)
+                e = e + 1 if 2.0**e < m else e  # guard log2 rounding
+                hist, exp = _merge_rows(*_used_rows(table), e)[None, :], np.array([e])
+            return PointStats(self.point, mm[0], mm[1], int(counts[0].sum()), int(counts[1].sum()), hist, exp, None)
         mm = self._read("minmax").numpy().astype(np.float64)
         counts = self._read("counts").numpy()
-        hist = exp = None
-        if "rows" in self._specs:
-            m = max(abs(mm[0, 0]), abs(mm[1, 0]))
-            e = _E_MIN if not np.isfinite(m) or m == 0 else min(max(math.ceil(math.log2(m)), _E_MIN), _E_MAX)
-            e = e + 1 if 2.0**e < m else e  # guard log2 rounding
-            used = _used_rows(self._handle("rows"))
-            hist, exp = _merge_rows(*used, e)[None, :], np.array([e])
-        elif self.histogram:
+        if self.histogram:
             hist = self._read("hist").numpy()
             exp = self._read("exp").numpy()
         return PointStats(self.point, mm[0], mm[1], int(counts[0].sum()), int(counts[1].sum()), hist, exp,
@@ -505,22 +513,55 @@ def sample_spec_function_def(dtype: Any) -> Tuple[str, list]:
 _INITIAL: Dict[Any, Any] = {}
 
 
-def _initial_value(key: str, c: int) -> Any:
+def _table_shape(histogram: bool) -> Tuple[int, int]:
+    """Shape of a per-tensor observer's table (int64): with a histogram, a row per batch exponent
+    ``r + _E_MIN`` (:data:`NUM_BINS` bins, the count of the value ``2**e`` itself, the number of
+    batches binned in the row); then a row of counts (values seen, non-finite values), a row holding
+    the minimum and one holding the maximum (:func:`_order_key`s, the whole row alike: a scatter
+    min/max updates whole rows)."""
+    if histogram:
+        return _E_MAX - _E_MIN + 1 + 3, NUM_BINS + 2
+    return 3, 2
+
+
+def _order_key(f: Any) -> Any:
+    """int64 keys of float32 ``f`` in the floats' order (``-0.0`` just below ``0.0``): the bits, with
+    the magnitude bits of negative numbers inverted. Exact and invertible (:func:`_from_order_key`)."""
+    import tensorflow as tf
+
+    i = tf.bitcast(f, tf.int32)
+    return tf.cast(tf.bitwise.bitwise_xor(i, tf.bitwise.bitwise_and(tf.bitwise.right_shift(i, 31), 0x7FFFFFFF)), tf.int64)
+
+
+def _from_order_key(k: np.ndarray) -> np.ndarray:
+    """The float32 values of :func:`_order_key` keys ``k``."""
+    i = np.asarray(k).astype(np.int32)
+    return np.where(i < 0, i ^ np.int32(0x7FFFFFFF), i).astype(np.int32).view(np.float32)
+
+
+def _initial_value(key: str, c: int, histogram: bool = True) -> Any:
     """The initial value of an observer's variable ``key`` with ``c`` channels (one tensor per
     kind, shared: a variable that is updated copies it first, as TensorFlow does for any
     buffer it does not own alone)."""
     import tensorflow as tf
 
-    t = _INITIAL.get((key, c))
+    def table():
+        rows, width = _table_shape(histogram)
+        t = np.zeros([rows, width], np.int64)
+        inf = np.array([np.inf, -np.inf], np.float32).view(np.int32).astype(np.int64)
+        t[-2], t[-1] = inf[0], -1 - (inf[1] & 0x7FFFFFFF)  # the keys of +inf (min) and -inf (max)
+        return t
+
+    t = _INITIAL.get((key, c, histogram))
     if t is None:
         value = {
+            "table": table,
             "minmax": lambda: np.stack([np.full(c, np.inf, np.float32), np.full(c, -np.inf, np.float32)]),
             "counts": lambda: np.zeros([2, c], np.int64),
             "exp": lambda: np.full(c, _E_MIN, np.int32),
             "hist": lambda: np.zeros([c, NUM_BINS], np.int64),
-            "rows": lambda: np.zeros([_E_MAX - _E_MIN + 1, NUM_BINS + 2], np.int64),
         }[key]()
-        t = _INITIAL[(key, c)] = tf.constant(value)
+        t = _INITIAL[(key, c, histogram)] = tf.constant(value)
     return t
 
 
@@ -576,10 +617,22 @@ def _update_ops(x: Any, sample: Any, handles: Dict[str, Any], specs: Dict[str, A
             bmin, bmax, nonfinite = [tf.raw_ops.Merge(inputs=[a, b]).output for a, b in zip(masked(v_bad), ok)]
         # in-place updates that lock the variable (scatter min/max, assign-add), not read-then-assign:
         # two calls running at once (a function called twice in one step) both count
-        row = tf.constant([1, c])
-        tf.raw_ops.ResourceScatterMin(resource=handles["minmax"], indices=tf.constant([0]), updates=tf.reshape(bmin, row))
-        tf.raw_ops.ResourceScatterMax(resource=handles["minmax"], indices=tf.constant([1]), updates=tf.reshape(bmax, row))
-        tf.raw_ops.AssignAddVariableOp(resource=handles["counts"], value=tf.stack([seen, nonfinite]))
+        if axis is None:  # the table: min and max as order keys, filling their rows; counts in theirs
+            r, width = _table_shape(histogram)
+            r -= 3
+            table = handles["table"]
+            tf.raw_ops.ResourceScatterMin(resource=table, indices=tf.constant([r + 1]),
+                                          updates=tf.fill([1, width], _order_key(bmin)[0]))  # fmt: skip
+            tf.raw_ops.ResourceScatterMax(resource=table, indices=tf.constant([r + 2]),
+                                          updates=tf.fill([1, width], _order_key(bmax)[0]))  # fmt: skip
+            counts = tf.concat([seen, nonfinite, tf.zeros([width - 2], tf.int64)], 0)[None]
+        else:
+            row = tf.constant([1, c])
+            tf.raw_ops.ResourceScatterMin(resource=handles["minmax"], indices=tf.constant([0]), updates=tf.reshape(bmin, row))
+            tf.raw_ops.ResourceScatterMax(resource=handles["minmax"], indices=tf.constant([1]), updates=tf.reshape(bmax, row))
+            tf.raw_ops.AssignAddVariableOp(resource=handles["counts"], value=tf.stack([seen, nonfinite]))
+        if axis is None and not histogram:
+            tf.raw_ops.ResourceScatterAdd(resource=table, indices=tf.constant([r]), updates=counts)
         if histogram and axis is None:
             # a sample (HISTOGRAM_SAMPLE), binned at this batch's own exponent and added to that
             # exponent's row (a scatter-add: concurrent calls both count); the rows are merged
@@ -596,9 +649,10 @@ def _update_ops(x: Any, sample: Any, handles: Dict[str, Any], specs: Dict[str, A
                 h_bad, h_ok = tf.raw_ops.Switch(data=h, pred=all_finite)
                 index = tf.raw_ops.Merge(inputs=[_tensor_bin_index(h_bad, scale, finite=False),
                                                  _tensor_bin_index(h_ok, scale, finite=True)]).output  # fmt: skip
-            counts = tf.concat([_bincount(index, NUM_BINS + 1), tf.constant([1], tf.int64)], 0)  # + this batch
-            tf.raw_ops.ResourceScatterAdd(resource=handles["rows"], indices=tf.reshape(e - _E_MIN, [1]),
-                                          updates=tf.reshape(counts, [1, NUM_BINS + 2]))  # fmt: skip
+            binned = tf.concat([_bincount(index, NUM_BINS + 1), tf.constant([1], tf.int64)], 0)  # + this batch
+            # one scatter-add: the exponent's row and the counts' row
+            tf.raw_ops.ResourceScatterAdd(resource=table, indices=tf.stack([tf.reshape(e - _E_MIN, []), r]),
+                                          updates=tf.concat([binned[None], counts], 0))  # fmt: skip
         elif histogram:
             # (re-binning as the range grows is a read-modify-write: per-channel calls must not overlap)
             mm = read("minmax")

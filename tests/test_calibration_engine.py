@@ -61,12 +61,12 @@ def test_row_table_counts_the_batches_each_exponent_binned():
         for b in batches:
             f(tf.constant(b))
         exps = [int(np.ceil(np.log2(np.abs(b).max()))) for b in batches]
-        column = tf.raw_ops.ResourceGatherNd(resource=o._handle("rows"), indices=cal._LAST_COLUMN, dtype=tf.int64).numpy()
+        column = tf.raw_ops.ResourceGatherNd(resource=o._handle("table"), indices=cal._LAST_COLUMN, dtype=tf.int64).numpy()
         expected = np.zeros_like(column)
         for e in exps:
             expected[e - cal._E_MIN] += 1
         np.testing.assert_array_equal(column, expected)
-        used, rows = cal._used_rows(o._handle("rows"))
+        used, rows = cal._used_rows(o._handle("table"))
         assert used.tolist() == sorted({e - cal._E_MIN for e in exps})
         assert rows.shape == (len(used), cal.NUM_BINS + 1) and rows.sum() == sum(b.size for b in batches)
         s = o.stats()
@@ -81,7 +81,7 @@ def test_anonymous_and_shared_observers():
     are created under the names the load gives them, not twice)."""
     anon = cal.Observer("p")
     with pytest.raises(ValueError, match="'p'.*shared=True"):
-        anon.shared_name("minmax")
+        anon.shared_name("table")
     with pytest.raises(ValueError, match="shared=True"):
         anon.rebind("_load_1")
     named = cal.Observer("q", shared=True)
@@ -91,13 +91,14 @@ def test_anonymous_and_shared_observers():
         return bool(tf.raw_ops.VarIsInitializedOp(resource=h))
 
     try:
-        assert not exists(named.shared_name("minmax"), tf.float32)  # not created yet
+        assert named.keys == ("table",)  # per tensor: one variable
+        assert not exists(named.shared_name("table"), tf.int64)  # not created yet
         named.initialise()
-        assert exists(named.shared_name("minmax"), tf.float32) and exists(named.shared_name("rows"), tf.int64)
+        assert exists(named.shared_name("table"), tf.int64)
         named.rebind("_load_7")
-        assert named.shared_name("minmax").endswith("/minmax_load_7")
-        assert exists(named.shared_name("minmax"), tf.float32)
-        assert not exists(named.shared_name("minmax")[: -len("_load_7")], tf.float32)  # the first ones freed
+        assert named.shared_name("table").endswith("/table_load_7")
+        assert exists(named.shared_name("table"), tf.int64)
+        assert not exists(named.shared_name("table")[: -len("_load_7")], tf.int64)  # the first one freed
         for o in (anon, named):
             o.update(tf.constant([[-2.0, 3.0]]))
             s = o.stats()
@@ -105,7 +106,7 @@ def test_anonymous_and_shared_observers():
     finally:
         anon.release()
         named.release()
-    assert not exists(named.shared_name("minmax"), tf.float32)
+    assert not exists(named.shared_name("table"), tf.int64)
 
 
 @pytest.mark.parametrize("shape", [(), (7,), (5, 9000), (3, 40, 40, 24), (2, 40, 40, 12), (2, 7, 7, 1280), (1, 3, 5000),
@@ -641,7 +642,7 @@ def test_function_calibrates_the_same_with_and_without_xla(method):
         compiled = {name for name in lib if "body" in name or "block" in name}
         assert handles and not handles & compiled  # no VarHandleOp where XLA compiles
         for name in compiled:
-            assert sum(a.type == tf.resource.as_datatype_enum for a in lib[name].signature.input_arg) >= 2
+            assert sum(a.type == tf.resource.as_datatype_enum for a in lib[name].signature.input_arg) >= 1  # the table
     finally:
         col.release()
     data = RNG.normal(size=(10, 8, 8, 2)).astype("float32")
