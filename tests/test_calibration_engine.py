@@ -75,6 +75,21 @@ def test_row_table_counts_the_batches_each_exponent_binned():
         o.release()
 
 
+def test_order_keys_sort_like_the_floats_and_invert_exactly():
+    """A per-tensor observer keeps min and max in its int64 table as order keys: they must sort exactly as the
+    float32 values (denormals, signed zeros, infinities, neighbours one ulp apart) and decode to the same bits."""
+    f32 = np.finfo(np.float32)
+    special = [-np.inf, -f32.max, -1.0, np.nextafter(np.float32(-1), np.float32(0)), -f32.tiny, -f32.smallest_subnormal,
+               -0.0, 0.0, f32.smallest_subnormal, f32.tiny, 1.0, np.nextafter(np.float32(1), np.float32(2)), f32.max, np.inf]
+    x = np.concatenate([np.array(special, np.float32), RNG.standard_cauchy(2000).astype(np.float32)])
+    keys = cal._order_key(tf.constant(x)).numpy()
+    assert keys.dtype == np.int64
+    order = np.argsort(keys, kind="stable")
+    assert np.all(np.diff(x[order]) >= 0)  # sorted by key is sorted by value
+    assert keys[6] < keys[7]  # -0.0 just below 0.0
+    np.testing.assert_array_equal(cal._from_order_key(keys).view(np.int32), x.view(np.int32))  # the same bits back
+
+
 def test_anonymous_and_shared_observers():
     """An observer's variables are anonymous (a traced function captures their handles) unless ``shared``:
     then they have names a graph refers to, created only when first needed (a loaded SavedModel's observers
