@@ -626,13 +626,13 @@ def _update_ops(x: Any, sample: Any, handles: Dict[str, Any], specs: Dict[str, A
             tf.raw_ops.ResourceScatterMax(resource=table, indices=tf.constant([r + 2]),
                                           updates=tf.fill([1, width], _order_key(bmax)[0]))  # fmt: skip
             counts = tf.concat([seen, nonfinite, tf.zeros([width - 2], tf.int64)], 0)[None]
+            if not histogram:  # (with one, the counts go in the histogram's scatter-add below)
+                tf.raw_ops.ResourceScatterAdd(resource=table, indices=tf.constant([r]), updates=counts)
         else:
             row = tf.constant([1, c])
             tf.raw_ops.ResourceScatterMin(resource=handles["minmax"], indices=tf.constant([0]), updates=tf.reshape(bmin, row))
             tf.raw_ops.ResourceScatterMax(resource=handles["minmax"], indices=tf.constant([1]), updates=tf.reshape(bmax, row))
             tf.raw_ops.AssignAddVariableOp(resource=handles["counts"], value=tf.stack([seen, nonfinite]))
-        if axis is None and not histogram:
-            tf.raw_ops.ResourceScatterAdd(resource=table, indices=tf.constant([r]), updates=counts)
         if histogram and axis is None:
             # a sample (HISTOGRAM_SAMPLE), binned at this batch's own exponent and added to that
             # exponent's row (a scatter-add: concurrent calls both count); the rows are merged
