@@ -368,7 +368,7 @@ class Observer:
 
         hist = exp = None
         if "table" in self._specs:
-            r = _table_shape(self.histogram)[0] - 3
+            r = _counts_row(self.histogram)
             table = self._handle("table")
             tail = tf.raw_ops.ResourceGather(resource=table, indices=[r, r + 1, r + 2], dtype=tf.int64).numpy()
             counts = tail[0, :2, None]
@@ -524,6 +524,11 @@ def _table_shape(histogram: bool) -> Tuple[int, int]:
     return 3, 2
 
 
+def _counts_row(histogram: bool) -> int:
+    """The row of the counts in :func:`_table_shape`'s table; the min's and the max's follow it."""
+    return _table_shape(histogram)[0] - 3
+
+
 def _order_key(f: Any) -> Any:
     """int64 keys of float32 ``f`` in the floats' order (``-0.0`` just below ``0.0``): the bits, with
     the magnitude bits of negative numbers inverted. Exact and invertible (:func:`_from_order_key`)."""
@@ -618,8 +623,7 @@ def _update_ops(x: Any, sample: Any, handles: Dict[str, Any], specs: Dict[str, A
         # in-place updates that lock the variable (scatter min/max, assign-add), not read-then-assign:
         # two calls running at once (a function called twice in one step) both count
         if axis is None:  # the table: min and max as order keys, filling their rows; counts in theirs
-            r, width = _table_shape(histogram)
-            r -= 3
+            r, width = _counts_row(histogram), _table_shape(histogram)[1]
             table = handles["table"]
             tf.raw_ops.ResourceScatterMin(resource=table, indices=tf.constant([r + 1]),
                                           updates=tf.fill([1, width], _order_key(bmin)[0]))  # fmt: skip
@@ -757,21 +761,22 @@ def _merge_rows(index: np.ndarray, rows: np.ndarray, e: int) -> np.ndarray:
     return out[:NUM_BINS]
 
 
-def _used_rows(rows: Any) -> Tuple[np.ndarray, np.ndarray]:
-    """``(row numbers, rows)`` of the rows of the resource variable ``rows`` (a row per exponent, its last
-    column the number of batches binned in it) that binned a batch: the few exponents the batches
-    had; the rows without that column. Only that column and those rows are read (gathers: reading
-    the whole table copies 3 MB per point, as TensorFlow does for a variable updated by scatter ops)."""
+def _used_rows(table: Any) -> Tuple[np.ndarray, np.ndarray]:
+    """``(row numbers, rows)`` of the histogram rows of the resource variable ``table`` (see
+    :func:`_table_shape`: a row per exponent, its last column the number of batches binned in it) that
+    binned a batch: the few exponents the batches had; the rows without that column. Only that column
+    and those rows are read (gathers: reading the whole table copies 3 MB per point, as TensorFlow
+    does for a variable updated by scatter ops)."""
     import tensorflow as tf
 
-    used = np.flatnonzero(tf.raw_ops.ResourceGatherNd(resource=rows, indices=_LAST_COLUMN, dtype=tf.int64).numpy())
+    used = np.flatnonzero(tf.raw_ops.ResourceGatherNd(resource=table, indices=_LAST_COLUMN, dtype=tf.int64).numpy())
     if not len(used):
         return used, np.zeros([0, NUM_BINS + 1], np.int64)
-    table = tf.raw_ops.ResourceGather(resource=rows, indices=used.astype(np.int32), dtype=tf.int64).numpy()
-    return used, table[:, : NUM_BINS + 1]
+    rows = tf.raw_ops.ResourceGather(resource=table, indices=used.astype(np.int32), dtype=tf.int64).numpy()
+    return used, rows[:, : NUM_BINS + 1]
 
 
-#: the indices of the row table's last column (its batch counts), for a gather
+#: the indices of the histogram rows' last column (their batch counts), for a gather
 _LAST_COLUMN = np.stack([np.arange(_E_MAX - _E_MIN + 1), np.full(_E_MAX - _E_MIN + 1, NUM_BINS + 1)], 1).astype(np.int32)
 
 
