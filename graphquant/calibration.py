@@ -371,14 +371,13 @@ class Observer:
             r = _counts_row(self.histogram)
             table = self._handle("table")
             tail = tf.raw_ops.ResourceGather(resource=table, indices=[r, r + 1, r + 2], dtype=tf.int64).numpy()
-            counts = tail[0, :2, None]
             mm = _from_order_key(tail[1:, :1]).astype(np.float64)
             if self.histogram:
                 m = max(abs(mm[0, 0]), abs(mm[1, 0]))
                 e = _E_MIN if not np.isfinite(m) or m == 0 else min(max(math.ceil(math.log2(m)), _E_MIN), _E_MAX)
                 e = e + 1 if 2.0**e < m else e  # guard log2 rounding
                 hist, exp = _merge_rows(*_used_rows(table), e)[None, :], np.array([e])
-            return PointStats(self.point, mm[0], mm[1], int(counts[0].sum()), int(counts[1].sum()), hist, exp, None)
+            return PointStats(self.point, mm[0], mm[1], int(tail[0, 0]), int(tail[0, 1]), hist, exp, None)
         mm = self._read("minmax").numpy().astype(np.float64)
         counts = self._read("counts").numpy()
         if self.histogram:
