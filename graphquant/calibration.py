@@ -160,8 +160,17 @@ def call_unoptimized(fn: Any, *args: Any, **kwargs: Any) -> list:
         out = fn(*args, **kwargs)
         return tf.nest.flatten(out, expand_composites=True)
     fn.add_to_graph()
-    return tf.raw_ops.StatefulPartitionedCall(args=flat + captured, Tout=[t.dtype for t in fn.outputs], f=fn,
-                                              config_proto=no_grappler_config())  # fmt: skip
+    try:  # internal: the function run as itself (what calling it does), with Grappler off
+        from tensorflow.python.eager import context, execute  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - a TensorFlow without the module: the same call, wrapped
+        return tf.raw_ops.StatefulPartitionedCall(args=flat + captured, Tout=[t.dtype for t in fn.outputs], f=fn,
+                                                  config_proto=no_grappler_config())  # fmt: skip
+    # (an eager StatefulPartitionedCall op is run inside a function of its own: one more
+    # instantiation at the first call, whose graph passes walk the model and every observer
+    # body again, and one more function run per batch)
+    name = fn.name.decode() if isinstance(fn.name, bytes) else fn.name
+    return execute.execute(name, num_outputs=len(fn.outputs), inputs=flat + captured,
+                           attrs=("executor_type", "", "config_proto", no_grappler_config()), ctx=context.context())
 
 
 def check_method(method: Any, percentile: Any = 99.99, what: str = "calibration_method",
