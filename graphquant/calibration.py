@@ -186,21 +186,47 @@ def check_method(method: Any, percentile: Any = 99.99, what: str = "calibration_
 
 
 # --------------------------------------------------------------------------- TensorFlow side
-def _pow2(e: Any) -> Any:
-    """``2.0 ** e`` (float32, exact) for int32 ``e`` in ``[-126, 127]``, built from the exponent bits."""
+class _Constants:
+    """The constants of one traced body, each made once (``k(value, dtype)``). Every call site of an
+    observer instantiates its body, twice more in XLA's graph passes that look for reference
+    variables: each node fewer is saved at every one (TensorFlow's wrappers make a constant per use)."""
+
+    def __init__(self) -> None:
+        self._made: Dict[Any, Any] = {}
+
+    def __call__(self, value: Any, dtype: Any = "int32") -> Any:
+        import tensorflow as tf
+
+        dtype = tf.as_dtype(dtype)
+        a = np.asarray(value, dtype.as_numpy_dtype)
+        key = (dtype, a.shape, a.tobytes())
+        t = self._made.get(key)
+        if t is None:
+            t = self._made[key] = tf.constant(a, dtype)
+        return t
+
+
+def _plain(value: Any, dtype: Any = "int32") -> Any:
+    """``value`` as it is (a Python number, for TensorFlow to make a constant of): :class:`_Constants`' stand-in."""
+    return value
+
+
+def _pow2(e: Any, k: Any = _plain) -> Any:
+    """``2.0 ** e`` (float32, exact) for int32 ``e`` in ``[-126, 127]``, built from the exponent bits
+    (``k``: a :class:`_Constants` for the constants)."""
     import tensorflow as tf
 
-    return tf.bitcast(tf.bitwise.left_shift(e + 127, 23), tf.float32)
+    return tf.bitcast(tf.bitwise.left_shift(e + k(127), k(23)), tf.float32)
 
 
-def _ceil_log2(m: Any) -> Any:
+def _ceil_log2(m: Any, k: Any = _plain) -> Any:
     """``ceil(log2(m))`` (int32, exact) for finite float32 ``m >= 0``, clamped to ``[_E_MIN, _E_MAX]``."""
     import tensorflow as tf
 
     # adding a mantissa of all ones carries into the exponent unless the mantissa is zero
     # (m a power of two); zero and subnormals come out at -127 or -126, below _E_MIN
-    e = tf.bitwise.right_shift(tf.bitcast(m, tf.int32) + 0x7FFFFF, 23) - 127
-    return tf.clip_by_value(e, _E_MIN, _E_MAX)
+    e = tf.bitwise.right_shift(tf.bitcast(m, tf.int32) + k(0x7FFFFF), k(23)) - k(127)
+    return tf.maximum(tf.minimum(e, k(_E_MAX)), k(_E_MIN))
 
 
 class Observer:
@@ -380,7 +406,7 @@ class Observer:
             r = _counts_row(self.histogram)
             table = self._handle("table")
             tail = tf.raw_ops.ResourceGather(resource=table, indices=[r, r + 1, r + 2], dtype=tf.int64).numpy()
-            mm = _from_order_key(tail[1:, :1]).astype(np.float64)
+            mm = _from_order_key(tail[1:, :1] * [[1], [-1]]).astype(np.float64)  # (the max's key is kept negated)
             if self.histogram:
                 m = max(abs(mm[0, 0]), abs(mm[1, 0]))
                 e = _E_MIN if not np.isfinite(m) or m == 0 else min(max(math.ceil(math.log2(m)), _E_MIN), _E_MAX)
@@ -525,25 +551,26 @@ def _table_shape(histogram: bool) -> Tuple[int, int]:
     """Shape of a per-tensor observer's table (int64): with a histogram, a row per batch exponent
     ``r + _E_MIN`` (:data:`NUM_BINS` bins, the count of the value ``2**e`` itself, the number of
     batches binned in the row); then a row of counts (values seen, non-finite values), a row holding
-    the minimum and one holding the maximum (:func:`_order_key`s, the whole row alike: a scatter
-    min/max updates whole rows)."""
+    the minimum's :func:`_order_key` and one holding the maximum's, negated (both kept by one
+    scatter-min of whole rows, every column alike)."""
     if histogram:
         return _E_MAX - _E_MIN + 1 + 3, NUM_BINS + 2
     return 3, 2
 
 
 def _counts_row(histogram: bool) -> int:
-    """The row of the counts in :func:`_table_shape`'s table; the min's and the max's follow it."""
+    """The row of the counts in :func:`_table_shape`'s table; the min's and the (negated) max's follow it."""
     return _table_shape(histogram)[0] - 3
 
 
-def _order_key(f: Any) -> Any:
+def _order_key(f: Any, k: Any = _plain) -> Any:
     """int64 keys of float32 ``f`` in the floats' order (``-0.0`` just below ``0.0``): the bits, with
     the magnitude bits of negative numbers inverted. Exact and invertible (:func:`_from_order_key`)."""
     import tensorflow as tf
 
     i = tf.bitcast(f, tf.int32)
-    return tf.cast(tf.bitwise.bitwise_xor(i, tf.bitwise.bitwise_and(tf.bitwise.right_shift(i, 31), 0x7FFFFFFF)), tf.int64)
+    return tf.cast(tf.bitwise.bitwise_xor(i, tf.bitwise.bitwise_and(tf.bitwise.right_shift(i, k(31)), k(0x7FFFFFFF))),
+                   tf.int64)  # fmt: skip
 
 
 def _from_order_key(k: np.ndarray) -> np.ndarray:
@@ -562,7 +589,7 @@ def _initial_value(key: str, c: int, histogram: bool = True) -> Any:
         rows, width = _table_shape(histogram)
         t = np.zeros([rows, width], np.int64)
         inf = np.array([np.inf, -np.inf], np.float32).view(np.int32).astype(np.int64)
-        t[-2], t[-1] = inf[0], -1 - (inf[1] & 0x7FFFFFFF)  # the keys of +inf (min) and -inf (max)
+        t[-2], t[-1] = inf[0], 1 + (inf[1] & 0x7FFFFFFF)  # the key of +inf (min), minus the key of -inf (max)
         return t
 
     t = _INITIAL.get((key, c, histogram))
@@ -582,100 +609,129 @@ def _update_ops(x: Any, sample: Any, handles: Dict[str, Any], specs: Dict[str, A
                 histogram: bool, point: str, xla: bool = False) -> Any:  # fmt: skip
     import tensorflow as tf
 
-    def read(k):
-        return tf.raw_ops.ReadVariableOp(resource=handles[k], dtype=specs[k][0])
-
-    def assign(k, value):
-        return tf.raw_ops.AssignVariableOp(resource=handles[k], value=value)
-
     with tf.name_scope("graphquant_observe"):
-        v = tf.cast(x, tf.float32)
         if axis is None:
-            v = tf.reshape(v, [-1, 1])
+            _update_table(x, sample, handles["table"], histogram, xla)
         else:
-            rank = v.shape.rank
-            if rank is None:
-                raise ValueError(f"{point}: per-channel calibration needs a tensor of known rank")
-            ax = axis % rank
-            if ax != rank - 1:
-                v = tf.transpose(v, [i for i in range(rank) if i != ax] + [ax])
-            v = tf.reshape(v, [-1, c])
-        # (written for few graph nodes: every call site instantiates this body at the first call)
-        seen = tf.fill([c], tf.size(v, out_type=tf.int64) // c) if c > 1 else tf.reshape(tf.size(v, out_type=tf.int64), [1])
-        # two plain reductions (they propagate NaN): when both are finite every value is,
-        # and the masked reductions below (several passes over the tensor) are skipped
-        if c == 1:  # full reductions (15 % faster than along axis 0 of [n, 1])
-            fmin, fmax = tf.reshape(tf.reduce_min(v), [1]), tf.reshape(tf.reduce_max(v), [1])
-        else:
-            fmin, fmax = tf.reduce_min(v, axis=0), tf.reduce_max(v, axis=0)
-        all_finite = tf.reduce_all(tf.math.is_finite(fmin) & tf.math.is_finite(fmax))
-
-        def masked(v):
-            finite = tf.math.is_finite(v)
-            return (
-                tf.reduce_min(tf.where(finite, v, np.inf), axis=0),
-                tf.reduce_max(tf.where(finite, v, -np.inf), axis=0),
-                tf.reduce_sum(tf.cast(tf.logical_not(finite), tf.int64), axis=0),
-            )
-
-        if xla:
-            bmin, bmax, nonfinite = tf.cond(all_finite, lambda: (fmin, fmax, tf.zeros([c], tf.int64)),
-                                            lambda: masked(v))  # fmt: skip
-        else:
-            # a Switch/Merge pair rather than a tf.cond, whose two branch functions every call
-            # site instantiates at the model's first call (on MobileNetV2's 52 points that was
-            # most of what the observers added to it); XLA does not compile Switch/Merge
-            v_bad, _ = tf.raw_ops.Switch(data=v, pred=all_finite)
-            ok = [tf.raw_ops.Switch(data=t, pred=all_finite)[1] for t in (fmin, fmax, tf.constant([0] * c, tf.int64))]
-            bmin, bmax, nonfinite = [tf.raw_ops.Merge(inputs=[a, b]).output for a, b in zip(masked(v_bad), ok)]
-        # in-place updates that lock the variable (scatter min/max, assign-add), not read-then-assign:
-        # two calls running at once (a function called twice in one step) both count
-        if axis is None:  # the table: min and max as order keys, filling their rows; counts in theirs
-            r, width = _counts_row(histogram), _table_shape(histogram)[1]
-            table = handles["table"]
-            tf.raw_ops.ResourceScatterMin(resource=table, indices=tf.constant([r + 1]),
-                                          updates=tf.fill([1, width], _order_key(bmin)[0]))  # fmt: skip
-            tf.raw_ops.ResourceScatterMax(resource=table, indices=tf.constant([r + 2]),
-                                          updates=tf.fill([1, width], _order_key(bmax)[0]))  # fmt: skip
-            counts = tf.concat([seen, nonfinite, tf.zeros([width - 2], tf.int64)], 0)[None]
-            if not histogram:  # (with one, the counts go in the histogram's scatter-add below)
-                tf.raw_ops.ResourceScatterAdd(resource=table, indices=tf.constant([r]), updates=counts)
-        else:
-            row = tf.constant([1, c])
-            tf.raw_ops.ResourceScatterMin(resource=handles["minmax"], indices=tf.constant([0]), updates=tf.reshape(bmin, row))
-            tf.raw_ops.ResourceScatterMax(resource=handles["minmax"], indices=tf.constant([1]), updates=tf.reshape(bmax, row))
-            tf.raw_ops.AssignAddVariableOp(resource=handles["counts"], value=tf.stack([seen, nonfinite]))
-        if histogram and axis is None:
-            # a sample (HISTOGRAM_SAMPLE), binned at this batch's own exponent and added to that
-            # exponent's row (a scatter-add: concurrent calls both count); the rows are merged
-            # into the final range's bins when read (exact, powers of two)
-            # (where XLA compiles the update, the spec comes from x's shape, which XLA folds: passed in
-            # as an argument, one of two calls of a nested XLA function lost its updates)
-            h = _sample(tf.reshape(v, [-1]), _sample_spec_ops(tf.shape(x)) if xla else sample)
-            m = tf.maximum(tf.abs(bmin), tf.abs(bmax))
-            e = tf.reshape(_ceil_log2(tf.where(tf.math.is_finite(m), m, 0.0)), [])
-            scale = _pow2(_LOG2_HALF - e)
-            if xla:
-                index = _tensor_bin_index(h, scale, finite=False)
-            else:  # the masked binning only for a batch with a non-finite value (Switch/Merge, as above)
-                h_bad, h_ok = tf.raw_ops.Switch(data=h, pred=all_finite)
-                index = tf.raw_ops.Merge(inputs=[_tensor_bin_index(h_bad, scale, finite=False),
-                                                 _tensor_bin_index(h_ok, scale, finite=True)]).output  # fmt: skip
-            binned = tf.concat([_bincount(index, NUM_BINS + 1), tf.constant([1], tf.int64)], 0)  # + this batch
-            # one scatter-add: the exponent's row and the counts' row
-            tf.raw_ops.ResourceScatterAdd(resource=table, indices=tf.stack([tf.reshape(e - _E_MIN, []), r]),
-                                          updates=tf.concat([binned[None], counts], 0))  # fmt: skip
-        elif histogram:
-            # (re-binning as the range grows is a read-modify-write: per-channel calls must not overlap)
-            mm = read("minmax")
-            lo, hi = tf.minimum(mm[0], bmin), tf.maximum(mm[1], bmax)
-            _update_histogram(v, lo, hi, c, read, assign)
+            _update_channels(x, handles, specs, axis, c, histogram, point, xla)
         # not gated on the updates: the model goes on while they run (the function's
         # stateful ops still all run before the call returns)
         return tf.identity(x)
 
 
-def _sample(flat: Any, spec: Any) -> Any:
+def _finite_or_masked(all_finite: Any, plain: Tuple[Any, ...], masked: Any, v: Any, xla: bool) -> list:
+    """``plain`` where ``all_finite`` (min, max from plain reductions, which propagate NaN: when both
+    are finite every value is), else ``masked(v)`` (several passes over ``v``, skipped otherwise).
+    ``xla``: a ``tf.cond`` (what XLA compiles); else a Switch/Merge pair, cheaper to instantiate (a
+    ``tf.cond``'s two branch functions are instantiated at every call site at the model's first call:
+    on MobileNetV2's 52 points that was most of what the observers added to it)."""
+    import tensorflow as tf
+
+    if xla:
+        return list(tf.cond(all_finite, lambda: plain, lambda: masked(v)))
+    v_bad, _ = tf.raw_ops.Switch(data=v, pred=all_finite)
+    ok = [tf.raw_ops.Switch(data=t, pred=all_finite)[1] for t in plain]
+    return [tf.raw_ops.Merge(inputs=[a, b]).output for a, b in zip(masked(v_bad), ok)]
+
+
+def _update_table(x: Any, sample: Any, table: Any, histogram: bool, xla: bool) -> None:
+    """The per-tensor update of ``table`` (:func:`_table_shape`) by ``x``: min, max and counts, and with
+    a histogram the sample of ``x`` binned at this batch's own exponent. In-place updates that lock the
+    variable (scatter-min, scatter-add), not read-then-assign: two calls running at once (a function
+    called twice in one step) both count. Written for few graph nodes (:class:`_Constants`)."""
+    import tensorflow as tf
+
+    k = _Constants()
+    r, width = _counts_row(histogram), _table_shape(histogram)[1]
+    v = tf.reshape(tf.cast(x, tf.float32), k([-1]))
+    seen = tf.size(v, out_type=tf.int64)
+    fmin, fmax = tf.raw_ops.Min(input=v, axis=k(0)), tf.raw_ops.Max(input=v, axis=k(0))  # full reductions
+    all_finite = tf.logical_and(tf.math.is_finite(fmin), tf.math.is_finite(fmax))
+
+    def masked(v):
+        finite = tf.math.is_finite(v)
+        return (
+            tf.raw_ops.Min(input=tf.where(finite, v, k(np.inf, tf.float32)), axis=k(0)),
+            tf.raw_ops.Max(input=tf.where(finite, v, k(-np.inf, tf.float32)), axis=k(0)),
+            tf.raw_ops.Sum(input=tf.cast(tf.logical_not(finite), tf.int64), axis=k(0)),
+        )
+
+    bmin, bmax, nonfinite = _finite_or_masked(all_finite, (fmin, fmax, k(0, tf.int64)), masked, v, xla)
+    # the min's key and the max's key negated, each broadcast over its whole row: one scatter-min
+    keys = tf.reshape(_order_key(tf.stack([bmin, bmax]), k) * k([1, -1], tf.int64), k([2, 1]))
+    tf.raw_ops.ResourceScatterMin(resource=table, indices=k([r + 1, r + 2]),
+                                  updates=tf.broadcast_to(keys, k([2, width])))  # fmt: skip
+    counts = tf.pad(tf.reshape(tf.stack([seen, nonfinite]), k([1, 2])), k([[0, 0], [0, width - 2]]))
+    if not histogram:
+        tf.raw_ops.ResourceScatterAdd(resource=table, indices=k([r]), updates=counts)
+        return
+    # a sample (HISTOGRAM_SAMPLE), binned at this batch's own exponent and added to that
+    # exponent's row (a scatter-add: concurrent calls both count); the rows are merged
+    # into the final range's bins when read (exact, powers of two)
+    # (where XLA compiles the update, the spec comes from x's shape, which XLA folds: passed in
+    # as an argument, one of two calls of a nested XLA function lost its updates)
+    h = _sample(v, _sample_spec_ops(tf.shape(x)) if xla else sample, k)
+    m = tf.maximum(-bmin, bmax)  # max(|min|, |max|), as min <= max; -inf where no finite value
+    e = _ceil_log2(tf.where(tf.math.is_finite(m), m, k(0.0, tf.float32)), k)
+    scale = _pow2(k(_LOG2_HALF) - e, k)
+    if xla:
+        index = _tensor_bin_index(h, scale, False, k)
+    else:  # the masked binning only for a batch with a non-finite value (Switch/Merge, as above)
+        h_bad, h_ok = tf.raw_ops.Switch(data=h, pred=all_finite)
+        index = tf.raw_ops.Merge(inputs=[_tensor_bin_index(h_bad, scale, False, k),
+                                         _tensor_bin_index(h_ok, scale, True, k)]).output  # fmt: skip
+    binned = tf.raw_ops.Bincount(arr=index, size=k(NUM_BINS + 1), weights=k(np.zeros(0), tf.int64))
+    row = tf.concat([binned, k([1], tf.int64)], k(0))  # + this batch
+    # one scatter-add: the exponent's row and the counts' row
+    tf.raw_ops.ResourceScatterAdd(resource=table, indices=tf.stack([e - k(_E_MIN), k(r)]),
+                                  updates=tf.concat([tf.reshape(row, k([1, width])), counts], k(0)))  # fmt: skip
+
+
+def _update_channels(x: Any, handles: Dict[str, Any], specs: Dict[str, Any], axis: int, c: int, histogram: bool,
+                     point: str, xla: bool) -> None:  # fmt: skip
+    """The per-channel update (variables minmax, counts, exp, hist; see :class:`Observer`)."""
+    import tensorflow as tf
+
+    def read(key):
+        return tf.raw_ops.ReadVariableOp(resource=handles[key], dtype=specs[key][0])
+
+    def assign(key, value):
+        return tf.raw_ops.AssignVariableOp(resource=handles[key], value=value)
+
+    v = tf.cast(x, tf.float32)
+    rank = v.shape.rank
+    if rank is None:
+        raise ValueError(f"{point}: per-channel calibration needs a tensor of known rank")
+    ax = axis % rank
+    if ax != rank - 1:
+        v = tf.transpose(v, [i for i in range(rank) if i != ax] + [ax])
+    v = tf.reshape(v, [-1, c])
+    seen = tf.fill([c], tf.size(v, out_type=tf.int64) // c)
+    fmin, fmax = tf.reduce_min(v, axis=0), tf.reduce_max(v, axis=0)
+    all_finite = tf.reduce_all(tf.math.is_finite(fmin) & tf.math.is_finite(fmax))
+
+    def masked(v):
+        finite = tf.math.is_finite(v)
+        return (
+            tf.reduce_min(tf.where(finite, v, np.inf), axis=0),
+            tf.reduce_max(tf.where(finite, v, -np.inf), axis=0),
+            tf.reduce_sum(tf.cast(tf.logical_not(finite), tf.int64), axis=0),
+        )
+
+    bmin, bmax, nonfinite = _finite_or_masked(all_finite, (fmin, fmax, tf.constant([0] * c, tf.int64)), masked, v, xla)
+    # in-place updates that lock the variable (scatter min/max, assign-add), not read-then-assign
+    row = tf.constant([1, c])
+    tf.raw_ops.ResourceScatterMin(resource=handles["minmax"], indices=tf.constant([0]), updates=tf.reshape(bmin, row))
+    tf.raw_ops.ResourceScatterMax(resource=handles["minmax"], indices=tf.constant([1]), updates=tf.reshape(bmax, row))
+    tf.raw_ops.AssignAddVariableOp(resource=handles["counts"], value=tf.stack([seen, nonfinite]))
+    if histogram:
+        # (re-binning as the range grows is a read-modify-write: per-channel calls must not overlap)
+        mm = read("minmax")
+        lo, hi = tf.minimum(mm[0], bmin), tf.maximum(mm[1], bmax)
+        _update_histogram(v, lo, hi, c, read, assign)
+
+
+def _sample(flat: Any, spec: Any, k: Any = _plain) -> Any:
     """The per-tensor histogram's sample of the flattened tensor ``flat`` (``spec``: its
     :func:`sample_spec`): whole positions (``channels`` values, contiguous in memory), the first
     of each complete group of ``stride`` positions (the stride at most the number of positions;
@@ -685,14 +741,14 @@ def _sample(flat: Any, spec: Any) -> Any:
 
     stride, channels = tf.unstack(spec)
     positions = tf.size(flat) // channels
-    stride = tf.minimum(stride, tf.maximum(positions, 1))
+    stride = tf.minimum(stride, tf.maximum(positions, k(1)))
     rows = positions // stride
     run = stride * channels
-    grouped = tf.reshape(tf.slice(flat, [0], tf.reshape(rows * run, [1])), tf.stack([rows, run]))
-    return tf.reshape(tf.slice(grouped, [0, 0], tf.stack([rows, channels])), [-1])
+    grouped = tf.reshape(tf.slice(flat, k([0]), tf.reshape(rows * run, k([1]))), tf.stack([rows, run]))
+    return tf.reshape(tf.slice(grouped, k([0, 0]), tf.stack([rows, channels])), k([-1]))
 
 
-def _tensor_bin_index(h: Any, scale: Any, finite: bool) -> Any:
+def _tensor_bin_index(h: Any, scale: Any, finite: bool, k: Any = _plain) -> Any:
     """Bin of each value of the 1-D sample ``h`` over ``[-2**e, 2**e]`` (``|h| <= 2**e``, ``scale``
     the scalar ``2**(log2(half) - e)``): ``floor(h * scale) + half``, exact (a power-of-two
     scaling and integers); the value ``2**e`` itself gets index ``NUM_BINS`` (folded into the
@@ -700,11 +756,12 @@ def _tensor_bin_index(h: Any, scale: Any, finite: bool) -> Any:
     the bincount)."""
     import tensorflow as tf
 
+    half = k(float(_HALF), tf.float32)
     if finite:
-        return tf.cast(tf.floor(h * scale) + _HALF, tf.int32)
+        return tf.cast(tf.floor(h * scale) + half, tf.int32)
     ok = tf.math.is_finite(h)
-    b = tf.cast(tf.floor(tf.where(ok, h, 0.0) * scale) + _HALF, tf.int32)
-    return tf.where(ok, b, NUM_BINS + 1)
+    b = tf.cast(tf.floor(tf.where(ok, h, k(0.0, tf.float32)) * scale) + half, tf.int32)
+    return tf.where(ok, b, k(NUM_BINS + 1))
 
 
 def _bincount(arr: Any, size: int) -> Any:
