@@ -18,6 +18,10 @@ seed) and each method, prints the time of
 and the ratios: each the best of ``--repeat`` alternating runs of the reference and the
 measured side. Ratios are only meaningful within one run (same machine load).
 
+``--fresh N`` instead runs each side alone in a new process, N pairs in a row, and prints
+every pair's ratio and their median: a user's first calibration is the first in its
+process, where fresh memory and first-use costs fall on both sides (noisier: two processes).
+
     python scripts/bench_calibration.py --models mobilenetv2 --size 128 --batches 4
 """
 
@@ -143,7 +147,13 @@ def main(argv=None) -> int:
                     help="SavedModel: conversion with calibration minus without, not the calibration step itself")
     ap.add_argument("--steady", action="store_true",
                     help="also the Keras path's steady state: per-batch time once traced (tracing excluded)")
+    ap.add_argument("--fresh", type=int, default=0, metavar="N",
+                    help="instead: each side alone in a fresh process, N pairs per model and method")
+    ap.add_argument("--side", help=argparse.SUPPRESS)  # internal (--fresh): one side, in this process
+    ap.add_argument("--saved", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.fresh:
+        return _fresh(args)
     global REPEAT
     REPEAT = max(1, args.repeat)
     logging.getLogger("graphquant").setLevel(logging.ERROR)
@@ -158,6 +168,9 @@ def main(argv=None) -> int:
     data = rng.uniform(-1, 1, size=(args.batches * args.batch_size, args.size, args.size, 3)).astype("float32")
     batches = [data[i : i + args.batch_size] for i in range(0, len(data), args.batch_size)]
     methods = [m for m in args.methods.split(",") if m]
+    if args.side:
+        print(f"{_one_side(args, batches, methods[0]):.4f}")
+        return 0
     print(f"# {args.batches} batches of {args.batch_size}, {args.size}x{args.size}; ratio = calibration / inference")
     print(f"{'model':<12} {'path':<11} {'method':<11} {'inference s':>11} {'calib s':>9} {'ratio':>6}")
     for name in args.models.split(","):
@@ -215,6 +228,74 @@ def main(argv=None) -> int:
 
                 t_inf, t_cmp = _pair(both, lambda: gq.compare(model, q, batches))
                 print(f"{name:<12} {'compare':<11} {'-':<11} {t_inf:>11.2f} {t_cmp:>9.2f} {t_cmp / t_inf:>6.2f}", flush=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return 0
+
+
+def _one_side(args, batches, method) -> float:
+    """``--side``: the seconds of one side, the first such work in this process (model building and
+    export excluded, as in the in-process runs)."""
+    import tensorflow as tf
+
+    import graphquant as gq
+    import graphquant.graph as gg
+    import graphquant.graph.saved_model as gsm
+
+    if args.side in ("keras-ref", "keras-cal"):
+        model = _build(args.models, args.size)
+        q = gq.quantize_model(model, bits=8)
+        if args.side == "keras-cal":
+            return _time(lambda: gq.calibrate(q, batches, method=method, verbose=False))
+        f = tf.function(lambda b: model(b, training=False), reduce_retracing=True)
+        return _time(lambda: [f(b).numpy() for b in batches])
+    if args.side == "sm-ref":
+        def run():
+            fn = tf.saved_model.load(args.saved).signatures["serving_default"]
+            (key,) = fn.structured_input_signature[1]
+            for b in batches:
+                [v.numpy() for v in fn(**{key: tf.constant(b)}).values()]
+
+        return _time(run)
+    spent = _timing(gsm, "_calibrate")
+    gg.convert_saved_model(args.saved, args.saved + "-q", bits=8, overwrite=True, calibration_data=batches,
+                           calibration_method=method)  # fmt: skip
+    return spent.seconds
+
+
+def _fresh(args) -> int:
+    """``--fresh N``: every side in a process of its own, N pairs in a row per model, path and method."""
+    import subprocess
+
+    methods = [m for m in args.methods.split(",") if m]
+    common = ["--size", str(args.size), "--batches", str(args.batches), "--batch-size", str(args.batch_size)]
+    paths = [("keras", "keras-ref", "keras-cal")] + ([] if args.skip_graph else [("savedmodel", "sm-ref", "sm-cal")])
+    print(f"# each side alone in a fresh process, {args.fresh} pairs; {args.batches} batches of {args.batch_size}, "
+          f"{args.size}x{args.size}; ratio = calibration / inference")  # fmt: skip
+    print(f"{'model':<12} {'path':<11} {'method':<11} {'inference s':>11} {'calib s':>9} {'ratio':>6}")
+    for name in args.models.split(","):
+        tmp = Path(tempfile.mkdtemp(prefix="bench-cal-"))
+        try:
+            saved = tmp / "float"
+            if not args.skip_graph:
+                logging.getLogger("graphquant").setLevel(logging.ERROR)
+                _build(name, args.size).export(str(saved), verbose=False)
+
+            def side(which, method):
+                out = subprocess.run([sys.executable, __file__, "--side", which, "--saved", str(saved), "--models", name,
+                                      "--methods", method, *common], capture_output=True, text=True, check=True)  # fmt: skip
+                return float(out.stdout.split()[-1])
+
+            for method in methods:
+                for path, ref, cal in paths:
+                    ratios = []
+                    for _ in range(args.fresh):
+                        t_inf, t_cal = side(ref, method), side(cal, method)
+                        ratios.append(t_cal / t_inf)
+                        print(f"{name:<12} {path:<11} {method:<11} {t_inf:>11.2f} {t_cal:>9.2f} {t_cal / t_inf:>6.2f}",
+                              flush=True)  # fmt: skip
+                    print(f"{name:<12} {path:<11} {method:<11} {'median':>11} {'':>9} {float(np.median(ratios)):>6.2f}",
+                          flush=True)  # fmt: skip
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return 0
