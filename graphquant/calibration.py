@@ -207,8 +207,10 @@ class _Constants:
 
 
 def _plain(value: Any, dtype: Any = "int32") -> Any:
-    """``value`` as it is (a Python number, for TensorFlow to make a constant of): :class:`_Constants`' stand-in."""
-    return value
+    """A new constant at every use: :class:`_Constants`' stand-in outside a body written for few nodes."""
+    import tensorflow as tf
+
+    return tf.constant(value, dtype)
 
 
 def _pow2(e: Any, k: Any = _plain) -> Any:
@@ -680,8 +682,7 @@ def _update_table(x: Any, sample: Any, table: Any, histogram: bool, xla: bool) -
         h_bad, h_ok = tf.raw_ops.Switch(data=h, pred=all_finite)
         index = tf.raw_ops.Merge(inputs=[_tensor_bin_index(h_bad, scale, False, k),
                                          _tensor_bin_index(h_ok, scale, True, k)]).output  # fmt: skip
-    binned = tf.raw_ops.Bincount(arr=index, size=k(NUM_BINS + 1), weights=k(np.zeros(0), tf.int64))
-    row = tf.concat([binned, k([1], tf.int64)], k(0))  # + this batch
+    row = tf.concat([_bincount(index, NUM_BINS + 1, k), k([1], tf.int64)], k(0))  # + this batch
     # one scatter-add: the exponent's row and the counts' row
     tf.raw_ops.ResourceScatterAdd(resource=table, indices=tf.stack([e - k(_E_MIN), k(r)]),
                                   updates=tf.concat([tf.reshape(row, k([1, width])), counts], k(0)))  # fmt: skip
@@ -764,7 +765,7 @@ def _tensor_bin_index(h: Any, scale: Any, finite: bool, k: Any = _plain) -> Any:
     return tf.where(ok, b, k(NUM_BINS + 1))
 
 
-def _bincount(arr: Any, size: int) -> Any:
+def _bincount(arr: Any, size: int, k: Any = _plain) -> Any:
     """Counts (int64) of the int32 values ``0 .. size - 1`` in 1-D ``arr``; other values are dropped.
 
     ``Bincount`` with a constant ``size``: what XLA compiles too (the observer may run inside
@@ -772,7 +773,7 @@ def _bincount(arr: Any, size: int) -> Any:
     """
     import tensorflow as tf
 
-    return tf.raw_ops.Bincount(arr=arr, size=size, weights=tf.constant([], tf.int64))
+    return tf.raw_ops.Bincount(arr=arr, size=k(size), weights=k(np.zeros(0), tf.int64))
 
 
 def _bin_index(v: Any, e: Any) -> Any:
