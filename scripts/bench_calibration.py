@@ -93,6 +93,47 @@ class _timing:
         setattr(self.module, self.name, self.orig)
 
 
+_HEADER = f"{'model':<12} {'path':<11} {'method':<11} {'inference s':>11} {'calib s':>9} {'ratio':>6}"
+
+
+def _row(name, path, method, t_inf, t_cal) -> None:
+    print(f"{name:<12} {path:<11} {method:<11} {t_inf:>11.2f} {t_cal:>9.2f} {t_cal / t_inf:>6.2f}", flush=True)
+
+
+def _keras_inference(model, batches) -> None:
+    """The reference of the Keras path: a fresh ``tf.function`` of the float model over the batches."""
+    import tensorflow as tf
+
+    f = tf.function(lambda b: model(b, training=False), reduce_retracing=True)
+    for b in batches:
+        f(b).numpy()
+
+
+def _savedmodel_inference(saved, batches) -> None:
+    """The reference of the SavedModel path: load the float SavedModel, run its signature over the batches."""
+    import tensorflow as tf
+
+    fn = tf.saved_model.load(str(saved)).signatures["serving_default"]
+    (key,) = fn.structured_input_signature[1]
+    for b in batches:
+        [v.numpy() for v in fn(**{key: tf.constant(b)}).values()]
+
+
+def _convert_calibrated(saved, out, batches, method) -> tuple:
+    """``(conversion seconds, seconds in graphquant.graph.saved_model._calibrate)`` of converting ``saved``
+    with ``batches`` as calibration data."""
+    import graphquant.graph as gg
+    import graphquant.graph.saved_model as gsm
+
+    spent = _timing(gsm, "_calibrate")
+    try:
+        t = _time(lambda: gg.convert_saved_model(saved, out, bits=8, overwrite=True, calibration_data=batches,
+                                                 calibration_method=method))  # fmt: skip
+    finally:
+        spent.undo()
+    return t, spent.seconds
+
+
 def _steady(model, batches, methods, name) -> None:
     """Per-batch time of the traced calibration step against the traced inference step."""
     import tensorflow as tf
@@ -162,7 +203,6 @@ def main(argv=None) -> int:
 
     import graphquant as gq
     import graphquant.graph as gg
-    import graphquant.graph.saved_model as gsm
 
     rng = np.random.RandomState(0)
     data = rng.uniform(-1, 1, size=(args.batches * args.batch_size, args.size, args.size, 3)).astype("float32")
@@ -172,51 +212,32 @@ def main(argv=None) -> int:
         print(f"{_one_side(args, batches, methods[0]):.4f}")
         return 0
     print(f"# {args.batches} batches of {args.batch_size}, {args.size}x{args.size}; ratio = calibration / inference")
-    print(f"{'model':<12} {'path':<11} {'method':<11} {'inference s':>11} {'calib s':>9} {'ratio':>6}")
+    print(_HEADER)
     for name in args.models.split(","):
         model = _build(name, args.size)
         tmp = Path(tempfile.mkdtemp(prefix="bench-cal-"))
         try:
-            def keras_inference():
-                f = tf.function(lambda b: model(b, training=False), reduce_retracing=True)
-                for b in batches:
-                    f(b).numpy()
-
             for method in methods:
                 q = gq.quantize_model(model, bits=8)
-                t_inf, t_cal = _pair(keras_inference, lambda: gq.calibrate(q, batches, method=method, verbose=False))
-                print(f"{name:<12} {'keras':<11} {method:<11} {t_inf:>11.2f} {t_cal:>9.2f} {t_cal / t_inf:>6.2f}", flush=True)
+                t_inf, t_cal = _pair(lambda: _keras_inference(model, batches),
+                                     lambda: gq.calibrate(q, batches, method=method, verbose=False))  # fmt: skip
+                _row(name, "keras", method, t_inf, t_cal)
             if args.steady:
                 _steady(model, batches, methods, name)
             if not args.skip_graph:
                 saved = tmp / "float"
                 model.export(str(saved), verbose=False)
-
-                def graph_inference():
-                    fn = tf.saved_model.load(str(saved)).signatures["serving_default"]
-                    (key,) = fn.structured_input_signature[1]
-                    for b in batches:
-                        [v.numpy() for v in fn(**{key: tf.constant(b)}).values()]
-
                 t_plain = 0.0
                 if args.subtract:
                     t_plain = min(_time(lambda: gg.convert_saved_model(saved, tmp / "q0", bits=8, overwrite=True))
                                   for _ in range(REPEAT))  # fmt: skip
                 for method in methods:
                     def convert(method=method):
-                        spent = _timing(gsm, "_calibrate")
-                        try:
-                            t = _time(lambda: gg.convert_saved_model(saved, tmp / "q1", bits=8, overwrite=True,
-                                                                     calibration_data=batches,
-                                                                     calibration_method=method))  # fmt: skip
-                        finally:
-                            spent.undo()
-                        return t if args.subtract else spent.seconds
+                        t, spent = _convert_calibrated(saved, tmp / "q1", batches, method)
+                        return t if args.subtract else spent
 
-                    t_inf, t_conv = _pair(graph_inference, convert)
-                    t_cal = t_conv - t_plain
-                    print(f"{name:<12} {'savedmodel':<11} {method:<11} {t_inf:>11.2f} {t_cal:>9.2f} {t_cal / t_inf:>6.2f}",
-                          flush=True)  # fmt: skip
+                    t_inf, t_conv = _pair(lambda: _savedmodel_inference(saved, batches), convert)
+                    _row(name, "savedmodel", method, t_inf, t_conv - t_plain)
             if not args.skip_compare:
                 q = gq.quantize_model(model, bits=8, calibration_data=batches[:1])
 
@@ -227,7 +248,7 @@ def main(argv=None) -> int:
                             f(b).numpy()
 
                 t_inf, t_cmp = _pair(both, lambda: gq.compare(model, q, batches))
-                print(f"{name:<12} {'compare':<11} {'-':<11} {t_inf:>11.2f} {t_cmp:>9.2f} {t_cmp / t_inf:>6.2f}", flush=True)
+                _row(name, "compare", "-", t_inf, t_cmp)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return 0
@@ -236,31 +257,17 @@ def main(argv=None) -> int:
 def _one_side(args, batches, method) -> float:
     """``--side``: the seconds of one side, the first such work in this process (model building and
     export excluded, as in the in-process runs)."""
-    import tensorflow as tf
-
     import graphquant as gq
-    import graphquant.graph as gg
-    import graphquant.graph.saved_model as gsm
 
-    if args.side in ("keras-ref", "keras-cal"):
-        model = _build(args.models, args.size)
-        q = gq.quantize_model(model, bits=8)
-        if args.side == "keras-cal":
-            return _time(lambda: gq.calibrate(q, batches, method=method, verbose=False))
-        f = tf.function(lambda b: model(b, training=False), reduce_retracing=True)
-        return _time(lambda: [f(b).numpy() for b in batches])
     if args.side == "sm-ref":
-        def run():
-            fn = tf.saved_model.load(args.saved).signatures["serving_default"]
-            (key,) = fn.structured_input_signature[1]
-            for b in batches:
-                [v.numpy() for v in fn(**{key: tf.constant(b)}).values()]
-
-        return _time(run)
-    spent = _timing(gsm, "_calibrate")
-    gg.convert_saved_model(args.saved, args.saved + "-q", bits=8, overwrite=True, calibration_data=batches,
-                           calibration_method=method)  # fmt: skip
-    return spent.seconds
+        return _time(lambda: _savedmodel_inference(args.saved, batches))
+    if args.side == "sm-cal":
+        return _convert_calibrated(args.saved, args.saved + "-q", batches, method)[1]
+    model = _build(args.models, args.size)
+    q = gq.quantize_model(model, bits=8)
+    if args.side == "keras-cal":
+        return _time(lambda: gq.calibrate(q, batches, method=method, verbose=False))
+    return _time(lambda: _keras_inference(model, batches))
 
 
 def _fresh(args) -> int:
@@ -272,7 +279,7 @@ def _fresh(args) -> int:
     paths = [("keras", "keras-ref", "keras-cal")] + ([] if args.skip_graph else [("savedmodel", "sm-ref", "sm-cal")])
     print(f"# each side alone in a fresh process, {args.fresh} pairs; {args.batches} batches of {args.batch_size}, "
           f"{args.size}x{args.size}; ratio = calibration / inference")  # fmt: skip
-    print(f"{'model':<12} {'path':<11} {'method':<11} {'inference s':>11} {'calib s':>9} {'ratio':>6}")
+    print(_HEADER)
     for name in args.models.split(","):
         tmp = Path(tempfile.mkdtemp(prefix="bench-cal-"))
         try:
@@ -292,8 +299,7 @@ def _fresh(args) -> int:
                     for _ in range(args.fresh):
                         t_inf, t_cal = side(ref, method), side(cal, method)
                         ratios.append(t_cal / t_inf)
-                        print(f"{name:<12} {path:<11} {method:<11} {t_inf:>11.2f} {t_cal:>9.2f} {t_cal / t_inf:>6.2f}",
-                              flush=True)  # fmt: skip
+                        _row(name, path, method, t_inf, t_cal)
                     print(f"{name:<12} {path:<11} {method:<11} {'median':>11} {'':>9} {float(np.median(ratios)):>6.2f}",
                           flush=True)  # fmt: skip
         finally:
