@@ -698,3 +698,59 @@ def test_observer_in_an_xla_loop_body_is_an_error_naming_it():
             insert_observers(gd, plan, col)
     finally:
         col.release()
+
+
+def test_observers_run_beside_the_model_where_a_control_output_is_sure_to_run():
+    """A point inside a function that only StatefulPartitionedCall nodes call gets its observer as a
+    control output of that function (its consumers do not wait for the update); a point inside a
+    function called by a PartitionedCall (which TensorFlow inlines keeping only what its data outputs
+    need) keeps its consumers reading the observer's output. Both are calibrated, and alike."""
+    from graphquant.graph.calibrate import RangeCollector, insert_observers
+    from graphquant.graph.function import config_from_kwargs
+    from graphquant.graph.planning import plan_graph_def
+
+    k = RNG.normal(size=(3, 3, 2, 3)).astype("float32")
+
+    def make():
+        v = tf.Variable(k)
+
+        @tf.function(autograph=False)
+        def stateful(x):  # reads a variable: called by a StatefulPartitionedCall
+            return tf.nn.relu(tf.nn.conv2d(x, v, 1, "SAME"))
+
+        @tf.function(autograph=False)
+        def stateless(x):  # called by a PartitionedCall
+            return tf.nn.relu(tf.nn.conv2d(x, tf.constant(k), 1, "SAME"))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 6, 6, 2], tf.float32)], autograph=False)
+        def f(x):
+            return stateful(x) + stateless(2.0 * x)
+
+        return f
+
+    f = make()
+    gd = f.get_concrete_function().graph.as_graph_def()
+    plan, _ = plan_graph_def(gd, config_from_kwargs(8, None, "nearest", None, None))
+    col = RangeCollector("percentile")
+    try:
+        assert insert_observers(gd, plan, col) == 2
+    finally:
+        col.release()
+    lib = {fn.signature.name: fn for fn in gd.library.function}
+    body = {fn.signature.name: fn for fn in gd.library.function if "stateful" in fn.signature.name.split("_")}
+    assert len(body) == 1
+    (sf,) = body.values()
+    (sl,) = [fn for name, fn in lib.items() if "stateless" in name.split("_")]
+    observe = [n.name for n in sf.node_def if n.name.startswith("graphquant/observe") and n.op == "StatefulPartitionedCall"]
+    assert len(observe) == 1 and observe[0] in sf.control_ret and observe[0] in sf.signature.control_output
+    assert not any(i.split(":")[0] == observe[0] for n in sf.node_def for i in n.input) and observe[0] not in str(sf.ret)
+    (o2,) = [n.name for n in sl.node_def if n.name.startswith("graphquant/observe") and n.op == "StatefulPartitionedCall"]
+    assert o2 not in sl.control_ret and any(i.split(":")[0] == o2 for n in sl.node_def if n.name != o2 for i in n.input
+                                      if not i.startswith("^")) or o2 in str(sl.ret)  # fmt: skip
+    data = RNG.normal(size=(8, 6, 6, 2)).astype("float32")
+    ranges = gg.quantize_function(make(), bits=8, calibration_data=data, calibration_method="percentile").ranges
+    assert len(ranges) == 2 and all(hi > 0 for _, hi in ranges.values())
+    relu = tf.nn.relu(tf.nn.conv2d(data, k, 1, "SAME")).numpy()
+    his = sorted(hi for _, hi in ranges.values())
+    # the two points see relu(conv(x)) and relu(conv(2x)) = 2 relu(conv(x)): ranges in the ratio 2 (power-of-two bins)
+    assert his[1] == pytest.approx(2 * his[0], rel=1e-6) and his[0] <= relu.max()

@@ -152,8 +152,14 @@ def insert_observers(graph_def: graph_pb2.GraphDef, plan: Plan, collector: Range
         dtype = sc.out_dtype(p.after)
         new = splice_observer(ed, sc, sc.ref(sc.by_name[p.after], 0), dtype, collector.observer(p.path, p.format),
                               f"graphquant/observe{n}", static_shape(sc, p.after))  # fmt: skip
-        sc.rewire(sc.aliases(p.after), sc.ref(new, 0),  # not the call's own inputs (its sample spec reads p.after too)
-                  skip={new.name} | {k for k in sc.by_name if k.startswith(new.name + "/")})
+        if ed.runs_side_effects(sc.name):
+            # a control output of the function: it runs before the function returns, and the
+            # consumers of p.after do not wait for it (the model runs beside the update)
+            sc.fdef.signature.control_output.append(new.name)
+            sc.fdef.control_ret[new.name] = new.name
+        else:  # where a control output might not run (see runs_side_effects): its consumers read the call
+            sc.rewire(sc.aliases(p.after), sc.ref(new, 0),  # not the call's own inputs (its sample spec reads p.after too)
+                      skip={new.name} | {k for k in sc.by_name if k.startswith(new.name + "/")})
         n += 1
     if redirects is not None:
         redirects.update(ed.redirects)

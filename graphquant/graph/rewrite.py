@@ -235,6 +235,7 @@ class GraphEditor:
         self._handles: Dict[Tuple[str, str], str] = {}
         self._references: Optional[Dict[str, List[Tuple[str, str, bool]]]] = None
         self._compiled: Dict[str, bool] = {}
+        self._side_effects: Dict[str, bool] = {}
 
     def redirect(self, tensor: str) -> str:
         """The top-level tensor that now carries ``tensor``'s (rounded) value.
@@ -291,6 +292,24 @@ class GraphEditor:
                 res = (nd.attr["_XlaMustCompile"].b if "_XlaMustCompile" in nd.attr else False) or self.compiled(caller)
             self._compiled[scope] = res
         return self._compiled[scope]
+
+    def runs_side_effects(self, scope: str) -> bool:
+        """Whether a node of function ``scope`` that is only a control output (``control_ret``) is sure
+        to run whenever the function is called: the function is not compiled by XLA and every node
+        naming it is a ``StatefulPartitionedCall`` in the top-level graph or in a function of which
+        this holds too. (A ``PartitionedCall`` is inlined keeping only what its data outputs need;
+        a function with no caller in the graph, or named otherwise, is not vouched for.)"""
+        if not scope:
+            return False
+        if scope not in self._side_effects:
+            self._side_effects[scope] = False  # a recursive reference vouches for nothing
+            refs = self._refs().get(scope, [])
+            self._side_effects[scope] = bool(refs) and not self.compiled(scope) and all(
+                is_call and self.scope(caller).by_name[node].op == "StatefulPartitionedCall"
+                and (not caller or self.runs_side_effects(caller))
+                for caller, node, is_call in refs
+            )  # fmt: skip
+        return self._side_effects[scope]
 
     def resource_handle(self, scope: str, shared_name: str, dtype: int, shape: Sequence[Optional[int]],
                         name: str) -> str:  # fmt: skip
