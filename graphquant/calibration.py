@@ -399,12 +399,15 @@ class Observer:
         out = _call_without_shape_inference(fn, args, x)
         return out if xla else x
 
-    def function_def(self, dtype: Any, xla: bool = False) -> Tuple[str, list]:
+    def function_def(self, dtype: Any, xla: bool = False, rank: Optional[int] = None) -> Tuple[str, list]:
         """``(name, FunctionDefs)``: the library function ``(x, sample, *handles) -> x`` that updates
         the statistics (``sample``: :func:`sample_spec` of ``x``; handles of :attr:`keys`'
         variables, by :meth:`shared_name`), for splicing into a graph (``xla``: into a body XLA
-        compiles, see :meth:`update`); the first FunctionDef is the function itself."""
-        return function_defs(self._generic(dtype, xla=xla))
+        compiles, see :meth:`update`; ``rank``: the rank of ``x``, which a per-channel observer
+        needs); the first FunctionDef is the function itself."""
+        if self.axis is not None and rank is None:
+            raise ValueError(f"{self.point!r}: per-channel calibration needs a tensor of known rank")
+        return function_defs(self._generic(dtype, rank, xla))
 
     def stats(self) -> "PointStats":
         """The statistics so far, as numpy arrays."""

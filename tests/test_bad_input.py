@@ -111,14 +111,16 @@ def test_inf_is_ignored_like_nan(front, method, caplog):
 
 
 def test_keras_and_saved_model_learn_the_same_percentile_range(saved, tmp_path):
-    """Both paths: the mean over batches of the batch percentiles (the graph path took the envelope)."""
+    """Both paths: the percentile of all values seen, from one histogram (before the engine, the Keras
+    path took the mean of per-batch percentiles and the graph path their envelope); batches of
+    different scales, where those disagreed."""
     batches = [X[:4], X[4:] * 3.0]
     q = gq.quantize_model(_keras_model(), bits=8, calibration_data=batches, calibration_method="percentile")
     r_k = {l.name: l.get_range() for l in q.layers if isinstance(l, Quantize)}
     report = gg.convert_saved_model(saved, tmp_path / "q", bits=8, calibration_data=batches, calibration_method="percentile")
     (lo_k, hi_k), = r_k.values()
     (lo_g, hi_g), = report.ranges.values()
-    np.testing.assert_allclose([lo_k, hi_k], [lo_g, hi_g], rtol=1e-5)
+    np.testing.assert_allclose([lo_k, hi_k], [lo_g, hi_g], rtol=2e-7, atol=0)
 
 
 def test_calibrate_later_empty_and_nan():

@@ -397,6 +397,41 @@ def test_keras_and_exported_saved_model_calibrate_the_same_ranges(exported, tmp_
         assert not np.allclose(np.asarray(r_k), np.asarray(r_mm))
 
 
+@pytest.mark.parametrize("method", ["minmax", "percentile", "mse", "entropy"])
+def test_per_channel_ranges_are_the_same_on_both_paths(exported, tmp_path, method):
+    """Affine(axis=-1) activations: the SavedModel path observes per channel too (one range per channel,
+    the same as the Keras path's), and the converted model computes what the Keras copy computes."""
+    model, path = exported
+    fmt = Affine(8, axis=-1)
+    q = gq.quantize_model(model, format=fmt, calibration_data=DATA, calibration_method=method)
+    r_k = [l.get_range() for l in q.layers if isinstance(l, Quantize)]
+    report = gg.convert_saved_model(path, tmp_path / "q", format=fmt, calibration_data=DATA, calibration_method=method)
+    r_g = list(report.ranges.values())
+    assert [np.shape(lo) for lo, _ in r_g] == [(4,), (3,)]
+    for (lo_k, hi_k), (lo_g, hi_g) in zip(r_k, r_g):
+        np.testing.assert_allclose(np.asarray(lo_k, np.float32), lo_g, rtol=2e-7, atol=0)
+        np.testing.assert_allclose(np.asarray(hi_k, np.float32), hi_g, rtol=2e-7, atol=0)
+    assert len({float(h) for h in r_g[1][1]}) == 3  # three channels, three ranges
+    served = tf.saved_model.load(str(tmp_path / "q")).signatures["serving_default"]
+    (key,) = served.structured_input_signature[1]
+    (out,) = served(**{key: tf.constant(DATA[:16])}).values()
+    np.testing.assert_allclose(out.numpy(), q(DATA[:16], training=False).numpy(), rtol=1e-5, atol=1e-5)
+    steps = (np.asarray(r_g[1][1]) - np.asarray(r_g[1][0])) / 255.0  # the output is on each channel's own grid
+    per_channel = out.numpy().reshape(-1, 3) / steps
+    assert np.abs(per_channel - np.round(per_channel)).max() < 1e-2
+
+
+def test_per_channel_calibration_needs_a_known_channel_count(tmp_path):
+    """A per-channel format at a point whose channel count the graph does not give is refused before any
+    batch runs, naming the point."""
+    from graphquant.graph.calibrate import RangeCollector
+
+    col = RangeCollector("minmax")
+    with pytest.raises(ValueError, match=r"'f/conv'.*per-channel calibration \(axis=-1\).*\[None, 8, None\]"):
+        col.observer("f/conv", Affine(8, axis=-1), [None, 8, None])
+    assert not col.observers
+
+
 @pytest.mark.parametrize("method", ["percentile", "mse", "entropy"])
 def test_sampled_histograms_are_the_same_on_both_paths(tmp_path, method):
     """Examples larger than HISTOGRAM_SAMPLE: the Keras and the SavedModel paths take one sample."""
@@ -499,6 +534,76 @@ def test_progress_bar_only_when_asked_or_on_a_terminal(capsys):
     assert capsys.readouterr().err == ""
     out = list(cal.progress(iter(batches), "calibrating", verbose=True, delay=0.0))
     assert out == batches
+
+
+_PROGRESS_CHILD = r"""
+import sys, time
+import numpy as np, keras
+import graphquant as gq
+import graphquant.graph as gg
+
+what, verbose, tmp = sys.argv[1], {"none": None, "false": False}[sys.argv[2]], sys.argv[3]
+keras.utils.set_random_seed(0)
+x = keras.Input((8, 8, 2), name="x")
+model = keras.Model(x, keras.layers.Conv2D(3, 3, padding="same")(keras.layers.Conv2D(4, 3, padding="same")(x)))
+data = np.random.RandomState(0).normal(size=(4, 8, 8, 2)).astype("float32")
+
+
+def slow():  # a slow input pipeline: the loop runs about 1.5 s, past the bar's 1 s delay
+    for _ in range(30):
+        time.sleep(0.05)
+        yield data
+
+
+if what == "calibrate":
+    gq.calibrate(gq.quantize_model(model, bits=8), slow(), verbose=verbose)
+elif what == "compare":
+    gq.compare(model, gq.quantize_model(model, bits=8, calibration_data=data), slow(), verbose=verbose)
+else:
+    model.export(tmp + "/float", verbose=False)
+    gg.convert_saved_model(tmp + "/float", tmp + "/q", bits=8, calibration_data=slow(), verbose=verbose,
+                         overwrite=True)
+print("done")
+"""
+
+
+@pytest.mark.parametrize("what", ["calibrate", "compare", "convert"])
+def test_progress_bar_draws_on_a_terminal(what, tmp_path):
+    """A real terminal (a pseudo-terminal as the child's stderr): the bar shows, with batches done and
+    images/s, once the loop has run a second; ``verbose=False`` silences it."""
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    def run(verbose):
+        master, slave = pty.openpty()
+        env = dict(os.environ, TERM="xterm-256color", COLUMNS="120", LINES="40")
+        env.pop("NO_COLOR", None)
+        child = subprocess.Popen([sys.executable, "-c", _PROGRESS_CHILD, what, verbose, str(tmp_path)], stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=slave, env=env)  # fmt: skip
+        os.close(slave)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        out, _ = child.communicate(timeout=300)
+        os.close(master)
+        assert child.returncode == 0 and out.decode().strip().endswith("done"), b"".join(chunks).decode(errors="replace")
+        return b"".join(chunks).decode(errors="replace")
+
+    shown = run("none")
+    label = {"calibrate": "calibrating", "compare": "comparing", "convert": "calibrating"}[what]
+    assert label in shown and "images/s" in shown and "batches" in shown
+    rate = float(shown.rsplit("images/s", 1)[0].split()[-1])
+    assert 20 < rate < 4 * 4 / 0.05  # 4 images per batch, one batch per 0.05 s at most
+    silent = run("false")
+    assert "images/s" not in silent and label not in silent
 
 
 def test_keras_per_channel_calibration():
@@ -754,3 +859,31 @@ def test_observers_run_beside_the_model_where_a_control_output_is_sure_to_run():
     his = sorted(hi for _, hi in ranges.values())
     # the two points see relu(conv(x)) and relu(conv(2x)) = 2 relu(conv(x)): ranges in the ratio 2 (power-of-two bins)
     assert his[1] == pytest.approx(2 * his[0], rel=1e-6) and his[0] <= relu.max()
+
+
+def test_quantize_function_per_channel_ranges_calibrated_and_dynamic():
+    """quantize_function with Affine(axis=-1): calibrated ranges are each channel's min/max over the data;
+    without data each batch's own per-channel min/max; either way each channel is rounded on its own grid."""
+    from graphquant.ops import quantize
+
+    k = tf.constant((RNG.normal(size=(3, 3, 2, 4)) * [1.0, 3.0, 0.2, 9.0]).astype("float32"))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 2], tf.float32)], autograph=False)
+    def f(x):
+        return tf.nn.relu(tf.nn.conv2d(x, k, 1, "SAME"))
+
+    data = RNG.normal(size=(10, 8, 8, 2)).astype("float32")
+    fmt = Affine(8, axis=-1)
+    tap = f(data).numpy().reshape(-1, 4)
+    r = gg.quantize_function(f, format=fmt, calibration_data=data, calibration_method="minmax")
+    ((lo, hi),) = r.ranges.values()
+    np.testing.assert_array_equal(hi, tap.max(0))
+    np.testing.assert_array_equal(lo, np.zeros(4, np.float32))
+    assert len(set(hi.tolist())) == 4
+    want = quantize(f(data), fmt, range=(lo, hi)).numpy()
+    np.testing.assert_array_equal(r(tf.constant(data)).numpy(), want)
+    dyn = gg.quantize_function(f, format=fmt)
+    half = data[:5]
+    t = f(half).numpy().reshape(-1, 4)
+    want = quantize(f(half), fmt, range=(np.minimum(t.min(0), 0), np.maximum(t.max(0), 1e-6))).numpy()
+    np.testing.assert_array_equal(dyn(tf.constant(half)).numpy(), want)

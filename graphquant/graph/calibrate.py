@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
+import numpy as np
 from tensorflow.core.framework import graph_pb2, node_def_pb2
 
 from .. import calibration as engine
@@ -37,7 +38,8 @@ def needs_calibration(plan: Plan) -> List[str]:
 
 
 class RangeCollector:
-    """One :class:`graphquant.calibration.Observer` per point (per tensor), and the ranges from them.
+    """One :class:`graphquant.calibration.Observer` per point (per channel where the point's format
+    has an ``axis``, else per tensor), and the ranges from them.
 
     Args:
         method: one of :data:`graphquant.calibration.METHODS`.
@@ -51,11 +53,25 @@ class RangeCollector:
         self.observers: Dict[str, engine.Observer] = {}
         self.formats: Dict[str, Optional[Format]] = {}
 
-    def observer(self, path: str, fmt: Optional[Format] = None) -> engine.Observer:
+    def observer(self, path: str, fmt: Optional[Format] = None,
+                 shape: Optional[List[Optional[int]]] = None) -> engine.Observer:  # fmt: skip
         """The observer of the tensor at ``path`` (made at the first call; ``fmt``: the point's format,
-        which bounds the range the method may choose)."""
+        which bounds the range the method may choose; ``shape``: the tensor's static shape, which
+        a per-channel format needs: its rank and the size of its ``axis``).
+
+        Raises:
+            ValueError: a per-channel format at a point whose rank or channel count the graph does
+                not tell (naming the point).
+        """
         if path not in self.observers:
-            self.observers[path] = engine.Observer(path, histogram=self.method != "minmax", shared=True)
+            axis = getattr(fmt, "axis", None)
+            channels = 1
+            if axis is not None:
+                if shape is None or not -len(shape) <= axis < len(shape) or shape[axis] is None:
+                    raise ValueError(f"{path!r}: per-channel calibration (axis={axis}) needs the tensor's rank and "
+                                     f"channel count, and the graph gives its shape as {shape}")  # fmt: skip
+                channels = int(shape[axis])
+            self.observers[path] = engine.Observer(path, axis, channels, histogram=self.method != "minmax", shared=True)
             self.formats[path] = fmt
         return self.observers[path]
 
@@ -65,14 +81,16 @@ class RangeCollector:
         for o in self.observers.values():
             o.initialise()
 
-    def ranges(self, what: str = "calibration_data") -> Dict[str, Tuple[float, float]]:
-        """``{path: (lo, hi)}``, widened to include 0 and to at least ``MIN_RANGE_WIDTH``.
+    def ranges(self, what: str = "calibration_data") -> Dict[str, Tuple[Any, Any]]:
+        """``{path: (lo, hi)}``, widened to include 0 and to at least ``MIN_RANGE_WIDTH``: floats per
+        tensor, float32 arrays (one entry per channel) per channel.
 
         Raises:
             ValueError: naming ``what`` and the path of a point that saw no finite value.
         """
         out = engine.ranges_of(self.observers, self.method, self.formats, self.percentile, what)
-        return {k: (float(lo), float(hi)) for k, (lo, hi) in out.items()}
+        return {k: (float(lo), float(hi)) if self.observers[k].axis is None else
+                (np.asarray(lo, np.float32), np.asarray(hi, np.float32)) for k, (lo, hi) in out.items()}  # fmt: skip
 
     def release(self) -> None:
         engine.release_all(list(self.observers.values()))
@@ -87,7 +105,7 @@ def splice_observer(ed: GraphEditor, sc: Any, ref: str, dtype: int, observer: en
     return the call node (output 0 is ``ref``'s value)."""
     from tensorflow.core.framework import types_pb2
 
-    fname, fdefs = observer.function_def(dtype, xla=ed.compiled(sc.name))
+    fname, fdefs = observer.function_def(dtype, xla=ed.compiled(sc.name), rank=None if shape is None else len(shape))
     lib_name = ed.add_functions(fdefs, fname)
     base = sc.unique(name)
     inputs = [ref, _splice_sample_spec(ed, sc, ref, dtype, shape if observer.samples else [], base)]
@@ -150,8 +168,9 @@ def insert_observers(graph_def: graph_pb2.GraphDef, plan: Plan, collector: Range
             continue
         sc = ed.scope(scope_name(p))
         dtype = sc.out_dtype(p.after)
-        new = splice_observer(ed, sc, sc.ref(sc.by_name[p.after], 0), dtype, collector.observer(p.path, p.format),
-                              f"graphquant/observe{n}", static_shape(sc, p.after))  # fmt: skip
+        shape = static_shape(sc, p.after)
+        new = splice_observer(ed, sc, sc.ref(sc.by_name[p.after], 0), dtype, collector.observer(p.path, p.format, shape),
+                              f"graphquant/observe{n}", shape)  # fmt: skip
         if ed.runs_side_effects(sc.name):
             # a control output of the function: it runs before the function returns, and the
             # consumers of p.after do not wait for it (the model runs beside the update)

@@ -259,7 +259,7 @@ def quantize_function(
     t0 = time.perf_counter()
     cfg = config_from_kwargs(bits, format, rounding, range, weights, config, **options)
     cf = _concrete(fn)
-    gd = cf.graph.as_graph_def()
+    gd = cf.graph.as_graph_def(add_shapes=True)  # static shapes: sample specs, per-channel formats
     fname = cf.name.decode() if isinstance(cf.name, bytes) else str(cf.name)
     existing = _existing_rounding(gd, fname, allow_requantize)
     plan, _ = plan_graph_def(gd, cfg, registry)

@@ -433,22 +433,30 @@ class GraphEditor:
             key = ("w", str(fmt), rounding, dtype, tuple(shape or ()), ins.depthwise)
             name, st = self._trace_kernel(key, build, [tf.TensorSpec(shape, tf_dtype)])
             return name, st, []
+        # a per-channel activation format: the kernel takes x at its rank (the channel axis must
+        # be known), its range one entry per channel
+        rank = None if fmt_axis(fmt) is None or shape is None else len(shape)
+        x_spec = tf.TensorSpec(None if rank is None else [None] * rank, tf_dtype)
         if isinstance(fmt, Affine) and fmt.range is None and ins.range is not None:
+            lo, hi = (np.asarray(r, np.float32) for r in ins.range)
+
             def build(x, lo, hi):
                 return quantize(x, fmt, rounding, range=(lo, hi), seed=seed_for())
-            key = ("a_args", str(fmt), rounding, dtype)
+            key = ("a_args", str(fmt), rounding, dtype, rank, lo.shape)
             name, st = self._trace_kernel(
-                key, build, [tf.TensorSpec(None, tf_dtype), tf.TensorSpec([], tf.float32), tf.TensorSpec([], tf.float32)]
+                key, build, [x_spec, tf.TensorSpec(lo.shape, tf.float32), tf.TensorSpec(hi.shape, tf.float32)]
             )
-            return name, st, [np.float32(ins.range[0]), np.float32(ins.range[1])]
+            return name, st, [lo, hi]
         if isinstance(fmt, Affine) and fmt.range is None:
             def build(x):
-                lo = tf.minimum(tf.cast(tf.reduce_min(x), tf.float32), 0.0)
-                hi = tf.maximum(tf.cast(tf.reduce_max(x), tf.float32), 0.0)
+                # per tensor, or per channel (reduced over every other axis)
+                axes = None if rank is None else [i for i in range(rank) if i != fmt.axis % rank]
+                lo = tf.minimum(tf.cast(tf.reduce_min(x, axis=axes), tf.float32), 0.0)
+                hi = tf.maximum(tf.cast(tf.reduce_max(x, axis=axes), tf.float32), 0.0)
                 hi = tf.maximum(hi, lo + 1e-6)
                 return quantize(x, fmt, rounding, range=(lo, hi), seed=seed_for())
-            key = ("a_dyn", str(fmt), rounding, dtype)
-            name, st = self._trace_kernel(key, build, [tf.TensorSpec(None, tf_dtype)])
+            key = ("a_dyn", str(fmt), rounding, dtype, rank)
+            name, st = self._trace_kernel(key, build, [x_spec])
             return name, st, []
 
         def build(x):
@@ -489,6 +497,11 @@ class GraphEditor:
             new = sc.add(nd)
         else:
             shape = None
+            if ins.target == "activations" and fmt_axis(fmt) is not None:
+                shape = static_shape(sc, ins.node)
+                if shape is None or not -len(shape) <= fmt.axis < len(shape):
+                    raise ValueError(f"node {ins.node!r}: a per-channel format (axis={fmt.axis}) needs the tensor's "
+                                     f"rank, and the graph gives its shape as {shape}")  # fmt: skip
             if ins.target == "weights":
                 shape = static_shape(sc, ins.node)
                 if shape is None:
@@ -536,11 +549,18 @@ FORMAT_ATTR = "_graphquant_format"
 ROUNDING_ATTR = "_graphquant_rounding"
 
 
+def fmt_axis(fmt: Format) -> Optional[int]:
+    """The channel axis of a per-channel format, else ``None``."""
+    return getattr(fmt, "axis", None) if isinstance(fmt, Affine) else None
+
+
 def recorded_format(ins: Insertion, fq_range: Optional[Tuple[float, float]] = None) -> Format:
     """The format an inserted node actually applies: an :class:`Affine` without
     its own range gets the fixed (FakeQuant) or calibrated range it was given."""
     fmt = ins.format
     rng = fq_range if fq_range is not None else (ins.range if ins.target == "activations" else None)
+    if rng is not None and np.size(rng[0]) != 1:  # per channel: the range is the node's inputs, not the format's
+        return fmt
     if isinstance(fmt, Affine) and fmt.range is None and rng is not None:
         return fmt.with_range((float(rng[0]), float(rng[1])))
     return fmt
