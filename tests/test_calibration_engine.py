@@ -329,16 +329,18 @@ def _trt_entropy(x, levels, bins=cal.NUM_BINS // 2):
     return edges[best[1]]
 
 
-def test_entropy_matches_a_direct_numpy_implementation():
+@pytest.mark.parametrize("fmt", [Affine(8), FixedPoint(8, (-1.0, 1.0))], ids=str)
+def test_entropy_matches_a_direct_numpy_implementation(fmt):
+    """Affine and FixedPoint activations alike: 2**(bits-1) levels per side for two-signed data."""
     x = np.concatenate([RNG.laplace(size=50000), RNG.normal(size=50) * 30]).astype("float32")
     s = _observe(np.split(x, 5))
-    lo, hi = cal.range_of(s, "entropy", fmt=Affine(8))
+    lo, hi = cal.range_of(s, "entropy", fmt=fmt)
     t = _trt_entropy(x, 128)
     assert t < 0.9 * np.abs(x).max()  # the outliers are clipped
     np.testing.assert_allclose([lo, hi], [max(-t, x.min()), min(t, x.max())], rtol=1e-6)
     pos = np.abs(x)  # one-signed data uses the full grid on one side
     s = _observe([pos])
-    lo, hi = cal.range_of(s, "entropy", fmt=Affine(8))
+    lo, hi = cal.range_of(s, "entropy", fmt=fmt)
     assert float(lo) == 0.0
     np.testing.assert_allclose(float(hi), min(_trt_entropy(pos, 256), pos.max()), rtol=1e-6)
 
