@@ -889,3 +889,34 @@ def test_quantize_function_per_channel_ranges_calibrated_and_dynamic():
     t = f(half).numpy().reshape(-1, 4)
     want = quantize(f(half), fmt, range=(np.minimum(t.min(0), 0), np.maximum(t.max(0), 1e-6))).numpy()
     np.testing.assert_array_equal(dyn(tf.constant(half)).numpy(), want)
+
+
+def test_a_point_no_batch_reached_is_logged_and_keeps_the_dynamic_range(tmp_path, caplog):
+    """A second signature's convolution is never run by calibration: it is named in a warning, gets no
+    calibrated range, and the converted model's second signature rounds it on each batch's own range."""
+    import logging
+
+    from graphquant.ops import quantize
+
+    k = [tf.constant(RNG.normal(size=(3, 3, 2, 4)).astype("float32")) for _ in range(2)]
+
+    class Two(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 2], tf.float32)])
+        def a(self, x):
+            return tf.nn.relu(tf.nn.conv2d(x, k[0], 1, "SAME"))
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 8, 8, 2], tf.float32)])
+        def b(self, x):
+            return tf.nn.relu(tf.nn.conv2d(x, k[1], 1, "SAME"))
+
+    m = Two()
+    tf.saved_model.save(m, str(tmp_path / "f"), signatures={"serving_default": m.a, "other": m.b})
+    data = RNG.normal(size=(8, 8, 8, 2)).astype("float32")
+    with caplog.at_level(logging.WARNING, logger="graphquant"):
+        r = gg.convert_saved_model(tmp_path / "f", tmp_path / "q", bits=8, calibration_data=data)
+    assert len(r.ranges) == 1 and "_a_" in next(iter(r.ranges))
+    assert any("no data reached" in rec.getMessage() and "_b_" in rec.getMessage() for rec in caplog.records)
+    out = tf.saved_model.load(str(tmp_path / "q")).signatures["other"](x=tf.constant(data))["output_0"].numpy()
+    ref = tf.nn.relu(tf.nn.conv2d(data, k[1], 1, "SAME"))
+    want = quantize(ref, Affine(8), range=(0.0, float(tf.reduce_max(ref)))).numpy()
+    np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
