@@ -289,6 +289,11 @@ class Affine:
 _INF_NAN_MODES = ("ieee", "fn", "finite")
 
 
+def channel_axis(fmt: Any) -> Optional[int]:
+    """The channel axis of a per-channel :class:`Affine` format (one range per channel), else ``None``."""
+    return fmt.axis if isinstance(fmt, Affine) and fmt.per_channel else None
+
+
 @dataclass(frozen=True)
 class FloatFormat:
     """A binary floating-point format with ``exponent_bits`` and ``mantissa_bits``.

@@ -20,6 +20,7 @@ import numpy as np
 from tensorflow.core.framework import graph_pb2, node_def_pb2
 
 from .. import calibration as engine
+from ..formats import channel_axis
 from ..plan import Plan
 from .planning import scope_name
 
@@ -64,7 +65,7 @@ class RangeCollector:
                 not tell (naming the point).
         """
         if path not in self.observers:
-            axis = getattr(fmt, "axis", None)
+            axis = channel_axis(fmt)
             channels = 1
             if axis is not None:
                 if shape is None or not -len(shape) <= axis < len(shape) or shape[axis] is None:

@@ -25,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow.core.framework import function_pb2, graph_pb2, node_def_pb2, types_pb2
 
-from ..formats import Affine, Format
+from ..formats import Affine, Format, channel_axis
 from ..weights import round_weight
 from .view import CALL_OPS, output_arg_names
 
@@ -435,7 +435,7 @@ class GraphEditor:
             return name, st, []
         # a per-channel activation format: the kernel takes x at its rank (the channel axis must
         # be known), its range one entry per channel
-        rank = None if fmt_axis(fmt) is None or shape is None else len(shape)
+        rank = None if channel_axis(fmt) is None or shape is None else len(shape)
         x_spec = tf.TensorSpec(None if rank is None else [None] * rank, tf_dtype)
         if isinstance(fmt, Affine) and fmt.range is None and ins.range is not None:
             lo, hi = (np.asarray(r, np.float32) for r in ins.range)
@@ -497,7 +497,7 @@ class GraphEditor:
             new = sc.add(nd)
         else:
             shape = None
-            if ins.target == "activations" and fmt_axis(fmt) is not None:
+            if ins.target == "activations" and channel_axis(fmt) is not None:
                 shape = static_shape(sc, ins.node)
                 if shape is None or not -len(shape) <= fmt.axis < len(shape):
                     raise ValueError(f"node {ins.node!r}: a per-channel format (axis={fmt.axis}) needs the tensor's "
@@ -547,11 +547,6 @@ class GraphEditor:
 #: underscore makes TensorFlow accept them on any op when loading and serving).
 FORMAT_ATTR = "_graphquant_format"
 ROUNDING_ATTR = "_graphquant_rounding"
-
-
-def fmt_axis(fmt: Format) -> Optional[int]:
-    """The channel axis of a per-channel format, else ``None``."""
-    return getattr(fmt, "axis", None) if isinstance(fmt, Affine) else None
 
 
 def recorded_format(ins: Insertion, fq_range: Optional[Tuple[float, float]] = None) -> Format:
