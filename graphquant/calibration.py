@@ -405,8 +405,6 @@ class Observer:
         variables, by :meth:`shared_name`), for splicing into a graph (``xla``: into a body XLA
         compiles, see :meth:`update`; ``rank``: the rank of ``x``, which a per-channel observer
         needs); the first FunctionDef is the function itself."""
-        if self.axis is not None and rank is None:
-            raise ValueError(f"{self.point!r}: per-channel calibration needs a tensor of known rank")
         return function_defs(self._generic(dtype, rank, xla))
 
     def stats(self) -> "PointStats":
