@@ -290,26 +290,23 @@ def test_four_bit_weights_report_the_grid(tmp_path, data):
     assert report.exact("reference") and report.exact("default"), str(report)
 
 
-def _simulated_weight_scales(q, x, monkeypatch):
-    """The float32 weight scales the simulation's integer kernels use, per weight layer in call order (recorded
-    from :func:`graphquant.keras.integer_ops.weight_scales`, the real function, while ``q`` runs once)."""
+def _simulated_weight_scales(q):
+    """The float32 weight scales the simulation's integer kernels use, per linked weight layer in model order:
+    :func:`graphquant.keras.integer_ops.weight_scales` (the function the kernels' operands come from) of each
+    layer's operands."""
     from graphquant.keras import integer_ops
 
-    real, got = integer_ops.weight_scales, []
-
-    def record(*args, **kwargs):
-        s_w, s_w64 = real(*args, **kwargs)
-        got.append(np.atleast_1d(np.asarray(s_w, np.float64).astype(np.float32)))
-        return s_w, s_w64
-
-    monkeypatch.setattr(integer_ops, "weight_scales", record)
-    q(x[:2], training=False)
-    monkeypatch.undo()
+    got = []
+    for layer in q.layers:
+        if getattr(layer, "_gq_integer", None) is not None and hasattr(layer, "_gq_operands"):
+            w_float, _, _, fmt, depthwise = layer._gq_operands()
+            s_w, _ = integer_ops.weight_scales(w_float, fmt, depthwise)
+            got.append(np.atleast_1d(np.asarray(s_w, np.float64).astype(np.float32)))
     return got
 
 
 @pytest.mark.parametrize("bits", [8, 4, 3])
-def test_weight_scales_are_the_stored_ones(tmp_path, data, target_export, monkeypatch, bits):
+def test_weight_scales_are_the_stored_ones(tmp_path, data, target_export, bits):
     """The per-channel weight scales of the simulation equal the converter's stored float32 scales bit for bit.
     Regression (4 bits): the export traced the 4-bit step as ``max|w| / 7`` and the simulation used
     ``float32(max|w| / 7)``, but the converter canonicalizes a division by a constant into a multiplication by
@@ -322,7 +319,7 @@ def test_weight_scales_are_the_stored_ones(tmp_path, data, target_export, monkey
         path = tmp_path / f"m{bits}.tflite"
         gq.export_tflite(q, path, representative_data=data[:16])
     stored = [np.asarray(o.weight_scales, np.float32) for o in gq.tflite_scales(path).ops]
-    sim = _simulated_weight_scales(q, data, monkeypatch)
+    sim = _simulated_weight_scales(q)
     assert [len(s) for s in sim] == [len(s) for s in stored] == [8, 8, 8, 1]
     for i, (a, b) in enumerate(zip(sim, stored)):
         np.testing.assert_array_equal(a.view(np.int32), b.view(np.int32), err_msg=f"weight op {i} ({bits} bits)")

@@ -12,7 +12,7 @@ At inference it always uses the moving statistics.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import keras
 import tensorflow as tf
@@ -85,8 +85,29 @@ class FoldedConvBatchNorm(keras.layers.Layer):
             inv = inv * tf.convert_to_tensor(self.bn.gamma)
         return inv
 
+    def _folded(self, mean: tf.Tensor, var: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+        """``(kernel * s, beta + (b - mean) * s)`` with ``s = gamma / sqrt(var + eps)``: the folded kernel and bias."""
+        conv, bn = self.conv, self.bn
+        inv = self._scale(var)
+        shift = -mean * inv
+        if bn.center:
+            shift = shift + tf.convert_to_tensor(bn.beta)
+        k = conv.kernel.value
+        wf = k * (tf.reshape(inv, k.shape[-2:]) if isinstance(conv, _DEPTHWISE) else inv)
+        return wf, (conv.bias.value * inv + shift if conv.use_bias else shift)
+
+    def _gq_operands(self) -> Tuple[tf.Tensor, None, tf.Tensor, Format, bool]:
+        """The integer kernel's operands at inference (:func:`~graphquant.keras.integer_ops.integer_call`): the
+        kernel folded with the moving statistics, ``None`` (rounded there), the folded bias, format, depthwise."""
+        wf, bias = self._folded(tf.convert_to_tensor(self.bn.moving_mean), tf.convert_to_tensor(self.bn.moving_variance))
+        return wf, None, bias, self.weight_format, isinstance(self.conv, _DEPTHWISE)
+
     def call(self, inputs: Any, training: Any = None) -> Any:
         conv, bn = self.conv, self.bn
+        if not training and getattr(self, "_gq_integer", None) is not None:  # the runtime's integer kernel
+            y = integer_call(self, conv, inputs)
+            if y is not None:
+                return y
         kernel = conv.kernel
         mean = tf.convert_to_tensor(bn.moving_mean)
         var = tf.convert_to_tensor(bn.moving_variance)
@@ -102,27 +123,15 @@ class FoldedConvBatchNorm(keras.layers.Layer):
             var = tf.where(frozen, var, bvar)
         if training:
             self.step.assign_add(1.0)
-        inv = self._scale(var)
-        shift = -mean * inv
-        if bn.center:
-            shift = shift + tf.convert_to_tensor(bn.beta)
-        depthwise = isinstance(conv, _DEPTHWISE)
-        k = kernel.value
-        wf = k * (tf.reshape(inv, k.shape[-2:]) if depthwise else inv)
-        fmt = self.weight_format
-        wq = round_weight(wf, fmt, "nearest", depthwise=depthwise, fused=True)
-        if not training and getattr(self, "_gq_integer", None) is not None:  # the runtime's integer kernel
-            bias = conv.bias.value * inv + shift if conv.use_bias else shift
-            y = integer_call(self, conv, inputs, wf, wq, bias, fmt, depthwise)
-            if y is not None:
-                return y
+        wf, bias = self._folded(mean, var)
+        wq = round_weight(wf, self.weight_format, "nearest", depthwise=isinstance(conv, _DEPTHWISE), fused=True)
         mapping = [(kernel, wq)]
         if conv.use_bias:
-            mapping.append((conv.bias, conv.bias.value * inv + shift))
+            mapping.append((conv.bias, bias))
         with keras.StatelessScope(state_mapping=mapping):
             y = conv.call(inputs)
         if not conv.use_bias:
-            y = tf.nn.bias_add(y, shift)
+            y = tf.nn.bias_add(y, bias)
         return y
 
     def get_config(self) -> Dict[str, Any]:

@@ -13,12 +13,13 @@ without importing this module: the links are attributes set on the layers).
 from __future__ import annotations
 
 import functools
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 from ..formats import Affine
 from .fold import FoldedConvBatchNorm
 from .integer_ops import (KERNELS, check_kernels, int_concat, int_quantize, multiply_by_quantized_multiplier_tf,
-                          op_kernel, qparams, quantize_input_tf, quantize_multiplier_tf)
+                          op_kernel, pass_carried, qparams, quantize_input_tf, quantize_multiplier_tf,
+                          same_scale_call)
 from .layers import ON_LOADED, Quantize, QuantizeWeights
 
 __all__ = ["link_integer", "KERNELS", "qparams", "quantize_input_tf", "quantize_multiplier_tf",
@@ -60,19 +61,52 @@ def _upstream_quantize(tensor: Any) -> Optional[Any]:
     return None
 
 
-def _downstream_quantize(layer: Any) -> Optional[Any]:
+def _downstream_chain(layer: Any) -> Tuple[Optional[Any], list]:
+    """The rounding point that ends ``layer``'s group and the fused ReLU/ReLU6 layers on the way (``(None, [])``
+    if the group does not end in one)."""
     side: list = []  # a rounding layer also called with pre_activation= (Quantize.fused_activation)
+    chain: list = []
     for _ in range(4):
         ops = list({id(n.operation): n.operation for n in layer._outbound_nodes}.values())
         quants = [op for op in ops if eligible_quantize(op)]
         others = [op for op in ops if not eligible_quantize(op)]
         if not others and len(quants) == 1 and all(q is quants[0] for q in side):
-            return quants[0]
+            return quants[0], chain
         if len(others) != 1 or not _fusable(others[0]) or len(others[0]._inbound_nodes) != 1:
-            return None
+            return None, []
         side += quants
         layer = others[0]
-    return None
+        chain.append(layer)
+    return None, []
+
+
+def _downstream_quantize(layer: Any) -> Optional[Any]:
+    return _downstream_chain(layer)[0]
+
+
+def _activation_of(layer: Any) -> str:
+    """``"relu"``, ``"relu6"`` or ``"linear"``: the fused activation a ReLU/Activation layer (or a weight layer's
+    own ``activation``) applies."""
+    if type(layer).__name__ == "ReLU":
+        return "relu" if layer.max_value is None else "relu6"
+    name = getattr(getattr(layer, "activation", None), "__name__", "linear")
+    return name if name in ("relu", "relu6") else "linear"
+
+
+def _chain_activation(layer: Any, chain: list) -> str:
+    """The activation the runtime fuses into ``layer``'s op: its own and that of the ReLU/ReLU6 ``chain``."""
+    acts = {_activation_of(layer)} | {_activation_of(f) for f in chain}
+    return "relu6" if "relu6" in acts else "relu" if "relu" in acts else "linear"
+
+
+def _pass_through(out_q: Any, chain: list) -> None:
+    """Let the group's ReLU/ReLU6 layers and its rounding point pass a linked layer's output through at inference
+    (:func:`~graphquant.keras.integer_ops.pass_carried`): the integer kernel already clamped and rounded it."""
+    # (a function, not the layer: saving walks a layer's attributes, and a layer attribute would be saved twice)
+    for layer in chain + [out_q]:
+        object.__setattr__(layer, "_gq_pass", (lambda q=out_q: q))
+        if layer in chain or getattr(out_q, "_gq_orig_call", None) is None:  # (int_quantize checks it itself)
+            _override_call(layer, pass_carried)
 
 
 def link_integer(model: Any, kernels: Optional[str] = None) -> int:
@@ -105,6 +139,9 @@ def _link_layers(layers: Any, kernels: str) -> int:
     n = 0
     for layer in layers:
         object.__setattr__(layer, "_gq_kernels", kernels)
+        if type(layer).__name__ in SAME_SCALE_LAYERS:
+            _override_call(layer, same_scale_call)
+            continue
         if isinstance(layer, FoldedConvBatchNorm):
             inner = layer.conv
         elif isinstance(layer, QuantizeWeights) and [s["slot"] for s in layer.slots] == ["kernel"]:
@@ -121,10 +158,12 @@ def _link_layers(layers: Any, kernels: str) -> int:
                 or len(layer._inbound_nodes) != 1):  # fmt: skip
             continue
         in_q = _upstream_quantize(layer._inbound_nodes[0].input_tensors[0])
-        out_q = _downstream_quantize(layer)
+        out_q, chain = _downstream_chain(layer)
         if in_q is None or out_q is None:
             continue
         object.__setattr__(layer, "_gq_integer", (lambda a=in_q, b=out_q: (a, b)))
+        object.__setattr__(layer, "_gq_activation", _chain_activation(inner, chain))
+        _pass_through(out_q, chain)
         n += 1
     return n
 
@@ -205,10 +244,12 @@ def _link_op(layer: Any) -> bool:
     if impl is None:
         return False
     ups = [_upstream_quantize(t) for t in ins]
-    out_q = _downstream_quantize(layer)
+    out_q, chain = _downstream_chain(layer)
     if out_q is None or any(u is None for u in ups):
         return False
     qs = tuple(ups) + (out_q,)
     object.__setattr__(layer, "_gq_integer", (lambda qs=qs: qs))
+    object.__setattr__(layer, "_gq_activation", _chain_activation(layer, chain))
     _override_call(layer, impl)
+    _pass_through(out_q, chain)
     return True

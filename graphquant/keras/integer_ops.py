@@ -39,6 +39,14 @@ the network amplifies). AVERAGE_POOL_2D itself is not delegated (LiteRT's kernel
 The accumulation runs as a float32 convolution of integer-valued tensors:
 exact while every partial sum stays below 2**24 in magnitude (int8 x int8
 products of up to 32,385; typical layers stay far below).
+
+Speed (inference of the simulation against the float model, issue 13): a linked layer's operands (integer
+weights and bias, multiplier, clamp) come from one XLA launch (:func:`_prepare`), its requantization is a second
+one (one pass over the tensor), and in a traced call its output tensor carries ``q - zp`` (:func:`carry`): the
+next integer kernel reads the integers instead of recovering them from the float tensor, the group's ReLU and
+rounding layers pass the tensor through (the kernel applied the fused activation's clamp on the integers, as the
+runtime does), and layers that keep the scale (ZeroPadding, MaxPooling, ...) carry it along
+(:func:`same_scale_call`). The float output ``(q - zp) * s`` is computed only where a float consumer reads it.
 """
 
 from __future__ import annotations
@@ -50,7 +58,7 @@ import keras
 import tensorflow as tf
 
 from ..formats import Affine
-from ..weights import exporting_int8, int8_export_max, weight_range
+from ..weights import exporting_int8, int8_export_max, round_weight, weight_range
 
 __all__ = ["KERNELS", "check_kernels", "integer_call", "qparams", "quantize_input_tf", "quantize_multiplier_tf",
            "multiply_by_quantized_multiplier_tf", "multiply_by_quantized_multiplier_single_tf", "logistic_int8_tf"]
@@ -79,6 +87,47 @@ def _round_away(x: tf.Tensor) -> tf.Tensor:
     return tf.sign(x) * tf.floor(tf.abs(x) + 0.5)
 
 
+#: The attribute an integer kernel's output tensor carries in a traced inference call: ``(point, c)``, the
+#: rounding point whose grid the output is on and ``c = q - zp`` (float32 integers) at that point's scale.
+_CARRIED = "_gq_q_minus_zp"
+
+
+def carry(y: tf.Tensor, point: Any, c: tf.Tensor) -> tf.Tensor:
+    """Record on ``y`` (a graph tensor; eager tensors are left alone) that it is ``c * scale`` of ``point``, so
+    that the next integer kernel reads ``c`` instead of recovering it with ``round(y / scale)``, and the group's
+    ReLU and rounding layers pass ``y`` through (:func:`pass_carried`). Returns ``y``."""
+    if not tf.executing_eagerly():
+        setattr(y, _CARRIED, (point, c))
+    return y
+
+
+def carried(x: Any, point: Any) -> Optional[tf.Tensor]:
+    """``c = q - zp`` that an integer kernel recorded on ``x`` (:func:`carry`) for the rounding point ``point``,
+    else ``None``."""
+    rec = getattr(x, _CARRIED, None)
+    return rec[1] if rec is not None and rec[0] is point else None
+
+
+def pass_carried(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+    """The ``call`` of a linked group's ReLU/ReLU6 layer and of its rounding point: ``inputs`` unchanged when
+    the group's integer kernel produced them (it rounded them and applied the fused activation's clamp on the
+    integers, as the runtime does), else the layer's own call."""
+    if carried(inputs, layer._gq_pass()) is not None:
+        return inputs
+    return orig(inputs, *args, **kwargs)
+
+
+def same_scale_call(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+    """The ``call`` of a layer that keeps its input's scale and zero point (ZeroPadding, MaxPooling, Reshape, ...):
+    its own call, and on a carried input the same call on ``q - zp`` carried along (padding with 0 there is
+    padding with the zero point, as the runtime pads)."""
+    out = orig(inputs, *args, **kwargs)
+    rec = getattr(inputs, _CARRIED, None)
+    if rec is not None and not tf.executing_eagerly():
+        carry(out, rec[0], orig(rec[1], *args, **kwargs))
+    return out
+
+
 def _scale_owner(q: Any) -> Any:
     """The rounding point whose range the converter gives ``q``: a Concatenate's output point for a point whose
     only consumer is that Concatenate and whose producer is a weight layer (CONCATENATION needs one scale: the
@@ -96,11 +145,36 @@ def qparams(q: Any) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     zero point ``round(-128 - min / scale)`` clamped to ``[-128, 127]``); those of the Concatenate it
     feeds for a point that shares that scale (:func:`_scale_owner`).
     """
-    st = tf.cast(_scale_owner(q).range.value, tf.float64)
+    owner = _scale_owner(q)
+    memo = _trace_memo("qparams")
+    if memo is not None and id(owner) in memo:
+        return memo[id(owner)][1]
+    out = _qparams_of(owner.range.value)
+    if memo is not None:
+        memo[id(owner)] = (owner, out)  # (holds owner: its id stays its own while the memo lives)
+    return out
+
+
+def _qparams_of(state: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """:func:`qparams` of a rounding point's range state ``[lo, hi, initialised]``."""
+    st = tf.cast(state, tf.float64)
     lo, hi = st[0], st[1]
     s64 = (hi - lo) / 255.0
     zp = tf.clip_by_value(_round_away(-128.0 - lo / s64), -128.0, 127.0)
     return tf.cast(tf.cast(s64, tf.float32), tf.float64), s64, zp
+
+
+def _trace_memo(name: str) -> Optional[dict]:
+    """A dict for values computed once per traced model call: it lives on Keras' call context (one per outermost
+    layer call) and is per graph (function graph, cond branch, loop body); ``None`` when executing eagerly or
+    outside a layer call."""
+    from keras.src.backend.common import global_state
+
+    ctx = global_state.get_global_attribute("current_call_ctx")
+    if tf.executing_eagerly() or ctx is None:
+        return None
+    memos = ctx.__dict__.setdefault("_gq_memos", {})
+    return memos.setdefault((name, id(tf.compat.v1.get_default_graph())), {})
 
 
 def quantize_multiplier_tf(m: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
@@ -212,84 +286,122 @@ def weight_scales(w: tf.Tensor, fmt: Affine, depthwise: bool) -> Tuple[tf.Tensor
     return tf.cast(tf.cast(s64, tf.float32), tf.float64), s64
 
 
-def integer_call(layer: Any, inner: Any, inputs: tf.Tensor, w_float: tf.Tensor, w_rounded: tf.Tensor,
-                 bias: Optional[tf.Tensor], fmt: Affine, depthwise: bool) -> Optional[tf.Tensor]:
-    """The reference kernel's output of ``inner`` (conv / depthwise / dense), dequantized, as float32.
-
-    ``w_float``: the weights before rounding (their per-channel ``max |w|``
-    gives the converter's weight scale); ``w_rounded``: on the weight grid;
-    ``bias``: the float bias (folded), or ``None``. ``None`` while the rounding
-    points are being calibrated or the model is traced for the TFLite
-    converter (the caller then runs the float path).
-    """
+def integer_call(layer: Any, inner: Any, inputs: tf.Tensor) -> Optional[tf.Tensor]:
+    """The runtime kernel's output of ``inner`` (the conv / depthwise / dense ``layer`` wraps), dequantized, as
+    float32; ``layer._gq_operands()`` gives ``(w_float, w_rounded, bias, fmt, depthwise)``: the weights before
+    rounding (their per-channel ``max |w|`` gives the converter's weight scale), on the weight grid (or ``None``:
+    rounded to nearest here), the float bias (folded) or ``None``, the weight format, whether depthwise.
+    ``None`` while the rounding points are being calibrated or the model is traced for the TFLite converter
+    (the caller then runs the float path)."""
 
     in_q, out_q = layer._gq_integer()
     if in_q.calibrating or out_q.calibrating or exporting_int8():
         return None  # being calibrated, or traced for the converter: the float path
-    s_in, s_in64, _ = qparams(in_q)
-    s_out, _, zp_out = qparams(out_q)
-    s_w, s_w64 = weight_scales(w_float, fmt, depthwise)
-    # the input is (q - zp) * s_in up to float32 rounding (|q - zp| <= 255): float32 recovers q - zp exactly
-    x_int = tf.round(tf.cast(inputs, tf.float32) * tf.cast(1.0 / s_in64, tf.float32))
-    shape = w_rounded.shape
-    if depthwise:
-        s_w_k = tf.reshape(s_w, shape[-2:])
-    elif fmt.axis is None:
-        s_w_k = s_w
+    xnnpack = kernels_of(layer) == "xnnpack"
+    single = type(inner).__name__ == "Dense"  # LiteRT's int8 FULLY_CONNECTED rounds once (ruy's), conv twice
+    w_int, b_int, factor, lo, hi, inv_in, s_out = _prepared(layer)
+    x_int = carried(inputs, in_q)
+    if x_int is None:
+        # the input is (q - zp) * s_in up to float32 rounding (|q - zp| <= 255): float32 recovers q - zp exactly
+        x_int = tf.round(tf.cast(inputs, tf.float32) * inv_in)
+    acc = _accumulate(inner, x_int, w_int)
+    if xnnpack:
+        c = _xnnpack_requantize(acc, b_int, factor, lo, hi)
     else:
-        s_w_k = s_w  # last axis = output channels (Conv, Dense)
-    w_int = tf.cast(_round_away(tf.cast(w_rounded, tf.float64) / s_w_k), tf.float32)
+        c = _requantize_output(acc, b_int, factor[0], factor[1], lo, hi, single=single)
+    if not tf.executing_eagerly():  # (an XLA function's output has relaxed dimensions)
+        c.set_shape(inner.compute_output_shape(tuple(x_int.shape)))
+    return carry(c * s_out, out_q, c)
+
+
+def _prepared(layer: Any) -> Tuple:
+    """:func:`_prepare`'s operands of a linked layer, in one XLA launch: its some 70 small ops cost more one by
+    one. (One launch for all the layers of a model was slower: the next layer's preparation no longer runs
+    beside this layer's convolution, and all of it runs before the first one.)"""
+    w_float, w_rounded, bias, fmt, depthwise = layer._gq_operands()
+    ranges = [_scale_owner(q).range.value for q in layer._gq_integer()]
+    bias = tf.zeros([], w_float.dtype) if bias is None else bias
+    return _prepare(w_float, w_rounded, bias, *ranges, fmt=fmt, depthwise=depthwise,
+                    activation=getattr(layer, "_gq_activation", "linear"), xnnpack=kernels_of(layer) == "xnnpack")
+
+
+@tf.function(jit_compile=True)
+def _prepare(w_float: tf.Tensor, w_rounded: Optional[tf.Tensor], bias: tf.Tensor, in_range: tf.Tensor,
+             out_range: tf.Tensor, *, fmt: Affine, depthwise: bool, activation: str, xnnpack: bool) -> Tuple:
+    """A linked layer's integer operands, from its weights and its two rounding points' range states:
+
+    ``(w_int, b_int, factor, lo, hi, 1 / s_in, s_out)``: the int8 weights (float32 integers; ``w_rounded``, the
+    weights on their grid, or ``None`` to round ``w_float`` here), the int32 bias (float64 integers), the
+    requantization factor (XNNPACK: the float32 scale ``s_in * s_w[c] / s_out``; reference: the multiplier's
+    mantissa and shift), the output clamp ``[lo, hi]`` of ``q - zp``, and the float32 scales."""
+    f32 = tf.float32
+    s_in, s_in64, _ = _qparams_of(in_range)
+    s_out, _, zp_out = _qparams_of(out_range)
+    if w_rounded is None:
+        w_rounded = round_weight(w_float, fmt, "nearest", depthwise=depthwise)
+    s_w, s_w64 = weight_scales(w_float, fmt, depthwise)
+    s_w_k = tf.reshape(s_w, w_rounded.shape[-2:]) if depthwise else s_w  # (else: last axis = output channels)
+    # w_rounded is k * s'[c] with |k| <= 127 and s' within a few float32 ulps of s_w[c]: the float32 quotient
+    # lies within 1e-4 of k, and rounds to it
+    w_int = tf.round(tf.cast(w_rounded, f32) / tf.cast(s_w_k, f32))
+    b_int = _round_away(tf.cast(bias, tf.float64) / (s_in64 * s_w64))  # the int32 bias
+    lo, hi = _activation_clamp(activation, s_out, zp_out)
+    if xnnpack:  # XNNPACK's requantization scale, in float32 as its operator computes it
+        factor = tf.cast(s_in, f32) * tf.cast(s_w, f32) / tf.cast(s_out, f32)
+    else:
+        factor = quantize_multiplier_tf(s_in * s_w / s_out)
+    return w_int, b_int, factor, lo, hi, tf.cast(1.0 / s_in64, f32), tf.cast(s_out, f32)
+
+
+def _accumulate(inner: Any, x_int: tf.Tensor, w_int: tf.Tensor) -> tf.Tensor:
+    """``inner``'s convolution / matmul of the integers ``x_int`` by ``w_int`` (float32), without its own bias
+    and activation."""
     mapping = [(inner.kernel, w_int)]
-    if getattr(inner, "use_bias", False) and inner.bias is not None:
+    if getattr(inner, "use_bias", False) and getattr(inner, "bias", None) is not None:
         mapping.append((inner.bias, tf.zeros_like(inner.bias.value)))
     act = inner.activation
-    inner.activation = keras.activations.linear  # the clamp happens below, on the integers
+    inner.activation = keras.activations.linear  # the clamp happens on the integers
     try:
         with keras.StatelessScope(state_mapping=mapping):
-            acc = inner.call(x_int)
+            return inner.call(x_int)
     finally:
         inner.activation = act
-    b_int = tf.zeros([], tf.float64)
-    if bias is not None:
-        b_int = _round_away(tf.cast(bias, tf.float64) / (s_in64 * s_w64))  # the int32 bias
-    lo = 0.0 if getattr(act, "__name__", "linear") == "relu" else -128.0 - zp_out
-    if kernels_of(layer) == "xnnpack":
-        # XNNPACK's requantization scale, in float32 as its operator computes it (s_in * s_w[c] / s_out)
-        f32 = tf.float32
-        scale = tf.cast(s_in, f32) * tf.cast(s_w, f32) / tf.cast(s_out, f32)
-        out = _xnnpack_output(acc, b_int, scale, lo, 127.0 - zp_out, tf.cast(s_out, f32))
-        if not tf.executing_eagerly():
-            out.set_shape(acc.shape)
-        return out
-    mult, shift = quantize_multiplier_tf(s_in * s_w / s_out)
-    # LiteRT's int8 FULLY_CONNECTED rounds once (ruy's MultiplyByQuantizedMultiplier), conv/depthwise twice
-    out = _requantize_output(acc, b_int, mult, shift, lo, 127.0 - zp_out, tf.cast(s_out, tf.float32),
-                             single=type(inner).__name__ == "Dense")  # fmt: skip
-    if not tf.executing_eagerly():
-        out.set_shape(acc.shape)  # (a reduce_retracing function's output has relaxed dimensions)
-    return out
+
+
+def _activation_clamp(activation: str, s_out: tf.Tensor, zp_out: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+    """The output clamp ``[lo, hi]`` of ``q - zp`` (float32): the int8 range, narrowed by the fused activation
+    as the runtime narrows it (``CalculateActivationRangeQuantized``: ``zp + round(0 / s)`` and, for ReLU6,
+    ``zp + round(6.0f / s)``)."""
+    zp = tf.cast(zp_out, tf.float32)
+    lo, hi = -128.0 - zp, 127.0 - zp
+    if activation in ("relu", "relu6"):
+        lo = tf.maximum(lo, 0.0)
+    if activation == "relu6":
+        six = tf.constant(6.0, tf.float32) / tf.cast(s_out, tf.float32)
+        hi = tf.minimum(hi, tf.cast(_round_away(tf.cast(six, tf.float64)), tf.float32))
+    return lo, hi
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
+def _xnnpack_requantize(acc: tf.Tensor, b_int: tf.Tensor, scale: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor
+                        ) -> tf.Tensor:
+    """XNNPACK's ``fp32`` requantization of a qs8 conv / depthwise / fully connected (``qs8-qc8w-gemm``,
+    ``qs8-qc8w-dwconv`` ``minmax_fp32`` microkernels): the int32 accumulator plus the int32 bias, converted to
+    float32 (round to nearest even; the sum is exact in float64), times the float32 scale (one float32
+    rounding), rounded to nearest *even* (``cvtps``/``lrintf``/magic bias), clamped to ``[lo, hi]``: ``q - zp``
+    as float32. One XLA cluster: one pass over the tensor."""
+    acc32 = tf.cast(tf.cast(acc, tf.float64) + b_int, tf.float32)
+    return tf.clip_by_value(tf.round(acc32 * scale), lo, hi)  # tf.round: half to even
 
 
 @tf.function(jit_compile=True, reduce_retracing=True)
 def _requantize_output(acc: tf.Tensor, b_int: tf.Tensor, mult: tf.Tensor, shift: tf.Tensor, lo: tf.Tensor,
-                       hi: tf.Tensor, s_out: tf.Tensor, single: bool) -> tf.Tensor:
-    """int32 accumulator (float32 integers) + int32 bias -> requantized, clamped to ``[lo, hi]`` (``q - zp``),
-    dequantized (float32). One XLA cluster: a dozen elementwise float64 ops fused into one pass over the
-    tensor (about 4x cheaper than running them one by one); XLA keeps IEEE semantics (no fast math)."""
+                       hi: tf.Tensor, single: bool) -> tf.Tensor:
+    """int32 accumulator (float32 integers) + int32 bias -> requantized, clamped to ``[lo, hi]``: ``q - zp`` as
+    float32. One XLA cluster: a dozen elementwise float64 ops fused into one pass over the tensor (about 4x
+    cheaper than running them one by one); XLA keeps IEEE semantics (no fast math)."""
     out = _requantize(tf.cast(acc, tf.float64) + b_int, mult, shift, single)
-    return tf.cast(tf.clip_by_value(out, lo, hi), tf.float32) * s_out
-
-
-@tf.function(jit_compile=True, reduce_retracing=True)
-def _xnnpack_output(acc: tf.Tensor, b_int: tf.Tensor, scale: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor,
-                    s_out: tf.Tensor) -> tf.Tensor:
-    """XNNPACK's ``fp32`` requantization of a qs8 conv / depthwise / fully connected (``qs8-qc8w-gemm``,
-    ``qs8-qc8w-dwconv`` ``minmax_fp32`` microkernels): the int32 accumulator (with the int32 bias) converted to
-    float32, times the float32 scale (one float32 rounding), rounded to nearest *even* (``cvtps``/``lrintf``/
-    magic bias), plus the zero point, clamped to the fused activation's range; dequantized (float32)."""
-    acc32 = tf.cast(tf.cast(acc, tf.float64) + b_int, tf.float32)  # int32 -> float32: round to nearest even
-    out = tf.round(acc32 * scale)  # tf.round: half to even
-    return tf.clip_by_value(out, tf.cast(lo, tf.float32), tf.cast(hi, tf.float32)) * s_out
+    return tf.cast(tf.clip_by_value(out, tf.cast(lo, tf.float64), tf.cast(hi, tf.float64)), tf.float32)
 
 
 # --------------------------------------------------------------------------- ADD, MEAN (no weights)
@@ -303,42 +415,54 @@ def _training_now() -> bool:
 
 def _int_add(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
     """TFLite's reference int8 ADD (``integer_ops/add.h``): inputs shifted left by 20, each scaled by
-    ``s_i / (2 max(s_1, s_2))``, summed, scaled by ``2 max(s_1, s_2) / (2**20 s_out)``, zero point, clamp."""
+    ``s_i / (2 max(s_1, s_2))``, summed, scaled by ``2 max(s_1, s_2) / (2**20 s_out)``, zero point, clamp (the
+    int8 range narrowed by a fused ReLU/ReLU6); XNNPACK's under ``"xnnpack"`` (:func:`_xnnpack_add_arith`)."""
 
     qs = layer._gq_integer()
     if _training_now() or exporting_int8() or any(q.calibrating for q in qs):
         return orig(inputs, *args, **kwargs)
     (s1, _, _), (s2, _, _), (so, _, zo) = (qparams(q) for q in qs)
+    lo, hi = _activation_clamp(getattr(layer, "_gq_activation", "linear"), so, zo)
     arith = _xnnpack_add_arith if kernels_of(layer) == "xnnpack" else _add_arith
-    out = arith(inputs[0], inputs[1], s1, s2, so, zo)
+    c1, c2 = carried(inputs[0], qs[0]), carried(inputs[1], qs[1])
+    c = arith(inputs[0] if c1 is None else c1, inputs[1] if c2 is None else c2, s1, s2, so, zo, lo, hi,
+              c1 is not None, c2 is not None)  # fmt: skip
     if not tf.executing_eagerly():
-        out.set_shape(inputs[0].shape)
-    return out
+        c.set_shape(inputs[0].shape)
+    return carry(c * tf.cast(so, tf.float32), qs[2], c)
+
+
+def _add_input(x: tf.Tensor, s: tf.Tensor, is_int: bool) -> tf.Tensor:
+    """``q - zp`` (int64) of an ADD input: ``x`` itself if ``is_int`` (carried), else recovered from ``x = (q -
+    zp) * s``."""
+    if is_int:
+        return tf.cast(x, tf.int64)
+    return tf.cast(_round_away(tf.cast(x, tf.float64) / s), tf.int64)
 
 
 @tf.function(jit_compile=True, reduce_retracing=True)
-def _add_arith(x1: tf.Tensor, x2: tf.Tensor, s1: tf.Tensor, s2: tf.Tensor, so: tf.Tensor, zo: tf.Tensor) -> tf.Tensor:
-    """The reference int8 ADD's integer arithmetic (see :func:`_int_add`), one XLA cluster."""
+def _add_arith(x1: tf.Tensor, x2: tf.Tensor, s1: tf.Tensor, s2: tf.Tensor, so: tf.Tensor, zo: tf.Tensor,
+               lo: tf.Tensor, hi: tf.Tensor, int1: bool, int2: bool) -> tf.Tensor:
+    """The reference int8 ADD's integer arithmetic (see :func:`_int_add`), one XLA cluster; ``q_out - zo`` as
+    float32, clamped to ``[lo, hi]``."""
     twice_max = 2.0 * tf.maximum(s1, s2)
     shift = 20
     ints = []
-    for x, s in zip((x1, x2), (s1, s2)):
-        q_minus_z = tf.cast(_round_away(tf.cast(x, tf.float64) / s), tf.int64)  # q - zp: the offset applied
+    for x, s, is_int in zip((x1, x2), (s1, s2), (int1, int2)):
         m, sh = quantize_multiplier_tf(s / twice_max)
-        ints.append(multiply_by_quantized_multiplier_tf(q_minus_z * (1 << shift), m, sh))
+        ints.append(multiply_by_quantized_multiplier_tf(_add_input(x, s, is_int) * (1 << shift), m, sh))
     m, sh = quantize_multiplier_tf(twice_max / (float(1 << shift) * so))
-    out = multiply_by_quantized_multiplier_tf(ints[0] + ints[1], m, sh) + tf.cast(zo, tf.int64)
-    out = tf.clip_by_value(tf.cast(out, tf.float64), -128.0, 127.0)
-    return tf.cast((out - zo) * so, tf.float32)
+    out = tf.cast(multiply_by_quantized_multiplier_tf(ints[0] + ints[1], m, sh), tf.float32)
+    return tf.clip_by_value(out, lo, hi)
 
 
 @tf.function(jit_compile=True, reduce_retracing=True)
-def _xnnpack_add_arith(x1: tf.Tensor, x2: tf.Tensor, s1: tf.Tensor, s2: tf.Tensor, so: tf.Tensor,
-                       zo: tf.Tensor) -> tf.Tensor:
+def _xnnpack_add_arith(x1: tf.Tensor, x2: tf.Tensor, s1: tf.Tensor, s2: tf.Tensor, so: tf.Tensor, zo: tf.Tensor,
+                       lo: tf.Tensor, hi: tf.Tensor, int1: bool, int2: bool) -> tf.Tensor:
     """XNNPACK's qs8 ADD (``xnn_init_qs8_add_minmax_scalar_params``, ``qs8-vadd`` microkernels): float32
     ratios ``r_i = s_i / s_out``; ``shift = 20 - exponent(max r_i)``; multipliers ``lrintf(r_i * 2**shift)``
     (below ``2**21``); ``out = ((q1 - zp1) m1 + (q2 - zp2) m2 + 2**(shift-1)) >> shift`` (arithmetic shift:
-    ties toward +inf), plus the zero point, clamped; one XLA cluster."""
+    ties toward +inf), plus the zero point, clamped; one XLA cluster; ``q_out - zo`` as float32."""
     f32 = tf.float32
     r1, r2 = tf.cast(s1, f32) / tf.cast(so, f32), tf.cast(s2, f32) / tf.cast(so, f32)
     # exponent of the larger ratio, exactly (frexp-free: the float32 bits)
@@ -346,12 +470,11 @@ def _xnnpack_add_arith(x1: tf.Tensor, x2: tf.Tensor, s1: tf.Tensor, s2: tf.Tenso
     shift = tf.cast(20 - (bits - 127), tf.int64)
     pot = tf.pow(tf.constant(2.0, tf.float64), tf.cast(shift, tf.float64))
     acc = tf.bitwise.left_shift(tf.constant(1, tf.int64), shift - 1)
-    for x, s, r in zip((x1, x2), (s1, s2), (r1, r2)):
+    for x, s, r, is_int in zip((x1, x2), (s1, s2), (r1, r2), (int1, int2)):
         mult = tf.cast(tf.round(tf.cast(r, tf.float64) * pot), tf.int64)  # exact scaling; lrintf: half to even
-        acc += tf.cast(_round_away(tf.cast(x, tf.float64) / s), tf.int64) * mult  # (q - zp) * m
-    out = tf.bitwise.right_shift(acc, shift) + tf.cast(zo, tf.int64)
-    out = tf.clip_by_value(tf.cast(out, tf.float64), -128.0, 127.0)
-    return tf.cast((out - zo) * so, tf.float32)
+        acc += _add_input(x, s, is_int) * mult  # (q - zp) * m
+    out = tf.cast(tf.bitwise.right_shift(acc, shift), f32)
+    return tf.clip_by_value(out, lo, hi)
 
 
 def _int_mean(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
@@ -438,15 +561,24 @@ def int_quantize(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) 
     a few elements, which deep nets amplify. Used at the model input, and at points that take a Concatenate's
     scale (:func:`_scale_owner`) and that Concatenate's output."""
 
+    if carried(inputs, layer) is not None:  # an integer kernel's output, already on this point's grid
+        return inputs
     training = kwargs.get("training")
     train = bool(training) if training is not None else _training_now()
     if train or exporting_int8() or layer.calibrating:  # (inference rounds y, not pre_activation)
         return orig(inputs, *args, **kwargs)
     s, _, zp = qparams(layer)
-    out = tf.cast(quantize_input_tf(inputs, s, zp) * s, tf.float32)
+    c = _quantize_fused(inputs, s, zp)
     if not tf.executing_eagerly():
-        out.set_shape(inputs.shape)
-    return out
+        c.set_shape(inputs.shape)
+    return carry(c * tf.cast(s, tf.float32), layer, c)
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
+def _quantize_fused(x: tf.Tensor, s: tf.Tensor, zp: tf.Tensor) -> tf.Tensor:
+    """:func:`quantize_input_tf` as float32 ``q - zp``, one XLA cluster (a single pass over the tensor; as plain
+    ops, its float64 steps each read and write the whole tensor)."""
+    return tf.cast(quantize_input_tf(x, s, zp), tf.float32)
 
 
 def int_concat(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:

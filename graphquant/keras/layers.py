@@ -456,6 +456,17 @@ class QuantizeWeights(keras.layers.Wrapper):
                 return v
         raise ValueError(f"{self.name}: no weight {slot!r}")
 
+    def _gq_operands(self) -> Tuple[tf.Tensor, Optional[tf.Tensor], Optional[tf.Tensor], Format, bool]:
+        """The integer kernel's operands at inference (:func:`~graphquant.keras.integer_ops.integer_call`) of a
+        layer whose one rounded weight is its kernel: kernel, kernel as inference rounds it (``None``: to
+        nearest, rounded there), bias or ``None``, format, depthwise."""
+        s = self.slots[0]
+        w = self._variable("kernel").value
+        rnd = s["inference_rounding"]
+        rounded = None if rnd == "nearest" else self._round_slot(s, w, rnd, 0 if rnd == "stochastic" else None)
+        bias = self.layer.bias.value if getattr(self.layer, "use_bias", False) else None
+        return w, rounded, bias, s["format"], self._is_depthwise("kernel")
+
     def _round_slot(self, s: Dict[str, Any], w: Any, rounding: str, seed: Any) -> tf.Tensor:
         fmt = s["format"]
         return round_weight(w, fmt, rounding, seed, depthwise=self._is_depthwise(s["slot"]), fused=True)
@@ -479,10 +490,7 @@ class QuantizeWeights(keras.layers.Wrapper):
             seed = self.seed_generator.next() if rnd == "stochastic" else None
             mapping.append((var, self._round_slot(s, var.value, rnd, seed)))
         if not train and not kwargs and getattr(self, "_gq_integer", None) is not None:  # the runtime's kernel
-            s = self.slots[0]
-            bias = self.layer.bias.value if getattr(self.layer, "use_bias", False) else None
-            y = integer_call(self, self.layer, inputs, self._variable("kernel").value, mapping[0][1], bias,
-                             s["format"], self._is_depthwise("kernel"))
+            y = integer_call(self, self.layer, inputs)
             if y is not None:
                 return y
         with keras.StatelessScope(state_mapping=mapping):
