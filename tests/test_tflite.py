@@ -818,3 +818,22 @@ def test_swish_trains_on_the_logistic_grid():
     s = tf.sigmoid(x).numpy().astype(np.float64)
     # d/dx x * (sigmoid + stop_gradient(rounded - sigmoid)) = rounded + x * sigmoid'
     np.testing.assert_allclose(g, rounded + x.numpy() * s * (1 - s), rtol=1e-5, atol=1e-5)
+
+
+def test_relu6_clamps_on_the_integers_where_the_range_reaches_past_6(tmp_path, data):
+    """The converter fuses a ReLU6 into its conv: the runtime clamps at ``zp + round(6 / s)``. An output range
+    wider than [0, 6] (as QAT may learn) and pre-activations beyond 6 make that clamp bite; the simulation's
+    integer kernel applies it on the integers (its ReLU6 and rounding layers pass the result through), and agrees
+    with the interpreter on every element, with both kernel sets."""
+    q = gq.quantize_model(_model(), target="tflite_int8", calibration_data=data)
+    relu6 = next(layer for layer in q.layers if type(layer).__name__ == "ReLU" and layer.max_value == 6.0)
+    point = relu6._outbound_nodes[0].operation
+    conv = relu6._inbound_nodes[0].input_tensors[0]._keras_history.operation
+    conv.conv.kernel.assign(conv.conv.kernel * 20.0)  # pre-activations well past 6
+    point.set_range(0.0, 8.0)
+    out = keras.Model(q.input, point.output)(data, training=False).numpy()
+    top = np.round(6.0 / (8.0 / 255)) * (8.0 / 255)  # the grid point nearest 6 (191 steps)
+    assert np.isclose(out.max(), top, rtol=1e-6, atol=0)
+    assert np.isclose(out, top, rtol=1e-6, atol=0).mean() > 0.05  # the clamp bites
+    report = gq.export_tflite(q, tmp_path / "m.tflite", check_data=data)  # (each kernel set against its own)
+    assert report.exact("reference") and report.exact("default"), str(report)
