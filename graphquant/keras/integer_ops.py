@@ -40,9 +40,8 @@ The accumulation runs as a float32 convolution of integer-valued tensors:
 exact while every partial sum stays below 2**24 in magnitude (int8 x int8
 products of up to 32,385; typical layers stay far below).
 
-Speed (inference of the simulation against the float model, issue 13): a linked layer's operands (integer
-weights and bias, multiplier, clamp) come from one XLA launch (:func:`_prepare`), its requantization is a second
-one (one pass over the tensor), and in a traced call its output tensor carries ``q - zp`` (:func:`carry`): the
+Speed (inference of the simulation against the float model, issue 13): a linked layer's requantization is one
+XLA launch (one pass over the tensor), the rounding points' scales are computed once per traced call, and in a traced call its output tensor carries ``q - zp`` (:func:`carry`): the
 next integer kernel reads the integers instead of recovering them from the float tensor, the group's ReLU and
 rounding layers pass the tensor through (the kernel applied the fused activation's clamp on the integers, as the
 runtime does), and layers that keep the scale (ZeroPadding, MaxPooling, ...) carry it along
@@ -315,9 +314,10 @@ def integer_call(layer: Any, inner: Any, inputs: tf.Tensor) -> Optional[tf.Tenso
 
 
 def _prepared(layer: Any) -> Tuple:
-    """:func:`_prepare`'s operands of a linked layer, in one XLA launch: its some 70 small ops cost more one by
-    one. (One launch for all the layers of a model was slower: the next layer's preparation no longer runs
-    beside this layer's convolution, and all of it runs before the first one.)"""
+    """:func:`_prepare`'s operands of a linked layer, as TensorFlow ops. (As one XLA cluster per layer they
+    were 1 LSB off on a ResNet-style net and 14 on EfficientNetB0: XLA's lowering of the weight rounding or of
+    the multiplier's float64 arithmetic differs from TensorFlow's kernels somewhere. One cluster for all the
+    layers of a model was slower as well.)"""
     w_float, w_rounded, bias, fmt, depthwise = layer._gq_operands()
     ranges = [_scale_owner(q).range.value for q in layer._gq_integer()]
     bias = tf.zeros([], w_float.dtype) if bias is None else bias
@@ -325,7 +325,6 @@ def _prepared(layer: Any) -> Tuple:
                     activation=getattr(layer, "_gq_activation", "linear"), xnnpack=kernels_of(layer) == "xnnpack")
 
 
-@tf.function(jit_compile=True)
 def _prepare(w_float: tf.Tensor, w_rounded: Optional[tf.Tensor], bias: tf.Tensor, in_range: tf.Tensor,
              out_range: tf.Tensor, *, fmt: Affine, depthwise: bool, activation: str, xnnpack: bool) -> Tuple:
     """A linked layer's integer operands, from its weights and its two rounding points' range states:
