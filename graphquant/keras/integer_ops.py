@@ -148,19 +148,14 @@ def qparams(q: Any) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     memo = _trace_memo("qparams")
     if memo is not None and id(owner) in memo:
         return memo[id(owner)][1]
-    out = _qparams_of(owner.range.value)
-    if memo is not None:
-        memo[id(owner)] = (owner, out)  # (holds owner: its id stays its own while the memo lives)
-    return out
-
-
-def _qparams_of(state: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """:func:`qparams` of a rounding point's range state ``[lo, hi, initialised]``."""
-    st = tf.cast(state, tf.float64)
+    st = tf.cast(owner.range.value, tf.float64)
     lo, hi = st[0], st[1]
     s64 = (hi - lo) / 255.0
     zp = tf.clip_by_value(_round_away(-128.0 - lo / s64), -128.0, 127.0)
-    return tf.cast(tf.cast(s64, tf.float32), tf.float64), s64, zp
+    out = tf.cast(tf.cast(s64, tf.float32), tf.float64), s64, zp
+    if memo is not None:
+        memo[id(owner)] = (owner, out)  # (holds owner: its id stays its own while the memo lives)
+    return out
 
 
 def _trace_memo(name: str) -> Optional[dict]:
@@ -314,28 +309,19 @@ def integer_call(layer: Any, inner: Any, inputs: tf.Tensor) -> Optional[tf.Tenso
 
 
 def _prepared(layer: Any) -> Tuple:
-    """:func:`_prepare`'s operands of a linked layer, as TensorFlow ops. (As one XLA cluster per layer they
-    were 1 LSB off on a ResNet-style net and 14 on EfficientNetB0: XLA's lowering of the weight rounding or of
-    the multiplier's float64 arithmetic differs from TensorFlow's kernels somewhere. One cluster for all the
-    layers of a model was slower as well.)"""
-    w_float, w_rounded, bias, fmt, depthwise = layer._gq_operands()
-    ranges = [_scale_owner(q).range.value for q in layer._gq_integer()]
-    bias = tf.zeros([], w_float.dtype) if bias is None else bias
-    return _prepare(w_float, w_rounded, bias, *ranges, fmt=fmt, depthwise=depthwise,
-                    activation=getattr(layer, "_gq_activation", "linear"), xnnpack=kernels_of(layer) == "xnnpack")
+    """A linked layer's integer operands (``layer._gq_operands()``, see :func:`integer_call`), as TensorFlow ops:
 
-
-def _prepare(w_float: tf.Tensor, w_rounded: Optional[tf.Tensor], bias: tf.Tensor, in_range: tf.Tensor,
-             out_range: tf.Tensor, *, fmt: Affine, depthwise: bool, activation: str, xnnpack: bool) -> Tuple:
-    """A linked layer's integer operands, from its weights and its two rounding points' range states:
-
-    ``(w_int, b_int, factor, lo, hi, 1 / s_in, s_out)``: the int8 weights (float32 integers; ``w_rounded``, the
-    weights on their grid, or ``None`` to round ``w_float`` here), the int32 bias (float64 integers), the
-    requantization factor (XNNPACK: the float32 scale ``s_in * s_w[c] / s_out``; reference: the multiplier's
-    mantissa and shift), the output clamp ``[lo, hi]`` of ``q - zp``, and the float32 scales."""
+    ``(w_int, b_int, factor, lo, hi, 1 / s_in, s_out)``: the int8 weights (float32 integers), the int32 bias
+    (float64 integers), the requantization factor (XNNPACK: the float32 scale ``s_in * s_w[c] / s_out``;
+    reference: the multiplier's mantissa and shift), the output clamp ``[lo, hi]`` of ``q - zp``, and the
+    float32 scales. (As one XLA cluster per layer they were 1 LSB off on a ResNet-style net and 14 on
+    EfficientNetB0: XLA's lowering of the weight rounding or of the multiplier's float64 arithmetic differs from
+    TensorFlow's kernels somewhere.)"""
     f32 = tf.float32
-    s_in, s_in64, _ = _qparams_of(in_range)
-    s_out, _, zp_out = _qparams_of(out_range)
+    w_float, w_rounded, bias, fmt, depthwise = layer._gq_operands()
+    in_q, out_q = layer._gq_integer()
+    s_in, s_in64, _ = qparams(in_q)
+    s_out, _, zp_out = qparams(out_q)
     if w_rounded is None:
         w_rounded = round_weight(w_float, fmt, "nearest", depthwise=depthwise)
     s_w, s_w64 = weight_scales(w_float, fmt, depthwise)
@@ -343,9 +329,11 @@ def _prepare(w_float: tf.Tensor, w_rounded: Optional[tf.Tensor], bias: tf.Tensor
     # w_rounded is k * s'[c] with |k| <= 127 and s' within a few float32 ulps of s_w[c]: the float32 quotient
     # lies within 1e-4 of k, and rounds to it
     w_int = tf.round(tf.cast(w_rounded, f32) / tf.cast(s_w_k, f32))
-    b_int = _round_away(tf.cast(bias, tf.float64) / (s_in64 * s_w64))  # the int32 bias
-    lo, hi = _activation_clamp(activation, s_out, zp_out)
-    if xnnpack:  # XNNPACK's requantization scale, in float32 as its operator computes it
+    b_int = tf.zeros([], tf.float64)
+    if bias is not None:
+        b_int = _round_away(tf.cast(bias, tf.float64) / (s_in64 * s_w64))  # the int32 bias
+    lo, hi = _activation_clamp(getattr(layer, "_gq_activation", "linear"), s_out, zp_out)
+    if kernels_of(layer) == "xnnpack":  # XNNPACK's requantization scale, in float32 as its operator computes it
         factor = tf.cast(s_in, f32) * tf.cast(s_w, f32) / tf.cast(s_out, f32)
     else:
         factor = quantize_multiplier_tf(s_in * s_w / s_out)
