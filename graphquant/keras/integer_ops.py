@@ -41,11 +41,12 @@ exact while every partial sum stays below 2**24 in magnitude (int8 x int8
 products of up to 32,385; typical layers stay far below).
 
 Speed (inference of the simulation against the float model, issue 13): a linked layer's requantization is one
-XLA launch (one pass over the tensor), the rounding points' scales are computed once per traced call, and in a traced call its output tensor carries ``q - zp`` (:func:`carry`): the
-next integer kernel reads the integers instead of recovering them from the float tensor, the group's ReLU and
-rounding layers pass the tensor through (the kernel applied the fused activation's clamp on the integers, as the
-runtime does), and layers that keep the scale (ZeroPadding, MaxPooling, ...) carry it along
-(:func:`same_scale_call`). The float output ``(q - zp) * s`` is computed only where a float consumer reads it.
+XLA launch (one pass over the tensor), the rounding points' scales are computed once per traced call, and in a
+traced call the layer's output tensor carries ``q - zp`` (:func:`carry`): the next integer kernel reads the
+integers instead of recovering them from the float tensor, the group's ReLU and rounding layers pass the tensor
+through (the kernel applied the fused activation's clamp on the integers, as the runtime does), and layers that
+keep the scale (ZeroPadding, MaxPooling, ...) carry it along (:func:`same_scale_call`). The float output
+``(q - zp) * s`` is computed only where a float consumer reads it.
 """
 
 from __future__ import annotations

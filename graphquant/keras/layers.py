@@ -458,14 +458,11 @@ class QuantizeWeights(keras.layers.Wrapper):
 
     def _gq_operands(self) -> Tuple[tf.Tensor, Optional[tf.Tensor], Optional[tf.Tensor], Format, bool]:
         """The integer kernel's operands at inference (:func:`~graphquant.keras.integer_ops.integer_call`) of a
-        layer whose one rounded weight is its kernel: kernel, kernel as inference rounds it (``None``: to
-        nearest, rounded there), bias or ``None``, format, depthwise."""
-        s = self.slots[0]
-        w = self._variable("kernel").value
-        rnd = s["inference_rounding"]
-        rounded = None if rnd == "nearest" else self._round_slot(s, w, rnd, 0 if rnd == "stochastic" else None)
+        layer whose one rounded weight is its kernel: kernel, kernel as inference rounds it
+        (:meth:`rounded_weights`), bias or ``None``, format, depthwise."""
+        _, w, rounded, fmt = self.rounded_weights()[0]
         bias = self.layer.bias.value if getattr(self.layer, "use_bias", False) else None
-        return w, rounded, bias, s["format"], self._is_depthwise("kernel")
+        return w, rounded, bias, fmt, self._is_depthwise("kernel")
 
     def _round_slot(self, s: Dict[str, Any], w: Any, rounding: str, seed: Any) -> tf.Tensor:
         fmt = s["format"]
