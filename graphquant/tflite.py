@@ -217,7 +217,7 @@ def quantize_multiplier(m: float) -> Tuple[int, int]:
     if m == 0.0:
         return 0, 0
     q, shift = math.frexp(float(m))  # m = q * 2**shift, q in [0.5, 1)
-    q_fixed = int(round(q * (1 << 31)))  # std::round: half away from zero (q > 0)
+    q_fixed = math.floor(q * (1 << 31) + 0.5)  # std::round: half away from zero (q > 0; Python's round: to even)
     if q_fixed == (1 << 31):
         q_fixed //= 2
         shift += 1

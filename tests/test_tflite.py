@@ -71,6 +71,27 @@ def test_quantize_multiplier_matches_tflite_definition():
     # RoundingDivideByPOT, both half away from zero): 5 * 0.25 = 1.25 becomes round(2.5) = 3, then round(1.5) = 2
     assert multiply_by_quantized_multiplier([3, -3, 5], 1 << 30, -1).tolist() == [1, -1, 2]
     assert multiply_by_quantized_multiplier([2, -2, 4], 1 << 30, -1).tolist() == [1, -1, 1]
+    # std::round rounds a tie (q * 2**31 = k + 1/2) away from zero (Python's round: to even)
+    assert quantize_multiplier((2**30 + 0.5) / 2**31) == (2**30 + 1, 0)
+    assert quantize_multiplier(0.0) == (0, 0) and quantize_multiplier(2.0**-33) == (0, 0)
+
+
+def test_quantize_multiplier_tf_equals_the_definition():
+    """The TensorFlow form (read from the float64 bits) equals QuantizeMultiplier on random multipliers over 15
+    decades, on ties, next to ties, at powers of two, 0 and below 2**-32."""
+    import tensorflow as tf
+
+    from graphquant.keras.integer_ops import quantize_multiplier_tf
+
+    rng = np.random.RandomState(0)
+    k = rng.randint(2**30, 2**31, 500)
+    ties = (k + 0.5) / 2**31
+    ms = np.concatenate([rng.uniform(0, 1, 2000), 10 ** rng.uniform(-12, 3, 2000), ties, np.nextafter(ties, 0),
+                         np.nextafter(ties, 1), [0.5, 0.25, 1.0, 2.0, 1 - 2**-40, 2**-31, 2**-32, 2**-33, 0.0]])
+    q, e = quantize_multiplier_tf(tf.constant(ms, tf.float64))
+    want = np.array([quantize_multiplier(m) for m in ms])
+    np.testing.assert_array_equal(np.stack([q.numpy(), e.numpy()], 1), want)
+    assert (q.numpy()[4000:4500] == k + 1).all()  # every tie rounded up (k + 1 < 2**31 for these k)
 
 
 def test_target_export_is_fully_integer_and_agrees(target_export, data):
@@ -227,20 +248,34 @@ def test_fully_connected_rounds_once():
     """LiteRT's int8 FULLY_CONNECTED rounds acc * M once, ties toward +inf (ruy); conv.h rounds twice."""
     import tensorflow as tf
 
-    from graphquant.keras.integer_ops import _requantize, multiply_by_quantized_multiplier_single_tf
+    from graphquant.keras.integer_ops import _requantize_output, multiply_by_quantized_multiplier_single_tf
 
     # M = 2**30 * 2**(-1 - 31) = 0.25: 5 * 0.25 = 1.25 -> 1 (double rounding: 2); -6 * 0.25 = -1.5 -> -1 (tie up)
     acc = tf.constant([5, -6, 6, -5], tf.int64)
     m, sh = tf.constant(1 << 30, tf.int64), tf.constant(-1, tf.int64)
     assert multiply_by_quantized_multiplier_single_tf(acc, m, sh).numpy().tolist() == [1, -1, 2, -1]
-    assert _requantize(tf.cast(acc, tf.float64), m, sh, single=True).numpy().tolist() == [1, -1, 2, -1]
-    assert _requantize(tf.cast(acc, tf.float64), m, sh).numpy().tolist() == multiply_by_quantized_multiplier(
+    inf = tf.constant(np.inf, tf.float32)
+
+    def requantize(shift, a=acc, **kw):  # the simulated conv / FC requantization, unclamped
+        return _requantize_output(tf.cast(a, tf.float32), 0.0, m, shift, -inf, inf, **kw).numpy().tolist()
+
+    assert requantize(sh, single=True) == [1, -1, 2, -1]
+    # beyond the float64 bounds (multiplier below 2**-12 or 2**-13): the int64 kernels
+    big = np.array([5, -6, 6, -5, 7, -7, 300, -900]) * 2**13 + 2**12
+    for shift, single in ((-13, False), (-14, True)):
+        fn = multiply_by_quantized_multiplier_single_tf if single else multiply_by_quantized_multiplier
+        want = np.asarray(fn(tf.constant(big) if single else big, m if single else 1 << 30,
+                             tf.constant(shift, tf.int64) if single else shift))  # fmt: skip
+        got = requantize(tf.constant(shift, tf.int64), big, single=single)
+        assert got == want.tolist() and len(set(got)) > 4, (got, want)
+    assert requantize(sh) == multiply_by_quantized_multiplier(
         [5, -6, 6, -5], 1 << 30, -1).tolist() == [2, -2, 2, -1]  # fmt: skip
 
 
 def test_float64_requantization_equals_the_integer_kernels():
     """The float64 requantization (fast path) equals the int64 kernels on every result the int8 clamp keeps,
-    ties included, for the shifts where it is used; beyond them the int64 path runs."""
+    ties included, for the shifts where it is used; beyond them the int64 path runs. Under a fused ReLU
+    (``nonneg``) its single rounding equals the two on every result the clamp at 0 keeps."""
     import tensorflow as tf
 
     from graphquant.keras.integer_ops import _requantize_f64, multiply_by_quantized_multiplier_single_tf
@@ -254,16 +289,20 @@ def test_float64_requantization_equals_the_integer_kernels():
         acc[:2000] = np.round(rng.uniform(-300, 300, size=(2000, 8)) * scale).astype(np.int64)
         acc[:100] = np.round(rng.randint(-300, 300, size=(100, 8)) * scale + scale / 2).astype(np.int64)
         sh = np.full(8, shift, np.int64)
-        for single in (False, True):
+        for single, nonneg in ((False, False), (True, False), (False, True)):
             if not single and shift < -12:
                 continue
             want = (multiply_by_quantized_multiplier_single_tf(tf.constant(acc), tf.constant(mant), tf.constant(sh))
                     .numpy() if single else multiply_by_quantized_multiplier(acc, mant, sh))  # fmt: skip
-            got = _requantize_f64(tf.constant(acc, tf.float64), tf.constant(mant), tf.constant(sh), single).numpy()
-            keep = np.abs(want) <= 256
+            got = _requantize_f64(tf.constant(acc, tf.float64), tf.constant(mant), tf.constant(sh), single,
+                                  nonneg).numpy()  # fmt: skip
+            lo = 0 if nonneg else -256  # nonneg (a fused ReLU): exact up to a clamp at 0
+            keep = (want >= lo) & (want <= 256)
             assert keep.sum() > 1000
-            np.testing.assert_array_equal(got[keep], want[keep], err_msg=f"shift {shift} single {single}")
-            assert np.all(np.clip(got, -256, 256) == np.clip(want, -256, 256))
+            np.testing.assert_array_equal(got[keep], want[keep], err_msg=f"shift {shift} single {single} {nonneg}")
+            assert np.all(np.clip(got, lo, 256) == np.clip(want, lo, 256))
+            if nonneg and shift < 0:  # (negative results are not the kernel's, only their clamp; right = 0: they are)
+                assert np.any(got != want)
 
 
 def test_folded_bn_weights_are_the_shipped_weights(target_export):

@@ -173,16 +173,19 @@ def _trace_memo(name: str) -> Optional[dict]:
 
 
 def quantize_multiplier_tf(m: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
-    """TFLite's ``QuantizeMultiplier`` on a float64 tensor: int64 mantissa in ``[2**30, 2**31)`` and shift."""
-    e = tf.floor(tf.math.log(m) / tf.math.log(tf.constant(2.0, tf.float64))) + 1.0
-    q = m / tf.pow(tf.constant(2.0, tf.float64), e)
-    # log2 may be off by one at powers of two: bring q into [0.5, 1) exactly (scaling by 2 is exact)
-    e = tf.where(q >= 1.0, e + 1.0, tf.where(q < 0.5, e - 1.0, e))
-    q = m / tf.pow(tf.constant(2.0, tf.float64), e)
-    qf = _round_away(q * 2.0**31)
-    e = tf.where(qf >= 2.0**31, e + 1.0, e)
-    qf = tf.where(qf >= 2.0**31, qf / 2.0, qf)
-    return tf.cast(qf, tf.int64), tf.cast(e, tf.int64)
+    """TFLite's ``QuantizeMultiplier`` on a float64 tensor (:func:`graphquant.tflite.quantize_multiplier`): int64
+    mantissa in ``[2**30, 2**31)`` and shift; ``(0, 0)`` for 0 and below ``2**-32``. ``std::frexp`` read from
+    the float64 bits (``m = Q * 2**(e - 53)``, ``Q`` the 53-bit significand): ``round(Q / 2**22)`` half up,
+    a dozen integer ops where ``log``/``pow`` took two dozen (normal ``m > 0``)."""
+    bits = tf.bitcast(tf.cast(m, tf.float64), tf.int64)
+    e = tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits, 52), 0x7FF) - 1022  # m = q * 2**e, q in [0.5, 1)
+    sig = tf.bitwise.bitwise_or(tf.bitwise.bitwise_and(bits, (1 << 52) - 1), 1 << 52)  # q * 2**53
+    qf = tf.bitwise.right_shift(sig + (1 << 21), 22)  # TfLiteRound(q * 2**31): half away from zero (q > 0)
+    over = qf >= (1 << 31)
+    qf = tf.where(over, qf // 2, qf)
+    e = tf.where(over, e + 1, e)
+    zero = tf.logical_or(tf.cast(m, tf.float64) <= 0.0, e < -31)
+    return tf.where(zero, tf.zeros_like(qf), qf), tf.where(zero, tf.zeros_like(e), e)
 
 
 def _srdhm(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
@@ -219,7 +222,8 @@ def multiply_by_quantized_multiplier_single_tf(acc: tf.Tensor, mantissa: tf.Tens
     return tf.bitwise.right_shift(acc * mantissa + tf.bitwise.left_shift(one, total - 1), total)
 
 
-def _requantize_f64(acc: tf.Tensor, mantissa: tf.Tensor, shift: tf.Tensor, single: bool) -> tf.Tensor:
+def _requantize_f64(acc: tf.Tensor, mantissa: tf.Tensor, shift: tf.Tensor, single: bool, nonneg: bool = False
+                    ) -> tf.Tensor:
     """``MultiplyByQuantizedMultiplier`` of ``acc`` (float64 integers, ``|acc| < 2**31``) as float32, exact on
     every result that survives the int8 clamp.
 
@@ -231,32 +235,26 @@ def _requantize_f64(acc: tf.Tensor, mantissa: tf.Tensor, shift: tf.Tensor, singl
     ``|x|`` (error at most 1 in ``y``) or ``|y|`` (float32 rounding, monotone) gives ``|result| >= 2**(21 -
     right) - 1``, clamped to the same int8 value when ``right <= 12``. Single rounding: ``floor(acc * mantissa /
     2**(31 - shift) + 1/2)``, exact while ``|result| < 2**(22 + shift)``, clamped alike when ``shift >= -13``.
-    The caller checks those bounds (:func:`_requantize`). (Only the product needs float64: the second rounding
-    in float32 made the requantization about 1.3x faster.)"""
+    The caller checks those bounds (:func:`_requantize_output`). (Only the product needs float64: the second rounding
+    in float32 made the requantization about 1.3x faster.)
+
+    ``nonneg``: only results clamped to ``[0, hi]`` matter (a fused ReLU/ReLU6): one rounding of the same
+    value. For ``y >= 0`` the two roundings are ``floor((floor(x + 1/2) + h) / 2**right) = floor(x / 2**right +
+    (h + 1/2) / 2**right)`` (``h = 2**(right - 1)``, 0 when ``right = 0``; ``floor((floor(z) + n) / N) =
+    floor((z + n) / N)`` for integers ``n``, ``N > 0``), and for ``y < 0`` both that and the true result are
+    ``<= 0``, so clamped to 0 alike. ``acc * mantissa * 2**(shift - 31 - ...)`` and the sum are exact in
+    float64 within the same bounds, and rounding is monotone beyond them."""
     m = tf.cast(mantissa, tf.float64)
     sh = tf.cast(shift, tf.float64)
     two = tf.constant(2.0, tf.float64)
     if single:
         return tf.cast(tf.floor(acc * (m * tf.pow(two, sh - 31.0)) + 0.5), tf.float32)
+    if nonneg:  # (k = mantissa * 2**(left - 31 - right) = mantissa * 2**(shift - 31) whatever the sign of shift)
+        n = tf.pow(two, tf.maximum(-sh, 0.0))
+        c = (tf.where(sh < 0.0, n / 2.0, tf.zeros_like(n)) + 0.5) / n
+        return tf.cast(tf.floor(acc * (m * tf.pow(two, sh - 31.0)) + c), tf.float32)
     y = tf.cast(tf.floor(acc * (m * tf.pow(two, tf.maximum(sh, 0.0) - 31.0)) + 0.5), tf.float32)
     return tf.sign(y) * tf.floor(tf.abs(y) * tf.cast(tf.pow(two, tf.minimum(sh, 0.0)), tf.float32) + 0.5)
-
-
-def _requantize(acc: tf.Tensor, mantissa: tf.Tensor, shift: tf.Tensor, single: bool = False) -> tf.Tensor:
-    """``MultiplyByQuantizedMultiplier`` (double rounding, or ``single``) of the float64 integers ``acc``,
-    as float32 (exact up to the int8 clamp): the cheap float form where it is exact (:func:`_requantize_f64`),
-    else int64."""
-    bound = -13 if single else -12
-    exact = tf.reduce_min(shift) >= bound
-
-    def fast() -> tf.Tensor:
-        return _requantize_f64(acc, mantissa, shift, single)
-
-    def slow() -> tf.Tensor:
-        fn = multiply_by_quantized_multiplier_single_tf if single else multiply_by_quantized_multiplier_tf
-        return tf.cast(fn(tf.cast(acc, tf.int64), mantissa, shift), tf.float32)
-
-    return tf.cond(exact, fast, slow)
 
 
 def weight_scale_max(w: tf.Tensor, fmt: Affine, depthwise: bool) -> tf.Tensor:
@@ -303,7 +301,8 @@ def integer_call(layer: Any, inner: Any, inputs: tf.Tensor) -> Optional[tf.Tenso
     if xnnpack:
         c = _xnnpack_requantize(acc, b_int, factor, lo, hi)
     else:
-        c = _requantize_output(acc, b_int, factor[0], factor[1], lo, hi, single=single)
+        nonneg = getattr(layer, "_gq_activation", "linear") in ("relu", "relu6")  # lo >= 0 (_activation_clamp)
+        c = _requantize_output(acc, b_int, factor[0], factor[1], lo, hi, single=single, nonneg=nonneg)
     if not tf.executing_eagerly():  # (an XLA function's output has relaxed dimensions)
         c.set_shape(inner.compute_output_shape(tuple(x_int.shape)))
     return carry(c * s_out, out_q, c)
@@ -382,13 +381,31 @@ def _xnnpack_requantize(acc: tf.Tensor, b_int: tf.Tensor, scale: tf.Tensor, lo: 
     return tf.clip_by_value(tf.round(acc32 * scale), lo, hi)  # tf.round: half to even
 
 
+def _requantize_output(acc: tf.Tensor, b_int: Any, mult: tf.Tensor, shift: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor,
+                       single: bool = False, nonneg: bool = False) -> tf.Tensor:
+    """``MultiplyByQuantizedMultiplier`` (double rounding, or ``single``) of the int32 accumulator ``acc`` (float32
+    or float64 integers) plus the int32 bias ``b_int`` (float64 integers), clamped to ``[lo, hi]``: ``q - zp`` as
+    float32. The cheap float form where it is exact (:func:`_requantize_f64`; ``nonneg``: ``lo >= 0``), else
+    int64; the choice is a ``tf.cond`` between two XLA functions (:func:`_requantize_xla`): as a conditional
+    inside one XLA function it cost 10-20 us more per launch (measured on MobileNetV2's layers)."""
+    exact = tf.reduce_min(shift) >= (-13 if single else -12)
+    return tf.cond(exact, lambda: _requantize_xla(acc, b_int, mult, shift, lo, hi, single, nonneg, True),
+                   lambda: _requantize_xla(acc, b_int, mult, shift, lo, hi, single, nonneg, False))
+
+
 @tf.function(jit_compile=True, reduce_retracing=True)
-def _requantize_output(acc: tf.Tensor, b_int: tf.Tensor, mult: tf.Tensor, shift: tf.Tensor, lo: tf.Tensor,
-                       hi: tf.Tensor, single: bool) -> tf.Tensor:
-    """int32 accumulator (float32 integers) + int32 bias -> requantized, clamped to ``[lo, hi]``: ``q - zp`` as
-    float32. One XLA cluster: a dozen elementwise float64/float32 ops fused into one pass over the tensor (about 4x
-    cheaper than running them one by one); XLA keeps IEEE semantics (no fast math)."""
-    return tf.clip_by_value(_requantize(tf.cast(acc, tf.float64) + b_int, mult, shift, single), lo, hi)
+def _requantize_xla(acc: tf.Tensor, b_int: Any, mult: tf.Tensor, shift: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor,
+                    single: bool, nonneg: bool, fast: bool) -> tf.Tensor:
+    """One branch of :func:`_requantize_output` as one XLA cluster: a dozen elementwise float64/float32 ops
+    fused into one pass over the tensor (about 4x cheaper than running them one by one); XLA keeps IEEE
+    semantics (no fast math)."""
+    total = tf.cast(acc, tf.float64) + b_int
+    if fast:
+        out = _requantize_f64(total, mult, shift, single, nonneg)
+    else:
+        fn = multiply_by_quantized_multiplier_single_tf if single else multiply_by_quantized_multiplier_tf
+        out = tf.cast(fn(tf.cast(total, tf.int64), mult, shift), tf.float32)
+    return tf.clip_by_value(out, lo, hi)
 
 
 # --------------------------------------------------------------------------- ADD, MEAN (no weights)
