@@ -92,6 +92,13 @@ def test_quantize_multiplier_tf_equals_the_definition():
     want = np.array([quantize_multiplier(m) for m in ms])
     np.testing.assert_array_equal(np.stack([q.numpy(), e.numpy()], 1), want)
     assert (q.numpy()[4000:4500] == k + 1).all()  # every tie rounded up (k + 1 < 2**31 for these k)
+    # the requantization's form from the bits: mantissa * 2**(shift - 31) and 2**shift, for every m > 0
+    from graphquant.keras.integer_ops import _multiplier_value
+
+    pos = ms > 2.0**-32
+    kv, p = _multiplier_value(tf.constant(ms[pos], tf.float64))
+    np.testing.assert_array_equal(kv.numpy(), want[pos, 0] * 2.0 ** (want[pos, 1] - 31.0))
+    np.testing.assert_array_equal(p.numpy(), 2.0 ** want[pos, 1].astype(float))
 
 
 def test_target_export_is_fully_integer_and_agrees(target_export, data):
@@ -256,8 +263,9 @@ def test_fully_connected_rounds_once():
     assert multiply_by_quantized_multiplier_single_tf(acc, m, sh).numpy().tolist() == [1, -1, 2, -1]
     inf = tf.constant(np.inf, tf.float32)
 
-    def requantize(shift, a=acc, **kw):  # the simulated conv / FC requantization, unclamped
-        return _requantize_output(tf.cast(a, tf.float32), 0.0, m, shift, -inf, inf, **kw).numpy().tolist()
+    def requantize(shift, a=acc, **kw):  # the simulated conv / FC requantization by 2**30 * 2**(shift - 31)
+        mult = tf.constant([2.0 ** (int(shift) - 1)], tf.float64)
+        return _requantize_output(tf.cast(a, tf.float32), 0.0, mult, -inf, inf, **kw).numpy().tolist()
 
     assert requantize(sh, single=True) == [1, -1, 2, -1]
     # beyond the float64 bounds (multiplier below 2**-12 or 2**-13): the int64 kernels
@@ -294,7 +302,8 @@ def test_float64_requantization_equals_the_integer_kernels():
                 continue
             want = (multiply_by_quantized_multiplier_single_tf(tf.constant(acc), tf.constant(mant), tf.constant(sh))
                     .numpy() if single else multiply_by_quantized_multiplier(acc, mant, sh))  # fmt: skip
-            got = _requantize_f64(tf.constant(acc, tf.float64), tf.constant(mant), tf.constant(sh), single,
+            k, p = tf.constant(mant * 2.0 ** (sh - 31)), tf.constant(2.0**sh)
+            got = _requantize_f64(tf.constant(acc, tf.float64), k, p, single,
                                   nonneg).numpy()  # fmt: skip
             lo = 0 if nonneg else -256  # nonneg (a fused ReLU): exact up to a clamp at 0
             keep = (want >= lo) & (want <= 256)

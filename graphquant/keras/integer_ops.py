@@ -45,8 +45,10 @@ XLA launch (one pass over the tensor), the rounding points' scales are computed 
 traced call the layer's output tensor carries ``q - zp`` (:func:`carry`): the next integer kernel reads the
 integers instead of recovering them from the float tensor, the group's ReLU and rounding layers pass the tensor
 through (the kernel applied the fused activation's clamp on the integers, as the runtime does), and layers that
-keep the scale (ZeroPadding, MaxPooling, ...) carry it along (:func:`same_scale_call`). The float output
-``(q - zp) * s`` is computed only where a float consumer reads it.
+keep the scale (ZeroPadding, MaxPooling, ...) carry it along (:func:`same_scale_call`), as does MEAN. The float
+output ``(q - zp) * s`` is computed only where a float consumer reads it. The reference kernels' requantization
+takes float64 only for the product (:func:`_requantize_f64`), rounds once under a fused ReLU (equal after the
+clamp), and reads the multiplier from the float64 bits (:func:`_multiplier_value`).
 """
 
 from __future__ import annotations
@@ -222,10 +224,10 @@ def multiply_by_quantized_multiplier_single_tf(acc: tf.Tensor, mantissa: tf.Tens
     return tf.bitwise.right_shift(acc * mantissa + tf.bitwise.left_shift(one, total - 1), total)
 
 
-def _requantize_f64(acc: tf.Tensor, mantissa: tf.Tensor, shift: tf.Tensor, single: bool, nonneg: bool = False
-                    ) -> tf.Tensor:
-    """``MultiplyByQuantizedMultiplier`` of ``acc`` (float64 integers, ``|acc| < 2**31``) as float32, exact on
-    every result that survives the int8 clamp.
+def _requantize_f64(acc: tf.Tensor, k: tf.Tensor, p: tf.Tensor, single: bool, nonneg: bool = False) -> tf.Tensor:
+    """``MultiplyByQuantizedMultiplier(acc, mantissa, shift)`` of ``acc`` (float64 integers, ``|acc| < 2**31``)
+    as float32, exact on every result that survives the int8 clamp; ``k = mantissa * 2**(shift - 31)`` and ``p =
+    2**shift`` (float64, :func:`_multiplier_value`).
 
     Double rounding: gemmlowp's ``SaturatingRoundingDoublingHighMul`` is ``y = floor(x + 1/2)`` for ``x = acc *
     2**left * mantissa / 2**31`` (its nudge of ``1 - 2**30`` for negative products and the truncating division
@@ -244,17 +246,24 @@ def _requantize_f64(acc: tf.Tensor, mantissa: tf.Tensor, shift: tf.Tensor, singl
     floor((z + n) / N)`` for integers ``n``, ``N > 0``), and for ``y < 0`` both that and the true result are
     ``<= 0``, so clamped to 0 alike. ``acc * mantissa * 2**(shift - 31 - ...)`` and the sum are exact in
     float64 within the same bounds, and rounding is monotone beyond them."""
-    m = tf.cast(mantissa, tf.float64)
-    sh = tf.cast(shift, tf.float64)
-    two = tf.constant(2.0, tf.float64)
     if single:
-        return tf.cast(tf.floor(acc * (m * tf.pow(two, sh - 31.0)) + 0.5), tf.float32)
-    if nonneg:  # (k = mantissa * 2**(left - 31 - right) = mantissa * 2**(shift - 31) whatever the sign of shift)
-        n = tf.pow(two, tf.maximum(-sh, 0.0))
-        c = (tf.where(sh < 0.0, n / 2.0, tf.zeros_like(n)) + 0.5) / n
-        return tf.cast(tf.floor(acc * (m * tf.pow(two, sh - 31.0)) + c), tf.float32)
-    y = tf.cast(tf.floor(acc * (m * tf.pow(two, tf.maximum(sh, 0.0) - 31.0)) + 0.5), tf.float32)
-    return tf.sign(y) * tf.floor(tf.abs(y) * tf.cast(tf.pow(two, tf.minimum(sh, 0.0)), tf.float32) + 0.5)
+        return tf.cast(tf.floor(acc * k + 0.5), tf.float32)
+    inv = tf.minimum(p, 1.0)  # 2**-right
+    if nonneg:  # (mantissa * 2**(left - 31 - right) = k whatever the sign of shift; (h + 1/2) / 2**right)
+        c = 0.5 + tf.where(p < 1.0, p / 2.0, tf.zeros_like(p))
+        return tf.cast(tf.floor(acc * k + c), tf.float32)
+    y = tf.cast(tf.floor(acc * (k / inv) + 0.5), tf.float32)  # k / inv = mantissa * 2**(left - 31)
+    return tf.sign(y) * tf.floor(tf.abs(y) * tf.cast(inv, tf.float32) + 0.5)
+
+
+def _multiplier_value(m: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+    """``(mantissa * 2**(shift - 31), 2**shift)`` of ``QuantizeMultiplier(m)`` (:func:`quantize_multiplier_tf`)
+    for float64 ``m > 0``, from its bits in seven small ops: the significand rounded to 31 bits, half up (a carry
+    into the exponent is the mantissa reaching ``2**31``), and the power of two of its exponent."""
+    bits = tf.bitcast(m, tf.int64)
+    kb = tf.bitwise.bitwise_and(bits + (1 << 21), ~((1 << 22) - 1))
+    p = 2.0 * tf.bitcast(tf.bitwise.bitwise_and(kb, 0x7FF << 52), tf.float64)
+    return tf.bitcast(kb, tf.float64), p
 
 
 def weight_scale_max(w: tf.Tensor, fmt: Affine, depthwise: bool) -> tf.Tensor:
@@ -302,7 +311,7 @@ def integer_call(layer: Any, inner: Any, inputs: tf.Tensor) -> Optional[tf.Tenso
         c = _xnnpack_requantize(acc, b_int, factor, lo, hi)
     else:
         nonneg = getattr(layer, "_gq_activation", "linear") in ("relu", "relu6")  # lo >= 0 (_activation_clamp)
-        c = _requantize_output(acc, b_int, factor[0], factor[1], lo, hi, single=single, nonneg=nonneg)
+        c = _requantize_output(acc, b_int, factor, lo, hi, single=single, nonneg=nonneg)
     if not tf.executing_eagerly():  # (an XLA function's output has relaxed dimensions)
         c.set_shape(inner.compute_output_shape(tuple(x_int.shape)))
     return carry(c * s_out, out_q, c)
@@ -313,7 +322,7 @@ def _prepared(layer: Any) -> Tuple:
 
     ``(w_int, b_int, factor, lo, hi, s_out)``: the int8 weights (float32 integers), the int32 bias
     (float64 integers), the requantization factor (XNNPACK: the float32 scale ``s_in * s_w[c] / s_out``;
-    reference: the multiplier's mantissa and shift), the output clamp ``[lo, hi]`` of ``q - zp``, and the
+    reference: the multiplier ``s_in * s_w[c] / s_out`` in double), the output clamp ``[lo, hi]`` of ``q - zp``, and the
     float32 output scale. (As one XLA cluster per layer they were 1 LSB off on a ResNet-style net and 14 on
     EfficientNetB0: XLA's lowering of the weight rounding or of the multiplier's float64 arithmetic differs from
     TensorFlow's kernels somewhere.)"""
@@ -336,7 +345,7 @@ def _prepared(layer: Any) -> Tuple:
     if kernels_of(layer) == "xnnpack":  # XNNPACK's requantization scale, in float32 as its operator computes it
         factor = tf.cast(s_in, f32) * tf.cast(s_w, f32) / tf.cast(s_out, f32)
     else:
-        factor = quantize_multiplier_tf(s_in * s_w / s_out)
+        factor = s_in * s_w / s_out  # the multiplier (QuantizeMultiplier'd at the requantization)
     return w_int, b_int, factor, lo, hi, tf.cast(s_out, f32)
 
 
@@ -381,30 +390,38 @@ def _xnnpack_requantize(acc: tf.Tensor, b_int: tf.Tensor, scale: tf.Tensor, lo: 
     return tf.clip_by_value(tf.round(acc32 * scale), lo, hi)  # tf.round: half to even
 
 
-def _requantize_output(acc: tf.Tensor, b_int: Any, mult: tf.Tensor, shift: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor,
-                       single: bool = False, nonneg: bool = False) -> tf.Tensor:
-    """``MultiplyByQuantizedMultiplier`` (double rounding, or ``single``) of the int32 accumulator ``acc`` (float32
-    or float64 integers) plus the int32 bias ``b_int`` (float64 integers), clamped to ``[lo, hi]``: ``q - zp`` as
-    float32. The cheap float form where it is exact (:func:`_requantize_f64`; ``nonneg``: ``lo >= 0``), else
-    int64; the choice is a ``tf.cond`` between two XLA functions (:func:`_requantize_xla`): as a conditional
-    inside one XLA function it cost 10-20 us more per launch (measured on MobileNetV2's layers)."""
-    exact = tf.reduce_min(shift) >= (-13 if single else -12)
-    return tf.cond(exact, lambda: _requantize_xla(acc, b_int, mult, shift, lo, hi, single, nonneg, True),
-                   lambda: _requantize_xla(acc, b_int, mult, shift, lo, hi, single, nonneg, False))
+def _requantize_output(acc: tf.Tensor, b_int: Any, m: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, single: bool = False,
+                       nonneg: bool = False) -> tf.Tensor:
+    """``MultiplyByQuantizedMultiplier`` (double rounding, or ``single``) by ``QuantizeMultiplier(m)`` (``m`` the
+    float64 multiplier per output channel) of the int32 accumulator ``acc`` (float32 or float64 integers) plus
+    the int32 bias ``b_int`` (float64 integers), clamped to ``[lo, hi]``: ``q - zp`` as float32. The cheap float
+    form where it is exact (:func:`_requantize_f64`: every ``m >= 2**-13``, ``2**-14`` for ``single``, so that
+    the shift is at least -12 / -13; ``nonneg``: ``lo >= 0``), else int64; the choice is a ``tf.cond`` between
+    two XLA launches (:func:`_requantize_fast`, :func:`_requantize_int64`): as a conditional inside one XLA
+    function it cost 10-20 us more per launch (measured on MobileNetV2's layers)."""
+    exact = tf.reduce_min(m) >= (2.0**-14 if single else 2.0**-13)
+    k, p = _multiplier_value(m)
+    return tf.cond(exact, lambda: _requantize_fast(acc, b_int, k, p, lo, hi, single, nonneg),
+                   lambda: _requantize_int64(acc, b_int, m, lo, hi, single))
 
 
 @tf.function(jit_compile=True, reduce_retracing=True)
-def _requantize_xla(acc: tf.Tensor, b_int: Any, mult: tf.Tensor, shift: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor,
-                    single: bool, nonneg: bool, fast: bool) -> tf.Tensor:
-    """One branch of :func:`_requantize_output` as one XLA cluster: a dozen elementwise float64/float32 ops
-    fused into one pass over the tensor (about 4x cheaper than running them one by one); XLA keeps IEEE
-    semantics (no fast math)."""
-    total = tf.cast(acc, tf.float64) + b_int
-    if fast:
-        out = _requantize_f64(total, mult, shift, single, nonneg)
-    else:
-        fn = multiply_by_quantized_multiplier_single_tf if single else multiply_by_quantized_multiplier_tf
-        out = tf.cast(fn(tf.cast(total, tf.int64), mult, shift), tf.float32)
+def _requantize_fast(acc: tf.Tensor, b_int: Any, k: tf.Tensor, p: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor,
+                     single: bool, nonneg: bool) -> tf.Tensor:
+    """:func:`_requantize_f64` of ``acc + b_int``, clamped, as one XLA cluster: a dozen elementwise
+    float64/float32 ops fused into one pass over the tensor (about 4x cheaper than running them one by one);
+    XLA keeps IEEE semantics (no fast math)."""
+    return tf.clip_by_value(_requantize_f64(tf.cast(acc, tf.float64) + b_int, k, p, single, nonneg), lo, hi)
+
+
+@tf.function(jit_compile=True, reduce_retracing=True)
+def _requantize_int64(acc: tf.Tensor, b_int: Any, m: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, single: bool
+                      ) -> tf.Tensor:
+    """The int64 kernels' ``MultiplyByQuantizedMultiplier`` of ``acc + b_int`` by ``QuantizeMultiplier(m)``,
+    clamped; one XLA cluster (integer ops only)."""
+    mult, shift = quantize_multiplier_tf(m)
+    fn = multiply_by_quantized_multiplier_single_tf if single else multiply_by_quantized_multiplier_tf
+    out = tf.cast(fn(tf.cast(tf.cast(acc, tf.float64) + b_int, tf.int64), mult, shift), tf.float32)
     return tf.clip_by_value(out, lo, hi)
 
 
