@@ -885,3 +885,34 @@ def test_relu6_clamps_on_the_integers_where_the_range_reaches_past_6(tmp_path, d
     assert np.isclose(out, top, rtol=1e-6, atol=0).mean() > 0.05  # the clamp bites
     report = gq.export_tflite(q, tmp_path / "m.tflite", check_data=data)  # (each kernel set against its own)
     assert report.exact("reference") and report.exact("default"), str(report)
+
+
+def test_small_multipliers_take_the_int64_kernels_and_stay_exact(tmp_path):
+    """Long sums of same-signed products (3x3x64 taps, positive inputs and mostly positive weights) make the
+    output range wide against ``s_in * s_w``: multipliers below 2**-13 (shift -13 or less), where the float64
+    form of the requantization is not exact. The reference simulation switches those layers to the int64
+    kernels (a ``tf.cond`` between two XLA launches). With a fused ReLU and without, every tensor and output
+    element equals the interpreter's, with both kernel sets."""
+    keras.utils.set_random_seed(5)
+    inp = keras.Input((8, 8, 64), name="input_layer")
+    x = keras.layers.ReLU(name="relu")(keras.layers.Conv2D(64, 3, padding="same", name="wide_relu")(inp))
+    x = keras.layers.Conv2D(8, 3, padding="same", name="wide_linear")(x)
+    out = keras.layers.Dense(3, name="dense")(keras.layers.GlobalAveragePooling2D(name="gap")(x))
+    m = keras.Model(inp, out)
+    for name, shift in (("wide_relu", 0.0), ("wide_linear", 0.3)):
+        kernel, bias = m.get_layer(name).get_weights()
+        m.get_layer(name).set_weights([np.abs(kernel) - shift * np.abs(kernel).max(), bias])
+    data = np.random.RandomState(5).rand(64, 8, 8, 64).astype("float32")
+    q = gq.quantize_model(m, target="tflite_int8", calibration_data=data)
+    path = tmp_path / "wide.tflite"
+    report = gq.export_tflite(q, path, check_data=data)
+    convs = [o for o in gq.tflite_scales(path).ops if o.op == "CONV_2D"]
+    assert len(convs) == 2 and all(max(o.shifts) <= -13 for o in convs), str(gq.tflite_scales(path))
+    assert report.exact("reference") and report.exact("default"), str(report)
+    rep = gq.compare_tflite(q, path, data)
+    rows = {r.layer: r for r in rep.rows}
+    assert {"relu_quant", "wide_linear_quant"} <= set(rows), str(rep)
+    assert all(r.max_diff_lsb == 0 for r in rep.rows), str(rep)
+    for name in ("relu_quant", "wide_linear_quant"):  # layers whose outputs spread over the int8 range
+        sim = keras.Model(q.input, q.get_layer(name).output)(data, training=False).numpy()
+        assert len(np.unique(sim)) > 50, name
