@@ -177,17 +177,21 @@ def _trace_memo(name: str) -> Optional[dict]:
 def quantize_multiplier_tf(m: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
     """TFLite's ``QuantizeMultiplier`` on a float64 tensor (:func:`graphquant.tflite.quantize_multiplier`): int64
     mantissa in ``[2**30, 2**31)`` and shift; ``(0, 0)`` for 0 and below ``2**-32``. ``std::frexp`` read from
-    the float64 bits (``m = Q * 2**(e - 53)``, ``Q`` the 53-bit significand): ``round(Q / 2**22)`` half up,
-    a dozen integer ops where ``log``/``pow`` took two dozen (normal ``m > 0``)."""
-    bits = tf.bitcast(tf.cast(m, tf.float64), tf.int64)
-    e = tf.bitwise.bitwise_and(tf.bitwise.right_shift(bits, 52), 0x7FF) - 1022  # m = q * 2**e, q in [0.5, 1)
-    sig = tf.bitwise.bitwise_or(tf.bitwise.bitwise_and(bits, (1 << 52) - 1), 1 << 52)  # q * 2**53
-    qf = tf.bitwise.right_shift(sig + (1 << 21), 22)  # TfLiteRound(q * 2**31): half away from zero (q > 0)
-    over = qf >= (1 << 31)
-    qf = tf.where(over, qf // 2, qf)
-    e = tf.where(over, e + 1, e)
+    the float64 bits (:func:`_rounded_bits`): the 31 top bits of the significand and the exponent."""
+    kb = _rounded_bits(m)
+    e = tf.bitwise.bitwise_and(tf.bitwise.right_shift(kb, 52), 0x7FF) - 1022  # m ~= q * 2**e, q in [0.5, 1)
+    qf = tf.bitwise.right_shift(tf.bitwise.bitwise_or(tf.bitwise.bitwise_and(kb, (1 << 52) - 1), 1 << 52), 22)
     zero = tf.logical_or(tf.cast(m, tf.float64) <= 0.0, e < -31)
     return tf.where(zero, tf.zeros_like(qf), qf), tf.where(zero, tf.zeros_like(e), e)
+
+
+def _rounded_bits(m: tf.Tensor) -> tf.Tensor:
+    """The float64 bits (int64) of ``m > 0`` with its significand rounded to 31 bits half up, as
+    ``QuantizeMultiplier`` rounds ``q * 2**31`` (``TfLiteRound``, half away from zero; ``m = q * 2**e``, ``q`` in
+    ``[0.5, 1)``): a carry out of the significand raises the exponent, which is the mantissa reaching ``2**31``
+    (halved, shift + 1)."""
+    bits = tf.bitcast(tf.cast(m, tf.float64), tf.int64)
+    return tf.bitwise.bitwise_and(bits + (1 << 21), ~((1 << 22) - 1))
 
 
 def _srdhm(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
@@ -258,10 +262,9 @@ def _requantize_f64(acc: tf.Tensor, k: tf.Tensor, p: tf.Tensor, single: bool, no
 
 def _multiplier_value(m: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
     """``(mantissa * 2**(shift - 31), 2**shift)`` of ``QuantizeMultiplier(m)`` (:func:`quantize_multiplier_tf`)
-    for float64 ``m > 0``, from its bits in seven small ops: the significand rounded to 31 bits, half up (a carry
-    into the exponent is the mantissa reaching ``2**31``), and the power of two of its exponent."""
-    bits = tf.bitcast(m, tf.int64)
-    kb = tf.bitwise.bitwise_and(bits + (1 << 21), ~((1 << 22) - 1))
+    for float64 ``m > 0``, in seven small ops: ``m`` with its significand rounded (:func:`_rounded_bits`), and
+    the power of two of its exponent."""
+    kb = _rounded_bits(m)
     p = 2.0 * tf.bitcast(tf.bitwise.bitwise_and(kb, 0x7FF << 52), tf.float64)
     return tf.bitcast(kb, tf.float64), p
 
