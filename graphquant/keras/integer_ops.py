@@ -563,7 +563,7 @@ def _int_avg_pool(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any)
     if _training_now() or exporting_int8() or any(q.calibrating for q in qs):
         return orig(inputs, *args, **kwargs)
     (si, _, zi), (so, _, zo) = (qparams(q) for q in qs)
-    q_in = _round_away(tf.cast(inputs, tf.float64) / si) + zi  # the raw int8 values
+    q_in = tf.cast(_q_minus_zp(inputs, qs[0]), tf.float64) + zi  # the raw int8 values
     ph, pw = layer.pool_size
     sh, sw = layer.strides
     pad = layer.padding.upper()
@@ -637,7 +637,7 @@ def int_concat(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) ->
             parts.append(x)
             continue
         si, _, zi = qparams(u)
-        v = tf.cast(_round_away(tf.cast(x, tf.float64) / si), tf.int64)  # q - zp_in
+        v = _q_minus_zp(x, u)
         requantize = _xnnpack_requantize_int8 if kernels_of(layer) == "xnnpack" else _requantize_int8
         part = tf.cast(requantize(v, si, so, zo) * so, tf.float32)
         if not tf.executing_eagerly():
@@ -739,9 +739,9 @@ def _xnnpack_mul(v1: tf.Tensor, v2: tf.Tensor, s1: tf.Tensor, s2: tf.Tensor, so:
     return tf.cast((o - zo) * so, tf.float32)
 
 
-def _q_minus_zp(x: Any, s: tf.Tensor) -> tf.Tensor:
-    """``q - zp`` (int64) of a tensor on a rounding point's grid (scale ``s``)."""
-    return tf.cast(_round_away(tf.cast(x, tf.float64) / s), tf.int64)
+def _q_minus_zp(x: Any, point: Any) -> tf.Tensor:
+    """``q - zp`` (int64) of a tensor on the rounding point ``point``'s grid (:func:`_ints`)."""
+    return tf.cast(_ints(x, point, qparams(point)[1]), tf.int64)
 
 
 def _int_activation(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> Any:
@@ -762,7 +762,7 @@ def _int_activation(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: An
         return x * sig if getattr(layer.activation, "__name__", "") in SWISH_ACTIVATIONS else sig
     (si, _, _), (so, _, zo) = (qparams(q) for q in qs)
     xnn = kernels_of(layer) == "xnnpack"
-    v = _q_minus_zp(inputs, si)
+    v = _q_minus_zp(inputs, qs[0])
     sig = (_xnnpack_logistic if xnn else logistic_int8_tf)(v, si)  # q + 128 at scale 1/256
     s_sig = tf.constant(1.0 / 256.0, tf.float64)
     if getattr(layer.activation, "__name__", "") in SWISH_ACTIVATIONS:
@@ -786,7 +786,7 @@ def _int_mul(layer: Any, orig: Any, inputs: Any, *args: Any, **kwargs: Any) -> A
         return orig(inputs, *args, **kwargs)
     (s1, _, _), (s2, _, _), (so, _, zo) = (qparams(q) for q in qs)
     mul = _xnnpack_mul if kernels_of(layer) == "xnnpack" else _mul_int8
-    out = mul(_q_minus_zp(inputs[0], s1), _q_minus_zp(inputs[1], s2), s1, s2, so, zo)
+    out = mul(_q_minus_zp(inputs[0], qs[0]), _q_minus_zp(inputs[1], qs[1]), s1, s2, so, zo)
     if not tf.executing_eagerly():
         out.set_shape(layer.compute_output_shape([tuple(t.shape) for t in inputs]))
     return out
