@@ -423,18 +423,32 @@ def _float_kernel(fmt: FloatFormat, mode: str) -> Callable:
 # TensorFlow's FakeQuant, bit for bit, as XLA-fusable ops (the fast paths of
 # the Keras layers: weight rounding and learned-range activation rounding)
 # ----------------------------------------------------------------------------
-def _fake_quant_values(x, lo, hi, qmin, qmax, per_channel: bool):
+def fake_quant_values(x, lo, hi, qmin, qmax, per_channel: bool, nudged: Optional[Tuple] = None):
     """FakeQuantWithMinMaxVars[PerChannel]'s output, the same float32 operations in
     the same order as TensorFlow's CPU kernel (which is built without FMA): the
     per-tensor kernel divides by the scale, the per-channel one multiplies by the
-    inverse scale. ``lo``/``hi`` broadcast against ``x``."""
-    nmin, nmax, scale, inv = _nudge(lo, hi, qmin, qmax)
-    quant_zero = tf.floor(no_contract(-nmin * inv) + 0.5)
+    inverse scale. ``lo``/``hi`` broadcast against ``x``; ``nudged``: the values
+    :func:`fake_quant_nudged` derived from them (computed once for several ``x``)."""
+    nudged = nudged or fake_quant_nudged(lo, hi, qmin, qmax)
+    y = fake_quant_levels(x, nudged, per_channel) * nudged[2]
+    return tf.where(nudged[5], tf.zeros_like(y), y)  # TF's kernel: min == max == 0 gives zeros
+
+
+def fake_quant_levels(x, nudged: Tuple, per_channel: bool):
+    """The integer FakeQuant rounds ``x`` to, minus its zero point (float32): its output is this times the
+    nudged scale (where the range is not ``(0, 0)``); ``nudged`` from :func:`fake_quant_nudged`."""
+    nmin, nmax, scale, inv, quant_zero, _ = nudged
     shifted = tf.maximum(tf.minimum(x, nmax), nmin) - nmin
     level = no_contract(shifted * inv) if per_channel else shifted / scale
-    y = tf.floor(level - quant_zero + 0.5) * scale
-    both_zero = tf.logical_and(tf.equal(lo, 0.0), tf.equal(hi, 0.0))
-    return tf.where(both_zero, tf.zeros_like(y), y)  # TF's kernel: min == max == 0 gives zeros
+    return tf.floor(level - quant_zero + 0.5)
+
+
+def fake_quant_nudged(lo, hi, qmin, qmax) -> Tuple:
+    """``(nudged_min, nudged_max, scale, inv_scale, quant_zero, min == max == 0)`` of the range ``(lo, hi)``:
+    what :func:`fake_quant_values` computes from the range before it touches ``x``."""
+    nmin, nmax, scale, inv = _nudge(lo, hi, qmin, qmax)
+    quant_zero = tf.floor(no_contract(-nmin * inv) + 0.5)
+    return nmin, nmax, scale, inv, quant_zero, tf.logical_and(tf.equal(lo, 0.0), tf.equal(hi, 0.0))
 
 
 def _fake_quant_inside(x, lo, hi, qmin, qmax):
@@ -491,7 +505,7 @@ def fake_quant_fns(axis: Optional[int], rank: int, xla: bool, activation: Option
         lo, hi, qmin, qmax = prep(lo, hi, q)
         if act is not None:
             x = act(x)
-        return _fake_quant_values(x, lo, hi, qmin, qmax, axis is not None)
+        return fake_quant_values(x, lo, hi, qmin, qmax, axis is not None)
 
     def grad(dy, x, lo, hi, q):
         lo, hi, qmin, qmax = prep(lo, hi, q)
@@ -519,7 +533,7 @@ def symmetric_fake_quant_fn(axis: Optional[int], rank: int, xla: bool):
     def fn(w, q):
         m = tf.maximum(tf.reduce_max(tf.abs(w), axis=red), 1e-12)
         mb = m if shape is None else tf.reshape(m, shape)
-        return _fake_quant_values(w, -mb, mb, q[0], q[1], axis is not None), m
+        return fake_quant_values(w, -mb, mb, q[0], q[1], axis is not None), m
 
     fn.__name__ = "graphquant_symmetric_fake_quant"
     if xla:

@@ -4,6 +4,7 @@ Run from the repository root:
 
     python scripts/bench_tflite_sim.py                 # digits CNN and MobileNetV2, both kernel sets
     python scripts/bench_tflite_sim.py --models digits --reps 50
+    python scripts/bench_tflite_sim.py --threads 1     # one thread each: the work alone
 
 For each model and kernel set (``reference``, ``xnnpack``): inference (``tf.function``, ``training=False``)
 and a QAT step (``tf.function``: forward with ``training=True``, gradients, Adam) of the float model and of
@@ -98,12 +99,18 @@ def main(argv=None):
     ap.add_argument("--kernels", default="reference,xnnpack")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--size", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="TensorFlow's intra- and inter-op threads (0: its default); 1 measures the work alone, "
+                         "steadier on a shared machine")  # fmt: skip
     ns = ap.parse_args(argv)
     chosen = {m.strip() for m in ns.models.split(",") if m.strip()}
     if not chosen or chosen - set(MODELS):
         ap.error(f"--models: choose from {', '.join(MODELS)}")
     import tensorflow as tf
 
+    if ns.threads:
+        tf.config.threading.set_intra_op_parallelism_threads(ns.threads)
+        tf.config.threading.set_inter_op_parallelism_threads(ns.threads)
     import graphquant as gq
 
     lines = ["| model | kernels | float inference (ms) | simulated (ms) | ratio | float QAT step (ms) | "
@@ -119,7 +126,8 @@ def main(argv=None):
             lines.append(f"| {name} | {kernels} | {a * 1e3:.2f} | {b * 1e3:.2f} | {b / a:.2f}x | {c * 1e3:.2f} | "
                          f"{d * 1e3:.2f} | {d / c:.2f}x |")  # fmt: skip
             print(lines[-1], flush=True)
-    print(f"\nSimulated tflite_int8 against float, best of {ns.reps} alternating runs\n")
+    threads = f", {ns.threads} TensorFlow thread(s)" if ns.threads else ""
+    print(f"\nSimulated tflite_int8 against float, best of {ns.reps} alternating runs{threads}\n")
     print("\n".join(lines))
 
 

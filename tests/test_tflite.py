@@ -347,7 +347,7 @@ def _simulated_weight_scales(q):
     got = []
     for layer in q.layers:
         if getattr(layer, "_gq_integer", None) is not None and hasattr(layer, "_gq_operands"):
-            w_float, _, _, fmt, depthwise = layer._gq_operands()
+            w_float, _, _, fmt, depthwise = integer_ops.layer_operands(layer)
             s_w, _ = integer_ops.weight_scales(w_float, fmt, depthwise)
             got.append(np.atleast_1d(np.asarray(s_w, np.float64).astype(np.float32)))
     return got
@@ -916,3 +916,56 @@ def test_small_multipliers_take_the_int64_kernels_and_stay_exact(tmp_path):
     for name in ("relu_quant", "wide_linear_quant"):  # layers whose outputs spread over the int8 range
         sim = keras.Model(q.input, q.get_layer(name).output)(data, training=False).numpy()
         assert len(np.unique(sim)) > 50, name
+
+
+def _same_bits(a, b):
+    a, b = np.asarray(a), np.asarray(b)
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+@pytest.mark.parametrize("kernels,bits", [("reference", 8), ("xnnpack", 4)])
+def test_xla_preparation_equals_tensorflow_ops(kernels, bits):
+    """The integer operands of every linked layer (int8 weights, int32 bias, multipliers, clamps, the scales of
+    every rounding point), computed for the whole model in one XLA launch, equal TensorFlow's kernels' values
+    bit for bit on keras.applications MobileNetV2 (53 conv / depthwise / Dense layers, BN folded, ReLU6,
+    per-channel and per-tensor weight scales). XLA rewrites a division by a constant into a product by its
+    reciprocal (moving 9 % of quotients by an ulp) and its rsqrt differs from TensorFlow's; the preparation keeps
+    both out of XLA's reach."""
+    import tensorflow as tf
+
+    from graphquant.keras import integer_ops as io
+
+    keras.utils.set_random_seed(3)
+    m = keras.applications.MobileNetV2(input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=10,
+                                       classifier_activation=None)  # fmt: skip
+    rng = np.random.RandomState(3)
+    for layer in m.layers:  # non-trivial BN statistics (as after training)
+        if isinstance(layer, keras.layers.BatchNormalization):
+            n = layer.gamma.shape[0]
+            layer.set_weights([rng.uniform(0.5, 2, n), rng.uniform(-0.3, 0.3, n), rng.uniform(-0.2, 0.2, n),
+                               rng.uniform(0.02, 0.2, n)])
+    x = rng.uniform(-1, 1, (16, 32, 32, 3)).astype("float32")
+    q = gq.quantize_model(m, target="tflite_int8", calibration_data=x, kernels=kernels, weight_bits=bits)
+    layers = [l for l in q.layers if getattr(l, "_gq_integer", None) is not None and hasattr(l, "_gq_operands")]
+    assert len(layers) == 53
+    groups = {}
+    for layer in layers:
+        groups.setdefault(layer._gq_operands()[3], []).append(layer)
+    assert len(groups) == 3  # conv, depthwise (per channel on axis -2) and Dense (per tensor) weight formats
+    for fmt, group in groups.items():
+        ops = [layer._gq_operands() for layer in group]
+        fused = io._prepare_batch(group, ops, xla=True)
+        plain = io._prepare_batch(group, ops, xla=False)
+        for layer, a, b in zip(group, fused, plain):
+            fa, fb = tf.nest.flatten(a), tf.nest.flatten(b)
+            assert len(fa) == len(fb)
+            for i, (u, v) in enumerate(zip(fa, fb)):
+                assert _same_bits(u, v), f"{layer.name}: operand {i} ({fmt}, {kernels})"
+    points = [l for l in q.layers if hasattr(l, "_gq_points")]
+    ranges = [tf.convert_to_tensor(p.range.value)[:2] for p in points]
+    levels = tf.constant(255.0, tf.float64)
+    for u, v in zip(io._qparams_fn(ranges, levels), io._qparams_of(ranges, levels)):
+        assert _same_bits(u, v)
+    # and the model's inference (one launch per kind, every operand from it) equals the eager kernels' output
+    y_traced = tf.function(lambda t: q(t, training=False))(x)
+    np.testing.assert_array_equal(np.asarray(y_traced), np.asarray(q(x, training=False)))

@@ -12,7 +12,7 @@ At inference it always uses the moving statistics.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import keras
 import tensorflow as tf
@@ -23,7 +23,7 @@ from ..weights import round_weight
 from .integer_ops import integer_call
 from .layers import format_arg
 
-__all__ = ["FoldedConvBatchNorm", "foldable"]
+__all__ = ["FoldedConvBatchNorm", "foldable", "fold_operands"]
 
 _DEPTHWISE = (keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D)
 _FOLDABLE = (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D) + _DEPTHWISE
@@ -38,6 +38,21 @@ def foldable(conv: Any, bn: Any) -> bool:
     if getattr(conv, "activation", None) not in (None, keras.activations.linear):
         return False
     return bn.axis in (-1, conv.rank + 1)
+
+
+def fold_operands(kernel: tf.Tensor, bias: Optional[tf.Tensor], inv: tf.Tensor, mean: tf.Tensor,
+                  beta: Optional[tf.Tensor], *, depthwise: bool, guard: Optional[Callable] = None
+                  ) -> Tuple[tf.Tensor, tf.Tensor]:
+    """``(kernel * inv, beta + (bias - mean) * inv)`` computed as ``bias * inv + (-mean * inv + beta)`` (``bias``,
+    ``beta`` ``None``: 0), ``inv = gamma / sqrt(var + eps)`` per output channel: the folded kernel and bias, the
+    one fold rule (training, export and the integer kernels, where it runs inside an XLA function with ``guard``
+    keeping each product from FMA contraction into the sum after it)."""
+    guard = guard or (lambda t: t)
+    shift = guard(-mean * inv)
+    if beta is not None:
+        shift = shift + beta
+    wf = kernel * (tf.reshape(inv, kernel.shape[-2:]) if depthwise else inv)
+    return wf, (guard(bias * inv) + shift if bias is not None else shift)
 
 
 @keras.saving.register_keras_serializable(package="graphquant")
@@ -80,6 +95,7 @@ class FoldedConvBatchNorm(keras.layers.Layer):
         return self.conv.compute_output_shape(input_shape)
 
     def _scale(self, var: tf.Tensor) -> tf.Tensor:
+        """``s = gamma / sqrt(var + eps)`` (TensorFlow's ``rsqrt``: XLA's differs in the last bit)."""
         inv = tf.math.rsqrt(var + self.bn.epsilon)
         if self.bn.scale:
             inv = inv * tf.convert_to_tensor(self.bn.gamma)
@@ -87,20 +103,18 @@ class FoldedConvBatchNorm(keras.layers.Layer):
 
     def _folded(self, mean: tf.Tensor, var: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
         """``(kernel * s, beta + (b - mean) * s)`` with ``s = gamma / sqrt(var + eps)``: the folded kernel and bias."""
-        conv, bn = self.conv, self.bn
-        inv = self._scale(var)
-        shift = -mean * inv
-        if bn.center:
-            shift = shift + tf.convert_to_tensor(bn.beta)
-        k = conv.kernel.value
-        wf = k * (tf.reshape(inv, k.shape[-2:]) if isinstance(conv, _DEPTHWISE) else inv)
-        return wf, (conv.bias.value * inv + shift if conv.use_bias else shift)
+        return fold_operands(*self._fold_args(mean, var), depthwise=isinstance(self.conv, _DEPTHWISE))
 
-    def _gq_operands(self) -> Tuple[tf.Tensor, None, tf.Tensor, Format, bool]:
-        """The integer kernel's operands at inference (:func:`~graphquant.keras.integer_ops.integer_call`): the
-        kernel folded with the moving statistics, ``None`` (rounded there), the folded bias, format, depthwise."""
-        wf, bias = self._folded(tf.convert_to_tensor(self.bn.moving_mean), tf.convert_to_tensor(self.bn.moving_variance))
-        return wf, None, bias, self.weight_format, isinstance(self.conv, _DEPTHWISE)
+    def _fold_args(self, mean: tf.Tensor, var: tf.Tensor) -> Tuple:
+        conv, bn = self.conv, self.bn
+        return (conv.kernel.value, conv.bias.value if conv.use_bias else None, self._scale(var), mean,
+                tf.convert_to_tensor(bn.beta) if bn.center else None)
+
+    def _gq_operands(self) -> Tuple[Callable, Tuple, None, Format, bool]:
+        """The integer kernel's operands at inference (:func:`~graphquant.keras.integer_ops.integer_call`):
+        :func:`fold_operands` of the moving statistics, ``None`` (rounded there), format, depthwise."""
+        args = self._fold_args(tf.convert_to_tensor(self.bn.moving_mean), tf.convert_to_tensor(self.bn.moving_variance))
+        return fold_operands, args, None, self.weight_format, isinstance(self.conv, _DEPTHWISE)
 
     def call(self, inputs: Any, training: Any = None) -> Any:
         conv, bn = self.conv, self.bn

@@ -137,6 +137,7 @@ def link_integer(model: Any, kernels: Optional[str] = None) -> int:
 
 def _link_layers(layers: Any, kernels: str) -> int:
     n = 0
+    weight_layers: list = []
     for layer in layers:
         object.__setattr__(layer, "_gq_kernels", kernels)
         if type(layer).__name__ in SAME_SCALE_LAYERS:
@@ -164,7 +165,13 @@ def _link_layers(layers: Any, kernels: str) -> int:
         object.__setattr__(layer, "_gq_integer", (lambda a=in_q, b=out_q: (a, b)))
         object.__setattr__(layer, "_gq_activation", _chain_activation(inner, chain))
         _pass_through(out_q, chain)
+        weight_layers.append(layer)
         n += 1
+    for layer in weight_layers:  # prepared together in a traced call (integer_ops._prepared)
+        object.__setattr__(layer, "_gq_batch", (lambda ls=tuple(weight_layers): ls))
+    points = tuple(layer for layer in layers if eligible_quantize(layer))
+    for q in points:  # their scales computed together in a traced call (integer_ops.qparams)
+        object.__setattr__(q, "_gq_points", (lambda ps=points: ps))
     return n
 
 

@@ -41,8 +41,10 @@ exact while every partial sum stays below 2**24 in magnitude (int8 x int8
 products of up to 32,385; typical layers stay far below).
 
 Speed (inference of the simulation against the float model, issue 13): a linked layer's requantization is one
-XLA launch (one pass over the tensor), the rounding points' scales are computed once per traced call, and in a
-traced call the layer's output tensor carries ``q - zp`` (:func:`carry`): the next integer kernel reads the
+XLA launch (one pass over the tensor); in a traced call the scales of every rounding point and the integer
+operands of every linked layer (int8 weights, int32 bias, multipliers, clamps) are computed once, in one XLA
+launch per kind (:func:`qparams`, :func:`_prepared`; TensorFlow's kernels' values bit for bit); and the layer's
+output tensor carries ``q - zp`` (:func:`carry`): the next integer kernel reads the
 integers instead of recovering them from the float tensor, the group's ReLU and rounding layers pass the tensor
 through (the kernel applied the fused activation's clamp on the integers, as the runtime does), and layers that
 keep the scale (ZeroPadding, MaxPooling, ...) carry it along (:func:`same_scale_call`), as does MEAN. The float
@@ -54,13 +56,16 @@ clamp), and reads the multiplier from the float64 bits (:func:`_multiplier_value
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional, Tuple
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from ..formats import Affine
-from ..weights import exporting_int8, int8_export_max, round_weight, weight_range
+from ..rounding import fake_quant_levels, fake_quant_nudged, no_contract
+from ..weights import exporting_int8, int8_export_max, weight_range
 
 __all__ = ["KERNELS", "check_kernels", "integer_call", "qparams", "quantize_input_tf", "quantize_multiplier_tf",
            "multiply_by_quantized_multiplier_tf", "multiply_by_quantized_multiplier_single_tf", "logistic_int8_tf"]
@@ -145,20 +150,42 @@ def qparams(q: Any) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
     As the converter derives them from the FakeQuant range (MLIR's
     ``getNudgedScaleAndZeroPoint``: ``scale = (max - min) / 255`` in double,
     zero point ``round(-128 - min / scale)`` clamped to ``[-128, 127]``); those of the Concatenate it
-    feeds for a point that shares that scale (:func:`_scale_owner`).
+    feeds for a point that shares that scale (:func:`_scale_owner`). In a traced call, the first ``qparams``
+    computes those of every rounding point of the model (``q._gq_points()``, set by
+    :func:`graphquant.keras.integer.link_integer`) in one XLA launch, once per call.
     """
     owner = _scale_owner(q)
     memo = _trace_memo("qparams")
     if memo is not None and id(owner) in memo:
         return memo[id(owner)][1]
-    st = tf.cast(owner.range.value, tf.float64)
-    lo, hi = st[0], st[1]
-    s64 = (hi - lo) / 255.0
-    zp = tf.clip_by_value(_round_away(-128.0 - lo / s64), -128.0, 127.0)
-    out = tf.cast(tf.cast(s64, tf.float32), tf.float64), s64, zp
+    owners = [owner]
     if memo is not None:
-        memo[id(owner)] = (owner, out)  # (holds owner: its id stays its own while the memo lives)
-    return out
+        others = {id(o): o for o in map(_scale_owner, getattr(q, "_gq_points", lambda: ())())}
+        owners += [o for i, o in others.items() if i != id(owner) and i not in memo]
+    ranges = [tf.convert_to_tensor(o.range.value)[:2] for o in owners]
+    if len(owners) == 1:
+        out = [tuple(t[0] for t in _qparams_of([ranges[0][None]], tf.constant(255.0, tf.float64)))]
+    else:
+        stored, s64, zp = (tf.unstack(t) for t in _qparams_fn(ranges, tf.constant(255.0, tf.float64)))
+        out = list(zip(stored, s64, zp))
+    if memo is None:
+        return out[0]
+    for o, v in zip(owners, out):
+        memo[id(o)] = (o, v)  # (holds o: its id stays its own while the memo lives)
+    return out[0]
+
+
+def _qparams_of(ranges: list, levels: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """:func:`qparams` of stacked ``[min, max]`` ranges (float32), vectors; ``levels``: 255 (a tensor in XLA:
+    a division by a constant becomes a product by its reciprocal there)."""
+    st = tf.cast(tf.reshape(tf.stack(ranges), [-1, 2]), tf.float64)
+    lo, hi = st[:, 0], st[:, 1]
+    s64 = no_contract((hi - lo) / levels)
+    zp = tf.clip_by_value(_round_away(-128.0 - lo / s64), -128.0, 127.0)
+    return tf.cast(tf.cast(s64, tf.float32), tf.float64), s64, zp
+
+
+_qparams_fn = tf.function(_qparams_of, jit_compile=True, autograph=False)
 
 
 def _trace_memo(name: str) -> Optional[dict]:
@@ -271,13 +298,35 @@ def _multiplier_value(m: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
 
 def weight_scale_max(w: tf.Tensor, fmt: Affine, depthwise: bool) -> tf.Tensor:
     """``max |w|`` per output channel in output-channel order (a scalar for a per-tensor format):
-    the symmetric weight range (:func:`graphquant.weights.weight_range`); a depthwise kernel
-    ``(..., in_channels, multiplier)`` is seen as ``(taps, in_channels * multiplier)``."""
+    the symmetric weight range (:func:`graphquant.weights.weight_range`) of :func:`_channels_last` ``w``."""
+    w, fmt = _channels_last(w, fmt, depthwise)
+    return weight_range(w, fmt)[1]
+
+
+def _channels_last(w: tf.Tensor, fmt: Affine, depthwise: bool) -> Tuple[tf.Tensor, Affine]:
+    """``w`` and its symmetric format, a depthwise kernel ``(..., in_channels, multiplier)`` seen as ``(taps,
+    in_channels * multiplier)`` with the output channels last (``graphquant.ops.per_output_channel``'s order)."""
     sym = dataclasses.replace(fmt, symmetric=True)
     if fmt.axis is not None and depthwise:
         w = tf.reshape(w, [-1, int(w.shape[-2]) * int(w.shape[-1])])
         sym = dataclasses.replace(sym, axis=-1)
-    return weight_range(w, sym)[1]
+    return w, sym
+
+
+def _scale_divisor(fmt: Affine) -> float:
+    """The divisor of :func:`_weight_scale64`: 127 below 8 bits (the int8 export), ``2**(bits-1) - 1`` else."""
+    return 127.0 if fmt.bits < 8 else float(2 ** (fmt.bits - 1) - 1)
+
+
+def _weight_scale64(m: tf.Tensor, fmt: Affine, divisor: Any) -> Tuple[tf.Tensor, tf.Tensor]:
+    """``(scale as stored (float32, as float64), scale in float64)`` of a symmetric weight with ``max |w| = m``
+    (:func:`weight_scales`); ``divisor`` is :func:`_scale_divisor` (a tensor inside an XLA function: XLA turns a
+    division by a constant into a product by its reciprocal)."""
+    if fmt.bits < 8:
+        s64 = tf.cast(int8_export_max(m, fmt.bits), tf.float64) / divisor
+    else:  # = (m - (-m)) / (2 * levels): the FakeQuant range (-m, m), narrow range
+        s64 = tf.cast(m, tf.float64) / divisor
+    return tf.cast(tf.cast(s64, tf.float32), tf.float64), s64
 
 
 def weight_scales(w: tf.Tensor, fmt: Affine, depthwise: bool) -> Tuple[tf.Tensor, tf.Tensor]:
@@ -286,70 +335,230 @@ def weight_scales(w: tf.Tensor, fmt: Affine, depthwise: bool) -> Tuple[tf.Tensor
     ``(-hi, hi)`` (narrow range): ``(hi - (-hi)) / 254`` in double. ``hi = max |w|`` for 8 bits; fewer bits
     are exported as an 8-bit FakeQuant on the same grid with ``hi`` of
     :func:`graphquant.weights.int8_export_max` (float32 arithmetic, as the converter folds it)."""
-    m = weight_scale_max(w, fmt, depthwise)
-    if fmt.bits < 8:
-        s64 = tf.cast(int8_export_max(m, fmt.bits), tf.float64) / 127.0
-    else:  # = (m - (-m)) / (2 * levels): the FakeQuant range (-m, m), narrow range
-        s64 = tf.cast(m, tf.float64) / float(2 ** (fmt.bits - 1) - 1)
-    return tf.cast(tf.cast(s64, tf.float32), tf.float64), s64
+    return _weight_scale64(weight_scale_max(w, fmt, depthwise), fmt, _scale_divisor(fmt))
+
+
+def plain_operands(kernel: tf.Tensor, bias: Optional[tf.Tensor], *, depthwise: bool, guard: Optional[Callable] = None
+                   ) -> Tuple[tf.Tensor, Optional[tf.Tensor]]:
+    """The ``weights`` function (see :func:`integer_call`) of a layer whose kernel and bias are its variables."""
+    return kernel, bias
+
+
+def layer_operands(layer: Any) -> Tuple[tf.Tensor, Optional[tf.Tensor], Optional[tf.Tensor], Affine, bool]:
+    """``(w_float, w_rounded, bias, fmt, depthwise)`` of a linked layer as TensorFlow ops (its
+    ``_gq_operands()`` evaluated; ``w_rounded`` ``None``: rounded to nearest)."""
+    weights, args, w_rounded, fmt, depthwise = layer._gq_operands()
+    w, bias = weights(*args, depthwise=depthwise)
+    return w, w_rounded, bias, fmt, depthwise
 
 
 def integer_call(layer: Any, inner: Any, inputs: tf.Tensor) -> Optional[tf.Tensor]:
     """The runtime kernel's output of ``inner`` (the conv / depthwise / dense ``layer`` wraps), dequantized, as
-    float32; ``layer._gq_operands()`` gives ``(w_float, w_rounded, bias, fmt, depthwise)``: the weights before
-    rounding (their per-channel ``max |w|`` gives the converter's weight scale), on the weight grid (or ``None``:
-    rounded to nearest here), the float bias (folded) or ``None``, the weight format, whether depthwise.
-    ``None`` while the rounding points are being calibrated or the model is traced for the TFLite converter
-    (the caller then runs the float path)."""
+    float32; ``layer._gq_operands()`` gives ``(weights, args, w_rounded, fmt, depthwise)``: ``weights(*args,
+    depthwise=, guard=)`` returns the float weights before rounding (their per-channel ``max |w|`` gives the
+    converter's weight scale) and the float bias (folded) or ``None``, in TensorFlow ops that also run inside
+    an XLA function (a module-level function; ``guard`` wraps each product that an addition reads:
+    :func:`graphquant.rounding.no_contract`); ``w_rounded`` the weights on their grid, or ``None``: rounded to
+    nearest here; the weight format; whether depthwise. ``None`` while the rounding points are being
+    calibrated or the model is traced for the TFLite converter (the caller then runs the float path)."""
 
     in_q, out_q = layer._gq_integer()
     if in_q.calibrating or out_q.calibrating or exporting_int8():
         return None  # being calibrated, or traced for the converter: the float path
     xnnpack = kernels_of(layer) == "xnnpack"
-    single = type(inner).__name__ == "Dense"  # LiteRT's int8 FULLY_CONNECTED rounds once (ruy's), conv twice
-    w_int, b_int, factor, lo, hi, s_out = _prepared(layer)
+    single = rounds_once(inner)
+    w_int, b_int, factor, exact, lo, hi, s_out = _prepared(layer)
     x_int = _ints(inputs, in_q, qparams(in_q)[1])
     acc = _accumulate(inner, x_int, w_int)
     if xnnpack:
         c = _xnnpack_requantize(acc, b_int, factor, lo, hi)
     else:
         nonneg = getattr(layer, "_gq_activation", "linear") in ("relu", "relu6")  # lo >= 0 (_activation_clamp)
-        c = _requantize_output(acc, b_int, factor, lo, hi, single=single, nonneg=nonneg)
+        c = _requantize_choice(acc, b_int, factor, exact, lo, hi, single, nonneg)
     if not tf.executing_eagerly():  # (an XLA function's output has relaxed dimensions)
         c.set_shape(inner.compute_output_shape(tuple(x_int.shape)))
     return carry(c * s_out, out_q, c)
 
 
-def _prepared(layer: Any) -> Tuple:
-    """A linked layer's integer operands (``layer._gq_operands()``, see :func:`integer_call`), as TensorFlow ops:
+def rounds_once(inner: Any) -> bool:
+    """Whether the runtime's kernel for ``inner`` requantizes with one rounding: LiteRT's int8 FULLY_CONNECTED
+    (ruy's), where conv and depthwise round twice."""
+    return type(inner).__name__ == "Dense"
 
-    ``(w_int, b_int, factor, lo, hi, s_out)``: the int8 weights (float32 integers), the int32 bias
-    (float64 integers), the requantization factor (XNNPACK: the float32 scale ``s_in * s_w[c] / s_out``;
-    reference: the multiplier ``s_in * s_w[c] / s_out`` in double), the output clamp ``[lo, hi]`` of ``q - zp``, and the
-    float32 output scale. (As one XLA cluster per layer they were 1 LSB off on a ResNet-style net and 14 on
-    EfficientNetB0: XLA's lowering of the weight rounding or of the multiplier's float64 arithmetic differs from
-    TensorFlow's kernels somewhere.)"""
-    f32 = tf.float32
-    w_float, w_rounded, bias, fmt, depthwise = layer._gq_operands()
-    in_q, out_q = layer._gq_integer()
-    s_in, s_in64, _ = qparams(in_q)
-    s_out, _, zp_out = qparams(out_q)
-    if w_rounded is None:
-        w_rounded = round_weight(w_float, fmt, "nearest", depthwise=depthwise)
-    s_w, s_w64 = weight_scales(w_float, fmt, depthwise)
-    s_w_k = tf.reshape(s_w, w_rounded.shape[-2:]) if depthwise else s_w  # (else: last axis = output channels)
-    # w_rounded is k * s'[c] with |k| <= 127 and s' within a few float32 ulps of s_w[c]: the float32 quotient
-    # lies within 1e-4 of k, and rounds to it
-    w_int = tf.round(tf.cast(w_rounded, f32) / tf.cast(s_w_k, f32))
-    b_int = tf.zeros([], tf.float64)
-    if bias is not None:
-        b_int = _round_away(tf.cast(bias, tf.float64) / (s_in64 * s_w64))  # the int32 bias
-    lo, hi = _activation_clamp(getattr(layer, "_gq_activation", "linear"), s_out, zp_out)
-    if kernels_of(layer) == "xnnpack":  # XNNPACK's requantization scale, in float32 as its operator computes it
-        factor = tf.cast(s_in, f32) * tf.cast(s_w, f32) / tf.cast(s_out, f32)
+
+def _batchable(w_rounded: Any, shape: Any) -> bool:
+    """Whether a layer joins a batch of :func:`_prepare_batch`: its weights rounded to nearest there, static
+    kernel shape."""
+    return w_rounded is None and shape.is_fully_defined()
+
+
+def _prepared(layer: Any) -> Tuple:
+    """A linked layer's integer operands (see :func:`integer_call` and :func:`_prepare_batch`): ``(w_int, b_int,
+    factor, exact, lo, hi, s_out)``. In a traced call the linked layers of the model (``layer._gq_batch()``,
+    set by :func:`graphquant.keras.integer.link_integer`) are prepared together, once per call, in one XLA
+    launch per kind (kernel set and weight format)."""
+    memo = _trace_memo("prepared")
+    if memo is not None and id(layer) in memo:
+        return memo[id(layer)][1]
+    ops = {id(layer): layer._gq_operands()}
+    group = [layer]
+    _, args, w_rounded, fmt, _ = ops[id(layer)]
+    if memo is not None and _batchable(w_rounded, args[0].shape):
+        for other in getattr(layer, "_gq_batch", lambda: ())():
+            if other is layer or id(other) in memo or kernels_of(other) != kernels_of(layer):
+                continue
+            o = other._gq_operands()
+            if o[3] == fmt and _batchable(o[2], o[1][0].shape):
+                ops[id(other)] = o
+                group.append(other)
+    results = _prepare_batch(group, [ops[id(g)] for g in group])
+    if memo is not None:
+        for g, r in zip(group, results):
+            memo[id(g)] = (g, r)  # (holds g: its id stays its own while the memo lives)
+    return results[0]
+
+
+def _prepare_batch(layers: list, operands: list, xla: bool = True) -> list:
+    """:func:`_prepare` of ``layers`` (same weight format and kernel set; ``operands``: their
+    ``_gq_operands()``) in one XLA launch, split per layer: ``(w_int, b_int, factor, exact, lo, hi, s_out)``.
+    A lone layer that :func:`_batchable` refuses, or ``xla=False``, takes the same arithmetic in TensorFlow
+    ops."""
+    fmt = operands[0][3]
+    xnnpack = kernels_of(layers[0]) == "xnnpack"
+    statics = tuple((o[0], o[4], getattr(l, "_gq_activation", "linear"), rounds_once(_inner(l)))
+                    for l, o in zip(layers, operands))  # fmt: skip
+    points = [(qparams(l._gq_integer()[0]), qparams(l._gq_integer()[1])) for l in layers]
+    s_in = [p[0][0] for p in points]
+    s_in64 = [p[0][1] for p in points]
+    s_out = [p[1][0] for p in points]
+    zp_out = [p[1][2] for p in points]
+    consts = (tf.constant([float(fmt.quant_min), float(fmt.quant_max)], tf.float32),
+              tf.constant(_scale_divisor(fmt), tf.float64))  # (runtime tensors in XLA: see _weight_scale64)
+    args = [tuple(o[1]) for o in operands]
+    lone = len(layers) == 1
+    if not xla or (lone and not _batchable(operands[0][2], args[0][0].shape)):
+        fn = functools.partial(_prepare, statics, fmt, xnnpack, w_rounded=operands[0][2] if lone else None)
     else:
-        factor = s_in * s_w / s_out  # the multiplier (QuantizeMultiplier'd at the requantization)
-    return w_int, b_int, factor, lo, hi, tf.cast(s_out, f32)
+        fn = _prepare_fn(statics, fmt, xnnpack)
+    w_ints, b_int, per_channel, per_layer, exact = fn(args, s_in, s_in64, s_out, zp_out, consts)
+    shapes = [o[1][0].shape for o in operands]
+    channels = [_channels(sh, fmt, o[4]) for sh, o in zip(shapes, operands)]
+    outs = [_bias_size(sh, o[4]) for sh, o in zip(shapes, operands)]
+    b_ints = tf.split(b_int, outs) if len(layers) > 1 else [b_int]
+    vecs = tf.split(per_channel, channels, axis=1) if len(layers) > 1 else [per_channel]
+    los, his, s_outs = (tf.unstack(t) for t in tf.unstack(per_layer))
+    exacts = tf.unstack(exact)
+    results = []
+    for i, sh in enumerate(shapes):
+        factor = vecs[i][0] if xnnpack else tuple(tf.unstack(vecs[i]))
+        results.append((w_ints[i], b_ints[i], factor, exacts[i], los[i], his[i], s_outs[i]))
+    return results
+
+
+def _inner(layer: Any) -> Any:
+    """The Keras layer a linked layer wraps (``FoldedConvBatchNorm.conv``, ``QuantizeWeights.layer``)."""
+    return layer.conv if hasattr(layer, "conv") and hasattr(layer, "bn") else layer.layer
+
+
+def _channels(shape: Any, fmt: Affine, depthwise: bool) -> int:
+    """Weight scales of a kernel of ``shape``: its output channels (1 for a per-tensor format)."""
+    return 1 if fmt.axis is None else _bias_size(shape, depthwise)
+
+
+def _bias_size(shape: Any, depthwise: bool) -> int:
+    """Output channels of a kernel of ``shape`` (the bias length)."""
+    return int(shape[-2]) * int(shape[-1]) if depthwise else int(shape[-1])
+
+
+@functools.lru_cache(maxsize=None)
+def _prepare_fn(statics: Tuple, fmt: Affine, xnnpack: bool) -> Callable:
+    """:func:`_prepare` as one XLA function: one launch per model call instead of about a hundred small
+    TensorFlow ops per layer (the preparation was most of the simulation's cost over the float model; one XLA
+    launch per layer was little better: XLA:CPU runs each of its dozen small fusions as a separate step). XLA's
+    arithmetic differs from TensorFlow's kernels in two places, kept out of it: a division by a constant
+    becomes a product by the reciprocal (so the divisors are arguments, and
+    :func:`graphquant.rounding.no_contract` hides quotients from its algebraic simplifier), and ``rsqrt`` (the
+    BatchNorm fold's ``inv`` is computed before); products that feed a sum are kept from FMA contraction
+    (``guard``). ``test_xla_preparation_equals_tensorflow_ops`` checks every value against TensorFlow's kernels.
+    (One trace per set of kernel shapes: ``reduce_retracing`` traced a graph mixing two models' shapes.)"""
+
+    def prepare(args, s_in, s_in64, s_out, zp_out, consts):
+        return _prepare(statics, fmt, xnnpack, args, s_in, s_in64, s_out, zp_out, consts)
+
+    prepare.__name__ = "graphquant_integer_operands"
+    return tf.function(prepare, jit_compile=True, autograph=False)
+
+
+def _prepare(statics: Tuple, fmt: Affine, xnnpack: bool, args: list, s_in: list, s_in64: list, s_out: list,
+             zp_out: list, consts: Tuple[tf.Tensor, tf.Tensor], w_rounded: Optional[tf.Tensor] = None) -> Tuple:
+    """The integer operands of a batch of linked layers, concatenated: ``(w_int, b_int, per_channel, per_layer,
+    exact)``:
+
+    - ``w_int``: per layer, the int8 weights (float32 integers, the kernel's shape);
+    - ``b_int``: the int32 biases (float64 integers, ``s_in * s_w[c]``; zeros for a layer without bias);
+    - ``per_channel``: per weight scale (output channel, or the tensor), stacked rows: XNNPACK's float32
+      requantization scale ``s_in * s_w[c] / s_out``; reference: ``mantissa * 2**(shift - 31)``,
+      ``2**shift`` (:func:`_multiplier_value`) and ``m = s_in * s_w[c] / s_out`` in double;
+    - ``per_layer``: rows ``lo``, ``hi`` (the output clamp of ``q - zp``, :func:`_activation_clamps`) and the
+      float32 output scale;
+    - ``exact``: per layer, whether the float form of the reference requantization is exact
+      (:func:`_requantize_choice`; ``True`` for XNNPACK).
+
+    ``statics``: per layer ``(weights, depthwise, activation, rounds_once)`` (see :func:`integer_call`); ``args``
+    the arguments of each ``weights``; ``s_in``, ``s_in64``, ``s_out``, ``zp_out``: :func:`qparams` of its two
+    points; ``consts``: FakeQuant's ``[quant_min, quant_max]`` and :func:`_scale_divisor`; ``w_rounded``: a lone
+    layer's weights as its inference rounds them (not to nearest)."""
+    f32, f64 = tf.float32, tf.float64
+    mats, biases, n_chan, n_out = [], [], [], []
+    for (weights, depthwise, _, _), a in zip(statics, args):
+        w, bias = weights(*a, depthwise=depthwise, guard=no_contract)
+        wm, sym = _channels_last(w, fmt, depthwise)
+        if sym.axis is not None and sym.axis % wm.shape.rank != wm.shape.rank - 1:
+            raise ValueError(f"integer kernels need per-tensor or per-output-channel weight scales, got {fmt}")
+        mats.append(tf.reshape(wm, [-1, 1 if sym.axis is None else int(wm.shape[-1])]))
+        n_chan.append(int(mats[-1].shape[-1]))
+        n_out.append(_bias_size(w.shape, depthwise))
+        biases.append(tf.zeros([n_out[-1]], f64) if bias is None else tf.cast(tf.reshape(bias, [-1]), f64))
+    m = tf.concat([weight_range(t, dataclasses.replace(fmt, symmetric=True, axis=-1))[1] for t in mats], 0)
+    layer_of_chan = tf.constant(np.repeat(np.arange(len(statics)), n_chan), tf.int32)
+    s_w, s_w64 = _weight_scale64(m, fmt, consts[1])
+    s_w64 = no_contract(s_w64)
+    w_ints = []
+    nudged = fake_quant_nudged(-m, m, consts[0][0], consts[0][1])  # (once for all layers: fewer XLA fusions)
+    for t, (lo_c, hi_c), a in zip(mats, _spans(n_chan), args):
+        if w_rounded is None:  # round_weight(w, fmt, "nearest"): FakeQuant on (-m, m) per channel (or tensor),
+            # whose value is k * s'[c] with s' its nudged scale: w_int is k (s' is the float32 (2m) / (2 levels),
+            # within an ulp of s_w[c] = float32(m / levels); the quotient below would round to k)
+            k = fake_quant_levels(t, tuple(v[lo_c:hi_c] for v in nudged), fmt.axis is not None)
+        else:  # k * s'[c] with |k| <= 127 and s' within a few float32 ulps of s_w[c]: the float32 quotient lies
+            # within 1e-4 of k, and rounds to it
+            k = tf.round(tf.reshape(w_rounded, t.shape) / tf.cast(s_w[lo_c:hi_c], f32))
+        w_ints.append(tf.reshape(k, a[0].shape))
+    s_in, s_in64, s_out, zp_out = (tf.stack([tf.reshape(v, []) for v in t]) for t in (s_in, s_in64, s_out, zp_out))
+    # the int32 bias at s_in * s_w[c] (c: the output channel's scale, or the tensor's)
+    bias_chan = np.concatenate([lo_c + (np.zeros(n, int) if c == 1 and n != 1 else np.arange(n))
+                                for (lo_c, _), c, n in zip(_spans(n_chan), n_chan, n_out)])
+    bias_layer = np.repeat(np.arange(len(statics)), n_out)
+    den = no_contract(tf.gather(s_in64, bias_layer) * tf.gather(s_w64, bias_chan))
+    b_int = _round_away(tf.concat(biases, 0) / den)
+    acts = [st[2] for st in statics]
+    lo, hi = _activation_clamps(tf.constant([a in ("relu", "relu6") for a in acts]),
+                                tf.constant([a == "relu6" for a in acts]), s_out, zp_out)
+    per_layer = tf.stack([lo, hi, tf.cast(s_out, f32)])
+    s_in_c, s_out_c = tf.gather(s_in, layer_of_chan), tf.gather(s_out, layer_of_chan)
+    if xnnpack:  # XNNPACK's requantization scale, in float32 as its operator computes it
+        factor = tf.cast(s_in_c, f32) * tf.cast(s_w, f32) / tf.cast(s_out_c, f32)
+        return w_ints, b_int, factor[None], per_layer, tf.ones([len(statics)], tf.bool)
+    mult = no_contract(s_in_c * s_w) / s_out_c  # the multiplier, QuantizeMultiplier'd at the requantization
+    bound = tf.constant([2.0**-14 if st[3] else 2.0**-13 for st in statics], f64)
+    exact = tf.math.unsorted_segment_min(mult, layer_of_chan, len(statics)) >= bound
+    return w_ints, b_int, tf.stack([*_multiplier_value(mult), mult]), per_layer, exact
+
+
+def _spans(sizes: list) -> list:
+    """``[(start, end)]`` of consecutive pieces of ``sizes``."""
+    ends = np.cumsum(sizes).tolist()
+    return [(e - n, e) for e, n in zip(ends, sizes)]
 
 
 def _accumulate(inner: Any, x_int: tf.Tensor, w_int: tf.Tensor) -> tf.Tensor:
@@ -368,17 +577,19 @@ def _accumulate(inner: Any, x_int: tf.Tensor, w_int: tf.Tensor) -> tf.Tensor:
 
 
 def _activation_clamp(activation: str, s_out: tf.Tensor, zp_out: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+    """:func:`_activation_clamps` of one op with fused ``activation`` (``"linear"``, ``"relu"``, ``"relu6"``)."""
+    return _activation_clamps(activation in ("relu", "relu6"), activation == "relu6", s_out, zp_out)
+
+
+def _activation_clamps(relu: Any, relu6: Any, s_out: tf.Tensor, zp_out: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
     """The output clamp ``[lo, hi]`` of ``q - zp`` (float32): the int8 range, narrowed by the fused activation
     as the runtime narrows it (``CalculateActivationRangeQuantized``: ``zp + round(0 / s)`` and, for ReLU6,
-    ``zp + round(6.0f / s)``)."""
+    ``zp + round(6.0f / s)``); ``relu``: ReLU or ReLU6 fused, ``relu6``: ReLU6 (booleans, per op)."""
     zp = tf.cast(zp_out, tf.float32)
     lo, hi = -128.0 - zp, 127.0 - zp
-    if activation in ("relu", "relu6"):
-        lo = tf.maximum(lo, 0.0)
-    if activation == "relu6":
-        six = tf.constant(6.0, tf.float32) / tf.cast(s_out, tf.float32)
-        hi = tf.minimum(hi, tf.cast(_round_away(tf.cast(six, tf.float64)), tf.float32))
-    return lo, hi
+    lo = tf.where(relu, tf.maximum(lo, 0.0), lo)
+    six = tf.constant(6.0, tf.float32) / tf.cast(s_out, tf.float32)
+    return lo, tf.where(relu6, tf.minimum(hi, tf.cast(_round_away(tf.cast(six, tf.float64)), tf.float32)), hi)
 
 
 @tf.function(jit_compile=True, reduce_retracing=True)
@@ -397,13 +608,20 @@ def _requantize_output(acc: tf.Tensor, b_int: Any, m: tf.Tensor, lo: tf.Tensor, 
                        nonneg: bool = False) -> tf.Tensor:
     """``MultiplyByQuantizedMultiplier`` (double rounding, or ``single``) by ``QuantizeMultiplier(m)`` (``m`` the
     float64 multiplier per output channel) of the int32 accumulator ``acc`` (float32 or float64 integers) plus
-    the int32 bias ``b_int`` (float64 integers), clamped to ``[lo, hi]``: ``q - zp`` as float32. The cheap float
+    the int32 bias ``b_int`` (float64 integers), clamped to ``[lo, hi]``: ``q - zp`` as float32
+    (:func:`_requantize_choice` with the multiplier's values and bound computed here)."""
+    exact = tf.reduce_min(m) >= (2.0**-14 if single else 2.0**-13)
+    return _requantize_choice(acc, b_int, (*_multiplier_value(m), m), exact, lo, hi, single, nonneg)
+
+
+def _requantize_choice(acc: tf.Tensor, b_int: Any, factor: Tuple, exact: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor,
+                       single: bool, nonneg: bool) -> tf.Tensor:
+    """:func:`_requantize_output` given ``factor = (k, p, m)`` (:func:`_prepare`) and ``exact``: the cheap float
     form where it is exact (:func:`_requantize_f64`: every ``m >= 2**-13``, ``2**-14`` for ``single``, so that
     the shift is at least -12 / -13; ``nonneg``: ``lo >= 0``), else int64; the choice is a ``tf.cond`` between
     two XLA launches (:func:`_requantize_fast`, :func:`_requantize_int64`): as a conditional inside one XLA
     function it cost 10-20 us more per launch (measured on MobileNetV2's layers)."""
-    exact = tf.reduce_min(m) >= (2.0**-14 if single else 2.0**-13)
-    k, p = _multiplier_value(m)
+    k, p, m = factor
     return tf.cond(exact, lambda: _requantize_fast(acc, b_int, k, p, lo, hi, single, nonneg),
                    lambda: _requantize_int64(acc, b_int, m, lo, hi, single))
 

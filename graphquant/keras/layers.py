@@ -22,7 +22,7 @@ from ..ops import fake_quant, quantize
 from ..rounding import FUSED_ACTIVATIONS, min_max_fn, xla_enabled
 from ..types import FormatLike
 from ..weights import round_weight
-from .integer_ops import check_kernels, integer_call
+from .integer_ops import check_kernels, integer_call, plain_operands
 
 __all__ = ["Quantize", "QuantizeWeights", "StorageRounding", "FoldingBatchNormalization", "quantize_weight"]
 
@@ -456,13 +456,17 @@ class QuantizeWeights(keras.layers.Wrapper):
                 return v
         raise ValueError(f"{self.name}: no weight {slot!r}")
 
-    def _gq_operands(self) -> Tuple[tf.Tensor, Optional[tf.Tensor], Optional[tf.Tensor], Format, bool]:
+    def _gq_operands(self) -> Tuple[Callable, Tuple, Optional[tf.Tensor], Format, bool]:
         """The integer kernel's operands at inference (:func:`~graphquant.keras.integer_ops.integer_call`) of a
-        layer whose one rounded weight is its kernel: kernel, kernel as inference rounds it
-        (:meth:`rounded_weights`), bias or ``None``, format, depthwise."""
-        _, w, rounded, fmt = self.rounded_weights()[0]
+        layer whose one rounded weight is its kernel: :func:`~graphquant.keras.integer_ops.plain_operands` of
+        the kernel and bias (or ``None``), the kernel as inference rounds it (:meth:`rounded_weights`; ``None``
+        when that is to nearest, which the integer kernel does itself), format, depthwise."""
+        (s,) = self.slots
+        w = self._variable(s["slot"]).value
+        rnd = s["inference_rounding"]
+        rounded = None if rnd == "nearest" else self._round_slot(s, w, rnd, 0 if rnd == "stochastic" else None)
         bias = self.layer.bias.value if getattr(self.layer, "use_bias", False) else None
-        return w, rounded, bias, fmt, self._is_depthwise("kernel")
+        return plain_operands, (w, bias), rounded, s["format"], self._is_depthwise("kernel")
 
     def _round_slot(self, s: Dict[str, Any], w: Any, rounding: str, seed: Any) -> tf.Tensor:
         fmt = s["format"]
