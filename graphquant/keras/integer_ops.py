@@ -367,14 +367,14 @@ def integer_call(layer: Any, inner: Any, inputs: tf.Tensor) -> Optional[tf.Tenso
         return None  # being calibrated, or traced for the converter: the float path
     xnnpack = kernels_of(layer) == "xnnpack"
     single = rounds_once(inner)
-    w_int, b_int, factor, exact, lo, hi, s_out = _prepared(layer)
+    w_int, b_int, factor, exact, clamp, s_out = _prepared(layer)
     x_int = _ints(inputs, in_q, qparams(in_q)[1])
     acc = _accumulate(inner, x_int, w_int)
     if xnnpack:
-        c = _xnnpack_requantize(acc, b_int, factor, lo, hi)
+        c = _xnnpack_requantize(acc, b_int, factor, clamp)
     else:
         nonneg = getattr(layer, "_gq_activation", "linear") in ("relu", "relu6")  # lo >= 0 (_activation_clamp)
-        c = _requantize_choice(acc, b_int, factor, exact, lo, hi, single, nonneg)
+        c = _requantize_choice(acc, b_int, factor, exact, clamp, single, nonneg)
     if not tf.executing_eagerly():  # (an XLA function's output has relaxed dimensions)
         c.set_shape(inner.compute_output_shape(tuple(x_int.shape)))
     return carry(c * s_out, out_q, c)
@@ -394,7 +394,7 @@ def _batchable(w_rounded: Any, shape: Any) -> bool:
 
 def _prepared(layer: Any) -> Tuple:
     """A linked layer's integer operands (see :func:`integer_call` and :func:`_prepare_batch`): ``(w_int, b_int,
-    factor, exact, lo, hi, s_out)``. In a traced call the linked layers of the model (``layer._gq_batch()``,
+    factor, exact, clamp, s_out)``. In a traced call the linked layers of the model (``layer._gq_batch()``,
     set by :func:`graphquant.keras.integer.link_integer`) are prepared together, once per call, in one XLA
     launch per kind (kernel set and weight format)."""
     memo = _trace_memo("prepared")
@@ -420,7 +420,10 @@ def _prepared(layer: Any) -> Tuple:
 
 def _prepare_batch(layers: list, operands: list, xla: bool = True) -> list:
     """:func:`_prepare` of ``layers`` (same weight format and kernel set; ``operands``: their
-    ``_gq_operands()``) in one XLA launch, split per layer: ``(w_int, b_int, factor, exact, lo, hi, s_out)``.
+    ``_gq_operands()``) in one XLA launch, split per layer: ``(w_int, b_int, factor, exact, clamp, s_out)``:
+    ``factor`` XNNPACK's scale per channel, or the reference ``[k, p, m]`` rows (:func:`_requantize_choice`);
+    ``clamp`` ``[lo, hi, s_out]`` (the requantization reads the first two). Packed: every tensor a ``tf.cond``
+    branch reads costs it a ``Switch``.
     A lone layer that :func:`_batchable` refuses, or ``xla=False``, takes the same arithmetic in TensorFlow
     ops."""
     fmt = operands[0][3]
@@ -446,13 +449,10 @@ def _prepare_batch(layers: list, operands: list, xla: bool = True) -> list:
     outs = [_bias_size(sh, o[4]) for sh, o in zip(shapes, operands)]
     b_ints = tf.split(b_int, outs) if len(layers) > 1 else [b_int]
     vecs = tf.split(per_channel, channels, axis=1) if len(layers) > 1 else [per_channel]
-    los, his, s_outs = (tf.unstack(t) for t in tf.unstack(per_layer))
+    clamps = tf.unstack(per_layer, axis=1)
     exacts = tf.unstack(exact)
-    results = []
-    for i, sh in enumerate(shapes):
-        factor = vecs[i][0] if xnnpack else tuple(tf.unstack(vecs[i]))
-        results.append((w_ints[i], b_ints[i], factor, exacts[i], los[i], his[i], s_outs[i]))
-    return results
+    return [(w_ints[i], b_ints[i], vecs[i][0] if xnnpack else vecs[i], exacts[i], clamps[i], clamps[i][2])
+            for i in range(len(layers))]
 
 
 def _inner(layer: Any) -> Any:
@@ -593,15 +593,14 @@ def _activation_clamps(relu: Any, relu6: Any, s_out: tf.Tensor, zp_out: tf.Tenso
 
 
 @tf.function(jit_compile=True, reduce_retracing=True)
-def _xnnpack_requantize(acc: tf.Tensor, b_int: tf.Tensor, scale: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor
-                        ) -> tf.Tensor:
+def _xnnpack_requantize(acc: tf.Tensor, b_int: tf.Tensor, scale: tf.Tensor, clamp: tf.Tensor) -> tf.Tensor:
     """XNNPACK's ``fp32`` requantization of a qs8 conv / depthwise / fully connected (``qs8-qc8w-gemm``,
     ``qs8-qc8w-dwconv`` ``minmax_fp32`` microkernels): the int32 accumulator plus the int32 bias, converted to
     float32 (round to nearest even; the sum is exact in float64), times the float32 scale (one float32
-    rounding), rounded to nearest *even* (``cvtps``/``lrintf``/magic bias), clamped to ``[lo, hi]``: ``q - zp``
-    as float32. One XLA cluster: one pass over the tensor."""
+    rounding), rounded to nearest *even* (``cvtps``/``lrintf``/magic bias), clamped to ``[clamp[0], clamp[1]]``:
+    ``q - zp`` as float32. One XLA cluster: one pass over the tensor."""
     acc32 = tf.cast(tf.cast(acc, tf.float64) + b_int, tf.float32)
-    return tf.clip_by_value(tf.round(acc32 * scale), lo, hi)  # tf.round: half to even
+    return tf.clip_by_value(tf.round(acc32 * scale), clamp[0], clamp[1])  # tf.round: half to even
 
 
 def _requantize_output(acc: tf.Tensor, b_int: Any, m: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, single: bool = False,
@@ -611,39 +610,40 @@ def _requantize_output(acc: tf.Tensor, b_int: Any, m: tf.Tensor, lo: tf.Tensor, 
     the int32 bias ``b_int`` (float64 integers), clamped to ``[lo, hi]``: ``q - zp`` as float32
     (:func:`_requantize_choice` with the multiplier's values and bound computed here)."""
     exact = tf.reduce_min(m) >= (2.0**-14 if single else 2.0**-13)
-    return _requantize_choice(acc, b_int, (*_multiplier_value(m), m), exact, lo, hi, single, nonneg)
+    kpm = tf.stack([*_multiplier_value(m), tf.cast(m, tf.float64)])
+    return _requantize_choice(acc, b_int, kpm, exact, tf.stack([lo, hi]), single, nonneg)
 
 
-def _requantize_choice(acc: tf.Tensor, b_int: Any, factor: Tuple, exact: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor,
-                       single: bool, nonneg: bool) -> tf.Tensor:
-    """:func:`_requantize_output` given ``factor = (k, p, m)`` (:func:`_prepare`) and ``exact``: the cheap float
+def _requantize_choice(acc: tf.Tensor, b_int: Any, kpm: tf.Tensor, exact: tf.Tensor, clamp: tf.Tensor, single: bool,
+                       nonneg: bool) -> tf.Tensor:
+    """:func:`_requantize_output` given the rows ``kpm = [k, p, m]`` (:func:`_prepare`), ``exact`` and ``clamp``
+    (``[lo, hi, ...]``): the cheap float
     form where it is exact (:func:`_requantize_f64`: every ``m >= 2**-13``, ``2**-14`` for ``single``, so that
     the shift is at least -12 / -13; ``nonneg``: ``lo >= 0``), else int64; the choice is a ``tf.cond`` between
     two XLA launches (:func:`_requantize_fast`, :func:`_requantize_int64`): as a conditional inside one XLA
     function it cost 10-20 us more per launch (measured on MobileNetV2's layers)."""
-    k, p, m = factor
-    return tf.cond(exact, lambda: _requantize_fast(acc, b_int, k, p, lo, hi, single, nonneg),
-                   lambda: _requantize_int64(acc, b_int, m, lo, hi, single))
+    return tf.cond(exact, lambda: _requantize_fast(acc, b_int, kpm, clamp, single, nonneg),
+                   lambda: _requantize_int64(acc, b_int, kpm, clamp, single))
 
 
 @tf.function(jit_compile=True, reduce_retracing=True)
-def _requantize_fast(acc: tf.Tensor, b_int: Any, k: tf.Tensor, p: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor,
-                     single: bool, nonneg: bool) -> tf.Tensor:
+def _requantize_fast(acc: tf.Tensor, b_int: Any, kpm: tf.Tensor, clamp: tf.Tensor, single: bool, nonneg: bool
+                     ) -> tf.Tensor:
     """:func:`_requantize_f64` of ``acc + b_int``, clamped, as one XLA cluster: a dozen elementwise
     float64/float32 ops fused into one pass over the tensor (about 4x cheaper than running them one by one);
     XLA keeps IEEE semantics (no fast math)."""
-    return tf.clip_by_value(_requantize_f64(tf.cast(acc, tf.float64) + b_int, k, p, single, nonneg), lo, hi)
+    y = _requantize_f64(tf.cast(acc, tf.float64) + b_int, kpm[0], kpm[1], single, nonneg)
+    return tf.clip_by_value(y, clamp[0], clamp[1])
 
 
 @tf.function(jit_compile=True, reduce_retracing=True)
-def _requantize_int64(acc: tf.Tensor, b_int: Any, m: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, single: bool
-                      ) -> tf.Tensor:
+def _requantize_int64(acc: tf.Tensor, b_int: Any, kpm: tf.Tensor, clamp: tf.Tensor, single: bool) -> tf.Tensor:
     """The int64 kernels' ``MultiplyByQuantizedMultiplier`` of ``acc + b_int`` by ``QuantizeMultiplier(m)``,
     clamped; one XLA cluster (integer ops only)."""
-    mult, shift = quantize_multiplier_tf(m)
+    mult, shift = quantize_multiplier_tf(kpm[2])
     fn = multiply_by_quantized_multiplier_single_tf if single else multiply_by_quantized_multiplier_tf
     out = tf.cast(fn(tf.cast(tf.cast(acc, tf.float64) + b_int, tf.int64), mult, shift), tf.float32)
-    return tf.clip_by_value(out, lo, hi)
+    return tf.clip_by_value(out, clamp[0], clamp[1])
 
 
 # --------------------------------------------------------------------------- ADD, MEAN (no weights)
