@@ -472,15 +472,16 @@ def _bias_size(shape: Any, depthwise: bool) -> int:
 
 @functools.lru_cache(maxsize=None)
 def _prepare_fn(statics: Tuple, fmt: Affine, xnnpack: bool) -> Callable:
-    """:func:`_prepare` as one XLA function: one launch per model call instead of about a hundred small
-    TensorFlow ops per layer (the preparation was most of the simulation's cost over the float model; one XLA
+    """:func:`_prepare` as one XLA function: one launch per weight format and model call instead of about a
+    hundred small TensorFlow ops per layer (the preparation was most of the simulation's cost over the float model; one XLA
     launch per layer was little better: XLA:CPU runs each of its dozen small fusions as a separate step). XLA's
     arithmetic differs from TensorFlow's kernels in two places, kept out of it: a division by a constant
     becomes a product by the reciprocal (so the divisors are arguments, and
     :func:`graphquant.rounding.no_contract` hides quotients from its algebraic simplifier), and ``rsqrt`` (the
     BatchNorm fold's ``inv`` is computed before); products that feed a sum are kept from FMA contraction
     (``guard``). ``test_xla_preparation_equals_tensorflow_ops`` checks every value against TensorFlow's kernels.
-    (One trace per set of kernel shapes: ``reduce_retracing`` traced a graph mixing two models' shapes.)"""
+    (One trace per set of kernel shapes: with ``reduce_retracing`` a second model's call failed on mismatched
+    shapes inside the relaxed trace.)"""
 
     def prepare(args, s_in, s_in64, s_out, zp_out, consts):
         return _prepare(statics, fmt, xnnpack, args, s_in, s_in64, s_out, zp_out, consts)
