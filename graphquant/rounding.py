@@ -423,13 +423,12 @@ def _float_kernel(fmt: FloatFormat, mode: str) -> Callable:
 # TensorFlow's FakeQuant, bit for bit, as XLA-fusable ops (the fast paths of
 # the Keras layers: weight rounding and learned-range activation rounding)
 # ----------------------------------------------------------------------------
-def fake_quant_values(x, lo, hi, qmin, qmax, per_channel: bool, nudged: Optional[Tuple] = None):
+def _fake_quant_values(x, lo, hi, qmin, qmax, per_channel: bool):
     """FakeQuantWithMinMaxVars[PerChannel]'s output, the same float32 operations in
     the same order as TensorFlow's CPU kernel (which is built without FMA): the
     per-tensor kernel divides by the scale, the per-channel one multiplies by the
-    inverse scale. ``lo``/``hi`` broadcast against ``x``; ``nudged``: the values
-    :func:`fake_quant_nudged` derived from them (computed once for several ``x``)."""
-    nudged = nudged or fake_quant_nudged(lo, hi, qmin, qmax)
+    inverse scale. ``lo``/``hi`` broadcast against ``x``."""
+    nudged = fake_quant_nudged(lo, hi, qmin, qmax)
     y = fake_quant_levels(x, nudged, per_channel) * nudged[2]
     return tf.where(nudged[5], tf.zeros_like(y), y)  # TF's kernel: min == max == 0 gives zeros
 
@@ -445,7 +444,7 @@ def fake_quant_levels(x, nudged: Tuple, per_channel: bool):
 
 def fake_quant_nudged(lo, hi, qmin, qmax) -> Tuple:
     """``(nudged_min, nudged_max, scale, inv_scale, quant_zero, min == max == 0)`` of the range ``(lo, hi)``:
-    what :func:`fake_quant_values` computes from the range before it touches ``x``."""
+    what :func:`_fake_quant_values` computes from the range before it touches ``x``."""
     nmin, nmax, scale, inv = _nudge(lo, hi, qmin, qmax)
     quant_zero = tf.floor(no_contract(-nmin * inv) + 0.5)
     return nmin, nmax, scale, inv, quant_zero, tf.logical_and(tf.equal(lo, 0.0), tf.equal(hi, 0.0))
@@ -505,7 +504,7 @@ def fake_quant_fns(axis: Optional[int], rank: int, xla: bool, activation: Option
         lo, hi, qmin, qmax = prep(lo, hi, q)
         if act is not None:
             x = act(x)
-        return fake_quant_values(x, lo, hi, qmin, qmax, axis is not None)
+        return _fake_quant_values(x, lo, hi, qmin, qmax, axis is not None)
 
     def grad(dy, x, lo, hi, q):
         lo, hi, qmin, qmax = prep(lo, hi, q)
@@ -533,7 +532,7 @@ def symmetric_fake_quant_fn(axis: Optional[int], rank: int, xla: bool):
     def fn(w, q):
         m = tf.maximum(tf.reduce_max(tf.abs(w), axis=red), 1e-12)
         mb = m if shape is None else tf.reshape(m, shape)
-        return fake_quant_values(w, -mb, mb, q[0], q[1], axis is not None), m
+        return _fake_quant_values(w, -mb, mb, q[0], q[1], axis is not None), m
 
     fn.__name__ = "graphquant_symmetric_fake_quant"
     if xla:

@@ -462,10 +462,9 @@ class QuantizeWeights(keras.layers.Wrapper):
         the kernel and bias (or ``None``), the kernel as inference rounds it (:meth:`rounded_weights`; ``None``
         when that is to nearest, which the integer kernel does itself), format, depthwise."""
         (s,) = self.slots
-        w = self._variable(s["slot"]).value
-        rnd = s["inference_rounding"]
-        rounded = None if rnd == "nearest" else self._round_slot(s, w, rnd, 0 if rnd == "stochastic" else None)
+        rounded = None if s["inference_rounding"] == "nearest" else self.rounded_weights()[0][2]
         bias = self.layer.bias.value if getattr(self.layer, "use_bias", False) else None
+        w = self._variable(s["slot"]).value
         return plain_operands, (w, bias), rounded, s["format"], self._is_depthwise("kernel")
 
     def _round_slot(self, s: Dict[str, Any], w: Any, rounding: str, seed: Any) -> tf.Tensor:
