@@ -268,7 +268,7 @@ def _requantize_f64(acc: tf.Tensor, k: tf.Tensor, p: tf.Tensor, single: bool, no
     ``|x|`` (error at most 1 in ``y``) or ``|y|`` (float32 rounding, monotone) gives ``|result| >= 2**(21 -
     right) - 1``, clamped to the same int8 value when ``right <= 12``. Single rounding: ``floor(acc * mantissa /
     2**(31 - shift) + 1/2)``, exact while ``|result| < 2**(22 + shift)``, clamped alike when ``shift >= -13``.
-    The caller checks those bounds (:func:`_requantize_output`). (Only the product needs float64: the second rounding
+    The caller checks those bounds (:func:`_exact_bound`, :func:`_requantize_choice`). (Only the product needs float64: the second rounding
     in float32 made the requantization about 1.3x faster.)
 
     ``nonneg``: only results clamped to ``[0, hi]`` matter (a fused ReLU/ReLU6): one rounding of the same
@@ -551,7 +551,7 @@ def _prepare(statics: Tuple, fmt: Affine, xnnpack: bool, args: list, s_in: list,
         factor = tf.cast(s_in_c, f32) * tf.cast(s_w, f32) / tf.cast(s_out_c, f32)
         return w_ints, b_int, factor[None], per_layer, tf.ones([len(statics)], tf.bool)
     mult = no_contract(s_in_c * s_w) / s_out_c  # the multiplier, QuantizeMultiplier'd at the requantization
-    bound = tf.constant([2.0**-14 if st[3] else 2.0**-13 for st in statics], f64)
+    bound = tf.constant([_exact_bound(st[3]) for st in statics], f64)
     exact = tf.math.unsorted_segment_min(mult, layer_of_chan, len(statics)) >= bound
     return w_ints, b_int, tf.stack([*_multiplier_value(mult), mult]), per_layer, exact
 
@@ -610,9 +610,15 @@ def _requantize_output(acc: tf.Tensor, b_int: Any, m: tf.Tensor, lo: tf.Tensor, 
     float64 multiplier per output channel) of the int32 accumulator ``acc`` (float32 or float64 integers) plus
     the int32 bias ``b_int`` (float64 integers), clamped to ``[lo, hi]``: ``q - zp`` as float32
     (:func:`_requantize_choice` with the multiplier's values and bound computed here)."""
-    exact = tf.reduce_min(m) >= (2.0**-14 if single else 2.0**-13)
+    exact = tf.reduce_min(m) >= _exact_bound(single)
     kpm = tf.stack([*_multiplier_value(m), tf.cast(m, tf.float64)])
     return _requantize_choice(acc, b_int, kpm, exact, tf.stack([lo, hi]), single, nonneg)
+
+
+def _exact_bound(single: bool) -> float:
+    """The smallest multiplier for which :func:`_requantize_f64` is exact on every result the int8 clamp keeps
+    (shift at least -12 for the double rounding, -13 for the single one)."""
+    return 2.0**-14 if single else 2.0**-13
 
 
 def _requantize_choice(acc: tf.Tensor, b_int: Any, kpm: tf.Tensor, exact: tf.Tensor, clamp: tf.Tensor, single: bool,
