@@ -286,8 +286,7 @@ def test_float64_requantization_equals_the_integer_kernels():
     (``nonneg``) its single rounding equals the two on every result the clamp at 0 keeps."""
     import tensorflow as tf
 
-    from graphquant.keras.integer_ops import (_requant_rows, _requantize_f64,
-                                              multiply_by_quantized_multiplier_single_tf)
+    from graphquant.keras.integer_ops import _requantize_f64, multiply_by_quantized_multiplier_single_tf
 
     rng = np.random.RandomState(0)
     for shift in (2, 0, -1, -5, -9, -12, -13):
@@ -304,8 +303,9 @@ def test_float64_requantization_equals_the_integer_kernels():
                 continue
             want = (multiply_by_quantized_multiplier_single_tf(tf.constant(acc), tf.constant(mant), tf.constant(sh))
                     .numpy() if single else multiply_by_quantized_multiplier(acc, mant, sh))  # fmt: skip
-            rows = _requant_rows(tf.constant(mant * 2.0 ** (sh - 31)))  # QuantizeMultiplier gives mant, sh back
-            got = _requantize_f64(tf.constant(acc, tf.float64), rows, single, nonneg).numpy()
+            k, p = tf.constant(mant * 2.0 ** (sh - 31)), tf.constant(2.0**sh)
+            got = _requantize_f64(tf.constant(acc, tf.float64), k, p, single,
+                                  nonneg).numpy()  # fmt: skip
             lo = 0 if nonneg else -256  # nonneg (a fused ReLU): exact up to a clamp at 0
             keep = (want >= lo) & (want <= 256)
             assert keep.sum() > 1000
