@@ -209,13 +209,13 @@ def test_xnnpack_kernels_equal_the_default_interpreter(target_export, data):
 
     q, path, report = target_export
     _, (y_default,) = run_interpreter(load_interpreter(path, "default"), [data])
-    sims = {}
+    sims, own = {}, q._gq_kernels
     try:
         for k in ("reference", "xnnpack"):
             link_integer(q, k)  # predict() traces again with the new kernels
             sims[k] = q.predict(data, verbose=0)
     finally:
-        link_integer(q, "reference")
+        link_integer(q, own)
     assert np.sum(sims["reference"] != y_default) > 0  # the two kernel sets differ on this model
     np.testing.assert_array_equal(sims["xnnpack"], y_default)
     assert report.exact("default"), str(report)  # the export's report simulates the matching kernels
@@ -233,7 +233,25 @@ def test_compare_tflite_default_kernels_per_layer(target_export, data):
     rep = gq.compare_tflite(q, path, data, kernels="default")
     assert rep.kernels == "default" and len(rep.rows) == 7 and not rep.unmatched, str(rep)
     assert all(r.max_diff_lsb == 0 for r in rep.rows), str(rep)
-    assert getattr(q, "_gq_kernels") == "reference"  # the model's own choice is left as it was
+    assert getattr(q, "_gq_kernels") == "xnnpack"  # the model's own choice (the default) is left as it was
+
+
+def test_default_simulation_predicts_the_default_interpreter(target_export, data):
+    """By default the simulated model computes the kernels a default Interpreter runs (the XNNPACK delegate):
+    its own outputs, without any relinking, are the interpreter's, element for element."""
+    from graphquant.keras.integer_ops import DEFAULT_KERNELS
+    from graphquant.tflite import load_interpreter, run_interpreter
+
+    q, path, _ = target_export
+    assert DEFAULT_KERNELS == "xnnpack" and q._gq_kernels == DEFAULT_KERNELS
+    it = load_interpreter(path, "default")
+    _, (want,) = run_interpreter(it, [data])
+    scale = it.get_output_details()[0]["quantization"][0]
+    got = q.predict(data, verbose=0)
+    np.testing.assert_array_equal(np.round(got / scale), np.round(want / scale))
+    ref = load_interpreter(path, "reference")  # the other kernel set is not what it predicts, here
+    _, (other,) = run_interpreter(ref, [data])
+    assert np.any(np.round(got / scale) != np.round(other / scale))
 
 
 def test_kernels_argument(data):

@@ -17,9 +17,9 @@ from typing import Any, Optional, Tuple
 
 from ..formats import Affine
 from .fold import FoldedConvBatchNorm
-from .integer_ops import (KERNELS, check_kernels, int_concat, int_quantize, multiply_by_quantized_multiplier_tf,
-                          op_kernel, pass_carried, qparams, quantize_input_tf, quantize_multiplier_tf,
-                          same_scale_call)
+from .integer_ops import (DEFAULT_KERNELS, KERNELS, check_kernels, int_concat, int_quantize,
+                          multiply_by_quantized_multiplier_tf, op_kernel, pass_carried, qparams, quantize_input_tf,
+                          quantize_multiplier_tf, same_scale_call)
 from .layers import ON_LOADED, Quantize, QuantizeWeights
 
 __all__ = ["link_integer", "KERNELS", "qparams", "quantize_input_tf", "quantize_multiplier_tf",
@@ -119,13 +119,14 @@ def link_integer(model: Any, kernels: Optional[str] = None) -> int:
         model: a Keras model quantized with ``target="tflite_int8"``.
         kernels: the kernel set whose arithmetic inference computes: ``"reference"`` (LiteRT's reference
             kernels) or ``"xnnpack"`` (the default interpreter's XNNPACK delegate); ``None`` keeps the
-            model's current choice (the one its file recorded for a loaded model; ``"reference"`` at first).
+            model's current choice (the one its file recorded for a loaded model; at first
+            :data:`graphquant.keras.integer_ops.DEFAULT_KERNELS`, ``"xnnpack"``).
     """
     before = getattr(model, "_gq_kernels", None)
     if kernels is None:
         recorded = [layer.integer_kernels for layer in model.layers
                     if isinstance(layer, Quantize) and layer.integer_kernels is not None]  # fmt: skip
-        kernels = before or (recorded[0] if recorded else "reference")
+        kernels = before or (recorded[0] if recorded else DEFAULT_KERNELS)
     kernels = check_kernels(kernels)
     object.__setattr__(model, "_gq_kernels", kernels)
     if before is not None and before != kernels:  # fit/evaluate/predict traced the other kernels: trace again

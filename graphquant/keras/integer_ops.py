@@ -12,7 +12,7 @@ kernel a linked convolution / depthwise / Dense layer runs instead of its float
 call, and the ``call`` replacements of the ops without weights (ADD, MEAN,
 AVERAGE_POOL_2D, CONCATENATION, LOGISTIC, MUL, the model input's QUANTIZE;
 :func:`op_kernel`). Which layers run them is decided by
-:func:`graphquant.keras.integer.link_integer`. With ``training=False`` a linked
+:func:`graphquant.keras.integer.link_integer`. With ``training=False`` and ``kernels="reference"`` a linked
 layer computes exactly what the reference kernels (``tensorflow/lite/kernels/internal/reference/
 integer_ops/conv.h``, ``depthwise_conv.h``, ``fully_connected.h`` with
 ``common.h``'s ``MultiplyByQuantizedMultiplier`` and
@@ -21,8 +21,9 @@ dequantized result as float32 (the group's ReLU/ReLU6 and rounding layer then
 leave it unchanged, and reproduce the fused activation's clamp). While
 training the layers stay float with straight-through rounding (differentiable).
 
-``link_integer(model, kernels="xnnpack")`` (or ``quantize_model(..., kernels="xnnpack")``) computes instead
-what the default interpreter runs, the XNNPACK delegate (``src/operators/convolution-nhwc.c``,
+With ``kernels="xnnpack"`` (:data:`DEFAULT_KERNELS`; ``link_integer(model, kernels=...)`` or
+``quantize_model(..., kernels=...)`` chooses) it computes instead what the default interpreter runs, the XNNPACK
+delegate (``src/operators/convolution-nhwc.c``,
 ``src/microparams-init.c``, the ``qs8-qc8w-gemm``/``-dwconv`` ``minmax_fp32`` microkernels, ``qs8-vadd``,
 ``reduce-nd.c``, ``qs8-vmul``, ``qs8-vcvt``, ``unary-elementwise-nc.c``): conv / depthwise / FULLY_CONNECTED
 requantize as ``rint(float32(acc) * float32(s_in * s_w[c] / s_out)) + zp`` (float32 arithmetic, ties to even),
@@ -67,13 +68,18 @@ from ..formats import Affine
 from ..rounding import fake_quant_levels, fake_quant_nudged, no_contract
 from ..weights import exporting_int8, int8_export_max, weight_range
 
-__all__ = ["KERNELS", "check_kernels", "integer_call", "qparams", "quantize_input_tf", "quantize_multiplier_tf",
-           "multiply_by_quantized_multiplier_tf", "multiply_by_quantized_multiplier_single_tf", "logistic_int8_tf"]
+__all__ = ["KERNELS", "DEFAULT_KERNELS", "check_kernels", "integer_call", "qparams", "quantize_input_tf",
+           "quantize_multiplier_tf", "multiply_by_quantized_multiplier_tf", "multiply_by_quantized_multiplier_single_tf",
+           "logistic_int8_tf"]
 
 
 #: The kernel sets the simulation reproduces: ``"reference"``, LiteRT's reference kernels (``BUILTIN_REF``);
 #: ``"xnnpack"``, the default op resolver's XNNPACK delegate (the kernels a default ``Interpreter`` runs).
 KERNELS = ("reference", "xnnpack")
+#: The kernel set a ``tflite_int8`` model simulates unless told otherwise: ``"xnnpack"``, what a default LiteRT
+#: ``Interpreter`` runs on CPU (it applies the XNNPACK delegate), so that the simulation predicts the deployed
+#: model; ``"reference"`` for ``BUILTIN_REF`` and runtimes that follow the reference kernels.
+DEFAULT_KERNELS = "xnnpack"
 
 
 def check_kernels(kernels: Any, what: str = "kernels") -> str:
@@ -85,8 +91,8 @@ def check_kernels(kernels: Any, what: str = "kernels") -> str:
 
 def kernels_of(layer: Any) -> str:
     """The kernel set a linked layer or model simulates (:func:`graphquant.keras.integer.link_integer`
-    records it); ``"reference"`` if none was recorded."""
-    return getattr(layer, "_gq_kernels", "reference")
+    records it); :data:`DEFAULT_KERNELS` if none was recorded."""
+    return getattr(layer, "_gq_kernels", DEFAULT_KERNELS)
 
 
 def _round_away(x: tf.Tensor) -> tf.Tensor:

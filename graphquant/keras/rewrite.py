@@ -29,7 +29,7 @@ from ..types import DataLike, FormatLike, Selector, Selectors
 from ._speedups import cached_signatures, gc_paused, recursion_room
 from .clone import Rewriter, count_layers
 from .integer import link_integer
-from .integer_ops import check_kernels
+from .integer_ops import DEFAULT_KERNELS, check_kernels
 from .layers import Quantize, QuantizeWeights
 from .storage import apply_weight_storage
 from .view import is_sequential, check_model, is_graph_model, keras_view
@@ -209,11 +209,11 @@ def quantize_model(
             weights, int8 per-tensor asymmetric activations). Give
             ``calibration_data`` (or train) to set the ranges.
         kernels: with a target that computes the runtime's integer arithmetic
-            at inference (``tflite_int8``), which kernel set: ``"reference"``
-            (default; LiteRT's reference kernels) or ``"xnnpack"`` (the
-            default interpreter's XNNPACK delegate, what a deployed model
-            usually runs). Change it later with
-            :func:`graphquant.keras.integer.link_integer`.
+            at inference (``tflite_int8``), which kernel set: ``"xnnpack"``
+            (default: the XNNPACK delegate a default LiteRT interpreter
+            applies, what a deployed model usually runs) or ``"reference"``
+            (LiteRT's reference kernels, ``BUILTIN_REF``). Change it later
+            with :func:`graphquant.keras.integer.link_integer`.
         freeze_bn_after: with a target that folds BatchNormalization before
             rounding: training steps after which the fold uses the moving
             statistics instead of the batch statistics (``None``: never).
@@ -316,9 +316,9 @@ def _prepare_inference(new: keras.Model, tgt: Any, kernels: Optional[str], calib
         calibrate_keras(new, calibration_data, calibration_method, percentile=calibration_percentile,
                          what="calibration_data", verbose=verbose)  # fmt: skip
     if tgt is not None and tgt.integer_arithmetic:
-        n_linked = link_integer(new, kernels or "reference")
+        n_linked = link_integer(new, kernels or DEFAULT_KERNELS)
         log.info("quantize_model: %d layers compute the runtime's integer kernels (%s) at inference", n_linked,
-                 kernels or "reference")
+                 kernels or DEFAULT_KERNELS)
 
 
 def _existing_rounding(model: keras.Model, allow_requantize: bool) -> Tuple[int, str]:
